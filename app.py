@@ -1,0 +1,352 @@
+"""HTTP: the app factory, the routes of /api/v1 and /healthz, and error rendering."""
+
+import json
+import logging
+import math
+import sqlite3
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from flask import Blueprint, Flask, current_app, g, has_request_context, request
+from marshmallow import ValidationError
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import BaseConverter
+from werkzeug.routing import ValidationError as RouteMismatch
+
+import config
+import schemas as s
+from auth import current_principal, reads, token_cli, writes
+from delegates import Registry, load_registry
+from envelope import envelope, error
+from runner import Runner
+from store import PreconditionFailed, Store
+
+MAX_BODY_BYTES = 1024 * 1024
+REQUEST_ID_HEADER = "X-Request-Id"
+
+log = logging.getLogger("stepd")
+
+
+@dataclass
+class Stepd:
+    """What the routes need, kept in app.extensions["stepd"]."""
+
+    store: Store
+    registry: Registry
+    runner: Runner
+
+
+def stepd():
+    return current_app.extensions["stepd"]
+
+
+# -- routing ---------------------------------------------------------------------------------
+ACTION_NAMES = {"steps", "restart-failed-step", "fail-step", "complete-step"}
+
+
+class IdConverter(BaseConverter):
+    """An id path segment; action names are not ids, so `GET …/restart-failed-step` is a 405."""
+
+    regex = r"[A-Za-z0-9_-]{1,64}"
+
+    def to_python(self, value):
+        if value in ACTION_NAMES:
+            raise RouteMismatch()
+        return value
+
+
+def doc(body=None, query=s.NoQuerySchema, data=None, status=200, errors=(), many=False):
+    """Record a view's schemas and status codes; the OpenAPI document is built from them."""
+
+    def record(view):
+        view.openapi = {"body": body, "query": query, "data": data, "status": status, "errors": errors, "many": many}
+        return view
+
+    return record
+
+
+# -- parsing -------------------------------------------------------------------------------
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text):
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"number {text} is out of range")
+    return number
+
+
+def load_body(schema_class):
+    """Parse the request body as strict JSON and load it with the schema (412 on any fault)."""
+    if request.mimetype != "application/json":
+        raise ValidationError({"_schema": ["Content-Type must be application/json."]})
+    raw = request.get_data(cache=True)  # over MAX_CONTENT_LENGTH raises 413
+    if not raw.strip():
+        raise ValidationError({"_schema": ["The body is empty; a JSON object is required."]})
+    try:
+        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as exc:
+        raise ValidationError({"_schema": [f"The body is not valid JSON: {exc}"[:300]]}) from None
+    return schema_class().load(body)
+
+
+def load_query(schema_class):
+    """Load the query string; unknown and repeated parameters are refused."""
+    repeated = {key: ["Given more than once."] for key in request.args if len(request.args.getlist(key)) > 1}
+    if repeated:
+        raise ValidationError(repeated)
+    return schema_class().load(request.args.to_dict())
+
+
+# -- routes ----------------------------------------------------------------------------------
+api = Blueprint("api", __name__, url_prefix="/api/v1")
+health = Blueprint("health", __name__)
+
+
+@api.post("/processes")
+@writes
+@doc(body=s.StartProcessSchema, data=s.ProcessSchema, status=201, errors=(412,))
+def start_process():
+    """Start a process; its first step starts at once."""
+    load_query(s.NoQuerySchema)
+    body = load_body(s.StartProcessSchema)
+    unknown = {
+        n: {"type": [f"No delegate is registered for step type {step['type']!r}."]}
+        for n, step in enumerate(body["steps"])
+        if step["type"] not in stepd().registry
+    }
+    if unknown:
+        raise PreconditionFailed({"steps": unknown})
+    steps = [(step["type"], step["params"]) for step in body["steps"]]
+    process, job = stepd().store.create_process(body["name"], steps, current_principal().name, stepd().runner.id)
+    stepd().runner.submit(job)
+    return envelope(s.ProcessSchema().dump(process), "Process started.", 201)
+
+
+@api.get("/processes")
+@reads
+@doc(query=s.ProcessListQuery, data=s.ProcessPageSchema, errors=(412,))
+def list_processes():
+    """List processes, newest first, without their steps."""
+    query = load_query(s.ProcessListQuery)
+    items, next_seq = stepd().store.list_processes(query["status"], query["limit"], query["cursor"])
+    page = {"items": items, "nextCursor": s.encode_cursor("p", next_seq)}
+    return envelope(s.ProcessPageSchema().dump(page))
+
+
+@api.get("/processes/<id:process_id>")
+@reads
+@doc(data=s.ProcessSchema, errors=(404, 412))
+def get_process(process_id):
+    """One process with its steps."""
+    load_query(s.NoQuerySchema)
+    process = stepd().store.get_process(process_id)
+    if process is None:
+        return error(404, "No process has this id.")
+    return envelope(s.ProcessSchema().dump(process))
+
+
+@api.get("/processes/steps")
+@reads
+@doc(query=s.StepListQuery, data=s.StepPageSchema, errors=(412,))
+def list_steps():
+    """List steps across processes, newest first; filter by status and type."""
+    query = load_query(s.StepListQuery)
+    items, next_seq = stepd().store.list_steps(query["status"], query["type"], query["limit"], query["cursor"])
+    page = {"items": items, "nextCursor": s.encode_cursor("s", next_seq)}
+    return envelope(s.StepPageSchema().dump(page))
+
+
+@api.get("/processes/steps/<id:step_id>")
+@reads
+@doc(data=s.StepDetailSchema, errors=(404, 412))
+def get_step(step_id):
+    """One step with its attempt history."""
+    load_query(s.NoQuerySchema)
+    step = stepd().store.get_step(step_id, with_history=True)
+    if step is None:
+        return error(404, "No step has this id.")
+    return envelope(s.StepDetailSchema().dump(step))
+
+
+@api.post("/processes/restart-failed-step")
+@writes
+@doc(body=s.RestartStepSchema, data=s.RestartResultSchema, errors=(412,))
+def restart_failed_step():
+    """Restart a FAILED step, with params laid over its last ones; the process carries on from it."""
+    load_query(s.NoQuerySchema)
+    body = load_body(s.RestartStepSchema)
+    job = stepd().store.restart_failed_step(
+        body["step_id"], body["params"], current_principal().name, stepd().runner.id, stepd().registry.__contains__
+    )
+    stepd().runner.submit(job)
+    restarted = {"process_id": job.process_id, "step_id": job.step_id, "params": job.params}
+    return envelope(s.RestartResultSchema().dump(restarted), "Step restarted.")
+
+
+@api.post("/processes/fail-step")
+@writes
+@doc(body=s.FailStepSchema, data=s.StepSchema, errors=(412,))
+def fail_step():
+    """Fail a STARTED step from outside (a deferred delegate's work failed, or an operator aborts it)."""
+    load_query(s.NoQuerySchema)
+    body = load_body(s.FailStepSchema)
+    message = body["error"]["message"] if body["error"] else f"Failed by {current_principal().name} through fail-step."
+    step = stepd().store.fail_step(body["step_id"], message)
+    return envelope(s.StepSchema().dump(step), "Step failed.")
+
+
+@api.post("/processes/complete-step")
+@writes
+@doc(body=s.CompleteStepSchema, data=s.StepSchema, errors=(412,))
+def complete_step():
+    """Complete a STARTED step from outside, with an optional result; the process carries on."""
+    load_query(s.NoQuerySchema)
+    body = load_body(s.CompleteStepSchema)
+    step, next_job = stepd().store.complete_step(body["step_id"], body["result"], stepd().runner.id)
+    stepd().runner.submit(next_job)
+    return envelope(s.StepSchema().dump(step), "Step completed.")
+
+
+@api.get("/delegates")
+@reads
+@doc(data=s.DelegateSchema, errors=(412,), many=True)
+def list_delegates():
+    """The registered step types and what each does."""
+    load_query(s.NoQuerySchema)
+    delegates = [{"type": d.type, "description": d.description} for d in stepd().registry.all()]
+    return envelope(s.DelegateSchema(many=True).dump(delegates))
+
+
+@api.get("/openapi.json")
+def openapi_document():
+    """This API's OpenAPI 3 document (served as is, not in the envelope, so tools can read it)."""
+    from openapi import build_spec  # imported here: it walks the app's own routes
+
+    return build_spec(current_app)
+
+
+@health.get("/healthz")
+@doc(data=s.HealthSchema, errors=(503,))
+def healthz():
+    """200 when the database answers, else 503. Needs no credentials."""
+    load_query(s.NoQuerySchema)
+    try:
+        stepd().store.ping()
+    except sqlite3.Error as exc:
+        log.warning("health check: database does not answer: %s", exc)
+        return error(503, "The database does not answer.")
+    return envelope({"database": "ok"})
+
+
+# -- errors ----------------------------------------------------------------------------------
+HTTP_ERROR_TEXT = {
+    404: "No endpoint at this path.",
+    413: f"The body is over {MAX_BODY_BYTES} bytes.",
+}
+
+
+def on_validation_error(exc):
+    messages = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
+    return error(412, messages)
+
+
+def on_precondition_failed(exc):
+    return error(412, exc.errors)
+
+
+def on_http_error(exc):
+    if exc.code == 405:
+        response = error(405, f"This path does not accept {request.method}.")
+        response.headers["Allow"] = ", ".join(sorted(exc.valid_methods or ()))
+        return response
+    text = HTTP_ERROR_TEXT.get(exc.code, exc.description)
+    return error(exc.code if exc.code in (404, 413) or exc.code < 500 else 500, text)
+
+
+def on_database_error(exc):
+    if "locked" in str(exc) or "busy" in str(exc):
+        response = error(503, "The database is busy; retry shortly.")
+        response.headers["Retry-After"] = "1"
+        return response
+    return on_unexpected_error(exc)
+
+
+def on_unexpected_error(exc):
+    error_id = uuid.uuid4().hex
+    log.error("unexpected error %s on %s %s", error_id, request.method, request.path, exc_info=exc)
+    return error(500, error_id)
+
+
+# -- request ids and logging ---------------------------------------------------------------
+def _valid_request_id(value):
+    return value and len(value) <= 128 and all(" " <= ch <= "~" for ch in value)
+
+
+def assign_request_id():
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    g.request_id = given if _valid_request_id(given) else uuid.uuid4().hex
+
+
+def finish_response(response):
+    response.headers[REQUEST_ID_HEADER] = g.get("request_id") or uuid.uuid4().hex
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request's id (or '-') on every log record."""
+
+    def filter(self, record):
+        if not hasattr(record, "request_id"):
+            record.request_id = g.get("request_id", "-") if has_request_context() else "-"
+        return True
+
+
+def configure_logging(level):
+    root = logging.getLogger()
+    if not any(isinstance(f, RequestIdFilter) for h in root.handlers for f in h.filters):
+        handler = logging.StreamHandler()
+        handler.addFilter(RequestIdFilter())
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+# -- the factory -----------------------------------------------------------------------------
+def create_app(overrides=None):
+    """Build the app: settings, database (migrated), delegates, routes. Starts no threads."""
+    app = Flask(__name__)
+    app.config.update(config.from_env())
+    app.config.update(overrides or {})
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False
+    configure_logging(app.config["STEPD_LOG_LEVEL"])
+
+    db_path = Path(app.config["STEPD_DB"])
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    store = Store(db_path)
+    store.migrate()
+    registry = load_registry(app.config["STEPD_DELEGATES_PATH"] or None)
+    app.extensions["stepd"] = Stepd(store, registry, Runner(store, registry, app.config["STEPD_THREADS"]))
+
+    app.url_map.converters["id"] = IdConverter
+    app.register_blueprint(api)
+    app.register_blueprint(health)
+    app.before_request(assign_request_id)
+    app.after_request(finish_response)
+    app.register_error_handler(ValidationError, on_validation_error)
+    app.register_error_handler(PreconditionFailed, on_precondition_failed)
+    app.register_error_handler(HTTPException, on_http_error)
+    app.register_error_handler(sqlite3.OperationalError, on_database_error)
+    app.register_error_handler(Exception, on_unexpected_error)
+    app.cli.add_command(token_cli)
+    return app
+
+
+def start_runner(app):
+    """Start the delegate threads and heartbeat of this worker process."""
+    app.extensions["stepd"].runner.start()

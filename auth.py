@@ -1,0 +1,148 @@
+"""API tokens: Bearer or Basic (name:secret) credentials, roles, and the `token` commands.
+
+Secrets are 256-bit random strings, so a single SHA-256 is a safe way to store them
+and costs microseconds per request; a slow password hash would cap throughput.
+"""
+
+import hashlib
+import hmac
+import re
+import secrets
+import sys
+from dataclasses import dataclass
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+from flask_httpauth import HTTPBasicAuth, HTTPTokenAuth, MultiAuth
+
+from envelope import error
+
+READER, OPERATOR = "reader", "operator"
+ENV_TOKEN_NAME = "env"
+FIRST_TOKEN_NAME = "admin"
+TOKEN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+CHALLENGE = 'Bearer realm="stepd", Basic realm="stepd"'
+
+bearer = HTTPTokenAuth(scheme="Bearer", realm="stepd")
+basic = HTTPBasicAuth(realm="stepd")
+auth = MultiAuth(bearer, basic)
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    role: str
+
+
+def hash_secret(secret):
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def new_secret():
+    return "stepd_" + secrets.token_urlsafe(32)
+
+
+def _env_principal(secret):
+    env_token = current_app.config.get("STEPD_TOKEN")
+    if env_token and hmac.compare_digest(hash_secret(secret), hash_secret(env_token)):
+        return Principal(ENV_TOKEN_NAME, OPERATOR)
+    return None
+
+
+@bearer.verify_token
+def verify_token(secret):
+    if not secret:
+        return None
+    row = current_app.extensions["stepd"].store.token_by_hash(hash_secret(secret))
+    if row is not None:
+        return Principal(row["name"], row["role"])
+    return _env_principal(secret)
+
+
+@basic.verify_password
+def verify_password(name, secret):
+    if not name or not secret:
+        return None
+    if name == ENV_TOKEN_NAME:
+        return _env_principal(secret)
+    row = current_app.extensions["stepd"].store.token_by_name(name)
+    if row is not None and hmac.compare_digest(hash_secret(secret), row["secret_hash"]):
+        return Principal(row["name"], row["role"])
+    return None
+
+
+def roles_of(principal):
+    return [READER, OPERATOR] if principal.role == OPERATOR else [READER]
+
+
+bearer.get_user_roles(roles_of)
+basic.get_user_roles(roles_of)
+
+
+def _auth_error(status):
+    if status == 403:
+        return error(403, "This token's role may not call this endpoint.")
+    response = error(401, "Missing or invalid credentials: send 'Authorization: Bearer <secret>' or Basic name:secret.")
+    response.headers["WWW-Authenticate"] = CHALLENGE
+    return response
+
+
+bearer.error_handler(_auth_error)
+basic.error_handler(_auth_error)
+
+reads = auth.login_required(role=READER)
+writes = auth.login_required(role=OPERATOR)
+
+
+def current_principal():
+    return auth.current_user()
+
+
+def ensure_first_token(store, env_token):
+    """On a first start with no STEPD_TOKEN and no token at all, make an operator token and print it once."""
+    if env_token:
+        return None
+    secret = new_secret()
+    if not store.add_first_token(FIRST_TOKEN_NAME, OPERATOR, hash_secret(secret)):
+        return None
+    print(
+        f"stepd: created the first operator token {FIRST_TOKEN_NAME!r}; it is shown only now.\n"
+        f"stepd: use it as 'Authorization: Bearer {secret}' or curl -u {FIRST_TOKEN_NAME}:{secret}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return secret
+
+
+token_cli = AppGroup("token", help="Create, list and revoke API tokens.")
+
+
+@token_cli.command("create")
+@click.argument("name")
+@click.option("--role", type=click.Choice([OPERATOR, READER]), required=True)
+def create_token(name, role):
+    """Create a token; prints its secret alone on the last line."""
+    if not TOKEN_NAME.match(name) or name == ENV_TOKEN_NAME:
+        raise click.BadParameter("use 1-64 of A-Z a-z 0-9 _ . - (and not 'env')", param_hint="NAME")
+    secret = new_secret()
+    if not current_app.extensions["stepd"].store.add_token(name, role, hash_secret(secret)):
+        raise click.ClickException(f"a token named {name!r} exists; revoke it first")
+    click.echo(f"Created {role} token {name!r}. Its secret is shown only now:")
+    click.echo(secret)
+
+
+@token_cli.command("list")
+def list_tokens():
+    """List tokens (names and roles, never secrets)."""
+    for token in current_app.extensions["stepd"].store.list_tokens():
+        click.echo(f"{token['name']}\t{token['role']}\t{token['created_at']}")
+
+
+@token_cli.command("revoke")
+@click.argument("name")
+def revoke_token(name):
+    """Revoke a token by name."""
+    if not current_app.extensions["stepd"].store.revoke_token(name):
+        raise click.ClickException(f"no token named {name!r}")
+    click.echo(f"Revoked token {name!r}.")

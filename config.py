@@ -1,0 +1,37 @@
+"""Settings from STEPD_* environment variables, with the defaults of SPEC section 8."""
+
+import os
+
+DEFAULTS = {
+    "STEPD_DB": "var/stepd.db",
+    "STEPD_HOST": "127.0.0.1",
+    "STEPD_PORT": "8080",
+    "STEPD_WORKERS": "2",
+    "STEPD_THREADS": "4",
+    "STEPD_TOKEN": "",
+    "STEPD_DELEGATES_PATH": "",
+    "STEPD_LOG_LEVEL": "INFO",
+}
+INTEGERS = {"STEPD_PORT": (1, 65535), "STEPD_WORKERS": (1, 64), "STEPD_THREADS": (1, 256)}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """A STEPD_* variable holds a value the service cannot use."""
+
+
+def from_env(environ=None):
+    """Read every STEPD_* setting; integers become ints, empty strings mean unset."""
+    environ = os.environ if environ is None else environ
+    settings = {key: environ.get(key, default) for key, default in DEFAULTS.items()}
+    for key, (low, high) in INTEGERS.items():
+        try:
+            settings[key] = int(settings[key])
+        except ValueError:
+            raise ConfigError(f"{key} must be a whole number, not {settings[key]!r}") from None
+        if not low <= settings[key] <= high:
+            raise ConfigError(f"{key} must be between {low} and {high}, not {settings[key]}")
+    settings["STEPD_LOG_LEVEL"] = settings["STEPD_LOG_LEVEL"].upper()
+    if settings["STEPD_LOG_LEVEL"] not in LOG_LEVELS:
+        raise ConfigError(f"STEPD_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+    return settings

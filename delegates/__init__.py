@@ -1,0 +1,152 @@
+"""Step delegates: the `@delegate` decorator, the context a delegate gets, and discovery.
+
+A delegate is a plain function marked with ``@delegate("type")``. Marking does not
+register anything globally: `load_registry` scans the built-in modules of this
+package and every ``.py`` file of the user's folder and builds a fresh `Registry`.
+That keeps tests independent and lets a module be loaded twice without conflicts.
+"""
+
+import importlib
+import importlib.util
+import inspect
+import logging
+import pkgutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Abort", "Context", "Delegate", "DelegateLoadError", "Registry", "delegate", "load_registry"]
+
+_MARK = "_stepd_delegate_type"
+
+
+class DelegateLoadError(Exception):
+    """A delegate module does not import, or two delegates claim one type."""
+
+
+class Abort(Exception):
+    """Raise to fail a step at once, with this message."""
+
+
+class _Deferred:
+    """Returned by `Context.defer`: the step waits for complete-step or fail-step."""
+
+    def __repr__(self):
+        return "DEFERRED"
+
+
+DEFERRED = _Deferred()
+
+
+def delegate(step_type):
+    """Mark a function as the delegate for `step_type`."""
+    if not isinstance(step_type, str) or not step_type:
+        raise ValueError("delegate() needs a non-empty step type")
+
+    def mark(fn):
+        setattr(fn, _MARK, step_type)
+        return fn
+
+    return mark
+
+
+@dataclass
+class Context:
+    """What a delegate receives: plain params and where it runs."""
+
+    params: dict
+    process_id: str
+    step_id: str
+    attempt: int
+    log: logging.LoggerAdapter = field(repr=False)
+
+    def defer(self):
+        """Leave the step STARTED until complete-step or fail-step says how it ended."""
+        return DEFERRED
+
+
+@dataclass(frozen=True)
+class Delegate:
+    type: str
+    fn: object
+    source: str  # the file it was defined in, for error messages
+
+    @property
+    def description(self):
+        doc = inspect.getdoc(self.fn) or ""
+        return doc.splitlines()[0] if doc else ""
+
+
+class Registry:
+    """Delegates keyed by step type; refuses a second delegate for one type."""
+
+    def __init__(self):
+        self._by_type = {}
+
+    def add(self, step_type, fn, source):
+        existing = self._by_type.get(step_type)
+        if existing is not None:
+            raise DelegateLoadError(
+                f"two delegates for step type {step_type!r}: {existing.source} and {source}"
+            )
+        self._by_type[step_type] = Delegate(step_type, fn, source)
+
+    def remove(self, step_type):
+        self._by_type.pop(step_type, None)
+
+    def get(self, step_type):
+        return self._by_type.get(step_type)
+
+    def __contains__(self, step_type):
+        return step_type in self._by_type
+
+    def all(self):
+        return sorted(self._by_type.values(), key=lambda d: d.type)
+
+
+def _add_module(registry, module):
+    source = getattr(module, "__file__", None) or module.__name__
+    for value in vars(module).values():
+        step_type = getattr(value, _MARK, None)
+        # Count a function only where it is defined, not where it is imported.
+        if step_type and getattr(value, "__module__", None) == module.__name__:
+            registry.add(step_type, value, source)
+
+
+def _builtin_modules():
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            yield importlib.import_module(f"{__name__}.{info.name}")
+
+
+def _import_file(path):
+    module_name = f"stepd_user_delegates.{path.stem}"
+    try:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # so dataclasses and pickling inside it work
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise DelegateLoadError(f"delegate module {path} does not import: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _user_modules(folder):
+    root = Path(folder)
+    if not root.is_dir():
+        raise DelegateLoadError(f"STEPD_DELEGATES_PATH {folder} is not a directory")
+    for path in sorted(root.glob("*.py")):
+        if not path.name.startswith("_"):
+            yield _import_file(path)
+
+
+def load_registry(user_folder=None):
+    """Build the registry from the built-in delegates and, if given, the user's folder."""
+    registry = Registry()
+    for module in _builtin_modules():
+        _add_module(registry, module)
+    if user_folder:
+        for module in _user_modules(user_folder):
+            _add_module(registry, module)
+    return registry

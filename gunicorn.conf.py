@@ -1,0 +1,54 @@
+"""gunicorn settings for `make run`, read from the STEPD_* variables (config.py).
+
+The master migrates the database, checks the delegates and makes the first token once;
+each worker then builds the app and starts its own runner (delegate threads + heartbeat).
+"""
+
+import sys
+
+import config
+
+settings = config.from_env()
+
+wsgi_app = "app:create_app()"
+bind = f"{settings['STEPD_HOST']}:{settings['STEPD_PORT']}"
+workers = settings["STEPD_WORKERS"]
+# gthread: keep-alive and a few requests at a time per worker; SQLite serialises writes anyway.
+worker_class = "gthread"
+threads = 4
+graceful_timeout = 15
+loglevel = settings["STEPD_LOG_LEVEL"].lower()
+accesslog = "-"
+access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms rid=%({x-request-id}o)s'
+
+
+def on_starting(server):
+    """Fail fast, once, in the master: bad settings, a bad delegate, an unusable database."""
+    from pathlib import Path
+
+    from auth import ensure_first_token
+    from delegates import DelegateLoadError, load_registry
+    from store import Store
+
+    try:
+        load_registry(settings["STEPD_DELEGATES_PATH"] or None)
+        Path(settings["STEPD_DB"]).parent.mkdir(parents=True, exist_ok=True)
+        store = Store(settings["STEPD_DB"])
+        store.migrate()
+        ensure_first_token(store, settings["STEPD_TOKEN"])
+        store.close()  # no open SQLite connection may cross the fork into workers
+    except (DelegateLoadError, OSError) as exc:
+        print(f"stepd: cannot start: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def post_worker_init(worker):
+    from app import start_runner
+
+    start_runner(worker.wsgi)
+
+
+def worker_exit(server, worker):
+    stepd = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("stepd")
+    if stepd is not None:
+        stepd.runner.stop()

@@ -1,0 +1,124 @@
+"""The OpenAPI 3 document, built with apispec from the app's routes and their marshmallow schemas.
+
+Each view carries `view.openapi` (set by `app.doc`): its body, query and data schemas,
+its success status and the errors it can answer. Nothing here is written by hand twice.
+"""
+
+import re
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from marshmallow import fields
+
+import schemas as s
+
+PATH_NAMES = {"process_id": "processId", "step_id": "processStepId"}
+ERROR_SCHEMAS = {
+    401: s.TextErrorEnvelope,
+    403: s.TextErrorEnvelope,
+    404: s.TextErrorEnvelope,
+    412: s.FieldErrorsEnvelope,
+    413: s.TextErrorEnvelope,
+    500: s.ServerErrorEnvelope,
+    503: s.TextErrorEnvelope,
+}
+ERROR_TEXT = {
+    401: "Missing or invalid credentials (a WWW-Authenticate header says how to send them).",
+    403: "The token's role may not call this endpoint (a reader calling a POST).",
+    404: "Nothing has this id.",
+    412: "A precondition failed: the body, query or state is not acceptable; data names each field.",
+    413: "The body is over 1 MiB.",
+    500: "An unexpected error; data is an error id that is also in the server log.",
+    503: "The database is busy or does not answer; retry (see Retry-After).",
+}
+_envelopes = {}  # one envelope class per data schema, so apispec names each once
+
+
+def _envelope_for(data_schema, many):
+    key = (data_schema, many)
+    if key not in _envelopes:
+        name = data_schema.__name__.removesuffix("Schema") + ("List" if many else "") + "Envelope"
+        _envelopes[key] = s.envelope_schema(name, fields.Nested(data_schema, many=many, required=True))
+    return _envelopes[key]
+
+
+def _json(schema):
+    return {"application/json": {"schema": schema}}
+
+
+def _operation(view, method, secured, write):
+    meta = view.openapi
+    responses = {
+        str(meta["status"]): {
+            "description": "Success.",
+            "content": _json(_envelope_for(meta["data"], meta["many"])),
+        }
+    }
+    errors = set(meta["errors"]) | {500, 503}
+    if secured:
+        errors |= {401, 403} if write else {401}
+    if meta["body"] is not None:
+        errors |= {412, 413}
+    for status in sorted(errors):
+        responses[str(status)] = {"description": ERROR_TEXT[status], "content": _json(ERROR_SCHEMAS[status])}
+    operation = {
+        "operationId": view.__name__,
+        "summary": (view.__doc__ or "").strip().splitlines()[0],
+        "responses": responses,
+        "parameters": [{"in": "query", "schema": meta["query"]}],
+    }
+    if meta["body"] is not None:
+        operation["requestBody"] = {"required": True, "content": _json(meta["body"])}
+    operation["security"] = [{"bearer": []}, {"basic": []}] if secured else []
+    return operation
+
+
+def _path_parameters(rule):
+    return [
+        {"in": "path", "name": PATH_NAMES.get(arg, arg), "required": True,
+         "schema": {"type": "string", "pattern": s.ID_PATTERN}}
+        for arg in sorted(rule.arguments)
+    ]
+
+
+def _openapi_path(rule):
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", lambda m: "{" + PATH_NAMES.get(m.group(1), m.group(1)) + "}", rule.rule)
+
+
+def build_spec(app):
+    """The whole API as an OpenAPI 3.0 document (a dict)."""
+    spec = APISpec(
+        title="stepd",
+        version=s.VERSION,
+        openapi_version="3.0.3",
+        plugins=[MarshmallowPlugin()],
+        info={"description": "Runs processes of ordered steps; restart a failed step and the process carries on."},
+    )
+    spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    spec.components.security_scheme("basic", {"type": "http", "scheme": "basic"})
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
+        view = app.view_functions[rule.endpoint]
+        if not hasattr(view, "openapi"):
+            continue
+        secured = rule.rule.startswith("/api/v1/")
+        operations = {
+            method.lower(): _operation(view, method, secured, method != "GET")
+            for method in sorted(rule.methods - {"HEAD", "OPTIONS"})
+        }
+        spec.path(path=_openapi_path(rule), operations=operations, parameters=_path_parameters(rule))
+    _add_document_path(spec)
+    return spec.to_dict()
+
+
+def _add_document_path(spec):
+    spec.path(
+        path="/api/v1/openapi.json",
+        operations={
+            "get": {
+                "operationId": "openapi_document",
+                "summary": "This OpenAPI document (not in the envelope, so tools can read it).",
+                "security": [],
+                "responses": {"200": {"description": "The document.", "content": _json({"type": "object"})}},
+            }
+        },
+    )

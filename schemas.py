@@ -1,0 +1,290 @@
+"""What goes over the wire: marshmallow schemas for requests, responses and the envelope.
+
+The same schemas validate requests and generate the OpenAPI document (openapi.py).
+Typed params are {name: (TYPE, value)} in Python and their wire form on the outside.
+"""
+
+import base64
+import binascii
+import math
+import unicodedata
+
+from store import MAX_PARAMS
+from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
+
+VERSION = "1.0.0"
+
+TYPES = ("STRING", "LONG", "DOUBLE")
+VALUE_FIELD = {"STRING": "strValue", "LONG": "longValue", "DOUBLE": "doubleValue"}
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_NAME = 128
+MAX_STRING = 65536
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+STEP_STATUSES = ("PENDING", "STARTED", "COMPLETED", "FAILED")
+PROCESS_STATUSES = ("RUNNING", "COMPLETED", "FAILED")
+
+
+# -- fields ------------------------------------------------------------------------------
+class StrictInteger(fields.Integer):
+    """A JSON integer only: no booleans, no 1.0, no strings."""
+
+    def __init__(self, **kwargs):
+        super().__init__(strict=True, **kwargs)
+
+
+class FiniteFloat(fields.Float):
+    """A finite JSON number (an integer is read as a double); strings and booleans are refused."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_nan=False, **kwargs)
+
+    def _validated(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.make_error("invalid", input=value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise self.make_error("special") from None
+        if not math.isfinite(number):
+            raise self.make_error("special")
+        return number
+
+
+def no_control_characters(name):
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
+        raise ValidationError("Must not contain control characters.")
+
+
+class ParamName(fields.String):
+    def __init__(self, **kwargs):
+        super().__init__(validate=[validate.Length(1, MAX_NAME), no_control_characters], **kwargs)
+
+
+class TypedValueSchema(Schema):
+    """One typed value: `type` says which of the three value fields holds it."""
+
+    strValue = fields.String(allow_none=True, validate=validate.Length(max=MAX_STRING))
+    longValue = StrictInteger(allow_none=True, validate=validate.Range(INT64_MIN, INT64_MAX))
+    doubleValue = FiniteFloat(allow_none=True)
+    type = fields.String(required=True, validate=validate.OneOf(TYPES))
+
+    @validates_schema
+    def exactly_one_value(self, data, **kwargs):
+        wanted = VALUE_FIELD[data["type"]]
+        errors = {}
+        if data.get(wanted) is None:
+            errors[wanted] = [f"Required and not null for type {data['type']}."]
+        for other in VALUE_FIELD.values():
+            if other != wanted and data.get(other) is not None:
+                errors[other] = [f"Must be null or absent for type {data['type']}."]
+        if errors:
+            raise ValidationError(errors)
+
+    @post_load
+    def to_pair(self, data, **kwargs):
+        return (data["type"], data[VALUE_FIELD[data["type"]]])
+
+
+def typed_value_output(kind, value):
+    """The output form: all four keys, the two unused ones null."""
+    out = {"strValue": None, "longValue": None, "doubleValue": None, "type": kind}
+    out[VALUE_FIELD[kind]] = value
+    return out
+
+
+class Params(fields.Dict):
+    """A params dictionary: at most 256 names, each mapped to a typed value."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("validate", validate.Length(max=MAX_PARAMS))
+        super().__init__(keys=ParamName(), values=fields.Nested(TypedValueSchema), **kwargs)
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        if value is None:
+            return None
+        return {name: typed_value_output(kind, v) for name, (kind, v) in value.items()}
+
+
+class Cursor(fields.String):
+    """An opaque paging cursor; loads to the sequence number to continue before."""
+
+    def __init__(self, prefix, **kwargs):
+        self.prefix = prefix
+        super().__init__(**kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            decoded = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
+            prefix, _, number = decoded.partition(":")
+            seq = int(number)
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise ValidationError("Not a valid cursor.") from None
+        if prefix != self.prefix or seq < 1 or not number.isdigit():
+            raise ValidationError("Not a valid cursor.")
+        return seq
+
+
+def encode_cursor(prefix, seq):
+    if seq is None:
+        return None
+    return base64.urlsafe_b64encode(f"{prefix}:{seq}".encode()).decode().rstrip("=")
+
+
+def step_id_field(**kwargs):
+    return fields.String(
+        required=True, validate=validate.Regexp(ID_PATTERN, error="Not a valid step id."), **kwargs
+    )
+
+
+# -- request bodies and query strings --------------------------------------------------
+class StepSpecSchema(Schema):
+    type = fields.String(required=True, validate=validate.Length(1, 128))
+    params = Params(load_default=dict)
+
+
+class StartProcessSchema(Schema):
+    name = fields.String(allow_none=True, load_default=None, validate=validate.Length(max=1024))
+    steps = fields.List(fields.Nested(StepSpecSchema), required=True, validate=validate.Length(1, 100))
+
+
+class RestartStepSchema(Schema):
+    step_id = step_id_field(data_key="processStepId")
+    params = Params(load_default=dict)
+
+
+class ErrorInputSchema(Schema):
+    message = fields.String(required=True, validate=validate.Length(max=MAX_STRING))
+
+
+class FailStepSchema(Schema):
+    step_id = step_id_field(data_key="processStepId")
+    error = fields.Nested(ErrorInputSchema, load_default=None)
+
+
+class CompleteStepSchema(Schema):
+    step_id = step_id_field(data_key="processStepId")
+    result = Params(load_default=None)
+
+
+class NoQuerySchema(Schema):
+    """Endpoints that take no query parameters refuse any."""
+
+
+class ProcessListQuery(Schema):
+    status = fields.String(validate=validate.OneOf(PROCESS_STATUSES), load_default=None)
+    limit = fields.Integer(validate=validate.Range(1, 500), load_default=50)
+    cursor = Cursor("p", load_default=None)
+
+
+class StepListQuery(Schema):
+    status = fields.String(validate=validate.OneOf(STEP_STATUSES), load_default=None)
+    type = fields.String(validate=validate.Length(1, 128), load_default=None)
+    limit = fields.Integer(validate=validate.Range(1, 500), load_default=50)
+    cursor = Cursor("s", load_default=None)
+
+
+# -- responses ---------------------------------------------------------------------------
+def timestamp(**kwargs):
+    return fields.String(metadata={"format": "date-time"}, **kwargs)
+
+
+class ErrorSchema(Schema):
+    type = fields.String(required=True)
+    message = fields.String(required=True)
+
+
+class StepSchema(Schema):
+    processStepId = fields.String(attribute="id", required=True)
+    processId = fields.String(attribute="process_id", required=True)
+    position = fields.Integer(required=True)
+    type = fields.String(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(STEP_STATUSES))
+    params = Params(required=True)
+    result = Params(allow_none=True, required=True)
+    attempts = fields.Integer(required=True)
+    error = fields.Nested(ErrorSchema, allow_none=True, required=True)
+    createdAt = timestamp(attribute="created_at", required=True)
+    startedAt = timestamp(attribute="started_at", allow_none=True, required=True)
+    finishedAt = timestamp(attribute="finished_at", allow_none=True, required=True)
+    deferred = fields.Boolean(required=True)
+
+
+class AttemptSchema(Schema):
+    attempt = fields.Integer(required=True)
+    trigger = fields.String(required=True, validate=validate.OneOf(("start", "restart")))
+    principal = fields.String(required=True)
+    params = Params(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(("STARTED", "COMPLETED", "FAILED")))
+    error = fields.Nested(ErrorSchema, allow_none=True, required=True)
+    startedAt = timestamp(attribute="started_at", required=True)
+    finishedAt = timestamp(attribute="finished_at", allow_none=True, required=True)
+
+
+class StepDetailSchema(StepSchema):
+    attemptHistory = fields.List(fields.Nested(AttemptSchema), attribute="attempt_history", required=True)
+
+
+class ProcessSummarySchema(Schema):
+    processId = fields.String(attribute="id", required=True)
+    name = fields.String(allow_none=True, required=True)
+    status = fields.String(required=True, validate=validate.OneOf(PROCESS_STATUSES))
+    createdAt = timestamp(attribute="created_at", required=True)
+    updatedAt = timestamp(attribute="updated_at", required=True)
+
+
+class ProcessSchema(ProcessSummarySchema):
+    steps = fields.List(fields.Nested(StepSchema), required=True)
+
+
+class ProcessPageSchema(Schema):
+    items = fields.List(fields.Nested(ProcessSummarySchema), required=True)
+    nextCursor = fields.String(allow_none=True, required=True)
+
+
+class StepPageSchema(Schema):
+    items = fields.List(fields.Nested(StepSchema), required=True)
+    nextCursor = fields.String(allow_none=True, required=True)
+
+
+class RestartResultSchema(Schema):
+    processId = fields.String(attribute="process_id", required=True)
+    processStepId = fields.String(attribute="step_id", required=True)
+    params = Params(required=True)
+
+
+class DelegateSchema(Schema):
+    type = fields.String(required=True)
+    description = fields.String(required=True)
+
+
+class HealthSchema(Schema):
+    database = fields.String(required=True)
+
+
+# -- the envelope --------------------------------------------------------------------------
+class EnvelopeSchema(Schema):
+    message = fields.String(required=True)
+    timestamp = timestamp(required=True)
+    version = fields.String(required=True)
+
+
+def envelope_schema(name, data_field):
+    """An envelope schema class whose `data` is `data_field` (for the OpenAPI document)."""
+    return type(name, (EnvelopeSchema,), {"data": data_field})
+
+
+FieldErrorsEnvelope = envelope_schema(
+    "FieldErrorsEnvelope",
+    fields.Dict(
+        required=True,
+        metadata={"description": "Field errors as marshmallow shapes them: {field: [message]} or nested."},
+    ),
+)
+TextErrorEnvelope = envelope_schema(
+    "TextErrorEnvelope", fields.String(required=True, metadata={"description": "What was wrong."})
+)
+ServerErrorEnvelope = envelope_schema(
+    "ServerErrorEnvelope",
+    fields.String(required=True, metadata={"description": "An error id, also in the log line with the traceback."}),
+)

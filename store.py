@@ -1,0 +1,590 @@
+"""SQLite storage: connections, migrations, and every state change of processes and steps.
+
+Each state change is one `BEGIN IMMEDIATE` transaction whose UPDATE is a compare-and-set
+on the step's status (and attempt number), so concurrent requests and worker processes
+sharing the file can never both win. Rows come out as plain dicts.
+"""
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+BUSY_TIMEOUT_MS = 5000
+MAX_PARAMS = 256
+
+PENDING, STARTED, COMPLETED, FAILED = "PENDING", "STARTED", "COMPLETED", "FAILED"
+RUNNING = "RUNNING"
+
+
+class PreconditionFailed(Exception):
+    """A request that is well formed but does not fit the current state (HTTP 412)."""
+
+    def __init__(self, errors):
+        super().__init__(errors)
+        self.errors = errors
+
+
+def now_iso():
+    """The current UTC time as ISO 8601 with milliseconds and a Z suffix."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_id():
+    """An opaque URL-safe id (22 characters, 128 random bits)."""
+    return secrets.token_urlsafe(16)
+
+
+# Params are held as {name: (TYPE, value)} in Python and as {name: [TYPE, value]} in JSON.
+def params_to_json(params):
+    return json.dumps({name: [kind, value] for name, (kind, value) in params.items()}, allow_nan=False)
+
+
+def params_from_json(text):
+    if text is None:
+        return None
+    return {name: (kind, value) for name, (kind, value) in json.loads(text).items()}
+
+
+MIGRATIONS = [
+    # 1: the initial schema.
+    """
+    CREATE TABLE processes (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        id          TEXT NOT NULL UNIQUE,
+        name        TEXT,
+        status      TEXT NOT NULL CHECK (status IN ('RUNNING', 'COMPLETED', 'FAILED')),
+        principal   TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        updated_at  TEXT NOT NULL
+    );
+    CREATE INDEX processes_by_status ON processes (status, seq);
+
+    CREATE TABLE steps (
+        seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+        id             TEXT NOT NULL UNIQUE,
+        process_id     TEXT NOT NULL REFERENCES processes (id),
+        position       INTEGER NOT NULL,
+        type           TEXT NOT NULL,
+        status         TEXT NOT NULL CHECK (status IN ('PENDING', 'STARTED', 'COMPLETED', 'FAILED')),
+        params         TEXT NOT NULL,
+        result         TEXT,
+        attempts       INTEGER NOT NULL DEFAULT 0,
+        error_type     TEXT,
+        error_message  TEXT,
+        deferred       INTEGER NOT NULL DEFAULT 0,
+        runner_id      TEXT,
+        created_at     TEXT NOT NULL,
+        started_at     TEXT,
+        finished_at    TEXT,
+        UNIQUE (process_id, position)
+    );
+    CREATE INDEX steps_by_status ON steps (status, seq);
+    CREATE INDEX steps_by_type ON steps (type, seq);
+
+    CREATE TABLE attempts (
+        step_id        TEXT NOT NULL REFERENCES steps (id),
+        attempt        INTEGER NOT NULL,
+        trigger        TEXT NOT NULL CHECK (trigger IN ('start', 'restart')),
+        principal      TEXT NOT NULL,
+        params         TEXT NOT NULL,
+        status         TEXT NOT NULL CHECK (status IN ('STARTED', 'COMPLETED', 'FAILED')),
+        error_type     TEXT,
+        error_message  TEXT,
+        started_at     TEXT NOT NULL,
+        finished_at    TEXT,
+        PRIMARY KEY (step_id, attempt)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE runners (
+        id            TEXT PRIMARY KEY,
+        pid           INTEGER NOT NULL,
+        started_at    TEXT NOT NULL,
+        heartbeat_at  REAL NOT NULL
+    );
+
+    CREATE TABLE tokens (
+        name         TEXT PRIMARY KEY,
+        role         TEXT NOT NULL CHECK (role IN ('reader', 'operator')),
+        secret_hash  TEXT NOT NULL UNIQUE,
+        created_at   TEXT NOT NULL
+    );
+    """,
+]
+
+STEP_COLUMNS = (
+    "id, process_id, position, type, status, params, result, attempts, error_type, error_message,"
+    " deferred, created_at, started_at, finished_at"
+)
+PROCESS_COLUMNS = "seq, id, name, status, principal, created_at, updated_at"
+
+
+def _error(error_type, message):
+    return None if error_type is None else {"type": error_type, "message": message}
+
+
+def _step(row):
+    return {
+        "id": row["id"],
+        "process_id": row["process_id"],
+        "position": row["position"],
+        "type": row["type"],
+        "status": row["status"],
+        "params": params_from_json(row["params"]),
+        "result": params_from_json(row["result"]),
+        "attempts": row["attempts"],
+        "error": _error(row["error_type"], row["error_message"]),
+        "deferred": bool(row["deferred"]),
+        "created_at": row["created_at"],
+        "started_at": row["started_at"],
+        "finished_at": row["finished_at"],
+    }
+
+
+def _attempt(row):
+    return {
+        "attempt": row["attempt"],
+        "trigger": row["trigger"],
+        "principal": row["principal"],
+        "params": params_from_json(row["params"]),
+        "status": row["status"],
+        "error": _error(row["error_type"], row["error_message"]),
+        "started_at": row["started_at"],
+        "finished_at": row["finished_at"],
+    }
+
+
+def _process(row):
+    return {key: row[key] for key in ("id", "name", "status", "created_at", "updated_at")}
+
+
+class Store:
+    """One SQLite file; one connection per thread; explicit transactions."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self._local = threading.local()
+
+    # -- connections and transactions ------------------------------------------------
+    def _connect(self):
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit.
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = FULL")
+        return conn
+
+    def connection(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    def close(self):
+        """Close this thread's connection (e.g. before a fork)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextmanager
+    def transaction(self):
+        """A write transaction: takes the write lock at once, commits or rolls back."""
+        conn = self.connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextmanager
+    def snapshot(self):
+        """A read transaction: every query inside sees the same state."""
+        conn = self.connection()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def ping(self):
+        self.connection().execute("SELECT 1 FROM processes LIMIT 1").fetchall()
+
+    def migrate(self):
+        """Bring the schema to the newest version; safe to run from several processes."""
+        with self.transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
+        return len(MIGRATIONS)
+
+    # -- processes -------------------------------------------------------------------
+    def create_process(self, name, steps, principal, runner_id):
+        """Insert a process and its PENDING steps and start step 0; returns (process, job)."""
+        now = now_iso()
+        process_id = new_id()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO processes (id, name, status, principal, created_at, updated_at)"
+                " VALUES (?, ?, 'RUNNING', ?, ?, ?)",
+                (process_id, name, principal, now, now),
+            )
+            db.executemany(
+                "INSERT INTO steps (id, process_id, position, type, status, params, created_at)"
+                " VALUES (?, ?, ?, ?, 'PENDING', ?, ?)",
+                [
+                    (new_id(), process_id, position, step_type, params_to_json(params), now)
+                    for position, (step_type, params) in enumerate(steps)
+                ],
+            )
+            job = self._start_step(db, process_id, 0, principal, runner_id, now)
+            process = self._load_process(db, process_id)
+        return process, job
+
+    def get_process(self, process_id):
+        with self.snapshot() as db:
+            return self._load_process(db, process_id)
+
+    def list_processes(self, status=None, limit=50, before_seq=None):
+        clauses, args = self._paging_clauses(status=status, before_seq=before_seq)
+        rows = self.connection().execute(
+            f"SELECT {PROCESS_COLUMNS} FROM processes {clauses} ORDER BY seq DESC LIMIT ?",
+            (*args, limit + 1),
+        ).fetchall()
+        return self._page(rows, limit, _process)
+
+    def _load_process(self, db, process_id):
+        row = db.execute(f"SELECT {PROCESS_COLUMNS} FROM processes WHERE id = ?", (process_id,)).fetchone()
+        if row is None:
+            return None
+        process = _process(row)
+        rows = db.execute(
+            f"SELECT {STEP_COLUMNS} FROM steps WHERE process_id = ? ORDER BY position", (process_id,)
+        ).fetchall()
+        process["steps"] = [_step(r) for r in rows]
+        return process
+
+    @staticmethod
+    def _paging_clauses(before_seq=None, **equals):
+        conditions, args = [], []
+        for column, value in equals.items():
+            if value is not None:
+                conditions.append(f"{column} = ?")
+                args.append(value)
+        if before_seq is not None:
+            conditions.append("seq < ?")
+            args.append(before_seq)
+        return ("WHERE " + " AND ".join(conditions)) if conditions else "", args
+
+    @staticmethod
+    def _page(rows, limit, convert):
+        """Newest-first page of `limit` items and the seq to continue before (or None)."""
+        items = [convert(r) for r in rows[:limit]]
+        next_seq = rows[limit - 1]["seq"] if len(rows) > limit else None
+        return items, next_seq
+
+    # -- steps -----------------------------------------------------------------------
+    def get_step(self, step_id, with_history=False):
+        with self.snapshot() as db:
+            row = db.execute(f"SELECT {STEP_COLUMNS} FROM steps WHERE id = ?", (step_id,)).fetchone()
+            if row is None:
+                return None
+            step = _step(row)
+            if with_history:
+                rows = db.execute(
+                    "SELECT * FROM attempts WHERE step_id = ? ORDER BY attempt", (step_id,)
+                ).fetchall()
+                step["attempt_history"] = [_attempt(r) for r in rows]
+        return step
+
+    def list_steps(self, status=None, step_type=None, limit=50, before_seq=None):
+        clauses, args = self._paging_clauses(status=status, type=step_type, before_seq=before_seq)
+        rows = self.connection().execute(
+            f"SELECT seq, {STEP_COLUMNS} FROM steps {clauses} ORDER BY seq DESC LIMIT ?",
+            (*args, limit + 1),
+        ).fetchall()
+        return self._page(rows, limit, _step)
+
+    def restart_failed_step(self, step_id, overrides, principal, runner_id, has_delegate):
+        """FAILED -> STARTED for one step, with the given params laid over the failed ones."""
+        now = now_iso()
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT id, process_id, type, status, params, attempts FROM steps WHERE id = ?", (step_id,)
+            ).fetchone()
+            if row is None:
+                raise PreconditionFailed({"processStepId": ["No step has this id."]})
+            if row["status"] != FAILED:
+                raise PreconditionFailed(
+                    {"status": [f"Step is {row['status']}; only a FAILED step can be restarted."]}
+                )
+            if not has_delegate(row["type"]):
+                raise PreconditionFailed({"type": [f"No delegate is registered for step type {row['type']!r}."]})
+            params = {**params_from_json(row["params"]), **overrides}
+            if len(params) > MAX_PARAMS:
+                raise PreconditionFailed(
+                    {"params": [f"The merged params have {len(params)} names; at most {MAX_PARAMS} are allowed."]}
+                )
+            changed = db.execute(
+                "UPDATE steps SET status = 'STARTED', attempts = attempts + 1, params = ?, error_type = NULL,"
+                " error_message = NULL, result = NULL, deferred = 0, runner_id = ?, started_at = ?,"
+                " finished_at = NULL WHERE id = ? AND status = 'FAILED' AND attempts = ?",
+                (params_to_json(params), runner_id, now, step_id, row["attempts"]),
+            ).rowcount
+            if changed != 1:  # cannot happen under BEGIN IMMEDIATE; kept as the compare-and-set's check
+                raise PreconditionFailed({"status": ["Step changed while it was being restarted."]})
+            attempt = row["attempts"] + 1
+            self._insert_attempt(db, step_id, attempt, "restart", principal, params, now)
+            self._refresh_process(db, row["process_id"], now)
+        return Job(step_id, row["process_id"], row["type"], params, attempt)
+
+    def finish_attempt(self, job, status, result=None, error=None, runner_id=None):
+        """Record what a delegate did; COMPLETED starts the next step. Returns the next job or None.
+
+        A stale outcome (the step was failed, completed or interrupted meanwhile) changes
+        nothing and returns None.
+        """
+        now = now_iso()
+        with self.transaction() as db:
+            changed = db.execute(
+                "UPDATE steps SET status = ?, result = ?, error_type = ?, error_message = ?, finished_at = ?"
+                " WHERE id = ? AND status = 'STARTED' AND attempts = ? AND deferred = 0",
+                (
+                    status,
+                    None if result is None else params_to_json(result),
+                    error and error["type"],
+                    error and error["message"],
+                    now,
+                    job.step_id,
+                    job.attempt,
+                ),
+            ).rowcount
+            if changed != 1:
+                return None
+            self._close_attempt(db, job.step_id, job.attempt, status, error, now)
+            next_job = self._start_next(db, job.step_id, runner_id, now) if status == COMPLETED else None
+            self._refresh_process(db, job.process_id, now)
+        return next_job
+
+    def defer_attempt(self, job):
+        """Mark a running attempt as waiting for complete-step or fail-step."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE steps SET deferred = 1 WHERE id = ? AND status = 'STARTED' AND attempts = ?",
+                (job.step_id, job.attempt),
+            )
+
+    def complete_step(self, step_id, result, runner_id):
+        """STARTED -> COMPLETED from outside; returns (step, next job or None)."""
+        return self._end_started_step(step_id, COMPLETED, result, None, runner_id)
+
+    def fail_step(self, step_id, message):
+        """STARTED -> FAILED from outside; returns the step."""
+        step, _ = self._end_started_step(step_id, FAILED, None, {"type": "ExternalFailure", "message": message}, None)
+        return step
+
+    def _end_started_step(self, step_id, status, result, error, runner_id):
+        now = now_iso()
+        with self.transaction() as db:
+            row = db.execute("SELECT process_id, status, attempts FROM steps WHERE id = ?", (step_id,)).fetchone()
+            if row is None:
+                raise PreconditionFailed({"processStepId": ["No step has this id."]})
+            changed = db.execute(
+                "UPDATE steps SET status = ?, result = ?, error_type = ?, error_message = ?, deferred = 0,"
+                " finished_at = ? WHERE id = ? AND status = 'STARTED' AND attempts = ?",
+                (
+                    status,
+                    None if result is None else params_to_json(result),
+                    error and error["type"],
+                    error and error["message"],
+                    now,
+                    step_id,
+                    row["attempts"],
+                ),
+            ).rowcount
+            if changed != 1:
+                raise PreconditionFailed(
+                    {"status": [f"Step is {row['status']}; only a STARTED step can be {status.lower()}."]}
+                )
+            self._close_attempt(db, step_id, row["attempts"], status, error, now)
+            next_job = self._start_next(db, step_id, runner_id, now) if status == COMPLETED else None
+            self._refresh_process(db, row["process_id"], now)
+            step = _step(db.execute(f"SELECT {STEP_COLUMNS} FROM steps WHERE id = ?", (step_id,)).fetchone())
+        return step, next_job
+
+    # -- helpers that run inside a transaction ---------------------------------------
+    def _start_next(self, db, step_id, runner_id, now):
+        row = db.execute(
+            "SELECT s.process_id, s.position, p.principal FROM steps s JOIN processes p ON p.id = s.process_id"
+            " WHERE s.id = ?",
+            (step_id,),
+        ).fetchone()
+        return self._start_step(db, row["process_id"], row["position"] + 1, row["principal"], runner_id, now)
+
+    def _start_step(self, db, process_id, position, principal, runner_id, now):
+        """PENDING -> STARTED for the step at `position`, if there is one; returns its job."""
+        row = db.execute(
+            "SELECT id, type, params FROM steps WHERE process_id = ? AND position = ?", (process_id, position)
+        ).fetchone()
+        if row is None:
+            return None
+        changed = db.execute(
+            "UPDATE steps SET status = 'STARTED', attempts = 1, runner_id = ?, started_at = ?"
+            " WHERE id = ? AND status = 'PENDING'",
+            (runner_id, now, row["id"]),
+        ).rowcount
+        if changed != 1:
+            return None
+        params = params_from_json(row["params"])
+        self._insert_attempt(db, row["id"], 1, "start", principal, params, now)
+        return Job(row["id"], process_id, row["type"], params, 1)
+
+    @staticmethod
+    def _insert_attempt(db, step_id, attempt, trigger, principal, params, now):
+        db.execute(
+            "INSERT INTO attempts (step_id, attempt, trigger, principal, params, status, started_at)"
+            " VALUES (?, ?, ?, ?, ?, 'STARTED', ?)",
+            (step_id, attempt, trigger, principal, params_to_json(params), now),
+        )
+
+    @staticmethod
+    def _close_attempt(db, step_id, attempt, status, error, now):
+        db.execute(
+            "UPDATE attempts SET status = ?, error_type = ?, error_message = ?, finished_at = ?"
+            " WHERE step_id = ? AND attempt = ? AND status = 'STARTED'",
+            (status, error and error["type"], error and error["message"], now, step_id, attempt),
+        )
+
+    @staticmethod
+    def _refresh_process(db, process_id, now):
+        """A process is FAILED while a step is, COMPLETED when its last step is, else RUNNING."""
+        db.execute(
+            """
+            UPDATE processes SET updated_at = :now, status = CASE
+                WHEN EXISTS (SELECT 1 FROM steps WHERE process_id = :pid AND status = 'FAILED') THEN 'FAILED'
+                WHEN (SELECT status FROM steps WHERE process_id = :pid ORDER BY position DESC LIMIT 1)
+                     = 'COMPLETED' THEN 'COMPLETED'
+                ELSE 'RUNNING' END
+            WHERE id = :pid
+            """,
+            {"pid": process_id, "now": now},
+        )
+
+    # -- runners: who is executing which step ------------------------------------------
+    def heartbeat(self, runner_id, pid):
+        """Say this runner is alive (registering it if needed)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO runners (id, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (runner_id, pid, now_iso(), time.time()),
+            )
+
+    def interrupt_orphans(self, stale_after, only_runner=None, reason=None):
+        """Fail every STARTED, non-deferred step whose runner is gone (or is `only_runner`).
+
+        A runner is gone when its heartbeat is older than `stale_after` seconds or it has
+        no row at all. Returns the ids of the steps it failed.
+        """
+        now = now_iso()
+        cutoff = time.time() - stale_after
+        with self.transaction() as db:
+            if only_runner is not None:
+                orphan_filter, args = "runner_id = ?", (only_runner,)
+            else:
+                orphan_filter = (
+                    "(runner_id IS NULL OR runner_id NOT IN (SELECT id FROM runners WHERE heartbeat_at >= ?))"
+                )
+                args = (cutoff,)
+            rows = db.execute(
+                f"SELECT id, process_id, attempts, runner_id FROM steps"
+                f" WHERE status = 'STARTED' AND deferred = 0 AND {orphan_filter}",
+                args,
+            ).fetchall()
+            for row in rows:
+                error = {
+                    "type": "Interrupted",
+                    "message": reason or f"The worker running this step (runner {row['runner_id']}) is gone.",
+                }
+                db.execute(
+                    "UPDATE steps SET status = 'FAILED', error_type = ?, error_message = ?, finished_at = ?"
+                    " WHERE id = ? AND status = 'STARTED' AND attempts = ? AND deferred = 0",
+                    (error["type"], error["message"], now, row["id"], row["attempts"]),
+                )
+                self._close_attempt(db, row["id"], row["attempts"], FAILED, error, now)
+                self._refresh_process(db, row["process_id"], now)
+            if only_runner is not None:
+                db.execute("DELETE FROM runners WHERE id = ?", (only_runner,))
+            else:
+                db.execute("DELETE FROM runners WHERE heartbeat_at < ?", (cutoff,))
+        return [row["id"] for row in rows]
+
+    # -- API tokens ------------------------------------------------------------------
+    def add_token(self, name, role, secret_hash):
+        """Insert a token; returns False if the name is taken."""
+        try:
+            with self.transaction() as db:
+                db.execute(
+                    "INSERT INTO tokens (name, role, secret_hash, created_at) VALUES (?, ?, ?, ?)",
+                    (name, role, secret_hash, now_iso()),
+                )
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def add_first_token(self, name, role, secret_hash):
+        """Insert a token only if no token exists at all; returns whether it did."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM tokens LIMIT 1").fetchone():
+                return False
+            db.execute(
+                "INSERT INTO tokens (name, role, secret_hash, created_at) VALUES (?, ?, ?, ?)",
+                (name, role, secret_hash, now_iso()),
+            )
+        return True
+
+    def token_by_hash(self, secret_hash):
+        row = self.connection().execute(
+            "SELECT name, role, secret_hash FROM tokens WHERE secret_hash = ?", (secret_hash,)
+        ).fetchone()
+        return dict(row) if row else None
+
+    def token_by_name(self, name):
+        row = self.connection().execute(
+            "SELECT name, role, secret_hash FROM tokens WHERE name = ?", (name,)
+        ).fetchone()
+        return dict(row) if row else None
+
+    def list_tokens(self):
+        rows = self.connection().execute("SELECT name, role, created_at FROM tokens ORDER BY name").fetchall()
+        return [dict(r) for r in rows]
+
+    def revoke_token(self, name):
+        with self.transaction() as db:
+            return db.execute("DELETE FROM tokens WHERE name = ?", (name,)).rowcount == 1
+
+
+class Job:
+    """One attempt of one step, to be handed to its delegate."""
+
+    __slots__ = ("step_id", "process_id", "type", "params", "attempt")
+
+    def __init__(self, step_id, process_id, step_type, params, attempt):
+        self.step_id = step_id
+        self.process_id = process_id
+        self.type = step_type
+        self.params = params
+        self.attempt = attempt
+
+    def __repr__(self):
+        return f"Job({self.step_id!r}, attempt={self.attempt})"
