@@ -6,9 +6,9 @@ each worker then builds the app and starts its own runner (delegate threads + he
 
 import sys
 
-import config
+from config import from_env as _stepd_settings
 
-settings = config.from_env()
+settings = _stepd_settings()
 
 wsgi_app = "app:create_app()"
 bind = f"{settings['STEPD_HOST']}:{settings['STEPD_PORT']}"

@@ -1,0 +1,71 @@
+import pytest
+from helpers import PLUGINS, Api, Server
+
+from app import create_app, start_runner
+from auth import hash_secret
+
+OPERATOR_SECRET = "operator-secret-for-tests"
+READER_SECRET = "reader-secret-for-tests"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    """No STEPD_* variable of the machine leaks into a test."""
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("STEPD_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return tmp_path / "stepd.db"
+
+
+@pytest.fixture
+def app(db_path):
+    app = create_app({"STEPD_DB": str(db_path), "STEPD_DELEGATES_PATH": str(PLUGINS), "STEPD_THREADS": 4})
+    store = app.extensions["stepd"].store
+    store.add_token("ops", "operator", hash_secret(OPERATOR_SECRET))
+    store.add_token("viewer", "reader", hash_secret(READER_SECRET))
+    start_runner(app)
+    yield app
+    app.extensions["stepd"].runner.stop(grace=2)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def api(client):
+    """Calls as the operator token 'ops'."""
+    return Api(client, {"Authorization": f"Bearer {OPERATOR_SECRET}"})
+
+
+@pytest.fixture
+def reader_api(client):
+    return Api(client, {"Authorization": f"Bearer {READER_SECRET}"})
+
+
+@pytest.fixture
+def store(app):
+    return app.extensions["stepd"].store
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    """Start real gunicorn servers; every one is stopped at the end of the test."""
+    servers = []
+
+    def make(**kwargs):
+        kwargs.setdefault("db_path", tmp_path / "served.db")
+        server = Server(**kwargs)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
