@@ -20,7 +20,7 @@ from auth import current_principal, reads, token_cli, writes
 from delegates import Registry, load_registry
 from envelope import envelope, error
 from runner import Runner
-from store import PreconditionFailed, Store
+from store import PreconditionFailed, Store, is_busy
 
 MAX_BODY_BYTES = 1024 * 1024
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -267,7 +267,7 @@ def on_http_error(exc):
 
 
 def on_database_error(exc):
-    if "locked" in str(exc) or "busy" in str(exc):
+    if is_busy(exc):
         response = error(503, "The database is busy; retry shortly.")
         response.headers["Retry-After"] = "1"
         return response

@@ -75,8 +75,12 @@ def _operation(view, method, secured, write):
 
 def _path_parameters(rule):
     return [
-        {"in": "path", "name": PATH_NAMES.get(arg, arg), "required": True,
-         "schema": {"type": "string", "pattern": s.ID_PATTERN}}
+        {
+            "in": "path",
+            "name": PATH_NAMES.get(arg, arg),
+            "required": True,
+            "schema": {"type": "string", "pattern": s.ID_PATTERN},
+        }
         for arg in sorted(rule.arguments)
     ]
 

@@ -11,17 +11,19 @@ import logging
 import math
 import os
 import queue
+import sqlite3
 import threading
 import time
 
 from delegates import DEFERRED, Context
-from store import COMPLETED, FAILED, new_id
+from store import COMPLETED, FAILED, is_busy, new_id
 
 log = logging.getLogger("stepd.runner")
 
 HEARTBEAT_SECONDS = 1.0
 STALE_AFTER_SECONDS = 5.0  # a runner silent this long is gone; well inside the 10 s promise
 STOP_GRACE_SECONDS = 5.0  # how long a clean stop waits for running delegates
+RECORD_RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
 class Runner:
@@ -103,14 +105,25 @@ class Runner:
                 raise LookupError(f"no delegate is registered for step type {job.type!r}")
             outcome = delegate.fn(ctx)
             if outcome is DEFERRED:
-                self.store.defer_attempt(job)
-                return None
+                return self._record(self.store.defer_attempt, job)
             result = typed_result(outcome)
         except Exception as exc:
             log.info("step %s attempt %d failed: %s", job.step_id, job.attempt, type(exc).__name__)
             error = {"type": type(exc).__name__, "message": str(exc)}
-            return self.store.finish_attempt(job, FAILED, error=error, runner_id=self.id)
-        return self.store.finish_attempt(job, COMPLETED, result=result, runner_id=self.id)
+            return self._record(self.store.finish_attempt, job, FAILED, error=error, runner_id=self.id)
+        return self._record(self.store.finish_attempt, job, COMPLETED, result=result, runner_id=self.id)
+
+    def _record(self, write, *args, **kwargs):
+        """Run a store write, retrying while the database is busy: an outcome must not be dropped."""
+        for delay in RECORD_RETRY_DELAYS:
+            try:
+                return write(*args, **kwargs)
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc):
+                    raise
+                log.warning("database busy while recording a step outcome; retrying in %.1fs", delay)
+                time.sleep(delay)
+        return write(*args, **kwargs)
 
     # -- heartbeat ---------------------------------------------------------------------
     def _watch(self):

@@ -9,8 +9,9 @@ import binascii
 import math
 import unicodedata
 
-from store import MAX_PARAMS
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
+
+from store import MAX_PARAMS
 
 VERSION = "1.0.0"
 
@@ -132,9 +133,7 @@ def encode_cursor(prefix, seq):
 
 
 def step_id_field(**kwargs):
-    return fields.String(
-        required=True, validate=validate.Regexp(ID_PATTERN, error="Not a valid step id."), **kwargs
-    )
+    return fields.String(required=True, validate=validate.Regexp(ID_PATTERN, error="Not a valid step id."), **kwargs)
 
 
 # -- request bodies and query strings --------------------------------------------------

@@ -11,7 +11,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 BUSY_TIMEOUT_MS = 5000
 MAX_PARAMS = 256
@@ -28,9 +28,14 @@ class PreconditionFailed(Exception):
         self.errors = errors
 
 
+def is_busy(exc):
+    """Whether a sqlite3 error means another writer held the lock past the busy timeout."""
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
+
+
 def now_iso():
     """The current UTC time as ISO 8601 with milliseconds and a Z suffix."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def new_id():
@@ -257,10 +262,14 @@ class Store:
 
     def list_processes(self, status=None, limit=50, before_seq=None):
         clauses, args = self._paging_clauses(status=status, before_seq=before_seq)
-        rows = self.connection().execute(
-            f"SELECT {PROCESS_COLUMNS} FROM processes {clauses} ORDER BY seq DESC LIMIT ?",
-            (*args, limit + 1),
-        ).fetchall()
+        rows = (
+            self.connection()
+            .execute(
+                f"SELECT {PROCESS_COLUMNS} FROM processes {clauses} ORDER BY seq DESC LIMIT ?",
+                (*args, limit + 1),
+            )
+            .fetchall()
+        )
         return self._page(rows, limit, _process)
 
     def _load_process(self, db, process_id):
@@ -301,18 +310,20 @@ class Store:
                 return None
             step = _step(row)
             if with_history:
-                rows = db.execute(
-                    "SELECT * FROM attempts WHERE step_id = ? ORDER BY attempt", (step_id,)
-                ).fetchall()
+                rows = db.execute("SELECT * FROM attempts WHERE step_id = ? ORDER BY attempt", (step_id,)).fetchall()
                 step["attempt_history"] = [_attempt(r) for r in rows]
         return step
 
     def list_steps(self, status=None, step_type=None, limit=50, before_seq=None):
         clauses, args = self._paging_clauses(status=status, type=step_type, before_seq=before_seq)
-        rows = self.connection().execute(
-            f"SELECT seq, {STEP_COLUMNS} FROM steps {clauses} ORDER BY seq DESC LIMIT ?",
-            (*args, limit + 1),
-        ).fetchall()
+        rows = (
+            self.connection()
+            .execute(
+                f"SELECT seq, {STEP_COLUMNS} FROM steps {clauses} ORDER BY seq DESC LIMIT ?",
+                (*args, limit + 1),
+            )
+            .fetchall()
+        )
         return self._page(rows, limit, _step)
 
     def restart_failed_step(self, step_id, overrides, principal, runner_id, has_delegate):
@@ -325,9 +336,7 @@ class Store:
             if row is None:
                 raise PreconditionFailed({"processStepId": ["No step has this id."]})
             if row["status"] != FAILED:
-                raise PreconditionFailed(
-                    {"status": [f"Step is {row['status']}; only a FAILED step can be restarted."]}
-                )
+                raise PreconditionFailed({"status": [f"Step is {row['status']}; only a FAILED step can be restarted."]})
             if not has_delegate(row["type"]):
                 raise PreconditionFailed({"type": [f"No delegate is registered for step type {row['type']!r}."]})
             params = {**params_from_json(row["params"]), **overrides}
@@ -496,38 +505,49 @@ class Store:
         A runner is gone when its heartbeat is older than `stale_after` seconds or it has
         no row at all. Returns the ids of the steps it failed.
         """
-        now = now_iso()
         cutoff = time.time() - stale_after
+        if only_runner is not None:
+            orphans = "runner_id = ?", (only_runner,)
+            forget = "DELETE FROM runners WHERE id = ?", (only_runner,)
+        else:
+            orphans = (
+                "(runner_id IS NULL OR runner_id NOT IN (SELECT id FROM runners WHERE heartbeat_at >= ?))",
+                (cutoff,),
+            )
+            forget = "DELETE FROM runners WHERE heartbeat_at < ?", (cutoff,)
+        find = (
+            "SELECT id, process_id, attempts, runner_id FROM steps"
+            f" WHERE status = 'STARTED' AND deferred = 0 AND {orphans[0]}"
+        )
+        # The heartbeat calls this every second: look first, and take the write lock only if there is work.
+        if only_runner is None and not self._has_orphans(find, orphans[1], cutoff):
+            return []
+        now = now_iso()
         with self.transaction() as db:
-            if only_runner is not None:
-                orphan_filter, args = "runner_id = ?", (only_runner,)
-            else:
-                orphan_filter = (
-                    "(runner_id IS NULL OR runner_id NOT IN (SELECT id FROM runners WHERE heartbeat_at >= ?))"
-                )
-                args = (cutoff,)
-            rows = db.execute(
-                f"SELECT id, process_id, attempts, runner_id FROM steps"
-                f" WHERE status = 'STARTED' AND deferred = 0 AND {orphan_filter}",
-                args,
-            ).fetchall()
+            rows = db.execute(find, orphans[1]).fetchall()
             for row in rows:
-                error = {
-                    "type": "Interrupted",
-                    "message": reason or f"The worker running this step (runner {row['runner_id']}) is gone.",
-                }
-                db.execute(
-                    "UPDATE steps SET status = 'FAILED', error_type = ?, error_message = ?, finished_at = ?"
-                    " WHERE id = ? AND status = 'STARTED' AND attempts = ? AND deferred = 0",
-                    (error["type"], error["message"], now, row["id"], row["attempts"]),
-                )
-                self._close_attempt(db, row["id"], row["attempts"], FAILED, error, now)
-                self._refresh_process(db, row["process_id"], now)
-            if only_runner is not None:
-                db.execute("DELETE FROM runners WHERE id = ?", (only_runner,))
-            else:
-                db.execute("DELETE FROM runners WHERE heartbeat_at < ?", (cutoff,))
+                message = reason or f"The worker running this step (runner {row['runner_id']}) is gone."
+                self._interrupt(db, row, message, now)
+            db.execute(*forget)
         return [row["id"] for row in rows]
+
+    def _has_orphans(self, find, args, cutoff):
+        db = self.connection()
+        return bool(
+            db.execute(find + " LIMIT 1", args).fetchone()
+            or db.execute("SELECT 1 FROM runners WHERE heartbeat_at < ? LIMIT 1", (cutoff,)).fetchone()
+        )
+
+    def _interrupt(self, db, row, message, now):
+        error = {"type": "Interrupted", "message": message}
+        changed = db.execute(
+            "UPDATE steps SET status = 'FAILED', error_type = ?, error_message = ?, finished_at = ?"
+            " WHERE id = ? AND status = 'STARTED' AND attempts = ? AND deferred = 0",
+            (error["type"], message, now, row["id"], row["attempts"]),
+        ).rowcount
+        if changed == 1:
+            self._close_attempt(db, row["id"], row["attempts"], FAILED, error, now)
+            self._refresh_process(db, row["process_id"], now)
 
     # -- API tokens ------------------------------------------------------------------
     def add_token(self, name, role, secret_hash):
@@ -554,15 +574,15 @@ class Store:
         return True
 
     def token_by_hash(self, secret_hash):
-        row = self.connection().execute(
-            "SELECT name, role, secret_hash FROM tokens WHERE secret_hash = ?", (secret_hash,)
-        ).fetchone()
+        row = (
+            self.connection()
+            .execute("SELECT name, role, secret_hash FROM tokens WHERE secret_hash = ?", (secret_hash,))
+            .fetchone()
+        )
         return dict(row) if row else None
 
     def token_by_name(self, name):
-        row = self.connection().execute(
-            "SELECT name, role, secret_hash FROM tokens WHERE name = ?", (name,)
-        ).fetchone()
+        row = self.connection().execute("SELECT name, role, secret_hash FROM tokens WHERE name = ?", (name,)).fetchone()
         return dict(row) if row else None
 
     def list_tokens(self):

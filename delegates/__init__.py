@@ -86,9 +86,7 @@ class Registry:
     def add(self, step_type, fn, source):
         existing = self._by_type.get(step_type)
         if existing is not None:
-            raise DelegateLoadError(
-                f"two delegates for step type {step_type!r}: {existing.source} and {source}"
-            )
+            raise DelegateLoadError(f"two delegates for step type {step_type!r}: {existing.source} and {source}")
         self._by_type[step_type] = Delegate(step_type, fn, source)
 
     def remove(self, step_type):

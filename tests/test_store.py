@@ -1,0 +1,232 @@
+"""The store against a real SQLite file: transitions, compare-and-set under threads, migrations."""
+
+import sqlite3
+import threading
+
+import pytest
+
+import store as st
+from store import PreconditionFailed, Store
+
+
+@pytest.fixture
+def db(tmp_path):
+    store = Store(tmp_path / "s.db")
+    store.migrate()
+    return store
+
+
+def fail(db, job, message="boom"):
+    return db.finish_attempt(job, st.FAILED, error={"type": "ValueError", "message": message}, runner_id="r1")
+
+
+def has_delegate(_type):
+    return True
+
+
+def started_process(db, *types):
+    process, job = db.create_process("p", [(t, {"n": ("LONG", i)}) for i, t in enumerate(types)], "alice", "r1")
+    return process, job
+
+
+def test_pragmas_and_schema_version(db, tmp_path):
+    conn = db.connection()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == st.BUSY_TIMEOUT_MS
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(st.MIGRATIONS)
+
+
+def test_migrate_twice_and_from_many_threads_is_safe(tmp_path):
+    path = tmp_path / "m.db"
+    errors = []
+
+    def migrate():
+        try:
+            Store(path).migrate()
+        except Exception as exc:  # collected, asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=migrate) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert Store(path).connection().execute("PRAGMA user_version").fetchone()[0] == len(st.MIGRATIONS)
+
+
+def test_create_starts_step_zero_only(db):
+    process, job = started_process(db, "a", "b", "c")
+    assert [s["status"] for s in process["steps"]] == ["STARTED", "PENDING", "PENDING"]
+    assert process["status"] == "RUNNING"
+    assert (job.type, job.attempt, job.params) == ("a", 1, {"n": ("LONG", 0)})
+
+
+def test_completion_starts_the_next_step_in_the_same_transaction(db):
+    process, job = started_process(db, "a", "b")
+    next_job = db.finish_attempt(job, st.COMPLETED, result={"x": ("STRING", "y")}, runner_id="r1")
+    steps = db.get_process(process["id"])["steps"]
+    assert [s["status"] for s in steps] == ["COMPLETED", "STARTED"]
+    assert steps[0]["result"] == {"x": ("STRING", "y")}
+    assert next_job.step_id == steps[1]["id"]
+    history = db.get_step(next_job.step_id, with_history=True)["attempt_history"]
+    assert [(a["trigger"], a["principal"]) for a in history] == [("start", "alice")]
+    assert db.finish_attempt(next_job, st.COMPLETED, runner_id="r1") is None
+    assert db.get_process(process["id"])["status"] == "COMPLETED"
+
+
+def test_failure_halts_and_restart_carries_on(db):
+    process, job = started_process(db, "a", "b")
+    assert fail(db, job) is None
+    halted = db.get_process(process["id"])
+    assert halted["status"] == "FAILED"
+    assert [s["status"] for s in halted["steps"]] == ["FAILED", "PENDING"]
+    restarted = db.restart_failed_step(job.step_id, {"m": ("DOUBLE", 1.5)}, "bob", "r2", has_delegate)
+    assert restarted.attempt == 2
+    assert restarted.params == {"n": ("LONG", 0), "m": ("DOUBLE", 1.5)}
+    assert db.get_process(process["id"])["status"] == "RUNNING"
+    step = db.get_step(job.step_id, with_history=True)
+    assert step["attempts"] == 2 and step["error"] is None
+    assert [(a["attempt"], a["trigger"], a["principal"], a["status"]) for a in step["attempt_history"]] == [
+        (1, "start", "alice", "FAILED"),
+        (2, "restart", "bob", "STARTED"),
+    ]
+
+
+@pytest.mark.parametrize("state", ["PENDING", "STARTED", "COMPLETED"])
+def test_only_a_failed_step_restarts(db, state):
+    process, job = started_process(db, "a", "b")
+    targets = {"STARTED": job.step_id, "PENDING": process["steps"][1]["id"]}
+    if state == "COMPLETED":
+        db.finish_attempt(job, st.COMPLETED, runner_id="r1")
+        targets["COMPLETED"] = job.step_id
+    with pytest.raises(PreconditionFailed) as refused:
+        db.restart_failed_step(targets[state], {}, "bob", "r1", has_delegate)
+    assert refused.value.errors == {"status": [f"Step is {state}; only a FAILED step can be restarted."]}
+
+
+def test_restart_refuses_unknown_step_and_missing_delegate(db):
+    _, job = started_process(db, "a")
+    fail(db, job)
+    with pytest.raises(PreconditionFailed) as unknown:
+        db.restart_failed_step("nope", {}, "bob", "r1", has_delegate)
+    assert "processStepId" in unknown.value.errors
+    with pytest.raises(PreconditionFailed) as no_delegate:
+        db.restart_failed_step(job.step_id, {}, "bob", "r1", lambda t: False)
+    assert "type" in no_delegate.value.errors
+    assert db.get_step(job.step_id)["attempts"] == 1
+
+
+def test_restart_refuses_too_many_names_after_overlay(db):
+    process, job = db.create_process(None, [("a", {f"k{i}": ("LONG", i) for i in range(200)})], "alice", "r1")
+    fail(db, job)
+    extra = {f"x{i}": ("LONG", i) for i in range(57)}
+    with pytest.raises(PreconditionFailed) as refused:
+        db.restart_failed_step(job.step_id, extra, "bob", "r1", has_delegate)
+    assert "params" in refused.value.errors
+    assert db.get_step(job.step_id)["status"] == "FAILED"
+    ok = db.restart_failed_step(job.step_id, dict(list(extra.items())[:56]), "bob", "r1", has_delegate)
+    assert len(ok.params) == 256
+
+
+def test_concurrent_restarts_from_threads_have_one_winner(tmp_path):
+    path = tmp_path / "race.db"
+    setup = Store(path)
+    setup.migrate()
+    _, job = setup.create_process(None, [("a", {})], "alice", "r1")
+    fail(setup, job)
+    barrier = threading.Barrier(16)
+    outcomes = []
+
+    def restart(n):
+        own = Store(path)  # each thread its own Store and connection, like separate workers
+        barrier.wait()
+        try:
+            own.restart_failed_step(job.step_id, {"n": ("LONG", n)}, f"t{n}", "r1", has_delegate)
+            outcomes.append("won")
+        except PreconditionFailed:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=restart, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["refused"] * 15 + ["won"]
+    step = setup.get_step(job.step_id, with_history=True)
+    assert step["attempts"] == 2 and len(step["attempt_history"]) == 2
+
+
+def test_stale_outcome_is_ignored(db):
+    _, job = started_process(db, "a", "b")
+    failed = db.fail_step(job.step_id, "operator gave up")
+    assert failed["error"] == {"type": "ExternalFailure", "message": "operator gave up"}
+    # the delegate that was still running returns later: nothing changes
+    assert db.finish_attempt(job, st.COMPLETED, runner_id="r1") is None
+    assert db.get_step(job.step_id)["status"] == "FAILED"
+    # and an old attempt cannot complete a newer one
+    newer = db.restart_failed_step(job.step_id, {}, "bob", "r1", has_delegate)
+    assert db.finish_attempt(job, st.COMPLETED, runner_id="r1") is None
+    assert db.get_step(job.step_id)["attempts"] == newer.attempt == 2
+
+
+def test_deferred_step_waits_for_complete_step(db):
+    process, job = started_process(db, "a", "b")
+    db.defer_attempt(job)
+    assert db.get_step(job.step_id)["deferred"] is True
+    assert db.finish_attempt(job, st.COMPLETED, runner_id="r1") is None  # a deferred attempt ends only from outside
+    step, next_job = db.complete_step(job.step_id, {"ok": ("LONG", 1)}, "r1")
+    assert step["status"] == "COMPLETED" and step["deferred"] is False and step["result"] == {"ok": ("LONG", 1)}
+    assert next_job.type == "b"
+    with pytest.raises(PreconditionFailed):
+        db.complete_step(job.step_id, None, "r1")
+
+
+def test_orphans_of_a_silent_runner_are_interrupted_but_not_deferred_ones(db):
+    _, job_a = started_process(db, "a")
+    _, job_b = started_process(db, "b")
+    db.defer_attempt(job_b)
+    db.heartbeat("r1", 1)
+    assert db.interrupt_orphans(stale_after=60) == []  # r1 is alive
+    db.connection().execute("UPDATE runners SET heartbeat_at = heartbeat_at - 120")
+    assert db.interrupt_orphans(stale_after=60) == [job_a.step_id]
+    step = db.get_step(job_a.step_id, with_history=True)
+    assert step["status"] == "FAILED" and step["error"]["type"] == "Interrupted"
+    assert step["attempt_history"][0]["status"] == "FAILED"
+    assert db.get_step(job_b.step_id)["status"] == "STARTED"
+    assert db.connection().execute("SELECT count(*) FROM runners").fetchone()[0] == 0
+
+
+def test_unregistered_runner_counts_as_gone(db):
+    _, job = started_process(db, "a")  # runner r1 never sent a heartbeat
+    assert db.interrupt_orphans(stale_after=5) == [job.step_id]
+
+
+def test_transaction_rolls_back_on_error(db):
+    with pytest.raises(RuntimeError), db.transaction() as conn:
+        conn.execute("INSERT INTO runners (id, pid, started_at, heartbeat_at) VALUES ('x', 1, 'now', 0)")
+        raise RuntimeError("abort")
+    assert db.connection().execute("SELECT count(*) FROM runners").fetchone()[0] == 0
+
+
+def test_busy_database_is_reported_as_busy(tmp_path):
+    path = tmp_path / "busy.db"
+    Store(path).migrate()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    waiting = Store(path)
+    waiting.connection().execute("PRAGMA busy_timeout = 50")
+    try:
+        with pytest.raises(sqlite3.OperationalError) as busy:
+            waiting.heartbeat("r", 1)
+        assert st.is_busy(busy.value)
+    finally:
+        holder.execute("ROLLBACK")
+
+
+def test_first_token_only_once(db):
+    assert db.add_first_token("admin", "operator", "h1") is True
+    assert db.add_first_token("admin2", "operator", "h2") is False
+    assert db.add_token("admin", "reader", "h3") is False
+    assert [t["name"] for t in db.list_tokens()] == ["admin"]
