@@ -243,6 +243,8 @@ def healthz():
 
 # -- errors ----------------------------------------------------------------------------------
 HTTP_ERROR_TEXT = {
+    401: "Missing or invalid credentials.",
+    403: "Not allowed.",
     404: "No endpoint at this path.",
     413: f"The body is over {MAX_BODY_BYTES} bytes.",
 }
@@ -262,8 +264,11 @@ def on_http_error(exc):
         response = error(405, f"This path does not accept {request.method}.")
         response.headers["Allow"] = ", ".join(sorted(exc.valid_methods or ()))
         return response
-    text = HTTP_ERROR_TEXT.get(exc.code, exc.description)
-    return error(exc.code if exc.code in (404, 413) or exc.code < 500 else 500, text)
+    if exc.code in HTTP_ERROR_TEXT:
+        return error(exc.code, HTTP_ERROR_TEXT[exc.code])
+    if exc.code < 500:  # any other client error is bad input: a 412 like the rest
+        return error(412, {"_schema": [exc.description]})
+    return on_unexpected_error(exc)
 
 
 def on_database_error(exc):
@@ -288,6 +293,20 @@ def _valid_request_id(value):
 def assign_request_id():
     given = request.headers.get(REQUEST_ID_HEADER, "")
     g.request_id = given if _valid_request_id(given) else uuid.uuid4().hex
+    if request.method == "OPTIONS" and request.url_rule is not None:
+        return answer_options()
+    return None
+
+
+def answer_options():
+    """Flask's automatic OPTIONS answer is an empty body; ours is the envelope like every other."""
+    path = request.url_rule.rule
+    allowed = sorted(
+        {method for rule in current_app.url_map.iter_rules() if rule.rule == path for method in rule.methods}
+    )
+    response = envelope({"allow": allowed})
+    response.headers["Allow"] = ", ".join(allowed)
+    return response
 
 
 def finish_response(response):

@@ -93,17 +93,38 @@ def typed_value_output(kind, value):
     return out
 
 
+def at_most_max_params(params):
+    if len(params) > MAX_PARAMS:
+        raise ValidationError(f"At most {MAX_PARAMS} names are allowed, not {len(params)}.")
+
+
 class Params(fields.Dict):
     """A params dictionary: at most 256 names, each mapped to a typed value."""
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("validate", validate.Length(max=MAX_PARAMS))
-        super().__init__(keys=ParamName(), values=fields.Nested(TypedValueSchema), **kwargs)
+        super().__init__(
+            keys=ParamName(),
+            values=fields.Nested(TypedValueSchema),
+            validate=at_most_max_params,
+            metadata={"maxProperties": MAX_PARAMS},
+            **kwargs,
+        )
 
     def _serialize(self, value, attr, obj, **kwargs):
         if value is None:
             return None
         return {name: typed_value_output(kind, v) for name, (kind, v) in value.items()}
+
+
+class OptionalParams(Params):
+    """Params a request may leave out or send as null: both mean no params."""
+
+    def __init__(self, **kwargs):
+        super().__init__(load_default=dict, allow_none=True, **kwargs)
+
+    def deserialize(self, value, attr=None, data=None, **kwargs):
+        result = super().deserialize(value, attr, data, **kwargs)
+        return {} if result is None else result
 
 
 class Cursor(fields.String):
@@ -139,7 +160,7 @@ def step_id_field(**kwargs):
 # -- request bodies and query strings --------------------------------------------------
 class StepSpecSchema(Schema):
     type = fields.String(required=True, validate=validate.Length(1, 128))
-    params = Params(load_default=dict)
+    params = OptionalParams()
 
 
 class StartProcessSchema(Schema):
@@ -149,7 +170,7 @@ class StartProcessSchema(Schema):
 
 class RestartStepSchema(Schema):
     step_id = step_id_field(data_key="processStepId")
-    params = Params(load_default=dict)
+    params = OptionalParams()
 
 
 class ErrorInputSchema(Schema):
@@ -163,7 +184,7 @@ class FailStepSchema(Schema):
 
 class CompleteStepSchema(Schema):
     step_id = step_id_field(data_key="processStepId")
-    result = Params(load_default=None)
+    result = Params(load_default=None, allow_none=True)
 
 
 class NoQuerySchema(Schema):
