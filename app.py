@@ -225,6 +225,7 @@ def openapi_document():
     """This API's OpenAPI 3 document (served as is, not in the envelope, so tools can read it)."""
     from openapi import build_spec  # imported here: it walks the app's own routes
 
+    load_query(s.NoQuerySchema)
     return build_spec(current_app)
 
 

@@ -54,7 +54,7 @@ def _operation(view, method, secured, write):
             "content": _json(_envelope_for(meta["data"], meta["many"])),
         }
     }
-    errors = set(meta["errors"]) | {500, 503}
+    errors = set(meta["errors"]) | {412, 500, 503}  # 412: every endpoint refuses unknown query parameters
     if secured:
         errors |= {401, 403} if write else {401}
     if meta["body"] is not None:
@@ -122,7 +122,11 @@ def _add_document_path(spec):
                 "operationId": "openapi_document",
                 "summary": "This OpenAPI document (not in the envelope, so tools can read it).",
                 "security": [],
-                "responses": {"200": {"description": "The document.", "content": _json({"type": "object"})}},
+                "responses": {
+                    "200": {"description": "The document.", "content": _json({"type": "object"})},
+                    "412": {"description": ERROR_TEXT[412], "content": _json(s.FieldErrorsEnvelope)},
+                    "500": {"description": ERROR_TEXT[500], "content": _json(s.ServerErrorEnvelope)},
+                },
             }
         },
     )
