@@ -136,15 +136,27 @@ class Cursor(fields.String):
 
     def _deserialize(self, value, attr, data, **kwargs):
         text = super()._deserialize(value, attr, data, **kwargs)
-        try:
-            decoded = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
-            prefix, _, number = decoded.partition(":")
-            seq = int(number)
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            raise ValidationError("Not a valid cursor.") from None
-        if prefix != self.prefix or seq < 1 or not number.isdigit():
+        _, _, number = _decode_cursor(text).partition(f"{self.prefix}:")
+        # Decoding skips stray characters, so only a cursor that encodes back to itself is ours.
+        if not number.isdecimal() or int(number) < 1 or encode_cursor(self.prefix, int(number)) != text:
             raise ValidationError("Not a valid cursor.")
-        return seq
+        return int(number)
+
+
+def _decode_cursor(text):
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return ""
+
+
+class QueryInteger(fields.Integer):
+    """A whole number written in ASCII digits only (int() would also take '1_0', ' 5' or '٣')."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, str) or not value.isascii() or not value.isdigit() or len(value) > 18:
+            raise self.make_error("invalid", input=value)
+        return super()._deserialize(value, attr, data, **kwargs)
 
 
 def encode_cursor(prefix, seq):
@@ -193,14 +205,14 @@ class NoQuerySchema(Schema):
 
 class ProcessListQuery(Schema):
     status = fields.String(validate=validate.OneOf(PROCESS_STATUSES), load_default=None)
-    limit = fields.Integer(validate=validate.Range(1, 500), load_default=50)
+    limit = QueryInteger(validate=validate.Range(1, 500), load_default=50)
     cursor = Cursor("p", load_default=None)
 
 
 class StepListQuery(Schema):
     status = fields.String(validate=validate.OneOf(STEP_STATUSES), load_default=None)
     type = fields.String(validate=validate.Length(1, 128), load_default=None)
-    limit = fields.Integer(validate=validate.Range(1, 500), load_default=50)
+    limit = QueryInteger(validate=validate.Range(1, 500), load_default=50)
     cursor = Cursor("s", load_default=None)
 
 

@@ -1,0 +1,334 @@
+"""SPEC section 6: tokens, roles, Bearer and Basic, STEPD_TOKEN, hashed secrets, the `token` commands."""
+
+import base64
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import OPERATOR_SECRET, READER_SECRET
+from helpers import PLUGINS, ROOT
+
+from app import create_app, start_runner
+from auth import hash_secret
+
+P = "/api/v1/processes"
+# Every route under /api/v1 that needs credentials, with a body a POST would accept in shape.
+ROUTES = [
+    ("GET", P, None),
+    ("POST", P, {"steps": [{"type": "noop"}]}),
+    ("GET", f"{P}/SomeProcessId", None),
+    ("GET", f"{P}/steps", None),
+    ("GET", f"{P}/steps/SomeStepId", None),
+    ("POST", f"{P}/restart-failed-step", {"processStepId": "SomeStepId"}),
+    ("POST", f"{P}/fail-step", {"processStepId": "SomeStepId"}),
+    ("POST", f"{P}/complete-step", {"processStepId": "SomeStepId"}),
+    ("GET", "/api/v1/delegates", None),
+]
+OPEN_ROUTES = ["/healthz", "/api/v1/openapi.json"]
+FLASK = Path(sys.executable).parent / "flask"
+
+
+def basic(name, secret):
+    return "Basic " + base64.b64encode(f"{name}:{secret}".encode()).decode()
+
+
+def call(client, method, path, body, authorization=None):
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    return client.open(path, method=method, headers=headers, json=body)
+
+
+def assert_401(response):
+    assert response.status_code == 401, response.get_data(as_text=True)[:300]
+    assert response.json["message"] == "Unauthorized request"
+    assert set(response.json) == {"message", "timestamp", "data", "version"}
+    challenge = response.headers.get("WWW-Authenticate", "")
+    assert "Bearer" in challenge or "Basic" in challenge, challenge
+
+
+def process_count(client):
+    response = client.get(f"{P}?limit=500", headers={"Authorization": f"Bearer {OPERATOR_SECRET}"})
+    return len(response.json["data"]["items"])
+
+
+def test_the_route_table_covers_every_secured_route(app):
+    """So a new endpoint cannot slip past the tests below without credentials checks."""
+    secured = {
+        (method, rule.rule)
+        for rule in app.url_map.iter_rules()
+        if rule.rule.startswith("/api/v1/") and rule.rule != "/api/v1/openapi.json"
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    covered = set()
+    for method, path, _ in ROUTES:
+        adapter = app.url_map.bind("localhost")
+        endpoint, _ = adapter.match(path, method=method)
+        covered |= {(method, r.rule) for r in app.url_map.iter_rules(endpoint)}
+    assert covered == secured
+
+
+# -- 401 -------------------------------------------------------------------------------------------
+BAD_CREDENTIALS = [
+    ("missing", None),
+    ("bearer-wrong", "Bearer not-a-token"),
+    ("bearer-empty", "Bearer "),
+    ("bearer-secret-plus-one", f"Bearer {OPERATOR_SECRET}x"),
+    ("bearer-secret-prefix", f"Bearer {OPERATOR_SECRET[:-1]}"),
+    ("bearer-the-stored-hash", f"Bearer {hash_secret(OPERATOR_SECRET)}"),
+    ("bearer-name-colon-secret", f"Bearer ops:{OPERATOR_SECRET}"),
+    ("no-scheme", OPERATOR_SECRET),
+    ("other-scheme", f"Token {OPERATOR_SECRET}"),
+    ("basic-wrong-secret", basic("ops", "wrong")),
+    ("basic-unknown-name", basic("nobody", OPERATOR_SECRET)),
+    ("basic-someone-elses-secret", basic("viewer", OPERATOR_SECRET)),
+    ("basic-no-name", basic("", OPERATOR_SECRET)),
+    ("basic-no-secret", basic("ops", "")),
+    ("basic-env-without-stepd-token", basic("env", OPERATOR_SECRET)),
+    ("basic-the-stored-hash", basic("ops", hash_secret(OPERATOR_SECRET))),
+    ("basic-not-base64", "Basic !!!not-base64!!!"),
+]
+
+
+@pytest.mark.parametrize("authorization", [c[1] for c in BAD_CREDENTIALS], ids=[c[0] for c in BAD_CREDENTIALS])
+def test_missing_or_wrong_credentials_are_401_on_every_secured_route(client, authorization):
+    for method, path, body in ROUTES:
+        assert_401(call(client, method, path, body, authorization))
+    assert process_count(client) == 0
+
+
+def test_401_comes_before_404_and_412(client):
+    assert_401(client.get(f"{P}/NoSuchProcess"))
+    assert_401(client.post(P, data=b"not json", content_type="text/plain"))
+    assert_401(client.get(f"{P}?limit=0"))
+
+
+@pytest.mark.parametrize("path", OPEN_ROUTES)
+def test_health_and_the_openapi_document_need_no_credentials(client, path):
+    assert client.get(path).status_code == 200
+
+
+# -- roles ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["bearer", "basic"])
+def test_a_reader_may_get_but_every_post_is_403(client, scheme):
+    authorization = f"Bearer {READER_SECRET}" if scheme == "bearer" else basic("viewer", READER_SECRET)
+    for method, path, body in ROUTES:
+        response = call(client, method, path, body, authorization)
+        if method == "GET":
+            assert response.status_code in (200, 404), (path, response.json)
+        else:
+            assert response.status_code == 403, (path, response.json)
+            assert response.json["message"] == "Forbidden"
+            assert isinstance(response.json["data"], str) and response.json["data"]
+    assert process_count(client) == 0
+
+
+def test_403_comes_before_body_validation(client):
+    response = client.post(
+        P, data=b"not json", content_type="text/plain", headers={"Authorization": f"Bearer {READER_SECRET}"}
+    )
+    assert response.status_code == 403
+
+
+@pytest.mark.parametrize(
+    "authorization", [f"Bearer {OPERATOR_SECRET}", basic("ops", OPERATOR_SECRET)], ids=["bearer", "basic"]
+)
+def test_an_operator_may_call_everything_with_bearer_or_basic(api, client, authorization):
+    response = call(client, "POST", P, {"steps": [{"type": "check", "params": {}}]}, authorization)
+    assert response.status_code == 201
+    process = api.wait_process(response.json["data"]["processId"], "FAILED")
+    step_id = process["steps"][0]["processStepId"]
+    restart = call(client, "POST", f"{P}/restart-failed-step", {"processStepId": step_id}, authorization)
+    assert restart.status_code == 200
+    for method, path, _ in ROUTES:
+        if method == "GET":
+            assert call(client, method, path, None, authorization).status_code in (200, 404)
+    history = api.step(step_id)["attemptHistory"]
+    assert [a["principal"] for a in history] == ["ops", "ops"]
+
+
+def test_a_revoked_token_is_401(app, client, store):
+    headers = {"Authorization": f"Bearer {READER_SECRET}"}
+    assert client.get(P, headers=headers).status_code == 200
+    assert store.revoke_token("viewer")
+    for method, path, body in ROUTES:
+        assert_401(call(client, method, path, body, headers["Authorization"]))
+        assert_401(call(client, method, path, body, basic("viewer", READER_SECRET)))
+
+
+# -- STEPD_TOKEN ---------------------------------------------------------------------------------------
+ENV_SECRET = "env-token-secret-for-tests"
+
+
+@pytest.fixture(params=["override", "environment"])
+def env_app(request, tmp_path, monkeypatch):
+    settings = {"STEPD_DB": str(tmp_path / "env.db"), "STEPD_DELEGATES_PATH": str(PLUGINS)}
+    if request.param == "override":
+        settings["STEPD_TOKEN"] = ENV_SECRET
+    else:
+        monkeypatch.setenv("STEPD_TOKEN", ENV_SECRET)
+    app = create_app(settings)
+    start_runner(app)
+    yield app
+    app.extensions["stepd"].runner.stop(grace=2)
+
+
+@pytest.mark.parametrize(
+    "authorization", [f"Bearer {ENV_SECRET}", basic("env", ENV_SECRET)], ids=["bearer", "basic-env"]
+)
+def test_stepd_token_is_an_operator_named_env(env_app, authorization):
+    client = env_app.test_client()
+    headers = {"Authorization": authorization}
+    response = client.post(P, json={"steps": [{"type": "noop"}, {"type": "noop"}]}, headers=headers)
+    assert response.status_code == 201
+    step_id = response.json["data"]["steps"][0]["processStepId"]
+    detail = client.get(f"{P}/steps/{step_id}", headers=headers).json["data"]
+    assert detail["attemptHistory"][0]["principal"] == "env"
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [basic("admin", ENV_SECRET), basic("ops", ENV_SECRET), basic("env", "wrong"), f"Bearer {ENV_SECRET}x"],
+    ids=["other-name", "fixture-name", "env-wrong-secret", "bearer-wrong"],
+)
+def test_stepd_token_only_with_its_own_secret_and_name(env_app, authorization):
+    assert_401(env_app.test_client().get(P, headers={"Authorization": authorization}))
+
+
+def test_stepd_token_is_not_accepted_when_unset(client):
+    assert_401(client.get(P, headers={"Authorization": f"Bearer {ENV_SECRET}"}))
+    assert_401(client.get(P, headers={"Authorization": basic("env", ENV_SECRET)}))
+
+
+# -- the token commands ----------------------------------------------------------------------------------
+def cli(app, *args):
+    return app.test_cli_runner().invoke(args=["token", *args])
+
+
+def create(app, name, role):
+    result = cli(app, "create", name, "--role", role)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    secret = lines[-1]
+    assert secret and secret == secret.strip() and " " not in secret and "\t" not in secret
+    assert name not in secret and role not in secret
+    return secret, result.stdout
+
+
+def test_token_create_prints_the_secret_alone_on_the_last_line_and_it_works(app, client, api):
+    secret, stdout = create(app, "deploy-bot", "operator")
+    assert stdout.endswith(secret + "\n")
+    bearer = {"Authorization": f"Bearer {secret}"}
+    response = client.post(P, json={"steps": [{"type": "noop"}]}, headers=bearer)
+    assert response.status_code == 201
+    step_id = response.json["data"]["steps"][0]["processStepId"]
+    assert api.step(step_id)["attemptHistory"][0]["principal"] == "deploy-bot"
+    assert client.get(P, headers={"Authorization": basic("deploy-bot", secret)}).status_code == 200
+
+
+def test_a_reader_token_from_the_command_may_only_read(app, client):
+    secret, _ = create(app, "dashboard", "reader")
+    headers = {"Authorization": f"Bearer {secret}"}
+    assert client.get(P, headers=headers).status_code == 200
+    assert client.post(P, json={"steps": [{"type": "noop"}]}, headers=headers).status_code == 403
+
+
+def test_every_created_secret_is_new(app):
+    secrets = {create(app, f"bot{i}", "reader")[0] for i in range(5)}
+    assert len(secrets) == 5
+
+
+def test_secrets_are_stored_hashed(app, db_path):
+    secret, _ = create(app, "hashed", "operator")
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute("SELECT * FROM tokens").fetchall()
+    assert len(rows) == 3  # ops, viewer (from the fixture) and hashed
+    for row in rows:
+        for value in row:
+            assert secret not in str(value)
+    on_disk = b"".join(p.read_bytes() for p in db_path.parent.glob(db_path.name + "*"))
+    assert secret.encode() not in on_disk
+
+
+def test_token_list_shows_names_and_roles_only(app):
+    secret, _ = create(app, "lister", "reader")
+    result = cli(app, "list")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    by_name = {line.split()[0]: line.split()[1] for line in lines if line.strip()}
+    assert by_name == {"lister": "reader", "ops": "operator", "viewer": "reader"}
+    for leaked in (secret, hash_secret(secret), OPERATOR_SECRET, hash_secret(OPERATOR_SECRET)):
+        assert leaked not in result.output
+
+
+def test_token_revoke_makes_it_401(app, client):
+    secret, _ = create(app, "short-lived", "operator")
+    assert client.get(P, headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+    result = cli(app, "revoke", "short-lived")
+    assert result.exit_code == 0, result.output
+    assert_401(client.get(P, headers={"Authorization": f"Bearer {secret}"}))
+    assert_401(client.get(P, headers={"Authorization": basic("short-lived", secret)}))
+    assert "short-lived" not in cli(app, "list").stdout
+    assert client.get(P, headers={"Authorization": f"Bearer {OPERATOR_SECRET}"}).status_code == 200
+
+
+def test_revoking_an_unknown_token_fails(app):
+    assert cli(app, "revoke", "nobody").exit_code != 0
+
+
+def test_creating_a_taken_name_fails_and_keeps_the_old_secret(app, client):
+    secret, _ = create(app, "twice", "operator")
+    result = cli(app, "create", "twice", "--role", "reader")
+    assert result.exit_code != 0
+    assert (
+        client.post(P, json={"steps": [{"type": "noop"}]}, headers={"Authorization": f"Bearer {secret}"}).status_code
+        == 201
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["create", "x", "--role", "admin"],
+        ["create", "x"],
+        ["create", "env", "--role", "operator"],
+        ["create", "has space", "--role", "reader"],
+        ["create", "", "--role", "reader"],
+    ],
+    ids=["bad-role", "no-role", "name-env", "name-with-space", "empty-name"],
+)
+def test_token_create_refuses_bad_input_and_creates_nothing(app, args):
+    result = cli(app, *args)
+    assert result.exit_code != 0
+    assert {line.split()[0] for line in cli(app, "list").stdout.splitlines() if line.strip()} == {"ops", "viewer"}
+
+
+def test_the_real_flask_command_creates_lists_and_revokes(tmp_path):
+    """`.venv/bin/flask --app app token …` from the checkout, as an operator runs it."""
+    db = tmp_path / "cli" / "stepd.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STEPD_", "FLASK_"))}
+    env["STEPD_DB"] = str(db)
+
+    def flask(*args):
+        return subprocess.run(
+            [str(FLASK), "--app", "app", "token", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    created = flask("create", "ci-runner", "--role", "operator")
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.splitlines()[-1]
+    assert secret.strip() == secret and secret
+
+    listed = flask("list")
+    assert listed.returncode == 0, listed.stderr
+    assert "ci-runner" in listed.stdout and "operator" in listed.stdout and secret not in listed.stdout
+
+    served = create_app({"STEPD_DB": str(db)})
+    client = served.test_client()
+    assert client.get(P, headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+    assert client.get(P, headers={"Authorization": basic("ci-runner", secret)}).status_code == 200
+
+    revoked = flask("revoke", "ci-runner")
+    assert revoked.returncode == 0, revoked.stderr
+    assert_401(client.get(P, headers={"Authorization": f"Bearer {secret}"}))

@@ -1,0 +1,272 @@
+"""SPEC section 1: the four-key envelope on every response, exact error messages, X-Request-Id, 404/405/500/503."""
+
+import logging
+import re
+import shutil
+import sqlite3
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+import app as app_module
+import schemas
+import store as store_module
+from app import create_app
+
+ENVELOPE_KEYS = {"message", "timestamp", "data", "version"}
+TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+ERROR_MESSAGES = {
+    401: "Unauthorized request",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    412: "Precondition failed",
+    413: "Payload too large",
+    500: "Internal Server Error",
+    503: "Service unavailable",
+}
+PRINTABLE_ASCII = re.compile(r"^[ -~]{1,128}$")
+MIB = 1024 * 1024
+
+
+def assert_envelope(response, status):
+    """The response has `status` and is exactly the four-key envelope; returns the body."""
+    assert response.status_code == status, response.get_data(as_text=True)[:500]
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert isinstance(body, dict)
+    assert set(body) == ENVELOPE_KEYS
+    assert TIMESTAMP.match(body["timestamp"]), body["timestamp"]
+    assert body["version"] == schemas.VERSION
+    assert isinstance(body["message"], str) and body["message"]
+    if status >= 400:
+        assert body["message"] == ERROR_MESSAGES[status]
+    request_id = response.headers.get("X-Request-Id")
+    assert request_id and PRINTABLE_ASCII.match(request_id)
+    return body
+
+
+def credentials(api, reader_api, who):
+    return {"op": api.headers, "reader": reader_api.headers, None: {}}[who]
+
+
+def call(client, method, path, headers, body=None, raw=None, content_type="application/json"):
+    kwargs = {"headers": headers}
+    if raw is not None:
+        kwargs.update(data=raw, content_type=content_type)
+    elif body is not None:
+        kwargs["json"] = body
+    return client.open(path, method=method, **kwargs)
+
+
+NOOP = {"steps": [{"type": "noop"}]}
+PADDED_OVER_1MIB = b'{"steps": [{"type": "noop"}]}' + b" " * MIB
+
+# (who, method, path, json body or None, raw body or None, status, what `data` is on success)
+CASES = [
+    (None, "GET", "/healthz", None, None, 200, dict),
+    ("op", "GET", "/api/v1/delegates", None, None, 200, list),
+    ("reader", "GET", "/api/v1/processes", None, None, 200, dict),
+    ("reader", "GET", "/api/v1/processes/steps", None, None, 200, dict),
+    ("op", "POST", "/api/v1/processes", NOOP, None, 201, dict),
+    (None, "GET", "/api/v1/processes", None, None, 401, str),
+    (None, "POST", "/api/v1/processes", NOOP, None, 401, str),
+    (None, "GET", "/api/v1/delegates", None, None, 401, str),
+    ("reader", "POST", "/api/v1/processes", NOOP, None, 403, str),
+    ("reader", "POST", "/api/v1/processes/fail-step", {"processStepId": "x"}, None, 403, str),
+    (None, "GET", "/nowhere", None, None, 404, str),
+    ("op", "GET", "/api/v1/nowhere", None, None, 404, str),
+    ("op", "GET", "/api/v1/processes/no-such-process", None, None, 404, str),
+    ("op", "GET", "/api/v1/processes/steps/no-such-step", None, None, 404, str),
+    ("op", "GET", "/api/v1/processes/" + "a" * 65, None, None, 404, str),
+    ("op", "DELETE", "/api/v1/processes", None, None, 405, str),
+    ("op", "PUT", "/api/v1/processes/abc", None, None, 405, str),
+    ("op", "POST", "/api/v1/delegates", {}, None, 405, str),
+    (None, "POST", "/healthz", {}, None, 405, str),
+    ("op", "GET", "/api/v1/processes/restart-failed-step", None, None, 405, str),
+    ("op", "GET", "/api/v1/processes/fail-step", None, None, 405, str),
+    ("op", "GET", "/api/v1/processes/complete-step", None, None, 405, str),
+    ("op", "POST", "/api/v1/processes", {}, None, 412, dict),
+    ("op", "GET", "/api/v1/processes?limit=0", None, None, 412, dict),
+    ("op", "POST", "/api/v1/processes/restart-failed-step", {"processStepId": "nope"}, None, 412, dict),
+    ("op", "POST", "/api/v1/processes", None, PADDED_OVER_1MIB, 413, str),
+]
+
+
+@pytest.mark.parametrize(
+    ("who", "method", "path", "body", "raw", "status", "data_type"),
+    CASES,
+    ids=[f"{c[5]}-{c[1]}-{c[2][:48]}" for c in CASES],
+)
+def test_every_status_comes_in_the_envelope(client, api, reader_api, who, method, path, body, raw, status, data_type):
+    response = call(client, method, path, credentials(api, reader_api, who), body, raw)
+    envelope = assert_envelope(response, status)
+    assert isinstance(envelope["data"], data_type)
+    if status < 400:
+        assert envelope["message"] not in ERROR_MESSAGES.values()
+    elif data_type is str:
+        assert envelope["data"].strip(), "an error's data says what was wrong"
+
+
+@pytest.mark.parametrize("path", ["restart-failed-step", "fail-step", "complete-step"])
+def test_get_on_a_post_only_action_is_405_and_says_allow_post(api, path):
+    response = api.get(f"/api/v1/processes/{path}")
+    assert_envelope(response, 405)
+    assert "POST" in response.headers.get("Allow", "")
+
+
+def test_options_is_answered_in_the_envelope(api):
+    """SPEC 1: every response under /api/v1 is the envelope; OPTIONS included."""
+    response = api.client.options("/api/v1/processes", headers=api.headers)
+    assert_envelope(response, response.status_code)
+
+
+def test_timestamp_is_the_response_time_in_utc_milliseconds(api):
+    before = datetime.now(UTC) - timedelta(milliseconds=1)
+    body = assert_envelope(api.get("/api/v1/delegates"), 200)
+    after = datetime.now(UTC) + timedelta(milliseconds=1)
+    stamp = datetime.strptime(body["timestamp"], "%Y-%m-%dT%H:%M:%S.%f%z")
+    assert before <= stamp <= after
+
+
+def test_version_is_the_one_defined_in_schemas_everywhere(api, client):
+    assert re.fullmatch(r"\d+\.\d+\.\d+", schemas.VERSION)
+    assert api.get("/api/v1/delegates").json["version"] == schemas.VERSION
+    assert client.get("/healthz").json["version"] == schemas.VERSION
+    assert client.get("/api/v1/openapi.json").json["info"]["version"] == schemas.VERSION
+
+
+# -- X-Request-Id ----------------------------------------------------------------------------
+VALID_IDS = ["abc", "a" * 128, "with spaces and punctuation !#$%&()*+,-./:;<=>?@[]^_`{|}~", "~", " x"]
+INVALID_IDS = ["a" * 129, "x\x01y", "tab\there", "\x7f", "caf\xe9", ""]
+
+
+@pytest.mark.parametrize("request_id", VALID_IDS, ids=lambda v: f"len{len(v)}-{v[:8]}")
+@pytest.mark.parametrize(
+    ("who", "path", "status"),
+    [
+        ("op", "/api/v1/delegates", 200),
+        (None, "/api/v1/delegates", 401),
+        ("op", "/nowhere", 404),
+        (None, "/healthz", 200),
+    ],
+)
+def test_a_valid_request_id_is_echoed(client, api, reader_api, request_id, who, path, status):
+    headers = {**credentials(api, reader_api, who), "X-Request-Id": request_id}
+    response = client.get(path, headers=headers)
+    assert_envelope(response, status)
+    assert response.headers["X-Request-Id"] == request_id
+
+
+@pytest.mark.parametrize("request_id", INVALID_IDS, ids=lambda v: f"len{len(v)}-{v[:8]!r}")
+def test_an_invalid_request_id_is_replaced_by_a_fresh_one(client, request_id):
+    response = client.get("/healthz", headers={"X-Request-Id": request_id})
+    assert_envelope(response, 200)
+    fresh = response.headers["X-Request-Id"]
+    assert fresh != request_id
+    assert PRINTABLE_ASCII.match(fresh)
+
+
+def test_without_a_request_id_each_response_gets_a_fresh_one(client):
+    ids = {client.get("/healthz").headers["X-Request-Id"] for _ in range(5)}
+    assert len(ids) == 5
+    assert all(PRINTABLE_ASCII.match(i) for i in ids)
+
+
+# -- 500: an unexpected exception ---------------------------------------------------------------
+@pytest.fixture
+def fresh_app(tmp_path):
+    """An app whose routes a test may still add to (no request has been served yet)."""
+    return create_app({"STEPD_DB": str(tmp_path / "fresh" / "stepd.db"), "STEPD_TOKEN": "fresh-env-token"})
+
+
+SENSITIVE = "SELECT secret_hash FROM tokens WHERE name = 'x' -- /srv/stepd/private/stepd.db"
+
+
+def test_an_unexpected_exception_is_a_500_with_only_an_error_id(fresh_app, caplog):
+    def explode():
+        raise RuntimeError(SENSITIVE)
+
+    fresh_app.add_url_rule("/api/v1/explode", "explode", explode)
+    caplog.handler.addFilter(app_module.RequestIdFilter())
+    with caplog.at_level(logging.ERROR):
+        response = fresh_app.test_client().get("/api/v1/explode", headers={"X-Request-Id": "trace-500"})
+    body = assert_envelope(response, 500)
+    error_id = body["data"]
+    assert isinstance(error_id, str) and re.fullmatch(r"[A-Za-z0-9_-]{8,64}", error_id)
+    text = response.get_data(as_text=True)
+    for leak in ("Traceback", "RuntimeError", "SELECT", "secret_hash", "/srv/stepd", ".py", 'File "'):
+        assert leak not in text
+    assert response.headers["X-Request-Id"] == "trace-500"
+    logged = [r for r in caplog.records if error_id in r.getMessage()]
+    assert logged, "the error id must be in the log"
+    assert any(r.exc_info and r.exc_info[0] is RuntimeError for r in logged), "the log line holds the traceback"
+    assert all(r.request_id == "trace-500" for r in logged), "log lines carry the request id"
+
+
+def test_each_500_has_its_own_error_id(fresh_app):
+    def explode():
+        raise KeyError("boom")
+
+    fresh_app.add_url_rule("/api/v1/explode", "explode", explode)
+    client = fresh_app.test_client()
+    ids = {assert_envelope(client.get("/api/v1/explode"), 500)["data"] for _ in range(3)}
+    assert len(ids) == 3
+
+
+def test_a_real_database_fault_is_an_enveloped_error_without_paths(fresh_app, tmp_path, caplog):
+    """No mock: the database's folder disappears under a running app."""
+    folder = tmp_path / "fresh"
+    fresh_app.extensions["stepd"].store.close()
+    shutil.rmtree(folder)
+    with caplog.at_level(logging.ERROR):
+        response = fresh_app.test_client().get("/api/v1/processes", headers={"Authorization": "Bearer fresh-env-token"})
+    assert response.status_code in (500, 503)
+    body = assert_envelope(response, response.status_code)
+    text = response.get_data(as_text=True)
+    assert str(folder) not in text and "stepd.db" not in text and "sqlite" not in text.lower()
+    if response.status_code == 500:
+        assert any(body["data"] in r.getMessage() for r in caplog.records)
+
+
+# -- 503 ---------------------------------------------------------------------------------------
+def test_healthz_is_200_when_the_database_answers(client):
+    body = assert_envelope(client.get("/healthz"), 200)
+    assert body["data"] == {"database": "ok"}
+
+
+def test_healthz_is_503_when_the_database_does_not_answer(fresh_app, tmp_path):
+    fresh_app.extensions["stepd"].store.close()
+    shutil.rmtree(tmp_path / "fresh")
+    response = fresh_app.test_client().get("/healthz")
+    body = assert_envelope(response, 503)
+    assert isinstance(body["data"], str) and body["data"]
+    assert str(tmp_path) not in response.get_data(as_text=True)
+
+
+def test_healthz_is_503_when_the_file_is_not_a_database(fresh_app, tmp_path):
+    db = tmp_path / "fresh" / "stepd.db"
+    fresh_app.extensions["stepd"].store.close()
+    for suffix in ("-wal", "-shm"):
+        db.with_name(db.name + suffix).unlink(missing_ok=True)
+    db.write_bytes(b"this is not a database file at all " * 200)
+    assert_envelope(fresh_app.test_client().get("/healthz"), 503)
+
+
+def test_a_busy_database_is_a_503(tmp_path, monkeypatch):
+    """A real write lock held by another connection, with a short busy timeout so the test is fast."""
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 100)
+    db = tmp_path / "busy.db"
+    busy_app = create_app({"STEPD_DB": str(db), "STEPD_TOKEN": "busy-env-token"})
+    locker = sqlite3.connect(db, isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        response = busy_app.test_client().post(
+            "/api/v1/processes", json=NOOP, headers={"Authorization": "Bearer busy-env-token"}
+        )
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+        busy_app.extensions["stepd"].store.close()
+    assert_envelope(response, 503)
+    assert response.headers.get("Retry-After")

@@ -1,0 +1,466 @@
+"""SPEC section 2 (typed params), on both endpoints that take params from a client:
+POST /api/v1/processes and POST /api/v1/processes/restart-failed-step.
+
+Every refused input is a 412 whose `data` names the field the way marshmallow nests it,
+and changes nothing.
+"""
+
+import json
+
+import pytest
+from helpers import typed
+
+START = "/api/v1/processes"
+RESTART = "/api/v1/processes/restart-failed-step"
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def out(kind, value):
+    """The output form of one typed value."""
+    form = {"strValue": None, "longValue": None, "doubleValue": None, "type": kind}
+    form[{"STRING": "strValue", "LONG": "longValue", "DOUBLE": "doubleValue"}[kind]] = value
+    return form
+
+
+def process_count(api):
+    return len(api.get(f"{START}?limit=500").json["data"]["items"])
+
+
+class StartTarget:
+    """Params given to POST /api/v1/processes (one `noop` step)."""
+
+    name = "start"
+
+    def __init__(self, api):
+        self.api = api
+        self.processes = process_count(api)
+
+    def send(self, params):
+        return self.api.post(START, {"steps": [{"type": "noop", "params": params}]})
+
+    def send_raw(self, params_json):
+        raw = '{"steps": [{"type": "noop", "params": ' + params_json + "}]}"
+        return self.api.client.post(START, data=raw, content_type="application/json", headers=self.api.headers)
+
+    def param_errors(self, response):
+        return response.json["data"]["steps"]["0"]["params"]
+
+    def echoed(self, response):
+        assert response.status_code == 201, response.json
+        return response.json["data"]["steps"][0]["params"]
+
+    def stored(self, response):
+        return self.api.step(response.json["data"]["steps"][0]["processStepId"])["params"]
+
+    def assert_unchanged(self):
+        assert process_count(self.api) == self.processes
+
+
+class RestartTarget:
+    """Params given to POST /api/v1/processes/restart-failed-step, for a FAILED `check` step."""
+
+    name = "restart"
+    FAILED_PARAMS = {"ok": 0}
+
+    def __init__(self, api):
+        self.api = api
+        process = api.start(("check", self.FAILED_PARAMS))
+        failed = api.wait_process(process["processId"], "FAILED")
+        self.step_id = failed["steps"][0]["processStepId"]
+        self.before = api.step(self.step_id)
+        self.processes = process_count(api)
+
+    def send(self, params):
+        return self.api.post(RESTART, {"processStepId": self.step_id, "params": params})
+
+    def send_raw(self, params_json):
+        raw = '{"processStepId": ' + json.dumps(self.step_id) + ', "params": ' + params_json + "}"
+        return self.api.client.post(RESTART, data=raw, content_type="application/json", headers=self.api.headers)
+
+    def param_errors(self, response):
+        return response.json["data"]["params"]
+
+    def echoed(self, response):
+        assert response.status_code == 200, response.json
+        return response.json["data"]["params"]
+
+    def stored(self, response):
+        return self.api.step(self.step_id)["attemptHistory"][-1]["params"]
+
+    def assert_unchanged(self):
+        after = self.api.step(self.step_id)
+        assert after["status"] == "FAILED"
+        assert after["attempts"] == self.before["attempts"] == 1
+        assert after["params"] == self.before["params"]
+        assert after["attemptHistory"] == self.before["attemptHistory"]
+        assert process_count(self.api) == self.processes
+
+
+@pytest.fixture(params=[StartTarget, RestartTarget], ids=["start", "restart"])
+def target(request, api):
+    return request.param(api)
+
+
+def assert_412(response):
+    assert response.status_code == 412, response.json
+    assert response.json["message"] == "Precondition failed"
+    assert isinstance(response.json["data"], dict) and response.json["data"]
+    return response.json["data"]
+
+
+# -- one value ---------------------------------------------------------------------------------
+# (id, wire value, the keys of the field-error dict under params.x.value)
+BAD_VALUES = [
+    ("type-missing", {"longValue": 1}, {"type"}),
+    ("type-null", {"type": None, "longValue": 1}, {"type"}),
+    ("type-unknown", {"type": "INTEGER", "longValue": 1}, {"type"}),
+    ("type-lowercase", {"type": "long", "longValue": 1}, {"type"}),
+    ("type-number", {"type": 1, "longValue": 1}, {"type"}),
+    ("type-list", {"type": ["LONG"], "longValue": 1}, {"type"}),
+    ("LONG-value-missing", {"type": "LONG"}, {"longValue"}),
+    ("LONG-value-null", {"type": "LONG", "longValue": None}, {"longValue"}),
+    ("LONG-all-null", {"type": "LONG", "strValue": None, "longValue": None, "doubleValue": None}, {"longValue"}),
+    ("STRING-value-missing", {"type": "STRING"}, {"strValue"}),
+    ("STRING-value-null", {"type": "STRING", "strValue": None}, {"strValue"}),
+    ("DOUBLE-value-missing", {"type": "DOUBLE"}, {"doubleValue"}),
+    ("DOUBLE-value-null", {"type": "DOUBLE", "doubleValue": None}, {"doubleValue"}),
+    ("LONG-in-strValue", {"type": "LONG", "strValue": "5"}, {"longValue", "strValue"}),
+    ("LONG-in-doubleValue", {"type": "LONG", "doubleValue": 5.0}, {"longValue", "doubleValue"}),
+    ("STRING-in-longValue", {"type": "STRING", "longValue": 5}, {"strValue", "longValue"}),
+    ("DOUBLE-in-strValue", {"type": "DOUBLE", "strValue": "0.5"}, {"doubleValue", "strValue"}),
+    ("DOUBLE-in-longValue", {"type": "DOUBLE", "longValue": 1}, {"doubleValue", "longValue"}),
+    ("LONG-with-empty-strValue", {"type": "LONG", "longValue": 1, "strValue": ""}, {"strValue"}),
+    ("LONG-with-zero-doubleValue", {"type": "LONG", "longValue": 1, "doubleValue": 0.0}, {"doubleValue"}),
+    ("STRING-with-zero-longValue", {"type": "STRING", "strValue": "a", "longValue": 0}, {"longValue"}),
+    ("STRING-with-doubleValue", {"type": "STRING", "strValue": "a", "doubleValue": 1.5}, {"doubleValue"}),
+    ("DOUBLE-with-strValue", {"type": "DOUBLE", "doubleValue": 1.5, "strValue": "1.5"}, {"strValue"}),
+    ("DOUBLE-with-longValue", {"type": "DOUBLE", "doubleValue": 1.5, "longValue": 1}, {"longValue"}),
+    ("unknown-key", {"type": "LONG", "longValue": 1, "value": 1}, {"value"}),
+    ("unknown-key-booleanValue", {"type": "LONG", "longValue": 1, "booleanValue": True}, {"booleanValue"}),
+    ("unknown-key-wrong-case", {"type": "LONG", "longValue": 1, "LongValue": 1}, {"LongValue"}),
+    ("LONG-true", {"type": "LONG", "longValue": True}, {"longValue"}),
+    ("LONG-false", {"type": "LONG", "longValue": False}, {"longValue"}),
+    ("LONG-1.0", {"type": "LONG", "longValue": 1.0}, {"longValue"}),
+    ("LONG-1.5", {"type": "LONG", "longValue": 1.5}, {"longValue"}),
+    ("LONG-string-5", {"type": "LONG", "longValue": "5"}, {"longValue"}),
+    ("LONG-empty-string", {"type": "LONG", "longValue": ""}, {"longValue"}),
+    ("LONG-list", {"type": "LONG", "longValue": [5]}, {"longValue"}),
+    ("LONG-object", {"type": "LONG", "longValue": {"n": 5}}, {"longValue"}),
+    ("LONG-2**63", {"type": "LONG", "longValue": 2**63}, {"longValue"}),
+    ("LONG-below-min", {"type": "LONG", "longValue": INT64_MIN - 1}, {"longValue"}),
+    ("LONG-10**30", {"type": "LONG", "longValue": 10**30}, {"longValue"}),
+    ("DOUBLE-string", {"type": "DOUBLE", "doubleValue": "1.5"}, {"doubleValue"}),
+    ("DOUBLE-true", {"type": "DOUBLE", "doubleValue": True}, {"doubleValue"}),
+    ("DOUBLE-list", {"type": "DOUBLE", "doubleValue": [1.5]}, {"doubleValue"}),
+    ("DOUBLE-huge-integer", {"type": "DOUBLE", "doubleValue": 10**400}, {"doubleValue"}),
+    ("STRING-number", {"type": "STRING", "strValue": 5}, {"strValue"}),
+    ("STRING-float", {"type": "STRING", "strValue": 1.5}, {"strValue"}),
+    ("STRING-true", {"type": "STRING", "strValue": True}, {"strValue"}),
+    ("STRING-list", {"type": "STRING", "strValue": ["a"]}, {"strValue"}),
+    ("STRING-object", {"type": "STRING", "strValue": {"a": "b"}}, {"strValue"}),
+    ("STRING-65537", {"type": "STRING", "strValue": "x" * 65537}, {"strValue"}),
+    ("STRING-65537-non-ascii", {"type": "STRING", "strValue": "é" * 65537}, {"strValue"}),
+    ("value-a-string", "LONG", {"_schema"}),
+    ("value-a-number", 5, {"_schema"}),
+    ("value-a-list", [{"type": "LONG", "longValue": 1}], {"_schema"}),
+    ("value-true", True, {"_schema"}),
+]
+
+
+@pytest.mark.parametrize(("value", "error_keys"), [c[1:] for c in BAD_VALUES], ids=[c[0] for c in BAD_VALUES])
+def test_a_bad_value_is_412_naming_its_field_and_changes_nothing(target, value, error_keys):
+    response = target.send({"x": value})
+    assert_412(response)
+    errors = target.param_errors(response)
+    assert set(errors) == {"x"}
+    assert set(errors["x"]) == {"value"}
+    field_errors = errors["x"]["value"]
+    assert set(field_errors) == error_keys
+    for messages in field_errors.values():
+        assert isinstance(messages, list) and messages and all(isinstance(m, str) and m for m in messages)
+    target.assert_unchanged()
+
+
+def test_a_null_value_is_412(target):
+    response = target.send({"x": None})
+    assert_412(response)
+    messages = target.param_errors(response)["x"]["value"]
+    assert isinstance(messages, list) and messages
+    target.assert_unchanged()
+
+
+def test_only_the_bad_names_are_named(target):
+    response = target.send({"good": {"type": "LONG", "longValue": 1}, "bad": {"type": "LONG", "longValue": "1"}})
+    assert_412(response)
+    assert set(target.param_errors(response)) == {"bad"}
+    target.assert_unchanged()
+
+
+@pytest.mark.parametrize("params", ["not an object", 5, ["x"], True], ids=repr)
+def test_params_that_are_not_an_object_are_412(target, params):
+    response = target.send(params)
+    assert_412(response)
+    messages = target.param_errors(response)
+    assert isinstance(messages, list) and messages
+    target.assert_unchanged()
+
+
+# Raw JSON text: literals a Python client could not even send with json=.
+NON_FINITE = [
+    ("NaN", "DOUBLE", "doubleValue"),
+    ("Infinity", "DOUBLE", "doubleValue"),
+    ("-Infinity", "DOUBLE", "doubleValue"),
+    ("1e999", "DOUBLE", "doubleValue"),
+    ("-1e999", "DOUBLE", "doubleValue"),
+    ("1E400", "DOUBLE", "doubleValue"),
+    ("NaN", "LONG", "longValue"),
+    ("Infinity", "LONG", "longValue"),
+    ("1e999", "LONG", "longValue"),
+]
+
+
+@pytest.mark.parametrize(("literal", "kind", "field"), NON_FINITE, ids=[f"{c[0]}-{c[1]}" for c in NON_FINITE])
+def test_non_finite_literals_in_the_raw_body_are_412(target, literal, kind, field):
+    response = target.send_raw('{"x": {"type": "' + kind + '", "' + field + '": ' + literal + "}}")
+    data = assert_412(response)
+    assert all(isinstance(messages, (list, dict)) for messages in data.values())
+    target.assert_unchanged()
+
+
+def test_the_raw_body_route_accepts_a_finite_double(target):
+    """Control for the test above: the same raw text with a finite number is accepted."""
+    response = target.send_raw('{"x": {"type": "DOUBLE", "doubleValue": 1e300}}')
+    assert target.echoed(response)["x"] == out("DOUBLE", 1e300)
+
+
+# (id, wire value, output form expected back)
+GOOD_VALUES = [
+    ("LONG-0", {"type": "LONG", "longValue": 0}, out("LONG", 0)),
+    ("LONG-negative", {"type": "LONG", "longValue": -42}, out("LONG", -42)),
+    ("LONG-max", {"type": "LONG", "longValue": INT64_MAX}, out("LONG", INT64_MAX)),
+    ("LONG-min", {"type": "LONG", "longValue": INT64_MIN}, out("LONG", INT64_MIN)),
+    ("LONG-2**53+1", {"type": "LONG", "longValue": 2**53 + 1}, out("LONG", 2**53 + 1)),
+    (
+        "LONG-others-explicitly-null",
+        {"type": "LONG", "longValue": 5, "strValue": None, "doubleValue": None},
+        out("LONG", 5),
+    ),
+    ("DOUBLE-half", {"type": "DOUBLE", "doubleValue": 0.5}, out("DOUBLE", 0.5)),
+    ("DOUBLE-0.1", {"type": "DOUBLE", "doubleValue": 0.1}, out("DOUBLE", 0.1)),
+    ("DOUBLE-integer-3", {"type": "DOUBLE", "doubleValue": 3}, out("DOUBLE", 3.0)),
+    ("DOUBLE-integer-0", {"type": "DOUBLE", "doubleValue": 0}, out("DOUBLE", 0.0)),
+    ("DOUBLE-integer-negative", {"type": "DOUBLE", "doubleValue": -7}, out("DOUBLE", -7.0)),
+    ("DOUBLE-integer-2**63", {"type": "DOUBLE", "doubleValue": 2**63}, out("DOUBLE", float(2**63))),
+    ("DOUBLE-max", {"type": "DOUBLE", "doubleValue": 1.7976931348623157e308}, out("DOUBLE", 1.7976931348623157e308)),
+    ("DOUBLE-smallest", {"type": "DOUBLE", "doubleValue": 5e-324}, out("DOUBLE", 5e-324)),
+    ("DOUBLE-negative", {"type": "DOUBLE", "doubleValue": -2.5e-10}, out("DOUBLE", -2.5e-10)),
+    (
+        "DOUBLE-others-explicitly-null",
+        {"type": "DOUBLE", "doubleValue": 1.5, "strValue": None, "longValue": None},
+        out("DOUBLE", 1.5),
+    ),
+    ("STRING-empty", {"type": "STRING", "strValue": ""}, out("STRING", "")),
+    ("STRING-65536", {"type": "STRING", "strValue": "x" * 65536}, out("STRING", "x" * 65536)),
+    ("STRING-65536-non-ascii", {"type": "STRING", "strValue": "é" * 65536}, out("STRING", "é" * 65536)),
+    ("STRING-looks-like-a-number", {"type": "STRING", "strValue": "5"}, out("STRING", "5")),
+]
+NON_ASCII = [
+    "héllo wörld",
+    "日本語のテキスト",
+    "😀🎉 emoji",
+    "e\u0301 combining",
+    "\u0000 nul inside",
+    "line\nbreak\ttab\r",
+    "\u2028\u2029 separators",
+    "\ufeff bom",
+    'quote " and \\ backslash',
+    "Ω≈ç√∫˜µ≤≥÷",
+    "عربى RTL",
+]
+GOOD_VALUES += [(f"STRING-{s[:6]!r}", {"type": "STRING", "strValue": s}, out("STRING", s)) for s in NON_ASCII]
+
+
+@pytest.mark.parametrize(("value", "expected"), [c[1:] for c in GOOD_VALUES], ids=[c[0] for c in GOOD_VALUES])
+def test_a_good_value_is_accepted_and_echoed_exactly_in_output_form(target, value, expected):
+    response = target.send({"x": value})
+    echoed = target.echoed(response)["x"]
+    assert echoed == expected
+    value_field = {"STRING": "strValue", "LONG": "longValue", "DOUBLE": "doubleValue"}[expected["type"]]
+    assert type(echoed[value_field]) is type(expected[value_field])
+    stored = target.stored(response)["x"]
+    assert stored == expected
+    assert type(stored[value_field]) is type(expected[value_field])
+
+
+# -- names ---------------------------------------------------------------------------------------
+BAD_NAMES = [
+    ("empty", ""),
+    ("129-ascii", "n" * 129),
+    ("129-non-ascii", "é" * 129),
+    ("nul", "a\x00b"),
+    ("soh", "\x01"),
+    ("unit-separator", "x\x1f"),
+    ("newline", "a\nb"),
+    ("tab", "a\tb"),
+    ("carriage-return", "a\r"),
+    ("del", "a\x7f"),
+    ("c1-nel", "a\x85b"),
+    ("c1-csi", "\x9b"),
+]
+GOOD_NAMES = [
+    ("1", "a"),
+    ("128-ascii", "n" * 128),
+    ("128-non-ascii", "é" * 128),
+    ("spaces", "with spaces"),
+    ("punctuation", "dotted.name-with_dash/and:colon"),
+    ("unicode", "日本"),
+    ("emoji", "😀"),
+]
+
+
+@pytest.mark.parametrize("name", [c[1] for c in BAD_NAMES], ids=[c[0] for c in BAD_NAMES])
+def test_a_bad_name_is_412_naming_the_key_and_changes_nothing(target, name):
+    response = target.send({name: {"type": "LONG", "longValue": 1}})
+    assert_412(response)
+    errors = target.param_errors(response)
+    assert set(errors) == {name}
+    assert set(errors[name]) == {"key"}
+    assert isinstance(errors[name]["key"], list) and errors[name]["key"]
+    target.assert_unchanged()
+
+
+@pytest.mark.parametrize("name", [c[1] for c in GOOD_NAMES], ids=[c[0] for c in GOOD_NAMES])
+def test_a_good_name_is_accepted_and_echoed_exactly(target, name):
+    response = target.send({name: {"type": "LONG", "longValue": 7}})
+    assert target.echoed(response)[name] == out("LONG", 7)
+    assert target.stored(response)[name] == out("LONG", 7)
+
+
+def names(count):
+    """`count` names, `ok` among them (so a restart of the failed `check` step keeps the count)."""
+    params = {"ok": {"type": "LONG", "longValue": 0}}
+    params.update({f"n{i:03d}": {"type": "LONG", "longValue": i} for i in range(count - 1)})
+    return params
+
+
+def test_257_names_are_412(target):
+    response = target.send(names(257))
+    assert_412(response)
+    messages = target.param_errors(response)
+    assert isinstance(messages, list) and messages and all(isinstance(m, str) for m in messages)
+    target.assert_unchanged()
+
+
+def test_256_names_are_accepted(target):
+    response = target.send(names(256))
+    echoed = target.echoed(response)
+    assert len(echoed) == 256
+    assert echoed["n254"] == out("LONG", 254)
+    assert len(target.stored(response)) == 256
+
+
+# -- restart: effective params are the failed attempt's with the request's laid over them ----
+@pytest.fixture
+def failed(api):
+    """A FAILED `check` step whose params are ok=0, keep="k", ratio=0.5."""
+    process = api.start(("check", {"ok": 0, "keep": "k", "ratio": 0.5}), ("noop", {}))
+    step = api.wait_process(process["processId"], "FAILED")["steps"][0]
+    return step
+
+
+FAILED_OUTPUT = {"ok": out("LONG", 0), "keep": out("STRING", "k"), "ratio": out("DOUBLE", 0.5)}
+
+
+def test_restart_lays_the_request_params_over_the_failed_ones(api, failed):
+    response = api.post(RESTART, {"processStepId": failed["processStepId"], "params": typed(ok=1, extra="new")})
+    assert response.status_code == 200, response.json
+    effective = {**FAILED_OUTPUT, "ok": out("LONG", 1), "extra": out("STRING", "new")}
+    assert response.json["data"] == {
+        "processId": failed["processId"],
+        "processStepId": failed["processStepId"],
+        "params": effective,
+    }
+    done = api.wait_process(failed["processId"], "COMPLETED")
+    assert done["steps"][0]["params"] == effective
+    history = api.step(failed["processStepId"])["attemptHistory"]
+    assert [a["params"] for a in history] == [FAILED_OUTPUT, effective]
+
+
+@pytest.mark.parametrize("body_params", ["absent", {}], ids=["absent", "empty"])
+def test_restart_without_params_reuses_the_failed_ones(api, failed, body_params):
+    body = {"processStepId": failed["processStepId"]}
+    if body_params != "absent":
+        body["params"] = body_params
+    response = api.post(RESTART, body)
+    assert response.status_code == 200, response.json
+    assert response.json["data"]["params"] == FAILED_OUTPUT
+    step = api.wait_step(failed["processStepId"], "FAILED")  # ok is still 0: it fails again
+    assert step["attempts"] == 2
+    assert [a["params"] for a in step["attemptHistory"]] == [FAILED_OUTPUT, FAILED_OUTPUT]
+
+
+def test_restart_overlay_may_change_a_names_type(api, failed):
+    response = api.post(RESTART, {"processStepId": failed["processStepId"], "params": typed(keep=3, ratio="half")})
+    assert response.status_code == 200, response.json
+    assert response.json["data"]["params"] == {
+        "ok": out("LONG", 0),
+        "keep": out("LONG", 3),
+        "ratio": out("STRING", "half"),
+    }
+
+
+def failed_with_names(api, count):
+    """A FAILED `check` step with `count` params (ok=0 among them)."""
+    params = {"ok": 0, **{f"old{i:03d}": i for i in range(count - 1)}}
+    process = api.start(("check", params))
+    return api.wait_process(process["processId"], "FAILED")["steps"][0]
+
+
+def new_names(count):
+    return {f"new{i:03d}": {"type": "STRING", "strValue": str(i)} for i in range(count)}
+
+
+def test_restart_over_256_names_after_the_overlay_is_412_with_a_params_key(api):
+    step = failed_with_names(api, 200)
+    before = api.step(step["processStepId"])
+    response = api.post(RESTART, {"processStepId": step["processStepId"], "params": new_names(57)})
+    data = assert_412(response)
+    assert "params" in data
+    after = api.step(step["processStepId"])
+    assert after == before
+    assert after["status"] == "FAILED" and after["attempts"] == 1 and len(after["params"]) == 200
+
+
+def test_restart_to_exactly_256_names_after_the_overlay_is_accepted(api):
+    step = failed_with_names(api, 200)
+    response = api.post(RESTART, {"processStepId": step["processStepId"], "params": new_names(56)})
+    assert response.status_code == 200, response.json
+    assert len(response.json["data"]["params"]) == 256
+
+
+def test_restart_overlaying_only_existing_names_keeps_the_count(api):
+    step = failed_with_names(api, 256)
+    overlay = {f"old{i:03d}": {"type": "STRING", "strValue": "over"} for i in range(255)}
+    response = api.post(RESTART, {"processStepId": step["processStepId"], "params": overlay})
+    assert response.status_code == 200, response.json
+    params = response.json["data"]["params"]
+    assert len(params) == 256
+    assert params["old000"] == out("STRING", "over") and params["ok"] == out("LONG", 0)
+
+
+def test_delegates_see_plain_values_of_the_effective_params(api, failed):
+    """`check` compares ctx.params["ok"] with the int 1: only a plain 1 completes it."""
+    response = api.post(RESTART, {"processStepId": failed["processStepId"], "params": typed(ok="1")})
+    assert response.status_code == 200
+    step = api.wait_step(failed["processStepId"], "FAILED")
+    assert step["error"] == {"type": "ValueError", "message": "ok is '1', not 1"}
+    assert api.restart(failed["processStepId"], ok=1).status_code == 200
+    done = api.wait_process(failed["processId"], "COMPLETED")
+    assert done["steps"][0]["result"] == {"checked": out("LONG", 1)}
+
+
+def test_json_echo_of_int64_extremes_is_exact_on_the_wire(api):
+    """Not just equal after parsing: the digits themselves come back."""
+    response = api.post(START, {"steps": [{"type": "noop", "params": typed(big=INT64_MAX, small=INT64_MIN)}]})
+    text = response.get_data(as_text=True)
+    assert json.dumps(INT64_MAX) in text and json.dumps(INT64_MIN) in text
