@@ -17,6 +17,7 @@ workers = settings["STEPD_WORKERS"]
 worker_class = "gthread"
 threads = 4
 graceful_timeout = 15
+control_socket_disable = True  # gunicorn 27 would share one socket path among all instances
 loglevel = settings["STEPD_LOG_LEVEL"].lower()
 accesslog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms rid=%({x-request-id}o)s'

@@ -1,5 +1,6 @@
 """Shared test helpers: polling, an API client wrapper, and a real gunicorn server."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -112,7 +113,7 @@ class Server:
         self.log_path = Path(db_path).with_suffix(".log")
 
     def start(self, wait=True):
-        self.log = open(self.log_path, "ab")
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop(), it outlives this call
         self.proc = subprocess.Popen(
             [str(GUNICORN), "-c", "gunicorn.conf.py"], cwd=ROOT, env=self.env, stdout=self.log, stderr=self.log
         )
@@ -143,10 +144,8 @@ class Server:
         """SIGKILL the master and every worker at once, as a crash or power cut would."""
         pids = [self.proc.pid, *self.worker_pids()]
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.proc.wait(timeout=10)
         for pid in pids:  # workers are not our children; wait until they are gone
             wait_for(lambda p=pid: not Path(f"/proc/{p}").exists() or _is_zombie(p), timeout=10, what="worker exit")

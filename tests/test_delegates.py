@@ -161,9 +161,9 @@ def test_context_reaches_the_delegate(api):
 
 
 def test_abort_fails_the_step(tmp_path, db_path):
-    from app import create_app, start_runner
     from helpers import Api
 
+    from app import create_app, start_runner
     from auth import hash_secret
 
     write(

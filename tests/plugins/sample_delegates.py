@@ -55,4 +55,9 @@ def bad_result(ctx):
 @delegate("echo")
 def echo(ctx):
     """Return the context it got, as a result."""
-    return {"process": ctx.process_id, "step": ctx.step_id, "attempt": ctx.attempt, "names": ",".join(sorted(ctx.params))}
+    return {
+        "process": ctx.process_id,
+        "step": ctx.step_id,
+        "attempt": ctx.attempt,
+        "names": ",".join(sorted(ctx.params)),
+    }
