@@ -38,6 +38,7 @@ class Runner:
         self._stopping = threading.Event()
         self._idle = threading.Condition()
         self._busy = 0
+        self._closed = False
         self._started = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -56,11 +57,12 @@ class Runner:
 
     def stop(self, grace=STOP_GRACE_SECONDS):
         """Wait up to `grace` seconds for running delegates, then fail what is left as Interrupted."""
-        self._stopping.set()
         deadline = time.monotonic() + grace
         with self._idle:
             while (self._busy or not self._jobs.empty()) and time.monotonic() < deadline:
                 self._idle.wait(timeout=0.1)
+            self._closed = True  # from here on no delegate is called; queued jobs are interrupted below
+        self._stopping.set()  # the heartbeat ran through the grace period, so no one reaped us early
         interrupted = self.store.interrupt_orphans(
             0, only_runner=self.id, reason="The service stopped before this step's delegate finished."
         )
@@ -90,6 +92,9 @@ class Runner:
 
     def _run(self, job):
         """Call the delegate once for this attempt and record the outcome; returns the next job."""
+        with self._idle:
+            if self._closed:  # stopping: stop() marks this attempt Interrupted instead
+                return None
         delegate = self.registry.get(job.type)
         ctx = Context(
             params={name: value for name, (_kind, value) in job.params.items()},

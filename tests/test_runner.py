@@ -80,3 +80,17 @@ def test_a_live_runner_reaps_a_dead_one(app, api, store, tmp_path, monkeypatch):
     step = api.wait_step(step_id, "FAILED", timeout=5)
     assert step["error"]["type"] == "Interrupted"
     assert api.step(job.step_id)["status"] == "STARTED"  # deferred steps are left alone
+
+
+def test_stop_calls_no_queued_delegate(app, api, tmp_path):
+    gate, calls = tmp_path / "gate", tmp_path / "calls.txt"
+    busy = [api.start(("wait", {"file": str(gate), "seconds": 10.0})) for _ in range(4)]  # all 4 threads
+    wait_for(lambda: app.extensions["stepd"].runner._busy == 4, what="4 delegates running")
+    queued = api.start(("count", {"file": str(calls)}))
+    app.extensions["stepd"].runner.stop(grace=0.2)
+    gate.touch()  # let the blocked delegates return; their outcomes are stale now
+    time.sleep(0.3)
+    assert not calls.exists(), "a delegate was called after the runner stopped"
+    for process in [*busy, queued]:
+        step = api.step(process["steps"][0]["processStepId"])
+        assert (step["status"], step["error"]["type"]) == ("FAILED", "Interrupted")
