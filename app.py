@@ -300,7 +300,11 @@ def assign_request_id():
 
 
 def answer_options():
-    """Flask's automatic OPTIONS answer is an empty body; ours is the envelope like every other."""
+    """Flask's automatic OPTIONS answer is an empty body; ours is the envelope like every other.
+
+    It needs no credentials (as Flask-HTTPAuth lets OPTIONS through for CORS preflights):
+    it tells only the allowed methods, which the OpenAPI document publishes anyway.
+    """
     path = request.url_rule.rule
     allowed = sorted(
         {method for rule in current_app.url_map.iter_rules() if rule.rule == path for method in rule.methods}

@@ -107,8 +107,9 @@ def ensure_first_token(store, env_token):
     if not store.add_first_token(FIRST_TOKEN_NAME, OPERATOR, hash_secret(secret)):
         return None
     print(
-        f"stepd: created the first operator token {FIRST_TOKEN_NAME!r}; it is shown only now.\n"
-        f"stepd: use it as 'Authorization: Bearer {secret}' or curl -u {FIRST_TOKEN_NAME}:{secret}",
+        f"stepd: first start: created the operator token {FIRST_TOKEN_NAME!r}. Its secret, shown only now:\n"
+        f"{secret}\n"
+        f"stepd: send it as 'Authorization: Bearer <secret>' or curl -u {FIRST_TOKEN_NAME}:<secret>",
         file=sys.stderr,
         flush=True,
     )
