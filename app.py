@@ -6,7 +6,6 @@ import math
 import sqlite3
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 from flask import Blueprint, Flask, current_app, g, has_request_context, request
 from marshmallow import ValidationError
@@ -350,14 +349,14 @@ def create_app(overrides=None):
     app.json.sort_keys = False
     configure_logging(app.config["STEPD_LOG_LEVEL"])
 
-    db_path = Path(app.config["STEPD_DB"])
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    store = Store(db_path)
+    store = Store(app.config["STEPD_DB"])
+    store.create_file()
     store.migrate()
     registry = load_registry(app.config["STEPD_DELEGATES_PATH"] or None)
     app.extensions["stepd"] = Stepd(store, registry, Runner(store, registry, app.config["STEPD_THREADS"]))
 
     app.url_map.converters["id"] = IdConverter
+    app.url_map.merge_slashes = False  # `//` would be a 308 redirect outside the envelope; now a 404
     app.register_blueprint(api)
     app.register_blueprint(health)
     app.before_request(assign_request_id)

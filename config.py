@@ -21,9 +21,9 @@ class ConfigError(ValueError):
 
 
 def from_env(environ=None):
-    """Read every STEPD_* setting; integers become ints, empty strings mean unset."""
+    """Read every STEPD_* setting; integers become ints; a variable set to "" counts as unset."""
     environ = os.environ if environ is None else environ
-    settings = {key: environ.get(key, default) for key, default in DEFAULTS.items()}
+    settings = {key: environ.get(key) or default for key, default in DEFAULTS.items()}
     for key, (low, high) in INTEGERS.items():
         try:
             settings[key] = int(settings[key])

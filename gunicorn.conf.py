@@ -25,7 +25,7 @@ access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms rid=%({x-request-id}o)s'
 
 def on_starting(server):
     """Fail fast, once, in the master: bad settings, a bad delegate, an unusable database."""
-    from pathlib import Path
+    import sqlite3
 
     from auth import ensure_first_token
     from delegates import DelegateLoadError, load_registry
@@ -33,12 +33,12 @@ def on_starting(server):
 
     try:
         load_registry(settings["STEPD_DELEGATES_PATH"] or None)
-        Path(settings["STEPD_DB"]).parent.mkdir(parents=True, exist_ok=True)
         store = Store(settings["STEPD_DB"])
+        store.create_file()
         store.migrate()
         ensure_first_token(store, settings["STEPD_TOKEN"])
         store.close()  # no open SQLite connection may cross the fork into workers
-    except (DelegateLoadError, OSError) as exc:
+    except (DelegateLoadError, OSError, sqlite3.DatabaseError) as exc:
         print(f"stepd: cannot start: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
 

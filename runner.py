@@ -1,19 +1,21 @@
-"""The runner: calls delegates on a pool of threads, records outcomes, and keeps a heartbeat.
+"""The runner: calls delegates on a pool of threads, records outcomes, and finds orphaned steps.
 
-Every worker process has one runner with its own id. A step being executed carries
-that id in the database; the heartbeat thread refreshes the runner's row every second
-and fails the steps of runners whose heartbeat stopped (a killed worker or service)
-with error type `Interrupted`, so they can be restarted. Nothing is re-run by itself:
-a delegate is called at most once per attempt.
+Every worker process has one runner with its own id. A step being executed carries that
+id in the database. Once a second the runner's watch thread refreshes its row and fails,
+with error type `Interrupted`, every step whose runner is gone (a killed worker or
+service), so it can be restarted. Nothing is re-run by itself: a delegate is called at
+most once per attempt.
 """
 
 import logging
 import math
 import os
 import queue
+import socket
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 from delegates import DEFERRED, Context
 from store import COMPLETED, FAILED, is_busy, new_id
@@ -21,9 +23,38 @@ from store import COMPLETED, FAILED, is_busy, new_id
 log = logging.getLogger("stepd.runner")
 
 HEARTBEAT_SECONDS = 1.0
-STALE_AFTER_SECONDS = 5.0  # a runner silent this long is gone; well inside the 10 s promise
+STALE_AFTER_SECONDS = 5.0  # only for a runner on another host, whose process we cannot see
 STOP_GRACE_SECONDS = 5.0  # how long a clean stop waits for running delegates
 RECORD_RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
+HOST = socket.gethostname()
+
+
+def process_start_time(pid):
+    """The kernel's start time of a live process (None if it is gone, a zombie, or there is no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    state, start_time = fields[0], fields[19]  # fields 3 and 22 of proc(5)
+    return None if state in ("Z", "X") else start_time
+
+
+def runner_is_alive(row):
+    """On this host, a runner lives exactly as long as its process (pid and start time, so a
+    reused pid does not count); a busy delegate holding the GIL cannot make it look dead.
+    A runner elsewhere is judged by its heartbeat."""
+    if row["host"] == HOST and row["pid_started"]:
+        return process_start_time(row["pid"]) == row["pid_started"]
+    return row["heartbeat_at"] >= time.time() - STALE_AFTER_SECONDS
+
+
+def describe(exc):
+    """An exception's message as storable text, whatever its __str__ does."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = f"<unprintable {type(exc).__name__}>"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class Runner:
@@ -33,27 +64,30 @@ class Runner:
         self.store = store
         self.registry = registry
         self.threads = threads
-        self.id = new_id()
+        self.id = None  # given at start(), in the worker process itself
         self._jobs = queue.Queue()
         self._stopping = threading.Event()
         self._idle = threading.Condition()
         self._busy = 0
         self._closed = False
-        self._started = False
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self):
-        """Register, then start the delegate threads and the heartbeat."""
-        if self._started:
+        """Register, then start the delegate threads and the watch thread."""
+        if self.id is not None:
             return
-        self._started = True
-        self.store.heartbeat(self.id, os.getpid())
+        self.id = new_id()  # after any fork, so no two processes share a runner id
+        self.store.heartbeat(self._identity())
         # Daemon threads: a delegate that never returns must not keep a stopping worker
         # alive; the database, not the thread, is the record of what ran.
         for n in range(self.threads):
             threading.Thread(target=self._work, name=f"stepd-delegate-{n}", daemon=True).start()
-        threading.Thread(target=self._watch, name="stepd-heartbeat", daemon=True).start()
+        threading.Thread(target=self._watch, name="stepd-watch", daemon=True).start()
         log.info("runner %s started with %d delegate threads", self.id, self.threads)
+
+    def _identity(self):
+        pid = os.getpid()
+        return {"id": self.id, "host": HOST, "pid": pid, "pid_started": process_start_time(pid)}
 
     def stop(self, grace=STOP_GRACE_SECONDS):
         """Wait up to `grace` seconds for running delegates, then fail what is left as Interrupted."""
@@ -62,61 +96,76 @@ class Runner:
             while (self._busy or not self._jobs.empty()) and time.monotonic() < deadline:
                 self._idle.wait(timeout=0.1)
             self._closed = True  # from here on no delegate is called; queued jobs are interrupted below
-        self._stopping.set()  # the heartbeat ran through the grace period, so no one reaped us early
-        interrupted = self.store.interrupt_orphans(
-            0, only_runner=self.id, reason="The service stopped before this step's delegate finished."
-        )
+        self._stopping.set()
+        if self.id is None:
+            return
+        interrupted = self.store.interrupt_runner(self.id, "The service stopped before this step's delegate finished.")
         if interrupted:
             log.warning("runner %s stopped; %d running step(s) marked Interrupted", self.id, len(interrupted))
 
     def submit(self, job):
         """Queue a job whose attempt is already committed as STARTED by this runner."""
         if job is not None:
+            with self._idle:
+                self._busy += 1  # counted from the queue on, so stop() never sees a job in between
             self._jobs.put(job)
 
     # -- delegate threads --------------------------------------------------------------
     def _work(self):
         while True:
             job = self._jobs.get()
-            with self._idle:
-                self._busy += 1
             try:
                 while job is not None:
                     job = self._run(job)  # a completed step hands back the next one
-            except Exception:
-                log.exception("runner %s could not record the outcome of a step", self.id)
+            except Exception as exc:
+                log.exception("runner %s could not record the outcome of step %s", self.id, job.step_id)
+                self._fail_unrecorded(job, exc)
             finally:
                 with self._idle:
                     self._busy -= 1
                     self._idle.notify_all()
+
+    def _fail_unrecorded(self, job, exc):
+        """Last resort, so the step is not left STARTED under a live runner for ever."""
+        error = {"type": "InternalError", "message": f"stepd could not record this attempt's outcome: {describe(exc)}"}
+        try:
+            self.store.finish_attempt(job, FAILED, error=error, runner_id=self.id)
+        except Exception:
+            log.exception("runner %s could not fail step %s either", self.id, job.step_id)
 
     def _run(self, job):
         """Call the delegate once for this attempt and record the outcome; returns the next job."""
         with self._idle:
             if self._closed:  # stopping: stop() marks this attempt Interrupted instead
                 return None
-        delegate = self.registry.get(job.type)
-        ctx = Context(
-            params={name: value for name, (_kind, value) in job.params.items()},
-            process_id=job.process_id,
-            step_id=job.step_id,
-            attempt=job.attempt,
-            log=logging.LoggerAdapter(
-                logging.getLogger(f"stepd.delegate.{job.type}"), {"request_id": f"step:{job.step_id}"}
-            ),
-        )
+        if not self.store.attempt_is_current(job):  # failed from outside while it waited in the queue
+            return None
         try:
-            if delegate is None:
-                raise LookupError(f"no delegate is registered for step type {job.type!r}")
-            outcome = delegate.fn(ctx)
+            outcome = self._call(job)
             if outcome is DEFERRED:
                 return self._record(self.store.defer_attempt, job)
             result = typed_result(outcome)
-        except Exception as exc:
-            log.info("step %s attempt %d failed: %s", job.step_id, job.attempt, type(exc).__name__)
-            error = {"type": type(exc).__name__, "message": str(exc)}
+        except BaseException as exc:  # even SystemExit: it fails the step, not the thread
+            log.info("step %s attempt %d failed", job.step_id, job.attempt, exc_info=True)
+            error = {"type": type(exc).__name__, "message": describe(exc)}
             return self._record(self.store.finish_attempt, job, FAILED, error=error, runner_id=self.id)
         return self._record(self.store.finish_attempt, job, COMPLETED, result=result, runner_id=self.id)
+
+    def _call(self, job):
+        delegate = self.registry.get(job.type)
+        if delegate is None:
+            raise LookupError(f"no delegate is registered for step type {job.type!r}")
+        return delegate.fn(
+            Context(
+                params={name: value for name, (_kind, value) in job.params.items()},
+                process_id=job.process_id,
+                step_id=job.step_id,
+                attempt=job.attempt,
+                log=logging.LoggerAdapter(
+                    logging.getLogger(f"stepd.delegate.{job.type}"), {"request_id": f"step:{job.step_id}"}
+                ),
+            )
+        )
 
     def _record(self, write, *args, **kwargs):
         """Run a store write, retrying while the database is busy: an outcome must not be dropped."""
@@ -130,15 +179,15 @@ class Runner:
                 time.sleep(delay)
         return write(*args, **kwargs)
 
-    # -- heartbeat ---------------------------------------------------------------------
+    # -- watch: heartbeat and orphans --------------------------------------------------
     def _watch(self):
         while not self._stopping.wait(HEARTBEAT_SECONDS):
             try:
-                self.store.heartbeat(self.id, os.getpid())
-                orphans = self.store.interrupt_orphans(STALE_AFTER_SECONDS)
+                self.store.heartbeat(self._identity())
+                orphans = self.store.interrupt_orphans(runner_is_alive)
                 if orphans:
                     log.warning("marked %d step(s) of vanished runners Interrupted", len(orphans))
-            except Exception:  # a busy database now and then must not end the heartbeat
+            except Exception:  # a busy database now and then must not end the watch
                 log.exception("runner %s heartbeat failed; retrying", self.id)
 
 

@@ -51,6 +51,21 @@ class FiniteFloat(fields.Float):
         return number
 
 
+def encodable(text):
+    """Refuse lone surrogates ("\\ud800" in JSON): they cannot be stored as UTF-8 text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError("Must be valid Unicode (no lone surrogates).") from None
+
+
+class Text(fields.String):
+    """A string that can be stored as text: no lone surrogates."""
+
+    def __init__(self, max_length, **kwargs):
+        super().__init__(validate=[validate.Length(max=max_length), encodable], **kwargs)
+
+
 def no_control_characters(name):
     if any(unicodedata.category(ch) == "Cc" for ch in name):
         raise ValidationError("Must not contain control characters.")
@@ -138,7 +153,11 @@ class Cursor(fields.String):
         text = super()._deserialize(value, attr, data, **kwargs)
         _, _, number = _decode_cursor(text).partition(f"{self.prefix}:")
         # Decoding skips stray characters, so only a cursor that encodes back to itself is ours.
-        if not number.isdecimal() or int(number) < 1 or encode_cursor(self.prefix, int(number)) != text:
+        if (
+            not number.isdecimal()
+            or not 1 <= int(number) <= INT64_MAX
+            or encode_cursor(self.prefix, int(number)) != text
+        ):
             raise ValidationError("Not a valid cursor.")
         return int(number)
 
@@ -171,12 +190,12 @@ def step_id_field(**kwargs):
 
 # -- request bodies and query strings --------------------------------------------------
 class StepSpecSchema(Schema):
-    type = fields.String(required=True, validate=validate.Length(1, 128))
+    type = fields.String(required=True, validate=[validate.Length(1, 128), encodable])
     params = OptionalParams()
 
 
 class StartProcessSchema(Schema):
-    name = fields.String(allow_none=True, load_default=None, validate=validate.Length(max=1024))
+    name = Text(1024, allow_none=True, load_default=None)
     steps = fields.List(fields.Nested(StepSpecSchema), required=True, validate=validate.Length(1, 100))
 
 
@@ -186,7 +205,7 @@ class RestartStepSchema(Schema):
 
 
 class ErrorInputSchema(Schema):
-    message = fields.String(required=True, validate=validate.Length(max=MAX_STRING))
+    message = Text(MAX_STRING, required=True)
 
 
 class FailStepSchema(Schema):

@@ -6,12 +6,14 @@ sharing the file can never both win. Rows come out as plain dicts.
 """
 
 import json
+import os
 import secrets
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 
 BUSY_TIMEOUT_MS = 5000
 MAX_PARAMS = 256
@@ -106,7 +108,9 @@ MIGRATIONS = [
 
     CREATE TABLE runners (
         id            TEXT PRIMARY KEY,
+        host          TEXT NOT NULL,
         pid           INTEGER NOT NULL,
+        pid_started   TEXT,
         started_at    TEXT NOT NULL,
         heartbeat_at  REAL NOT NULL
     );
@@ -173,6 +177,13 @@ class Store:
         self.path = str(path)
         self._local = threading.local()
 
+    def create_file(self):
+        """Make the file's folder, and the file readable by its owner only (SQLite gives -wal and
+        -shm the same mode), before the first connection creates it with the default umask."""
+        path = Path(self.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+
     # -- connections and transactions ------------------------------------------------
     def _connect(self):
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit.
@@ -228,8 +239,12 @@ class Store:
         """Bring the schema to the newest version; safe to run from several processes."""
         with self.transaction() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise sqlite3.DatabaseError(
+                    f"{self.path} has schema version {version}; this stepd knows up to {len(MIGRATIONS)}"
+                )
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in script.split(";"):
+                for statement in script.split(";"):  # so: no ';' inside a migration's statements
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number}")
@@ -492,53 +507,58 @@ class Store:
         )
 
     # -- runners: who is executing which step ------------------------------------------
-    def heartbeat(self, runner_id, pid):
-        """Say this runner is alive (registering it if needed)."""
+    def heartbeat(self, runner):
+        """Say this runner is alive (registering it if needed). `runner`: id, host, pid, pid_started."""
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO runners (id, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?)"
+                "INSERT INTO runners (id, host, pid, pid_started, started_at, heartbeat_at)"
+                " VALUES (:id, :host, :pid, :pid_started, :now, :beat)"
                 " ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-                (runner_id, pid, now_iso(), time.time()),
+                {**runner, "now": now_iso(), "beat": time.time()},
             )
 
-    def interrupt_orphans(self, stale_after, only_runner=None, reason=None):
-        """Fail every STARTED, non-deferred step whose runner is gone (or is `only_runner`).
+    def interrupt_orphans(self, is_alive):
+        """Fail every STARTED, non-deferred step whose runner is gone; forget gone runners.
 
-        A runner is gone when its heartbeat is older than `stale_after` seconds or it has
-        no row at all. Returns the ids of the steps it failed.
+        `is_alive(row)` judges a runners row; a step whose runner has no row is orphaned
+        too. Returns the ids of the steps it failed.
         """
-        cutoff = time.time() - stale_after
-        if only_runner is not None:
-            orphans = "runner_id = ?", (only_runner,)
-            forget = "DELETE FROM runners WHERE id = ?", (only_runner,)
-        else:
-            orphans = (
-                "(runner_id IS NULL OR runner_id NOT IN (SELECT id FROM runners WHERE heartbeat_at >= ?))",
-                (cutoff,),
-            )
-            forget = "DELETE FROM runners WHERE heartbeat_at < ?", (cutoff,)
-        find = (
-            "SELECT id, process_id, attempts, runner_id FROM steps"
-            f" WHERE status = 'STARTED' AND deferred = 0 AND {orphans[0]}"
-        )
-        # The heartbeat calls this every second: look first, and take the write lock only if there is work.
-        if only_runner is None and not self._has_orphans(find, orphans[1], cutoff):
+        # Called every second by every worker: look first, take the write lock only for work.
+        if not self._find_orphans(self.connection(), is_alive):
             return []
         now = now_iso()
         with self.transaction() as db:
-            rows = db.execute(find, orphans[1]).fetchall()
-            for row in rows:
-                message = reason or f"The worker running this step (runner {row['runner_id']}) is gone."
-                self._interrupt(db, row, message, now)
-            db.execute(*forget)
-        return [row["id"] for row in rows]
+            orphans, gone = self._find_orphans(db, is_alive)
+            for row in orphans:
+                self._interrupt(db, row, f"The worker running this step (runner {row['runner_id']}) is gone.", now)
+            db.executemany("DELETE FROM runners WHERE id = ?", [(runner_id,) for runner_id in gone])
+        return [row["id"] for row in orphans]
 
-    def _has_orphans(self, find, args, cutoff):
-        db = self.connection()
-        return bool(
-            db.execute(find + " LIMIT 1", args).fetchone()
-            or db.execute("SELECT 1 FROM runners WHERE heartbeat_at < ? LIMIT 1", (cutoff,)).fetchone()
-        )
+    @staticmethod
+    def _find_orphans(db, is_alive):
+        """(orphaned step rows, ids of gone runners), or () when there are neither."""
+        runners = db.execute("SELECT * FROM runners").fetchall()
+        alive = {r["id"] for r in runners if is_alive(r)}
+        gone = [r["id"] for r in runners if r["id"] not in alive]
+        started = db.execute(
+            "SELECT id, process_id, attempts, runner_id FROM steps WHERE status = 'STARTED' AND deferred = 0"
+        ).fetchall()
+        orphans = [row for row in started if row["runner_id"] not in alive]
+        return (orphans, gone) if orphans or gone else ()
+
+    def interrupt_runner(self, runner_id, reason):
+        """Fail the STARTED, non-deferred steps of one runner that is stopping, and forget it."""
+        now = now_iso()
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT id, process_id, attempts, runner_id FROM steps"
+                " WHERE status = 'STARTED' AND deferred = 0 AND runner_id = ?",
+                (runner_id,),
+            ).fetchall()
+            for row in rows:
+                self._interrupt(db, row, reason, now)
+            db.execute("DELETE FROM runners WHERE id = ?", (runner_id,))
+        return [row["id"] for row in rows]
 
     def _interrupt(self, db, row, message, now):
         error = {"type": "Interrupted", "message": message}
@@ -550,6 +570,18 @@ class Store:
         if changed == 1:
             self._close_attempt(db, row["id"], row["attempts"], FAILED, error, now)
             self._refresh_process(db, row["process_id"], now)
+
+    def attempt_is_current(self, job):
+        """Whether this attempt is still STARTED and waiting for its delegate (a cheap read)."""
+        row = (
+            self.connection()
+            .execute(
+                "SELECT 1 FROM steps WHERE id = ? AND status = 'STARTED' AND attempts = ? AND deferred = 0",
+                (job.step_id, job.attempt),
+            )
+            .fetchone()
+        )
+        return row is not None
 
     # -- API tokens ------------------------------------------------------------------
     def add_token(self, name, role, secret_hash):

@@ -108,6 +108,9 @@ def _add_module(registry, module):
         step_type = getattr(value, _MARK, None)
         # Count a function only where it is defined, not where it is imported.
         if step_type and getattr(value, "__module__", None) == module.__name__:
+            existing = registry.get(step_type)
+            if existing is not None and existing.fn is value:
+                continue  # the same function under a second name (an alias), not a second delegate
             registry.add(step_type, value, source)
 
 

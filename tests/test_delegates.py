@@ -181,3 +181,12 @@ def test_abort_fails_the_step(tmp_path, db_path):
         assert failed["steps"][0]["error"] == {"type": "Abort", "message": "stop now"}
     finally:
         app.extensions["stepd"].runner.stop(grace=1)
+
+
+def test_an_alias_of_a_delegate_is_not_a_duplicate(tmp_path):
+    write(
+        tmp_path,
+        "alias.py",
+        'from delegates import delegate\n@delegate("x.send")\ndef send(ctx):\n    """Send."""\nsend_again = send\n',
+    )
+    assert load_registry(tmp_path).get("x.send").description == "Send."

@@ -39,3 +39,44 @@ def test_null_params_mean_no_params(api):
     response = api.post("/api/v1/processes/restart-failed-step", {"processStepId": step_id, "params": None})
     assert response.status_code == 200
     assert response.json["data"]["params"] == {}
+
+
+@pytest.mark.parametrize("path", ["/api/v1//processes", "//api/v1/processes", "/api/v1/processes/"])
+def test_odd_slashes_are_404_in_the_envelope_not_redirects(api, path):
+    response = api.get(path)
+    assert response.status_code == 404
+    assert response.json["message"] == "Not found"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "where"),
+    [
+        ("/api/v1/processes", {"name": "\ud800", "steps": [{"type": "noop"}]}, ["name"]),
+        ("/api/v1/processes", {"steps": [{"type": "no\udc80op"}]}, ["steps", "0", "type"]),
+        ("/api/v1/processes/fail-step", {"processStepId": "abc", "error": {"message": "\udc80"}}, ["error", "message"]),
+    ],
+)
+def test_lone_surrogates_in_stored_text_are_412(api, path, body, where):
+    before = len(api.get("/api/v1/processes?limit=500").json["data"]["items"])
+    response = api.post(path, body)
+    assert response.status_code == 412
+    errors = response.json["data"]
+    for key in where:
+        errors = errors[key]
+    assert errors == ["Must be valid Unicode (no lone surrogates)."]
+    assert len(api.get("/api/v1/processes?limit=500").json["data"]["items"]) == before
+
+
+def test_lone_surrogates_in_params_are_kept_exactly(api):
+    process = api.start(("noop", {"s": "\ud800x"}))
+    assert process["steps"][0]["params"]["s"]["strValue"] == "\ud800x"
+
+
+@pytest.mark.parametrize("number", [2**63, 10**20])
+def test_a_cursor_past_64_bits_is_412(api, number):
+    import base64
+
+    cursor = base64.urlsafe_b64encode(f"p:{number}".encode()).decode().rstrip("=")
+    response = api.get(f"/api/v1/processes?cursor={cursor}")
+    assert response.status_code == 412
+    assert response.json["data"] == {"cursor": ["Not a valid cursor."]}

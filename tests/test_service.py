@@ -417,11 +417,11 @@ def test_first_start_without_token_prints_exactly_one_working_secret(server_fact
     output = first.output()  # standard error only
     secrets = set(SECRET.findall(output))
     assert len(secrets) == 1, output
-    assert output.count("created the first operator token") == 1, output
+    assert output.count("created the operator token") == 1, output
     secret = secrets.pop()
     # The access log goes to standard output (written just after the response, so poll).
     wait_for(lambda: '"GET /healthz HTTP/1.1" 200' in stdout.read_text(), what="the access log on stdout")
-    assert "created the first operator token" not in stdout.read_text()
+    assert "created the operator token" not in stdout.read_text()
     assert secret not in stdout.read_text()
 
     bearer = {"Authorization": f"Bearer {secret}"}
@@ -448,7 +448,7 @@ def test_first_start_without_token_prints_exactly_one_working_secret(server_fact
     later = second.output()[offset:]
     assert "Booting worker" in later  # this is the second start's output
     assert not SECRET.findall(later), later
-    assert "created the first operator token" not in later
+    assert "created the operator token" not in later
     assert requests.get(second.url + "/api/v1/processes", headers=bearer, timeout=10).status_code == 200
     assert query(db, "SELECT name FROM tokens") == [("admin",)]
 
@@ -458,7 +458,7 @@ def test_no_token_is_generated_when_stepd_token_is_set(server_factory, tmp_path)
     server = server_factory(db_path=db, token="env-token-for-this-test").start()
     output = server.output()
     assert not SECRET.findall(output), output
-    assert "created the first operator token" not in output
+    assert "created the operator token" not in output
     assert query(db, "SELECT COUNT(*) FROM tokens") == [(0,)]
     assert server.get("/api/v1/processes").status_code == 200
     assert server.post("/api/v1/processes", {"steps": [{"type": "noop"}]}).status_code == 201
@@ -769,3 +769,13 @@ def group_alive(pgid):
             if int(stat[2]) == pgid and stat[0] != "Z":
                 return True
     return False
+
+
+def test_start_is_refused_when_the_database_is_not_sqlite(server_factory, tmp_path):
+    not_a_db = tmp_path / "notes.db"
+    not_a_db.write_text("these are my notes, not a database\n" * 100)
+    server = server_factory(db_path=not_a_db)
+    server.start(wait=False)
+    assert server.proc.wait(timeout=20) != 0
+    assert "stepd: cannot start:" in server.output()
+    assert not_a_db.read_text().startswith("these are my notes")

@@ -183,31 +183,68 @@ def test_deferred_step_waits_for_complete_step(db):
         db.complete_step(job.step_id, None, "r1")
 
 
-def test_orphans_of_a_silent_runner_are_interrupted_but_not_deferred_ones(db):
+def runner_row(runner_id):
+    return {"id": runner_id, "host": "h", "pid": 1, "pid_started": None}
+
+
+def test_orphans_of_a_gone_runner_are_interrupted_but_not_deferred_ones(db):
     _, job_a = started_process(db, "a")
     _, job_b = started_process(db, "b")
     db.defer_attempt(job_b)
-    db.heartbeat("r1", 1)
-    assert db.interrupt_orphans(stale_after=60) == []  # r1 is alive
-    db.connection().execute("UPDATE runners SET heartbeat_at = heartbeat_at - 120")
-    assert db.interrupt_orphans(stale_after=60) == [job_a.step_id]
+    db.heartbeat(runner_row("r1"))
+    assert db.interrupt_orphans(lambda row: True) == []  # r1 is alive
+    assert db.connection().execute("SELECT count(*) FROM runners").fetchone()[0] == 1
+    assert db.interrupt_orphans(lambda row: row["id"] != "r1") == [job_a.step_id]
     step = db.get_step(job_a.step_id, with_history=True)
     assert step["status"] == "FAILED" and step["error"]["type"] == "Interrupted"
     assert step["attempt_history"][0]["status"] == "FAILED"
+    assert db.get_process(step["process_id"])["status"] == "FAILED"
     assert db.get_step(job_b.step_id)["status"] == "STARTED"
     assert db.connection().execute("SELECT count(*) FROM runners").fetchone()[0] == 0
 
 
 def test_unregistered_runner_counts_as_gone(db):
-    _, job = started_process(db, "a")  # runner r1 never sent a heartbeat
-    assert db.interrupt_orphans(stale_after=5) == [job.step_id]
+    _, job = started_process(db, "a")  # runner r1 never registered
+    db.heartbeat(runner_row("r2"))
+    assert db.interrupt_orphans(lambda row: True) == [job.step_id]
+
+
+def test_a_stopping_runner_interrupts_only_its_own_steps(db):
+    _, mine = started_process(db, "a")
+    _, theirs = db.create_process(None, [("a", {})], "alice", "r2")
+    db.heartbeat(runner_row("r1"))
+    assert db.interrupt_runner("r1", "stopping") == [mine.step_id]
+    assert db.get_step(mine.step_id)["error"] == {"type": "Interrupted", "message": "stopping"}
+    assert db.get_step(theirs.step_id)["status"] == "STARTED"
+
+
+def test_attempt_is_current(db):
+    _, job = started_process(db, "a")
+    assert db.attempt_is_current(job)
+    db.fail_step(job.step_id, "gave up")
+    assert not db.attempt_is_current(job)
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "new.db"
+    Store(path).migrate()
+    sqlite3.connect(path).execute(f"PRAGMA user_version = {len(st.MIGRATIONS) + 1}")
+    with pytest.raises(sqlite3.DatabaseError, match="schema version"):
+        Store(path).migrate()
+
+
+def test_create_file_is_private_and_makes_folders(tmp_path):
+    store = Store(tmp_path / "a" / "b" / "s.db")
+    store.create_file()
+    store.migrate()
+    assert (tmp_path / "a" / "b" / "s.db").stat().st_mode & 0o777 == 0o600
 
 
 def test_transaction_rolls_back_on_error(db):
     with pytest.raises(RuntimeError), db.transaction() as conn:
-        conn.execute("INSERT INTO runners (id, pid, started_at, heartbeat_at) VALUES ('x', 1, 'now', 0)")
+        conn.execute("INSERT INTO tokens (name, role, secret_hash, created_at) VALUES ('x', 'reader', 'h', 'now')")
         raise RuntimeError("abort")
-    assert db.connection().execute("SELECT count(*) FROM runners").fetchone()[0] == 0
+    assert db.connection().execute("SELECT count(*) FROM tokens").fetchone()[0] == 0
 
 
 def test_busy_database_is_reported_as_busy(tmp_path):
@@ -219,7 +256,7 @@ def test_busy_database_is_reported_as_busy(tmp_path):
     waiting.connection().execute("PRAGMA busy_timeout = 50")
     try:
         with pytest.raises(sqlite3.OperationalError) as busy:
-            waiting.heartbeat("r", 1)
+            waiting.heartbeat(runner_row("r"))
         assert st.is_busy(busy.value)
     finally:
         holder.execute("ROLLBACK")

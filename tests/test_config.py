@@ -1,0 +1,43 @@
+"""STEPD_* settings: defaults, parsing, refusals."""
+
+import pytest
+
+import config
+
+
+def test_defaults_are_those_of_the_spec():
+    assert config.from_env({}) == {
+        "STEPD_DB": "var/stepd.db",
+        "STEPD_HOST": "127.0.0.1",
+        "STEPD_PORT": 8080,
+        "STEPD_WORKERS": 2,
+        "STEPD_THREADS": 4,
+        "STEPD_TOKEN": "",
+        "STEPD_DELEGATES_PATH": "",
+        "STEPD_LOG_LEVEL": "INFO",
+    }
+
+
+def test_empty_values_count_as_unset():
+    empty = {key: "" for key in config.DEFAULTS}
+    assert config.from_env(empty) == config.from_env({})
+
+
+def test_values_are_read():
+    settings = config.from_env({"STEPD_PORT": "9000", "STEPD_WORKERS": "3", "STEPD_LOG_LEVEL": "debug"})
+    assert (settings["STEPD_PORT"], settings["STEPD_WORKERS"], settings["STEPD_LOG_LEVEL"]) == (9000, 3, "DEBUG")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("STEPD_PORT", "http"),
+        ("STEPD_PORT", "70000"),
+        ("STEPD_WORKERS", "0"),
+        ("STEPD_THREADS", "x"),
+        ("STEPD_LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_variable(key, value):
+    with pytest.raises(config.ConfigError, match=key):
+        config.from_env({key: value})
