@@ -352,6 +352,7 @@ def create_app(overrides=None):
     store = Store(app.config["STEPD_DB"])
     store.create_file()
     store.migrate()
+    store.close()  # so no connection is inherited if a server forks after building the app
     registry = load_registry(app.config["STEPD_DELEGATES_PATH"] or None)
     app.extensions["stepd"] = Stepd(store, registry, Runner(store, registry, app.config["STEPD_THREADS"]))
 
