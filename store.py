@@ -5,6 +5,7 @@ on the step's status (and attempt number), so concurrent requests and worker pro
 sharing the file can never both win. Rows come out as plain dicts.
 """
 
+import fcntl
 import json
 import os
 import secrets
@@ -176,6 +177,9 @@ class Store:
     def __init__(self, path):
         self.path = str(path)
         self._local = threading.local()
+        self._threads_lock = threading.Lock()
+        self._lock_owner = None
+        self._lock_fd = None
 
     def create_file(self):
         """Make the file's folder, and the file readable by its owner only (SQLite gives -wal and
@@ -212,14 +216,52 @@ class Store:
     def transaction(self):
         """A write transaction: takes the write lock at once, commits or rolls back."""
         conn = self.connection()
-        conn.execute("BEGIN IMMEDIATE")
+        with self._writer_turn():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
+                    conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _writer_turn(self):
+        """Wait for this writer's turn: threads on a lock, processes on a lock file.
+
+        SQLite alone would do, but its busy handler polls with sleeps growing to 100 ms, so
+        under contention some writers wait far longer than others. Here a waiting thread
+        wakes as soon as the lock is free, and processes poll every millisecond or two.
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        if not self._threads_lock.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
+            raise sqlite3.OperationalError("database is locked (by this process's other writers)")
         try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
-                conn.execute("ROLLBACK")
-            raise
+            fd = self._lock_file()
+            delay = 0.0005
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise sqlite3.OperationalError("database is locked (by another process)") from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.002)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            self._threads_lock.release()
+
+    def _lock_file(self):
+        # One descriptor per process: a descriptor inherited across fork would share the lock.
+        if self._lock_owner != os.getpid():
+            self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock_owner = os.getpid()
+        return self._lock_fd
 
     @contextmanager
     def snapshot(self):

@@ -267,3 +267,42 @@ def test_first_token_only_once(db):
     assert db.add_first_token("admin2", "operator", "h2") is False
     assert db.add_token("admin", "reader", "h3") is False
     assert [t["name"] for t in db.list_tokens()] == ["admin"]
+
+
+def test_a_writer_of_another_process_holding_the_lock_file_makes_us_busy(tmp_path, monkeypatch):
+    import fcntl
+    import os
+
+    path = tmp_path / "locked.db"
+    store = Store(path)
+    store.migrate()
+    monkeypatch.setattr(st, "BUSY_TIMEOUT_MS", 100)
+    other = os.open(f"{path}.lock", os.O_RDWR)  # another open file description: as another process has
+    fcntl.flock(other, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(sqlite3.OperationalError) as busy:
+            store.heartbeat(runner_row("r"))
+        assert st.is_busy(busy.value)
+    finally:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+    store.heartbeat(runner_row("r"))  # and once it is free, writes go through
+    assert store.connection().execute("SELECT count(*) FROM runners").fetchone()[0] == 1
+
+
+def test_writers_of_one_store_take_turns(db):
+    # 8 threads x 25 increments of one counter through read-modify-write transactions: none lost.
+    db.connection().execute("INSERT INTO tokens VALUES ('counter', 'reader', '0', 'now')")
+
+    def bump():
+        for _ in range(25):
+            with db.transaction() as conn:
+                value = int(conn.execute("SELECT secret_hash FROM tokens WHERE name = 'counter'").fetchone()[0])
+                conn.execute("UPDATE tokens SET secret_hash = ? WHERE name = 'counter'", (str(value + 1),))
+
+    threads = [threading.Thread(target=bump) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert db.connection().execute("SELECT secret_hash FROM tokens WHERE name = 'counter'").fetchone()[0] == "200"
