@@ -4,9 +4,14 @@ The master migrates the database, checks the delegates and makes the first token
 each worker then builds the app and starts its own runner (delegate threads + heartbeat).
 """
 
+import ctypes
+import os
+import signal
 import sys
+from pathlib import Path
 
 from config import from_env as _stepd_settings
+from runner import STOP_GRACE_SECONDS
 
 settings = _stepd_settings()
 
@@ -41,6 +46,22 @@ def on_starting(server):
     except (DelegateLoadError, OSError, sqlite3.DatabaseError) as exc:
         print(f"stepd: cannot start: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
+    die_with_make()
+
+
+def die_with_make():
+    """Under `make run`, end when make ends, even by SIGKILL: a sidecar must not outlive the
+    command that started it and keep holding its port. (make passes a SIGTERM on by itself.)"""
+    parent = os.getppid()
+    try:
+        started_by_make = Path(f"/proc/{parent}/comm").read_text().strip() == "make"
+    except OSError:
+        return  # no /proc: not Linux, so no prctl either
+    if started_by_make:
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent:  # make died before the call took effect
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def post_worker_init(worker):
@@ -52,4 +73,6 @@ def post_worker_init(worker):
 def worker_exit(server, worker):
     stepd = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("stepd")
     if stepd is not None:
-        stepd.runner.stop()
+        # With the master gone (killed), leave at once: a new service may want the port.
+        master_gone = os.getppid() != worker.ppid
+        stepd.runner.stop(grace=0 if master_gone else STOP_GRACE_SECONDS)

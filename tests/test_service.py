@@ -611,6 +611,44 @@ def test_make_run_serves(tmp_path):
     assert "gunicorn -c gunicorn.conf.py" in log_path.read_text()
 
 
+def test_sigkill_of_make_run_stops_the_service_and_frees_the_port(tmp_path):
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("STEPD_") and k not in ("MAKEFLAGS", "MFLAGS")},
+        "STEPD_PORT": str(port),
+        "STEPD_DB": str(tmp_path / "made.db"),
+        "STEPD_TOKEN": "make-run-token",
+    }
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": "Bearer make-run-token"}
+    log_path = tmp_path / "make.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["make", "run"], cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
+    try:
+        wait_for(lambda: answers(url), timeout=30, interval=0.1, what="make run to answer /healthz")
+        body = {"steps": [{"type": "sleep", "params": {"seconds": {"type": "DOUBLE", "doubleValue": 60.0}}}]}
+        step_id = requests.post(url + "/api/v1/processes", json=body, headers=headers, timeout=5).json()["data"][
+            "steps"
+        ][0]["processStepId"]
+        os.kill(proc.pid, signal.SIGKILL)  # only make itself, as a careless supervisor would
+        proc.wait(timeout=10)
+        wait_for(lambda: not answers(url), timeout=10, what="the service to stop with make")
+        wait_for(lambda: not group_alive(proc.pid), timeout=10, what="gunicorn's processes to exit")
+        with sqlite3.connect(tmp_path / "made.db") as db:
+            row = db.execute("SELECT status, error_type FROM steps WHERE id = ?", (step_id,)).fetchone()
+        assert row == ("FAILED", "Interrupted")
+    finally:
+        if group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def answers(url):
+    try:
+        return requests.get(url + "/healthz", timeout=1).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
 # -- helpers ---------------------------------------------------------------------------------
 def start_with_split_output(server):
     """Start `server` like Server.start, but with standard output in its own file; returns that file."""
