@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from flask import Blueprint, Flask, current_app, g, has_request_context, request
 from marshmallow import ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 from werkzeug.routing import ValidationError as RouteMismatch
 
@@ -81,7 +81,9 @@ def load_body(schema_class):
     """Parse the request body as strict JSON and load it with the schema (412 on any fault)."""
     if request.mimetype != "application/json":
         raise ValidationError({"_schema": ["Content-Type must be application/json."]})
-    raw = request.get_data(cache=True)  # over MAX_CONTENT_LENGTH raises 413
+    raw = request.get_data(cache=True)  # a Content-Length over MAX_CONTENT_LENGTH raises 413
+    if request.content_length is None and len(raw) >= MAX_BODY_BYTES:
+        raise RequestEntityTooLarge()  # a chunked body is cut at the limit, not refused: refuse it here
     if not raw.strip():
         raise ValidationError({"_schema": ["The body is empty; a JSON object is required."]})
     try:

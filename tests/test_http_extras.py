@@ -80,3 +80,25 @@ def test_a_cursor_past_64_bits_is_412(api, number):
     response = api.get(f"/api/v1/processes?cursor={cursor}")
     assert response.status_code == 412
     assert response.json["data"] == {"cursor": ["Not a valid cursor."]}
+
+
+def test_a_chunked_body_over_1_mib_is_413(server_factory):
+    import requests
+
+    server = server_factory().start()
+    chunk = b" " * 65536
+
+    def body():  # a generator body is sent chunked, with no Content-Length
+        yield b'{"processStepId": "abc"'
+        for _ in range(17):
+            yield chunk
+        yield b"}"
+
+    headers = {**server.headers(), "Content-Type": "application/json"}
+    response = requests.post(server.url + "/api/v1/processes/restart-failed-step", data=body(), headers=headers)
+    assert response.status_code == 413
+    assert response.json()["message"] == "Payload too large"
+    small = requests.post(
+        server.url + "/api/v1/processes/restart-failed-step", data=iter([b'{"processStepId": "abc"}']), headers=headers
+    )
+    assert small.status_code == 412 and small.json()["data"] == {"processStepId": ["No step has this id."]}
