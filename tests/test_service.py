@@ -568,17 +568,7 @@ def test_start_is_refused_with_a_bad_setting(server_factory, tmp_path):
 
 # -- 8. make run -----------------------------------------------------------------------------
 def test_make_run_serves(tmp_path):
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("STEPD_") and k not in ("MAKEFLAGS", "MFLAGS")},
-        "STEPD_PORT": str(port),
-        "STEPD_DB": str(tmp_path / "made.db"),
-        "STEPD_TOKEN": "make-run-token",
-    }
-    url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "make.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(["make", "run"], cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
+    proc, url, log_path = start_make_run(tmp_path)
     try:
 
         def healthy():
@@ -612,18 +602,8 @@ def test_make_run_serves(tmp_path):
 
 
 def test_sigkill_of_make_run_stops_the_service_and_frees_the_port(tmp_path):
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("STEPD_") and k not in ("MAKEFLAGS", "MFLAGS")},
-        "STEPD_PORT": str(port),
-        "STEPD_DB": str(tmp_path / "made.db"),
-        "STEPD_TOKEN": "make-run-token",
-    }
-    url = f"http://127.0.0.1:{port}"
+    proc, url, _log_path = start_make_run(tmp_path)
     headers = {"Authorization": "Bearer make-run-token"}
-    log_path = tmp_path / "make.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(["make", "run"], cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
     try:
         wait_for(lambda: answers(url), timeout=30, interval=0.1, what="make run to answer /healthz")
         body = {"steps": [{"type": "sleep", "params": {"seconds": {"type": "DOUBLE", "doubleValue": 60.0}}}]}
@@ -640,6 +620,21 @@ def test_sigkill_of_make_run_stops_the_service_and_frees_the_port(tmp_path):
     finally:
         if group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def start_make_run(tmp_path):
+    """`make run` in its own process group on a free port; returns (process, url, log path)."""
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("STEPD_") and k not in ("MAKEFLAGS", "MFLAGS")},
+        "STEPD_PORT": str(port),
+        "STEPD_DB": str(tmp_path / "made.db"),
+        "STEPD_TOKEN": "make-run-token",
+    }
+    log_path = tmp_path / "make.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["make", "run"], cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}", log_path
 
 
 def answers(url):
