@@ -19,8 +19,7 @@ from pathlib import Path
 BUSY_TIMEOUT_MS = 5000
 MAX_PARAMS = 256
 
-PENDING, STARTED, COMPLETED, FAILED = "PENDING", "STARTED", "COMPLETED", "FAILED"
-RUNNING = "RUNNING"
+COMPLETED, FAILED = "COMPLETED", "FAILED"  # the outcomes a runner records
 
 
 class PreconditionFailed(Exception):
