@@ -227,7 +227,9 @@ def openapi_document():
     from openapi import build_spec  # imported here: it walks the app's own routes
 
     load_query(s.NoQuerySchema)
-    return build_spec(current_app)
+    if "stepd.openapi" not in current_app.extensions:  # the routes do not change: build it once
+        current_app.extensions["stepd.openapi"] = build_spec(current_app)
+    return current_app.extensions["stepd.openapi"]
 
 
 @health.get("/healthz")

@@ -319,16 +319,7 @@ class Store:
             return self._load_process(db, process_id)
 
     def list_processes(self, status=None, limit=50, before_seq=None):
-        clauses, args = self._paging_clauses(status=status, before_seq=before_seq)
-        rows = (
-            self.connection()
-            .execute(
-                f"SELECT {PROCESS_COLUMNS} FROM processes {clauses} ORDER BY seq DESC LIMIT ?",
-                (*args, limit + 1),
-            )
-            .fetchall()
-        )
-        return self._page(rows, limit, _process)
+        return self._newest_first("processes", PROCESS_COLUMNS, _process, limit, before_seq, status=status)
 
     def _load_process(self, db, process_id):
         row = db.execute(f"SELECT {PROCESS_COLUMNS} FROM processes WHERE id = ?", (process_id,)).fetchone()
@@ -341,24 +332,23 @@ class Store:
         process["steps"] = [_step(r) for r in rows]
         return process
 
-    @staticmethod
-    def _paging_clauses(before_seq=None, **equals):
-        conditions, args = [], []
-        for column, value in equals.items():
-            if value is not None:
-                conditions.append(f"{column} = ?")
-                args.append(value)
+    def _newest_first(self, table, columns, convert, limit, before_seq, **equals):
+        """A page of `limit` rows, newest first, whose columns equal the given (non-None) values,
+        and the seq to continue before (None on the last page)."""
+        wanted = {column: value for column, value in equals.items() if value is not None}
+        conditions = [f"{column} = ?" for column in wanted]
+        args = list(wanted.values())
         if before_seq is not None:
             conditions.append("seq < ?")
             args.append(before_seq)
-        return ("WHERE " + " AND ".join(conditions)) if conditions else "", args
-
-    @staticmethod
-    def _page(rows, limit, convert):
-        """Newest-first page of `limit` items and the seq to continue before (or None)."""
-        items = [convert(r) for r in rows[:limit]]
+        where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
+        rows = (
+            self.connection()
+            .execute(f"SELECT {columns} FROM {table} {where} ORDER BY seq DESC LIMIT ?", (*args, limit + 1))
+            .fetchall()
+        )
         next_seq = rows[limit - 1]["seq"] if len(rows) > limit else None
-        return items, next_seq
+        return [convert(r) for r in rows[:limit]], next_seq
 
     # -- steps -----------------------------------------------------------------------
     def get_step(self, step_id, with_history=False):
@@ -373,16 +363,8 @@ class Store:
         return step
 
     def list_steps(self, status=None, step_type=None, limit=50, before_seq=None):
-        clauses, args = self._paging_clauses(status=status, type=step_type, before_seq=before_seq)
-        rows = (
-            self.connection()
-            .execute(
-                f"SELECT seq, {STEP_COLUMNS} FROM steps {clauses} ORDER BY seq DESC LIMIT ?",
-                (*args, limit + 1),
-            )
-            .fetchall()
-        )
-        return self._page(rows, limit, _step)
+        columns = f"seq, {STEP_COLUMNS}"
+        return self._newest_first("steps", columns, _step, limit, before_seq, status=status, type=step_type)
 
     def restart_failed_step(self, step_id, overrides, principal, runner_id, has_delegate):
         """FAILED -> STARTED for one step, with the given params laid over the failed ones."""

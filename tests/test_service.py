@@ -705,22 +705,22 @@ def get_process(server, process_id):
     return data(server.get(f"/api/v1/processes/{process_id}"))
 
 
-def wait_step(server, step_id, status, timeout=10.0):
+def wait_status(get, server, some_id, status, timeout):
+    """Poll get(server, some_id) until its status is `status`; returns it."""
     return wait_for(
-        lambda: (s := get_step(server, step_id))["status"] == status and s,
+        lambda: (item := get(server, some_id))["status"] == status and item,
         timeout,
         interval=0.05,
-        what=f"step {status}",
+        what=f"{get.__name__} to be {status}",
     )
+
+
+def wait_step(server, step_id, status, timeout=10.0):
+    return wait_status(get_step, server, step_id, status, timeout)
 
 
 def wait_process(server, process_id, status, timeout=10.0):
-    return wait_for(
-        lambda: (p := get_process(server, process_id))["status"] == status and p,
-        timeout,
-        interval=0.05,
-        what=f"process {status}",
-    )
+    return wait_status(get_process, server, process_id, status, timeout)
 
 
 def runner_pid(server, step_id):
