@@ -353,7 +353,7 @@ def create_app(overrides=None):
     app.json.sort_keys = False
     configure_logging(app.config["STEPD_LOG_LEVEL"])
 
-    store = Store(app.config["STEPD_DB"])
+    store = Store(app.config["STEPD_DB"], app.config["STEPD_SYNC"])
     store.create_file()
     store.migrate()
     store.close()  # so no connection is inherited if a server forks after building the app

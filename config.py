@@ -11,9 +11,14 @@ DEFAULTS = {
     "STEPD_TOKEN": "",
     "STEPD_DELEGATES_PATH": "",
     "STEPD_LOG_LEVEL": "INFO",
+    "STEPD_SYNC": "full",
 }
 INTEGERS = {"STEPD_PORT": (1, 65535), "STEPD_WORKERS": (1, 64), "STEPD_THREADS": (1, 256)}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# full: fsync on every commit, nothing acknowledged is lost even on power loss.
+# normal: fsync at WAL checkpoints only; a crash of the service loses nothing, power loss may
+# lose the last commits.
+SYNC_MODES = ("full", "normal")
 
 
 class ConfigError(ValueError):
@@ -34,4 +39,7 @@ def from_env(environ=None):
     settings["STEPD_LOG_LEVEL"] = settings["STEPD_LOG_LEVEL"].upper()
     if settings["STEPD_LOG_LEVEL"] not in LOG_LEVELS:
         raise ConfigError(f"STEPD_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+    settings["STEPD_SYNC"] = settings["STEPD_SYNC"].lower()
+    if settings["STEPD_SYNC"] not in SYNC_MODES:
+        raise ConfigError(f"STEPD_SYNC must be one of {', '.join(SYNC_MODES)}")
     return settings

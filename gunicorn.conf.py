@@ -38,7 +38,7 @@ def on_starting(server):
 
     try:
         load_registry(settings["STEPD_DELEGATES_PATH"] or None)
-        store = Store(settings["STEPD_DB"])
+        store = Store(settings["STEPD_DB"], settings["STEPD_SYNC"])
         store.create_file()
         store.migrate()
         ensure_first_token(store, settings["STEPD_TOKEN"])

@@ -173,8 +173,9 @@ def _process(row):
 class Store:
     """One SQLite file; one connection per thread; explicit transactions."""
 
-    def __init__(self, path):
+    def __init__(self, path, sync="full"):
         self.path = str(path)
+        self.sync = sync.upper()  # STEPD_SYNC: FULL or NORMAL, checked by config.py
         self._local = threading.local()
         self._threads_lock = threading.Lock()
         self._lock_owner = None
@@ -195,7 +196,7 @@ class Store:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute(f"PRAGMA synchronous = {self.sync}")
         return conn
 
     def connection(self):

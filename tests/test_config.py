@@ -15,6 +15,7 @@ def test_defaults_are_those_of_the_spec():
         "STEPD_TOKEN": "",
         "STEPD_DELEGATES_PATH": "",
         "STEPD_LOG_LEVEL": "INFO",
+        "STEPD_SYNC": "full",
     }
 
 
@@ -36,8 +37,18 @@ def test_values_are_read():
         ("STEPD_WORKERS", "0"),
         ("STEPD_THREADS", "x"),
         ("STEPD_LOG_LEVEL", "LOUD"),
+        ("STEPD_SYNC", "off"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(key, value):
     with pytest.raises(config.ConfigError, match=key):
         config.from_env({key: value})
+
+
+@pytest.mark.parametrize(("value", "pragma"), [("full", 2), ("NORMAL", 1)])
+def test_sync_setting_reaches_sqlite(tmp_path, value, pragma):
+    from store import Store
+
+    settings = config.from_env({"STEPD_SYNC": value})
+    store = Store(tmp_path / "s.db", settings["STEPD_SYNC"])
+    assert store.connection().execute("PRAGMA synchronous").fetchone()[0] == pragma
