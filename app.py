@@ -1,10 +1,14 @@
 """HTTP: the app factory, the routes of /api/v1 and /healthz, and error rendering."""
 
+import functools
+import hashlib
 import json
 import logging
 import math
 import sqlite3
+import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from flask import Blueprint, Flask, current_app, g, has_request_context, request
@@ -19,10 +23,12 @@ from auth import current_principal, reads, token_cli, writes
 from delegates import Registry, load_registry
 from envelope import envelope, error
 from runner import Runner
-from store import PreconditionFailed, Store, is_busy
+from store import PreconditionFailed, Store, is_busy, now_iso
 
 MAX_BODY_BYTES = 1024 * 1024
 REQUEST_ID_HEADER = "X-Request-Id"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_SECONDS = 24 * 3600
 
 log = logging.getLogger("stepd")
 
@@ -41,7 +47,7 @@ def stepd():
 
 
 # -- routing ---------------------------------------------------------------------------------
-ACTION_NAMES = {"steps", "restart-failed-step", "fail-step", "complete-step"}
+ACTION_NAMES = {"steps", "restart-failed-step", "restart-failed-steps", "fail-step", "complete-step"}
 
 
 class IdConverter(BaseConverter):
@@ -101,6 +107,80 @@ def load_query(schema_class):
     return schema_class().load(request.args.to_dict())
 
 
+# -- Idempotency-Key ---------------------------------------------------------------------------
+class _Undo(Exception):
+    """Carries a 5xx answer out of an idempotent request's transaction, which it rolls back."""
+
+    def __init__(self, response):
+        super().__init__(response.status_code)
+        self.response = response
+
+
+def idempotent(view):
+    """Answer a repeated POST with the same Idempotency-Key from the database, not by redoing it.
+
+    The key's answer is stored in the same transaction as the change it made, and the
+    transaction holds the write lock from the look-up on: concurrent repeats, in any worker,
+    queue behind the first and then find its answer. 2xx and 4xx answers are kept for 24
+    hours; a 5xx changed nothing and is not kept, so the request can simply be sent again.
+    """
+
+    @functools.wraps(view)
+    def run(*args, **kwargs):
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        if key is None:
+            return view(*args, **kwargs)
+        if not 1 <= len(key) <= 255 or not all(" " <= ch <= "~" for ch in key):
+            raise ValidationError({IDEMPOTENCY_HEADER: ["Must be 1 to 255 printable ASCII characters."]})
+        fingerprint = request_fingerprint()
+        principal = current_principal().name
+        store = stepd().store
+        try:
+            with store.transaction() as db:
+                stored = store.stored_answer(db, principal, key, time.time() - IDEMPOTENCY_SECONDS)
+                if stored is not None:
+                    return replay(stored, fingerprint, key)
+                response = answer_of(view, args, kwargs)
+                if response.status_code >= 500:
+                    raise _Undo(response)
+                store.store_answer(db, principal, key, fingerprint, response.status_code, response.get_data(True))
+                return response
+        except _Undo as undo:
+            return undo.response
+
+    return run
+
+
+def request_fingerprint():
+    """What makes two requests the same one: method, path, query and JSON body (key order aside)."""
+    raw = request.get_data(cache=True)
+    try:
+        body = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":"))
+    except (ValueError, RecursionError):
+        body = raw.hex()
+    query = sorted(request.args.items(multi=True))
+    text = json.dumps([request.method, request.path, query, body])
+    return hashlib.sha256(text.encode("utf-8", "backslashreplace")).hexdigest()
+
+
+def answer_of(view, args, kwargs):
+    """The view's response, with exceptions turned into their error responses as Flask would."""
+    try:
+        return current_app.make_response(view(*args, **kwargs))
+    except Exception as exc:  # noqa: BLE001 - each error handler decides what the client sees
+        return current_app.make_response(current_app.handle_user_exception(exc))
+
+
+def replay(stored, fingerprint, key):
+    if stored["fingerprint"] != fingerprint:
+        raise PreconditionFailed({IDEMPOTENCY_HEADER: [f"The key {key!r} was used with a different request."]})
+    body = json.loads(stored["body"])
+    body["timestamp"] = now_iso()
+    response = current_app.response_class(json.dumps(body), stored["status"], mimetype="application/json")
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
 # -- routes ----------------------------------------------------------------------------------
 api = Blueprint("api", __name__, url_prefix="/api/v1")
 health = Blueprint("health", __name__)
@@ -108,6 +188,7 @@ health = Blueprint("health", __name__)
 
 @api.post("/processes")
 @writes
+@idempotent
 @doc(body=s.StartProcessSchema, data=s.ProcessSchema, status=201, errors=(412,))
 def start_process():
     """Start a process; its first step starts at once."""
@@ -174,21 +255,69 @@ def get_step(step_id):
 
 @api.post("/processes/restart-failed-step")
 @writes
-@doc(body=s.RestartStepSchema, data=s.RestartResultSchema, errors=(412,))
+@idempotent
+@doc(body=s.RestartStepSchema, query=s.RestartQuery, data=s.RestartResultSchema, errors=(412,))
 def restart_failed_step():
     """Restart a FAILED step, with params laid over its last ones; the process carries on from it."""
-    load_query(s.NoQuerySchema)
+    dry_run = load_query(s.RestartQuery)["dry_run"]
     body = load_body(s.RestartStepSchema)
-    job = stepd().store.restart_failed_step(
-        body["step_id"], body["params"], current_principal().name, stepd().runner.id, stepd().registry.__contains__
+    restarted = restart_one(body["step_id"], body["params"], dry_run)
+    message = "Dry run: the step would be restarted; nothing changed." if dry_run else "Step restarted."
+    return envelope(s.RestartResultSchema().dump(restarted), message)
+
+
+@api.post("/processes/restart-failed-steps")
+@writes
+@idempotent
+@doc(body=s.RestartManySchema, query=s.RestartQuery, data=s.RestartManyResultSchema, errors=(412,))
+def restart_failed_steps():
+    """Restart many FAILED steps, listed or matched by a filter, each exactly as restart-failed-step does."""
+    dry_run = load_query(s.RestartQuery)["dry_run"]
+    body = load_body(s.RestartManySchema)
+    step_ids, next_position = body["step_ids"], None
+    if step_ids is None:
+        rows, more = stepd().store.failed_steps(body["filter"], body["cursor"], s.MAX_BULK)
+        step_ids = [step_id for step_id, _, _ in rows]
+        next_position = rows[-1][1:] if more else None
+    restarted, skipped = [], []
+    for step_id in step_ids:
+        try:
+            restarted.append(restart_one(step_id, body["params"], dry_run))
+        except PreconditionFailed as exc:
+            skipped.append({"step_id": step_id, "reason": reason_of(exc.errors)})
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            skipped.append({"step_id": step_id, "reason": "The database was busy; nothing changed. Retry this step."})
+    outcome = {"restarted": restarted, "skipped": skipped, "nextCursor": s.encode_failure_cursor(next_position)}
+    message = (
+        f"Dry run: {len(restarted)} step(s) would be restarted; nothing changed."
+        if dry_run
+        else (f"{len(restarted)} step(s) restarted, {len(skipped)} skipped.")
     )
-    stepd().runner.submit(job)
-    restarted = {"process_id": job.process_id, "step_id": job.step_id, "params": job.params}
-    return envelope(s.RestartResultSchema().dump(restarted), "Step restarted.")
+    return envelope(s.RestartManyResultSchema().dump(outcome), message)
+
+
+def restart_one(step_id, params, dry_run):
+    """Restart one step in its own compare-and-set; a dry run checks the same and rolls back."""
+    store = stepd().store
+    with store.transaction(rollback=True) if dry_run else nullcontext():
+        job = store.restart_failed_step(
+            step_id, params, current_principal().name, stepd().runner.id, stepd().registry.__contains__
+        )
+    if not dry_run:
+        stepd().runner.submit(job)
+    return {"process_id": job.process_id, "step_id": job.step_id, "params": job.params}
+
+
+def reason_of(errors):
+    """A precondition's field errors as one sentence, for a skipped step."""
+    return " ".join(message for messages in errors.values() for message in messages)
 
 
 @api.post("/processes/fail-step")
 @writes
+@idempotent
 @doc(body=s.FailStepSchema, data=s.StepSchema, errors=(412,))
 def fail_step():
     """Fail a STARTED step from outside (a deferred delegate's work failed, or an operator aborts it)."""
@@ -201,6 +330,7 @@ def fail_step():
 
 @api.post("/processes/complete-step")
 @writes
+@idempotent
 @doc(body=s.CompleteStepSchema, data=s.StepSchema, errors=(412,))
 def complete_step():
     """Complete a STARTED step from outside, with an optional result; the process carries on."""
@@ -217,7 +347,7 @@ def complete_step():
 def list_delegates():
     """The registered step types and what each does."""
     load_query(s.NoQuerySchema)
-    delegates = [{"type": d.type, "description": d.description} for d in stepd().registry.all()]
+    delegates = [{"type": d.type, "description": d.description, "retry": d.retry} for d in stepd().registry.all()]
     return envelope(s.DelegateSchema(many=True).dump(delegates))
 
 

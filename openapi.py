@@ -31,6 +31,14 @@ ERROR_TEXT = {
     500: "An unexpected error; data is an error id that is also in the server log.",
     503: "The database is busy or does not answer; retry (see Retry-After).",
 }
+IDEMPOTENCY_PARAMETER = {
+    "in": "header",
+    "name": "Idempotency-Key",
+    "required": False,
+    "description": "Send a POST again with the same key (and body) within 24 hours: the first answer"
+    " comes back and nothing is done twice.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
+}
 _envelopes = {}  # one envelope class per data schema, so apispec names each once
 
 
@@ -67,6 +75,8 @@ def _operation(view, method, secured, write):
         "responses": responses,
         "parameters": [{"in": "query", "schema": meta["query"]}],
     }
+    if write:
+        operation["parameters"].append(IDEMPOTENCY_PARAMETER)
     if meta["body"] is not None:
         operation["requestBody"] = {"required": True, "content": _json(meta["body"])}
     operation["security"] = [{"bearer": []}, {"basic": []}] if secured else []

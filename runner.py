@@ -3,8 +3,13 @@
 Every worker process has one runner with its own id. A step being executed carries that
 id in the database. Once a second the runner's watch thread refreshes its row and fails,
 with error type `Interrupted`, every step whose runner is gone (a killed worker or
-service), so it can be restarted. Nothing is re-run by itself: a delegate is called at
-most once per attempt.
+service), so it can be restarted. A crashed attempt is never re-run by itself: a
+delegate is called at most once per attempt.
+
+A delegate that raises, under a retry policy with retries left, leaves its step STARTED
+with a `next_retry_at` time in the database. The retry thread of every worker looks for
+due retries a few times a second; a compare-and-set lets exactly one of them begin the
+next attempt (trigger `retry`), so the schedule survives restarts of the service.
 """
 
 import logging
@@ -15,9 +20,10 @@ import socket
 import sqlite3
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from delegates import DEFERRED, Context
+from delegates import DEFERRED, Abort, Context
 from store import COMPLETED, FAILED, is_busy, new_id
 
 log = logging.getLogger("stepd.runner")
@@ -26,6 +32,9 @@ HEARTBEAT_SECONDS = 1.0
 STALE_AFTER_SECONDS = 5.0  # only for a runner on another host, whose process we cannot see
 STOP_GRACE_SECONDS = 5.0  # how long a clean stop waits for running delegates
 RECORD_RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
+RETRY_POLL_SECONDS = 0.2  # how often each worker looks for due automatic retries
+ANSWER_TTL_SECONDS = 24 * 3600  # how long an Idempotency-Key's answer is kept
+FORGET_EVERY_SECONDS = 60.0
 HOST = socket.gethostname()
 
 
@@ -83,6 +92,7 @@ class Runner:
         for n in range(self.threads):
             threading.Thread(target=self._work, name=f"stepd-delegate-{n}", daemon=True).start()
         threading.Thread(target=self._watch, name="stepd-watch", daemon=True).start()
+        threading.Thread(target=self._begin_due_retries, name="stepd-retries", daemon=True).start()
         log.info("runner %s started with %d delegate threads", self.id, self.threads)
 
     def _identity(self):
@@ -104,11 +114,14 @@ class Runner:
             log.warning("runner %s stopped; %d running step(s) marked Interrupted", self.id, len(interrupted))
 
     def submit(self, job):
-        """Queue a job whose attempt is already committed as STARTED by this runner."""
+        """Queue a job whose attempt is STARTED by this runner, once that is committed."""
         if job is not None:
-            with self._idle:
-                self._busy += 1  # counted from the queue on, so stop() never sees a job in between
-            self._jobs.put(job)
+            self.store.on_commit(lambda: self._enqueue(job))
+
+    def _enqueue(self, job):
+        with self._idle:
+            self._busy += 1  # counted from the queue on, so stop() never sees a job in between
+        self._jobs.put(job)
 
     # -- delegate threads --------------------------------------------------------------
     def _work(self):
@@ -148,8 +161,20 @@ class Runner:
         except BaseException as exc:  # even SystemExit: it fails the step, not the thread
             log.info("step %s attempt %d failed", job.step_id, job.attempt, exc_info=True)
             error = {"type": type(exc).__name__, "message": describe(exc)}
+            retry_at = self._retry_time(job, exc)
+            if retry_at is not None:
+                self._record(self.store.schedule_retry, job, error, retry_at)
+                return None
             return self._record(self.store.finish_attempt, job, FAILED, error=error, runner_id=self.id)
         return self._record(self.store.finish_attempt, job, COMPLETED, result=result, runner_id=self.id)
+
+    def _retry_time(self, job, exc):
+        """When to retry this failed attempt by itself (ISO time), or None if it is not retried."""
+        delegate = self.registry.get(job.type)
+        if delegate is None or isinstance(exc, Abort) or job.retries_used >= delegate.retry.retries:
+            return None
+        wait = timedelta(seconds=delegate.retry.seconds_before(job.retries_used))
+        return (datetime.now(UTC) + wait).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     def _call(self, job):
         delegate = self.registry.get(job.type)
@@ -179,16 +204,32 @@ class Runner:
                 time.sleep(delay)
         return write(*args, **kwargs)
 
-    # -- watch: heartbeat and orphans --------------------------------------------------
+    # -- watch: heartbeat, orphans, old answers ------------------------------------------
     def _watch(self):
+        forget_at = time.monotonic()
         while not self._stopping.wait(HEARTBEAT_SECONDS):
             try:
                 self.store.heartbeat(self._identity())
                 orphans = self.store.interrupt_orphans(runner_is_alive)
                 if orphans:
                     log.warning("marked %d step(s) of vanished runners Interrupted", len(orphans))
+                if time.monotonic() >= forget_at:
+                    self.store.forget_answers(time.time() - ANSWER_TTL_SECONDS)
+                    forget_at = time.monotonic() + FORGET_EVERY_SECONDS
             except Exception:  # a busy database now and then must not end the watch
                 log.exception("runner %s heartbeat failed; retrying", self.id)
+
+    # -- automatic retries -----------------------------------------------------------------
+    def _begin_due_retries(self):
+        while not self._stopping.wait(RETRY_POLL_SECONDS):
+            with self._idle:
+                if self._closed:
+                    return
+            try:
+                for job in self.store.claim_due_retries(self.id, limit=self.threads * 4):
+                    self.submit(job)
+            except Exception:  # a busy database now and then must not end the loop
+                log.exception("runner %s could not begin due retries; retrying", self.id)
 
 
 INT64 = (-(2**63), 2**63 - 1)

@@ -8,6 +8,7 @@ import base64
 import binascii
 import math
 import unicodedata
+from datetime import UTC
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
@@ -178,6 +179,45 @@ class QueryInteger(fields.Integer):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+class QueryBoolean(fields.Boolean):
+    """`true` or `false` in a query string, spelt exactly so (not 1, yes or on)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if value not in ("true", "false"):
+            raise ValidationError("Must be true or false.")
+        return value == "true"
+
+
+class UtcTime(fields.AwareDateTime):
+    """An ISO 8601 time with its offset; loads to stepd's own UTC form, so it compares as text."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class FailureCursor(fields.String):
+    """Where a bulk restart by filter left off: the last step's failure time and seq."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        finished_at, _, number = _decode_cursor(text).removeprefix("f:").rpartition("|")
+        if (
+            not number.isdecimal()
+            or int(number) > INT64_MAX
+            or encode_failure_cursor((finished_at, int(number))) != text
+        ):
+            raise ValidationError("Not a valid cursor.")
+        return finished_at, int(number)
+
+
+def encode_failure_cursor(position):
+    if position is None:
+        return None
+    finished_at, seq = position
+    return base64.urlsafe_b64encode(f"f:{finished_at}|{seq}".encode()).decode().rstrip("=")
+
+
 def encode_cursor(prefix, seq):
     if seq is None:
         return None
@@ -202,6 +242,43 @@ class StartProcessSchema(Schema):
 class RestartStepSchema(Schema):
     step_id = step_id_field(data_key="processStepId")
     params = OptionalParams()
+
+
+class RestartQuery(Schema):
+    dry_run = QueryBoolean(data_key="dryRun", load_default=False)
+
+
+class StepFilterSchema(Schema):
+    type = fields.String(validate=[validate.Length(1, 128), encodable], load_default=None)
+    process_id = fields.String(
+        data_key="processId", validate=validate.Regexp(ID_PATTERN, error="Not a valid process id."), load_default=None
+    )
+    failed_before = UtcTime(data_key="failedBefore", load_default=None)
+    failed_after = UtcTime(data_key="failedAfter", load_default=None)
+
+
+MAX_BULK = 1000
+
+
+class RestartManySchema(Schema):
+    """Either a list of step ids or a filter (with the cursor of an earlier call), not both."""
+
+    step_ids = fields.List(
+        step_id_field(), data_key="processStepIds", validate=validate.Length(1, MAX_BULK), load_default=None
+    )
+    filter = fields.Nested(StepFilterSchema, load_default=None)
+    cursor = FailureCursor(load_default=None)
+    params = OptionalParams()
+
+    @validates_schema
+    def ids_or_filter(self, data, **kwargs):
+        if (data.get("step_ids") is None) == (data.get("filter") is None):
+            raise ValidationError("Give exactly one of processStepIds and filter.", "_schema")
+        if data.get("cursor") is not None and data.get("filter") is None:
+            raise ValidationError("A cursor continues a filter; give the filter too.", "cursor")
+        ids = data.get("step_ids") or []
+        if len(set(ids)) != len(ids):
+            raise ValidationError("Each step id may be listed once.", "processStepIds")
 
 
 class ErrorInputSchema(Schema):
@@ -236,8 +313,9 @@ class StepListQuery(Schema):
 
 
 # -- responses ---------------------------------------------------------------------------
-def timestamp(**kwargs):
-    return fields.String(metadata={"format": "date-time"}, **kwargs)
+def timestamp(description=None, **kwargs):
+    metadata = {"format": "date-time"} | ({"description": description} if description else {})
+    return fields.String(metadata=metadata, **kwargs)
 
 
 class ErrorSchema(Schema):
@@ -259,11 +337,17 @@ class StepSchema(Schema):
     startedAt = timestamp(attribute="started_at", allow_none=True, required=True)
     finishedAt = timestamp(attribute="finished_at", allow_none=True, required=True)
     deferred = fields.Boolean(required=True)
+    nextRetryAt = timestamp(
+        attribute="next_retry_at",
+        allow_none=True,
+        required=True,
+        description="While a STARTED step waits for an automatic retry: when it is due.",
+    )
 
 
 class AttemptSchema(Schema):
     attempt = fields.Integer(required=True)
-    trigger = fields.String(required=True, validate=validate.OneOf(("start", "restart")))
+    trigger = fields.String(required=True, validate=validate.OneOf(("start", "restart", "retry")))
     principal = fields.String(required=True)
     params = Params(required=True)
     status = fields.String(required=True, validate=validate.OneOf(("STARTED", "COMPLETED", "FAILED")))
@@ -304,9 +388,32 @@ class RestartResultSchema(Schema):
     params = Params(required=True)
 
 
+class SkippedStepSchema(Schema):
+    processStepId = fields.String(attribute="step_id", required=True)
+    reason = fields.String(required=True)
+
+
+class RestartManyResultSchema(Schema):
+    restarted = fields.List(fields.Nested(RestartResultSchema), required=True)
+    skipped = fields.List(fields.Nested(SkippedStepSchema), required=True)
+    nextCursor = fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "Set when a filter matched more steps than one call restarts: send it back."},
+    )
+
+
+class RetryPolicySchema(Schema):
+    retries = fields.Integer(required=True)
+    backoff = fields.Float(required=True)
+    delay = fields.Float(required=True)
+    maxDelay = fields.Float(attribute="max_delay", required=True)
+
+
 class DelegateSchema(Schema):
     type = fields.String(required=True)
     description = fields.String(required=True)
+    retry = fields.Nested(RetryPolicySchema, required=True)
 
 
 class HealthSchema(Schema):

@@ -122,11 +122,47 @@ MIGRATIONS = [
         created_at   TEXT NOT NULL
     );
     """,
+    # 2: automatic retries (a step waits STARTED with next_retry_at set), the 'retry' trigger,
+    # and stored answers to requests that carried an Idempotency-Key.
+    """
+    ALTER TABLE steps ADD COLUMN next_retry_at TEXT;
+    ALTER TABLE steps ADD COLUMN retries_used INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX steps_due_retries ON steps (next_retry_at) WHERE next_retry_at IS NOT NULL;
+    CREATE INDEX steps_failed_oldest_first ON steps (finished_at, seq) WHERE status = 'FAILED';
+
+    CREATE TABLE attempts_v2 (
+        step_id        TEXT NOT NULL REFERENCES steps (id),
+        attempt        INTEGER NOT NULL,
+        trigger        TEXT NOT NULL CHECK (trigger IN ('start', 'restart', 'retry')),
+        principal      TEXT NOT NULL,
+        params         TEXT NOT NULL,
+        status         TEXT NOT NULL CHECK (status IN ('STARTED', 'COMPLETED', 'FAILED')),
+        error_type     TEXT,
+        error_message  TEXT,
+        started_at     TEXT NOT NULL,
+        finished_at    TEXT,
+        PRIMARY KEY (step_id, attempt)
+    ) WITHOUT ROWID;
+    INSERT INTO attempts_v2 SELECT * FROM attempts;
+    DROP TABLE attempts;
+    ALTER TABLE attempts_v2 RENAME TO attempts;
+
+    CREATE TABLE idempotent_requests (
+        principal    TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        fingerprint  TEXT NOT NULL,
+        status       INTEGER NOT NULL,
+        body         TEXT NOT NULL,
+        created_at   REAL NOT NULL,
+        PRIMARY KEY (principal, key)
+    );
+    CREATE INDEX idempotent_requests_by_age ON idempotent_requests (created_at);
+    """,
 ]
 
 STEP_COLUMNS = (
     "id, process_id, position, type, status, params, result, attempts, error_type, error_message,"
-    " deferred, created_at, started_at, finished_at"
+    " deferred, next_retry_at, created_at, started_at, finished_at"
 )
 PROCESS_COLUMNS = "seq, id, name, status, principal, created_at, updated_at"
 
@@ -147,6 +183,7 @@ def _step(row):
         "attempts": row["attempts"],
         "error": _error(row["error_type"], row["error_message"]),
         "deferred": bool(row["deferred"]),
+        "next_retry_at": row["next_retry_at"],
         "created_at": row["created_at"],
         "started_at": row["started_at"],
         "finished_at": row["finished_at"],
@@ -213,18 +250,63 @@ class Store:
             self._local.conn = None
 
     @contextmanager
-    def transaction(self):
-        """A write transaction: takes the write lock at once, commits or rolls back."""
+    def transaction(self, rollback=False):
+        """A write transaction: takes the write lock at once, commits or rolls back.
+
+        Inside another write transaction of this thread it is a savepoint of that one, so a
+        request can wrap several store calls in one atomic change (Idempotency-Key, dry run).
+        `rollback=True` checks everything and then undoes it (dry run).
+        """
         conn = self.connection()
+        if getattr(self._local, "writing", False):
+            with self._savepoint(conn, rollback):
+                yield conn
+            return
+        if conn.in_transaction:
+            raise RuntimeError("a write transaction cannot start inside a read snapshot")
+        self._local.on_commit = []
         with self._writer_turn():
             conn.execute("BEGIN IMMEDIATE")
+            self._local.writing = True
             try:
                 yield conn
-                conn.execute("COMMIT")
+                conn.execute("ROLLBACK" if rollback else "COMMIT")
             except BaseException:
                 if conn.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
                     conn.execute("ROLLBACK")
                 raise
+            finally:
+                self._local.writing = False
+                callbacks, self._local.on_commit = self._local.on_commit, []
+        if not rollback:
+            for callback in callbacks:
+                callback()
+
+    @contextmanager
+    def _savepoint(self, conn, rollback):
+        callbacks_before = len(self._local.on_commit)
+        conn.execute("SAVEPOINT nested")
+        try:
+            yield
+        except BaseException:
+            rollback = True
+            raise
+        finally:
+            if rollback:  # what was undone must not be acted on after the commit either
+                conn.execute("ROLLBACK TO nested")
+                del self._local.on_commit[callbacks_before:]
+            conn.execute("RELEASE nested")
+
+    def on_commit(self, callback):
+        """Call `callback` once this thread's write transaction commits (now, if none is open).
+
+        A job handed to the runner before its STARTED row is committed would be dropped as
+        stale, so the runner submits through this.
+        """
+        if getattr(self._local, "writing", False):
+            self._local.on_commit.append(callback)
+        else:
+            callback()
 
     @contextmanager
     def _writer_turn(self):
@@ -267,6 +349,9 @@ class Store:
     def snapshot(self):
         """A read transaction: every query inside sees the same state."""
         conn = self.connection()
+        if conn.in_transaction:  # inside a write transaction: it already sees one state
+            yield conn
+            return
         conn.execute("BEGIN")
         try:
             yield conn
@@ -388,7 +473,8 @@ class Store:
             changed = db.execute(
                 "UPDATE steps SET status = 'STARTED', attempts = attempts + 1, params = ?, error_type = NULL,"
                 " error_message = NULL, result = NULL, deferred = 0, runner_id = ?, started_at = ?,"
-                " finished_at = NULL WHERE id = ? AND status = 'FAILED' AND attempts = ?",
+                " finished_at = NULL, next_retry_at = NULL, retries_used = 0"
+                " WHERE id = ? AND status = 'FAILED' AND attempts = ?",
                 (params_to_json(params), runner_id, now, step_id, row["attempts"]),
             ).rowcount
             if changed != 1:  # cannot happen under BEGIN IMMEDIATE; kept as the compare-and-set's check
@@ -408,7 +494,7 @@ class Store:
         with self.transaction() as db:
             changed = db.execute(
                 "UPDATE steps SET status = ?, result = ?, error_type = ?, error_message = ?, finished_at = ?"
-                " WHERE id = ? AND status = 'STARTED' AND attempts = ? AND deferred = 0",
+                " WHERE id = ? AND status = 'STARTED' AND attempts = ? AND deferred = 0 AND next_retry_at IS NULL",
                 (
                     status,
                     None if result is None else params_to_json(result),
@@ -434,6 +520,91 @@ class Store:
                 (job.step_id, job.attempt),
             )
 
+    def failed_steps(self, where, after=None, limit=1000):
+        """FAILED steps matching `where` (type, process_id, failed_before, failed_after; None = any),
+        oldest failure first, after the (finished_at, seq) position `after`.
+
+        Returns up to `limit` (id, finished_at, seq) rows and whether more match.
+        """
+        conditions, args = ["status = 'FAILED'"], []
+        for column, operator, key in (
+            ("type", "=", "type"),
+            ("process_id", "=", "process_id"),
+            ("finished_at", "<", "failed_before"),
+            ("finished_at", ">", "failed_after"),
+        ):
+            if where.get(key) is not None:
+                conditions.append(f"{column} {operator} ?")
+                args.append(where[key])
+        if after is not None:
+            conditions.append("(finished_at, seq) > (?, ?)")
+            args.extend(after)
+        rows = (
+            self.connection()
+            .execute(
+                f"SELECT id, finished_at, seq FROM steps WHERE {' AND '.join(conditions)}"
+                " ORDER BY finished_at, seq LIMIT ?",
+                (*args, limit + 1),
+            )
+            .fetchall()
+        )
+        return [tuple(row) for row in rows[:limit]], len(rows) > limit
+
+    # -- automatic retries -------------------------------------------------------------
+    def schedule_retry(self, job, error, retry_at):
+        """Close a failed attempt and leave the step STARTED until `retry_at` (ISO time).
+
+        Any worker's runner may pick it up then (claim_due_retries); returns whether the
+        attempt was still current.
+        """
+        now = now_iso()
+        with self.transaction() as db:
+            changed = db.execute(
+                "UPDATE steps SET error_type = ?, error_message = ?, next_retry_at = ?, runner_id = NULL"
+                " WHERE id = ? AND status = 'STARTED' AND attempts = ? AND deferred = 0 AND next_retry_at IS NULL",
+                (error["type"], error["message"], retry_at, job.step_id, job.attempt),
+            ).rowcount
+            if changed != 1:
+                return False
+            self._close_attempt(db, job.step_id, job.attempt, FAILED, error, now)
+            self._refresh_process(db, job.process_id, now)
+        return True
+
+    def claim_due_retries(self, runner_id, limit):
+        """Begin the next attempt (trigger 'retry') of up to `limit` steps whose retry is due.
+
+        The compare-and-set on attempts and next_retry_at makes each retry begin exactly once,
+        however many workers look for due retries at the same moment.
+        """
+        now = now_iso()
+        due = "SELECT id FROM steps WHERE next_retry_at <= ? AND status = 'STARTED' ORDER BY next_retry_at LIMIT ?"
+        if not self.connection().execute(due, (now, limit)).fetchone():
+            return []  # polled often by every worker: look first, take the write lock only for work
+        jobs = []
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT s.id, s.process_id, s.type, s.params, s.attempts, s.retries_used, a.principal"
+                " FROM steps s JOIN attempts a ON a.step_id = s.id AND a.attempt = s.attempts"
+                " WHERE s.next_retry_at <= ? AND s.status = 'STARTED' ORDER BY s.next_retry_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            for row in rows:
+                changed = db.execute(
+                    "UPDATE steps SET attempts = attempts + 1, retries_used = retries_used + 1, next_retry_at = NULL,"
+                    " error_type = NULL, error_message = NULL, runner_id = ?, started_at = ?"
+                    " WHERE id = ? AND status = 'STARTED' AND attempts = ? AND next_retry_at IS NOT NULL",
+                    (runner_id, now, row["id"], row["attempts"]),
+                ).rowcount
+                if changed != 1:
+                    continue
+                params = params_from_json(row["params"])
+                attempt = row["attempts"] + 1
+                self._insert_attempt(db, row["id"], attempt, "retry", row["principal"], params, now)
+                jobs.append(Job(row["id"], row["process_id"], row["type"], params, attempt, row["retries_used"] + 1))
+            for process_id in {job.process_id for job in jobs}:
+                self._refresh_process(db, process_id, now)
+        return jobs
+
     def complete_step(self, step_id, result, runner_id):
         """STARTED -> COMPLETED from outside; returns (step, next job or None)."""
         return self._end_started_step(step_id, COMPLETED, result, None, runner_id)
@@ -446,12 +617,18 @@ class Store:
     def _end_started_step(self, step_id, status, result, error, runner_id):
         now = now_iso()
         with self.transaction() as db:
-            row = db.execute("SELECT process_id, status, attempts FROM steps WHERE id = ?", (step_id,)).fetchone()
+            row = db.execute(
+                "SELECT process_id, status, attempts, next_retry_at FROM steps WHERE id = ?", (step_id,)
+            ).fetchone()
             if row is None:
                 raise PreconditionFailed({"processStepId": ["No step has this id."]})
+            if row["next_retry_at"] is not None and status == COMPLETED:
+                raise PreconditionFailed(
+                    {"status": ["Step is waiting for an automatic retry; fail it to stop the retries."]}
+                )
             changed = db.execute(
                 "UPDATE steps SET status = ?, result = ?, error_type = ?, error_message = ?, deferred = 0,"
-                " finished_at = ? WHERE id = ? AND status = 'STARTED' AND attempts = ?",
+                " next_retry_at = NULL, finished_at = ? WHERE id = ? AND status = 'STARTED' AND attempts = ?",
                 (
                     status,
                     None if result is None else params_to_json(result),
@@ -565,7 +742,8 @@ class Store:
         alive = {r["id"] for r in runners if is_alive(r)}
         gone = [r["id"] for r in runners if r["id"] not in alive]
         started = db.execute(
-            "SELECT id, process_id, attempts, runner_id FROM steps WHERE status = 'STARTED' AND deferred = 0"
+            "SELECT id, process_id, attempts, runner_id FROM steps"
+            " WHERE status = 'STARTED' AND deferred = 0 AND next_retry_at IS NULL"
         ).fetchall()
         orphans = [row for row in started if row["runner_id"] not in alive]
         return (orphans, gone) if orphans or gone else ()
@@ -576,7 +754,7 @@ class Store:
         with self.transaction() as db:
             rows = db.execute(
                 "SELECT id, process_id, attempts, runner_id FROM steps"
-                " WHERE status = 'STARTED' AND deferred = 0 AND runner_id = ?",
+                " WHERE status = 'STARTED' AND deferred = 0 AND next_retry_at IS NULL AND runner_id = ?",
                 (runner_id,),
             ).fetchall()
             for row in rows:
@@ -588,7 +766,7 @@ class Store:
         error = {"type": "Interrupted", "message": message}
         changed = db.execute(
             "UPDATE steps SET status = 'FAILED', error_type = ?, error_message = ?, finished_at = ?"
-            " WHERE id = ? AND status = 'STARTED' AND attempts = ? AND deferred = 0",
+            " WHERE id = ? AND status = 'STARTED' AND attempts = ? AND deferred = 0 AND next_retry_at IS NULL",
             (error["type"], message, now, row["id"], row["attempts"]),
         ).rowcount
         if changed == 1:
@@ -600,12 +778,41 @@ class Store:
         row = (
             self.connection()
             .execute(
-                "SELECT 1 FROM steps WHERE id = ? AND status = 'STARTED' AND attempts = ? AND deferred = 0",
+                "SELECT 1 FROM steps WHERE id = ? AND status = 'STARTED' AND attempts = ? AND deferred = 0"
+                " AND next_retry_at IS NULL",
                 (job.step_id, job.attempt),
             )
             .fetchone()
         )
         return row is not None
+
+    # -- answers to requests with an Idempotency-Key ----------------------------------------
+    def stored_answer(self, db, principal, key, since):
+        """The answer stored for this principal's key after `since` (epoch seconds), or None."""
+        row = db.execute(
+            "SELECT fingerprint, status, body FROM idempotent_requests"
+            " WHERE principal = ? AND key = ? AND created_at >= ?",
+            (principal, key, since),
+        ).fetchone()
+        return dict(row) if row else None
+
+    def store_answer(self, db, principal, key, fingerprint, status, body):
+        db.execute(
+            "INSERT OR REPLACE INTO idempotent_requests (principal, key, fingerprint, status, body, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (principal, key, fingerprint, status, body, time.time()),
+        )
+
+    def forget_answers(self, before):
+        """Delete answers stored before `before` (epoch seconds); returns how many."""
+        if (
+            not self.connection()
+            .execute("SELECT 1 FROM idempotent_requests WHERE created_at < ? LIMIT 1", (before,))
+            .fetchone()
+        ):
+            return 0
+        with self.transaction() as db:
+            return db.execute("DELETE FROM idempotent_requests WHERE created_at < ?", (before,)).rowcount
 
     # -- API tokens ------------------------------------------------------------------
     def add_token(self, name, role, secret_hash):
@@ -655,14 +862,15 @@ class Store:
 class Job:
     """One attempt of one step, to be handed to its delegate."""
 
-    __slots__ = ("step_id", "process_id", "type", "params", "attempt")
+    __slots__ = ("step_id", "process_id", "type", "params", "attempt", "retries_used")
 
-    def __init__(self, step_id, process_id, step_type, params, attempt):
+    def __init__(self, step_id, process_id, step_type, params, attempt, retries_used=0):
         self.step_id = step_id
         self.process_id = process_id
         self.type = step_type
         self.params = params
         self.attempt = attempt
+        self.retries_used = retries_used  # automatic retries since the last start or manual restart
 
     def __repr__(self):
         return f"Job({self.step_id!r}, attempt={self.attempt})"

@@ -10,14 +10,26 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import math
 import pkgutil
+import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Abort", "Context", "Delegate", "DelegateLoadError", "Registry", "delegate", "load_registry"]
+__all__ = [
+    "Abort",
+    "Context",
+    "Delegate",
+    "DelegateLoadError",
+    "Registry",
+    "RetryPolicy",
+    "delegate",
+    "load_registry",
+]
 
 _MARK = "_stepd_delegate_type"
+_RETRY = "_stepd_retry_policy"
 
 
 class DelegateLoadError(Exception):
@@ -25,7 +37,42 @@ class DelegateLoadError(Exception):
 
 
 class Abort(Exception):
-    """Raise to fail a step at once, with this message."""
+    """Raise to fail a step at once, with this message, whatever its retry policy."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often, and how long after, a step whose delegate raised is retried by itself.
+
+    Retry n (0 for the first) waits a random time between half and all of
+    min(max_delay, delay * backoff**n) seconds: the jitter spreads out retries of many
+    steps that failed together (say, when the service they call went down).
+    """
+
+    retries: int = 0
+    backoff: float = 2.0
+    delay: float = 1.0
+    max_delay: float = 300.0
+
+    def __post_init__(self):
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"retries must be a whole number >= 0, not {self.retries!r}")
+        for name in ("backoff", "delay", "max_delay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number of seconds, not {value!r}")
+        if self.backoff < 1:
+            raise ValueError(f"backoff must be >= 1, not {self.backoff!r}")
+        if not 0 <= self.delay <= self.max_delay:
+            raise ValueError(f"need 0 <= delay <= max_delay, not delay={self.delay!r}, max_delay={self.max_delay!r}")
+
+    def seconds_before(self, retry_number):
+        """How long to wait before automatic retry number `retry_number` (0-based)."""
+        try:
+            ceiling = min(self.max_delay, self.delay * self.backoff**retry_number)
+        except OverflowError:
+            ceiling = self.max_delay
+        return random.uniform(ceiling / 2, ceiling)
 
 
 class _Deferred:
@@ -38,13 +85,19 @@ class _Deferred:
 DEFERRED = _Deferred()
 
 
-def delegate(step_type):
-    """Mark a function as the delegate for `step_type`."""
+def delegate(step_type, retries=0, backoff=2.0, delay=1.0, max_delay=300.0):
+    """Mark a function as the delegate for `step_type`.
+
+    With `retries`, a step whose delegate raises is retried by itself, up to that many
+    times (see RetryPolicy for the waits), before it is FAILED for an operator.
+    """
     if not isinstance(step_type, str) or not step_type:
         raise ValueError("delegate() needs a non-empty step type")
+    policy = RetryPolicy(retries, backoff, delay, max_delay)
 
     def mark(fn):
         setattr(fn, _MARK, step_type)
+        setattr(fn, _RETRY, policy)
         return fn
 
     return mark
@@ -70,6 +123,7 @@ class Delegate:
     type: str
     fn: object
     source: str  # the file it was defined in, for error messages
+    retry: RetryPolicy = RetryPolicy()
 
     @property
     def description(self):
@@ -83,11 +137,11 @@ class Registry:
     def __init__(self):
         self._by_type = {}
 
-    def add(self, step_type, fn, source):
+    def add(self, step_type, fn, source, retry=RetryPolicy()):
         existing = self._by_type.get(step_type)
         if existing is not None:
             raise DelegateLoadError(f"two delegates for step type {step_type!r}: {existing.source} and {source}")
-        self._by_type[step_type] = Delegate(step_type, fn, source)
+        self._by_type[step_type] = Delegate(step_type, fn, source, retry)
 
     def remove(self, step_type):
         self._by_type.pop(step_type, None)
@@ -111,7 +165,7 @@ def _add_module(registry, module):
             existing = registry.get(step_type)
             if existing is not None and existing.fn is value:
                 continue  # the same function under a second name (an alias), not a second delegate
-            registry.add(step_type, value, source)
+            registry.add(step_type, value, source, getattr(value, _RETRY, RetryPolicy()))
 
 
 def _builtin_modules():

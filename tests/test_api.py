@@ -21,7 +21,7 @@ PROCESS_KEYS = {"processId", "name", "status", "steps", "createdAt", "updatedAt"
 SUMMARY_KEYS = PROCESS_KEYS - {"steps"}
 STEP_KEYS = {
     "processStepId", "processId", "position", "type", "status", "params", "result",
-    "attempts", "error", "createdAt", "startedAt", "finishedAt", "deferred",
+    "attempts", "error", "createdAt", "startedAt", "finishedAt", "deferred", "nextRetryAt",
 }  # fmt: skip
 ATTEMPT_KEYS = {"attempt", "trigger", "principal", "params", "status", "error", "startedAt", "finishedAt"}
 ERROR_MESSAGES = {
@@ -799,7 +799,8 @@ def test_delegates_lists_every_type_with_the_first_docstring_line(app, api):
 
     app.extensions["stepd"].registry.add("multi.line", multi, "test")
     listed = ok(api.get("/api/v1/delegates"))
-    assert all(set(d) == {"type", "description"} for d in listed)
+    assert all(set(d) == {"type", "description", "retry"} for d in listed)
+    assert all(set(d["retry"]) == {"retries", "backoff", "delay", "maxDelay"} for d in listed)
     by_type = {d["type"]: d["description"] for d in listed}
     assert len(by_type) == len(listed)
     assert by_type["noop"] == "Do nothing and complete."

@@ -23,6 +23,7 @@ ROUTES = [
     ("GET", f"{P}/steps", None),
     ("GET", f"{P}/steps/SomeStepId", None),
     ("POST", f"{P}/restart-failed-step", {"processStepId": "SomeStepId"}),
+    ("POST", f"{P}/restart-failed-steps", {"processStepIds": ["SomeStepId"]}),
     ("POST", f"{P}/fail-step", {"processStepId": "SomeStepId"}),
     ("POST", f"{P}/complete-step", {"processStepId": "SomeStepId"}),
     ("GET", "/api/v1/delegates", None),
