@@ -276,9 +276,12 @@ def restart_failed_steps():
     body = load_body(s.RestartManySchema)
     step_ids, next_position = body["step_ids"], None
     if step_ids is None:
-        rows, more = stepd().store.failed_steps(body["filter"], body["cursor"], s.MAX_BULK)
+        # A walk over pages takes the steps that had failed when it began: a step it restarted
+        # that fails again (now later than the cursor) is not picked twice.
+        after, until = (body["cursor"][:2], body["cursor"][2]) if body["cursor"] else (None, now_iso())
+        rows, more = stepd().store.failed_steps({**body["filter"], "failed_until": until}, after, s.MAX_BULK)
         step_ids = [step_id for step_id, _, _ in rows]
-        next_position = rows[-1][1:] if more else None
+        next_position = (*rows[-1][1:], until) if more else None
     restarted, skipped = [], []
     for step_id in step_ids:
         try:

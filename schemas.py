@@ -197,25 +197,26 @@ class UtcTime(fields.AwareDateTime):
 
 
 class FailureCursor(fields.String):
-    """Where a bulk restart by filter left off: the last step's failure time and seq."""
+    """Where a bulk restart by filter left off: the last step's failure time and seq, and when the
+    walk began (later failures, such as a restarted step failing again, are not part of it)."""
 
     def _deserialize(self, value, attr, data, **kwargs):
         text = super()._deserialize(value, attr, data, **kwargs)
-        finished_at, _, number = _decode_cursor(text).removeprefix("f:").rpartition("|")
+        finished_at, number, until = ([*_decode_cursor(text).removeprefix("f:").split("|"), "", ""])[:3]
         if (
             not number.isdecimal()
             or int(number) > INT64_MAX
-            or encode_failure_cursor((finished_at, int(number))) != text
+            or encode_failure_cursor((finished_at, int(number), until)) != text
         ):
             raise ValidationError("Not a valid cursor.")
-        return finished_at, int(number)
+        return finished_at, int(number), until
 
 
 def encode_failure_cursor(position):
     if position is None:
         return None
-    finished_at, seq = position
-    return base64.urlsafe_b64encode(f"f:{finished_at}|{seq}".encode()).decode().rstrip("=")
+    finished_at, seq, until = position
+    return base64.urlsafe_b64encode(f"f:{finished_at}|{seq}|{until}".encode()).decode().rstrip("=")
 
 
 def encode_cursor(prefix, seq):

@@ -521,8 +521,8 @@ class Store:
             )
 
     def failed_steps(self, where, after=None, limit=1000):
-        """FAILED steps matching `where` (type, process_id, failed_before, failed_after; None = any),
-        oldest failure first, after the (finished_at, seq) position `after`.
+        """FAILED steps matching `where` (type, process_id, failed_before, failed_after, failed_until
+        (also strictly before); None = any), oldest failure first, after the (finished_at, seq) position `after`.
 
         Returns up to `limit` (id, finished_at, seq) rows and whether more match.
         """
@@ -532,6 +532,7 @@ class Store:
             ("process_id", "=", "process_id"),
             ("finished_at", "<", "failed_before"),
             ("finished_at", ">", "failed_after"),
+            ("finished_at", "<", "failed_until"),
         ):
             if where.get(key) is not None:
                 conditions.append(f"{column} {operator} ?")
