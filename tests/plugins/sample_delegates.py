@@ -61,3 +61,66 @@ def echo(ctx):
         "attempt": ctx.attempt,
         "names": ",".join(sorted(ctx.params)),
     }
+
+
+# -- delegates with retry policies (tests/test_retries.py and friends) ---------------------------
+def _count_call(ctx):
+    with open(ctx.params["file"], "a") as out:
+        out.write(f"{ctx.step_id} {ctx.attempt}\n")
+
+
+@delegate("retry_count", retries=3, backoff=2.0, delay=0.1, max_delay=0.3)
+def retry_count(ctx):
+    """Count the call in param `file`; fail before attempt param `pass_at` (always, without it)."""
+    _count_call(ctx)
+    if ctx.attempt < ctx.params.get("pass_at", 2**62):
+        raise ConnectionError(f"attempt {ctx.attempt} failed")
+
+
+@delegate("retry_window", retries=3, backoff=4.0, delay=0.2, max_delay=0.5)
+def retry_window(ctx):
+    """Count the call in param `file` and fail: waits of 0.1-0.2, 0.25-0.5 and 0.25-0.5 s."""
+    _count_call(ctx)
+    raise ConnectionError(f"attempt {ctx.attempt} failed")
+
+
+@delegate("retry_abort", retries=3, delay=0.1)
+def retry_abort(ctx):
+    """Count the call in param `file`, then give up at once with delegates.Abort."""
+    from delegates import Abort
+
+    _count_call(ctx)
+    raise Abort(ctx.params.get("message", "gave up"))
+
+
+@delegate("retry_soon", retries=1, backoff=1.0, delay=0.6, max_delay=0.6)
+def retry_soon(ctx):
+    """Count the call in param `file`; fail before attempt param `pass_at`; one retry after 0.3-0.6 s."""
+    _count_call(ctx)
+    if ctx.attempt < ctx.params.get("pass_at", 2**62):
+        raise ConnectionError(f"attempt {ctx.attempt} failed")
+
+
+@delegate("retry_later", retries=1, backoff=1.0, delay=2.0, max_delay=2.0)
+def retry_later(ctx):
+    """Count the call in param `file`; fail before attempt param `pass_at`; one retry after 1-2 s."""
+    _count_call(ctx)
+    if ctx.attempt < ctx.params.get("pass_at", 2**62):
+        raise ConnectionError(f"attempt {ctx.attempt} failed")
+
+
+@delegate("retry_slow", retries=2, backoff=1.0, delay=30.0, max_delay=30.0)
+def retry_slow(ctx):
+    """Count the call in param `file` and fail; the retry waits 15-30 s."""
+    _count_call(ctx)
+    raise ConnectionError(f"attempt {ctx.attempt} failed")
+
+
+@delegate("retry_gate", retries=2, delay=0.1)
+def retry_gate(ctx):
+    """Count the call in param `file`, wait for the file in param `gate` (10 s at most), then fail."""
+    _count_call(ctx)
+    deadline = time.monotonic() + 10
+    while not Path(ctx.params["gate"]).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    raise ConnectionError(f"attempt {ctx.attempt} failed")
