@@ -62,6 +62,16 @@ def db_rows(db_path, sql, *args):
         conn.close()
 
 
+def db_write(db_path, sql, *args):
+    """One committed change straight in the file, as another program could make it."""
+    conn = sqlite3.connect(db_path, timeout=10)
+    try:
+        with conn:
+            return conn.execute(sql, args).rowcount
+    finally:
+        conn.close()
+
+
 def db_dump(db_path, skip=("runners",)):
     """Every row of every table (but `skip`: heartbeats move by themselves), to compare states."""
     conn = sqlite3.connect(db_path, timeout=10)

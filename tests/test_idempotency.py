@@ -1,0 +1,319 @@
+"""Idempotency-Key on every POST: a repeat by the same principal with the same request within 24 hours
+gets the first answer again (fresh timestamp) and does nothing; another request under the key is 412."""
+
+import threading
+import time
+
+import pytest
+from helpers import typed, wait_for
+from support import BULK, COMPLETE, FAIL, RESTART, P, calls, db_rows, db_write, ok, parse_time, refused
+
+import app as app_module
+import schemas
+from auth import hash_secret
+
+KEY = "Idempotency-Key"
+SECOND_SECRET = "second-operator-secret"
+
+
+def with_key(key, **headers):
+    return {KEY: key, **headers}
+
+
+def same_but_timestamp(first, second):
+    a, b = dict(first.json), dict(second.json)
+    assert a.pop("timestamp") and b.pop("timestamp")
+    return a == b
+
+
+def count_processes(db):
+    return db_rows(db, "SELECT COUNT(*) FROM processes")[0][0]
+
+
+def stored_keys(db):
+    return db_rows(db, "SELECT principal, key, status FROM idempotent_requests ORDER BY principal, key")
+
+
+@pytest.fixture
+def db(app):
+    return app.config["STEPD_DB"]
+
+
+@pytest.fixture
+def second(app):
+    app.extensions["stepd"].store.add_token("ops2", "operator", hash_secret(SECOND_SECRET))
+    return {"Authorization": f"Bearer {SECOND_SECRET}"}
+
+
+def failed_count_step(api, counted):
+    process = api.start(("count", {"file": str(counted), "fail": 1}), ("noop", {}))
+    step = api.wait_process(process["processId"], "FAILED")["steps"][0]
+    return process["processId"], step["processStepId"]
+
+
+START = {"name": "once", "steps": [{"type": "noop", "params": typed(a=1, b="x")}]}
+
+
+# -- replays -----------------------------------------------------------------------------------
+def test_a_repeated_start_returns_the_first_answer_and_starts_nothing(api, db):
+    first = api.post(P, START, headers=with_key("start-1"))
+    assert first.status_code == 201
+    assert "Idempotent-Replayed" not in first.headers
+    time.sleep(0.01)
+    again = api.post(P, START, headers=with_key("start-1"))
+    assert again.status_code == 201
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.mimetype == "application/json"
+    assert same_but_timestamp(first, again)
+    assert parse_time(again.json["timestamp"]) > parse_time(first.json["timestamp"])
+    assert again.headers["X-Request-Id"] and again.headers["X-Request-Id"] != first.headers["X-Request-Id"]
+    assert count_processes(db) == 1
+    # the replay is the first answer even though the process has moved on since
+    process_id = first.json["data"]["processId"]
+    api.wait_process(process_id, "COMPLETED")
+    assert api.post(P, START, headers=with_key("start-1")).json["data"]["status"] == "RUNNING"
+    assert stored_keys(db) == [("ops", "start-1", 201)]
+
+
+def test_key_order_and_whitespace_of_the_body_do_not_matter(api, db):
+    first = api.client.post(
+        P, data=b'{"name": "once", "steps": [{"type": "noop"}]}', content_type="application/json",
+        headers=with_key("k", **api.headers),
+    )  # fmt: skip
+    again = api.client.post(
+        P, data=b'{\n  "steps":[ {"type":"noop"} ],\n  "name":"once"\n}', content_type="application/json",
+        headers=with_key("k", **api.headers),
+    )  # fmt: skip
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert same_but_timestamp(first, again)
+    assert count_processes(db) == 1
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"name": "twice", "steps": START["steps"]},
+        {"name": "once", "steps": [{"type": "noop", "params": typed(a=2, b="x")}]},
+        {"steps": START["steps"]},
+    ],
+    ids=["name", "param-value", "missing-field"],
+)
+def test_the_same_key_with_another_body_is_412_naming_the_key_and_does_nothing(api, db, other):
+    first = api.post(P, START, headers=with_key("my-key"))
+    assert first.status_code == 201
+    data = refused(api.post(P, other, headers=with_key("my-key")))
+    assert set(data) == {KEY}
+    assert "'my-key'" in data[KEY][0]
+    assert count_processes(db) == 1
+    # the key still answers with its first response
+    again = api.post(P, START, headers=with_key("my-key"))
+    assert again.status_code == 201 and same_but_timestamp(first, again)
+
+
+def test_the_same_key_on_another_path_or_query_is_412(api, db, tmp_path):
+    _, step_id = failed_count_step(api, tmp_path / "calls.txt")
+    ok(api.post(f"{RESTART}?dryRun=true", {"processStepId": step_id}, headers=with_key("k2")))
+    data = refused(api.post(RESTART, {"processStepId": step_id}, headers=with_key("k2")))
+    assert set(data) == {KEY}
+    assert api.step(step_id)["status"] == "FAILED"  # the dry run's answer is not a real restart's
+    data = refused(api.post(FAIL, {"processStepId": step_id}, headers=with_key("k2")))
+    assert set(data) == {KEY}
+
+
+def test_another_principal_has_its_own_keys(api, db, second):
+    mine = api.post(P, START, headers=with_key("shared"))
+    theirs = api.post(P, START, headers=with_key("shared", **second))
+    assert (mine.status_code, theirs.status_code) == (201, 201)
+    assert "Idempotent-Replayed" not in theirs.headers
+    assert mine.json["data"]["processId"] != theirs.json["data"]["processId"]
+    assert count_processes(db) == 2
+    # within one principal, another body under its key is still a conflict
+    assert api.post(P, {"steps": [{"type": "noop"}]}, headers=with_key("shared", **second)).status_code == 412
+    assert stored_keys(db) == [("ops", "shared", 201), ("ops2", "shared", 201)]
+
+
+def test_a_412_is_stored_and_replayed_even_when_the_state_has_changed(api, db, tmp_path):
+    counted = tmp_path / "calls.txt"
+    process = api.start(("count", {"file": str(counted), "fail": 0}), ("external", {}))
+    step_id = api.wait_process(process["processId"], "RUNNING")["steps"][0]["processStepId"]
+    api.wait_step(step_id, "COMPLETED")
+    first = api.post(RESTART, {"processStepId": step_id}, headers=with_key("r"))
+    assert first.status_code == 412 and "status" in first.json["data"]
+    # the step is FAILED now (made so straight in the file): a fresh request would restart it
+    db_write(db, "UPDATE steps SET status = 'FAILED' WHERE id = ?", step_id)
+    again = api.post(RESTART, {"processStepId": step_id}, headers=with_key("r"))
+    assert again.status_code == 412
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert same_but_timestamp(first, again)
+    assert api.step(step_id)["attempts"] == 1
+    assert calls(counted) == [(step_id, 1)]
+
+
+@pytest.mark.parametrize("action", ["restart", "bulk", "fail", "complete"])
+def test_every_action_replays_and_does_nothing_again(api, db, tmp_path, action):
+    counted = tmp_path / "calls.txt"
+    if action in ("restart", "bulk"):
+        _, step_id = failed_count_step(api, counted)
+        path, body = (
+            (RESTART, {"processStepId": step_id})
+            if action == "restart"
+            else (BULK, {"processStepIds": [step_id, "Unknown"]})
+        )
+    else:
+        process = api.start(("external", {}), ("count", {"file": str(counted), "fail": 0}))
+        step_id = process["steps"][0]["processStepId"]
+        wait_for(lambda: api.step(step_id)["deferred"], what="deferred")
+        path, body = (FAIL, {"processStepId": step_id}) if action == "fail" else (COMPLETE, {"processStepId": step_id})
+    first = api.post(path, body, headers=with_key(f"{action}-once"))
+    assert first.status_code == 200, first.json
+    if action in ("restart", "bulk"):
+        wait_for(lambda: len(calls(counted)) == 2 and api.step(step_id)["status"] == "FAILED", what="the restart")
+    if action == "complete":
+        wait_for(lambda: len(calls(counted)) == 1, what="the next step")
+    before = api.step(step_id)
+    again = api.post(path, body, headers=with_key(f"{action}-once"))
+    assert again.status_code == 200, again.json  # a fresh call would be 412 (or restart again)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert same_but_timestamp(first, again)
+    time.sleep(0.1)
+    assert api.step(step_id) == before
+    assert len(calls(counted)) == (2 if action in ("restart", "bulk") else 1 if action == "complete" else 0)
+
+
+# -- the key itself ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "key",
+    ["", "x" * 256, "tab\there", "caf\u00e9", "del\x7f", "nul\x00"],
+    ids=["empty", "256", "tab", "e", "del", "nul"],
+)
+def test_a_bad_key_is_412_and_nothing_is_done(api, db, key):
+    response = api.client.post(P, json=START, headers={**api.headers, KEY: key})
+    data = refused(response)
+    assert set(data) == {KEY}
+    assert count_processes(db) == 0
+    assert stored_keys(db) == []
+
+
+@pytest.mark.parametrize("key", ["a", "x" * 255, " !~ key with spaces and {}[] ~"], ids=["1", "255", "printable"])
+def test_keys_of_1_to_255_printable_characters_are_accepted(api, db, key):
+    first = api.post(P, START, headers=with_key(key))
+    again = api.post(P, START, headers=with_key(key))
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert count_processes(db) == 1
+
+
+def test_get_ignores_the_header(api):
+    response = api.get(P, headers=with_key(""))
+    assert response.status_code == 200
+    assert "Idempotent-Replayed" not in response.headers
+
+
+def test_without_a_key_every_post_does_its_work(api, db):
+    assert api.post(P, START).status_code == 201
+    assert api.post(P, START).status_code == 201
+    assert count_processes(db) == 2
+    assert stored_keys(db) == []
+
+
+def test_401_and_403_are_not_stored(client, api, reader_api, db):
+    assert client.post(P, json=START, headers=with_key("k")).status_code == 401
+    assert reader_api.post(P, START, headers=with_key("k")).status_code == 403
+    assert stored_keys(db) == []
+    assert api.post(P, START, headers=with_key("k")).status_code == 201
+
+
+def test_a_5xx_is_not_stored_and_what_it_did_is_undone(api, db, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("a bug after the change")
+
+    monkeypatch.setattr(schemas.ProcessSchema, "dump", broken)
+    response = api.post(P, START, headers=with_key("k500"))
+    assert response.status_code == 500
+    assert count_processes(db) == 0  # the process it inserted was rolled back with the answer
+    assert stored_keys(db) == []
+    monkeypatch.undo()
+    again = api.post(P, START, headers=with_key("k500"))
+    assert again.status_code == 201 and "Idempotent-Replayed" not in again.headers
+    assert count_processes(db) == 1
+    api.wait_process(again.json["data"]["processId"], "COMPLETED")
+
+
+def test_an_answer_expires_after_the_window(api, db, monkeypatch):
+    first = api.post(P, START, headers=with_key("old"))
+    monkeypatch.setattr(app_module, "IDEMPOTENCY_SECONDS", 0.3)
+    assert api.post(P, START, headers=with_key("old")).headers.get("Idempotent-Replayed") == "true"
+    time.sleep(0.4)
+    fresh = api.post(P, START, headers=with_key("old"))
+    assert fresh.status_code == 201 and "Idempotent-Replayed" not in fresh.headers
+    assert fresh.json["data"]["processId"] != first.json["data"]["processId"]
+    assert count_processes(db) == 2
+    # the new answer replaces the old one
+    replay = api.post(P, START, headers=with_key("old"))
+    assert replay.json["data"]["processId"] == fresh.json["data"]["processId"]
+
+
+def test_24_hours_is_the_window(api, db):
+    assert app_module.IDEMPOTENCY_SECONDS == 24 * 3600
+    api.post(P, START, headers=with_key("day-old"))
+    api.post(P, START, headers=with_key("almost-a-day"))
+    now = time.time()
+    db_write(db, "UPDATE idempotent_requests SET created_at = ? WHERE key = 'day-old'", now - 24 * 3600 - 5)
+    db_write(db, "UPDATE idempotent_requests SET created_at = ? WHERE key = 'almost-a-day'", now - 24 * 3600 + 60)
+    assert api.post(P, START, headers=with_key("almost-a-day")).headers.get("Idempotent-Replayed") == "true"
+    assert "Idempotent-Replayed" not in api.post(P, START, headers=with_key("day-old")).headers
+    assert count_processes(db) == 3
+
+
+def test_old_answers_are_purged(api, store, db):
+    api.post(P, START, headers=with_key("keep"))
+    api.post(P, START, headers=with_key("purge"))
+    db_write(db, "UPDATE idempotent_requests SET created_at = created_at - 90000 WHERE key = 'purge'")
+    assert store.forget_answers(time.time() - 24 * 3600) == 1
+    assert [key for _, key, _ in stored_keys(db)] == ["keep"]
+    assert store.forget_answers(time.time() - 24 * 3600) == 0
+
+
+# -- concurrent repeats ------------------------------------------------------------------------------
+def race(app, count, path, body, headers):
+    barrier = threading.Barrier(count)
+    answers = [None] * count
+
+    def send(index):
+        client = app.test_client()
+        barrier.wait()
+        answers[index] = client.post(path, json=body, headers=headers)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(a is not None for a in answers)
+    return answers
+
+
+def test_16_concurrent_repeats_of_a_restart_restart_once(app, api, db, tmp_path):
+    counted = tmp_path / "calls.txt"
+    process_id, step_id = failed_count_step(api, counted)
+    answers = race(app, 16, RESTART, {"processStepId": step_id}, with_key("race", **api.headers))
+    assert [a.status_code for a in answers] == [200] * 16
+    assert sum(a.headers.get("Idempotent-Replayed") == "true" for a in answers) == 15
+    assert all(same_but_timestamp(answers[0], a) for a in answers)
+    assert answers[0].json["data"]["processStepId"] == step_id
+    step = api.wait_step(step_id, "FAILED")
+    wait_for(lambda: len(calls(counted)) == 2, what="the one restart's call")
+    time.sleep(0.2)
+    assert calls(counted) == [(step_id, 1), (step_id, 2)]
+    step = api.step(step_id)
+    assert step["attempts"] == 2
+    assert [a["trigger"] for a in step["attemptHistory"]] == ["start", "restart"]
+    assert db_rows(db, "SELECT COUNT(*) FROM attempts WHERE step_id = ?", step_id) == [(2,)]
+
+
+def test_16_concurrent_repeats_of_a_start_start_one_process(app, api, db):
+    answers = race(app, 16, P, START, with_key("race-start", **api.headers))
+    assert [a.status_code for a in answers] == [201] * 16
+    assert all(same_but_timestamp(answers[0], a) for a in answers)
+    assert count_processes(db) == 1
