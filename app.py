@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import sqlite3
-import time
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ from store import PreconditionFailed, Store, is_busy, now_iso
 MAX_BODY_BYTES = 1024 * 1024
 REQUEST_ID_HEADER = "X-Request-Id"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-IDEMPOTENCY_SECONDS = 24 * 3600
 
 log = logging.getLogger("stepd")
 
@@ -137,7 +135,7 @@ def idempotent(view):
         store = stepd().store
         try:
             with store.transaction() as db:
-                stored = store.stored_answer(db, principal, key, time.time() - IDEMPOTENCY_SECONDS)
+                stored = store.stored_answer(db, principal, key)
                 if stored is not None:
                     return replay(stored, fingerprint, key)
                 response = answer_of(view, args, kwargs)

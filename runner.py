@@ -33,7 +33,6 @@ STALE_AFTER_SECONDS = 5.0  # only for a runner on another host, whose process we
 STOP_GRACE_SECONDS = 5.0  # how long a clean stop waits for running delegates
 RECORD_RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 RETRY_POLL_SECONDS = 0.2  # how often each worker looks for due automatic retries
-ANSWER_TTL_SECONDS = 24 * 3600  # how long an Idempotency-Key's answer is kept
 FORGET_EVERY_SECONDS = 60.0
 HOST = socket.gethostname()
 
@@ -76,8 +75,10 @@ class Runner:
         self.id = None  # given at start(), in the worker process itself
         self._jobs = queue.Queue()
         self._stopping = threading.Event()
+        self._claiming = threading.Event()  # cleared when a stop begins: no new retry is taken on
         self._idle = threading.Condition()
         self._busy = 0
+        self._claim_lock = threading.Lock()
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -92,6 +93,7 @@ class Runner:
         for n in range(self.threads):
             threading.Thread(target=self._work, name=f"stepd-delegate-{n}", daemon=True).start()
         threading.Thread(target=self._watch, name="stepd-watch", daemon=True).start()
+        self._claiming.set()
         threading.Thread(target=self._begin_due_retries, name="stepd-retries", daemon=True).start()
         log.info("runner %s started with %d delegate threads", self.id, self.threads)
 
@@ -102,6 +104,9 @@ class Runner:
     def stop(self, grace=STOP_GRACE_SECONDS):
         """Wait up to `grace` seconds for running delegates, then fail what is left as Interrupted."""
         deadline = time.monotonic() + grace
+        self._claiming.clear()  # a retry claimed now would only be interrupted below; leave it due
+        with self._claim_lock:  # and wait for a claim in progress to be queued, so it is awaited too
+            pass
         with self._idle:
             while (self._busy or not self._jobs.empty()) and time.monotonic() < deadline:
                 self._idle.wait(timeout=0.1)
@@ -214,7 +219,7 @@ class Runner:
                 if orphans:
                     log.warning("marked %d step(s) of vanished runners Interrupted", len(orphans))
                 if time.monotonic() >= forget_at:
-                    self.store.forget_answers(time.time() - ANSWER_TTL_SECONDS)
+                    self.store.forget_answers()
                     forget_at = time.monotonic() + FORGET_EVERY_SECONDS
             except Exception:  # a busy database now and then must not end the watch
                 log.exception("runner %s heartbeat failed; retrying", self.id)
@@ -222,12 +227,12 @@ class Runner:
     # -- automatic retries -----------------------------------------------------------------
     def _begin_due_retries(self):
         while not self._stopping.wait(RETRY_POLL_SECONDS):
-            with self._idle:
-                if self._closed:
-                    return
             try:
-                for job in self.store.claim_due_retries(self.id, limit=self.threads * 4):
-                    self.submit(job)
+                with self._claim_lock:
+                    if not self._claiming.is_set():
+                        return
+                    for job in self.store.claim_due_retries(self.id, limit=self.threads * 4):
+                        self.submit(job)
             except Exception:  # a busy database now and then must not end the loop
                 log.exception("runner %s could not begin due retries; retrying", self.id)
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 BUSY_TIMEOUT_MS = 5000
+ANSWER_KEPT_SECONDS = 24 * 3600  # how long the answer to a request with an Idempotency-Key counts
 MAX_PARAMS = 256
 
 COMPLETED, FAILED = "COMPLETED", "FAILED"  # the outcomes a runner records
@@ -788,12 +789,12 @@ class Store:
         return row is not None
 
     # -- answers to requests with an Idempotency-Key ----------------------------------------
-    def stored_answer(self, db, principal, key, since):
-        """The answer stored for this principal's key after `since` (epoch seconds), or None."""
+    def stored_answer(self, db, principal, key):
+        """The answer stored for this principal's key in the last ANSWER_KEPT_SECONDS, or None."""
         row = db.execute(
             "SELECT fingerprint, status, body FROM idempotent_requests"
             " WHERE principal = ? AND key = ? AND created_at >= ?",
-            (principal, key, since),
+            (principal, key, time.time() - ANSWER_KEPT_SECONDS),
         ).fetchone()
         return dict(row) if row else None
 
@@ -804,8 +805,9 @@ class Store:
             (principal, key, fingerprint, status, body, time.time()),
         )
 
-    def forget_answers(self, before):
-        """Delete answers stored before `before` (epoch seconds); returns how many."""
+    def forget_answers(self):
+        """Delete answers older than ANSWER_KEPT_SECONDS; returns how many."""
+        before = time.time() - ANSWER_KEPT_SECONDS
         if (
             not self.connection()
             .execute("SELECT 1 FROM idempotent_requests WHERE created_at < ? LIMIT 1", (before,))

@@ -373,3 +373,16 @@ def test_a_due_retry_is_claimed_once_whatever_the_number_of_claimers(api, app, s
 def test_random_jitter_is_used_not_a_fixed_point(monkeypatch):
     monkeypatch.setattr(random, "uniform", lambda low, high: (low, high))
     assert RetryPolicy(retries=3, backoff=2.0, delay=1.0, max_delay=3.0).seconds_before(2) == (1.5, 3.0)
+
+
+def test_a_stop_leaves_a_retry_that_falls_due_in_its_grace_for_the_next_start(app, api, tmp_path, counted):
+    gate = tmp_path / "gate"
+    api.start(("wait", {"file": str(gate), "seconds": 1.5}))  # keeps the stop in its grace period
+    _, step_id = start_one(api, "retry_soon", file=str(counted))
+    wait_waiting(api, step_id, 1)
+    app.extensions["stepd"].runner.stop(grace=1.2)  # the retry falls due (0.3-0.6 s) meanwhile
+    after = api.step(step_id)
+    assert (after["status"], after["attempts"]) == ("STARTED", 1)
+    assert after["nextRetryAt"] is not None and after["error"]["type"] == "ConnectionError"
+    assert calls(counted) == [(step_id, 1)]
+    gate.touch()
