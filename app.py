@@ -94,7 +94,7 @@ def load_body(schema_class):
         body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         raise ValidationError({"_schema": [f"The body is not valid JSON: {exc}"[:300]]}) from None
-    return schema_class().load(body)
+    return s.one(schema_class).load(body)
 
 
 def load_query(schema_class):
@@ -102,7 +102,7 @@ def load_query(schema_class):
     repeated = {key: ["Given more than once."] for key in request.args if len(request.args.getlist(key)) > 1}
     if repeated:
         raise ValidationError(repeated)
-    return schema_class().load(request.args.to_dict())
+    return s.one(schema_class).load(request.args.to_dict())
 
 
 # -- Idempotency-Key ---------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def start_process():
     steps = [(step["type"], step["params"]) for step in body["steps"]]
     process, job = stepd().store.create_process(body["name"], steps, current_principal().name, stepd().runner.id)
     stepd().runner.submit(job)
-    return envelope(s.ProcessSchema().dump(process), "Process started.", 201)
+    return envelope(s.one(s.ProcessSchema).dump(process), "Process started.", 201)
 
 
 @api.get("/processes")
@@ -213,7 +213,7 @@ def list_processes():
     query = load_query(s.ProcessListQuery)
     items, next_seq = stepd().store.list_processes(query["status"], query["limit"], query["cursor"])
     page = {"items": items, "nextCursor": s.encode_cursor("p", next_seq)}
-    return envelope(s.ProcessPageSchema().dump(page))
+    return envelope(s.one(s.ProcessPageSchema).dump(page))
 
 
 @api.get("/processes/<id:process_id>")
@@ -225,7 +225,7 @@ def get_process(process_id):
     process = stepd().store.get_process(process_id)
     if process is None:
         return error(404, "No process has this id.")
-    return envelope(s.ProcessSchema().dump(process))
+    return envelope(s.one(s.ProcessSchema).dump(process))
 
 
 @api.get("/processes/steps")
@@ -236,7 +236,7 @@ def list_steps():
     query = load_query(s.StepListQuery)
     items, next_seq = stepd().store.list_steps(query["status"], query["type"], query["limit"], query["cursor"])
     page = {"items": items, "nextCursor": s.encode_cursor("s", next_seq)}
-    return envelope(s.StepPageSchema().dump(page))
+    return envelope(s.one(s.StepPageSchema).dump(page))
 
 
 @api.get("/processes/steps/<id:step_id>")
@@ -248,7 +248,7 @@ def get_step(step_id):
     step = stepd().store.get_step(step_id, with_history=True)
     if step is None:
         return error(404, "No step has this id.")
-    return envelope(s.StepDetailSchema().dump(step))
+    return envelope(s.one(s.StepDetailSchema).dump(step))
 
 
 @api.post("/processes/restart-failed-step")
@@ -261,7 +261,7 @@ def restart_failed_step():
     body = load_body(s.RestartStepSchema)
     restarted = restart_one(body["step_id"], body["params"], dry_run)
     message = "Dry run: the step would be restarted; nothing changed." if dry_run else "Step restarted."
-    return envelope(s.RestartResultSchema().dump(restarted), message)
+    return envelope(s.one(s.RestartResultSchema).dump(restarted), message)
 
 
 @api.post("/processes/restart-failed-steps")
@@ -296,7 +296,7 @@ def restart_failed_steps():
         if dry_run
         else (f"{len(restarted)} step(s) restarted, {len(skipped)} skipped.")
     )
-    return envelope(s.RestartManyResultSchema().dump(outcome), message)
+    return envelope(s.one(s.RestartManyResultSchema).dump(outcome), message)
 
 
 def restart_one(step_id, params, dry_run):
@@ -326,7 +326,7 @@ def fail_step():
     body = load_body(s.FailStepSchema)
     message = body["error"]["message"] if body["error"] else f"Failed by {current_principal().name} through fail-step."
     step = stepd().store.fail_step(body["step_id"], message)
-    return envelope(s.StepSchema().dump(step), "Step failed.")
+    return envelope(s.one(s.StepSchema).dump(step), "Step failed.")
 
 
 @api.post("/processes/complete-step")
@@ -339,7 +339,7 @@ def complete_step():
     body = load_body(s.CompleteStepSchema)
     step, next_job = stepd().store.complete_step(body["step_id"], body["result"], stepd().runner.id)
     stepd().runner.submit(next_job)
-    return envelope(s.StepSchema().dump(step), "Step completed.")
+    return envelope(s.one(s.StepSchema).dump(step), "Step completed.")
 
 
 @api.get("/delegates")
@@ -349,7 +349,7 @@ def list_delegates():
     """The registered step types and what each does."""
     load_query(s.NoQuerySchema)
     delegates = [{"type": d.type, "description": d.description, "retry": d.retry} for d in stepd().registry.all()]
-    return envelope(s.DelegateSchema(many=True).dump(delegates))
+    return envelope(s.one(s.DelegateSchema, many=True).dump(delegates))
 
 
 @api.get("/openapi.json")

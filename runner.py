@@ -164,8 +164,10 @@ class Runner:
                 return self._record(self.store.defer_attempt, job)
             result = typed_result(outcome)
         except BaseException as exc:  # even SystemExit: it fails the step, not the thread
-            log.info("step %s attempt %d failed", job.step_id, job.attempt, exc_info=True)
             error = {"type": type(exc).__name__, "message": describe(exc)}
+            # The error is in the database; the traceback (costly to format) only at DEBUG.
+            log.info("step %s attempt %d failed: %s: %s", job.step_id, job.attempt, error["type"], error["message"])
+            log.debug("traceback of step %s attempt %d", job.step_id, job.attempt, exc_info=True)
             retry_at = self._retry_time(job, exc)
             if retry_at is not None:
                 self._record(self.store.schedule_retry, job, error, retry_at)

@@ -6,6 +6,7 @@ Typed params are {name: (TYPE, value)} in Python and their wire form on the outs
 
 import base64
 import binascii
+import functools
 import math
 import unicodedata
 from datetime import UTC
@@ -24,6 +25,13 @@ MAX_STRING = 65536
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 STEP_STATUSES = ("PENDING", "STARTED", "COMPLETED", "FAILED")
 PROCESS_STATUSES = ("RUNNING", "COMPLETED", "FAILED")
+
+
+@functools.cache
+def one(schema_class, many=False):
+    """The shared instance of a schema class: building one costs more than most loads, and
+    marshmallow 4 schemas keep no state between calls, so threads can share them."""
+    return schema_class(many=many)
 
 
 # -- fields ------------------------------------------------------------------------------

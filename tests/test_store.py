@@ -306,3 +306,25 @@ def test_writers_of_one_store_take_turns(db):
     for t in threads:
         t.join()
     assert db.connection().execute("SELECT secret_hash FROM tokens WHERE name = 'counter'").fetchone()[0] == "200"
+
+
+def _plan(db, sql, params=()):
+    return " | ".join(row[3] for row in db.connection().execute("EXPLAIN QUERY PLAN " + sql, params))
+
+
+def test_refreshing_a_process_reads_only_its_own_steps(db):
+    # The planner once chose the status index here: every FAILED step of every process, per write.
+    plan = _plan(db, st.REFRESH_PROCESS, {"pid": "p", "now": "t"})
+    assert "steps_by_status" not in plan
+    assert plan.count("(process_id=?)") == 2, plan
+
+
+def test_finding_running_steps_reads_only_running_steps(db):
+    # Thousands of deferred steps must not be read every second by every runner.
+    assert "steps_running" in _plan(db, st.RUNNING_STEPS)
+    assert "steps_running" in _plan(db, st.RUNNING_STEPS + " AND runner_id = ?", ("r",))
+
+
+def test_looking_for_due_retries_reads_only_waiting_steps(db):
+    plan = _plan(db, st.DUE_RETRIES, ("t", 1))
+    assert "steps_due_retries" in plan and "steps_by_status" not in plan
