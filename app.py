@@ -139,7 +139,7 @@ def list_processes():
 
 @api.get("/processes/<id:process_id>")
 @reads
-@doc(data=s.ProcessSchema, errors=(404, 412))
+@doc(data=s.ProcessSchema, errors=(404, 405, 412))  # 405: GET …/processes/fail-step and the like
 def get_process(process_id):
     """One process with its steps."""
     load_query(s.NoQuerySchema)
