@@ -275,10 +275,20 @@ def on_http_error(exc):
     return on_unexpected_error(exc)
 
 
+# SQLite's words for a database that cannot take a write now but may later: the disk is
+# full or the file (or its folder) was made read-only. Reads still work; retrying may succeed.
+UNWRITABLE = ("database or disk is full", "attempt to write a readonly database")
+
+
 def on_database_error(exc):
     if is_busy(exc):
         response = error(503, "The database is busy; retry shortly.")
         response.headers["Retry-After"] = "1"
+        return response
+    if any(words in str(exc) for words in UNWRITABLE):
+        log.error("database cannot be written on %s %s: %s", request.method, request.path, exc)
+        response = error(503, "The database cannot be written now (disk full or read-only); retry later.")
+        response.headers["Retry-After"] = "5"
         return response
     return on_unexpected_error(exc)
 

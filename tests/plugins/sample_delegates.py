@@ -61,3 +61,11 @@ def echo(ctx):
         "attempt": ctx.attempt,
         "names": ",".join(sorted(ctx.params)),
     }
+
+
+@delegate("nap")
+def nap(ctx):
+    """Sleep for param `seconds`, then fail if param `fail` is 1; a step a crash can land in."""
+    time.sleep(ctx.params.get("seconds", 0.05))
+    if ctx.params.get("fail") == 1:
+        raise RuntimeError("nap failed on purpose")
