@@ -293,7 +293,10 @@ def test_invariants_script_reports_a_broken_file(tmp_path):
     db = tmp_path / "broken.db"
     create_app({"STEPD_DB": str(db), "STEPD_TOKEN": "t"})
     conn = sqlite3.connect(db, isolation_level=None)
-    conn.execute("INSERT INTO processes (id, status, principal, created_at, updated_at) VALUES ('p', 'COMPLETED', 'x', 't', 't')")
+    conn.execute(
+        "INSERT INTO processes (id, status, principal, created_at, updated_at)"
+        " VALUES ('p', 'COMPLETED', 'x', 't', 't')"
+    )
     conn.execute(
         "INSERT INTO steps (id, process_id, position, type, status, params, created_at)"
         " VALUES ('s', 'p', 0, 'noop', 'PENDING', '{}', 't')"
