@@ -294,8 +294,7 @@ def test_invariants_script_reports_a_broken_file(tmp_path):
     create_app({"STEPD_DB": str(db), "STEPD_TOKEN": "t"})
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute(
-        "INSERT INTO processes (id, status, principal, created_at, updated_at)"
-        " VALUES ('p', 'COMPLETED', 'x', 't', 't')"
+        "INSERT INTO processes (id, status, principal, created_at, updated_at) VALUES ('p', 'COMPLETED', 'x', 't', 't')"
     )
     conn.execute(
         "INSERT INTO steps (id, process_id, position, type, status, params, created_at)"
