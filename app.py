@@ -19,7 +19,7 @@ from auth import current_principal, reads, token_cli, writes
 from delegates import Registry, load_registry
 from envelope import envelope, error
 from runner import Runner
-from store import PreconditionFailed, Store, is_busy
+from store import PreconditionFailed, Store, is_busy, is_unwritable
 
 MAX_BODY_BYTES = 1024 * 1024
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -275,17 +275,12 @@ def on_http_error(exc):
     return on_unexpected_error(exc)
 
 
-# SQLite's words for a database that cannot take a write now but may later: the disk is
-# full or the file (or its folder) was made read-only. Reads still work; retrying may succeed.
-UNWRITABLE = ("database or disk is full", "attempt to write a readonly database")
-
-
 def on_database_error(exc):
     if is_busy(exc):
         response = error(503, "The database is busy; retry shortly.")
         response.headers["Retry-After"] = "1"
         return response
-    if any(words in str(exc) for words in UNWRITABLE):
+    if is_unwritable(exc):  # a full disk: reads go on, and writes work again once space is freed
         log.error("database cannot be written on %s %s: %s", request.method, request.path, exc)
         response = error(503, "The database cannot be written now (disk full or read-only); retry later.")
         response.headers["Retry-After"] = "5"

@@ -35,6 +35,16 @@ def is_busy(exc):
     return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
 
 
+# SQLite's words for a database that cannot take a write now but may later: the disk is full,
+# or the file was made read-only. Reads still work, and a retry may succeed once it clears.
+UNWRITABLE = ("database or disk is full", "attempt to write a readonly database")
+
+
+def is_unwritable(exc):
+    """Whether a sqlite3 error means the file cannot be written now (disk full, read-only)."""
+    return isinstance(exc, sqlite3.OperationalError) and any(words in str(exc) for words in UNWRITABLE)
+
+
 def now_iso():
     """The current UTC time as ISO 8601 with milliseconds and a Z suffix."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

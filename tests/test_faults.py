@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -335,6 +336,65 @@ def test_a_full_disk_refuses_writes_with_503_keeps_reads_and_recovers_without_a_
         f"writes while full: {dict(sorted(outcomes.items()))}; reads 200; "
         f"first write after freeing space: 201, same workers, invariants ok",
     )
+
+
+def registered_runners(db):
+    conn = read_only(db)
+    try:
+        return {pid for (pid,) in conn.execute("SELECT pid FROM runners")}
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_respawned_while_the_disk_is_full_waits_instead_of_stopping_the_service(
+    server_factory, small_disk, tmp_path
+):
+    """gunicorn stops the whole service when a worker fails to boot; a full disk must not make it fail."""
+    db = small_disk / "stepd.db"
+    server = server_factory(db_path=db)
+    server.log_path = tmp_path / "respawn.log"
+    server.start()
+    wait_for(lambda: registered_runners(db) == set(server.worker_pids()), what="both runners to register")
+    victim, survivor = server.worker_pids()
+
+    filler = fill(small_disk)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(set(server.worker_pids()) - {victim, survivor}) == 1, what="gunicorn to respawn the worker")
+    time.sleep(2)  # the new worker tries to register against the full disk meanwhile
+    assert server.proc.poll() is None, f"the service stopped:\n{server.output()[-3000:]}"
+    assert server.get(f"{P}?limit=1").status_code == 200, "reads go on"
+    assert server.post(P, big_start("while-full")).status_code == 503
+
+    filler.unlink()
+    wait_for(lambda: registered_runners(db) == set(server.worker_pids()), what="the new worker to register")
+    assert server.proc.poll() is None
+    assert server.post(P, {"steps": [{"type": "noop"}]}).status_code == 201
+    assert check(db).problems == []
+
+
+@pytest.mark.timeout(120)
+def test_an_outcome_that_meets_a_full_disk_is_recorded_once_space_is_freed(server_factory, small_disk, tmp_path):
+    """A delegate that finishes while the disk is full must not leave its step STARTED for ever."""
+    server = server_factory(db_path=small_disk / "stepd.db", workers=1)
+    server.log_path = tmp_path / "outcome.log"
+    server.start()
+    release = tmp_path / "release"  # off the small disk, so the test can always create it
+    process = server.post(P, {"steps": [{"type": "wait", "params": typed(file=str(release), seconds=60.0)}]})
+    step_id = process.json()["data"]["steps"][0]["processStepId"]
+
+    filler = fill(small_disk)
+    release.touch()  # the delegate returns now; recording its outcome needs a write
+    time.sleep(1.5)  # it meets the full disk at least once
+    assert server.get(f"{P}/steps/{step_id}").json()["data"]["status"] == "STARTED"
+    filler.unlink()
+    done = wait_for(
+        lambda: (s := server.get(f"{P}/steps/{step_id}").json()["data"])["status"] != "STARTED" and s,
+        timeout=15,
+        what="the outcome to be recorded",
+    )
+    assert done["status"] == "COMPLETED", done
+    assert "database or disk is full" in server.output(), "the outcome really met the full disk"
 
 
 def test_invariants_script_reports_a_broken_file(tmp_path):
