@@ -289,6 +289,10 @@ class Store:
 
     def migrate(self):
         """Bring the schema to the newest version; safe to run from several processes."""
+        # A current schema (as every worker finds it after the master's migration) needs no write
+        # lock: a worker starting while a writer holds it must not fail, or gunicorn stops the service.
+        if self.connection().execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS):
+            return len(MIGRATIONS)
         with self.transaction() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):

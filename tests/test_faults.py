@@ -115,6 +115,15 @@ def running_steps(db):
         conn.close()
 
 
+def registered_runners(db):
+    """The pids of the runners registered in the file."""
+    conn = read_only(db)
+    try:
+        return {pid for (pid,) in conn.execute("SELECT pid FROM runners")}
+    finally:
+        conn.close()
+
+
 def orphans_reaped(db):
     """True once no step is STARTED under a runner that is gone (the new service reaps them)."""
     return not [p for p in check(db).problems if "its runner" in p]
@@ -225,9 +234,15 @@ def test_concurrent_writers_get_no_500_and_busy_is_a_503_with_retry_after(server
 def test_a_writer_that_cannot_get_the_lock_in_time_gets_503_with_retry_after(server_factory):
     """Another process holds stepd's write lock past the 5 s busy timeout: writes 503, reads go on."""
     server = server_factory().start()
-    lock_fd = os.open(server.env["STEPD_DB"] + ".lock", os.O_RDWR)
+    db = server.env["STEPD_DB"]
+    wait_for(lambda: registered_runners(db) == set(server.worker_pids()), what="both runners to register")
+    lock_fd = os.open(db + ".lock", os.O_RDWR)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        # A worker that starts now must wait for the lock, not fail to boot (gunicorn would stop).
+        victim = server.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: victim not in server.worker_pids() and len(server.worker_pids()) == 2, what="a respawn")
         started = time.monotonic()
         answers = hammer(server, writers=8, writes_each=1)  # 8 = the requests gunicorn serves at once
         waited = time.monotonic() - started
@@ -236,11 +251,13 @@ def test_a_writer_that_cannot_get_the_lock_in_time_gets_503_with_retry_after(ser
         fcntl.flock(lock_fd, fcntl.LOCK_UN)
         os.close(lock_fd)
     assert [r.status_code for r in answers] == [503] * 8
+    assert server.proc.poll() is None, "the service is up: the respawned worker waited for the lock"
     for busy in answers:
         assert busy.json()["message"] == "Service unavailable"
         assert busy.headers["Retry-After"] == "1"
     assert 4.5 < waited < 15, waited
     assert listed_process_ids(server) == set(), "nothing refused was written"
+    wait_for(lambda: registered_runners(db) == set(server.worker_pids()), what="the new worker to register")
     assert server.post(P, {"steps": [{"type": "noop"}]}).status_code == 201, "writes again once the lock is free"
     report_figure("contention lock held", f"8 writers with the lock held: 8 x 503 with Retry-After in {waited:.1f}s")
 
@@ -336,14 +353,6 @@ def test_a_full_disk_refuses_writes_with_503_keeps_reads_and_recovers_without_a_
         f"writes while full: {dict(sorted(outcomes.items()))}; reads 200; "
         f"first write after freeing space: 201, same workers, invariants ok",
     )
-
-
-def registered_runners(db):
-    conn = read_only(db)
-    try:
-        return {pid for (pid,) in conn.execute("SELECT pid FROM runners")}
-    finally:
-        conn.close()
 
 
 @pytest.mark.timeout(120)
