@@ -22,7 +22,7 @@ from auth import current_principal, reads, token_cli, writes
 from delegates import Registry, load_registry
 from envelope import envelope, error
 from runner import Runner
-from store import PreconditionFailed, Store, is_busy, now_iso
+from store import PreconditionFailed, Store, is_busy, is_unwritable, now_iso
 
 MAX_BODY_BYTES = 1024 * 1024
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -218,7 +218,7 @@ def list_processes():
 
 @api.get("/processes/<id:process_id>")
 @reads
-@doc(data=s.ProcessSchema, errors=(404, 412))
+@doc(data=s.ProcessSchema, errors=(404, 405, 412))  # 405: GET …/processes/fail-step and the like
 def get_process(process_id):
     """One process with its steps."""
     load_query(s.NoQuerySchema)
@@ -410,6 +410,11 @@ def on_database_error(exc):
     if is_busy(exc):
         response = error(503, "The database is busy; retry shortly.")
         response.headers["Retry-After"] = "1"
+        return response
+    if is_unwritable(exc):  # a full disk: reads go on, and writes work again once space is freed
+        log.error("database cannot be written on %s %s: %s", request.method, request.path, exc)
+        response = error(503, "The database cannot be written now (disk full or read-only); retry later.")
+        response.headers["Retry-After"] = "5"
         return response
     return on_unexpected_error(exc)
 

@@ -28,6 +28,45 @@ accesslog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms rid=%({x-request-id}o)s'
 
 
+def envelope_gunicorn_errors():
+    """gunicorn answers a request it cannot parse (a request line over 4094 bytes, a bad header)
+    with an HTML page of its own, before Flask sees it. Answer in the envelope instead, as the
+    app answers any other bad request: a client error is a 412, a server error a 500 with an id."""
+    import json
+    import logging
+    import uuid
+
+    from gunicorn import util
+
+    from envelope import ERROR_MESSAGES
+    from schemas import VERSION
+    from store import now_iso
+
+    def write_error(sock, status_int, reason, mesg):
+        if status_int >= 500:
+            error_id = uuid.uuid4().hex  # gunicorn logged the traceback just before
+            logging.getLogger("stepd").error("unexpected error %s in gunicorn: %s", error_id, reason)
+            status, data = 500, error_id
+        elif status_int == 403:
+            status, data = 403, reason
+        else:
+            status, data = 412, {"_schema": [f"{reason}: {mesg}"[:300]]}
+        body = json.dumps(
+            {"message": ERROR_MESSAGES[status], "timestamp": now_iso(), "data": data, "version": VERSION}
+        ).encode()
+        head = (
+            f"HTTP/1.1 {status} {ERROR_MESSAGES[status]}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"X-Request-Id: {uuid.uuid4().hex}\r\nX-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n\r\n"
+        )
+        util.write_nonblock(sock, head.encode("latin-1") + body)
+
+    util.write_error = write_error
+
+
+envelope_gunicorn_errors()
+
+
 def on_starting(server):
     """Fail fast, once, in the master: bad settings, a bad delegate, an unusable database."""
     import sqlite3

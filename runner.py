@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from delegates import DEFERRED, Abort, Context
-from store import COMPLETED, FAILED, is_busy, new_id
+from store import COMPLETED, FAILED, is_busy, is_unwritable, new_id
 
 log = logging.getLogger("stepd.runner")
 
@@ -34,6 +34,7 @@ STOP_GRACE_SECONDS = 5.0  # how long a clean stop waits for running delegates
 RECORD_RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 RETRY_POLL_SECONDS = 0.2  # how often each worker looks for due automatic retries
 FORGET_EVERY_SECONDS = 60.0
+UNWRITABLE_RETRY_SECONDS = 1.0
 HOST = socket.gethostname()
 
 
@@ -87,7 +88,7 @@ class Runner:
         if self.id is not None:
             return
         self.id = new_id()  # after any fork, so no two processes share a runner id
-        self.store.heartbeat(self._identity())
+        self._register()
         # Daemon threads: a delegate that never returns must not keep a stopping worker
         # alive; the database, not the thread, is the record of what ran.
         for n in range(self.threads):
@@ -96,6 +97,18 @@ class Runner:
         self._claiming.set()
         threading.Thread(target=self._begin_due_retries, name="stepd-retries", daemon=True).start()
         log.info("runner %s started with %d delegate threads", self.id, self.threads)
+
+    def _register(self):
+        """The first heartbeat, which registers this runner. It waits out a full disk or a busy
+        database: raising here fails the worker's boot, and gunicorn then stops the whole service."""
+        while True:
+            try:
+                return self.store.heartbeat(self._identity())
+            except sqlite3.OperationalError as exc:
+                if not (is_busy(exc) or is_unwritable(exc)):
+                    raise
+                log.warning("runner %s cannot register yet (%s); retrying", self.id, exc)
+                time.sleep(UNWRITABLE_RETRY_SECONDS)
 
     def _identity(self):
         pid = os.getpid()
@@ -200,16 +213,22 @@ class Runner:
         )
 
     def _record(self, write, *args, **kwargs):
-        """Run a store write, retrying while the database is busy: an outcome must not be dropped."""
-        for delay in RECORD_RETRY_DELAYS:
+        """Run a store write, retrying while the database is busy: an outcome must not be dropped.
+
+        A full disk is retried until it clears (or the runner stops): the outcome exists only
+        in this thread, and giving up would leave the step STARTED under a live runner for ever.
+        """
+        busy_delays = iter(RECORD_RETRY_DELAYS)
+        while True:
             try:
                 return write(*args, **kwargs)
             except sqlite3.OperationalError as exc:
-                if not is_busy(exc):
+                if is_unwritable(exc) and not self._stopping.is_set():
+                    delay = UNWRITABLE_RETRY_SECONDS
+                elif not is_busy(exc) or (delay := next(busy_delays, None)) is None:
                     raise
-                log.warning("database busy while recording a step outcome; retrying in %.1fs", delay)
+                log.warning("could not record a step outcome (%s); retrying in %.1fs", exc, delay)
                 time.sleep(delay)
-        return write(*args, **kwargs)
 
     # -- watch: heartbeat, orphans, old answers ------------------------------------------
     def _watch(self):

@@ -36,6 +36,16 @@ def is_busy(exc):
     return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
 
 
+# SQLite's words for a database that cannot take a write now but may later: the disk is full,
+# or the file was made read-only. Reads still work, and a retry may succeed once it clears.
+UNWRITABLE = ("database or disk is full", "attempt to write a readonly database")
+
+
+def is_unwritable(exc):
+    """Whether a sqlite3 error means the file cannot be written now (disk full, read-only)."""
+    return isinstance(exc, sqlite3.OperationalError) and any(words in str(exc) for words in UNWRITABLE)
+
+
 def now_iso():
     """The current UTC time as ISO 8601 with milliseconds and a Z suffix."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -391,6 +401,10 @@ class Store:
 
     def migrate(self):
         """Bring the schema to the newest version; safe to run from several processes."""
+        # A current schema (as every worker finds it after the master's migration) needs no write
+        # lock: a worker starting while a writer holds it must not fail, or gunicorn stops the service.
+        if self.connection().execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS):
+            return len(MIGRATIONS)
         with self.transaction() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):

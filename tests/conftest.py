@@ -1,5 +1,5 @@
 import pytest
-from helpers import PLUGINS, Api, Server
+from helpers import FIGURES, PLUGINS, Api, Server
 
 from app import create_app, start_runner
 from auth import hash_secret
@@ -69,3 +69,11 @@ def server_factory(tmp_path):
     yield make
     for server in servers:
         server.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The reliability figures of this run (README, section Reliability), if those tests ran."""
+    if FIGURES:
+        terminalreporter.section("reliability figures")
+        for name, text in sorted(FIGURES.items()):
+            terminalreporter.write_line(f"{name}: {text}")

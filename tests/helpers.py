@@ -16,6 +16,14 @@ PLUGINS = Path(__file__).resolve().parent / "plugins"
 GUNICORN = Path(sys.executable).parent / "gunicorn"
 
 
+# Figures the reliability tests measure; conftest.py prints them at the end of the run.
+FIGURES = {}
+
+
+def report_figure(name, text):
+    FIGURES[name] = text
+
+
 def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
     """Poll until predicate() is truthy; return its value or fail the test."""
     deadline = time.monotonic() + timeout

@@ -110,7 +110,7 @@ SECURED_POST = {"401", "403", "412", "413", "500"}
 EXPECTED_RESPONSES = [
     (P, "get", SECURED_GET),
     (P, "post", SECURED_POST | {"201"}),
-    (f"{P}/{{processId}}", "get", SECURED_GET | {"404"}),
+    (f"{P}/{{processId}}", "get", SECURED_GET | {"404", "405"}),
     (f"{P}/steps", "get", SECURED_GET),
     (f"{P}/steps/{{processStepId}}", "get", SECURED_GET | {"404"}),
     (f"{P}/restart-failed-step", "post", SECURED_POST | {"200"}),
@@ -275,6 +275,7 @@ LIVE_GETS = [
     ("/healthz", "/healthz", 200),
     (f"{P}/NoSuchProcess", f"{P}/{{processId}}", 404),
     (f"{P}/steps/NoSuchStep", f"{P}/steps/{{processStepId}}", 404),
+    (f"{P}/restart-failed-step", f"{P}/{{processId}}", 405),  # an action's name where an id may stand
     (f"{P}?limit=0", f"{P}", 412),
     (f"{P}/steps?cursor=bad", f"{P}/steps", 412),
     ("/api/v1/delegates?x=1", "/api/v1/delegates", 412),

@@ -124,3 +124,11 @@ def retry_gate(ctx):
     while not Path(ctx.params["gate"]).exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     raise ConnectionError(f"attempt {ctx.attempt} failed")
+
+
+@delegate("nap")
+def nap(ctx):
+    """Sleep for param `seconds`, then fail if param `fail` is 1; a step a crash can land in."""
+    time.sleep(ctx.params.get("seconds", 0.05))
+    if ctx.params.get("fail") == 1:
+        raise RuntimeError("nap failed on purpose")

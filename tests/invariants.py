@@ -1,0 +1,159 @@
+"""Invariants of a stepd database file, checked by reading the file directly (read-only).
+
+Used by the fault tests after each crash; also a script:
+
+    .venv/bin/python tests/invariants.py var/stepd.db
+
+prints what it checked and exits 1 if an invariant is broken.
+"""
+
+import json
+import sqlite3
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # run as a script: runner.py sits in the checkout's root
+    sys.path.insert(0, str(HERE.parent))
+
+from runner import runner_is_alive  # noqa: E402 - after the path is set
+
+
+@dataclass
+class Acknowledged:
+    """What clients were told was done: processes started (201) and restarts (200).
+
+    A restart is known by a unique value the client put in its params (name `ack`):
+    the attempt row it created must hold it.
+    """
+
+    processes: set = field(default_factory=set)  # process ids
+    restarts: dict = field(default_factory=dict)  # ack value -> step id
+
+
+@dataclass
+class Report:
+    processes: int = 0
+    steps: int = 0
+    attempts: int = 0
+    acks_checked: int = 0
+    lost: int = 0
+    problems: list = field(default_factory=list)
+
+    def fail(self, text):
+        self.problems.append(text)
+
+
+def read_only(path):
+    """A connection that cannot change the file (SQLite's read-only mode)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def check(path, acknowledged=None):
+    """Check every invariant in one consistent read of the file; returns a Report."""
+    report = Report()
+    conn = read_only(path)
+    try:
+        conn.execute("BEGIN")  # one snapshot for every query below
+        processes = {r["id"]: dict(r) for r in conn.execute("SELECT id, status FROM processes")}
+        steps = [dict(r) for r in conn.execute("SELECT * FROM steps ORDER BY process_id, position")]
+        attempts = [dict(r) for r in conn.execute("SELECT * FROM attempts ORDER BY step_id, attempt")]
+        runners = conn.execute("SELECT * FROM runners").fetchall()
+        integrity = conn.execute("PRAGMA integrity_check").fetchall()
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    report.processes, report.steps, report.attempts = len(processes), len(steps), len(attempts)
+
+    if [tuple(r) for r in integrity] != [("ok",)]:
+        report.fail(f"integrity_check: {[tuple(r) for r in integrity]}")
+    by_step = {}
+    for row in attempts:
+        by_step.setdefault(row["step_id"], []).append(row)
+    _check_attempts(report, steps, by_step)
+    _check_runners(report, steps, {r["id"] for r in runners if runner_is_alive(r)})
+    _check_processes(report, processes, steps)
+    if acknowledged is not None:
+        _check_acknowledged(report, acknowledged, processes, steps, by_step)
+    return report
+
+
+def _check_attempts(report, steps, by_step):
+    """`attempts` equals the number of attempt rows, numbered 1..n; the last one mirrors the step."""
+    for step in steps:
+        rows = by_step.get(step["id"], [])
+        numbers = [r["attempt"] for r in rows]
+        if numbers != list(range(1, step["attempts"] + 1)):
+            report.fail(f"step {step['id']}: attempts={step['attempts']} but attempt rows {numbers}")
+            continue
+        if step["status"] == "PENDING":
+            continue
+        if any(r["status"] == "STARTED" for r in rows[:-1]):
+            report.fail(f"step {step['id']}: an earlier attempt is still STARTED")
+        if rows and rows[-1]["status"] != step["status"]:
+            report.fail(f"step {step['id']} is {step['status']} but its last attempt is {rows[-1]['status']}")
+
+
+def _check_runners(report, steps, live_runners):
+    """No step is STARTED without a live runner, except deferred steps (they wait for a caller)."""
+    for step in steps:
+        if step["status"] == "STARTED" and not step["deferred"] and step["runner_id"] not in live_runners:
+            report.fail(f"step {step['id']} is STARTED but its runner {step['runner_id']} is gone")
+
+
+def _check_processes(report, processes, steps):
+    """A process's status follows from its steps; the steps after the current one are PENDING."""
+    by_process = {}
+    for step in steps:
+        by_process.setdefault(step["process_id"], []).append(step)
+    for process_id, process in processes.items():
+        statuses = [s["status"] for s in by_process.get(process_id, [])]
+        if not statuses:
+            report.fail(f"process {process_id} has no steps")
+            continue
+        expected = "FAILED" if "FAILED" in statuses else "COMPLETED" if statuses[-1] == "COMPLETED" else "RUNNING"
+        if process["status"] != expected:
+            report.fail(f"process {process_id} is {process['status']}, its steps {statuses} say {expected}")
+        current = next((n for n, status in enumerate(statuses) if status != "COMPLETED"), len(statuses))
+        if any(status != "PENDING" for status in statuses[current + 1 :]):
+            report.fail(f"process {process_id}: steps after the current one are not all PENDING: {statuses}")
+
+
+def _check_acknowledged(report, acknowledged, processes, steps, by_step):
+    """Every acknowledged start has its process and a first attempt; every acknowledged restart its attempt row."""
+    first_steps = {s["process_id"]: s["id"] for s in steps if s["position"] == 0}
+    for process_id in acknowledged.processes:
+        report.acks_checked += 1
+        step_id = first_steps.get(process_id)
+        if process_id not in processes or step_id is None or not by_step.get(step_id):
+            report.lost += 1
+            report.fail(f"acknowledged process {process_id} is missing or never started")
+    for ack, step_id in acknowledged.restarts.items():
+        report.acks_checked += 1
+        holders = [r for r in by_step.get(step_id, []) if r["trigger"] == "restart" and _ack_of(r["params"]) == ack]
+        if len(holders) != 1:
+            report.lost += len(holders) == 0
+            report.fail(f"acknowledged restart {ack} of step {step_id} has {len(holders)} attempt rows")
+
+
+def _ack_of(params_json):
+    kind_value = json.loads(params_json).get("ack")
+    return kind_value[1] if kind_value else None
+
+
+def main(argv):
+    if len(argv) != 2:
+        print(f"usage: {argv[0]} STEPD_DB_FILE", file=sys.stderr)
+        return 2
+    report = check(argv[1])
+    print(f"{report.processes} processes, {report.steps} steps, {report.attempts} attempts checked")
+    for problem in report.problems:
+        print("BROKEN:", problem)
+    return 1 if report.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,356 @@
+"""Generated bad input (hypothesis): the params schema and every request body.
+
+Any JSON value is either accepted, and then echoed back exactly in output form, or refused
+with 412 and field errors; never an exception, never a 500. An oracle written from SPEC
+section 2 (not from schemas.py) says which of the two each value must get.
+"""
+
+import json
+import math
+import unicodedata
+from collections import Counter
+
+import pytest
+from helpers import PLUGINS, report_figure
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from marshmallow import ValidationError
+
+import schemas as s
+from app import create_app, start_runner
+
+# A failing example's repr may be large (65,536-character strings); that is no reason to fail.
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+
+TOKEN = "property-test-token"
+HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+P = "/api/v1/processes"
+VALUE_FIELDS = {"STRING": "strValue", "LONG": "longValue", "DOUBLE": "doubleValue"}
+SCHEMA_EXAMPLES = 1000
+BODY_EXAMPLES = 300
+
+EXAMPLES = Counter()  # examples run, per test and outcome, for the figures
+
+PROPERTY_SETTINGS = settings(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+
+
+# -- strategies: JSON values, and values near the schema's shapes ----------------------------
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(2**64), max_value=2**64)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+# Strings at the 65,536-character limit (hypothesis draws no text that long by itself).
+long_strings = st.builds(lambda n, c: c * n, st.integers(65530, 65540), st.sampled_from(["x", "é", "\ud800"]))
+names = st.text(max_size=6) | st.text(min_size=120, max_size=140) | st.sampled_from(["a\x00", "tab\t", "x" * 129])
+typed_values = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": st.sampled_from(["STRING", "LONG", "DOUBLE", "string", "INT", ""]) | scalars,
+        "strValue": scalars,
+        "longValue": scalars | st.sampled_from([2**63 - 1, -(2**63), 2**63, -(2**63) - 1, 1.0, True]),
+        "doubleValue": scalars | st.sampled_from([10**400, 1, -0.0, 1e308, True]),
+        "other": scalars,
+    },
+)
+# Well-formed typed values too, or nearly every generated dictionary would be refused.
+good_values = {
+    "STRING": st.text(max_size=40),
+    "LONG": st.integers(-(2**63), 2**63 - 1),
+    "DOUBLE": st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**70), 2**70),
+}
+good_typed_values = st.sampled_from(sorted(VALUE_FIELDS)).flatmap(
+    lambda kind: st.fixed_dictionaries(
+        {"type": st.just(kind), VALUE_FIELDS[kind]: good_values[kind]},
+        optional={field: st.none() for k, field in VALUE_FIELDS.items() if k != kind},
+    )
+)
+# Values at the STRING limit, for the schema test only: in bodies they would pass 1 MiB.
+long_typed_values = st.fixed_dictionaries(
+    {"type": st.just("STRING"), "strValue": long_strings}, optional={"longValue": st.none()}
+)
+good_names = st.text(st.characters(exclude_categories=("Cc", "Cs")), min_size=1, max_size=16)
+good_params = st.dictionaries(good_names, good_typed_values, max_size=6)
+params_like = (
+    json_values
+    | st.dictionaries(names, typed_values | json_values, max_size=5)
+    | st.dictionaries(good_names | names, good_typed_values | typed_values, max_size=5)
+    | good_params
+)
+ids = st.just("abc") | st.sampled_from(["", "a" * 65, "a b", "../x"]) | st.text(max_size=8) | scalars
+
+
+# -- the oracle: SPEC section 2, written out ----------------------------------------------
+def valid_value(value):
+    if not isinstance(value, dict) or not set(value) <= {"type", *VALUE_FIELDS.values()}:
+        return False
+    kind = value.get("type")
+    if kind not in VALUE_FIELDS:
+        return False
+    if any(value.get(f) is not None for k, f in VALUE_FIELDS.items() if k != kind):
+        return False
+    given_value = value.get(VALUE_FIELDS[kind])
+    if kind == "STRING":
+        return isinstance(given_value, str) and len(given_value) <= 65536
+    if isinstance(given_value, bool) or not isinstance(given_value, (int, float)):
+        return False
+    if kind == "LONG":
+        return isinstance(given_value, int) and -(2**63) <= given_value < 2**63
+    try:
+        return math.isfinite(float(given_value))
+    except OverflowError:
+        return False
+
+
+def valid_name(name):
+    return isinstance(name, str) and 1 <= len(name) <= 128 and not any(unicodedata.category(c) == "Cc" for c in name)
+
+
+def valid_params(params, optional=True):
+    if params is None:
+        return optional
+    return (
+        isinstance(params, dict)
+        and len(params) <= 256
+        and all(valid_name(n) and valid_value(v) for n, v in params.items())
+    )
+
+
+def output_form(params):
+    """The echo SPEC section 2 promises: all four keys, the unused two null, a DOUBLE as a float."""
+    out = {}
+    for name, value in (params or {}).items():
+        kind = value["type"]
+        echoed = {"strValue": None, "longValue": None, "doubleValue": None, "type": kind}
+        given_value = value[VALUE_FIELDS[kind]]
+        echoed[VALUE_FIELDS[kind]] = float(given_value) if kind == "DOUBLE" else given_value
+        out[name] = echoed
+    return out
+
+
+def storable(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def valid_start(body):
+    if not isinstance(body, dict) or not set(body) <= {"name", "steps"}:
+        return False
+    name, steps = body.get("name"), body.get("steps")
+    if name is not None and not (isinstance(name, str) and len(name) <= 1024 and storable(name)):
+        return False
+    if not isinstance(steps, list) or not 1 <= len(steps) <= 100:
+        return False
+    return all(
+        isinstance(step, dict)
+        and set(step) <= {"type", "params"}
+        and step.get("type") in ("noop", "external")
+        and valid_params(step.get("params"))
+        for step in steps
+    )
+
+
+def valid_action(body, extra_key, extra_valid):
+    return (
+        isinstance(body, dict)
+        and set(body) <= {"processStepId", extra_key}
+        and isinstance(body.get("processStepId"), str)
+        and extra_valid(body.get(extra_key))
+    )
+
+
+def valid_error(error):
+    return error is None or (
+        isinstance(error, dict)
+        and set(error) == {"message"}
+        and isinstance(error["message"], str)
+        and len(error["message"]) <= 65536
+        and storable(error["message"])
+    )
+
+
+# -- the params schema on its own --------------------------------------------------------
+@settings(PROPERTY_SETTINGS, max_examples=SCHEMA_EXAMPLES)
+@given(params=params_like | st.dictionaries(good_names, long_typed_values, max_size=3))
+def test_the_params_schema_accepts_exactly_the_valid_params_and_echoes_them(params):
+    try:
+        loaded = s.RestartStepSchema().load({"processStepId": "abc", "params": params})
+    except ValidationError as refused:
+        EXAMPLES["schema", "refused"] += 1
+        assert not valid_params(params), f"refused valid params: {refused.messages}"
+        assert isinstance(refused.messages, dict) and "params" in refused.messages
+        return
+    EXAMPLES["schema", "accepted"] += 1
+    assert valid_params(params), "accepted invalid params"
+    echoed = s.RestartResultSchema().dump({"process_id": "p", "step_id": "abc", "params": loaded["params"]})
+    assert echoed["params"] == output_form(params)
+    assert json.loads(json.dumps(echoed["params"])) == output_form(params)
+
+
+# -- every request body, over HTTP against a real SQLite file ----------------------------
+@pytest.fixture(scope="module")
+def api_client(tmp_path_factory):
+    db = tmp_path_factory.mktemp("properties") / "stepd.db"
+    app = create_app({"STEPD_DB": str(db), "STEPD_DELEGATES_PATH": str(PLUGINS), "STEPD_TOKEN": TOKEN})
+    start_runner(app)
+    yield app.test_client()
+    app.extensions["stepd"].runner.stop(grace=1)
+    outcomes = "; ".join(f"{test} {outcome}: {count}" for (test, outcome), count in sorted(EXAMPLES.items()))
+    report_figure("hypothesis", f"{sum(EXAMPLES.values())} examples, 0 errors ({outcomes})")
+
+
+def post(client, path, body):
+    """POST any JSON value; check it is an envelope with 2xx or 412 and never a server error."""
+    response = client.post(path, data=json.dumps(body), headers=HEADERS)
+    assert response.status_code < 500, response.get_data(as_text=True)
+    reply = response.get_json()
+    assert set(reply) == {"message", "timestamp", "data", "version"}
+    if response.status_code == 412:
+        assert reply["message"] == "Precondition failed"
+        assert isinstance(reply["data"], dict) and reply["data"], reply
+    return response.status_code, reply["data"]
+
+
+def started_step(client, fail=False):
+    """A fresh STARTED step (or FAILED, through fail-step), so every example has its own."""
+    process = client.post(P, json={"steps": [{"type": "external"}]}, headers=HEADERS).get_json()["data"]
+    step_id = process["steps"][0]["processStepId"]
+    if fail:
+        assert client.post(f"{P}/fail-step", json={"processStepId": step_id}, headers=HEADERS).status_code == 200
+    return step_id
+
+
+def aim(body, step_id, use_real_id):
+    """The generated body, with its processStepId swapped for a real step's when asked to."""
+    if use_real_id and isinstance(body, dict) and isinstance(body.get("processStepId"), str):
+        return {**body, "processStepId": step_id}
+    return body
+
+
+good_start_bodies = st.fixed_dictionaries(
+    {
+        "steps": st.lists(
+            st.fixed_dictionaries(
+                {"type": st.sampled_from(["noop", "external"])}, optional={"params": st.none() | good_params}
+            ),
+            min_size=1,
+            max_size=3,
+        )
+    },
+    optional={"name": st.none() | st.text(max_size=30)},
+)
+start_bodies = (
+    good_start_bodies
+    | json_values
+    | st.fixed_dictionaries(
+        {
+            "steps": st.lists(
+                st.fixed_dictionaries(
+                    {"type": st.sampled_from(["noop", "external"]) | st.sampled_from(["nope", ""]) | scalars},
+                    optional={"params": params_like},
+                ),
+                max_size=3,
+            )
+            | json_values
+        },
+        optional={"name": st.none() | st.text(max_size=20) | st.text(min_size=1020, max_size=1030) | scalars},
+    )
+)
+
+
+@settings(PROPERTY_SETTINGS, max_examples=BODY_EXAMPLES)
+@given(body=start_bodies)
+def test_start_process_accepts_valid_bodies_echoes_them_and_refuses_the_rest(api_client, body):
+    status, data = post(api_client, P, body)
+    EXAMPLES["start", status] += 1
+    if status == 412:
+        assert not valid_start(body), data
+        return
+    assert status == 201 and valid_start(body)
+    assert data["name"] == body.get("name")
+    assert [step["type"] for step in data["steps"]] == [step["type"] for step in body["steps"]]
+    assert [step["params"] for step in data["steps"]] == [output_form(step.get("params")) for step in body["steps"]]
+
+
+@settings(PROPERTY_SETTINGS, max_examples=BODY_EXAMPLES)
+@given(
+    body=json_values
+    | st.fixed_dictionaries({"processStepId": ids}, optional={"params": params_like, "x": scalars})
+    | st.fixed_dictionaries({"processStepId": st.just("abc")}, optional={"params": st.none() | good_params}),
+    use_real_id=st.booleans(),
+)
+def test_restart_accepts_valid_bodies_echoes_the_params_and_refuses_the_rest(api_client, body, use_real_id):
+    body = aim(body, started_step(api_client, fail=True), use_real_id)
+    status, data = post(api_client, f"{P}/restart-failed-step", body)
+    EXAMPLES["restart", status] += 1
+    if status == 412:
+        assert not (use_real_id and valid_action(body, "params", valid_params)), data
+        return
+    assert status == 200 and valid_action(body, "params", valid_params)
+    assert data["processStepId"] == body["processStepId"]
+    assert data["params"] == output_form(body.get("params"))
+
+
+@settings(PROPERTY_SETTINGS, max_examples=BODY_EXAMPLES)
+@given(
+    body=json_values
+    | st.fixed_dictionaries(
+        {"processStepId": ids},
+        optional={"result": params_like, "x": scalars},
+    )
+    | st.fixed_dictionaries({"processStepId": st.just("abc")}, optional={"result": st.none() | good_params}),
+    use_real_id=st.booleans(),
+)
+def test_complete_step_accepts_valid_bodies_echoes_the_result_and_refuses_the_rest(api_client, body, use_real_id):
+    body = aim(body, started_step(api_client), use_real_id)
+    status, data = post(api_client, f"{P}/complete-step", body)
+    EXAMPLES["complete", status] += 1
+    if status == 412:
+        assert not (use_real_id and valid_action(body, "result", valid_params)), data
+        return
+    assert status == 200 and valid_action(body, "result", valid_params)
+    assert data["status"] == "COMPLETED"
+    assert data["result"] == (None if body.get("result") is None else output_form(body["result"]))
+
+
+@settings(PROPERTY_SETTINGS, max_examples=BODY_EXAMPLES)
+@given(
+    body=json_values
+    | st.fixed_dictionaries(
+        {"processStepId": ids},
+        optional={
+            "error": json_values | st.fixed_dictionaries({"message": st.text(max_size=20) | scalars}),
+            "x": scalars,
+        },
+    )
+    | st.fixed_dictionaries(
+        {"processStepId": st.just("abc")},
+        optional={"error": st.none() | st.fixed_dictionaries({"message": st.text(max_size=40)})},
+    ),
+    use_real_id=st.booleans(),
+)
+def test_fail_step_accepts_valid_bodies_echoes_the_error_and_refuses_the_rest(api_client, body, use_real_id):
+    body = aim(body, started_step(api_client), use_real_id)
+    status, data = post(api_client, f"{P}/fail-step", body)
+    EXAMPLES["fail", status] += 1
+    if status == 412:
+        assert not (use_real_id and valid_action(body, "error", valid_error)), data
+        return
+    assert status == 200 and valid_action(body, "error", valid_error)
+    assert data["status"] == "FAILED"
+    expected = body["error"]["message"] if body.get("error") else "Failed by env through fail-step."
+    assert data["error"] == {"type": "ExternalFailure", "message": expected}
