@@ -21,6 +21,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -38,6 +39,7 @@ FAIL_POOL = 3000  # FAILED steps the failing-delegate row cycles through
 READ_POOL = 1000  # steps the GET row cycles through
 DEFER_POOL = 30_000  # each deferred step restarts once: more than one run's requests
 STORED = (1_000, 1_000_000)  # the "restart with N steps already stored" rows
+WARM_UP = 5  # seconds of load before each server's first measured row: the first seconds run slower
 
 
 # -- servers ---------------------------------------------------------------------------------
@@ -145,12 +147,20 @@ def api(server, method, path, body=None, token=None):
 
 
 # -- wrk ---------------------------------------------------------------------------------------
-def wrk(url, mode, duration, ids_file=None, token=""):
-    """Run wrk with bench/load.lua; returns requests/s, p50/p99 (ms) and the answers by status."""
+def wrk(server, mode, duration, ids_file=None, token=""):
+    """Run wrk with bench/load.lua; returns requests/s, p50/p99 (ms), the answers by status, and
+    how wrk's connections were spread over the workers halfway through (each keeps its worker)."""
     command = ["wrk", f"-t{WRK_THREADS}", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency"]
-    command += ["-s", str(BENCH / "load.lua"), url, "--", mode] + ([str(ids_file)] if ids_file else [])
+    command += ["-s", str(BENCH / "load.lua"), server.url, "--", mode] + ([str(ids_file)] if ids_file else [])
     env = {**os.environ, "STEPD_TOKEN": token, "BENCH_WRK_THREADS": str(WRK_THREADS)}
-    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    split = {}
+    probe = threading.Timer(duration / 2, lambda: split.update(connections_per_worker(server)))
+    probe.start()
+    try:
+        out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    finally:
+        probe.cancel()
+        probe.join()
     statuses = dict(pair.split("=") for pair in _find(r"bench-statuses: (.*)", out, "").split())
     socket_errors = _find(r"Socket errors: (.*)", out, "")
     return {
@@ -162,8 +172,16 @@ def wrk(url, mode, duration, ids_file=None, token=""):
         "statuses": {int(k): int(v) for k, v in statuses.items()},
         "wraps": int(_find(r"bench-pool-wraps: (\d+)", out, "0")),
         "socket_errors": socket_errors,
+        "split": "/".join(str(n) for n in sorted(split.values(), reverse=True)),
         "command": " ".join(command),
     }
+
+
+def connections_per_worker(server):
+    """{worker pid: established connections it holds on the server's port} (from ss)."""
+    command = ["ss", "-tnpH", "state", "established", f"( sport = :{server.port} )"]
+    listing = subprocess.run(command, capture_output=True, text=True).stdout
+    return {pid: len(re.findall(rf"pid={pid},", listing)) for pid in server.worker_pids()}
 
 
 def _find(pattern, text, default=None):
@@ -204,7 +222,7 @@ def write_ids(path, ids):
     return path
 
 
-def seed_file(db, fail=0, defer=0, read=0, filler_processes=0):
+def seed_file(db, fail=0, defer=0, read=0, verify=0, filler_processes=0):
     """A fresh stepd file with pools of seeded FAILED steps; returns {pool: ids}."""
     conn = seed.open_db(str(db))
     pools = {
@@ -213,7 +231,7 @@ def seed_file(db, fail=0, defer=0, read=0, filler_processes=0):
             conn, "bench.defer", defer, {"defer": ("LONG", 0)}, "Abort", "bench.defer needs param defer = 1"
         ),
         "read": seed.failed_steps(conn, "bench.fail", read, {}, "Abort", "bench.fail fails at once"),
-        "verify": seed.failed_steps(conn, "bench.fail", 1, {}, "Abort", "bench.fail fails at once"),
+        "verify": seed.failed_steps(conn, "bench.fail", verify, {}, "Abort", "bench.fail fails at once"),
     }
     seed.completed_processes(conn, filler_processes)
     seed.close_db(conn)
@@ -262,13 +280,18 @@ def row(name, sync, result, note=""):
     return {"row": name, "sync": sync, **result, "note": note}
 
 
-def run_baseline(workdir, duration):
+def run_baseline(workdir, duration, runs=3):
+    """The bare Flask app, measured `runs` times: the median run by requests/s is the row.
+    Its figures move by up to 2x from one wrk run to the next, with how wrk's 16 connections
+    fall on the two workers (16/0 is the slowest), so one run is not enough."""
     server = baseline_server(workdir)
     try:
-        wrk(server.url, "baseline", 2)  # warm-up
-        return row("baseline: bare Flask JSON POST", "-", wrk(server.url, "baseline", duration))
+        wrk(server, "baseline", WARM_UP)
+        results = sorted((wrk(server, "baseline", duration) for _ in range(runs)), key=lambda r: r["rps"])
     finally:
         server.stop()
+    note = "median of " + ", ".join(f"{r['rps']:,.0f} ({r['split']})" for r in results) + " requests/s"
+    return row("baseline: bare Flask JSON POST", "-", results[len(results) // 2], note)
 
 
 def run_stepd(workdir, sync, duration, token, check):
@@ -278,21 +301,21 @@ def run_stepd(workdir, sync, duration, token, check):
     steps, which would weigh on the other rows (see BENCHMARKS.md: the cost of a restart grows
     with the number of FAILED steps stored)."""
     db = workdir / f"stepd-{sync}.db"
-    pools = seed_file(db, fail=FAIL_POOL, read=READ_POOL)
+    pools = seed_file(db, fail=FAIL_POOL, read=READ_POOL, verify=1)
     files = {name: write_ids(workdir / f"{name}-{sync}.ids", ids) for name, ids in pools.items()}
     rows = []
     server = stepd_server(db, sync, workdir, token)
     try:
         if check:
             check_seed(server, str(db), pools["verify"][0])
-        wrk(server.url, "get-step", 2, files["read"], token)  # warm-up
-        result = wrk(server.url, "restart-fail", duration, files["fail"], token)
+        wrk(server, "get-step", WARM_UP, files["read"], token)
+        result = wrk(server, "restart-fail", duration, files["fail"], token)
         rows.append(row("restart-failed-step, failing delegate", sync, result, f"pool {FAIL_POOL}"))
         drain(db)
-        result = wrk(server.url, "create3", duration, None, token)
+        result = wrk(server, "create3", duration, None, token)
         rows.append(row("POST /processes, 3 noop steps", sync, result))
         drain(db)
-        result = wrk(server.url, "get-step", duration, files["read"], token)
+        result = wrk(server, "get-step", duration, files["read"], token)
         rows.append(row("GET /processes/steps/{id}", sync, result, f"pool {READ_POOL}"))
         rows.append(run_engine(server, db, sync, duration, token))
     finally:
@@ -301,8 +324,8 @@ def run_stepd(workdir, sync, duration, token, check):
     ids = write_ids(workdir / f"defer-{sync}.ids", seed_file(db, defer=DEFER_POOL)["defer"])
     server = stepd_server(db, sync, workdir, token)
     try:
-        wrk(server.url, "get-step", 2, ids, token)  # warm-up
-        result = wrk(server.url, "restart-defer", duration, ids, token)
+        wrk(server, "get-step", WARM_UP, ids, token)
+        result = wrk(server, "restart-defer", duration, ids, token)
         rows.insert(1, row("restart-failed-step, deferred delegate", sync, result, f"pool {DEFER_POOL}"))
     finally:
         server.stop()
@@ -313,7 +336,7 @@ def run_engine(server, db, sync, duration, token):
     """POST processes of 10 noop steps for `duration`, then wait until every step completed:
     noop steps completed per second from the first POST to the last completion."""
     started = time.monotonic()
-    result = wrk(server.url, "create10", duration, None, token)
+    result = wrk(server, "create10", duration, None, token)
     finished = drain(db)
     with contextlib.closing(sqlite3.connect(db)) as conn:
         counts = dict(
@@ -337,15 +360,15 @@ def run_stored(workdir, stored, duration, token, sync="normal"):
     pool = 1000
     db = workdir / f"stored-{stored}.db"
     started = time.monotonic()
-    pools = seed_file(db, fail=pool, filler_processes=(stored - pool - 1) // 10)
+    pools = seed_file(db, fail=pool, filler_processes=(stored - pool) // 10)
     with contextlib.closing(sqlite3.connect(db)) as conn:
         count = conn.execute("SELECT count(*) FROM steps").fetchone()[0]
     print(f"  seeded {count:,} steps in {time.monotonic() - started:.1f}s", file=sys.stderr)
     ids = write_ids(workdir / f"stored-{stored}.ids", pools["fail"])
     server = stepd_server(db, sync, workdir, token)
     try:
-        wrk(server.url, "get-step", 2, ids, token)  # warm-up
-        result = wrk(server.url, "restart-fail", duration, ids, token)
+        wrk(server, "get-step", WARM_UP, ids, token)
+        result = wrk(server, "restart-fail", duration, ids, token)
     finally:
         server.stop()
     db.unlink()
@@ -368,7 +391,7 @@ def run_memory(workdir, token, checkpoints=(10_000, 20_000, 100_000, 200_000), s
     try:
         for checkpoint in checkpoints:
             while done < checkpoint:
-                result = wrk(server.url, "restart-fail", 5, ids, token)
+                result = wrk(server, "restart-fail", 5, ids, token)
                 done += result["statuses"].get(200, 0)
                 refused += result["statuses"].get(412, 0)
             readings.append(
@@ -396,7 +419,7 @@ def profile(workdir, token, seconds, extra_args=(), sync="normal"):
         command += ["--nonblocking", "--format", "raw", "--output", str(raw), *extra_args]
         spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1)
-        result = wrk(server.url, "restart-fail", seconds + 2, ids, token)
+        result = wrk(server, "restart-fail", seconds + 2, ids, token)
         spy.wait()
     finally:
         server.stop()
@@ -431,8 +454,8 @@ def summarize_profile(text, top=30):
 # -- output ------------------------------------------------------------------------------------
 def table(rows):
     lines = [
-        "| row | STEPD_SYNC | requests/s | p50 ms | p99 ms | x baseline | answers | note |",
-        "|---|---|---:|---:|---:|---:|---|---|",
+        "| row | STEPD_SYNC | requests/s | p50 ms | p99 ms | x baseline | answers | conns/worker | note |",
+        "|---|---|---:|---:|---:|---:|---|---|---|",
     ]
     for r in rows:
         answers = " ".join(f"{status}: {count}" for status, count in sorted(r["statuses"].items()))
@@ -442,7 +465,7 @@ def table(rows):
             answers += f"; socket errors {r['socket_errors']}"
         lines.append(
             f"| {r['row']} | {r['sync']} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f}"
-            f" | {r['rps'] / r['base']:.2f} | {answers} | {r['note']} |"
+            f" | {r['rps'] / r['base']:.2f} | {answers} | {r['split']} | {r['note']} |"
         )
     return "\n".join(lines)
 
