@@ -156,11 +156,13 @@ def wrk(server, mode, duration, ids_file=None, token=""):
     split = {}
     probe = threading.Timer(duration / 2, lambda: split.update(connections_per_worker(server)))
     probe.start()
+    cpu_before = cpu_seconds(server)
     try:
         out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     finally:
         probe.cancel()
         probe.join()
+    cpu = cpu_seconds(server) - cpu_before
     statuses = dict(pair.split("=") for pair in _find(r"bench-statuses: (.*)", out, "").split())
     socket_errors = _find(r"Socket errors: (.*)", out, "")
     return {
@@ -173,8 +175,19 @@ def wrk(server, mode, duration, ids_file=None, token=""):
         "wraps": int(_find(r"bench-pool-wraps: (\d+)", out, "0")),
         "socket_errors": socket_errors,
         "split": "/".join(str(n) for n in sorted(split.values(), reverse=True)),
+        "cpu_ms": 1000 * cpu / max(1, int(_find(r"(\d+) requests in", out))),
         "command": " ".join(command),
     }
+
+
+def cpu_seconds(server):
+    """CPU time (user + system) used so far by the server's master and workers."""
+    ticks = 0
+    for pid in [server.proc.pid, *server.worker_pids()]:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def connections_per_worker(server):
@@ -454,8 +467,9 @@ def summarize_profile(text, top=30):
 # -- output ------------------------------------------------------------------------------------
 def table(rows):
     lines = [
-        "| row | STEPD_SYNC | requests/s | p50 ms | p99 ms | x baseline | answers | conns/worker | note |",
-        "|---|---|---:|---:|---:|---:|---|---|---|",
+        "| row | STEPD_SYNC | requests/s | p50 ms | p99 ms | x baseline | server CPU ms/req | answers"
+        " | conns/worker | note |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for r in rows:
         answers = " ".join(f"{status}: {count}" for status, count in sorted(r["statuses"].items()))
@@ -465,7 +479,7 @@ def table(rows):
             answers += f"; socket errors {r['socket_errors']}"
         lines.append(
             f"| {r['row']} | {r['sync']} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f}"
-            f" | {r['rps'] / r['base']:.2f} | {answers} | {r['split']} | {r['note']} |"
+            f" | {r['rps'] / r['base']:.2f} | {r['cpu_ms']:.2f} | {answers} | {r['split']} | {r['note']} |"
         )
     return "\n".join(lines)
 
@@ -508,7 +522,9 @@ def targets(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10, help="seconds of load per row (default 10)")
-    parser.add_argument("--sync", default="normal,full", help="STEPD_SYNC modes to run (default normal,full)")
+    parser.add_argument(
+        "--sync", default="normal,full", help="STEPD_SYNC modes to run (default normal,full; none: no table)"
+    )
     parser.add_argument("--no-stored", action="store_true", help="skip the 10^3 / 10^6 stored-steps rows")
     parser.add_argument("--memory", action="store_true", help="also worker RSS over 200k restarts (~5 min)")
     parser.add_argument("--profile", type=int, metavar="SECONDS", help="only py-spy a worker under restart load")
@@ -534,7 +550,7 @@ def main():
                 print(f"| {share:.1f} | `{leaf}` |")
             return
         rows = []
-        for number, sync in enumerate(args.sync.split(",")):
+        for number, sync in enumerate(mode for mode in args.sync.split(",") if mode not in ("", "none")):
             print(f"STEPD_SYNC={sync}: baseline, then stepd", file=sys.stderr)
             base = run_baseline(workdir, args.duration)
             block = [base, *run_stepd(workdir, sync, args.duration, token, check=number == 0)]
@@ -543,9 +559,10 @@ def main():
                     print(f"restart with {stored:,} steps stored", file=sys.stderr)
                     block.append(run_stored(workdir, stored, args.duration, token))
             rows.extend(r | {"base": base["rps"], "block": sync} for r in block)
-        print(table(rows))
-        print()
-        print(targets(rows))
+        if rows:
+            print(table(rows))
+            print()
+            print(targets(rows))
         if args.memory:
             print("worker RSS under restart load (STEPD_SYNC=normal)", file=sys.stderr)
             readings, seconds = run_memory(workdir, token)
