@@ -3,13 +3,19 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint fix clean
+.PHONY: run test lint fix clean bench
 
 run: $(VENV)/.run-deps
 	$(BIN)/gunicorn -c gunicorn.conf.py
 
 test: $(VENV)/.dev-deps
 	$(BIN)/pytest
+
+# The benchmark (bench/run.py, a few minutes; not part of `make test`). It needs wrk.
+# BENCH_FULL=1 adds worker memory over 200k restarts; BENCH_ARGS passes more options.
+bench: $(VENV)/.run-deps
+	@command -v wrk >/dev/null 2>&1 || { echo "make bench needs wrk, the HTTP load generator: sudo apt-get install wrk" >&2; exit 1; }
+	$(BIN)/python bench/run.py $(if $(BENCH_FULL),--memory) $(BENCH_ARGS)
 
 lint: $(VENV)/.dev-deps
 	$(BIN)/ruff check .

@@ -1,0 +1,17 @@
+"""Delegates for `make bench`, loaded through STEPD_DELEGATES_PATH like a user's own folder."""
+
+from delegates import Abort, delegate
+
+
+@delegate("bench.fail")
+def fail_at_once(ctx):
+    """Fail at once, so a restarted step is FAILED (restartable) again within milliseconds."""
+    raise Abort("bench.fail fails at once")
+
+
+@delegate("bench.defer")
+def defer_when_fixed(ctx):
+    """Fail unless param `defer` is 1 (LONG); then defer, leaving the step STARTED."""
+    if ctx.params.get("defer") != 1:
+        raise Abort("bench.defer needs param defer = 1")
+    return ctx.defer()
