@@ -1,5 +1,5 @@
 import pytest
-from helpers import FIGURES, PLUGINS, Api, Server
+from helpers import FIGURES, PLUGINS, Api, Server, wait_for
 
 from app import create_app, start_runner
 from auth import hash_secret
@@ -48,6 +48,16 @@ def api(client):
 @pytest.fixture
 def reader_api(client):
     return Api(client, {"Authorization": f"Bearer {READER_SECRET}"})
+
+
+@pytest.fixture
+def gate(tmp_path, app):
+    """A file path a `wait` step waits for; created at teardown so no delegate is left running."""
+    path = tmp_path / "gate"
+    yield path
+    path.touch()
+    runner = app.extensions["stepd"].runner
+    wait_for(lambda: runner._busy == 0, timeout=5, what="delegates to finish")
 
 
 @pytest.fixture

@@ -3,10 +3,10 @@
 import base64
 import re
 import threading
-from datetime import datetime
 
 import pytest
 from helpers import typed, wait_for
+from support import ok, out, parse_time, refused
 
 from auth import hash_secret
 
@@ -24,36 +24,6 @@ STEP_KEYS = {
     "attempts", "error", "createdAt", "startedAt", "finishedAt", "deferred", "nextRetryAt",
 }  # fmt: skip
 ATTEMPT_KEYS = {"attempt", "trigger", "principal", "params", "status", "error", "startedAt", "finishedAt"}
-ERROR_MESSAGES = {
-    "Unauthorized request", "Forbidden", "Not found", "Method not allowed", "Precondition failed",
-    "Payload too large", "Internal Server Error", "Service unavailable",
-}  # fmt: skip
-
-
-def out(kind, value):
-    form = {"strValue": None, "longValue": None, "doubleValue": None, "type": kind}
-    form[{"STRING": "strValue", "LONG": "longValue", "DOUBLE": "doubleValue"}[kind]] = value
-    return form
-
-
-def ok(response, status=200):
-    assert response.status_code == status, response.get_data(as_text=True)[:800]
-    assert response.json["message"] not in ERROR_MESSAGES
-    return response.json["data"]
-
-
-def refused(response, status=412):
-    assert response.status_code == status, response.get_data(as_text=True)[:800]
-    data = response.json["data"]
-    if status == 412:
-        assert response.json["message"] == "Precondition failed"
-        assert isinstance(data, dict) and data
-    return data
-
-
-def parse_time(text):
-    assert TIME.match(text), text
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f%z")
 
 
 def count_processes(api):
@@ -66,16 +36,6 @@ def raw_post(api, path, raw, content_type="application/json"):
 
 def wait_deferred(api, step_id):
     return wait_for(lambda: (s := api.step(step_id))["deferred"] and s, what="deferred step")
-
-
-@pytest.fixture
-def gate(tmp_path, app):
-    """A file path a `wait` step waits for; created at teardown so no delegate is left running."""
-    path = tmp_path / "gate"
-    yield path
-    path.touch()
-    runner = app.extensions["stepd"].runner
-    wait_for(lambda: runner._busy == 0, timeout=5, what="delegates to finish")
 
 
 def assert_step_shape(step):

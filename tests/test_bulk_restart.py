@@ -28,16 +28,6 @@ def restarted_ids(data):
     return [r["processStepId"] for r in data["restarted"]]
 
 
-@pytest.fixture
-def gate(tmp_path, app):
-    """A file `wait` steps wait for; created at teardown so no delegate is left running."""
-    path = tmp_path / "gate"
-    yield path
-    path.touch()
-    runner = app.extensions["stepd"].runner
-    wait_for(lambda: runner._busy == 0, timeout=5, what="delegates to finish")
-
-
 # -- by ids -----------------------------------------------------------------------------------------
 def test_listed_steps_are_restarted_and_the_rest_skipped_with_a_reason(api):
     first_process, first = failed(api, ok=0, tag="a")
