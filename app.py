@@ -107,7 +107,8 @@ def load_query(schema_class):
 
 # -- Idempotency-Key ---------------------------------------------------------------------------
 class _Undo(Exception):
-    """Carries a 5xx answer out of an idempotent request's transaction, which it rolls back."""
+    """Carries an answer that decided nothing out of an idempotent request's transaction, which
+    it rolls back, so that the answer is not kept for the key."""
 
     def __init__(self, response):
         super().__init__(response.status_code)
@@ -119,8 +120,10 @@ def idempotent(view):
 
     The key's answer is stored in the same transaction as the change it made, and the
     transaction holds the write lock from the look-up on: concurrent repeats, in any worker,
-    queue behind the first and then find its answer. 2xx and 4xx answers are kept for 24
-    hours; a 5xx changed nothing and is not kept, so the request can simply be sent again.
+    queue behind the first and then find its answer. Kept for 24 hours: a 2xx, and a 412 from
+    a check of the state (say, the step is not FAILED). Not kept, as they decided nothing: the
+    refusal of input that could not be read (412 on the body or query, 413) and any 5xx; the
+    request, corrected or not, can be sent again with the same key (as Stripe does).
     """
 
     @functools.wraps(view)
@@ -138,8 +141,8 @@ def idempotent(view):
                 stored = store.stored_answer(db, principal, key)
                 if stored is not None:
                     return replay(stored, fingerprint, key)
-                response = answer_of(view, args, kwargs)
-                if response.status_code >= 500:
+                response, decided = answer_of(view, args, kwargs)
+                if not decided:
                     raise _Undo(response)
                 store.store_answer(db, principal, key, fingerprint, response.status_code, response.get_data(True))
                 return response
@@ -162,11 +165,13 @@ def request_fingerprint():
 
 
 def answer_of(view, args, kwargs):
-    """The view's response, with exceptions turned into their error responses as Flask would."""
+    """(the view's response, whether it decided something): exceptions become their error
+    responses as Flask would make them; only a state check's 412 counts as a decision."""
     try:
-        return current_app.make_response(view(*args, **kwargs))
+        return current_app.make_response(view(*args, **kwargs)), True
     except Exception as exc:  # noqa: BLE001 - each error handler decides what the client sees
-        return current_app.make_response(current_app.handle_user_exception(exc))
+        decided = isinstance(exc, PreconditionFailed)
+        return current_app.make_response(current_app.handle_user_exception(exc)), decided
 
 
 def replay(stored, fingerprint, key):

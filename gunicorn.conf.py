@@ -43,7 +43,7 @@ def envelope_gunicorn_errors():
     from store import now_iso
 
     def write_error(sock, status_int, reason, mesg):
-        if status_int >= 500:
+        if status_int == 500:  # 501 (an unknown Transfer-Encoding) and the like are the client's
             error_id = uuid.uuid4().hex  # gunicorn logged the traceback just before
             logging.getLogger("stepd").error("unexpected error %s in gunicorn: %s", error_id, reason)
             status, data = 500, error_id

@@ -41,6 +41,11 @@ IDEMPOTENCY_PARAMETER = {
     " comes back and nothing is done twice.",
     "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
 }
+RETRY_AFTER_HEADER = {"description": "Seconds to wait before sending again.", "schema": {"type": "integer"}}
+REPLAYED_HEADER = {
+    "description": "`true` when this is the kept answer to an earlier request with the same Idempotency-Key.",
+    "schema": {"type": "string", "enum": ["true"]},
+}
 _envelopes = {}  # one envelope class per data schema, so apispec names each once
 
 
@@ -71,6 +76,10 @@ def _operation(view, method, secured, write):
         errors |= {412, 413}
     for status in sorted(errors):
         responses[str(status)] = {"description": ERROR_TEXT[status], "content": _json(ERROR_SCHEMAS[status])}
+    responses["503"]["headers"] = {"Retry-After": RETRY_AFTER_HEADER}
+    if write:  # the answers an Idempotency-Key keeps, and so may replay
+        for status in (str(meta["status"]), "412"):
+            responses[status]["headers"] = {"Idempotent-Replayed": REPLAYED_HEADER}
     operation = {
         "operationId": view.__name__,
         "summary": (view.__doc__ or "").strip().splitlines()[0],

@@ -252,8 +252,13 @@ class Runner:
                 with self._claim_lock:
                     if not self._claiming.is_set():
                         return
-                    for job in self.store.claim_due_retries(self.id, limit=self.threads * 4):
-                        self.submit(job)
+                    # Only as many as there are idle threads: a retry claimed but still queued when
+                    # the service stops would be Interrupted instead of staying due.
+                    with self._idle:
+                        idle = self.threads - self._busy
+                    if idle > 0:
+                        for job in self.store.claim_due_retries(self.id, limit=idle):
+                            self.submit(job)
             except Exception:  # a busy database now and then must not end the loop
                 log.exception("runner %s could not begin due retries; retrying", self.id)
 

@@ -164,6 +164,7 @@ class Cursor(fields.String):
         # Decoding skips stray characters, so only a cursor that encodes back to itself is ours.
         if (
             not number.isdecimal()
+            or len(number) > 19  # before int(): a string of thousands of digits is refused by int()
             or not 1 <= int(number) <= INT64_MAX
             or encode_cursor(self.prefix, int(number)) != text
         ):
@@ -201,7 +202,10 @@ class UtcTime(fields.AwareDateTime):
 
     def _deserialize(self, value, attr, data, **kwargs):
         moment = super()._deserialize(value, attr, data, **kwargs)
-        return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        try:
+            return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        except OverflowError:  # 0001-01-01T00:00:00+00:01 has no UTC time
+            raise ValidationError("Not a time stepd can compare (out of range in UTC).") from None
 
 
 class FailureCursor(fields.String):
@@ -213,6 +217,7 @@ class FailureCursor(fields.String):
         finished_at, number, until = ([*_decode_cursor(text).removeprefix("f:").split("|"), "", ""])[:3]
         if (
             not number.isdecimal()
+            or len(number) > 19  # before int(): a string of thousands of digits is refused by int()
             or int(number) > INT64_MAX
             or encode_failure_cursor((finished_at, int(number), until)) != text
         ):

@@ -322,6 +322,8 @@ class Store:
             self._local.writing = True
             try:
                 yield conn
+                if not conn.in_transaction:  # SQLite rolled it back (a full disk) and someone caught that
+                    raise sqlite3.OperationalError("database or disk is full: the transaction was rolled back")
                 conn.execute("ROLLBACK" if rollback else "COMMIT")
             except BaseException:
                 if conn.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
@@ -345,9 +347,13 @@ class Store:
             raise
         finally:
             if rollback:  # what was undone must not be acted on after the commit either
-                conn.execute("ROLLBACK TO nested")
                 del self._local.on_commit[callbacks_before:]
-            conn.execute("RELEASE nested")
+            # SQLite itself rolls the whole transaction back on some errors (a full disk): then
+            # there is no savepoint left, and the original error must be the one that surfaces.
+            if conn.in_transaction:
+                if rollback:
+                    conn.execute("ROLLBACK TO nested")
+                conn.execute("RELEASE nested")
 
     def on_commit(self, callback):
         """Call `callback` once this thread's write transaction commits (now, if none is open).

@@ -348,6 +348,11 @@ def test_a_bad_process_list_query_is_412_naming_the_parameter(api, query, keys):
     assert all(isinstance(m, list) and m for m in data.values())
 
 
+def test_a_cursor_of_thousands_of_digits_is_412_not_500(api):
+    huge = base64.urlsafe_b64encode(b"p:" + b"9" * 5000).decode().rstrip("=")
+    assert set(refused(api.get(f"{P}?cursor={huge}"))) == {"cursor"}
+
+
 def test_a_cursor_from_one_listing_is_refused_by_the_other(api):
     for _ in range(3):
         api.start(("noop", {}))

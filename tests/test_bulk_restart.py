@@ -270,8 +270,26 @@ def test_a_filter_over_1000_steps_restarts_the_oldest_1000_and_the_cursor_the_re
 def test_a_cursor_is_refused_when_it_is_not_ours(api):
     two_parts = base64.urlsafe_b64encode(b"f:2020-01-01T00:00:00.000Z|5").decode().rstrip("=")
     list_cursor = base64.urlsafe_b64encode(b"s:5").decode().rstrip("=")
-    for cursor in ("", "x", "Zjo", "!!!!", two_parts, list_cursor, schemas.encode_failure_cursor(("x", 1, "y")) + "="):
+    huge_seq = base64.urlsafe_b64encode(b"f:x|" + b"9" * 5000 + b"|y").decode().rstrip("=")  # int() refuses it
+    for cursor in (
+        "",
+        "x",
+        "Zjo",
+        "!!!!",
+        two_parts,
+        list_cursor,
+        huge_seq,
+        schemas.encode_failure_cursor(("x", 1, "y")) + "=",
+    ):
         refused(api.post(BULK, {"filter": {}, "cursor": cursor}))
+
+
+@pytest.mark.parametrize(
+    "where",
+    [{"failedAfter": "0001-01-01T00:00:00+00:01"}, {"failedBefore": "9999-12-31T23:59:59-01:00"}],
+)
+def test_a_time_with_no_utc_equivalent_is_412_not_500(api, where):
+    assert set(refused(api.post(BULK, {"filter": where}))) == {"filter"}
 
 
 def test_failure_times_in_the_answer_order_are_ascending(api, store):

@@ -317,3 +317,47 @@ def test_16_concurrent_repeats_of_a_start_start_one_process(app, api, db):
     assert [a.status_code for a in answers] == [201] * 16
     assert all(same_but_timestamp(answers[0], a) for a in answers)
     assert count_processes(db) == 1
+
+
+# -- answers that decided nothing are not kept -------------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "content_type"),
+    [
+        (b'{"steps": [{"type": "noop"}]}', "text/plain"),  # the Content-Type was wrong
+        (b'{"steps": []}', "application/json"),  # the body did not validate
+        (b"not json", "application/json"),
+    ],
+)
+def test_a_refusal_of_unreadable_input_is_not_kept_so_the_corrected_request_goes_through(api, db, raw, content_type):
+    first = api.client.post(P, data=raw, content_type=content_type, headers={**api.headers, **with_key("fix")})
+    assert first.status_code == 412 and "Idempotent-Replayed" not in first.headers
+    assert stored_keys(db) == []
+    corrected = api.post(P, START, headers=with_key("fix"))
+    assert corrected.status_code == 201 and "Idempotent-Replayed" not in corrected.headers
+    assert count_processes(db) == 1
+    assert api.post(P, START, headers=with_key("fix")).headers["Idempotent-Replayed"] == "true"
+
+
+def test_a_413_is_not_kept(api, db):
+    huge = b'{"name": "' + b"x" * (1024 * 1024) + b'", "steps": [{"type": "noop"}]}'
+    first = api.client.post(P, data=huge, content_type="application/json", headers={**api.headers, **with_key("big")})
+    assert first.status_code == 413
+    assert stored_keys(db) == []
+
+
+def test_a_full_disk_under_a_key_is_503_like_without_one(api, store, db):
+    # SQLite rolls the whole transaction back on a full disk, savepoints included; the error the
+    # client sees must still be the full disk's 503, not a 500 about a missing savepoint.
+    conn = store.connection()  # Flask's test client runs the request on this thread's connection
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages + 5}")
+    big = {"steps": [{"type": "noop", "params": typed(blob="x" * 60000)}]}
+    try:
+        with_key_answer = api.post(P, big, headers=with_key("full"))
+        without_key = api.post(P, big)
+    finally:
+        conn.execute("PRAGMA max_page_count = 1073741823")
+    assert (with_key_answer.status_code, without_key.status_code) == (503, 503)
+    assert with_key_answer.headers["Retry-After"] and without_key.headers["Retry-After"]
+    assert stored_keys(db) == [] and count_processes(db) == 0
+    assert api.post(P, big, headers=with_key("full")).status_code == 201  # space again: it goes through

@@ -153,3 +153,15 @@ def test_the_documented_step_rejects_a_wrong_trigger(api, spec):
     history = [{**good["data"]["attemptHistory"][0], "trigger": "auto"}]
     assert not is_valid(schema, {**good, "data": {**good["data"], "attemptHistory": history}})
     assert not is_valid(schema, {**good, "data": {**good["data"], "nextRetryAt": "soon"}})
+
+
+def test_response_headers_are_documented(spec):
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if method not in HTTP_METHODS or "503" not in operation["responses"]:
+                continue
+            assert "Retry-After" in operation["responses"]["503"]["headers"], (method, path)
+            if method == "post":
+                success = next(code for code in operation["responses"] if code.startswith("2"))
+                for code in (success, "412"):
+                    assert "Idempotent-Replayed" in operation["responses"][code]["headers"], (method, path, code)

@@ -386,3 +386,24 @@ def test_a_stop_leaves_a_retry_that_falls_due_in_its_grace_for_the_next_start(ap
     assert after["nextRetryAt"] is not None and after["error"]["type"] == "ConnectionError"
     assert calls(counted) == [(step_id, 1)]
     gate.touch()
+
+
+def test_a_due_retry_waits_for_an_idle_thread_so_a_stop_leaves_it_due(db_path, tmp_path, counted):
+    # Claimed ahead into a queue, a retry would be Interrupted by a stop before its delegate ran.
+    from helpers import PLUGINS, Api
+
+    one_thread = create_app({"STEPD_DB": str(db_path), "STEPD_DELEGATES_PATH": str(PLUGINS), "STEPD_THREADS": 1})
+    one_thread.extensions["stepd"].store.add_token("solo", "operator", hash_secret("solo-secret"))
+    start_runner(one_thread)
+    api = Api(one_thread.test_client(), {"Authorization": "Bearer solo-secret"})
+    gate = tmp_path / "gate"
+    _, step_id = start_one(api, "retry_soon", file=str(counted))
+    wait_waiting(api, step_id, 1)
+    api.start(("wait", {"file": str(gate), "seconds": 5.0}))  # the one thread is busy from here on
+    time.sleep(1.0)  # the retry falls due (0.3-0.6 s) while no thread is idle
+    one_thread.extensions["stepd"].runner.stop(grace=0.3)
+    gate.touch()
+    after = api.step(step_id)
+    assert (after["status"], after["attempts"]) == ("STARTED", 1), after
+    assert after["nextRetryAt"] is not None and len(after["attemptHistory"]) == 1
+    assert calls(counted) == [(step_id, 1)]

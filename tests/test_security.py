@@ -139,8 +139,10 @@ def raw_request(server, request_bytes):
         b"GET /api/v1/processes?" + b"x" * 5000 + b" HTTP/1.1\r\nHost: a\r\n\r\n",  # request line over 4094 bytes
         b"GET /healthz HTTP/1.1\r\nHost: a\r\nBad Header: 1\r\n\r\n",  # a space in a header name
         b"GET /healthz HTTP/9.9\r\nHost: a\r\n\r\n",
+        # gunicorn's 501: a client's fault, not the server's, so no 500 and no ERROR log line
+        b"POST /api/v1/processes HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: foo\r\n\r\n",
     ],
-    ids=["long-request-line", "bad-header-name", "bad-version"],
+    ids=["long-request-line", "bad-header-name", "bad-version", "unknown-transfer-encoding"],
 )
 def test_what_gunicorn_refuses_is_a_412_in_the_envelope(server_factory, request_bytes):
     import json
