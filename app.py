@@ -1,7 +1,5 @@
 """HTTP: the app factory, the routes of /api/v1 and /healthz, and error rendering."""
 
-import functools
-import hashlib
 import json
 import logging
 import math
@@ -21,12 +19,12 @@ import schemas as s
 from auth import current_principal, reads, token_cli, writes
 from delegates import Registry, load_registry
 from envelope import envelope, error
+from idempotency import idempotent
 from runner import Runner
 from store import PreconditionFailed, Store, is_busy, is_unwritable, now_iso
 
 MAX_BODY_BYTES = 1024 * 1024
 REQUEST_ID_HEADER = "X-Request-Id"
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 log = logging.getLogger("stepd")
 
@@ -103,85 +101,6 @@ def load_query(schema_class):
     if repeated:
         raise ValidationError(repeated)
     return s.one(schema_class).load(request.args.to_dict())
-
-
-# -- Idempotency-Key ---------------------------------------------------------------------------
-class _Undo(Exception):
-    """Carries an answer that decided nothing out of an idempotent request's transaction, which
-    it rolls back, so that the answer is not kept for the key."""
-
-    def __init__(self, response):
-        super().__init__(response.status_code)
-        self.response = response
-
-
-def idempotent(view):
-    """Answer a repeated POST with the same Idempotency-Key from the database, not by redoing it.
-
-    The key's answer is stored in the same transaction as the change it made, and the
-    transaction holds the write lock from the look-up on: concurrent repeats, in any worker,
-    queue behind the first and then find its answer. Kept for 24 hours: a 2xx, and a 412 from
-    a check of the state (say, the step is not FAILED). Not kept, as they decided nothing: the
-    refusal of input that could not be read (412 on the body or query, 413) and any 5xx; the
-    request, corrected or not, can be sent again with the same key (as Stripe does).
-    """
-
-    @functools.wraps(view)
-    def run(*args, **kwargs):
-        key = request.headers.get(IDEMPOTENCY_HEADER)
-        if key is None:
-            return view(*args, **kwargs)
-        if not 1 <= len(key) <= 255 or not all(" " <= ch <= "~" for ch in key):
-            raise ValidationError({IDEMPOTENCY_HEADER: ["Must be 1 to 255 printable ASCII characters."]})
-        fingerprint = request_fingerprint()
-        principal = current_principal().name
-        store = stepd().store
-        try:
-            with store.transaction() as db:
-                stored = store.stored_answer(db, principal, key)
-                if stored is not None:
-                    return replay(stored, fingerprint, key)
-                response, decided = answer_of(view, args, kwargs)
-                if not decided:
-                    raise _Undo(response)
-                store.store_answer(db, principal, key, fingerprint, response.status_code, response.get_data(True))
-                return response
-        except _Undo as undo:
-            return undo.response
-
-    return run
-
-
-def request_fingerprint():
-    """What makes two requests the same one: method, path, query and JSON body (key order aside)."""
-    raw = request.get_data(cache=True)
-    try:
-        body = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":"))
-    except (ValueError, RecursionError):
-        body = raw.hex()
-    query = sorted(request.args.items(multi=True))
-    text = json.dumps([request.method, request.path, query, body])
-    return hashlib.sha256(text.encode("utf-8", "backslashreplace")).hexdigest()
-
-
-def answer_of(view, args, kwargs):
-    """(the view's response, whether it decided something): exceptions become their error
-    responses as Flask would make them; only a state check's 412 counts as a decision."""
-    try:
-        return current_app.make_response(view(*args, **kwargs)), True
-    except Exception as exc:  # noqa: BLE001 - each error handler decides what the client sees
-        decided = isinstance(exc, PreconditionFailed)
-        return current_app.make_response(current_app.handle_user_exception(exc)), decided
-
-
-def replay(stored, fingerprint, key):
-    if stored["fingerprint"] != fingerprint:
-        raise PreconditionFailed({IDEMPOTENCY_HEADER: [f"The key {key!r} was used with a different request."]})
-    body = json.loads(stored["body"])
-    body["timestamp"] = now_iso()
-    response = current_app.response_class(json.dumps(body), stored["status"], mimetype="application/json")
-    response.headers["Idempotent-Replayed"] = "true"
-    return response
 
 
 # -- routes ----------------------------------------------------------------------------------
