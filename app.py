@@ -216,10 +216,12 @@ def restart_failed_steps():
             skipped.append({"step_id": step_id, "reason": "The database was busy; nothing changed. Retry this step."})
     outcome = {"restarted": restarted, "skipped": skipped, "nextCursor": s.encode_failure_cursor(next_position)}
     message = (
-        f"Dry run: {len(restarted)} step(s) would be restarted; nothing changed."
+        f"Dry run: {len(restarted)} step(s) would be restarted, {len(skipped)} skipped; nothing changed."
         if dry_run
-        else (f"{len(restarted)} step(s) restarted, {len(skipped)} skipped.")
+        else f"{len(restarted)} step(s) restarted, {len(skipped)} skipped."
     )
+    if next_position is not None:
+        message += f" More than {s.MAX_BULK} steps match: send the same filter with cursor = nextCursor."
     return envelope(s.one(s.RestartManyResultSchema).dump(outcome), message)
 
 

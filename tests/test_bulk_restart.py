@@ -244,6 +244,7 @@ def test_a_filter_over_1000_steps_restarts_the_oldest_1000_and_the_cursor_the_re
     data = ok(first)
     assert restarted_ids(data) == ids[:1000] and data["skipped"] == []
     assert data["nextCursor"]
+    assert "More than 1000 steps match" in first.json["message"]
     # Every restarted step has failed again (with a newer failure time) before the script goes on.
     db = app.config["STEPD_DB"]
     wait_for(
@@ -251,8 +252,9 @@ def test_a_filter_over_1000_steps_restarts_the_oldest_1000_and_the_cursor_the_re
         timeout=60,
         what="the restarted steps to fail again",
     )
-    second = ok(api.post(BULK, {"filter": {"type": "fail"}, "cursor": data["nextCursor"]}))
-    assert restarted_ids(second) == ids[1000:]
+    last = api.post(BULK, {"filter": {"type": "fail"}, "cursor": data["nextCursor"]})
+    second = ok(last)
+    assert restarted_ids(second) == ids[1000:] and "More than" not in last.json["message"]
     assert second["nextCursor"] is None
     wait_for(
         lambda: db_rows(db, "SELECT COUNT(*) FROM steps WHERE status = 'FAILED' AND attempts = 2")[0][0] == 1005,

@@ -118,7 +118,7 @@ def test_a_dry_run_bulk_restart_answers_what_the_real_one_does_and_changes_nothi
     before = db_dump(db)
     dry = api.post(f"{BULK}?dryRun=true", body)
     data = ok(dry)
-    assert dry.json["message"] == "Dry run: 3 step(s) would be restarted; nothing changed."
+    assert dry.json["message"] == "Dry run: 3 step(s) would be restarted, 2 skipped; nothing changed."
     assert [r["processStepId"] for r in data["restarted"]] == ids
     assert [s["processStepId"] for s in data["skipped"]] == [done_id, "NoSuchStep"]
     assert all(r["params"]["note"] == out("STRING", "n") for r in data["restarted"])
