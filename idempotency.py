@@ -90,6 +90,7 @@ def replay(stored, fingerprint, key):
         raise PreconditionFailed({IDEMPOTENCY_HEADER: [f"The key {key!r} was used with a different request."]})
     body = json.loads(stored["body"])
     body["timestamp"] = now_iso()
-    response = current_app.response_class(json.dumps(body), stored["status"], mimetype="application/json")
+    response = current_app.json.response(body)  # written as the first answer was, byte for byte
+    response.status_code = stored["status"]
     response.headers["Idempotent-Replayed"] = "true"
     return response
