@@ -10,10 +10,15 @@ import signal
 import sys
 from pathlib import Path
 
+from config import ConfigError
 from config import from_env as _stepd_settings
 from runner import STOP_GRACE_SECONDS
 
-settings = _stepd_settings()
+try:
+    settings = _stepd_settings()
+except ConfigError as _bad_setting:  # one clear line, not gunicorn's traceback of this file
+    print(f"stepd: cannot start: {_bad_setting}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 wsgi_app = "app:create_app()"
 bind = f"{settings['STEPD_HOST']}:{settings['STEPD_PORT']}"

@@ -560,10 +560,13 @@ def test_stepd_threads_bounds_the_delegates_running_at_once(server_factory, tmp_
     assert lines(calls) == 3
 
 
-def test_start_is_refused_with_a_bad_setting(server_factory, tmp_path):
-    server = server_factory(db_path=tmp_path / "bad.db", extra_env={"STEPD_WORKERS": "many"}).start(wait=False)
+@pytest.mark.parametrize(("key", "value"), [("STEPD_WORKERS", "many"), ("STEPD_SYNC", "off")])
+def test_start_is_refused_with_a_bad_setting(server_factory, tmp_path, key, value):
+    server = server_factory(db_path=tmp_path / "bad.db", extra_env={key: value}).start(wait=False)
     assert server.proc.wait(timeout=20) != 0
-    assert "STEPD_WORKERS" in server.output()
+    output = server.output()
+    assert f"stepd: cannot start: {key} must be" in output
+    assert "Traceback" not in output  # one clear line, not gunicorn's traceback of its config file
 
 
 # -- 8. make run -----------------------------------------------------------------------------
