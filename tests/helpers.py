@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -185,3 +186,24 @@ def _is_zombie(pid):
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def all_at_once(count, call, timeout=60):
+    """Run call(0) … call(count - 1) on as many threads, released together by a barrier, so they
+    really race; returns their results in order (fails if one did not finish in time)."""
+    barrier = threading.Barrier(count)
+    results = [None] * count
+    finished = [False] * count
+
+    def run(index):
+        barrier.wait()
+        results[index] = call(index)
+        finished[index] = True
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    assert all(finished), f"{finished.count(False)} of {count} racing calls did not finish"
+    return results

@@ -2,10 +2,9 @@
 
 import base64
 import re
-import threading
 
 import pytest
-from helpers import typed, wait_for
+from helpers import all_at_once, typed, wait_for
 from support import ok, out, parse_time, refused
 
 from auth import hash_secret
@@ -553,20 +552,8 @@ def test_concurrent_restarts_of_one_step_exactly_one_wins(app, api, gate):
     process = api.start(("wait", {"file": str(gate), "seconds": 0}))
     step_id = api.wait_process(process["processId"], "FAILED")["steps"][0]["processStepId"]
     body = {"processStepId": step_id, "params": typed(seconds=30.0)}
-    barrier = threading.Barrier(8)
-    statuses = []
-
-    def restart():
-        client = app.test_client()
-        barrier.wait()
-        statuses.append(client.post(RESTART, json=body, headers=api.headers).status_code)
-
-    threads = [threading.Thread(target=restart) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert sorted(statuses) == [200] + [412] * 7
+    answers = all_at_once(8, lambda _: app.test_client().post(RESTART, json=body, headers=api.headers))
+    assert sorted(r.status_code for r in answers) == [200] + [412] * 7
     step = api.step(step_id)
     assert step["attempts"] == 2 and len(step["attemptHistory"]) == 2
 

@@ -4,11 +4,10 @@ each restarted in its own compare-and-set exactly as restart-failed-step does.""
 import base64
 import fcntl
 import os
-import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from helpers import typed, wait_for
+from helpers import all_at_once, typed, wait_for
 from support import BULK, calls, db_rows, insert_failed_steps, iso, ok, out, parse_time, refused
 
 import schemas
@@ -154,20 +153,12 @@ def test_exactly_1000_ids_are_accepted(api, store):
 
 def test_concurrent_bulk_restarts_restart_each_step_once(app, api, gate):
     ids = [failed(api, "wait", file=str(gate), seconds=0)[1] for _ in range(6)]
-    barrier = threading.Barrier(8)
-    answers = []
 
-    def bulk(order):
-        client = app.test_client()
-        barrier.wait()
-        body = {"processStepIds": order, "params": typed(seconds=30.0)}
-        answers.append(client.post(BULK, json=body, headers=api.headers))
+    def bulk(n):  # half of them walk the list backwards
+        body = {"processStepIds": ids if n % 2 else ids[::-1], "params": typed(seconds=30.0)}
+        return app.test_client().post(BULK, json=body, headers=api.headers)
 
-    threads = [threading.Thread(target=bulk, args=(ids if n % 2 else ids[::-1],)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    answers = all_at_once(8, bulk)
     assert [r.status_code for r in answers] == [200] * 8
     won = [step for r in answers for step in restarted_ids(r.json["data"])]
     assert sorted(won) == sorted(ids)  # each step restarted by exactly one request

@@ -1,11 +1,10 @@
 """Idempotency-Key on every POST: a repeat by the same principal with the same request within 24 hours
 gets the first answer again (fresh timestamp) and does nothing; another request under the key is 412."""
 
-import threading
 import time
 
 import pytest
-from helpers import typed, wait_for
+from helpers import all_at_once, typed, wait_for
 from support import BULK, COMPLETE, FAIL, RESTART, P, calls, db_rows, db_write, ok, parse_time, refused
 
 import schemas
@@ -280,21 +279,7 @@ def test_old_answers_are_purged(api, store, db):
 
 # -- concurrent repeats ------------------------------------------------------------------------------
 def race(app, count, path, body, headers):
-    barrier = threading.Barrier(count)
-    answers = [None] * count
-
-    def send(index):
-        client = app.test_client()
-        barrier.wait()
-        answers[index] = client.post(path, json=body, headers=headers)
-
-    threads = [threading.Thread(target=send, args=(n,)) for n in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert all(a is not None for a in answers)
-    return answers
+    return all_at_once(count, lambda _: app.test_client().post(path, json=body, headers=headers))
 
 
 def test_16_concurrent_repeats_of_a_restart_restart_once(app, api, db, tmp_path):

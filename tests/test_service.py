@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import GUNICORN, PLUGINS, ROOT, free_port, typed, wait_for
+from helpers import GUNICORN, PLUGINS, ROOT, all_at_once, free_port, typed, wait_for
 
 import store as store_module
 
@@ -663,25 +663,8 @@ def start_with_split_output(server):
 
 def race_restarts(server, step_id, count):
     """`count` restarts of one step from as many threads, released together; their responses."""
-    barrier = threading.Barrier(count)
-    responses = [None] * count
-
-    def restart(index):
-        barrier.wait()
-        responses[index] = requests.post(
-            server.url + "/api/v1/processes/restart-failed-step",
-            json={"processStepId": step_id},
-            headers=server.headers(),
-            timeout=30,
-        )
-
-    threads = [threading.Thread(target=restart, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert all(r is not None for r in responses), "a restart request did not finish"
-    return responses
+    url, body = server.url + "/api/v1/processes/restart-failed-step", {"processStepId": step_id}
+    return all_at_once(count, lambda _: requests.post(url, json=body, headers=server.headers(), timeout=30))
 
 
 def data(response, status=200):

@@ -1,14 +1,13 @@
 """Retries and Idempotency-Key under real gunicorn: two worker processes on one file, and a retry
 schedule that outlives a stop (SIGTERM) or a crash (SIGKILL) of the whole service."""
 
-import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime
 
 import pytest
 import requests
-from helpers import wait_for
+from helpers import all_at_once, wait_for
 from support import BULK, RESTART, P, calls, db_rows, parse_time
 from test_service import data, get_step, start, wait_process, wait_step
 
@@ -16,22 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 def race(server, count, path, body, key):
-    barrier = threading.Barrier(count)
-    answers = [None] * count
-
-    def send(index):
-        barrier.wait()
-        answers[index] = requests.post(
-            server.url + path, json=body, headers={**server.headers(), "Idempotency-Key": key}, timeout=30
-        )
-
-    threads = [threading.Thread(target=send, args=(n,)) for n in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert all(a is not None for a in answers)
-    return answers
+    headers = {**server.headers(), "Idempotency-Key": key}
+    return all_at_once(count, lambda _: requests.post(server.url + path, json=body, headers=headers, timeout=30))
 
 
 def without_timestamp(response):

@@ -69,12 +69,17 @@ def _count_call(ctx):
         out.write(f"{ctx.step_id} {ctx.attempt}\n")
 
 
-@delegate("retry_count", retries=3, backoff=2.0, delay=0.1, max_delay=0.3)
-def retry_count(ctx):
+def _count_then_fail_before_pass_at(ctx):
     """Count the call in param `file`; fail before attempt param `pass_at` (always, without it)."""
     _count_call(ctx)
     if ctx.attempt < ctx.params.get("pass_at", 2**62):
         raise ConnectionError(f"attempt {ctx.attempt} failed")
+
+
+@delegate("retry_count", retries=3, backoff=2.0, delay=0.1, max_delay=0.3)
+def retry_count(ctx):
+    """Count the call in param `file`; fail before attempt param `pass_at` (always, without it)."""
+    _count_then_fail_before_pass_at(ctx)
 
 
 @delegate("retry_window", retries=3, backoff=4.0, delay=0.2, max_delay=0.5)
@@ -96,17 +101,13 @@ def retry_abort(ctx):
 @delegate("retry_soon", retries=1, backoff=1.0, delay=0.6, max_delay=0.6)
 def retry_soon(ctx):
     """Count the call in param `file`; fail before attempt param `pass_at`; one retry after 0.3-0.6 s."""
-    _count_call(ctx)
-    if ctx.attempt < ctx.params.get("pass_at", 2**62):
-        raise ConnectionError(f"attempt {ctx.attempt} failed")
+    _count_then_fail_before_pass_at(ctx)
 
 
 @delegate("retry_later", retries=1, backoff=1.0, delay=2.0, max_delay=2.0)
 def retry_later(ctx):
     """Count the call in param `file`; fail before attempt param `pass_at`; one retry after 1-2 s."""
-    _count_call(ctx)
-    if ctx.attempt < ctx.params.get("pass_at", 2**62):
-        raise ConnectionError(f"attempt {ctx.attempt} failed")
+    _count_then_fail_before_pass_at(ctx)
 
 
 @delegate("retry_slow", retries=2, backoff=1.0, delay=30.0, max_delay=30.0)
