@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from delegates import DEFERRED, Abort, Context
-from store import COMPLETED, FAILED, is_busy, is_unwritable, new_id
+from store import COMPLETED, FAILED, is_busy, is_unwritable, iso, new_id
 
 log = logging.getLogger("stepd.runner")
 
@@ -194,7 +194,7 @@ class Runner:
         if delegate is None or isinstance(exc, Abort) or job.retries_used >= delegate.retry.retries:
             return None
         wait = timedelta(seconds=delegate.retry.seconds_before(job.retries_used))
-        return (datetime.now(UTC) + wait).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return iso(datetime.now(UTC) + wait)
 
     def _call(self, job):
         delegate = self.registry.get(job.type)

@@ -9,11 +9,10 @@ import binascii
 import functools
 import math
 import unicodedata
-from datetime import UTC
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from store import MAX_PARAMS
+from store import MAX_PARAMS, iso
 
 VERSION = "1.0.0"
 
@@ -203,7 +202,7 @@ class UtcTime(fields.AwareDateTime):
     def _deserialize(self, value, attr, data, **kwargs):
         moment = super()._deserialize(value, attr, data, **kwargs)
         try:
-            return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            return iso(moment)
         except OverflowError:  # 0001-01-01T00:00:00+00:01 has no UTC time
             raise ValidationError("Not a time stepd can compare (out of range in UTC).") from None
 

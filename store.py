@@ -46,9 +46,13 @@ def is_unwritable(exc):
     return isinstance(exc, sqlite3.OperationalError) and any(words in str(exc) for words in UNWRITABLE)
 
 
+def iso(moment):
+    """A time as stepd writes it: UTC, ISO 8601 with milliseconds and a Z suffix (so it sorts as text)."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def now_iso():
-    """The current UTC time as ISO 8601 with milliseconds and a Z suffix."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso(datetime.now(UTC))
 
 
 def new_id():
