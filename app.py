@@ -196,14 +196,7 @@ def restart_failed_steps():
     """Restart many FAILED steps, listed or matched by a filter, each exactly as restart-failed-step does."""
     dry_run = load_query(s.RestartQuery)["dry_run"]
     body = load_body(s.RestartManySchema)
-    step_ids, next_position = body["step_ids"], None
-    if step_ids is None:
-        # A walk over pages takes the steps that had failed when it began: a step it restarted
-        # that fails again (now later than the cursor) is not picked twice.
-        after, until = (body["cursor"][:2], body["cursor"][2]) if body["cursor"] else (None, now_iso())
-        rows, more = stepd().store.failed_steps({**body["filter"], "failed_until": until}, after, s.MAX_BULK)
-        step_ids = [step_id for step_id, _, _ in rows]
-        next_position = (*rows[-1][1:], until) if more else None
+    step_ids, next_position = steps_to_restart(body)
     restarted, skipped = [], []
     for step_id in step_ids:
         try:
@@ -223,6 +216,17 @@ def restart_failed_steps():
     if next_position is not None:
         message += f" More than {s.MAX_BULK} steps match: send the same filter with cursor = nextCursor."
     return envelope(s.one(s.RestartManyResultSchema).dump(outcome), message)
+
+
+def steps_to_restart(body):
+    """(the step ids a bulk restart takes, where a filter walk goes on next, or None)."""
+    if body["step_ids"] is not None:
+        return body["step_ids"], None
+    # A walk over pages takes the steps that had failed when it began: a step it restarted
+    # that fails again (now later than the cursor) is not picked twice.
+    after, until = (body["cursor"][:2], body["cursor"][2]) if body["cursor"] else (None, now_iso())
+    rows, more = stepd().store.failed_steps({**body["filter"], "failed_until": until}, after, s.MAX_BULK)
+    return [step_id for step_id, _, _ in rows], (*rows[-1][1:], until) if more else None
 
 
 def restart_one(step_id, params, dry_run):
