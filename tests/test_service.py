@@ -217,7 +217,7 @@ def test_kill_of_one_worker_interrupts_only_its_steps(server_factory, tmp_path):
         )
 
     # Start processes from several threads at once until both workers hold some steps.
-    for _ in range(10):
+    for _ in range(40):  # the kernel picks the worker for each connection: keep trying until both hold steps
         batch = [None] * 4
 
         def start_one(index, batch=batch):
