@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 from helpers import GUNICORN, PLUGINS, ROOT, all_at_once, free_port, typed, wait_for
+from support import db_rows
 
 import store as store_module
 
@@ -122,7 +123,7 @@ def test_concurrent_restarts_from_many_threads_win_exactly_once(server_factory, 
     assert final["attempts"] == 6
     attempts_called = sorted(int(line.split()[1]) for line in calls.read_text().splitlines())
     assert attempts_called == [1, 2, 3, 4, 5, 6]
-    runner_pids = {pid for (pid,) in query(server.env["STEPD_DB"], "SELECT pid FROM runners")}
+    runner_pids = {pid for (pid,) in db_rows(server.env["STEPD_DB"], "SELECT pid FROM runners")}
     assert runner_pids == set(server.worker_pids())
     assert set(winners) <= runner_pids
     assert get_process(server, process["processId"])["status"] == "FAILED"
@@ -147,7 +148,7 @@ def test_kill_of_the_service_interrupts_running_steps_but_not_deferred_ones(serv
 
     first.kill()
     # What the file says right after the crash: the steps are STARTED, one deferred.
-    rows = dict(query(db, "SELECT id, status || ':' || deferred FROM steps WHERE position = 0"))
+    rows = dict(db_rows(db, "SELECT id, status || ':' || deferred FROM steps WHERE position = 0"))
     assert rows == {running_step: "STARTED:0", deferred_step: "STARTED:1", counted_step: "STARTED:0"}
 
     second = server_factory(db_path=db, delegates=delegates)
@@ -204,7 +205,7 @@ def test_kill_of_one_worker_interrupts_only_its_steps(server_factory, tmp_path):
     steps = []  # step ids of the `wait` steps
 
     def holders():
-        rows = query(
+        rows = db_rows(
             db,
             "SELECT s.id, r.pid FROM steps s JOIN runners r ON r.id = s.runner_id"
             " WHERE s.type = 'wait' AND s.status = 'STARTED'",
@@ -258,7 +259,7 @@ def test_kill_of_one_worker_interrupts_only_its_steps(server_factory, tmp_path):
     wait_for(lambda: len(pids := server.worker_pids()) == 2 and victim not in pids, what="a respawned worker")
     # The dead worker's runner is forgotten; the new worker's runner is known.
     wait_for(
-        lambda: {p for (p,) in query(db, "SELECT pid FROM runners")} == set(server.worker_pids()),
+        lambda: {p for (p,) in db_rows(db, "SELECT pid FROM runners")} == set(server.worker_pids()),
         what="the runners table to list the living workers",
     )
     assert requests.get(server.url + "/healthz", timeout=5).status_code == 200
@@ -345,9 +346,9 @@ def test_sigterm_and_start_again_keeps_every_process_step_and_attempt(server_fac
     assert code == 0, first.output()
     assert took < GRACEFUL_TIMEOUT, took
     # The stop itself (not the next start) marked the running step, in the file.
-    row = query(db, "SELECT status, error_type, error_message FROM steps WHERE id = ?", running_step)[0]
+    row = db_rows(db, "SELECT status, error_type, error_message FROM steps WHERE id = ?", running_step)[0]
     assert row[:2] == ("FAILED", "Interrupted"), row
-    assert query(db, "SELECT status FROM processes WHERE id = ?", running["processId"]) == [("FAILED",)]
+    assert db_rows(db, "SELECT status FROM processes WHERE id = ?", running["processId"]) == [("FAILED",)]
 
     second = server_factory(db_path=db).start()
     after = snapshot(second, skip_process=running["processId"])
@@ -437,7 +438,7 @@ def test_first_start_without_token_prints_exactly_one_working_secret(server_fact
     assert requests.get(first.url + "/api/v1/processes", timeout=10).status_code == 401
     wrong = {"Authorization": "Bearer " + secret + "x"}
     assert requests.get(first.url + "/api/v1/processes", headers=wrong, timeout=10).status_code == 401
-    assert query(db, "SELECT name, role FROM tokens") == [("admin", "operator")]
+    assert db_rows(db, "SELECT name, role FROM tokens") == [("admin", "operator")]
     assert first.stop() == 0
     # Stored hashed: the secret is nowhere in the database files.
     for path in tmp_path.glob("fresh.db*"):
@@ -450,7 +451,7 @@ def test_first_start_without_token_prints_exactly_one_working_secret(server_fact
     assert not SECRET.findall(later), later
     assert "created the operator token" not in later
     assert requests.get(second.url + "/api/v1/processes", headers=bearer, timeout=10).status_code == 200
-    assert query(db, "SELECT name FROM tokens") == [("admin",)]
+    assert db_rows(db, "SELECT name FROM tokens") == [("admin",)]
 
 
 def test_no_token_is_generated_when_stepd_token_is_set(server_factory, tmp_path):
@@ -459,7 +460,7 @@ def test_no_token_is_generated_when_stepd_token_is_set(server_factory, tmp_path)
     output = server.output()
     assert not SECRET.findall(output), output
     assert "created the operator token" not in output
-    assert query(db, "SELECT COUNT(*) FROM tokens") == [(0,)]
+    assert db_rows(db, "SELECT COUNT(*) FROM tokens") == [(0,)]
     assert server.get("/api/v1/processes").status_code == 200
     assert server.post("/api/v1/processes", {"steps": [{"type": "noop"}]}).status_code == 201
     assert requests.get(server.url + "/api/v1/processes", auth=("env", "env-token-for-this-test"), timeout=10).ok
@@ -477,7 +478,7 @@ def test_settings_workers_db_path_and_log_level(server_factory, tmp_path):
 
     pids = server.worker_pids()
     assert len(pids) == 3
-    wait_for(lambda: {p for (p,) in query(nested, "SELECT pid FROM runners")} == set(pids), what="3 runners")
+    wait_for(lambda: {p for (p,) in db_rows(nested, "SELECT pid FROM runners")} == set(pids), what="3 runners")
     assert nested.is_file()
     assert not (tmp_path / "quiet.db").exists()
     with sqlite3.connect(nested) as conn:
@@ -711,7 +712,7 @@ def wait_process(server, process_id, status, timeout=10.0):
 
 def runner_pid(server, step_id):
     """The pid of the worker process whose runner holds the step."""
-    rows = query(
+    rows = db_rows(
         server.env["STEPD_DB"], "SELECT r.pid FROM steps s JOIN runners r ON r.id = s.runner_id WHERE s.id = ?", step_id
     )
     return rows[0][0] if rows else None
@@ -719,14 +720,6 @@ def runner_pid(server, step_id):
 
 def lines(path):
     return len(Path(path).read_text().splitlines()) if Path(path).exists() else 0
-
-
-def query(db, sql, *args):
-    conn = sqlite3.connect(db, timeout=10)
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
 
 
 def paged(server, path, limit):
