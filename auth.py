@@ -16,7 +16,7 @@ from flask import current_app
 from flask.cli import AppGroup
 from flask_httpauth import HTTPBasicAuth, HTTPTokenAuth, MultiAuth
 
-from envelope import error
+from envelope import ERROR_TEXT, error
 
 READER, OPERATOR = "reader", "operator"
 ENV_TOKEN_NAME = "env"
@@ -82,8 +82,8 @@ basic.get_user_roles(roles_of)
 
 def _auth_error(status):
     if status == 403:
-        return error(403, "This token's role may not call this endpoint.")
-    response = error(401, "Missing or invalid credentials: send 'Authorization: Bearer <secret>' or Basic name:secret.")
+        return error(403, ERROR_TEXT[403])
+    response = error(401, ERROR_TEXT[401])
     response.headers["WWW-Authenticate"] = CHALLENGE
     return response
 
@@ -91,8 +91,22 @@ def _auth_error(status):
 bearer.error_handler(_auth_error)
 basic.error_handler(_auth_error)
 
-reads = auth.login_required(role=READER)
-writes = auth.login_required(role=OPERATOR)
+
+def _requiring(role):
+    """A view decorator that lets only `role` (or above) in; the view says so in `view.role`,
+    which the OpenAPI document reads (a view without it needs no credentials)."""
+    guard = auth.login_required(role=role)
+
+    def decorate(view):
+        guarded = guard(view)
+        guarded.role = role
+        return guarded
+
+    return decorate
+
+
+reads = _requiring(READER)
+writes = _requiring(OPERATOR)
 
 
 def current_principal():

@@ -1,7 +1,8 @@
 """gunicorn settings for `make run`, read from the STEPD_* variables (config.py).
 
 The master migrates the database, checks the delegates and makes the first token once;
-each worker then builds the app and starts its own runner (delegate threads + heartbeat).
+each worker then builds the app and starts its own runner (delegate threads + heartbeat)
+and housekeeping (app.start_background).
 """
 
 import ctypes
@@ -43,9 +44,7 @@ def envelope_gunicorn_errors():
 
     from gunicorn import util
 
-    from envelope import ERROR_MESSAGES
-    from schemas import VERSION
-    from store import now_iso
+    from envelope import ERROR_MESSAGES, error_document
 
     def write_error(sock, status_int, reason, mesg):
         if status_int == 500:  # 501 (an unknown Transfer-Encoding) and the like are the client's
@@ -56,9 +55,7 @@ def envelope_gunicorn_errors():
             status, data = 403, reason
         else:
             status, data = 412, {"_schema": [f"{reason}: {mesg}"[:300]]}
-        body = json.dumps(
-            {"message": ERROR_MESSAGES[status], "timestamp": now_iso(), "data": data, "version": VERSION}
-        ).encode()
+        body = json.dumps(error_document(status, data)).encode()
         head = (
             f"HTTP/1.1 {status} {ERROR_MESSAGES[status]}\r\nConnection: close\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
@@ -74,20 +71,19 @@ envelope_gunicorn_errors()
 
 def on_starting(server):
     """Fail fast, once, in the master: bad settings, a bad delegate, an unusable database."""
-    import sqlite3
-
     from auth import ensure_first_token
+    from db import Database
     from delegates import DelegateLoadError, load_registry
+    from model import Busy, Unusable, Unwritable
     from store import Store
 
     try:
         load_registry(settings["STEPD_DELEGATES_PATH"] or None)
-        store = Store(settings["STEPD_DB"], settings["STEPD_SYNC"])
-        store.create_file()
-        store.migrate()
-        ensure_first_token(store, settings["STEPD_TOKEN"])
-        store.close()  # no open SQLite connection may cross the fork into workers
-    except (DelegateLoadError, OSError, sqlite3.DatabaseError) as exc:
+        database = Database(settings["STEPD_DB"], settings["STEPD_SYNC"])
+        database.prepare()
+        ensure_first_token(Store(database), settings["STEPD_TOKEN"])
+        database.close()  # no open SQLite connection may cross the fork into workers
+    except (DelegateLoadError, OSError, Unusable, Busy, Unwritable) as exc:
         print(f"stepd: cannot start: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
     die_with_make()
@@ -109,14 +105,15 @@ def die_with_make():
 
 
 def post_worker_init(worker):
-    from app import start_runner
+    from app import start_background
 
-    start_runner(worker.wsgi)
+    start_background(worker.wsgi)
 
 
 def worker_exit(server, worker):
-    stepd = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("stepd")
-    if stepd is not None:
+    from app import stop_background
+
+    if getattr(worker, "wsgi", None) is not None and "stepd" in worker.wsgi.extensions:
         # With the master gone (killed), leave at once: a new service may want the port.
         master_gone = os.getppid() != worker.ppid
-        stepd.runner.stop(grace=0 if master_gone else STOP_GRACE_SECONDS)
+        stop_background(worker.wsgi, grace=0 if master_gone else STOP_GRACE_SECONDS)

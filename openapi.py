@@ -1,7 +1,9 @@
 """The OpenAPI 3 document, built with apispec from the app's routes and their marshmallow schemas.
 
-Each view carries `view.openapi` (set by `app.doc`): its body, query and data schemas,
-its success status and the errors it can answer. Nothing here is written by hand twice.
+Each view carries `view.openapi` (set by `envelope.endpoint`): its body, query and data
+schemas, its success status and the errors it can answer; `view.role` (set by `auth.reads` /
+`auth.writes`: no role, no credentials) and `view.idempotent` (set by `idempotency.idempotent`).
+Nothing here is written by hand twice.
 """
 
 import re
@@ -11,6 +13,9 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import fields
 
 import schemas as s
+from auth import OPERATOR
+from envelope import ERROR_DESCRIPTIONS
+from model import ID_PATTERN, VERSION
 
 PATH_NAMES = {"process_id": "processId", "step_id": "processStepId"}
 ERROR_SCHEMAS = {
@@ -22,16 +27,6 @@ ERROR_SCHEMAS = {
     413: s.TextErrorEnvelope,
     500: s.ServerErrorEnvelope,
     503: s.TextErrorEnvelope,
-}
-ERROR_TEXT = {
-    401: "Missing or invalid credentials (a WWW-Authenticate header says how to send them).",
-    403: "The token's role may not call this endpoint (a reader calling a POST).",
-    404: "Nothing has this id.",
-    405: "The id is an action's name (e.g. restart-failed-step), whose path takes only POST.",
-    412: "A precondition failed: the body, query or state is not acceptable; data names each field.",
-    413: "The body is over 1 MiB.",
-    500: "An unexpected error; data is an error id that is also in the server log.",
-    503: "The database is busy or does not answer; retry (see Retry-After).",
 }
 IDEMPOTENCY_PARAMETER = {
     "in": "header",
@@ -61,8 +56,10 @@ def _json(schema):
     return {"application/json": {"schema": schema}}
 
 
-def _operation(view, method, secured, write):
+def _operation(view):
     meta = view.openapi
+    role = getattr(view, "role", None)
+    idempotent = getattr(view, "idempotent", False)
     responses = {
         str(meta["status"]): {
             "description": "Success.",
@@ -70,14 +67,14 @@ def _operation(view, method, secured, write):
         }
     }
     errors = set(meta["errors"]) | {412, 500, 503}  # 412: every endpoint refuses unknown query parameters
-    if secured:
-        errors |= {401, 403} if write else {401}
+    if role is not None:
+        errors |= {401, 403} if role == OPERATOR else {401}
     if meta["body"] is not None:
         errors |= {412, 413}
     for status in sorted(errors):
-        responses[str(status)] = {"description": ERROR_TEXT[status], "content": _json(ERROR_SCHEMAS[status])}
+        responses[str(status)] = {"description": ERROR_DESCRIPTIONS[status], "content": _json(ERROR_SCHEMAS[status])}
     responses["503"]["headers"] = {"Retry-After": RETRY_AFTER_HEADER}
-    if write:  # the answers an Idempotency-Key keeps, and so may replay
+    if idempotent:  # the answers an Idempotency-Key keeps, and so may replay
         for status in (str(meta["status"]), "412"):
             responses[status]["headers"] = {"Idempotent-Replayed": REPLAYED_HEADER}
     operation = {
@@ -86,11 +83,11 @@ def _operation(view, method, secured, write):
         "responses": responses,
         "parameters": [{"in": "query", "schema": meta["query"]}],
     }
-    if write:
+    if idempotent:
         operation["parameters"].append(IDEMPOTENCY_PARAMETER)
     if meta["body"] is not None:
         operation["requestBody"] = {"required": True, "content": _json(meta["body"])}
-    operation["security"] = [{"bearer": []}, {"basic": []}] if secured else []
+    operation["security"] = [{"bearer": []}, {"basic": []}] if role is not None else []
     return operation
 
 
@@ -100,7 +97,7 @@ def _path_parameters(rule):
             "in": "path",
             "name": PATH_NAMES.get(arg, arg),
             "required": True,
-            "schema": {"type": "string", "pattern": s.ID_PATTERN},
+            "schema": {"type": "string", "pattern": ID_PATTERN},
         }
         for arg in sorted(rule.arguments)
     ]
@@ -114,7 +111,7 @@ def build_spec(app):
     """The whole API as an OpenAPI 3.0 document (a dict)."""
     spec = APISpec(
         title="stepd",
-        version=s.VERSION,
+        version=VERSION,
         openapi_version="3.0.3",
         plugins=[MarshmallowPlugin()],
         info={"description": "Runs processes of ordered steps; restart a failed step and the process carries on."},
@@ -125,11 +122,7 @@ def build_spec(app):
         view = app.view_functions[rule.endpoint]
         if not hasattr(view, "openapi"):
             continue
-        secured = rule.rule.startswith("/api/v1/")
-        operations = {
-            method.lower(): _operation(view, method, secured, method != "GET")
-            for method in sorted(rule.methods - {"HEAD", "OPTIONS"})
-        }
+        operations = {method.lower(): _operation(view) for method in sorted(rule.methods - {"HEAD", "OPTIONS"})}
         spec.path(path=_openapi_path(rule), operations=operations, parameters=_path_parameters(rule))
     _add_document_path(spec)
     return spec.to_dict()
@@ -145,8 +138,8 @@ def _add_document_path(spec):
                 "security": [],
                 "responses": {
                     "200": {"description": "The document.", "content": _json({"type": "object"})},
-                    "412": {"description": ERROR_TEXT[412], "content": _json(s.FieldErrorsEnvelope)},
-                    "500": {"description": ERROR_TEXT[500], "content": _json(s.ServerErrorEnvelope)},
+                    "412": {"description": ERROR_DESCRIPTIONS[412], "content": _json(s.FieldErrorsEnvelope)},
+                    "500": {"description": ERROR_DESCRIPTIONS[500], "content": _json(s.ServerErrorEnvelope)},
                 },
             }
         },

@@ -1,4 +1,5 @@
-"""The runner: calls delegates on a pool of threads, records outcomes, and finds orphaned steps.
+"""The runner: calls delegates on a pool of threads, records their outcomes, begins due
+retries, and finds orphaned steps.
 
 Every worker process has one runner with its own id. A step being executed carries that
 id in the database. Once a second the runner's watch thread refreshes its row and fails,
@@ -13,18 +14,16 @@ next attempt (trigger `retry`), so the schedule survives restarts of the service
 """
 
 import logging
-import math
 import os
 import queue
 import socket
-import sqlite3
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from delegates import DEFERRED, Abort, Context
-from store import COMPLETED, FAILED, is_busy, is_unwritable, iso, new_id
+from model import COMPLETED, FAILED, Busy, Unwritable, iso, new_id, plain_values, typed_result
 
 log = logging.getLogger("stepd.runner")
 
@@ -33,7 +32,6 @@ STALE_AFTER_SECONDS = 5.0  # only for a runner on another host, whose process we
 STOP_GRACE_SECONDS = 5.0  # how long a clean stop waits for running delegates
 RECORD_RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 RETRY_POLL_SECONDS = 0.2  # how often each worker looks for due automatic retries
-FORGET_EVERY_SECONDS = 60.0
 UNWRITABLE_RETRY_SECONDS = 1.0
 HOST = socket.gethostname()
 
@@ -104,9 +102,7 @@ class Runner:
         while True:
             try:
                 return self.store.heartbeat(self._identity())
-            except sqlite3.OperationalError as exc:
-                if not (is_busy(exc) or is_unwritable(exc)):
-                    raise
+            except (Busy, Unwritable) as exc:
                 log.warning("runner %s cannot register yet (%s); retrying", self.id, exc)
                 time.sleep(UNWRITABLE_RETRY_SECONDS)
 
@@ -132,11 +128,7 @@ class Runner:
             log.warning("runner %s stopped; %d running step(s) marked Interrupted", self.id, len(interrupted))
 
     def submit(self, job):
-        """Queue a job whose attempt is STARTED by this runner, once that is committed."""
-        if job is not None:
-            self.store.on_commit(lambda: self._enqueue(job))
-
-    def _enqueue(self, job):
+        """Queue a job whose STARTED attempt, stamped with this runner's id, is committed."""
         with self._idle:
             self._busy += 1  # counted from the queue on, so stop() never sees a job in between
         self._jobs.put(job)
@@ -202,7 +194,7 @@ class Runner:
             raise LookupError(f"no delegate is registered for step type {job.type!r}")
         return delegate.fn(
             Context(
-                params={name: value for name, (_kind, value) in job.params.items()},
+                params=plain_values(job.params),
                 process_id=job.process_id,
                 step_id=job.step_id,
                 attempt=job.attempt,
@@ -222,26 +214,22 @@ class Runner:
         while True:
             try:
                 return write(*args, **kwargs)
-            except sqlite3.OperationalError as exc:
-                if is_unwritable(exc) and not self._stopping.is_set():
+            except (Busy, Unwritable) as exc:
+                if isinstance(exc, Unwritable) and not self._stopping.is_set():
                     delay = UNWRITABLE_RETRY_SECONDS
-                elif not is_busy(exc) or (delay := next(busy_delays, None)) is None:
+                elif isinstance(exc, Unwritable) or (delay := next(busy_delays, None)) is None:
                     raise
                 log.warning("could not record a step outcome (%s); retrying in %.1fs", exc, delay)
                 time.sleep(delay)
 
-    # -- watch: heartbeat, orphans, old answers ------------------------------------------
+    # -- watch: heartbeat, orphans ---------------------------------------------------------
     def _watch(self):
-        forget_at = time.monotonic()
         while not self._stopping.wait(HEARTBEAT_SECONDS):
             try:
                 self.store.heartbeat(self._identity())
                 orphans = self.store.interrupt_orphans(runner_is_alive)
                 if orphans:
                     log.warning("marked %d step(s) of vanished runners Interrupted", len(orphans))
-                if time.monotonic() >= forget_at:
-                    self.store.forget_answers()
-                    forget_at = time.monotonic() + FORGET_EVERY_SECONDS
             except Exception:  # a busy database now and then must not end the watch
                 log.exception("runner %s heartbeat failed; retrying", self.id)
 
@@ -261,27 +249,3 @@ class Runner:
                             self.submit(job)
             except Exception:  # a busy database now and then must not end the loop
                 log.exception("runner %s could not begin due retries; retrying", self.id)
-
-
-INT64 = (-(2**63), 2**63 - 1)
-
-
-def typed_result(outcome):
-    """Turn a delegate's return value into typed params: str -> STRING, int -> LONG, float -> DOUBLE."""
-    if outcome is None:
-        return None
-    if not isinstance(outcome, dict):
-        raise TypeError(f"a delegate must return None, a dict or ctx.defer(), not {type(outcome).__name__}")
-    typed = {}
-    for name, value in outcome.items():
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"result names must be non-empty strings, not {name!r}")
-        if isinstance(value, str):
-            typed[name] = ("STRING", value)
-        elif isinstance(value, int) and not isinstance(value, bool) and INT64[0] <= value <= INT64[1]:
-            typed[name] = ("LONG", value)
-        elif isinstance(value, float) and math.isfinite(value):
-            typed[name] = ("DOUBLE", value)
-        else:
-            raise TypeError(f"result {name!r} must be a str, a 64-bit int or a finite float, not {value!r}")
-    return typed

@@ -12,18 +12,24 @@ import unicodedata
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from store import MAX_PARAMS, iso
+from model import (
+    ATTEMPT_STATUSES,
+    ID_PATTERN,
+    INT64_MAX,
+    INT64_MIN,
+    MAX_BULK,
+    MAX_NAME,
+    MAX_PARAMS,
+    MAX_STEPS,
+    MAX_STRING,
+    PROCESS_STATUSES,
+    STEP_STATUSES,
+    TRIGGERS,
+    VALUE_TYPES,
+    iso,
+)
 
-VERSION = "1.0.0"
-
-TYPES = ("STRING", "LONG", "DOUBLE")
 VALUE_FIELD = {"STRING": "strValue", "LONG": "longValue", "DOUBLE": "doubleValue"}
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-MAX_NAME = 128
-MAX_STRING = 65536
-ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-STEP_STATUSES = ("PENDING", "STARTED", "COMPLETED", "FAILED")
-PROCESS_STATUSES = ("RUNNING", "COMPLETED", "FAILED")
 
 
 @functools.cache
@@ -90,7 +96,7 @@ class TypedValueSchema(Schema):
     strValue = fields.String(allow_none=True, validate=validate.Length(max=MAX_STRING))
     longValue = StrictInteger(allow_none=True, validate=validate.Range(INT64_MIN, INT64_MAX))
     doubleValue = FiniteFloat(allow_none=True)
-    type = fields.String(required=True, validate=validate.OneOf(TYPES))
+    type = fields.String(required=True, validate=validate.OneOf(VALUE_TYPES))
 
     @validates_schema
     def exactly_one_value(self, data, **kwargs):
@@ -249,7 +255,7 @@ class StepSpecSchema(Schema):
 
 class StartProcessSchema(Schema):
     name = Text(1024, allow_none=True, load_default=None)
-    steps = fields.List(fields.Nested(StepSpecSchema), required=True, validate=validate.Length(1, 100))
+    steps = fields.List(fields.Nested(StepSpecSchema), required=True, validate=validate.Length(1, MAX_STEPS))
 
 
 class RestartStepSchema(Schema):
@@ -268,9 +274,6 @@ class StepFilterSchema(Schema):
     )
     failed_before = UtcTime(data_key="failedBefore", load_default=None)
     failed_after = UtcTime(data_key="failedAfter", load_default=None)
-
-
-MAX_BULK = 1000
 
 
 class RestartManySchema(Schema):
@@ -360,10 +363,10 @@ class StepSchema(Schema):
 
 class AttemptSchema(Schema):
     attempt = fields.Integer(required=True)
-    trigger = fields.String(required=True, validate=validate.OneOf(("start", "restart", "retry")))
+    trigger = fields.String(required=True, validate=validate.OneOf(TRIGGERS))
     principal = fields.String(required=True)
     params = Params(required=True)
-    status = fields.String(required=True, validate=validate.OneOf(("STARTED", "COMPLETED", "FAILED")))
+    status = fields.String(required=True, validate=validate.OneOf(ATTEMPT_STATUSES))
     error = fields.Nested(ErrorSchema, allow_none=True, required=True)
     startedAt = timestamp(attribute="started_at", required=True)
     finishedAt = timestamp(attribute="finished_at", allow_none=True, required=True)

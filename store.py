@@ -1,181 +1,49 @@
-"""SQLite storage: connections, migrations, and every state change of processes and steps.
+"""Every read and every state change of processes, steps, attempts, runners, answers and tokens.
 
-Each state change is one `BEGIN IMMEDIATE` transaction whose UPDATE is a compare-and-set
-on the step's status (and attempt number), so concurrent requests and worker processes
-sharing the file can never both win. Rows come out as plain dicts.
+`Store(db)` speaks SQL to a `db.Database` and dicts with the domain's names to its callers.
+Each change is one write transaction whose UPDATE is a compare-and-set on the step's status
+(a named condition below) and attempt number, so concurrent requests and processes sharing
+the file can never both win. Beginning or ending an attempt is always the same three moves
+(`Change`): the step's compare-and-set, its row in `attempts`, and its process's status.
 """
 
-import fcntl
-import json
-import os
-import secrets
-import sqlite3
-import threading
 import time
 from contextlib import contextmanager
-from datetime import UTC, datetime
-from pathlib import Path
 
-BUSY_TIMEOUT_MS = 5000
+from model import (
+    COMPLETED,
+    FAILED,
+    MAX_PARAMS,
+    Conflict,
+    Job,
+    PreconditionFailed,
+    new_id,
+    now_iso,
+    params_from_json,
+    params_to_json,
+)
+
 ANSWER_KEPT_SECONDS = 24 * 3600  # how long the answer to a request with an Idempotency-Key counts
-MAX_PARAMS = 256
 
-COMPLETED, FAILED = "COMPLETED", "FAILED"  # the outcomes a runner records
+# -- what a step's row says about it (each condition is spelt here only) ----------------------
+# A runner is calling, or about to call, its delegate: the attempt a delegate's outcome may end,
+# and the steps an orphan sweep may interrupt. The partial index steps_running holds just these.
+EXECUTING = "status = 'STARTED' AND deferred = 0 AND next_retry_at IS NULL"
+STARTED_ANYHOW = "status = 'STARTED'"  # executing, deferred, or waiting for a retry
+WAITING_FOR_RETRY = "status = 'STARTED' AND next_retry_at IS NOT NULL"
+IS_FAILED = "status = 'FAILED'"
+IS_PENDING = "status = 'PENDING'"
 
-
-class PreconditionFailed(Exception):
-    """A request that is well formed but does not fit the current state (HTTP 412)."""
-
-    def __init__(self, errors):
-        super().__init__(errors)
-        self.errors = errors
-
-
-def is_busy(exc):
-    """Whether a sqlite3 error means another writer held the lock past the busy timeout."""
-    return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
-
-
-# SQLite's words for a database that cannot take a write now but may later: the disk is full,
-# or the file was made read-only. Reads still work, and a retry may succeed once it clears.
-UNWRITABLE = ("database or disk is full", "attempt to write a readonly database")
-
-
-def is_unwritable(exc):
-    """Whether a sqlite3 error means the file cannot be written now (disk full, read-only)."""
-    return isinstance(exc, sqlite3.OperationalError) and any(words in str(exc) for words in UNWRITABLE)
-
-
-def iso(moment):
-    """A time as stepd writes it: UTC, ISO 8601 with milliseconds and a Z suffix (so it sorts as text)."""
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def now_iso():
-    return iso(datetime.now(UTC))
-
-
-def new_id():
-    """An opaque URL-safe id (22 characters, 128 random bits)."""
-    return secrets.token_urlsafe(16)
-
-
-# Params are held as {name: (TYPE, value)} in Python and as {name: [TYPE, value]} in JSON.
-def params_to_json(params):
-    return json.dumps({name: [kind, value] for name, (kind, value) in params.items()}, allow_nan=False)
-
-
-def params_from_json(text):
-    if text is None:
-        return None
-    return {name: (kind, value) for name, (kind, value) in json.loads(text).items()}
-
-
-MIGRATIONS = [
-    # 1: the initial schema.
-    """
-    CREATE TABLE processes (
-        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
-        id          TEXT NOT NULL UNIQUE,
-        name        TEXT,
-        status      TEXT NOT NULL CHECK (status IN ('RUNNING', 'COMPLETED', 'FAILED')),
-        principal   TEXT NOT NULL,
-        created_at  TEXT NOT NULL,
-        updated_at  TEXT NOT NULL
-    );
-    CREATE INDEX processes_by_status ON processes (status, seq);
-
-    CREATE TABLE steps (
-        seq            INTEGER PRIMARY KEY AUTOINCREMENT,
-        id             TEXT NOT NULL UNIQUE,
-        process_id     TEXT NOT NULL REFERENCES processes (id),
-        position       INTEGER NOT NULL,
-        type           TEXT NOT NULL,
-        status         TEXT NOT NULL CHECK (status IN ('PENDING', 'STARTED', 'COMPLETED', 'FAILED')),
-        params         TEXT NOT NULL,
-        result         TEXT,
-        attempts       INTEGER NOT NULL DEFAULT 0,
-        error_type     TEXT,
-        error_message  TEXT,
-        deferred       INTEGER NOT NULL DEFAULT 0,
-        runner_id      TEXT,
-        created_at     TEXT NOT NULL,
-        started_at     TEXT,
-        finished_at    TEXT,
-        UNIQUE (process_id, position)
-    );
-    CREATE INDEX steps_by_status ON steps (status, seq);
-    CREATE INDEX steps_by_type ON steps (type, seq);
-
-    CREATE TABLE attempts (
-        step_id        TEXT NOT NULL REFERENCES steps (id),
-        attempt        INTEGER NOT NULL,
-        trigger        TEXT NOT NULL CHECK (trigger IN ('start', 'restart')),
-        principal      TEXT NOT NULL,
-        params         TEXT NOT NULL,
-        status         TEXT NOT NULL CHECK (status IN ('STARTED', 'COMPLETED', 'FAILED')),
-        error_type     TEXT,
-        error_message  TEXT,
-        started_at     TEXT NOT NULL,
-        finished_at    TEXT,
-        PRIMARY KEY (step_id, attempt)
-    ) WITHOUT ROWID;
-
-    CREATE TABLE runners (
-        id            TEXT PRIMARY KEY,
-        host          TEXT NOT NULL,
-        pid           INTEGER NOT NULL,
-        pid_started   TEXT,
-        started_at    TEXT NOT NULL,
-        heartbeat_at  REAL NOT NULL
-    );
-
-    CREATE TABLE tokens (
-        name         TEXT PRIMARY KEY,
-        role         TEXT NOT NULL CHECK (role IN ('reader', 'operator')),
-        secret_hash  TEXT NOT NULL UNIQUE,
-        created_at   TEXT NOT NULL
-    );
-    """,
-    # 2: automatic retries (a step waits STARTED with next_retry_at set), the 'retry' trigger,
-    # and stored answers to requests that carried an Idempotency-Key.
-    """
-    ALTER TABLE steps ADD COLUMN next_retry_at TEXT;
-    ALTER TABLE steps ADD COLUMN retries_used INTEGER NOT NULL DEFAULT 0;
-    CREATE INDEX steps_due_retries ON steps (next_retry_at) WHERE next_retry_at IS NOT NULL;
-    CREATE INDEX steps_running ON steps (runner_id)
-        WHERE status = 'STARTED' AND deferred = 0 AND next_retry_at IS NULL;
-    CREATE INDEX steps_failed_oldest_first ON steps (finished_at, seq) WHERE status = 'FAILED';
-
-    CREATE TABLE attempts_v2 (
-        step_id        TEXT NOT NULL REFERENCES steps (id),
-        attempt        INTEGER NOT NULL,
-        trigger        TEXT NOT NULL CHECK (trigger IN ('start', 'restart', 'retry')),
-        principal      TEXT NOT NULL,
-        params         TEXT NOT NULL,
-        status         TEXT NOT NULL CHECK (status IN ('STARTED', 'COMPLETED', 'FAILED')),
-        error_type     TEXT,
-        error_message  TEXT,
-        started_at     TEXT NOT NULL,
-        finished_at    TEXT,
-        PRIMARY KEY (step_id, attempt)
-    ) WITHOUT ROWID;
-    INSERT INTO attempts_v2 SELECT * FROM attempts;
-    DROP TABLE attempts;
-    ALTER TABLE attempts_v2 RENAME TO attempts;
-
-    CREATE TABLE idempotent_requests (
-        principal    TEXT NOT NULL,
-        key          TEXT NOT NULL,
-        fingerprint  TEXT NOT NULL,
-        status       INTEGER NOT NULL,
-        body         TEXT NOT NULL,
-        created_at   REAL NOT NULL,
-        PRIMARY KEY (principal, key)
-    );
-    CREATE INDEX idempotent_requests_by_age ON idempotent_requests (created_at);
-    """,
-]
+# What every new attempt sets; each kind of beginning adds its own.
+BEGIN_ATTEMPT = "status = 'STARTED', attempts = attempts + 1, runner_id = :runner_id, started_at = :now"
+AFTER_RESTART = (
+    "params = :params, error_type = NULL, error_message = NULL, result = NULL, deferred = 0,"
+    " finished_at = NULL, next_retry_at = NULL, retries_used = 0"
+)
+AFTER_RETRY = "retries_used = retries_used + 1, next_retry_at = NULL, error_type = NULL, error_message = NULL"
+# What every ended attempt sets on its step; each kind of ending adds its own.
+END_ATTEMPT = "error_type = :error_type, error_message = :error_message"
+OUTCOME = "status = :status, result = :result, finished_at = :now"
 
 # `+status` keeps SQLite off the status index: without it the planner walks every FAILED step
 # of every process (9 ms at 63,000 of them, inside the write lock) instead of this process's
@@ -188,24 +56,29 @@ REFRESH_PROCESS = """
         ELSE 'RUNNING' END
     WHERE id = :pid
 """
-# Steps a runner is executing right now (the partial index steps_running holds just these).
-RUNNING_STEPS = (
-    "SELECT id, process_id, attempts, runner_id FROM steps INDEXED BY steps_running"
-    " WHERE status = 'STARTED' AND deferred = 0 AND next_retry_at IS NULL"
-)
-# INDEXED BY: left to itself the planner prefers the status index, which holds every STARTED
-# step (deferred ones and those waiting for a retry included).
-DUE_RETRIES = (
-    "SELECT s.id, s.process_id, s.type, s.params, s.attempts, s.retries_used, a.principal"
-    " FROM steps s INDEXED BY steps_due_retries JOIN attempts a ON a.step_id = s.id AND a.attempt = s.attempts"
-    " WHERE s.next_retry_at <= ? AND s.status = 'STARTED' ORDER BY s.next_retry_at LIMIT ?"
-)
-
 STEP_COLUMNS = (
     "id, process_id, position, type, status, params, result, attempts, error_type, error_message,"
     " deferred, next_retry_at, created_at, started_at, finished_at"
 )
 PROCESS_COLUMNS = "seq, id, name, status, principal, created_at, updated_at"
+# What beginning a step's next attempt needs to know of it (Change.begin).
+BEGIN_COLUMNS = "s.id, s.process_id, s.type, s.params, s.attempts, s.retries_used"
+# Steps a runner is executing (INDEXED BY: left to itself the planner prefers the status index,
+# which holds every STARTED step, deferred ones and those waiting for a retry included).
+EXECUTING_STEPS = f"SELECT id, process_id, attempts, runner_id FROM steps INDEXED BY steps_running WHERE {EXECUTING}"
+DUE_RETRIES = (
+    f"SELECT {BEGIN_COLUMNS}, a.principal"
+    " FROM steps s INDEXED BY steps_due_retries JOIN attempts a ON a.step_id = s.id AND a.attempt = s.attempts"
+    " WHERE s.next_retry_at <= ? AND s.status = 'STARTED' ORDER BY s.next_retry_at LIMIT ?"
+)
+INSERT_ATTEMPT = (
+    "INSERT INTO attempts (step_id, attempt, trigger, principal, params, status, started_at)"
+    " VALUES (:step_id, :attempt, :trigger, :principal, :params, 'STARTED', :now)"
+)
+CLOSE_ATTEMPT = (
+    "UPDATE attempts SET status = :status, error_type = :error_type, error_message = :error_message,"
+    " finished_at = :now WHERE step_id = :step_id AND attempt = :attempt AND status = 'STARTED'"
+)
 
 
 def _error(error_type, message):
@@ -248,237 +121,150 @@ def _process(row):
     return {key: row[key] for key in ("id", "name", "status", "created_at", "updated_at")}
 
 
+class Change:
+    """The step transitions of one write transaction.
+
+    Each begins or ends an attempt by compare-and-set on the step's row; the attempt's own row
+    is written with it, and every process touched has its status refreshed once, at the end.
+    """
+
+    def __init__(self, conn, now):
+        self.conn = conn
+        self.now = now
+        self.touched = set()
+
+    def _move(self, step_id, attempt, when, sets, values):
+        """The compare-and-set: SET `sets` on the step iff it is still at `attempt` and `when` holds."""
+        sql = f"UPDATE steps SET {sets} WHERE id = :step_id AND attempts = :attempt AND {when}"
+        return self.conn.execute(sql, {**values, "step_id": step_id, "attempt": attempt, "now": self.now}).rowcount == 1
+
+    def begin(self, step, trigger, principal, when, also=None, params=None, runner_id=None):
+        """Begin `step`'s next attempt if `when` still holds; returns its Job, or None.
+
+        `step` is a row of BEGIN_COLUMNS; `params` replaces the step's own (a restart's overlay)."""
+        params = params_from_json(step["params"]) if params is None else params
+        sets = BEGIN_ATTEMPT + (f", {also}" if also else "")
+        values = {"runner_id": runner_id, "params": params_to_json(params)}
+        if not self._move(step["id"], step["attempts"], when, sets, values):
+            return None
+        attempt = step["attempts"] + 1
+        self.conn.execute(
+            INSERT_ATTEMPT,
+            {
+                **values,
+                "step_id": step["id"],
+                "attempt": attempt,
+                "trigger": trigger,
+                "principal": principal,
+                "now": self.now,
+            },
+        )
+        self.touched.add(step["process_id"])
+        retries_used = step["retries_used"] + 1 if trigger == "retry" else 0
+        return Job(step["id"], step["process_id"], step["type"], params, attempt, retries_used)
+
+    def end(self, step_id, process_id, attempt, *, status, when, also, error=None, **values):
+        """End the attempt if `when` still holds; the attempt's row gets `status`. Returns whether it did.
+
+        `also`: what this kind of ending sets on the step besides its error (`:status` there is `status`)."""
+        error_values = {"error_type": error and error["type"], "error_message": error and error["message"]}
+        values = {**values, **error_values, "status": status}
+        if not self._move(step_id, attempt, when, f"{END_ATTEMPT}, {also}", values):
+            return False
+        self.conn.execute(
+            CLOSE_ATTEMPT, {**error_values, "status": status, "now": self.now, "step_id": step_id, "attempt": attempt}
+        )
+        self.touched.add(process_id)
+        return True
+
+    def begin_next(self, step_id, runner_id):
+        """The step after `step_id` begins its first attempt (after a completion); its Job or None."""
+        row = self.conn.execute(
+            f"SELECT {BEGIN_COLUMNS}, p.principal FROM steps s JOIN steps done ON done.id = ?"
+            " AND s.process_id = done.process_id AND s.position = done.position + 1"
+            " JOIN processes p ON p.id = s.process_id",
+            (step_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return self.begin(row, "start", row["principal"], IS_PENDING, runner_id=runner_id)
+
+    def refresh_processes(self):
+        """A process is FAILED while a step is, COMPLETED when its last step is, else RUNNING."""
+        for process_id in self.touched:
+            self.conn.execute(REFRESH_PROCESS, {"pid": process_id, "now": self.now})
+
+
 class Store:
-    """One SQLite file; one connection per thread; explicit transactions."""
+    """The domain's reads and compare-and-set changes, over one `db.Database`."""
 
-    def __init__(self, path, sync="full"):
-        self.path = str(path)
-        self.sync = sync.upper()  # STEPD_SYNC: FULL or NORMAL, checked by config.py
-        self._local = threading.local()
-        self._threads_lock = threading.Lock()
-        self._lock_owner = None
-        self._lock_fd = None
-
-    def create_file(self):
-        """Make the file's folder, and the file readable by its owner only (SQLite gives -wal and
-        -shm the same mode), before the first connection creates it with the default umask."""
-        path = Path(self.path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-
-    # -- connections and transactions ------------------------------------------------
-    def _connect(self):
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit.
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self._use_wal(conn)
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute(f"PRAGMA synchronous = {self.sync}")
-        return conn
-
-    @staticmethod
-    def _use_wal(conn):
-        """Switch the file to WAL once. Switching does not wait on the busy timeout (SQLite answers
-        "locked" at once while another connection creates the file), so wait here."""
-        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-        while True:
-            try:
-                if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                    conn.execute("PRAGMA journal_mode = WAL")
-                return
-            except sqlite3.OperationalError as exc:
-                if not is_busy(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.005)
-
-    def connection(self):
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect()
-        return conn
-
-    def close(self):
-        """Close this thread's connection (e.g. before a fork)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+    def __init__(self, db):
+        self.db = db
 
     @contextmanager
-    def transaction(self, rollback=False):
-        """A write transaction: takes the write lock at once, commits or rolls back.
+    def _change(self):
+        with self.db.transaction() as conn:
+            change = Change(conn, now_iso())
+            yield change
+            change.refresh_processes()
 
-        Inside another write transaction of this thread it is a savepoint of that one, so a
-        request can wrap several store calls in one atomic change (Idempotency-Key, dry run).
-        `rollback=True` checks everything and then undoes it (dry run).
-        """
-        conn = self.connection()
-        if getattr(self._local, "writing", False):
-            with self._savepoint(conn, rollback):
-                yield conn
-            return
-        if conn.in_transaction:
-            raise RuntimeError("a write transaction cannot start inside a read snapshot")
-        self._local.on_commit = []
-        with self._writer_turn():
-            conn.execute("BEGIN IMMEDIATE")
-            self._local.writing = True
-            try:
-                yield conn
-                if not conn.in_transaction:  # SQLite rolled it back (a full disk) and someone caught that
-                    raise sqlite3.OperationalError("database or disk is full: the transaction was rolled back")
-                conn.execute("ROLLBACK" if rollback else "COMMIT")
-            except BaseException:
-                if conn.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
-                    conn.execute("ROLLBACK")
-                raise
-            finally:
-                self._local.writing = False
-                callbacks, self._local.on_commit = self._local.on_commit, []
-        if not rollback:
-            for callback in callbacks:
-                callback()
+    def atomic(self, rollback=False):
+        """Everything inside is one transaction (nested calls become savepoints); `rollback=True`
+        checks it all and undoes it (a dry run)."""
+        return self.db.transaction(rollback)
 
-    @contextmanager
-    def _savepoint(self, conn, rollback):
-        callbacks_before = len(self._local.on_commit)
-        conn.execute("SAVEPOINT nested")
-        try:
-            yield
-        except BaseException:
-            rollback = True
-            raise
-        finally:
-            if rollback:  # what was undone must not be acted on after the commit either
-                del self._local.on_commit[callbacks_before:]
-            # SQLite itself rolls the whole transaction back on some errors (a full disk): then
-            # there is no savepoint left, and the original error must be the one that surfaces.
-            if conn.in_transaction:
-                if rollback:
-                    conn.execute("ROLLBACK TO nested")
-                conn.execute("RELEASE nested")
-
-    def on_commit(self, callback):
-        """Call `callback` once this thread's write transaction commits (now, if none is open).
-
-        A job handed to the runner before its STARTED row is committed would be dropped as
-        stale, so the runner submits through this.
-        """
-        if getattr(self._local, "writing", False):
-            self._local.on_commit.append(callback)
-        else:
-            callback()
-
-    @contextmanager
-    def _writer_turn(self):
-        """Wait for this writer's turn: threads on a lock, processes on a lock file.
-
-        SQLite alone would do, but its busy handler polls with sleeps growing to 100 ms, so
-        under contention some writers wait far longer than others. Here a waiting thread
-        wakes as soon as the lock is free, and processes poll every millisecond or two.
-        """
-        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-        if not self._threads_lock.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
-            raise sqlite3.OperationalError("database is locked (by this process's other writers)")
-        try:
-            fd = self._lock_file()
-            delay = 0.0005
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise sqlite3.OperationalError("database is locked (by another process)") from None
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.002)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            self._threads_lock.release()
-
-    def _lock_file(self):
-        # One descriptor per process: a descriptor inherited across fork would share the lock.
-        if self._lock_owner != os.getpid():
-            self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-            self._lock_owner = os.getpid()
-        return self._lock_fd
-
-    @contextmanager
-    def snapshot(self):
-        """A read transaction: every query inside sees the same state."""
-        conn = self.connection()
-        if conn.in_transaction:  # inside a write transaction: it already sees one state
-            yield conn
-            return
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            if conn.in_transaction:
-                conn.execute("COMMIT")
+    def after_commit(self, callback):
+        """Call `callback` once the current transaction commits (now, if none is open)."""
+        self.db.on_commit(callback)
 
     def ping(self):
-        self.connection().execute("SELECT 1 FROM processes LIMIT 1").fetchall()
-
-    def migrate(self):
-        """Bring the schema to the newest version; safe to run from several processes."""
-        # A current schema (as every worker finds it after the master's migration) needs no write
-        # lock: a worker starting while a writer holds it must not fail, or gunicorn stops the service.
-        if self.connection().execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS):
-            return len(MIGRATIONS)
-        with self.transaction() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > len(MIGRATIONS):
-                raise sqlite3.DatabaseError(
-                    f"{self.path} has schema version {version}; this stepd knows up to {len(MIGRATIONS)}"
-                )
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in script.split(";"):  # so: no ';' inside a migration's statements
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {number}")
-        return len(MIGRATIONS)
+        self.db.ping()
 
     # -- processes -------------------------------------------------------------------
     def create_process(self, name, steps, principal, runner_id):
-        """Insert a process and its PENDING steps and start step 0; returns (process, job)."""
-        now = now_iso()
+        """Insert a process and its PENDING steps and begin step 0; returns (process, job)."""
         process_id = new_id()
-        with self.transaction() as db:
-            db.execute(
+        with self._change() as change:
+            change.conn.execute(
                 "INSERT INTO processes (id, name, status, principal, created_at, updated_at)"
                 " VALUES (?, ?, 'RUNNING', ?, ?, ?)",
-                (process_id, name, principal, now, now),
+                (process_id, name, principal, change.now, change.now),
             )
-            db.executemany(
+            step_rows = [
+                {
+                    "id": new_id(),
+                    "process_id": process_id,
+                    "type": step_type,
+                    "attempts": 0,
+                    "retries_used": 0,
+                    "params": params_to_json(params),
+                }  # fmt: skip
+                for step_type, params in steps
+            ]
+            change.conn.executemany(
                 "INSERT INTO steps (id, process_id, position, type, status, params, created_at)"
                 " VALUES (?, ?, ?, ?, 'PENDING', ?, ?)",
-                [
-                    (new_id(), process_id, position, step_type, params_to_json(params), now)
-                    for position, (step_type, params) in enumerate(steps)
-                ],
+                [(r["id"], process_id, n, r["type"], r["params"], change.now) for n, r in enumerate(step_rows)],
             )
-            job = self._start_step(db, process_id, 0, principal, runner_id, now)
-            process = self._load_process(db, process_id)
+            job = change.begin(step_rows[0], "start", principal, IS_PENDING, runner_id=runner_id)
+            change.touched.discard(process_id)  # a new process is RUNNING as inserted: nothing to refresh
+            process = self._load_process(change.conn, process_id)
         return process, job
 
     def get_process(self, process_id):
-        with self.snapshot() as db:
-            return self._load_process(db, process_id)
+        with self.db.snapshot() as conn:
+            return self._load_process(conn, process_id)
 
     def list_processes(self, status=None, limit=50, before_seq=None):
         return self._newest_first("processes", PROCESS_COLUMNS, _process, limit, before_seq, status=status)
 
-    def _load_process(self, db, process_id):
-        row = db.execute(f"SELECT {PROCESS_COLUMNS} FROM processes WHERE id = ?", (process_id,)).fetchone()
+    @staticmethod
+    def _load_process(conn, process_id):
+        row = conn.execute(f"SELECT {PROCESS_COLUMNS} FROM processes WHERE id = ?", (process_id,)).fetchone()
         if row is None:
             return None
         process = _process(row)
-        rows = db.execute(
+        rows = conn.execute(
             f"SELECT {STEP_COLUMNS} FROM steps WHERE process_id = ? ORDER BY position", (process_id,)
         ).fetchall()
         process["steps"] = [_step(r) for r in rows]
@@ -494,23 +280,19 @@ class Store:
             conditions.append("seq < ?")
             args.append(before_seq)
         where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
-        rows = (
-            self.connection()
-            .execute(f"SELECT {columns} FROM {table} {where} ORDER BY seq DESC LIMIT ?", (*args, limit + 1))
-            .fetchall()
-        )
+        rows = self.db.rows(f"SELECT {columns} FROM {table} {where} ORDER BY seq DESC LIMIT ?", (*args, limit + 1))
         next_seq = rows[limit - 1]["seq"] if len(rows) > limit else None
         return [convert(r) for r in rows[:limit]], next_seq
 
     # -- steps -----------------------------------------------------------------------
     def get_step(self, step_id, with_history=False):
-        with self.snapshot() as db:
-            row = db.execute(f"SELECT {STEP_COLUMNS} FROM steps WHERE id = ?", (step_id,)).fetchone()
+        with self.db.snapshot() as conn:
+            row = conn.execute(f"SELECT {STEP_COLUMNS} FROM steps WHERE id = ?", (step_id,)).fetchone()
             if row is None:
                 return None
             step = _step(row)
             if with_history:
-                rows = db.execute("SELECT * FROM attempts WHERE step_id = ? ORDER BY attempt", (step_id,)).fetchall()
+                rows = conn.execute("SELECT * FROM attempts WHERE step_id = ? ORDER BY attempt", (step_id,)).fetchall()
                 step["attempt_history"] = [_attempt(r) for r in rows]
         return step
 
@@ -518,81 +300,13 @@ class Store:
         columns = f"seq, {STEP_COLUMNS}"
         return self._newest_first("steps", columns, _step, limit, before_seq, status=status, type=step_type)
 
-    def restart_failed_step(self, step_id, overrides, principal, runner_id, has_delegate):
-        """FAILED -> STARTED for one step, with the given params laid over the failed ones."""
-        now = now_iso()
-        with self.transaction() as db:
-            row = db.execute(
-                "SELECT id, process_id, type, status, params, attempts FROM steps WHERE id = ?", (step_id,)
-            ).fetchone()
-            if row is None:
-                raise PreconditionFailed({"processStepId": ["No step has this id."]})
-            if row["status"] != FAILED:
-                raise PreconditionFailed({"status": [f"Step is {row['status']}; only a FAILED step can be restarted."]})
-            if not has_delegate(row["type"]):
-                raise PreconditionFailed({"type": [f"No delegate is registered for step type {row['type']!r}."]})
-            params = {**params_from_json(row["params"]), **overrides}
-            if len(params) > MAX_PARAMS:
-                raise PreconditionFailed(
-                    {"params": [f"The merged params have {len(params)} names; at most {MAX_PARAMS} are allowed."]}
-                )
-            changed = db.execute(
-                "UPDATE steps SET status = 'STARTED', attempts = attempts + 1, params = ?, error_type = NULL,"
-                " error_message = NULL, result = NULL, deferred = 0, runner_id = ?, started_at = ?,"
-                " finished_at = NULL, next_retry_at = NULL, retries_used = 0"
-                " WHERE id = ? AND status = 'FAILED' AND attempts = ?",
-                (params_to_json(params), runner_id, now, step_id, row["attempts"]),
-            ).rowcount
-            if changed != 1:  # cannot happen under BEGIN IMMEDIATE; kept as the compare-and-set's check
-                raise PreconditionFailed({"status": ["Step changed while it was being restarted."]})
-            attempt = row["attempts"] + 1
-            self._insert_attempt(db, step_id, attempt, "restart", principal, params, now)
-            self._refresh_process(db, row["process_id"], now)
-        return Job(step_id, row["process_id"], row["type"], params, attempt)
-
-    def finish_attempt(self, job, status, result=None, error=None, runner_id=None):
-        """Record what a delegate did; COMPLETED starts the next step. Returns the next job or None.
-
-        A stale outcome (the step was failed, completed or interrupted meanwhile) changes
-        nothing and returns None.
-        """
-        now = now_iso()
-        with self.transaction() as db:
-            changed = db.execute(
-                "UPDATE steps SET status = ?, result = ?, error_type = ?, error_message = ?, finished_at = ?"
-                " WHERE id = ? AND status = 'STARTED' AND attempts = ? AND deferred = 0 AND next_retry_at IS NULL",
-                (
-                    status,
-                    None if result is None else params_to_json(result),
-                    error and error["type"],
-                    error and error["message"],
-                    now,
-                    job.step_id,
-                    job.attempt,
-                ),
-            ).rowcount
-            if changed != 1:
-                return None
-            self._close_attempt(db, job.step_id, job.attempt, status, error, now)
-            next_job = self._start_next(db, job.step_id, runner_id, now) if status == COMPLETED else None
-            self._refresh_process(db, job.process_id, now)
-        return next_job
-
-    def defer_attempt(self, job):
-        """Mark a running attempt as waiting for complete-step or fail-step."""
-        with self.transaction() as db:
-            db.execute(
-                "UPDATE steps SET deferred = 1 WHERE id = ? AND status = 'STARTED' AND attempts = ?",
-                (job.step_id, job.attempt),
-            )
-
     def failed_steps(self, where, after=None, limit=1000):
         """FAILED steps matching `where` (type, process_id, failed_before, failed_after, failed_until
         (also strictly before); None = any), oldest failure first, after the (finished_at, seq) position `after`.
 
         Returns up to `limit` (id, finished_at, seq) rows and whether more match.
         """
-        conditions, args = ["status = 'FAILED'"], []
+        conditions, args = [IS_FAILED], []
         for column, operator, key in (
             ("type", "=", "type"),
             ("process_id", "=", "process_id"),
@@ -606,65 +320,91 @@ class Store:
         if after is not None:
             conditions.append("(finished_at, seq) > (?, ?)")
             args.extend(after)
-        rows = (
-            self.connection()
-            .execute(
-                f"SELECT id, finished_at, seq FROM steps WHERE {' AND '.join(conditions)}"
-                " ORDER BY finished_at, seq LIMIT ?",
-                (*args, limit + 1),
-            )
-            .fetchall()
+        where_all = " AND ".join(conditions)
+        rows = self.db.rows(
+            f"SELECT id, finished_at, seq FROM steps WHERE {where_all} ORDER BY finished_at, seq LIMIT ?",
+            (*args, limit + 1),
         )
         return [tuple(row) for row in rows[:limit]], len(rows) > limit
 
-    # -- automatic retries -------------------------------------------------------------
-    def schedule_retry(self, job, error, retry_at):
-        """Close a failed attempt and leave the step STARTED until `retry_at` (ISO time).
+    def attempt_is_current(self, job):
+        """Whether this attempt is still STARTED and waiting for its delegate (a cheap read)."""
+        sql = f"SELECT 1 FROM steps WHERE id = ? AND attempts = ? AND {EXECUTING}"
+        return self.db.row(sql, (job.step_id, job.attempt)) is not None
 
-        Any worker's runner may pick it up then (claim_due_retries); returns whether the
-        attempt was still current.
-        """
-        now = now_iso()
-        with self.transaction() as db:
-            changed = db.execute(
-                "UPDATE steps SET error_type = ?, error_message = ?, next_retry_at = ?, runner_id = NULL"
-                " WHERE id = ? AND status = 'STARTED' AND attempts = ? AND deferred = 0 AND next_retry_at IS NULL",
-                (error["type"], error["message"], retry_at, job.step_id, job.attempt),
-            ).rowcount
-            if changed != 1:
-                return False
-            self._close_attempt(db, job.step_id, job.attempt, FAILED, error, now)
-            self._refresh_process(db, job.process_id, now)
-        return True
+    # -- beginning attempts ------------------------------------------------------------
+    def restart_failed_step(self, step_id, overrides, principal, runner_id, has_delegate):
+        """FAILED -> STARTED for one step, with the given params laid over the failed ones; its Job."""
+        with self._change() as change:
+            row = change.conn.execute(
+                f"SELECT {BEGIN_COLUMNS}, s.status FROM steps s WHERE s.id = ?", (step_id,)
+            ).fetchone()
+            if row is None:
+                raise PreconditionFailed.on("step_id", "No step has this id.")
+            if row["status"] != FAILED:
+                raise PreconditionFailed.on("status", f"Step is {row['status']}; only a FAILED step can be restarted.")
+            if not has_delegate(row["type"]):
+                raise PreconditionFailed.on("type", f"No delegate is registered for step type {row['type']!r}.")
+            params = {**params_from_json(row["params"]), **overrides}
+            if len(params) > MAX_PARAMS:
+                message = f"The merged params have {len(params)} names; at most {MAX_PARAMS} are allowed."
+                raise PreconditionFailed.on("params", message)
+            job = change.begin(row, "restart", principal, IS_FAILED, AFTER_RESTART, params, runner_id)
+            if job is None:  # cannot happen under BEGIN IMMEDIATE; kept as the compare-and-set's check
+                raise PreconditionFailed.on("status", "Step changed while it was being restarted.")
+        return job
 
     def claim_due_retries(self, runner_id, limit):
         """Begin the next attempt (trigger 'retry') of up to `limit` steps whose retry is due.
 
         The compare-and-set on attempts and next_retry_at makes each retry begin exactly once,
-        however many workers look for due retries at the same moment.
+        however many runners look for due retries at the same moment.
         """
-        now = now_iso()
-        if not self.connection().execute(DUE_RETRIES, (now, 1)).fetchone():
-            return []  # polled often by every worker: look first, take the write lock only for work
-        jobs = []
-        with self.transaction() as db:
-            rows = db.execute(DUE_RETRIES, (now, limit)).fetchall()
-            for row in rows:
-                changed = db.execute(
-                    "UPDATE steps SET attempts = attempts + 1, retries_used = retries_used + 1, next_retry_at = NULL,"
-                    " error_type = NULL, error_message = NULL, runner_id = ?, started_at = ?"
-                    " WHERE id = ? AND status = 'STARTED' AND attempts = ? AND next_retry_at IS NOT NULL",
-                    (runner_id, now, row["id"], row["attempts"]),
-                ).rowcount
-                if changed != 1:
-                    continue
-                params = params_from_json(row["params"])
-                attempt = row["attempts"] + 1
-                self._insert_attempt(db, row["id"], attempt, "retry", row["principal"], params, now)
-                jobs.append(Job(row["id"], row["process_id"], row["type"], params, attempt, row["retries_used"] + 1))
-            for process_id in {job.process_id for job in jobs}:
-                self._refresh_process(db, process_id, now)
-        return jobs
+        if not self.db.row(DUE_RETRIES, (now_iso(), 1)):
+            return []  # polled often by every runner: look first, take the write lock only for work
+        with self._change() as change:
+            rows = change.conn.execute(DUE_RETRIES, (change.now, limit)).fetchall()
+            jobs = [
+                change.begin(row, "retry", row["principal"], WAITING_FOR_RETRY, AFTER_RETRY, runner_id=runner_id)
+                for row in rows
+            ]
+        return [job for job in jobs if job is not None]
+
+    # -- ending attempts ---------------------------------------------------------------
+    def finish_attempt(self, job, status, result=None, error=None, runner_id=None):
+        """Record what a delegate did; COMPLETED begins the next step. Returns the next job or None.
+
+        A stale outcome (the step was failed, completed or interrupted meanwhile) changes
+        nothing and returns None.
+        """
+        with self._change() as change:
+            result = None if result is None else params_to_json(result)
+            ended = change.end(
+                job.step_id, job.process_id, job.attempt, status=status, when=EXECUTING, also=OUTCOME, error=error,
+                result=result,
+            )  # fmt: skip
+            if not ended:
+                return None
+            return change.begin_next(job.step_id, runner_id) if status == COMPLETED else None
+
+    def schedule_retry(self, job, error, retry_at):
+        """Close a failed attempt and leave the step STARTED until `retry_at` (ISO time).
+
+        Any runner may begin it then (claim_due_retries); returns whether the attempt was still current.
+        """
+        with self._change() as change:
+            return change.end(
+                job.step_id, job.process_id, job.attempt, status=FAILED, when=EXECUTING,
+                also="next_retry_at = :retry_at, runner_id = NULL", error=error, retry_at=retry_at,
+            )  # fmt: skip
+
+    def defer_attempt(self, job):
+        """Mark a running attempt as waiting for complete-step or fail-step."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                f"UPDATE steps SET deferred = 1 WHERE id = ? AND attempts = ? AND {STARTED_ANYHOW}",
+                (job.step_id, job.attempt),
+            )
 
     def complete_step(self, step_id, result, runner_id):
         """STARTED -> COMPLETED from outside; returns (step, next job or None)."""
@@ -676,246 +416,147 @@ class Store:
         return step
 
     def _end_started_step(self, step_id, status, result, error, runner_id):
-        now = now_iso()
-        with self.transaction() as db:
-            row = db.execute(
+        with self._change() as change:
+            row = change.conn.execute(
                 "SELECT process_id, status, attempts, next_retry_at FROM steps WHERE id = ?", (step_id,)
             ).fetchone()
             if row is None:
-                raise PreconditionFailed({"processStepId": ["No step has this id."]})
+                raise PreconditionFailed.on("step_id", "No step has this id.")
             if row["next_retry_at"] is not None and status == COMPLETED:
-                raise PreconditionFailed(
-                    {"status": ["Step is waiting for an automatic retry; fail it to stop the retries."]}
-                )
-            changed = db.execute(
-                "UPDATE steps SET status = ?, result = ?, error_type = ?, error_message = ?, deferred = 0,"
-                " next_retry_at = NULL, finished_at = ? WHERE id = ? AND status = 'STARTED' AND attempts = ?",
-                (
-                    status,
-                    None if result is None else params_to_json(result),
-                    error and error["type"],
-                    error and error["message"],
-                    now,
-                    step_id,
-                    row["attempts"],
-                ),
-            ).rowcount
-            if changed != 1:
-                raise PreconditionFailed(
-                    {"status": [f"Step is {row['status']}; only a STARTED step can be {status.lower()}."]}
-                )
-            self._close_attempt(db, step_id, row["attempts"], status, error, now)
-            next_job = self._start_next(db, step_id, runner_id, now) if status == COMPLETED else None
-            self._refresh_process(db, row["process_id"], now)
-            step = _step(db.execute(f"SELECT {STEP_COLUMNS} FROM steps WHERE id = ?", (step_id,)).fetchone())
+                message = "Step is waiting for an automatic retry; fail it to stop the retries."
+                raise PreconditionFailed.on("status", message)
+            ended = change.end(
+                step_id, row["process_id"], row["attempts"], status=status, when=STARTED_ANYHOW,
+                also=f"{OUTCOME}, deferred = 0, next_retry_at = NULL", error=error,
+                result=None if result is None else params_to_json(result),
+            )  # fmt: skip
+            if not ended:
+                message = f"Step is {row['status']}; only a STARTED step can be {status.lower()}."
+                raise PreconditionFailed.on("status", message)
+            next_job = change.begin_next(step_id, runner_id) if status == COMPLETED else None
+            step = _step(change.conn.execute(f"SELECT {STEP_COLUMNS} FROM steps WHERE id = ?", (step_id,)).fetchone())
         return step, next_job
-
-    # -- helpers that run inside a transaction ---------------------------------------
-    def _start_next(self, db, step_id, runner_id, now):
-        row = db.execute(
-            "SELECT s.process_id, s.position, p.principal FROM steps s JOIN processes p ON p.id = s.process_id"
-            " WHERE s.id = ?",
-            (step_id,),
-        ).fetchone()
-        return self._start_step(db, row["process_id"], row["position"] + 1, row["principal"], runner_id, now)
-
-    def _start_step(self, db, process_id, position, principal, runner_id, now):
-        """PENDING -> STARTED for the step at `position`, if there is one; returns its job."""
-        row = db.execute(
-            "SELECT id, type, params FROM steps WHERE process_id = ? AND position = ?", (process_id, position)
-        ).fetchone()
-        if row is None:
-            return None
-        changed = db.execute(
-            "UPDATE steps SET status = 'STARTED', attempts = 1, runner_id = ?, started_at = ?"
-            " WHERE id = ? AND status = 'PENDING'",
-            (runner_id, now, row["id"]),
-        ).rowcount
-        if changed != 1:
-            return None
-        params = params_from_json(row["params"])
-        self._insert_attempt(db, row["id"], 1, "start", principal, params, now)
-        return Job(row["id"], process_id, row["type"], params, 1)
-
-    @staticmethod
-    def _insert_attempt(db, step_id, attempt, trigger, principal, params, now):
-        db.execute(
-            "INSERT INTO attempts (step_id, attempt, trigger, principal, params, status, started_at)"
-            " VALUES (?, ?, ?, ?, ?, 'STARTED', ?)",
-            (step_id, attempt, trigger, principal, params_to_json(params), now),
-        )
-
-    @staticmethod
-    def _close_attempt(db, step_id, attempt, status, error, now):
-        db.execute(
-            "UPDATE attempts SET status = ?, error_type = ?, error_message = ?, finished_at = ?"
-            " WHERE step_id = ? AND attempt = ? AND status = 'STARTED'",
-            (status, error and error["type"], error and error["message"], now, step_id, attempt),
-        )
-
-    @staticmethod
-    def _refresh_process(db, process_id, now):
-        """A process is FAILED while a step is, COMPLETED when its last step is, else RUNNING."""
-        db.execute(REFRESH_PROCESS, {"pid": process_id, "now": now})
 
     # -- runners: who is executing which step ------------------------------------------
     def heartbeat(self, runner):
         """Say this runner is alive (registering it if needed). `runner`: id, host, pid, pid_started."""
-        with self.transaction() as db:
-            db.execute(
+        with self.db.transaction() as conn:
+            conn.execute(
                 "INSERT INTO runners (id, host, pid, pid_started, started_at, heartbeat_at)"
                 " VALUES (:id, :host, :pid, :pid_started, :now, :beat)"
                 " ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
                 {**runner, "now": now_iso(), "beat": time.time()},
             )
 
+    def runner_ids(self):
+        """The ids of the runners registered (alive or not yet found gone)."""
+        return sorted(row["id"] for row in self.db.rows("SELECT id FROM runners"))
+
     def interrupt_orphans(self, is_alive):
-        """Fail every STARTED, non-deferred step whose runner is gone; forget gone runners.
+        """Fail every executing step whose runner is gone; forget gone runners.
 
         `is_alive(row)` judges a runners row; a step whose runner has no row is orphaned
-        too. Returns the ids of the steps it failed.
+        too. Returns the ids of the steps it failed (none if another sweep was first).
         """
-        # Called every second by every worker: look first, take the write lock only for work.
-        if not self._find_orphans(self.connection(), is_alive):
+        # Called every second by every runner: look first, take the write lock only for work.
+        with self.db.snapshot() as conn:
+            orphans, gone = self._find_orphans(conn, is_alive)
+        if not orphans and not gone:
             return []
-        now = now_iso()
-        with self.transaction() as db:
-            orphans, gone = self._find_orphans(db, is_alive)
+        with self._change() as change:
+            orphans, gone = self._find_orphans(change.conn, is_alive)  # again: another sweep may have been first
             for row in orphans:
-                self._interrupt(db, row, f"The worker running this step (runner {row['runner_id']}) is gone.", now)
-            db.executemany("DELETE FROM runners WHERE id = ?", [(runner_id,) for runner_id in gone])
+                self._interrupt(change, row, f"The worker running this step (runner {row['runner_id']}) is gone.")
+            change.conn.executemany("DELETE FROM runners WHERE id = ?", [(runner_id,) for runner_id in gone])
         return [row["id"] for row in orphans]
 
     @staticmethod
-    def _find_orphans(db, is_alive):
-        """(orphaned step rows, ids of gone runners), or () when there are neither."""
-        runners = db.execute("SELECT * FROM runners").fetchall()
+    def _find_orphans(conn, is_alive):
+        """(executing step rows whose runner is gone, ids of gone runners)."""
+        runners = conn.execute("SELECT * FROM runners").fetchall()
         alive = {r["id"] for r in runners if is_alive(r)}
         gone = [r["id"] for r in runners if r["id"] not in alive]
-        started = db.execute(RUNNING_STEPS).fetchall()
-        orphans = [row for row in started if row["runner_id"] not in alive]
-        return (orphans, gone) if orphans or gone else ()
+        orphans = [row for row in conn.execute(EXECUTING_STEPS).fetchall() if row["runner_id"] not in alive]
+        return orphans, gone
 
     def interrupt_runner(self, runner_id, reason):
-        """Fail the STARTED, non-deferred steps of one runner that is stopping, and forget it."""
-        now = now_iso()
-        with self.transaction() as db:
-            rows = db.execute(RUNNING_STEPS + " AND runner_id = ?", (runner_id,)).fetchall()
+        """Fail the executing steps of one runner that is stopping, and forget it."""
+        with self._change() as change:
+            rows = change.conn.execute(EXECUTING_STEPS + " AND runner_id = ?", (runner_id,)).fetchall()
             for row in rows:
-                self._interrupt(db, row, reason, now)
-            db.execute("DELETE FROM runners WHERE id = ?", (runner_id,))
+                self._interrupt(change, row, reason)
+            change.conn.execute("DELETE FROM runners WHERE id = ?", (runner_id,))
         return [row["id"] for row in rows]
 
-    def _interrupt(self, db, row, message, now):
-        error = {"type": "Interrupted", "message": message}
-        changed = db.execute(
-            "UPDATE steps SET status = 'FAILED', error_type = ?, error_message = ?, finished_at = ?"
-            " WHERE id = ? AND status = 'STARTED' AND attempts = ? AND deferred = 0 AND next_retry_at IS NULL",
-            (error["type"], message, now, row["id"], row["attempts"]),
-        ).rowcount
-        if changed == 1:
-            self._close_attempt(db, row["id"], row["attempts"], FAILED, error, now)
-            self._refresh_process(db, row["process_id"], now)
-
-    def attempt_is_current(self, job):
-        """Whether this attempt is still STARTED and waiting for its delegate (a cheap read)."""
-        row = (
-            self.connection()
-            .execute(
-                "SELECT 1 FROM steps WHERE id = ? AND status = 'STARTED' AND attempts = ? AND deferred = 0"
-                " AND next_retry_at IS NULL",
-                (job.step_id, job.attempt),
-            )
-            .fetchone()
-        )
-        return row is not None
+    @staticmethod
+    def _interrupt(change, row, message):
+        change.end(
+            row["id"], row["process_id"], row["attempts"], status=FAILED, when=EXECUTING,
+            also="status = 'FAILED', finished_at = :now", error={"type": "Interrupted", "message": message},
+        )  # fmt: skip
 
     # -- answers to requests with an Idempotency-Key ----------------------------------------
-    def stored_answer(self, db, principal, key):
+    def stored_answer(self, principal, key):
         """The answer stored for this principal's key in the last ANSWER_KEPT_SECONDS, or None."""
-        row = db.execute(
+        row = self.db.row(
             "SELECT fingerprint, status, body FROM idempotent_requests"
             " WHERE principal = ? AND key = ? AND created_at >= ?",
             (principal, key, time.time() - ANSWER_KEPT_SECONDS),
-        ).fetchone()
+        )
         return dict(row) if row else None
 
-    def store_answer(self, db, principal, key, fingerprint, status, body):
-        db.execute(
-            "INSERT OR REPLACE INTO idempotent_requests (principal, key, fingerprint, status, body, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (principal, key, fingerprint, status, body, time.time()),
-        )
+    def store_answer(self, principal, key, fingerprint, status, body):
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO idempotent_requests (principal, key, fingerprint, status, body, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (principal, key, fingerprint, status, body, time.time()),
+            )
 
     def forget_answers(self):
         """Delete answers older than ANSWER_KEPT_SECONDS; returns how many."""
         before = time.time() - ANSWER_KEPT_SECONDS
-        if (
-            not self.connection()
-            .execute("SELECT 1 FROM idempotent_requests WHERE created_at < ? LIMIT 1", (before,))
-            .fetchone()
-        ):
+        if not self.db.row("SELECT 1 FROM idempotent_requests WHERE created_at < ? LIMIT 1", (before,)):
             return 0
-        with self.transaction() as db:
-            return db.execute("DELETE FROM idempotent_requests WHERE created_at < ?", (before,)).rowcount
+        with self.db.transaction() as conn:
+            return conn.execute("DELETE FROM idempotent_requests WHERE created_at < ?", (before,)).rowcount
 
     # -- API tokens ------------------------------------------------------------------
     def add_token(self, name, role, secret_hash):
         """Insert a token; returns False if the name is taken."""
         try:
-            with self.transaction() as db:
-                db.execute(
-                    "INSERT INTO tokens (name, role, secret_hash, created_at) VALUES (?, ?, ?, ?)",
-                    (name, role, secret_hash, now_iso()),
-                )
-        except sqlite3.IntegrityError:
+            with self.db.transaction() as conn:
+                self._insert_token(conn, name, role, secret_hash)
+        except Conflict:
             return False
         return True
 
     def add_first_token(self, name, role, secret_hash):
         """Insert a token only if no token exists at all; returns whether it did."""
-        with self.transaction() as db:
-            if db.execute("SELECT 1 FROM tokens LIMIT 1").fetchone():
+        with self.db.transaction() as conn:
+            if conn.execute("SELECT 1 FROM tokens LIMIT 1").fetchone():
                 return False
-            db.execute(
-                "INSERT INTO tokens (name, role, secret_hash, created_at) VALUES (?, ?, ?, ?)",
-                (name, role, secret_hash, now_iso()),
-            )
+            self._insert_token(conn, name, role, secret_hash)
         return True
 
-    def token_by_hash(self, secret_hash):
-        row = (
-            self.connection()
-            .execute("SELECT name, role, secret_hash FROM tokens WHERE secret_hash = ?", (secret_hash,))
-            .fetchone()
+    @staticmethod
+    def _insert_token(conn, name, role, secret_hash):
+        conn.execute(
+            "INSERT INTO tokens (name, role, secret_hash, created_at) VALUES (?, ?, ?, ?)",
+            (name, role, secret_hash, now_iso()),
         )
+
+    def token_by_hash(self, secret_hash):
+        row = self.db.row("SELECT name, role, secret_hash FROM tokens WHERE secret_hash = ?", (secret_hash,))
         return dict(row) if row else None
 
     def token_by_name(self, name):
-        row = self.connection().execute("SELECT name, role, secret_hash FROM tokens WHERE name = ?", (name,)).fetchone()
+        row = self.db.row("SELECT name, role, secret_hash FROM tokens WHERE name = ?", (name,))
         return dict(row) if row else None
 
     def list_tokens(self):
-        rows = self.connection().execute("SELECT name, role, created_at FROM tokens ORDER BY name").fetchall()
-        return [dict(r) for r in rows]
+        return [dict(r) for r in self.db.rows("SELECT name, role, created_at FROM tokens ORDER BY name")]
 
     def revoke_token(self, name):
-        with self.transaction() as db:
-            return db.execute("DELETE FROM tokens WHERE name = ?", (name,)).rowcount == 1
-
-
-class Job:
-    """One attempt of one step, to be handed to its delegate."""
-
-    __slots__ = ("step_id", "process_id", "type", "params", "attempt", "retries_used")
-
-    def __init__(self, step_id, process_id, step_type, params, attempt, retries_used=0):
-        self.step_id = step_id
-        self.process_id = process_id
-        self.type = step_type
-        self.params = params
-        self.attempt = attempt
-        self.retries_used = retries_used  # automatic retries since the last start or manual restart
-
-    def __repr__(self):
-        return f"Job({self.step_id!r}, attempt={self.attempt})"
+        with self.db.transaction() as conn:
+            return conn.execute("DELETE FROM tokens WHERE name = ?", (name,)).rowcount == 1

@@ -5,7 +5,8 @@ COMPLETED. `run.py` checks a seeded row against one the service made, and restar
 
 import sqlite3
 
-from store import Store, new_id, now_iso, params_to_json
+from db import Database
+from model import new_id, now_iso, params_to_json
 
 PRINCIPAL = "env"  # the name of the STEPD_TOKEN operator, which the benchmark uses
 BATCH = 20_000  # processes per transaction
@@ -13,10 +14,7 @@ BATCH = 20_000  # processes per transaction
 
 def open_db(path):
     """Migrate with the service's own schema, then a connection for bulk inserts."""
-    store = Store(path)
-    store.create_file()
-    store.migrate()
-    store.close()
+    Database(path).prepare()
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = OFF")  # seeding only: the file is checkpointed and closed after

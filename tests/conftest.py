@@ -1,8 +1,10 @@
 import pytest
 from helpers import FIGURES, PLUGINS, Api, Server, wait_for
 
-from app import create_app, start_runner
+from app import create_app, start_background, stop_background
 from auth import hash_secret
+from db import Database
+from store import Store
 
 OPERATOR_SECRET = "operator-secret-for-tests"
 READER_SECRET = "reader-secret-for-tests"
@@ -29,9 +31,9 @@ def app(db_path):
     store = app.extensions["stepd"].store
     store.add_token("ops", "operator", hash_secret(OPERATOR_SECRET))
     store.add_token("viewer", "reader", hash_secret(READER_SECRET))
-    start_runner(app)
+    start_background(app)
     yield app
-    app.extensions["stepd"].runner.stop(grace=2)
+    stop_background(app, grace=2)
 
 
 @pytest.fixture
@@ -79,6 +81,25 @@ def server_factory(tmp_path):
     yield make
     for server in servers:
         server.stop()
+
+
+# Every backend the store's contract suite (test_store.py) runs against.
+STORE_BACKENDS = ["sqlite"]
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def open_store(request, tmp_path):
+    """Opens stores on one fresh, migrated database of each backend; each call is another
+    connection to it, as another worker process would have."""
+    path = tmp_path / "contract.db"
+    Database(path).prepare()
+    return lambda: Store(Database(path))
+
+
+@pytest.fixture
+def contract_store(open_store):
+    """A store of the contract suite, on a fresh database of each backend."""
+    return open_store()
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -4,7 +4,7 @@ import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from store import new_id, params_to_json
+from model import new_id, params_to_json
 
 P = "/api/v1/processes"
 STEPS = f"{P}/steps"
@@ -92,7 +92,7 @@ def insert_failed_steps(store, count, step_type="fail", start=None, params=None,
     start = start or datetime(2020, 1, 1, tzinfo=UTC)
     params = params or {"message": ("STRING", "inserted")}
     step_ids = []
-    with store.transaction() as db:
+    with store.db.transaction() as db:
         for n in range(count):
             finished = iso(start + timedelta(milliseconds=n))
             pid, sid = process_id or new_id(), new_id()

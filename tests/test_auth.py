@@ -11,7 +11,7 @@ import pytest
 from conftest import OPERATOR_SECRET, READER_SECRET
 from helpers import PLUGINS, ROOT
 
-from app import create_app, start_runner
+from app import create_app, start_background, stop_background
 from auth import hash_secret
 
 P = "/api/v1/processes"
@@ -170,9 +170,9 @@ def env_app(request, tmp_path, monkeypatch):
     else:
         monkeypatch.setenv("STEPD_TOKEN", ENV_SECRET)
     app = create_app(settings)
-    start_runner(app)
+    start_background(app)
     yield app
-    app.extensions["stepd"].runner.stop(grace=2)
+    stop_background(app, grace=2)
 
 
 @pytest.mark.parametrize(

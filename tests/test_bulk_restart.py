@@ -10,8 +10,8 @@ import pytest
 from helpers import all_at_once, typed, wait_for
 from support import BULK, calls, db_rows, insert_failed_steps, iso, ok, out, parse_time, refused
 
+import db as db_module
 import schemas
-import store as store_module
 
 RESULT_KEYS = {"restarted", "skipped", "nextCursor"}
 
@@ -172,7 +172,7 @@ def test_concurrent_bulk_restarts_restart_each_step_once(app, api, gate):
 
 def test_a_step_the_database_is_too_busy_for_is_skipped_with_a_reason(api, store, db_path, monkeypatch):
     ids = insert_failed_steps(store, 2)
-    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 150)
+    monkeypatch.setattr(db_module, "BUSY_TIMEOUT_MS", 150)
     holder = os.open(str(db_path) + ".lock", os.O_RDWR)  # another writer holds the lock file
     fcntl.flock(holder, fcntl.LOCK_EX)
     try:
@@ -222,7 +222,7 @@ def test_filter_times_are_strict_and_read_with_their_offset(api, store):
 
 def test_steps_failing_at_the_same_time_are_taken_in_creation_order(api, store):
     ids = insert_failed_steps(store, 4)
-    with store.transaction() as db:  # all four failed at one instant; created in list order
+    with store.db.transaction() as db:  # all four failed at one instant; created in list order
         db.execute("UPDATE steps SET finished_at = '2020-01-01T00:00:00.000Z'")
     older = insert_failed_steps(store, 1, start=datetime(2019, 1, 1, tzinfo=UTC))
     data = ok(api.post(f"{BULK}?dryRun=true", {"filter": {}}))

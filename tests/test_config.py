@@ -47,8 +47,8 @@ def test_bad_values_are_refused_naming_the_variable(key, value):
 
 @pytest.mark.parametrize(("value", "pragma"), [("full", 2), ("NORMAL", 1)])
 def test_sync_setting_reaches_sqlite(tmp_path, value, pragma):
-    from store import Store
+    from db import Database
 
     settings = config.from_env({"STEPD_SYNC": value})
-    store = Store(tmp_path / "s.db", settings["STEPD_SYNC"])
-    assert store.connection().execute("PRAGMA synchronous").fetchone()[0] == pragma
+    database = Database(tmp_path / "s.db", settings["STEPD_SYNC"])
+    assert database.connection().execute("PRAGMA synchronous").fetchone()[0] == pragma

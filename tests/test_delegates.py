@@ -163,7 +163,7 @@ def test_context_reaches_the_delegate(api):
 def test_abort_fails_the_step(tmp_path, db_path):
     from helpers import Api
 
-    from app import create_app, start_runner
+    from app import create_app, start_background, stop_background
     from auth import hash_secret
 
     write(
@@ -173,14 +173,14 @@ def test_abort_fails_the_step(tmp_path, db_path):
     )
     app = create_app({"STEPD_DB": str(db_path), "STEPD_DELEGATES_PATH": str(tmp_path)})
     app.extensions["stepd"].store.add_token("t", "operator", hash_secret("s"))
-    start_runner(app)
+    start_background(app)
     try:
         api = Api(app.test_client(), {"Authorization": "Bearer s"})
         process = api.start(("abort", {}))
         failed = api.wait_process(process["processId"], "FAILED")
         assert failed["steps"][0]["error"] == {"type": "Abort", "message": "stop now"}
     finally:
-        app.extensions["stepd"].runner.stop(grace=1)
+        stop_background(app, grace=1)
 
 
 def test_an_alias_of_a_delegate_is_not_a_duplicate(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from helpers import typed
 from support import BULK, RESTART, calls, db_dump, insert_failed_steps, ok, out, refused
 
-from store import new_id
+from model import new_id
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-import app as app_module
-import schemas
-import store as store_module
+import db as db_module
+import logs
+import model
 from app import create_app
 
 ENVELOPE_KEYS = {"message", "timestamp", "data", "version"}
@@ -37,7 +37,7 @@ def assert_envelope(response, status):
     assert isinstance(body, dict)
     assert set(body) == ENVELOPE_KEYS
     assert TIMESTAMP.match(body["timestamp"]), body["timestamp"]
-    assert body["version"] == schemas.VERSION
+    assert body["version"] == model.VERSION
     assert isinstance(body["message"], str) and body["message"]
     if status >= 400:
         assert body["message"] == ERROR_MESSAGES[status]
@@ -130,10 +130,10 @@ def test_timestamp_is_the_response_time_in_utc_milliseconds(api):
 
 
 def test_version_is_the_one_defined_in_schemas_everywhere(api, client):
-    assert re.fullmatch(r"\d+\.\d+\.\d+", schemas.VERSION)
-    assert api.get("/api/v1/delegates").json["version"] == schemas.VERSION
-    assert client.get("/healthz").json["version"] == schemas.VERSION
-    assert client.get("/api/v1/openapi.json").json["info"]["version"] == schemas.VERSION
+    assert re.fullmatch(r"\d+\.\d+\.\d+", model.VERSION)
+    assert api.get("/api/v1/delegates").json["version"] == model.VERSION
+    assert client.get("/healthz").json["version"] == model.VERSION
+    assert client.get("/api/v1/openapi.json").json["info"]["version"] == model.VERSION
 
 
 # -- X-Request-Id ----------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def test_an_unexpected_exception_is_a_500_with_only_an_error_id(fresh_app, caplo
         raise RuntimeError(SENSITIVE)
 
     fresh_app.add_url_rule("/api/v1/explode", "explode", explode)
-    caplog.handler.addFilter(app_module.RequestIdFilter())
+    caplog.handler.addFilter(logs.RequestIdFilter())
     with caplog.at_level(logging.ERROR):
         response = fresh_app.test_client().get("/api/v1/explode", headers={"X-Request-Id": "trace-500"})
     body = assert_envelope(response, 500)
@@ -217,7 +217,7 @@ def test_each_500_has_its_own_error_id(fresh_app):
 def test_a_real_database_fault_is_an_enveloped_error_without_paths(fresh_app, tmp_path, caplog):
     """No mock: the database's folder disappears under a running app."""
     folder = tmp_path / "fresh"
-    fresh_app.extensions["stepd"].store.close()
+    fresh_app.extensions["stepd"].store.db.close()
     shutil.rmtree(folder)
     with caplog.at_level(logging.ERROR):
         response = fresh_app.test_client().get("/api/v1/processes", headers={"Authorization": "Bearer fresh-env-token"})
@@ -236,7 +236,7 @@ def test_healthz_is_200_when_the_database_answers(client):
 
 
 def test_healthz_is_503_when_the_database_does_not_answer(fresh_app, tmp_path):
-    fresh_app.extensions["stepd"].store.close()
+    fresh_app.extensions["stepd"].store.db.close()
     shutil.rmtree(tmp_path / "fresh")
     response = fresh_app.test_client().get("/healthz")
     body = assert_envelope(response, 503)
@@ -246,7 +246,7 @@ def test_healthz_is_503_when_the_database_does_not_answer(fresh_app, tmp_path):
 
 def test_healthz_is_503_when_the_file_is_not_a_database(fresh_app, tmp_path):
     db = tmp_path / "fresh" / "stepd.db"
-    fresh_app.extensions["stepd"].store.close()
+    fresh_app.extensions["stepd"].store.db.close()
     for suffix in ("-wal", "-shm"):
         db.with_name(db.name + suffix).unlink(missing_ok=True)
     db.write_bytes(b"this is not a database file at all " * 200)
@@ -255,7 +255,7 @@ def test_healthz_is_503_when_the_file_is_not_a_database(fresh_app, tmp_path):
 
 def test_a_busy_database_is_a_503(tmp_path, monkeypatch):
     """A real write lock held by another connection, with a short busy timeout so the test is fast."""
-    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_MS", 100)
+    monkeypatch.setattr(db_module, "BUSY_TIMEOUT_MS", 100)
     db = tmp_path / "busy.db"
     busy_app = create_app({"STEPD_DB": str(db), "STEPD_TOKEN": "busy-env-token"})
     locker = sqlite3.connect(db, isolation_level=None)
@@ -267,6 +267,6 @@ def test_a_busy_database_is_a_503(tmp_path, monkeypatch):
     finally:
         locker.execute("ROLLBACK")
         locker.close()
-        busy_app.extensions["stepd"].store.close()
+        busy_app.extensions["stepd"].store.db.close()
     assert_envelope(response, 503)
     assert response.headers.get("Retry-After")

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from marshmallow import ValidationError
 
 import schemas as s
-from app import create_app, start_runner
+from app import create_app, start_background, stop_background
 
 # A failing example's repr may be large (65,536-character strings); that is no reason to fail.
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
@@ -206,9 +206,9 @@ def test_the_params_schema_accepts_exactly_the_valid_params_and_echoes_them(para
 def api_client(tmp_path_factory):
     db = tmp_path_factory.mktemp("properties") / "stepd.db"
     app = create_app({"STEPD_DB": str(db), "STEPD_DELEGATES_PATH": str(PLUGINS), "STEPD_TOKEN": TOKEN})
-    start_runner(app)
+    start_background(app)
     yield app.test_client()
-    app.extensions["stepd"].runner.stop(grace=1)
+    stop_background(app, grace=1)
     outcomes = "; ".join(f"{test} {outcome}: {count}" for (test, outcome), count in sorted(EXAMPLES.items()))
     report_figure("hypothesis", f"{sum(EXAMPLES.values())} examples, 0 errors ({outcomes})")
 

@@ -14,7 +14,7 @@ import pytest
 from helpers import typed, wait_for
 from support import COMPLETE, FAIL, RESTART, calls, db_rows, iso, ok, out, parse_time, refused
 
-from app import create_app, start_runner
+from app import create_app, start_background, stop_background
 from auth import hash_secret
 from delegates import DelegateLoadError, RetryPolicy, delegate, load_registry
 
@@ -334,28 +334,28 @@ def test_an_interrupted_attempt_is_not_retried_by_itself(app, api, db_path, tmp_
     _, step_id = start_one(api, "retry_gate", file=str(counted), gate=str(gate))
     wait_for(lambda: len(calls(counted)) == 1, what="attempt 1 to run")
     # The worker stops while the delegate runs: the attempt is Interrupted, not retried.
-    app.extensions["stepd"].runner.stop(grace=0.1)
+    stop_background(app, grace=0.1)
     interrupted = api.step(step_id)
     assert interrupted["status"] == "FAILED" and interrupted["error"]["type"] == "Interrupted"
     assert interrupted["nextRetryAt"] is None
     gate.touch()
     # Another worker on the same file is alive and polling for retries: it finds none.
     other = create_app({"STEPD_DB": str(db_path), "STEPD_DELEGATES_PATH": app.config["STEPD_DELEGATES_PATH"]})
-    start_runner(other)
+    start_background(other)
     try:
         time.sleep(0.8)
         after = api.step(step_id)
         assert (after["status"], after["attempts"], after["error"]["type"]) == ("FAILED", 1, "Interrupted")
         assert calls(counted) == [(step_id, 1)]
     finally:
-        other.extensions["stepd"].runner.stop(grace=1)
+        stop_background(other, grace=1)
 
 
 def test_a_due_retry_is_claimed_once_whatever_the_number_of_claimers(api, app, store, counted):
     _, step_id = start_one(api, "retry_slow", file=str(counted))
     waiting = wait_waiting(api, step_id, 1)
-    app.extensions["stepd"].runner.stop(grace=0.1)  # so only this test claims
-    store.connection().execute(  # make it due now
+    stop_background(app, grace=0.1)  # so only this test claims
+    store.db.connection().execute(  # make it due now
         "UPDATE steps SET next_retry_at = ? WHERE id = ?",
         (iso(parse_time(waiting["nextRetryAt"]) - timedelta(seconds=60)), step_id),
     )
@@ -380,7 +380,7 @@ def test_a_stop_leaves_a_retry_that_falls_due_in_its_grace_for_the_next_start(ap
     api.start(("wait", {"file": str(gate), "seconds": 1.5}))  # keeps the stop in its grace period
     _, step_id = start_one(api, "retry_soon", file=str(counted))
     wait_waiting(api, step_id, 1)
-    app.extensions["stepd"].runner.stop(grace=1.2)  # the retry falls due (0.3-0.6 s) meanwhile
+    stop_background(app, grace=1.2)  # the retry falls due (0.3-0.6 s) meanwhile
     after = api.step(step_id)
     assert (after["status"], after["attempts"]) == ("STARTED", 1)
     assert after["nextRetryAt"] is not None and after["error"]["type"] == "ConnectionError"
@@ -394,14 +394,14 @@ def test_a_due_retry_waits_for_an_idle_thread_so_a_stop_leaves_it_due(db_path, t
 
     one_thread = create_app({"STEPD_DB": str(db_path), "STEPD_DELEGATES_PATH": str(PLUGINS), "STEPD_THREADS": 1})
     one_thread.extensions["stepd"].store.add_token("solo", "operator", hash_secret("solo-secret"))
-    start_runner(one_thread)
+    start_background(one_thread)
     api = Api(one_thread.test_client(), {"Authorization": "Bearer solo-secret"})
     gate = tmp_path / "gate"
     _, step_id = start_one(api, "retry_soon", file=str(counted))
     wait_waiting(api, step_id, 1)
     api.start(("wait", {"file": str(gate), "seconds": 5.0}))  # the one thread is busy from here on
     time.sleep(1.0)  # the retry falls due (0.3-0.6 s) while no thread is idle
-    one_thread.extensions["stepd"].runner.stop(grace=0.3)
+    stop_background(one_thread, grace=0.3)
     gate.touch()
     after = api.step(step_id)
     assert (after["status"], after["attempts"]) == ("STARTED", 1), after

@@ -9,7 +9,9 @@ import time
 import pytest
 from helpers import wait_for
 
-from runner import HOST, process_start_time, runner_is_alive, typed_result
+from app import stop_background
+from model import typed_result
+from runner import HOST, process_start_time, runner_is_alive
 
 
 @pytest.mark.parametrize(
@@ -65,7 +67,7 @@ def test_stop_interrupts_what_is_still_running(app, api, store, tmp_path):
 
 def test_stop_waits_for_short_delegates(app, api):
     process = api.start(("sleep", {"seconds": 0.3}))
-    app.extensions["stepd"].runner.stop(grace=5)
+    stop_background(app, grace=5)
     assert api.process(process["processId"])["status"] == "COMPLETED"
 
 
@@ -119,7 +121,7 @@ def test_liveness_on_this_host_is_the_process_not_the_heartbeat():
 def test_any_raise_fails_the_step_and_the_threads_live_on(tmp_path, db_path, delegate_source, error_type):
     from helpers import Api
 
-    from app import create_app, start_runner
+    from app import create_app, start_background, stop_background
     from auth import hash_secret
 
     (tmp_path / "plugins").mkdir()
@@ -128,7 +130,7 @@ def test_any_raise_fails_the_step_and_the_threads_live_on(tmp_path, db_path, del
     )
     app = create_app({"STEPD_DB": str(db_path), "STEPD_DELEGATES_PATH": str(tmp_path / "plugins"), "STEPD_THREADS": 1})
     app.extensions["stepd"].store.add_token("t", "operator", hash_secret("s"))
-    start_runner(app)
+    start_background(app)
     try:
         api = Api(app.test_client(), {"Authorization": "Bearer s"})
         for _ in range(2):  # one thread only: the second step runs only if the thread survived the first
@@ -136,7 +138,7 @@ def test_any_raise_fails_the_step_and_the_threads_live_on(tmp_path, db_path, del
             failed = api.wait_process(process["processId"], "FAILED")
             assert failed["steps"][0]["error"]["type"] == error_type
     finally:
-        app.extensions["stepd"].runner.stop(grace=1)
+        stop_background(app, grace=1)
 
 
 def test_a_step_failed_while_queued_is_never_called(app, api, tmp_path):
@@ -158,7 +160,7 @@ def test_stop_calls_no_queued_delegate(app, api, tmp_path):
     busy = [api.start(("wait", {"file": str(gate), "seconds": 10.0})) for _ in range(4)]  # all 4 threads
     wait_for(lambda: app.extensions["stepd"].runner._busy == 4, what="4 delegates running")
     queued = api.start(("count", {"file": str(calls)}))
-    app.extensions["stepd"].runner.stop(grace=0.2)
+    stop_background(app, grace=0.2)
     gate.touch()  # let the blocked delegates return; their outcomes are stale now
     time.sleep(0.3)
     assert not calls.exists(), "a delegate was called after the runner stopped"

@@ -21,7 +21,7 @@ import requests
 from helpers import PLUGINS, ROOT, typed, wait_for
 from invariants import check
 
-from app import create_app, start_runner
+from app import create_app, start_background, stop_background
 from auth import hash_secret
 from delegates import DelegateLoadError
 
@@ -200,9 +200,9 @@ def corpus_app(tmp_path):
     db = tmp_path / "corpus.db"
     app = create_app({"STEPD_DB": str(db), "STEPD_DELEGATES_PATH": str(PLUGINS), "STEPD_TOKEN": "corpus-token"})
     app.extensions["stepd"].store.add_token("someone", "reader", hash_secret("someone-secret"))
-    start_runner(app)
+    start_background(app)
     yield app, db
-    app.extensions["stepd"].runner.stop(grace=1)
+    stop_background(app, grace=1)
 
 
 @pytest.mark.parametrize("evil", CORPUS)
@@ -266,7 +266,7 @@ def test_a_bad_delegates_path_refuses_to_start_and_changes_nothing(tmp_path, fol
     db = tmp_path / "paths.db"
     first = create_app({"STEPD_DB": str(db), "STEPD_TOKEN": "t"})
     first.extensions["stepd"].store.add_token("keeper", "operator", hash_secret("keeper-secret"))
-    first.extensions["stepd"].store.close()
+    first.extensions["stepd"].store.db.close()
     before = database_state(db)
     with pytest.raises((DelegateLoadError, ValueError)):
         create_app({"STEPD_DB": str(db), "STEPD_TOKEN": "t", "STEPD_DELEGATES_PATH": folder})

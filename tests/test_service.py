@@ -20,7 +20,7 @@ import requests
 from helpers import GUNICORN, PLUGINS, ROOT, all_at_once, free_port, typed, wait_for
 from support import db_rows
 
-import store as store_module
+import migrations
 
 pytestmark = pytest.mark.slow
 
@@ -483,7 +483,7 @@ def test_settings_workers_db_path_and_log_level(server_factory, tmp_path):
     assert not (tmp_path / "quiet.db").exists()
     with sqlite3.connect(nested) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(store_module.MIGRATIONS)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(migrations.MIGRATIONS)
     conn.close()
     assert listening(server.port) == ["127.0.0.1"]
 
