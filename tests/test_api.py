@@ -4,8 +4,7 @@ import base64
 import re
 
 import pytest
-from helpers import all_at_once, typed, wait_for
-from support import ok, out, parse_time, refused
+from helpers import all_at_once, ok, out, parse_time, refused, typed, wait_for
 
 from auth import hash_secret
 

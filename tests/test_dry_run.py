@@ -4,8 +4,7 @@ and nothing changes: no row of the file, no delegate call."""
 import time
 
 import pytest
-from helpers import typed
-from support import BULK, RESTART, calls, db_dump, insert_failed_steps, ok, out, refused
+from helpers import BULK, RESTART, calls, db_dump, insert_failed_steps, ok, out, refused, typed
 
 from store import new_id
 

@@ -4,8 +4,22 @@ gets the first answer again (fresh timestamp) and does nothing; another request 
 import time
 
 import pytest
-from helpers import all_at_once, typed, wait_for
-from support import BULK, COMPLETE, FAIL, RESTART, P, calls, db_rows, db_write, ok, parse_time, refused
+from helpers import (
+    BULK,
+    COMPLETE,
+    FAIL,
+    RESTART,
+    P,
+    all_at_once,
+    calls,
+    db_rows,
+    db_write,
+    ok,
+    parse_time,
+    refused,
+    typed,
+    wait_for,
+)
 
 import schemas
 import store as store_module

@@ -2,8 +2,7 @@
 these features validate against it."""
 
 import pytest
-from helpers import typed, wait_for
-from support import BULK, RESTART, P, insert_failed_steps
+from helpers import BULK, RESTART, P, insert_failed_steps, typed, wait_for
 from test_openapi import HTTP_METHODS, assert_valid, is_valid, request_schema, resolve, response_schema
 
 import schemas as s

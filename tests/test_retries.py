@@ -11,8 +11,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from helpers import typed, wait_for
-from support import COMPLETE, FAIL, RESTART, calls, db_rows, iso, ok, out, parse_time, refused
+from helpers import COMPLETE, FAIL, RESTART, calls, db_rows, iso, ok, out, parse_time, refused, typed, wait_for
 
 from app import create_app, start_runner
 from auth import hash_secret

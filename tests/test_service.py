@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import GUNICORN, PLUGINS, ROOT, all_at_once, free_port, typed, wait_for
-from support import db_rows
+from helpers import GUNICORN, PLUGINS, ROOT, all_at_once, db_rows, free_port, typed, wait_for
 
 import store as store_module
 

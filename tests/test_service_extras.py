@@ -7,8 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 import requests
-from helpers import all_at_once, wait_for
-from support import BULK, RESTART, P, calls, db_rows, parse_time
+from helpers import BULK, RESTART, P, all_at_once, calls, db_rows, parse_time, wait_for
 from test_service import data, get_step, start, wait_process, wait_step
 
 pytestmark = pytest.mark.slow
