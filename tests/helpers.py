@@ -3,6 +3,7 @@ Flask's test client and the Server class for real gunicorn."""
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -20,17 +21,29 @@ from store import new_id, params_to_json
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 GUNICORN = Path(sys.executable).parent / "gunicorn"
+FLASK = Path(sys.executable).parent / "flask"
 
+# The API's paths, defined here only.
 P = "/api/v1/processes"
 STEPS = f"{P}/steps"
 RESTART = f"{P}/restart-failed-step"
 BULK = f"{P}/restart-failed-steps"
 FAIL = f"{P}/fail-step"
 COMPLETE = f"{P}/complete-step"
+DELEGATES = "/api/v1/delegates"
+OPENAPI = "/api/v1/openapi.json"
+
+ENVELOPE_KEYS = {"message", "timestamp", "data", "version"}
 ERROR_MESSAGES = {
-    "Unauthorized request", "Forbidden", "Not found", "Method not allowed", "Precondition failed",
-    "Payload too large", "Internal Server Error", "Service unavailable",
-}  # fmt: skip
+    401: "Unauthorized request",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    412: "Precondition failed",
+    413: "Payload too large",
+    500: "Internal Server Error",
+    503: "Service unavailable",
+}
 
 
 # Figures the reliability tests measure; conftest.py prints them at the end of the run.
@@ -84,15 +97,23 @@ class Api:
         body = {"steps": [{"type": t, "params": typed(**p)} for t, p in steps]}
         if name is not None:
             body["name"] = name
-        response = self.post("/api/v1/processes", body)
+        response = self.post(P, body)
         assert response.status_code == 201, response.json
         return response.json["data"]
 
+    def post_raw(self, path, raw, content_type="application/json", **kwargs):
+        """POST bytes as they are, with this Content-Type."""
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        return self.client.post(path, data=raw, content_type=content_type, headers=headers, **kwargs)
+
     def process(self, process_id):
-        return self.get(f"/api/v1/processes/{process_id}").json["data"]
+        return self.get(f"{P}/{process_id}").json["data"]
 
     def step(self, step_id):
-        return self.get(f"/api/v1/processes/steps/{step_id}").json["data"]
+        return self.get(f"{STEPS}/{step_id}").json["data"]
+
+    def process_count(self):
+        return len(self.get(f"{P}?limit=500").json["data"]["items"])
 
     def wait_process(self, process_id, status, timeout=10.0):
         return wait_for(
@@ -102,11 +123,35 @@ class Api:
     def wait_step(self, step_id, status, timeout=10.0):
         return wait_for(lambda: (s := self.step(step_id))["status"] == status and s, timeout, what=f"step {status}")
 
+    def wait_deferred(self, step_id):
+        """The step once its delegate has deferred it (STARTED, waiting for complete-step or fail-step)."""
+        return wait_for(lambda: (s := self.step(step_id))["deferred"] and s, what="deferred step")
+
     def restart(self, step_id, **params):
         body = {"processStepId": step_id}
         if params:
             body["params"] = typed(**params)
-        return self.post("/api/v1/processes/restart-failed-step", body)
+        return self.post(RESTART, body)
+
+    def walk(self, path, limit, cursor=None, **query):
+        """Every page of a listing from `cursor` on, as lists of items."""
+        return walk_pages(lambda params: self.get(path, query_string=params), limit, cursor, query)
+
+
+def walk_pages(get_page, limit, cursor, query):
+    """Every page of a listing, following nextCursor; get_page(params) answers one page."""
+    pages = []
+    while True:
+        params = {**query, "limit": limit, **({"cursor": cursor} if cursor else {})}
+        page = ok(get_page(params))
+        assert set(page) == {"items", "nextCursor"}
+        assert len(page["items"]) <= limit
+        pages.append(page["items"])
+        cursor = page["nextCursor"]
+        if cursor is None:
+            return pages
+        assert isinstance(cursor, str) and re.fullmatch(r"[A-Za-z0-9_=-]+", cursor)
+        assert len(pages) < 100, "paging does not end"
 
 
 def free_port():
@@ -191,10 +236,44 @@ class Server:
         return {"Authorization": f"Bearer {token or self.token}"}
 
     def get(self, path, **kwargs):
-        return requests.get(self.url + path, headers=self.headers(), timeout=10, **kwargs)
+        kwargs.setdefault("timeout", 10)
+        return requests.get(self.url + path, headers={**self.headers(), **kwargs.pop("headers", {})}, **kwargs)
 
     def post(self, path, body, **kwargs):
-        return requests.post(self.url + path, json=body, headers=self.headers(), timeout=10, **kwargs)
+        kwargs.setdefault("timeout", 10)
+        headers = {**self.headers(), **kwargs.pop("headers", {})}
+        return requests.post(self.url + path, json=body, headers=headers, **kwargs)
+
+    # -- the calls most tests make, as Api has them -------------------------------------------
+    def start_process(self, *steps, name=None):
+        """Start a process of (type, params-dict) steps; returns its data."""
+        body = {"steps": [{"type": t, "params": typed(**p)} for t, p in steps]}
+        if name is not None:
+            body["name"] = name
+        return ok(self.post(P, body), 201)
+
+    def process(self, process_id):
+        return ok(self.get(f"{P}/{process_id}"))
+
+    def step(self, step_id):
+        return ok(self.get(f"{STEPS}/{step_id}"))
+
+    def wait_process(self, process_id, status, timeout=10.0):
+        return wait_for(
+            lambda: (p := self.process(process_id))["status"] == status and p,
+            timeout,
+            interval=0.05,
+            what=f"process {status}",
+        )
+
+    def wait_step(self, step_id, status, timeout=10.0):
+        return wait_for(
+            lambda: (s := self.step(step_id))["status"] == status and s, timeout, interval=0.05, what=f"step {status}"
+        )
+
+    def walk(self, path, limit, cursor=None, **query):
+        """Every page of a listing from `cursor` on, as lists of items."""
+        return walk_pages(lambda params: self.get(path, params=params), limit, cursor, query)
 
 
 def _is_zombie(pid):
@@ -226,18 +305,31 @@ def all_at_once(count, call, timeout=60):
 
 
 # -- response checks, typed values, times ---------------------------------------------------
+def _text(response):
+    """The body as text, of a Flask test response or a requests response."""
+    return response.text if isinstance(response, requests.Response) else response.get_data(as_text=True)
+
+
+def _json(response):
+    return response.json() if isinstance(response, requests.Response) else response.json
+
+
 def ok(response, status=200):
-    assert response.status_code == status, response.get_data(as_text=True)[:800]
-    assert response.json["message"] not in ERROR_MESSAGES
-    return response.json["data"]
+    """`data` of an answer that must have `status` and a message that is not an error's."""
+    assert response.status_code == status, _text(response)[:800]
+    body = _json(response)
+    assert body["message"] not in ERROR_MESSAGES.values()
+    return body["data"]
 
 
 def refused(response, status=412):
-    assert response.status_code == status, response.get_data(as_text=True)[:800]
+    """`data` of an answer that must have `status`; a 412 must name what was wrong."""
+    assert response.status_code == status, _text(response)[:800]
+    body = _json(response)
     if status == 412:
-        assert response.json["message"] == "Precondition failed"
-        assert isinstance(response.json["data"], dict) and response.json["data"]
-    return response.json["data"]
+        assert body["message"] == "Precondition failed"
+        assert isinstance(body["data"], dict) and body["data"]
+    return body["data"]
 
 
 def out(kind, value):

@@ -4,17 +4,26 @@ import base64
 import re
 
 import pytest
-from helpers import all_at_once, ok, out, parse_time, refused, typed, wait_for
+from helpers import (
+    COMPLETE,
+    DELEGATES,
+    FAIL,
+    OPENAPI,
+    RESTART,
+    STEPS,
+    P,
+    all_at_once,
+    ok,
+    out,
+    parse_time,
+    refused,
+    typed,
+    wait_for,
+)
 
 from auth import hash_secret
 
-P = "/api/v1/processes"
-STEPS = "/api/v1/processes/steps"
-RESTART = "/api/v1/processes/restart-failed-step"
-FAIL = "/api/v1/processes/fail-step"
-COMPLETE = "/api/v1/processes/complete-step"
 ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 PROCESS_KEYS = {"processId", "name", "status", "steps", "createdAt", "updatedAt"}
 SUMMARY_KEYS = PROCESS_KEYS - {"steps"}
 STEP_KEYS = {
@@ -22,18 +31,6 @@ STEP_KEYS = {
     "attempts", "error", "createdAt", "startedAt", "finishedAt", "deferred", "nextRetryAt",
 }  # fmt: skip
 ATTEMPT_KEYS = {"attempt", "trigger", "principal", "params", "status", "error", "startedAt", "finishedAt"}
-
-
-def count_processes(api):
-    return len(api.get(f"{P}?limit=500").json["data"]["items"])
-
-
-def raw_post(api, path, raw, content_type="application/json"):
-    return api.client.post(path, data=raw, content_type=content_type, headers=api.headers)
-
-
-def wait_deferred(api, step_id):
-    return wait_for(lambda: (s := api.step(step_id))["deferred"] and s, what="deferred step")
 
 
 def assert_step_shape(step):
@@ -98,7 +95,7 @@ def test_0_or_101_steps_are_412(api, count):
     data = refused(api.post(P, {"steps": [{"type": "noop"}] * count}))
     assert set(data) == {"steps"}
     assert isinstance(data["steps"], list)
-    assert count_processes(api) == 0
+    assert api.process_count() == 0
 
 
 def test_an_unknown_step_type_is_412_naming_steps_n_type(api):
@@ -108,7 +105,7 @@ def test_an_unknown_step_type_is_412_naming_steps_n_type(api):
     assert set(data["steps"]) == {"1", "3"}
     assert set(data["steps"]["1"]) == {"type"} and set(data["steps"]["3"]) == {"type"}
     assert "no.such.type" in data["steps"]["1"]["type"][0]
-    assert count_processes(api) == 0
+    assert api.process_count() == 0
 
 
 START_FAULTS = [
@@ -137,9 +134,9 @@ START_FAULTS = [
 
 @pytest.mark.parametrize(("raw", "keys"), [c[1:] for c in START_FAULTS], ids=[c[0] for c in START_FAULTS])
 def test_a_bad_start_body_is_412_with_field_errors(api, raw, keys):
-    data = refused(raw_post(api, P, raw))
+    data = refused(api.post_raw(P, raw))
     assert set(data) == keys
-    assert count_processes(api) == 0
+    assert api.process_count() == 0
 
 
 @pytest.mark.parametrize(
@@ -151,27 +148,27 @@ def test_a_body_that_is_not_declared_json_is_412(api, content_type):
         headers["Content-Type"] = content_type
     response = api.client.post(P, data=b'{"steps": [{"type": "noop"}]}', headers=headers)
     refused(response)
-    assert count_processes(api) == 0
+    assert api.process_count() == 0
 
 
 def test_json_with_a_charset_is_json(api):
-    ok(raw_post(api, P, b'{"steps": [{"type": "noop"}]}', "application/json; charset=utf-8"), 201)
+    ok(api.post_raw(P, b'{"steps": [{"type": "noop"}]}', "application/json; charset=utf-8"), 201)
 
 
 def test_a_body_over_1_mib_is_413_and_exactly_1_mib_is_accepted(api):
     body = b'{"steps": [{"type": "noop"}]}'
     exact = body + b" " * (1024 * 1024 - len(body))
-    response = raw_post(api, P, exact + b" ")
+    response = api.post_raw(P, exact + b" ")
     assert response.status_code == 413
     assert response.json["message"] == "Payload too large"
-    assert count_processes(api) == 0
-    ok(raw_post(api, P, exact), 201)
+    assert api.process_count() == 0
+    ok(api.post_raw(P, exact), 201)
 
 
 @pytest.mark.parametrize("path", [P, RESTART, FAIL, COMPLETE])
 def test_every_post_refuses_a_body_over_1_mib(api, path):
     raw = b'{"processStepId": "' + b"a" * (1024 * 1024) + b'"}'
-    assert raw_post(api, path, raw).status_code == 413
+    assert api.post_raw(path, raw).status_code == 413
 
 
 # -- GET /api/v1/processes/{id} ------------------------------------------------------------------
@@ -225,22 +222,6 @@ def test_a_restarted_process_leaves_failed_at_once_and_carries_on(api, gate):
 
 
 # -- GET /api/v1/processes -----------------------------------------------------------------------
-def walk(api, path, limit, cursor=None, **query):
-    """Every page of a listing from `cursor` on, as lists of items."""
-    pages = []
-    while True:
-        params = {**query, "limit": limit, **({"cursor": cursor} if cursor else {})}
-        page = ok(api.get(path, query_string=params))
-        assert set(page) == {"items", "nextCursor"}
-        assert len(page["items"]) <= limit
-        pages.append(page["items"])
-        cursor = page["nextCursor"]
-        if cursor is None:
-            return pages
-        assert isinstance(cursor, str) and re.fullmatch(r"[A-Za-z0-9_=-]+", cursor)
-        assert len(pages) < 100, "paging does not end"
-
-
 def test_processes_are_listed_newest_first_without_steps(api):
     ids = [api.start(("noop", {}), name=f"p{i}")["processId"] for i in range(4)]
     page = ok(api.get(P))
@@ -275,7 +256,7 @@ def test_the_default_limit_is_50(api):
 @pytest.mark.parametrize("limit", [1, 2, 3, 7, 8, 500])
 def test_paging_walks_every_process_exactly_once(api, limit):
     ids = [api.start(("noop", {}))["processId"] for _ in range(7)]
-    pages = walk(api, P, limit)
+    pages = api.walk(P, limit)
     seen = [p["processId"] for page in pages for p in page]
     assert seen == ids[::-1]
     assert all(pages), "no empty page"
@@ -290,7 +271,7 @@ def test_paging_with_a_status_filter(api):
             completed.append(pid)
     for pid in completed:
         api.wait_process(pid, "COMPLETED")
-    pages = walk(api, P, 2, status="COMPLETED")
+    pages = api.walk(P, 2, status="COMPLETED")
     assert [p["processId"] for page in pages for p in page] == completed[::-1]
 
 
@@ -298,7 +279,7 @@ def test_processes_started_while_paging_do_not_disturb_the_walk(api):
     ids = [api.start(("noop", {}))["processId"] for _ in range(5)]
     first = ok(api.get(f"{P}?limit=2"))
     newer = [api.start(("noop", {}))["processId"] for _ in range(3)]
-    rest = walk(api, P, 2, cursor=first["nextCursor"])
+    rest = api.walk(P, 2, cursor=first["nextCursor"])
     seen = [p["processId"] for page in [first["items"], *rest] for p in page]
     assert seen == ids[::-1]
     assert not set(newer) & set(seen)
@@ -398,10 +379,10 @@ def test_paging_walks_every_step_exactly_once(api, limit):
     for process in processes:
         api.wait_process(process["processId"], "FAILED")  # nothing moves while we page
     expected = [s["processStepId"] for p in processes[::-1] for s in p["steps"][::-1]]
-    pages = walk(api, STEPS, limit)
+    pages = api.walk(STEPS, limit)
     assert [s["processStepId"] for page in pages for s in page] == expected
     assert all(pages) and len(pages) == -(-9 // limit)
-    completed = walk(api, STEPS, limit, type="noop", status="COMPLETED")
+    completed = api.walk(STEPS, limit, type="noop", status="COMPLETED")
     assert [s["processStepId"] for page in completed for s in page] == [
         p["steps"][0]["processStepId"] for p in processes[::-1]
     ]
@@ -490,7 +471,7 @@ def failed_step(api):
 @pytest.fixture
 def deferred_step(api):
     process = api.start(("external", {"job": "j-1"}), ("noop", {}))
-    return wait_deferred(api, process["steps"][0]["processStepId"])
+    return api.wait_deferred(process["steps"][0]["processStepId"])
 
 
 def test_restart_answers_200_with_exactly_process_step_and_params(api, failed_step):
@@ -588,7 +569,7 @@ def action(request, api):
         step = api.wait_process(process["processId"], "FAILED")["steps"][0]
         return RESTART, step
     process = api.start(("external", {}))
-    step = wait_deferred(api, process["steps"][0]["processStepId"])
+    step = api.wait_deferred(process["steps"][0]["processStepId"])
     return {"fail": FAIL, "complete": COMPLETE}[request.param], step
 
 
@@ -596,7 +577,7 @@ def action(request, api):
 def test_a_bad_action_body_is_412_and_changes_nothing(api, action, raw, keys):
     path, step = action
     before = api.step(step["processStepId"])
-    data = refused(raw_post(api, path, raw.replace(b"STEP", step["processStepId"].encode())))
+    data = refused(api.post_raw(path, raw.replace(b"STEP", step["processStepId"].encode())))
     assert set(data) == keys
     assert api.step(step["processStepId"]) == before
 
@@ -605,7 +586,7 @@ def test_an_action_body_with_the_wrong_content_type_is_412(api, action):
     path, step = action
     before = api.step(step["processStepId"])
     raw = b'{"processStepId": "%s"}' % step["processStepId"].encode()
-    refused(raw_post(api, path, raw, "text/plain"))
+    refused(api.post_raw(path, raw, "text/plain"))
     assert api.step(step["processStepId"]) == before
 
 
@@ -642,7 +623,7 @@ def test_fail_step_without_an_error_still_records_external_failure(api, deferred
 def test_a_step_failed_from_outside_can_be_restarted(api, deferred_step):
     ok(api.post(FAIL, {"processStepId": deferred_step["processStepId"]}))
     ok(api.post(RESTART, {"processStepId": deferred_step["processStepId"]}))
-    again = wait_deferred(api, deferred_step["processStepId"])
+    again = api.wait_deferred(deferred_step["processStepId"])
     assert again["attempts"] == 2 and again["status"] == "STARTED"
     assert api.process(deferred_step["processId"])["status"] == "RUNNING"
 
@@ -664,7 +645,7 @@ def test_complete_step_completes_with_a_result_and_the_process_carries_on(api, d
 
 def test_complete_step_without_a_result_has_result_null(api):
     process = api.start(("external", {}))
-    step_id = wait_deferred(api, process["steps"][0]["processStepId"])["processStepId"]
+    step_id = api.wait_deferred(process["steps"][0]["processStepId"])["processStepId"]
     step = ok(api.post(COMPLETE, {"processStepId": step_id}))
     assert step["result"] is None
     assert api.wait_process(process["processId"], "COMPLETED")["steps"][0]["status"] == "COMPLETED"
@@ -749,7 +730,7 @@ def test_delegates_lists_every_type_with_the_first_docstring_line(app, api):
         """
 
     app.extensions["stepd"].registry.add("multi.line", multi, "test")
-    listed = ok(api.get("/api/v1/delegates"))
+    listed = ok(api.get(DELEGATES))
     assert all(set(d) == {"type", "description", "retry"} for d in listed)
     assert all(set(d["retry"]) == {"retries", "backoff", "delay", "maxDelay"} for d in listed)
     by_type = {d["type"]: d["description"] for d in listed}
@@ -762,7 +743,7 @@ def test_delegates_lists_every_type_with_the_first_docstring_line(app, api):
     registry = app.extensions["stepd"].registry
     assert set(by_type) == {d.type for d in registry.all()}
     registry.remove("multi.line")
-    assert "multi.line" not in {d["type"] for d in ok(api.get("/api/v1/delegates"))}
+    assert "multi.line" not in {d["type"] for d in ok(api.get(DELEGATES))}
 
 
 def test_results_are_typed_from_python_types(api):
@@ -830,11 +811,11 @@ def test_fail_without_a_message_still_fails(api):
 @pytest.mark.parametrize(
     ("method", "path"),
     [
-        ("GET", "/api/v1/delegates"),
+        ("GET", DELEGATES),
         ("GET", f"{P}/SomeId"),
         ("GET", f"{STEPS}/SomeId"),
         ("GET", "/healthz"),
-        ("GET", "/api/v1/openapi.json"),
+        ("GET", OPENAPI),
         ("POST", P),
         ("POST", RESTART),
         ("POST", FAIL),
@@ -848,4 +829,4 @@ def test_an_unknown_query_parameter_is_412_on_every_endpoint(api, method, path):
     )
     assert response.status_code == 412, response.get_data(as_text=True)[:300]
     assert "verbose" in response.json["data"]
-    assert count_processes(api) == 0
+    assert api.process_count() == 0

@@ -1,47 +1,48 @@
 """Corners of HTTP handling: OPTIONS, odd methods, headers on every answer."""
 
 import pytest
+from helpers import ENVELOPE_KEYS, FAIL, RESTART, P
 
 
 @pytest.mark.parametrize(
     ("path", "allowed"),
     [
-        ("/api/v1/processes", "GET, HEAD, OPTIONS, POST"),
-        ("/api/v1/processes/restart-failed-step", "OPTIONS, POST"),
+        (P, "GET, HEAD, OPTIONS, POST"),
+        (RESTART, "OPTIONS, POST"),
         ("/healthz", "GET, HEAD, OPTIONS"),
     ],
 )
 def test_options_answers_in_the_envelope(client, path, allowed):
     response = client.options(path)
     assert response.status_code == 200
-    assert set(response.json) == {"message", "timestamp", "data", "version"}
+    assert set(response.json) == ENVELOPE_KEYS
     assert response.headers["Allow"] == allowed
     assert response.json["data"]["allow"] == allowed.split(", ")
 
 
 def test_unknown_method_is_405_in_the_envelope(client):
-    response = client.open("/api/v1/processes", method="PATCH")
+    response = client.open(P, method="PATCH")
     assert response.status_code == 405
     assert response.json["message"] == "Method not allowed"
     assert "POST" in response.headers["Allow"]
 
 
 def test_security_headers_on_every_answer(client, api):
-    for response in (client.get("/healthz"), client.get("/nowhere"), api.get("/api/v1/processes")):
+    for response in (client.get("/healthz"), client.get("/nowhere"), api.get(P)):
         assert response.headers["X-Content-Type-Options"] == "nosniff"
         assert response.headers["Cache-Control"] == "no-store"
 
 
 def test_null_params_mean_no_params(api):
-    process = api.post("/api/v1/processes", {"steps": [{"type": "check", "params": None}]}).json["data"]
+    process = api.post(P, {"steps": [{"type": "check", "params": None}]}).json["data"]
     step_id = process["steps"][0]["processStepId"]
     api.wait_step(step_id, "FAILED")
-    response = api.post("/api/v1/processes/restart-failed-step", {"processStepId": step_id, "params": None})
+    response = api.post(RESTART, {"processStepId": step_id, "params": None})
     assert response.status_code == 200
     assert response.json["data"]["params"] == {}
 
 
-@pytest.mark.parametrize("path", ["/api/v1//processes", "//api/v1/processes", "/api/v1/processes/"])
+@pytest.mark.parametrize("path", ["/api/v1//processes", "//api/v1/processes", f"{P}/"])
 def test_odd_slashes_are_404_in_the_envelope_not_redirects(api, path):
     response = api.get(path)
     assert response.status_code == 404
@@ -51,20 +52,20 @@ def test_odd_slashes_are_404_in_the_envelope_not_redirects(api, path):
 @pytest.mark.parametrize(
     ("path", "body", "where"),
     [
-        ("/api/v1/processes", {"name": "\ud800", "steps": [{"type": "noop"}]}, ["name"]),
-        ("/api/v1/processes", {"steps": [{"type": "no\udc80op"}]}, ["steps", "0", "type"]),
-        ("/api/v1/processes/fail-step", {"processStepId": "abc", "error": {"message": "\udc80"}}, ["error", "message"]),
+        (P, {"name": "\ud800", "steps": [{"type": "noop"}]}, ["name"]),
+        (P, {"steps": [{"type": "no\udc80op"}]}, ["steps", "0", "type"]),
+        (FAIL, {"processStepId": "abc", "error": {"message": "\udc80"}}, ["error", "message"]),
     ],
 )
 def test_lone_surrogates_in_stored_text_are_412(api, path, body, where):
-    before = len(api.get("/api/v1/processes?limit=500").json["data"]["items"])
+    before = api.process_count()
     response = api.post(path, body)
     assert response.status_code == 412
     errors = response.json["data"]
     for key in where:
         errors = errors[key]
     assert errors == ["Must be valid Unicode (no lone surrogates)."]
-    assert len(api.get("/api/v1/processes?limit=500").json["data"]["items"]) == before
+    assert api.process_count() == before
 
 
 def test_lone_surrogates_in_params_are_kept_exactly(api):
@@ -77,7 +78,7 @@ def test_a_cursor_past_64_bits_is_412(api, number):
     import base64
 
     cursor = base64.urlsafe_b64encode(f"p:{number}".encode()).decode().rstrip("=")
-    response = api.get(f"/api/v1/processes?cursor={cursor}")
+    response = api.get(f"{P}?cursor={cursor}")
     assert response.status_code == 412
     assert response.json["data"] == {"cursor": ["Not a valid cursor."]}
 
@@ -95,10 +96,8 @@ def test_a_chunked_body_over_1_mib_is_413(server_factory):
         yield b"}"
 
     headers = {**server.headers(), "Content-Type": "application/json"}
-    response = requests.post(server.url + "/api/v1/processes/restart-failed-step", data=body(), headers=headers)
+    response = requests.post(server.url + RESTART, data=body(), headers=headers)
     assert response.status_code == 413
     assert response.json()["message"] == "Payload too large"
-    small = requests.post(
-        server.url + "/api/v1/processes/restart-failed-step", data=iter([b'{"processStepId": "abc"}']), headers=headers
-    )
+    small = requests.post(server.url + RESTART, data=iter([b'{"processStepId": "abc"}']), headers=headers)
     assert small.status_code == 412 and small.json()["data"] == {"processStepId": ["No step has this id."]}

@@ -92,14 +92,8 @@ def test_a_repeated_start_returns_the_first_answer_and_starts_nothing(api, db):
 
 
 def test_key_order_and_whitespace_of_the_body_do_not_matter(api, db):
-    first = api.client.post(
-        P, data=b'{"name": "once", "steps": [{"type": "noop"}]}', content_type="application/json",
-        headers=with_key("k", **api.headers),
-    )  # fmt: skip
-    again = api.client.post(
-        P, data=b'{\n  "steps":[ {"type":"noop"} ],\n  "name":"once"\n}', content_type="application/json",
-        headers=with_key("k", **api.headers),
-    )  # fmt: skip
+    first = api.post_raw(P, b'{"name": "once", "steps": [{"type": "noop"}]}', headers=with_key("k"))
+    again = api.post_raw(P, b'{\n  "steps":[ {"type":"noop"} ],\n  "name":"once"\n}', headers=with_key("k"))
     assert (first.status_code, again.status_code) == (201, 201)
     assert again.headers["Idempotent-Replayed"] == "true"
     assert same_but_timestamp(first, again)
@@ -179,7 +173,7 @@ def test_every_action_replays_and_does_nothing_again(api, db, tmp_path, action):
     else:
         process = api.start(("external", {}), ("count", {"file": str(counted), "fail": 0}))
         step_id = process["steps"][0]["processStepId"]
-        wait_for(lambda: api.step(step_id)["deferred"], what="deferred")
+        api.wait_deferred(step_id)
         path, body = (FAIL, {"processStepId": step_id}) if action == "fail" else (COMPLETE, {"processStepId": step_id})
     first = api.post(path, body, headers=with_key(f"{action}-once"))
     assert first.status_code == 200, first.json
@@ -331,7 +325,7 @@ def test_16_concurrent_repeats_of_a_start_start_one_process(app, api, db):
     ],
 )
 def test_a_refusal_of_unreadable_input_is_not_kept_so_the_corrected_request_goes_through(api, db, raw, content_type):
-    first = api.client.post(P, data=raw, content_type=content_type, headers={**api.headers, **with_key("fix")})
+    first = api.post_raw(P, raw, content_type, headers=with_key("fix"))
     assert first.status_code == 412 and "Idempotent-Replayed" not in first.headers
     assert stored_keys(db) == []
     corrected = api.post(P, START, headers=with_key("fix"))
@@ -342,7 +336,7 @@ def test_a_refusal_of_unreadable_input_is_not_kept_so_the_corrected_request_goes
 
 def test_a_413_is_not_kept(api, db):
     huge = b'{"name": "' + b"x" * (1024 * 1024) + b'", "steps": [{"type": "noop"}]}'
-    first = api.client.post(P, data=huge, content_type="application/json", headers={**api.headers, **with_key("big")})
+    first = api.post_raw(P, huge, headers=with_key("big"))
     assert first.status_code == 413
     assert stored_keys(db) == []
 

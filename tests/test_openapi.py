@@ -5,20 +5,19 @@ import copy
 import re
 
 import pytest
-from helpers import typed, wait_for
+from helpers import BULK, COMPLETE, DELEGATES, ENVELOPE_KEYS, FAIL, OPENAPI, RESTART, STEPS, P, typed
 from openapi_schema_validator import OAS30Validator, oas30_format_checker
 from openapi_spec_validator import validate
 
 import schemas as s
 
-P = "/api/v1/processes"
 PATH_PARAMETER_NAMES = {"process_id": "processId", "step_id": "processStepId"}
 HTTP_METHODS = {"get", "post", "put", "patch", "delete"}
 
 
 @pytest.fixture
 def spec(client):
-    response = client.get("/api/v1/openapi.json")
+    response = client.get(OPENAPI)
     assert response.status_code == 200
     assert response.mimetype == "application/json"
     return response.json
@@ -95,7 +94,7 @@ def test_every_operation_has_a_summary_and_a_unique_operation_id(spec):
 
 
 @pytest.mark.parametrize(
-    ("path", "name"), [(f"{P}/{{processId}}", "processId"), (f"{P}/steps/{{processStepId}}", "processStepId")]
+    ("path", "name"), [(f"{P}/{{processId}}", "processId"), (f"{STEPS}/{{processStepId}}", "processStepId")]
 )
 def test_path_parameters_are_documented(spec, path, name):
     item = spec["paths"][path]
@@ -111,14 +110,14 @@ EXPECTED_RESPONSES = [
     (P, "get", SECURED_GET),
     (P, "post", SECURED_POST | {"201"}),
     (f"{P}/{{processId}}", "get", SECURED_GET | {"404", "405"}),
-    (f"{P}/steps", "get", SECURED_GET),
-    (f"{P}/steps/{{processStepId}}", "get", SECURED_GET | {"404"}),
-    (f"{P}/restart-failed-step", "post", SECURED_POST | {"200"}),
-    (f"{P}/fail-step", "post", SECURED_POST | {"200"}),
-    (f"{P}/complete-step", "post", SECURED_POST | {"200"}),
-    ("/api/v1/delegates", "get", SECURED_GET),
+    (STEPS, "get", SECURED_GET),
+    (f"{STEPS}/{{processStepId}}", "get", SECURED_GET | {"404"}),
+    (RESTART, "post", SECURED_POST | {"200"}),
+    (FAIL, "post", SECURED_POST | {"200"}),
+    (COMPLETE, "post", SECURED_POST | {"200"}),
+    (DELEGATES, "get", SECURED_GET),
     ("/healthz", "get", {"200", "412", "500", "503"}),
-    ("/api/v1/openapi.json", "get", {"200", "412", "500"}),
+    (OPENAPI, "get", {"200", "412", "500"}),
 ]
 
 
@@ -132,7 +131,7 @@ def test_every_operation_documents_its_success_and_error_responses(spec, path, m
 
 def test_every_documented_response_is_the_envelope_with_the_right_data(spec):
     for path, operations in spec["paths"].items():
-        if path == "/api/v1/openapi.json":
+        if path == OPENAPI:
             continue  # the document itself is served as is
         for method, operation in operations.items():
             if method not in HTTP_METHODS:
@@ -140,8 +139,8 @@ def test_every_documented_response_is_the_envelope_with_the_right_data(spec):
             for status in operation["responses"]:
                 schema = response_schema(spec, path, method, status)
                 where = f"{method} {path} {status}"
-                assert set(schema["properties"]) == {"message", "timestamp", "data", "version"}, where
-                assert set(schema["required"]) == {"message", "timestamp", "data", "version"}, where
+                assert set(schema["properties"]) == ENVELOPE_KEYS, where
+                assert set(schema["required"]) == ENVELOPE_KEYS, where
                 assert schema.get("additionalProperties") is False, where
                 data = schema["properties"]["data"]
                 if status == "412":
@@ -160,7 +159,7 @@ def test_secured_operations_declare_bearer_and_basic(spec):
             names = {
                 name for requirement in operation.get("security", spec.get("security", [])) for name in requirement
             }
-            if path.startswith("/api/v1/") and path != "/api/v1/openapi.json":
+            if path.startswith("/api/v1/") and path != OPENAPI:
                 assert names == set(schemes), (method, path)
             else:
                 assert names == set(), (method, path)
@@ -169,9 +168,9 @@ def test_secured_operations_declare_bearer_and_basic(spec):
 # -- request bodies and query strings come from schemas.py --------------------------------------------------
 BODIES = [
     (P, s.StartProcessSchema),
-    (f"{P}/restart-failed-step", s.RestartStepSchema),
-    (f"{P}/fail-step", s.FailStepSchema),
-    (f"{P}/complete-step", s.CompleteStepSchema),
+    (RESTART, s.RestartStepSchema),
+    (FAIL, s.FailStepSchema),
+    (COMPLETE, s.CompleteStepSchema),
 ]
 
 
@@ -186,7 +185,7 @@ def test_request_bodies_are_the_marshmallow_schemas(spec, path, schema_class):
 
 
 def test_the_restart_body_is_the_seed_shape(spec):
-    body = request_schema(spec, f"{P}/restart-failed-step")
+    body = request_schema(spec, RESTART)
     assert body["required"] == ["processStepId"]
     assert body["properties"]["processStepId"]["type"] == "string"
     params = body["properties"]["params"]
@@ -208,7 +207,7 @@ def test_the_restart_body_is_the_seed_shape(spec):
 
 
 def test_the_documented_restart_body_accepts_and_refuses_what_the_service_does(spec):
-    schema = request_schema(spec, f"{P}/restart-failed-step")
+    schema = request_schema(spec, RESTART)
     good = {"processStepId": "abc", "params": typed(n=1, s="x", d=0.5)}
     assert is_valid(schema, good)
     assert is_valid(schema, {"processStepId": "abc"})
@@ -223,7 +222,7 @@ def test_the_documented_restart_body_accepts_and_refuses_what_the_service_does(s
 
 
 @pytest.mark.parametrize(
-    ("path", "schema_class"), [(P, s.ProcessListQuery), (f"{P}/steps", s.StepListQuery)], ids=["processes", "steps"]
+    ("path", "schema_class"), [(P, s.ProcessListQuery), (STEPS, s.StepListQuery)], ids=["processes", "steps"]
 )
 def test_list_query_parameters_are_documented(spec, path, schema_class):
     parameters = {p["name"]: p for p in spec["paths"][path]["get"]["parameters"] if p["in"] == "query"}
@@ -236,7 +235,7 @@ def test_list_query_parameters_are_documented(spec, path, schema_class):
 
 def test_endpoints_without_a_query_document_no_query_parameters(spec):
     for path, operations in spec["paths"].items():
-        if path in (P, f"{P}/steps", f"{P}/restart-failed-step", f"{P}/restart-failed-steps"):
+        if path in (P, STEPS, RESTART, BULK):
             continue  # these take paging and filter, or dryRun
         for method, operation in operations.items():
             if method in HTTP_METHODS:
@@ -252,7 +251,7 @@ def scenario(api):
     waiting = api.start(("external", {"ratio": 0.5}), ("noop", {}))
     api.wait_process(done["processId"], "COMPLETED")
     failed = api.wait_process(failed["processId"], "FAILED")
-    wait_for(lambda: api.step(waiting["steps"][0]["processStepId"])["deferred"], what="deferred")
+    api.wait_deferred(waiting["steps"][0]["processStepId"])
     return {
         "done": done["processId"],
         "done_step": done["steps"][0]["processStepId"],
@@ -262,23 +261,23 @@ def scenario(api):
 
 
 LIVE_GETS = [
-    (f"{P}", f"{P}", 200),
-    (f"{P}?status=FAILED&limit=1", f"{P}", 200),
-    (f"{P}?limit=1", f"{P}", 200),
+    (P, P, 200),
+    (f"{P}?status=FAILED&limit=1", P, 200),
+    (f"{P}?limit=1", P, 200),
     (f"{P}/{{done}}", f"{P}/{{processId}}", 200),
-    (f"{P}/steps", f"{P}/steps", 200),
-    (f"{P}/steps?status=FAILED", f"{P}/steps", 200),
-    (f"{P}/steps/{{done_step}}", f"{P}/steps/{{processStepId}}", 200),
-    (f"{P}/steps/{{failed_step}}", f"{P}/steps/{{processStepId}}", 200),
-    (f"{P}/steps/{{waiting_step}}", f"{P}/steps/{{processStepId}}", 200),
-    ("/api/v1/delegates", "/api/v1/delegates", 200),
+    (STEPS, STEPS, 200),
+    (f"{STEPS}?status=FAILED", STEPS, 200),
+    (f"{STEPS}/{{done_step}}", f"{STEPS}/{{processStepId}}", 200),
+    (f"{STEPS}/{{failed_step}}", f"{STEPS}/{{processStepId}}", 200),
+    (f"{STEPS}/{{waiting_step}}", f"{STEPS}/{{processStepId}}", 200),
+    (DELEGATES, DELEGATES, 200),
     ("/healthz", "/healthz", 200),
     (f"{P}/NoSuchProcess", f"{P}/{{processId}}", 404),
-    (f"{P}/steps/NoSuchStep", f"{P}/steps/{{processStepId}}", 404),
-    (f"{P}/restart-failed-step", f"{P}/{{processId}}", 405),  # an action's name where an id may stand
-    (f"{P}?limit=0", f"{P}", 412),
-    (f"{P}/steps?cursor=bad", f"{P}/steps", 412),
-    ("/api/v1/delegates?x=1", "/api/v1/delegates", 412),
+    (f"{STEPS}/NoSuchStep", f"{STEPS}/{{processStepId}}", 404),
+    (RESTART, f"{P}/{{processId}}", 405),  # an action's name where an id may stand
+    (f"{P}?limit=0", P, 412),
+    (f"{STEPS}?cursor=bad", STEPS, 412),
+    (f"{DELEGATES}?x=1", DELEGATES, 412),
 ]
 
 
@@ -296,12 +295,12 @@ def test_live_error_responses_validate_against_the_document(client, api, reader_
         (api.post(P, {"steps": []}), P, "post", 412),
         (api.post(P, {"steps": [{"type": "nope"}]}), P, "post", 412),
         (
-            api.client.post(P, data=b" " * (1024 * 1024 + 1), content_type="application/json", headers=api.headers),
+            api.post_raw(P, b" " * (1024 * 1024 + 1)),
             P,
             "post",
             413,
         ),
-        (api.post(f"{P}/fail-step", {"processStepId": "NoSuchStep"}), f"{P}/fail-step", "post", 412),
+        (api.post(FAIL, {"processStepId": "NoSuchStep"}), FAIL, "post", 412),
     ]
     for response, path, method, status in cases:
         assert response.status_code == status, response.json
@@ -313,29 +312,25 @@ def test_live_post_responses_validate_against_the_document(api, spec, scenario):
     assert started.status_code == 201
     assert_valid(response_schema(spec, P, "post", 201), started.json)
 
-    restarted = api.post(f"{P}/restart-failed-step", {"processStepId": scenario["failed_step"], "params": typed(ok=1)})
+    restarted = api.post(RESTART, {"processStepId": scenario["failed_step"], "params": typed(ok=1)})
     assert restarted.status_code == 200
-    assert_valid(response_schema(spec, f"{P}/restart-failed-step", "post", 200), restarted.json)
+    assert_valid(response_schema(spec, RESTART, "post", 200), restarted.json)
 
-    completed = api.post(
-        f"{P}/complete-step", {"processStepId": scenario["waiting_step"], "result": typed(receipt="r", n=2)}
-    )
+    completed = api.post(COMPLETE, {"processStepId": scenario["waiting_step"], "result": typed(receipt="r", n=2)})
     assert completed.status_code == 200
-    assert_valid(response_schema(spec, f"{P}/complete-step", "post", 200), completed.json)
+    assert_valid(response_schema(spec, COMPLETE, "post", 200), completed.json)
 
     waiting = api.start(("external", {}))
-    step_id = wait_for(lambda: (st := api.step(waiting["steps"][0]["processStepId"]))["deferred"] and st)[
-        "processStepId"
-    ]
-    failed = api.post(f"{P}/fail-step", {"processStepId": step_id, "error": {"message": "no"}})
+    step_id = api.wait_deferred(waiting["steps"][0]["processStepId"])["processStepId"]
+    failed = api.post(FAIL, {"processStepId": step_id, "error": {"message": "no"}})
     assert failed.status_code == 200
-    assert_valid(response_schema(spec, f"{P}/fail-step", "post", 200), failed.json)
+    assert_valid(response_schema(spec, FAIL, "post", 200), failed.json)
 
 
 def test_the_response_schemas_are_strict_enough_to_catch_a_wrong_shape(api, spec, scenario):
     """Guard for the tests above: the documented schemas really constrain the payload."""
-    schema = response_schema(spec, f"{P}/steps/{{processStepId}}", "get", 200)
-    good = api.get(f"{P}/steps/{scenario['done_step']}").json
+    schema = response_schema(spec, f"{STEPS}/{{processStepId}}", "get", 200)
+    good = api.get(f"{STEPS}/{scenario['done_step']}").json
     assert is_valid(schema, good)
     for broken in (
         {**good, "extra": 1},

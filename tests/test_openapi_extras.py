@@ -2,27 +2,25 @@
 these features validate against it."""
 
 import pytest
-from helpers import BULK, RESTART, P, insert_failed_steps, typed, wait_for
+from helpers import BULK, DELEGATES, OPENAPI, RESTART, STEPS, P, insert_failed_steps, typed, wait_for
 from test_openapi import HTTP_METHODS, assert_valid, is_valid, request_schema, resolve, response_schema
 
 import schemas as s
 
-BULK_PATH = f"{P}/restart-failed-steps"
-
 
 @pytest.fixture
 def spec(client):
-    response = client.get("/api/v1/openapi.json")
+    response = client.get(OPENAPI)
     assert response.status_code == 200
     return response.json
 
 
 def test_the_bulk_endpoint_is_documented_with_its_answers(spec):
-    operation = spec["paths"][BULK_PATH]["post"]
-    assert set(spec["paths"][BULK_PATH]) & HTTP_METHODS == {"post"}
+    operation = spec["paths"][BULK]["post"]
+    assert set(spec["paths"][BULK]) & HTTP_METHODS == {"post"}
     assert {"200", "401", "403", "412", "413", "500"} <= set(operation["responses"])
     assert operation["requestBody"]["required"] is True
-    data = response_schema(spec, BULK_PATH, "post", 200)["properties"]["data"]
+    data = response_schema(spec, BULK, "post", 200)["properties"]["data"]
     assert set(data["properties"]) == {"restarted", "skipped", "nextCursor"}
     assert set(data["required"]) == {"restarted", "skipped", "nextCursor"}
     assert set(data["properties"]["restarted"]["items"]["properties"]) == {"processId", "processStepId", "params"}
@@ -31,7 +29,7 @@ def test_the_bulk_endpoint_is_documented_with_its_answers(spec):
 
 
 def test_the_bulk_body_is_the_marshmallow_schema(spec):
-    body = request_schema(spec, BULK_PATH)
+    body = request_schema(spec, BULK)
     fields = s.RestartManySchema().fields.values()
     assert (
         set(body["properties"])
@@ -95,13 +93,13 @@ def test_every_post_documents_the_idempotency_key_header_and_no_get_does(spec):
 
 
 def test_next_retry_at_retry_trigger_and_policies_are_documented(spec):
-    step = response_schema(spec, f"{P}/steps/{{processStepId}}", "get", 200)["properties"]["data"]
+    step = response_schema(spec, f"{STEPS}/{{processStepId}}", "get", 200)["properties"]["data"]
     assert "nextRetryAt" in step["required"]
     assert step["properties"]["nextRetryAt"]["format"] == "date-time"
     assert step["properties"]["nextRetryAt"]["nullable"] is True
     trigger = step["properties"]["attemptHistory"]["items"]["properties"]["trigger"]
     assert set(trigger["enum"]) == {"start", "restart", "retry"}
-    delegates = response_schema(spec, "/api/v1/delegates", "get", 200)["properties"]["data"]["items"]
+    delegates = response_schema(spec, DELEGATES, "get", 200)["properties"]["data"]["items"]
     assert set(delegates["properties"]["retry"]["properties"]) == {"retries", "backoff", "delay", "maxDelay"}
 
 
@@ -132,22 +130,22 @@ def test_live_answers_of_the_new_features_validate(api, store, spec, tmp_path):
     assert_valid(response_schema(spec, RESTART, "post", 412), dry.json)
 
     waiting = api.start(("retry_slow", {"file": str(counted)}))["steps"][0]["processStepId"]
-    step = wait_for(lambda: (r := api.get(f"{P}/steps/{waiting}")).json["data"]["nextRetryAt"] and r)
-    assert_valid(response_schema(spec, f"{P}/steps/{{processStepId}}", "get", 200), step.json)
+    step = wait_for(lambda: (r := api.get(f"{STEPS}/{waiting}")).json["data"]["nextRetryAt"] and r)
+    assert_valid(response_schema(spec, f"{STEPS}/{{processStepId}}", "get", 200), step.json)
     retried = api.start(("retry_count", {"file": str(counted), "pass_at": 2}))["steps"][0]["processStepId"]
     api.wait_step(retried, "COMPLETED")
-    detail = api.get(f"{P}/steps/{retried}")
+    detail = api.get(f"{STEPS}/{retried}")
     assert [a["trigger"] for a in detail.json["data"]["attemptHistory"]] == ["start", "retry"]
-    assert_valid(response_schema(spec, f"{P}/steps/{{processStepId}}", "get", 200), detail.json)
-    delegates = api.get("/api/v1/delegates")
-    assert_valid(response_schema(spec, "/api/v1/delegates", "get", 200), delegates.json)
+    assert_valid(response_schema(spec, f"{STEPS}/{{processStepId}}", "get", 200), detail.json)
+    delegates = api.get(DELEGATES)
+    assert_valid(response_schema(spec, DELEGATES, "get", 200), delegates.json)
 
 
 def test_the_documented_step_rejects_a_wrong_trigger(api, spec):
-    schema = resolve(spec, response_schema(spec, f"{P}/steps/{{processStepId}}", "get", 200))
+    schema = resolve(spec, response_schema(spec, f"{STEPS}/{{processStepId}}", "get", 200))
     process = api.start(("noop", {}))
     step_id = api.wait_process(process["processId"], "COMPLETED")["steps"][0]["processStepId"]
-    good = api.get(f"{P}/steps/{step_id}").json
+    good = api.get(f"{STEPS}/{step_id}").json
     assert is_valid(schema, good)
     history = [{**good["data"]["attemptHistory"][0], "trigger": "auto"}]
     assert not is_valid(schema, {**good, "data": {**good["data"], "attemptHistory": history}})

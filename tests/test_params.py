@@ -8,22 +8,9 @@ and changes nothing.
 import json
 
 import pytest
-from helpers import typed
+from helpers import RESTART, P, out, refused, typed
 
-START = "/api/v1/processes"
-RESTART = "/api/v1/processes/restart-failed-step"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-
-
-def out(kind, value):
-    """The output form of one typed value."""
-    form = {"strValue": None, "longValue": None, "doubleValue": None, "type": kind}
-    form[{"STRING": "strValue", "LONG": "longValue", "DOUBLE": "doubleValue"}[kind]] = value
-    return form
-
-
-def process_count(api):
-    return len(api.get(f"{START}?limit=500").json["data"]["items"])
 
 
 class StartTarget:
@@ -33,14 +20,14 @@ class StartTarget:
 
     def __init__(self, api):
         self.api = api
-        self.processes = process_count(api)
+        self.processes = api.process_count()
 
     def send(self, params):
-        return self.api.post(START, {"steps": [{"type": "noop", "params": params}]})
+        return self.api.post(P, {"steps": [{"type": "noop", "params": params}]})
 
     def send_raw(self, params_json):
         raw = '{"steps": [{"type": "noop", "params": ' + params_json + "}]}"
-        return self.api.client.post(START, data=raw, content_type="application/json", headers=self.api.headers)
+        return self.api.post_raw(P, raw)
 
     def param_errors(self, response):
         return response.json["data"]["steps"]["0"]["params"]
@@ -53,7 +40,7 @@ class StartTarget:
         return self.api.step(response.json["data"]["steps"][0]["processStepId"])["params"]
 
     def assert_unchanged(self):
-        assert process_count(self.api) == self.processes
+        assert self.api.process_count() == self.processes
 
 
 class RestartTarget:
@@ -68,14 +55,14 @@ class RestartTarget:
         failed = api.wait_process(process["processId"], "FAILED")
         self.step_id = failed["steps"][0]["processStepId"]
         self.before = api.step(self.step_id)
-        self.processes = process_count(api)
+        self.processes = api.process_count()
 
     def send(self, params):
         return self.api.post(RESTART, {"processStepId": self.step_id, "params": params})
 
     def send_raw(self, params_json):
         raw = '{"processStepId": ' + json.dumps(self.step_id) + ', "params": ' + params_json + "}"
-        return self.api.client.post(RESTART, data=raw, content_type="application/json", headers=self.api.headers)
+        return self.api.post_raw(RESTART, raw)
 
     def param_errors(self, response):
         return response.json["data"]["params"]
@@ -93,19 +80,12 @@ class RestartTarget:
         assert after["attempts"] == self.before["attempts"] == 1
         assert after["params"] == self.before["params"]
         assert after["attemptHistory"] == self.before["attemptHistory"]
-        assert process_count(self.api) == self.processes
+        assert self.api.process_count() == self.processes
 
 
 @pytest.fixture(params=[StartTarget, RestartTarget], ids=["start", "restart"])
 def target(request, api):
     return request.param(api)
-
-
-def assert_412(response):
-    assert response.status_code == 412, response.json
-    assert response.json["message"] == "Precondition failed"
-    assert isinstance(response.json["data"], dict) and response.json["data"]
-    return response.json["data"]
 
 
 # -- one value ---------------------------------------------------------------------------------
@@ -170,7 +150,7 @@ BAD_VALUES = [
 @pytest.mark.parametrize(("value", "error_keys"), [c[1:] for c in BAD_VALUES], ids=[c[0] for c in BAD_VALUES])
 def test_a_bad_value_is_412_naming_its_field_and_changes_nothing(target, value, error_keys):
     response = target.send({"x": value})
-    assert_412(response)
+    refused(response)
     errors = target.param_errors(response)
     assert set(errors) == {"x"}
     assert set(errors["x"]) == {"value"}
@@ -183,7 +163,7 @@ def test_a_bad_value_is_412_naming_its_field_and_changes_nothing(target, value, 
 
 def test_a_null_value_is_412(target):
     response = target.send({"x": None})
-    assert_412(response)
+    refused(response)
     messages = target.param_errors(response)["x"]["value"]
     assert isinstance(messages, list) and messages
     target.assert_unchanged()
@@ -191,7 +171,7 @@ def test_a_null_value_is_412(target):
 
 def test_only_the_bad_names_are_named(target):
     response = target.send({"good": {"type": "LONG", "longValue": 1}, "bad": {"type": "LONG", "longValue": "1"}})
-    assert_412(response)
+    refused(response)
     assert set(target.param_errors(response)) == {"bad"}
     target.assert_unchanged()
 
@@ -199,7 +179,7 @@ def test_only_the_bad_names_are_named(target):
 @pytest.mark.parametrize("params", ["not an object", 5, ["x"], True], ids=repr)
 def test_params_that_are_not_an_object_are_412(target, params):
     response = target.send(params)
-    assert_412(response)
+    refused(response)
     messages = target.param_errors(response)
     assert isinstance(messages, list) and messages
     target.assert_unchanged()
@@ -222,7 +202,7 @@ NON_FINITE = [
 @pytest.mark.parametrize(("literal", "kind", "field"), NON_FINITE, ids=[f"{c[0]}-{c[1]}" for c in NON_FINITE])
 def test_non_finite_literals_in_the_raw_body_are_412(target, literal, kind, field):
     response = target.send_raw('{"x": {"type": "' + kind + '", "' + field + '": ' + literal + "}}")
-    data = assert_412(response)
+    data = refused(response)
     assert all(isinstance(messages, (list, dict)) for messages in data.values())
     target.assert_unchanged()
 
@@ -321,7 +301,7 @@ GOOD_NAMES = [
 @pytest.mark.parametrize("name", [c[1] for c in BAD_NAMES], ids=[c[0] for c in BAD_NAMES])
 def test_a_bad_name_is_412_naming_the_key_and_changes_nothing(target, name):
     response = target.send({name: {"type": "LONG", "longValue": 1}})
-    assert_412(response)
+    refused(response)
     errors = target.param_errors(response)
     assert set(errors) == {name}
     assert set(errors[name]) == {"key"}
@@ -345,7 +325,7 @@ def names(count):
 
 def test_257_names_are_412(target):
     response = target.send(names(257))
-    assert_412(response)
+    refused(response)
     messages = target.param_errors(response)
     assert isinstance(messages, list) and messages and all(isinstance(m, str) for m in messages)
     target.assert_unchanged()
@@ -424,7 +404,7 @@ def test_restart_over_256_names_after_the_overlay_is_412_with_a_params_key(api):
     step = failed_with_names(api, 200)
     before = api.step(step["processStepId"])
     response = api.post(RESTART, {"processStepId": step["processStepId"], "params": new_names(57)})
-    data = assert_412(response)
+    data = refused(response)
     assert "params" in data
     after = api.step(step["processStepId"])
     assert after == before
@@ -461,6 +441,6 @@ def test_delegates_see_plain_values_of_the_effective_params(api, failed):
 
 def test_json_echo_of_int64_extremes_is_exact_on_the_wire(api):
     """Not just equal after parsing: the digits themselves come back."""
-    response = api.post(START, {"steps": [{"type": "noop", "params": typed(big=INT64_MAX, small=INT64_MIN)}]})
+    response = api.post(P, {"steps": [{"type": "noop", "params": typed(big=INT64_MAX, small=INT64_MIN)}]})
     text = response.get_data(as_text=True)
     assert json.dumps(INT64_MAX) in text and json.dumps(INT64_MIN) in text

@@ -11,7 +11,7 @@ import unicodedata
 from collections import Counter
 
 import pytest
-from helpers import PLUGINS, report_figure
+from helpers import COMPLETE, ENVELOPE_KEYS, FAIL, PLUGINS, RESTART, P, report_figure
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from marshmallow import ValidationError
@@ -24,7 +24,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 
 TOKEN = "property-test-token"
 HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-P = "/api/v1/processes"
 VALUE_FIELDS = {"STRING": "strValue", "LONG": "longValue", "DOUBLE": "doubleValue"}
 SCHEMA_EXAMPLES = 1000
 BODY_EXAMPLES = 300
@@ -218,7 +217,7 @@ def post(client, path, body):
     response = client.post(path, data=json.dumps(body), headers=HEADERS)
     assert response.status_code < 500, response.get_data(as_text=True)
     reply = response.get_json()
-    assert set(reply) == {"message", "timestamp", "data", "version"}
+    assert set(reply) == ENVELOPE_KEYS
     if response.status_code == 412:
         assert reply["message"] == "Precondition failed"
         assert isinstance(reply["data"], dict) and reply["data"], reply
@@ -230,7 +229,7 @@ def started_step(client, fail=False):
     process = client.post(P, json={"steps": [{"type": "external"}]}, headers=HEADERS).get_json()["data"]
     step_id = process["steps"][0]["processStepId"]
     if fail:
-        assert client.post(f"{P}/fail-step", json={"processStepId": step_id}, headers=HEADERS).status_code == 200
+        assert client.post(FAIL, json={"processStepId": step_id}, headers=HEADERS).status_code == 200
     return step_id
 
 
@@ -295,7 +294,7 @@ def test_start_process_accepts_valid_bodies_echoes_them_and_refuses_the_rest(api
 )
 def test_restart_accepts_valid_bodies_echoes_the_params_and_refuses_the_rest(api_client, body, use_real_id):
     body = aim(body, started_step(api_client, fail=True), use_real_id)
-    status, data = post(api_client, f"{P}/restart-failed-step", body)
+    status, data = post(api_client, RESTART, body)
     EXAMPLES["restart", status] += 1
     if status == 412:
         assert not (use_real_id and valid_action(body, "params", valid_params)), data
@@ -317,7 +316,7 @@ def test_restart_accepts_valid_bodies_echoes_the_params_and_refuses_the_rest(api
 )
 def test_complete_step_accepts_valid_bodies_echoes_the_result_and_refuses_the_rest(api_client, body, use_real_id):
     body = aim(body, started_step(api_client), use_real_id)
-    status, data = post(api_client, f"{P}/complete-step", body)
+    status, data = post(api_client, COMPLETE, body)
     EXAMPLES["complete", status] += 1
     if status == 412:
         assert not (use_real_id and valid_action(body, "result", valid_params)), data
@@ -345,7 +344,7 @@ def test_complete_step_accepts_valid_bodies_echoes_the_result_and_refuses_the_re
 )
 def test_fail_step_accepts_valid_bodies_echoes_the_error_and_refuses_the_rest(api_client, body, use_real_id):
     body = aim(body, started_step(api_client), use_real_id)
-    status, data = post(api_client, f"{P}/fail-step", body)
+    status, data = post(api_client, FAIL, body)
     EXAMPLES["fail", status] += 1
     if status == 412:
         assert not (use_real_id and valid_action(body, "error", valid_error)), data

@@ -11,7 +11,22 @@ import time
 from datetime import timedelta
 
 import pytest
-from helpers import COMPLETE, FAIL, RESTART, calls, db_rows, iso, ok, out, parse_time, refused, typed, wait_for
+from helpers import (
+    COMPLETE,
+    DELEGATES,
+    FAIL,
+    RESTART,
+    STEPS,
+    calls,
+    db_rows,
+    iso,
+    ok,
+    out,
+    parse_time,
+    refused,
+    typed,
+    wait_for,
+)
 
 from app import create_app, start_runner
 from auth import hash_secret
@@ -126,7 +141,7 @@ def test_a_module_with_a_bad_policy_does_not_load_and_the_app_refuses_to_start(t
 
 
 def test_the_delegates_endpoint_shows_each_policy(api):
-    listed = {d["type"]: d["retry"] for d in ok(api.get("/api/v1/delegates"))}
+    listed = {d["type"]: d["retry"] for d in ok(api.get(DELEGATES))}
     assert listed["retry_count"] == {"retries": 3, "backoff": 2.0, "delay": 0.1, "maxDelay": 0.3}
     assert listed["retry_later"] == {"retries": 1, "backoff": 1.0, "delay": 2.0, "maxDelay": 2.0}
     assert listed["noop"] == {"retries": 0, "backoff": 2.0, "delay": 1.0, "maxDelay": 300.0}
@@ -188,7 +203,7 @@ def test_while_it_waits_the_step_is_started_with_next_retry_at_and_the_attempt_e
     assert 15 - 0.05 <= wait <= 30 + 0.002, wait
     assert api.process(process_id)["status"] == "RUNNING"
     # it is in the step listings as STARTED with the time, and held by no runner
-    listed = api.get("/api/v1/processes/steps?status=STARTED").json["data"]["items"]
+    listed = api.get(f"{STEPS}?status=STARTED").json["data"]["items"]
     assert [(s["processStepId"], s["nextRetryAt"]) for s in listed] == [(step_id, waiting["nextRetryAt"])]
     db = app.config["STEPD_DB"]
     assert db_rows(db, "SELECT runner_id, retries_used FROM steps WHERE id = ?", step_id) == [(None, 0)]

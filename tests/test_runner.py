@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from helpers import wait_for
+from helpers import FAIL, wait_for
 
 from runner import HOST, process_start_time, runner_is_alive, typed_result
 
@@ -146,7 +146,7 @@ def test_a_step_failed_while_queued_is_never_called(app, api, tmp_path):
     wait_for(lambda: app.extensions["stepd"].runner._busy >= 4, what="4 delegates running")
     queued = api.start(("count", {"file": str(calls)}))
     step_id = queued["steps"][0]["processStepId"]
-    assert api.post("/api/v1/processes/fail-step", {"processStepId": step_id}).status_code == 200
+    assert api.post(FAIL, {"processStepId": step_id}).status_code == 200
     gate.touch()
     wait_for(lambda: app.extensions["stepd"].runner._busy == 0, what="the pool to drain")
     assert not calls.exists()

@@ -11,23 +11,34 @@ schemathesis_hooks.py), non-JSON POSTs through the test client (test_api.py).
 import socket
 import sqlite3
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 import requests
-from helpers import PLUGINS, ROOT, typed, wait_for
+from helpers import (
+    COMPLETE,
+    DELEGATES,
+    ENVELOPE_KEYS,
+    FAIL,
+    FLASK,
+    OPENAPI,
+    PLUGINS,
+    RESTART,
+    ROOT,
+    STEPS,
+    P,
+    typed,
+    wait_for,
+)
 from invariants import check
 
 from app import create_app, start_runner
 from auth import hash_secret
 from delegates import DelegateLoadError
 
-P = "/api/v1/processes"
-FLASK = Path(sys.executable).parent / "flask"
-POSTS = [P, f"{P}/restart-failed-step", f"{P}/fail-step", f"{P}/complete-step"]
+POSTS = [P, RESTART, FAIL, COMPLETE]
 
 
 # -- secrets -------------------------------------------------------------------------------
@@ -69,14 +80,14 @@ def full_run(recorder, env_secret, reader_secret, operator_secret):
     started = send("POST", P, env_secret, json={"steps": [{"type": "check", "params": typed(ok=0)}]})
     assert started.status_code == 201
     step_id = started.json()["data"]["steps"][0]["processStepId"]
-    wait_for(lambda: send("GET", f"{P}/steps/{step_id}", reader_secret).json()["data"]["status"] == "FAILED")
-    restarted = send("POST", f"{P}/restart-failed-step", ("ops2", operator_secret), json={"processStepId": step_id})
+    wait_for(lambda: send("GET", f"{STEPS}/{step_id}", reader_secret).json()["data"]["status"] == "FAILED")
+    restarted = send("POST", RESTART, ("ops2", operator_secret), json={"processStepId": step_id})
     assert restarted.status_code == 200
     waiting = send("POST", P, ("env", env_secret), json={"steps": [{"type": "external"}, {"type": "external"}]})
     waiting_step = waiting.json()["data"]["steps"][0]["processStepId"]
-    assert send("POST", f"{P}/complete-step", operator_secret, json={"processStepId": waiting_step}).ok
-    assert send("POST", f"{P}/fail-step", env_secret, json={"processStepId": waiting_step}).status_code == 412
-    for path in (P, f"{P}/steps", f"{P}/steps/{step_id}", "/api/v1/delegates", "/healthz", "/api/v1/openapi.json"):
+    assert send("POST", COMPLETE, operator_secret, json={"processStepId": waiting_step}).ok
+    assert send("POST", FAIL, env_secret, json={"processStepId": waiting_step}).status_code == 412
+    for path in (P, STEPS, f"{STEPS}/{step_id}", DELEGATES, "/healthz", OPENAPI):
         for auth in (env_secret, ("env", env_secret), reader_secret, ("viewer", reader_secret), operator_secret):
             assert send("GET", path, auth).status_code == 200, path
     wrong = [env_secret + "x", hash_secret(env_secret), ("viewer", env_secret), ("env", reader_secret)]
@@ -153,7 +164,7 @@ def test_what_gunicorn_refuses_is_a_412_in_the_envelope(server_factory, request_
     assert "Content-Type: application/json" in head
     assert "X-Content-Type-Options: nosniff" in head and "Cache-Control: no-store" in head
     answer = json.loads(body)
-    assert set(answer) == {"message", "timestamp", "data", "version"}
+    assert set(answer) == ENVELOPE_KEYS
     assert answer["message"] == "Precondition failed"
     assert list(answer["data"]) == ["_schema"]
 
@@ -210,7 +221,7 @@ def test_an_injection_in_ids_and_queries_is_refused_and_changes_nothing(corpus_a
     app, db = corpus_app
     client = app.test_client()
     before = database_state(db)
-    for path in (f"{P}/{quote(evil, safe='')}", f"{P}/steps/{quote(evil, safe='')}", f"{P}/{quote(evil)}"):
+    for path in (f"{P}/{quote(evil, safe='')}", f"{STEPS}/{quote(evil, safe='')}", f"{P}/{quote(evil)}"):
         response = client.get(path, headers=HEADERS)
         assert response.status_code in (404, 405), (path, response.status_code)
     for path in POSTS[1:]:
@@ -218,8 +229,8 @@ def test_an_injection_in_ids_and_queries_is_refused_and_changes_nothing(corpus_a
         assert response.status_code == 412
         assert set(response.json["data"]) == {"processStepId"}
     for query in ("status", "cursor", "limit"):
-        assert client.get(f"{P}/steps?{query}={quote(evil)}", headers=HEADERS).status_code == 412
-    listed = client.get(f"{P}/steps?type={quote(evil)}", headers=HEADERS)
+        assert client.get(f"{STEPS}?{query}={quote(evil)}", headers=HEADERS).status_code == 412
+    listed = client.get(f"{STEPS}?type={quote(evil)}", headers=HEADERS)
     assert listed.status_code in (200, 412)
     if listed.status_code == 200:
         assert listed.json["data"]["items"] == []  # no step has this type; the filter is a value, not SQL

@@ -17,7 +17,22 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import GUNICORN, PLUGINS, ROOT, all_at_once, db_rows, free_port, typed, wait_for
+from helpers import (
+    COMPLETE,
+    FAIL,
+    GUNICORN,
+    PLUGINS,
+    RESTART,
+    ROOT,
+    STEPS,
+    P,
+    all_at_once,
+    calls,
+    db_rows,
+    free_port,
+    typed,
+    wait_for,
+)
 
 import store as store_module
 
@@ -67,18 +82,18 @@ def test_concurrent_restarts_from_many_threads_win_exactly_once(server_factory, 
     server = server_factory(workers=2, delegates=delegates).start()
     assert len(server.worker_pids()) == 2
 
-    calls = tmp_path / "calls.txt"
+    call_log = tmp_path / "calls.txt"
     gate = tmp_path / "gate"
     gate.touch()  # the first attempt fails at once
-    process = start(server, ("gated_count", {"file": str(calls), "gate": str(gate), "fail": 1}), ("noop", {}))
+    process = server.start_process(("gated_count", {"file": str(call_log), "gate": str(gate), "fail": 1}), ("noop", {}))
     step_id = process["steps"][0]["processStepId"]
-    failed = wait_step(server, step_id, "FAILED")
+    failed = server.wait_step(step_id, "FAILED")
     assert failed["attempts"] == 1
-    assert lines(calls) == 1
+    assert len(calls(call_log)) == 1
 
     winners = []  # the worker process whose request won, per round
     for round_number in range(5):
-        before = get_step(server, step_id)
+        before = server.step(step_id)
         assert before["status"] == "FAILED"
         gate.unlink()  # the winning attempt will stay STARTED until the gate opens
         responses = race_restarts(server, step_id, 16)
@@ -100,8 +115,8 @@ def test_concurrent_restarts_from_many_threads_win_exactly_once(server_factory, 
 
         # The winner's delegate was called once; while the gate is shut nothing else can run.
         expected_calls = before["attempts"] + 1
-        wait_for(lambda n=expected_calls: lines(calls) >= n, what="the winner's delegate call")
-        running = get_step(server, step_id)
+        wait_for(lambda n=expected_calls: len(calls(call_log)) >= n, what="the winner's delegate call")
+        running = server.step(step_id)
         assert running["status"] == "STARTED"
         assert running["attempts"] == before["attempts"] + 1
         assert len(running["attemptHistory"]) == len(before["attemptHistory"]) + 1
@@ -110,22 +125,22 @@ def test_concurrent_restarts_from_many_threads_win_exactly_once(server_factory, 
         winners.append(runner_pid(server, step_id))
 
         gate.touch()
-        after = wait_step(server, step_id, "FAILED")
+        after = server.wait_step(step_id, "FAILED")
         assert after["attempts"] == before["attempts"] + 1
         assert [a["attempt"] for a in after["attemptHistory"]] == list(range(1, after["attempts"] + 1))
         assert after["attemptHistory"][-1]["status"] == "FAILED"
         assert after["error"] == {"type": "RuntimeError", "message": "gated_count failed on purpose"}
-        assert lines(calls) == before["attempts"] + 1 == after["attempts"]
+        assert len(calls(call_log)) == before["attempts"] + 1 == after["attempts"]
 
     # Both worker processes run a runner on the one file, and each call is one attempt.
-    final = get_step(server, step_id)
+    final = server.step(step_id)
     assert final["attempts"] == 6
-    attempts_called = sorted(int(line.split()[1]) for line in calls.read_text().splitlines())
+    attempts_called = sorted(int(line.split()[1]) for line in call_log.read_text().splitlines())
     assert attempts_called == [1, 2, 3, 4, 5, 6]
     runner_pids = {pid for (pid,) in db_rows(server.env["STEPD_DB"], "SELECT pid FROM runners")}
     assert runner_pids == set(server.worker_pids())
     assert set(winners) <= runner_pids
-    assert get_process(server, process["processId"])["status"] == "FAILED"
+    assert server.process(process["processId"])["status"] == "FAILED"
 
 
 # -- 2. kill -9 of the whole service ---------------------------------------------------------
@@ -133,17 +148,17 @@ def test_kill_of_the_service_interrupts_running_steps_but_not_deferred_ones(serv
     db = tmp_path / "served.db"
     first = server_factory(db_path=db, delegates=delegates).start()
     release = tmp_path / "release"
-    running = start(first, ("wait", {"file": str(release), "seconds": 60.0}), ("noop", {}))
-    deferred = start(first, ("external", {}), ("noop", {}))
+    running = first.start_process(("wait", {"file": str(release), "seconds": 60.0}), ("noop", {}))
+    deferred = first.start_process(("external", {}), ("noop", {}))
     # A second running step whose delegate call is counted: it must not run again by itself.
-    calls, gate = tmp_path / "calls.txt", tmp_path / "gate"
-    counted = start(first, ("gated_count", {"file": str(calls), "gate": str(gate), "fail": 0}))
+    call_log, gate = tmp_path / "calls.txt", tmp_path / "gate"
+    counted = first.start_process(("gated_count", {"file": str(call_log), "gate": str(gate), "fail": 0}))
     running_step = running["steps"][0]["processStepId"]
     deferred_step = deferred["steps"][0]["processStepId"]
     counted_step = counted["steps"][0]["processStepId"]
-    assert get_step(first, running_step)["status"] == "STARTED"
-    wait_for(lambda: get_step(first, deferred_step)["deferred"], what="the external step to defer")
-    wait_for(lambda: lines(calls) == 1, what="the counted delegate to be running")
+    assert first.step(running_step)["status"] == "STARTED"
+    wait_for(lambda: first.step(deferred_step)["deferred"], what="the external step to defer")
+    wait_for(lambda: len(calls(call_log)) == 1, what="the counted delegate to be running")
 
     first.kill()
     # What the file says right after the crash: the steps are STARTED, one deferred.
@@ -154,7 +169,7 @@ def test_kill_of_the_service_interrupts_running_steps_but_not_deferred_ones(serv
     started_at = time.monotonic()
     second.start()
     interrupted = wait_for(
-        lambda: (s := get_step(second, running_step))["status"] == "FAILED" and s,
+        lambda: (s := second.step(running_step))["status"] == "FAILED" and s,
         timeout=10 - (time.monotonic() - started_at),
         what="the step of the killed service to be Interrupted",
     )
@@ -165,35 +180,35 @@ def test_kill_of_the_service_interrupts_running_steps_but_not_deferred_ones(serv
     assert [(a["attempt"], a["status"], a["error"]["type"]) for a in interrupted["attemptHistory"]] == [
         (1, "FAILED", "Interrupted")
     ]
-    assert get_process(second, running["processId"])["status"] == "FAILED"
-    assert wait_step(second, counted_step, "FAILED", timeout=2)["error"]["type"] == "Interrupted"
-    assert lines(calls) == 1  # interrupted, not called again
+    assert second.process(running["processId"])["status"] == "FAILED"
+    assert second.wait_step(counted_step, "FAILED", timeout=2)["error"]["type"] == "Interrupted"
+    assert len(calls(call_log)) == 1  # interrupted, not called again
 
     # Restart it; this time the file is there, so the process carries on and completes.
     release.touch()
-    restarted = second.post("/api/v1/processes/restart-failed-step", {"processStepId": running_step})
+    restarted = second.post(RESTART, {"processStepId": running_step})
     assert restarted.status_code == 200, restarted.text
-    done = wait_process(second, running["processId"], "COMPLETED")
+    done = second.wait_process(running["processId"], "COMPLETED")
     assert [s["status"] for s in done["steps"]] == ["COMPLETED", "COMPLETED"]
-    history = get_step(second, running_step)["attemptHistory"]
+    history = second.step(running_step)["attemptHistory"]
     assert [(a["trigger"], a["status"]) for a in history] == [("start", "FAILED"), ("restart", "COMPLETED")]
 
     gate.touch()
-    assert second.post("/api/v1/processes/restart-failed-step", {"processStepId": counted_step}).ok
-    wait_process(second, counted["processId"], "COMPLETED")
-    assert [line.split() for line in calls.read_text().splitlines()] == [[counted_step, "1"], [counted_step, "2"]]
+    assert second.post(RESTART, {"processStepId": counted_step}).ok
+    second.wait_process(counted["processId"], "COMPLETED")
+    assert [line.split() for line in call_log.read_text().splitlines()] == [[counted_step, "1"], [counted_step, "2"]]
 
     # The deferred step is still waiting well after every orphan would have been reaped.
     remaining = 7.5 - (time.monotonic() - started_at)
     if remaining > 0:
         time.sleep(remaining)  # proving that something did NOT happen
-    waiting = get_step(second, deferred_step)
+    waiting = second.step(deferred_step)
     assert (waiting["status"], waiting["deferred"], waiting["error"], waiting["attempts"]) == ("STARTED", True, None, 1)
-    assert get_process(second, deferred["processId"])["status"] == "RUNNING"
-    completed = second.post("/api/v1/processes/complete-step", {"processStepId": deferred_step})
+    assert second.process(deferred["processId"])["status"] == "RUNNING"
+    completed = second.post(COMPLETE, {"processStepId": deferred_step})
     assert completed.status_code == 200, completed.text
     assert completed.json()["data"]["status"] == "COMPLETED"
-    wait_process(second, deferred["processId"], "COMPLETED")
+    second.wait_process(deferred["processId"], "COMPLETED")
 
 
 # -- 3. kill -9 of one worker ----------------------------------------------------------------
@@ -221,7 +236,7 @@ def test_kill_of_one_worker_interrupts_only_its_steps(server_factory, tmp_path):
         batch = [None] * 4
 
         def start_one(index, batch=batch):
-            batch[index] = start(server, ("wait", {"file": str(release), "seconds": 60.0}), ("noop", {}))
+            batch[index] = server.start_process(("wait", {"file": str(release), "seconds": 60.0}), ("noop", {}))
 
         threads = [threading.Thread(target=start_one, args=(i,)) for i in range(4)]
         for thread in threads:
@@ -243,7 +258,7 @@ def test_kill_of_one_worker_interrupts_only_its_steps(server_factory, tmp_path):
     killed_at = time.monotonic()
 
     def victims_failed():
-        found = {s: get_step(server, s) for s in victim_steps}
+        found = {s: server.step(s) for s in victim_steps}
         return all(s["status"] == "FAILED" for s in found.values()) and found
 
     failed = wait_for(victims_failed, timeout=10, interval=0.1, what="the killed worker's steps to be Interrupted")
@@ -251,7 +266,7 @@ def test_kill_of_one_worker_interrupts_only_its_steps(server_factory, tmp_path):
     for step in failed.values():
         assert step["error"]["type"] == "Interrupted", step
         assert step["attempts"] == 1
-    statuses = {s: get_step(server, s)["status"] for s in survivor_steps}
+    statuses = {s: server.step(s)["status"] for s in survivor_steps}
     assert set(statuses.values()) == {"STARTED"}, statuses
 
     # The master brings a new worker; the service kept answering throughout.
@@ -262,45 +277,45 @@ def test_kill_of_one_worker_interrupts_only_its_steps(server_factory, tmp_path):
         what="the runners table to list the living workers",
     )
     assert requests.get(server.url + "/healthz", timeout=5).status_code == 200
-    fresh = start(server, ("noop", {}))
-    wait_process(server, fresh["processId"], "COMPLETED")
+    fresh = server.start_process(("noop", {}))
+    server.wait_process(fresh["processId"], "COMPLETED")
     time.sleep(1.5)  # a few more heartbeats: the living worker's steps are still left alone
-    assert {get_step(server, s)["status"] for s in survivor_steps} == {"STARTED"}
+    assert {server.step(s)["status"] for s in survivor_steps} == {"STARTED"}
 
     # The survivors' delegates were never disturbed: they finish once the file appears;
     # the interrupted steps can be restarted and finish too.
     release.touch()
     for step_id in survivor_steps:
-        wait_step(server, step_id, "COMPLETED")
+        server.wait_step(step_id, "COMPLETED")
     for step_id in victim_steps:
-        response = server.post("/api/v1/processes/restart-failed-step", {"processStepId": step_id})
+        response = server.post(RESTART, {"processStepId": step_id})
         assert response.status_code == 200, response.text
     for step_id in victim_steps:
-        completed = wait_step(server, step_id, "COMPLETED")
+        completed = server.wait_step(step_id, "COMPLETED")
         assert completed["attempts"] == 2
     for step_id in steps:
-        wait_process(server, get_step(server, step_id)["processId"], "COMPLETED")
+        server.wait_process(server.step(step_id)["processId"], "COMPLETED")
 
 
 def test_kill_of_the_only_worker_interrupts_its_steps_after_the_respawn(server_factory, tmp_path):
     """With one worker there is no other runner: the respawned worker must reap the dead one's steps."""
     server = server_factory(workers=1).start()
     (victim,) = server.worker_pids()
-    process = start(server, ("wait", {"file": str(tmp_path / "never"), "seconds": 60.0}), ("noop", {}))
+    process = server.start_process(("wait", {"file": str(tmp_path / "never"), "seconds": 60.0}), ("noop", {}))
     step_id = process["steps"][0]["processStepId"]
     assert runner_pid(server, step_id) == victim
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
     wait_for(lambda: server.worker_pids() not in ([], [victim]), what="a respawned worker")
     failed = wait_for(
-        lambda: (s := get_step(server, step_id))["status"] == "FAILED" and s,
+        lambda: (s := server.step(step_id))["status"] == "FAILED" and s,
         timeout=10 - (time.monotonic() - killed_at),
         interval=0.1,
         what="the dead worker's step to be Interrupted",
     )
     assert time.monotonic() - killed_at < 10
     assert failed["error"]["type"] == "Interrupted"
-    assert get_process(server, process["processId"])["status"] == "FAILED"
+    assert server.process(process["processId"])["status"] == "FAILED"
 
 
 # -- 4. SIGTERM and start again --------------------------------------------------------------
@@ -308,36 +323,36 @@ def test_sigterm_and_start_again_keeps_every_process_step_and_attempt(server_fac
     db = tmp_path / "served.db"
     first = server_factory(db_path=db).start()
 
-    completed = [start(first, ("noop", {}), ("echo", {"a": "x", "b": 2})) for _ in range(3)]
-    completed.append(start(first, ("results", {}), name="with results"))
-    failed = start(first, ("noop", {}), ("check", {"ok": 0}), ("noop", {}), name="failed")
-    restarted = start(first, ("check", {"ok": 0, "ratio": 0.25}), ("noop", {}), name="restarted")
-    failed_twice = start(first, ("fail", {"message": "no luck"}))
-    deferred = start(first, ("external", {}), ("noop", {}), name="deferred")
-    aborted = start(first, ("external", {}))
+    completed = [first.start_process(("noop", {}), ("echo", {"a": "x", "b": 2})) for _ in range(3)]
+    completed.append(first.start_process(("results", {}), name="with results"))
+    failed = first.start_process(("noop", {}), ("check", {"ok": 0}), ("noop", {}), name="failed")
+    restarted = first.start_process(("check", {"ok": 0, "ratio": 0.25}), ("noop", {}), name="restarted")
+    failed_twice = first.start_process(("fail", {"message": "no luck"}))
+    deferred = first.start_process(("external", {}), ("noop", {}), name="deferred")
+    aborted = first.start_process(("external", {}))
     for process in completed:
-        wait_process(first, process["processId"], "COMPLETED")
-    wait_process(first, failed["processId"], "FAILED")
-    step = wait_process(first, restarted["processId"], "FAILED")["steps"][0]["processStepId"]
-    assert first.post("/api/v1/processes/restart-failed-step", {"processStepId": step, "params": typed(ok=1)}).ok
-    wait_process(first, restarted["processId"], "COMPLETED")
-    step = wait_process(first, failed_twice["processId"], "FAILED")["steps"][0]["processStepId"]
-    assert first.post("/api/v1/processes/restart-failed-step", {"processStepId": step}).ok
-    wait_for(lambda: get_step(first, step)["attempts"] == 2 and get_step(first, step)["status"] == "FAILED")
+        first.wait_process(process["processId"], "COMPLETED")
+    first.wait_process(failed["processId"], "FAILED")
+    step = first.wait_process(restarted["processId"], "FAILED")["steps"][0]["processStepId"]
+    assert first.post(RESTART, {"processStepId": step, "params": typed(ok=1)}).ok
+    first.wait_process(restarted["processId"], "COMPLETED")
+    step = first.wait_process(failed_twice["processId"], "FAILED")["steps"][0]["processStepId"]
+    assert first.post(RESTART, {"processStepId": step}).ok
+    wait_for(lambda: first.step(step)["attempts"] == 2 and first.step(step)["status"] == "FAILED")
     for process in (deferred, aborted):
-        wait_for(lambda p=process: get_step(first, p["steps"][0]["processStepId"])["deferred"], what="defer")
+        wait_for(lambda p=process: first.step(p["steps"][0]["processStepId"])["deferred"], what="defer")
     aborted_step = aborted["steps"][0]["processStepId"]
-    assert first.post("/api/v1/processes/fail-step", {"processStepId": aborted_step}).ok
-    wait_process(first, aborted["processId"], "FAILED")
+    assert first.post(FAIL, {"processStepId": aborted_step}).ok
+    first.wait_process(aborted["processId"], "FAILED")
 
     before = snapshot(first)
     assert len(before["processes"]) == 9
     assert sum(len(s["attemptHistory"]) for s in before["steps"].values()) >= 15
 
     # A step whose delegate is running when the service is told to stop.
-    running = start(first, ("wait", {"file": str(tmp_path / "never"), "seconds": 60.0}), ("noop", {}))
+    running = first.start_process(("wait", {"file": str(tmp_path / "never"), "seconds": 60.0}), ("noop", {}))
     running_step = running["steps"][0]["processStepId"]
-    assert get_step(first, running_step)["status"] == "STARTED"
+    assert first.step(running_step)["status"] == "STARTED"
 
     stopping = time.monotonic()
     code = first.stop(timeout=GRACEFUL_TIMEOUT + 15)
@@ -356,15 +371,15 @@ def test_sigterm_and_start_again_keeps_every_process_step_and_attempt(server_fac
     assert after["steps"] == before["steps"]
     assert after["step_pages"] == before["step_pages"]
 
-    interrupted = get_step(second, running_step)
+    interrupted = second.step(running_step)
     assert interrupted["status"] == "FAILED"
     assert interrupted["error"]["type"] == "Interrupted"
     assert [(a["status"], a["error"]["type"]) for a in interrupted["attemptHistory"]] == [("FAILED", "Interrupted")]
-    assert get_process(second, running["processId"])["status"] == "FAILED"
+    assert second.process(running["processId"])["status"] == "FAILED"
     # The deferred step survived the stop as it was and can still be completed.
     deferred_step = deferred["steps"][0]["processStepId"]
-    assert second.post("/api/v1/processes/complete-step", {"processStepId": deferred_step}).ok
-    wait_process(second, deferred["processId"], "COMPLETED")
+    assert second.post(COMPLETE, {"processStepId": deferred_step}).ok
+    second.wait_process(deferred["processId"], "COMPLETED")
 
 
 # -- 5. refusals at start --------------------------------------------------------------------
@@ -425,18 +440,16 @@ def test_first_start_without_token_prints_exactly_one_working_secret(server_fact
     assert secret not in stdout.read_text()
 
     bearer = {"Authorization": f"Bearer {secret}"}
-    assert requests.get(first.url + "/api/v1/processes", headers=bearer, timeout=10).status_code == 200
-    created = requests.post(
-        first.url + "/api/v1/processes", json={"steps": [{"type": "noop"}]}, headers=bearer, timeout=10
-    )
+    assert requests.get(first.url + P, headers=bearer, timeout=10).status_code == 200
+    created = requests.post(first.url + P, json={"steps": [{"type": "noop"}]}, headers=bearer, timeout=10)
     assert created.status_code == 201, created.text
     step_id = created.json()["data"]["steps"][0]["processStepId"]
-    detail = requests.get(f"{first.url}/api/v1/processes/steps/{step_id}", auth=("admin", secret), timeout=10)
+    detail = requests.get(f"{first.url}{STEPS}/{step_id}", auth=("admin", secret), timeout=10)
     assert detail.status_code == 200
     assert detail.json()["data"]["attemptHistory"][0]["principal"] == "admin"
-    assert requests.get(first.url + "/api/v1/processes", timeout=10).status_code == 401
+    assert requests.get(first.url + P, timeout=10).status_code == 401
     wrong = {"Authorization": "Bearer " + secret + "x"}
-    assert requests.get(first.url + "/api/v1/processes", headers=wrong, timeout=10).status_code == 401
+    assert requests.get(first.url + P, headers=wrong, timeout=10).status_code == 401
     assert db_rows(db, "SELECT name, role FROM tokens") == [("admin", "operator")]
     assert first.stop() == 0
     # Stored hashed: the secret is nowhere in the database files.
@@ -449,7 +462,7 @@ def test_first_start_without_token_prints_exactly_one_working_secret(server_fact
     assert "Booting worker" in later  # this is the second start's output
     assert not SECRET.findall(later), later
     assert "created the operator token" not in later
-    assert requests.get(second.url + "/api/v1/processes", headers=bearer, timeout=10).status_code == 200
+    assert requests.get(second.url + P, headers=bearer, timeout=10).status_code == 200
     assert db_rows(db, "SELECT name FROM tokens") == [("admin",)]
 
 
@@ -460,9 +473,9 @@ def test_no_token_is_generated_when_stepd_token_is_set(server_factory, tmp_path)
     assert not SECRET.findall(output), output
     assert "created the operator token" not in output
     assert db_rows(db, "SELECT COUNT(*) FROM tokens") == [(0,)]
-    assert server.get("/api/v1/processes").status_code == 200
-    assert server.post("/api/v1/processes", {"steps": [{"type": "noop"}]}).status_code == 201
-    assert requests.get(server.url + "/api/v1/processes", auth=("env", "env-token-for-this-test"), timeout=10).ok
+    assert server.get(P).status_code == 200
+    assert server.post(P, {"steps": [{"type": "noop"}]}).status_code == 201
+    assert requests.get(server.url + P, auth=("env", "env-token-for-this-test"), timeout=10).ok
 
 
 # -- 7. settings -----------------------------------------------------------------------------
@@ -487,9 +500,9 @@ def test_settings_workers_db_path_and_log_level(server_factory, tmp_path):
     assert listening(server.port) == ["127.0.0.1"]
 
     # INFO lines of the app (a runner starting, a step failing) are not written at WARNING.
-    process = start(server, ("check", {"ok": 0}))
-    wait_process(server, process["processId"], "FAILED")
-    response = get_with(server, "/api/v1/processes", {"X-Request-Id": "quiet-request"})
+    process = server.start_process(("check", {"ok": 0}))
+    server.wait_process(process["processId"], "FAILED")
+    response = server.get(P, headers={"X-Request-Id": "quiet-request"})
     assert response.headers["X-Request-Id"] == "quiet-request"
     wait_for(lambda: "rid=quiet-request" in server.output(), what="the access log line")
     output = server.output()
@@ -500,23 +513,23 @@ def test_settings_workers_db_path_and_log_level(server_factory, tmp_path):
 def test_log_level_info_and_request_ids(server_factory, tmp_path):
     server = server_factory(db_path=tmp_path / "loud.db").start()
     # The defaults of the other side: INFO lines are written.
-    process = start(server, ("check", {"ok": 0}))
+    process = server.start_process(("check", {"ok": 0}))
     step_id = process["steps"][0]["processStepId"]
-    wait_step(server, step_id, "FAILED")
+    server.wait_step(step_id, "FAILED")
     wait_for(lambda: "attempt 1 failed" in server.output(), what="the INFO line of the failed step")
     assert "stepd.runner: runner" in server.output()
 
-    calls = [
+    cases = [
         ("GET", "/healthz", None, {}, 200),
-        ("GET", "/api/v1/processes", None, server.headers(), 200),
-        ("GET", "/api/v1/processes", None, {}, 401),
+        ("GET", P, None, server.headers(), 200),
+        ("GET", P, None, {}, 401),
         ("GET", "/api/v1/nothing-here", None, server.headers(), 404),
-        ("GET", "/api/v1/processes/restart-failed-step", None, server.headers(), 405),
-        ("POST", "/api/v1/processes/restart-failed-step", {"processStepId": "nope"}, server.headers(), 412),
-        ("POST", "/api/v1/processes", {"steps": [{"type": "noop"}]}, server.headers(), 201),
+        ("GET", RESTART, None, server.headers(), 405),
+        ("POST", RESTART, {"processStepId": "nope"}, server.headers(), 412),
+        ("POST", P, {"steps": [{"type": "noop"}]}, server.headers(), 201),
     ]
     seen = []
-    for n, (method, path, body, headers, status) in enumerate(calls):
+    for n, (method, path, body, headers, status) in enumerate(cases):
         own = f"test-rid-{n}-{method.lower()}"
         response = requests.request(
             method, server.url + path, json=body, headers={**headers, "X-Request-Id": own}, timeout=10
@@ -530,10 +543,10 @@ def test_log_level_info_and_request_ids(server_factory, tmp_path):
     assert len(set(seen)) == len(seen)
 
     longest = "L" * 128
-    assert get_with(server, "/api/v1/processes", {"X-Request-Id": longest}).headers["X-Request-Id"] == longest
+    assert server.get(P, headers={"X-Request-Id": longest}).headers["X-Request-Id"] == longest
     seen.append(longest)
     too_long = "x" * 129
-    response = get_with(server, "/api/v1/processes", {"X-Request-Id": too_long})
+    response = server.get(P, headers={"X-Request-Id": too_long})
     assert response.headers["X-Request-Id"] not in ("", too_long)
     seen.append(response.headers["X-Request-Id"])
 
@@ -548,16 +561,18 @@ def test_log_level_info_and_request_ids(server_factory, tmp_path):
 
 def test_stepd_threads_bounds_the_delegates_running_at_once(server_factory, tmp_path, delegates):
     server = server_factory(workers=1, threads=2, delegates=delegates).start()
-    calls, gate = tmp_path / "calls.txt", tmp_path / "gate"
-    processes = [start(server, ("gated_count", {"file": str(calls), "gate": str(gate), "fail": 0})) for _ in range(3)]
-    wait_for(lambda: lines(calls) == 2, what="two delegates to run")
+    call_log, gate = tmp_path / "calls.txt", tmp_path / "gate"
+    processes = [
+        server.start_process(("gated_count", {"file": str(call_log), "gate": str(gate), "fail": 0})) for _ in range(3)
+    ]
+    wait_for(lambda: len(calls(call_log)) == 2, what="two delegates to run")
     time.sleep(1)  # proving that a third one does NOT start while two threads are busy
-    assert lines(calls) == 2
-    assert {get_step(server, p["steps"][0]["processStepId"])["status"] for p in processes} == {"STARTED"}
+    assert len(calls(call_log)) == 2
+    assert {server.step(p["steps"][0]["processStepId"])["status"] for p in processes} == {"STARTED"}
     gate.touch()
     for process in processes:
-        wait_process(server, process["processId"], "COMPLETED")
-    assert lines(calls) == 3
+        server.wait_process(process["processId"], "COMPLETED")
+    assert len(calls(call_log)) == 3
 
 
 @pytest.mark.parametrize(("key", "value"), [("STEPD_WORKERS", "many"), ("STEPD_SYNC", "off")])
@@ -583,12 +598,10 @@ def test_make_run_serves(tmp_path):
                 return False
 
         wait_for(healthy, timeout=30, interval=0.1, what="make run to answer /healthz")
-        response = requests.get(
-            url + "/api/v1/processes", headers={"Authorization": "Bearer make-run-token"}, timeout=5
-        )
+        response = requests.get(url + P, headers={"Authorization": "Bearer make-run-token"}, timeout=5)
         assert response.status_code == 200, response.text
         assert response.json()["data"] == {"items": [], "nextCursor": None}
-        assert requests.get(url + "/api/v1/processes", timeout=5).status_code == 401
+        assert requests.get(url + P, timeout=5).status_code == 401
         assert (tmp_path / "made.db").is_file()
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -610,9 +623,9 @@ def test_sigkill_of_make_run_stops_the_service_and_frees_the_port(tmp_path):
     try:
         wait_for(lambda: answers(url), timeout=30, interval=0.1, what="make run to answer /healthz")
         body = {"steps": [{"type": "sleep", "params": {"seconds": {"type": "DOUBLE", "doubleValue": 60.0}}}]}
-        step_id = requests.post(url + "/api/v1/processes", json=body, headers=headers, timeout=5).json()["data"][
-            "steps"
-        ][0]["processStepId"]
+        step_id = requests.post(url + P, json=body, headers=headers, timeout=5).json()["data"]["steps"][0][
+            "processStepId"
+        ]
         os.kill(proc.pid, signal.SIGKILL)  # only make itself, as a careless supervisor would
         proc.wait(timeout=10)
         wait_for(lambda: not answers(url), timeout=10, what="the service to stop with make")
@@ -663,50 +676,8 @@ def start_with_split_output(server):
 
 def race_restarts(server, step_id, count):
     """`count` restarts of one step from as many threads, released together; their responses."""
-    url, body = server.url + "/api/v1/processes/restart-failed-step", {"processStepId": step_id}
+    url, body = server.url + RESTART, {"processStepId": step_id}
     return all_at_once(count, lambda _: requests.post(url, json=body, headers=server.headers(), timeout=30))
-
-
-def data(response, status=200):
-    assert response.status_code == status, (response.status_code, response.text)
-    return response.json()["data"]
-
-
-def get_with(server, path, headers):
-    return requests.get(server.url + path, headers={**server.headers(), **headers}, timeout=10)
-
-
-def start(server, *steps, name=None):
-    body = {"steps": [{"type": t, "params": typed(**p)} for t, p in steps]}
-    if name is not None:
-        body["name"] = name
-    return data(server.post("/api/v1/processes", body), 201)
-
-
-def get_step(server, step_id):
-    return data(server.get(f"/api/v1/processes/steps/{step_id}"))
-
-
-def get_process(server, process_id):
-    return data(server.get(f"/api/v1/processes/{process_id}"))
-
-
-def wait_status(get, server, some_id, status, timeout):
-    """Poll get(server, some_id) until its status is `status`; returns it."""
-    return wait_for(
-        lambda: (item := get(server, some_id))["status"] == status and item,
-        timeout,
-        interval=0.05,
-        what=f"{get.__name__} to be {status}",
-    )
-
-
-def wait_step(server, step_id, status, timeout=10.0):
-    return wait_status(get_step, server, step_id, status, timeout)
-
-
-def wait_process(server, process_id, status, timeout=10.0):
-    return wait_status(get_process, server, process_id, status, timeout)
 
 
 def runner_pid(server, step_id):
@@ -717,31 +688,13 @@ def runner_pid(server, step_id):
     return rows[0][0] if rows else None
 
 
-def lines(path):
-    return len(Path(path).read_text().splitlines()) if Path(path).exists() else 0
-
-
-def paged(server, path, limit):
-    """Every item of a paged list, following nextCursor; also the pages as they came."""
-    items, pages, cursor = [], [], None
-    while True:
-        params = {"limit": limit, **({"cursor": cursor} if cursor else {})}
-        page = data(server.get(path, params=params))
-        pages.append(page)
-        items += page["items"]
-        cursor = page["nextCursor"]
-        if cursor is None:
-            return items, pages
-        assert len(pages) < 100
-
-
 def snapshot(server, skip_process=None):
     """What the API says about every process and step, leaving out one process."""
-    processes, _ = paged(server, "/api/v1/processes", 2)
+    processes = [p for page in server.walk(P, 2) for p in page]
     processes = [p for p in processes if p["processId"] != skip_process]
-    details = {p["processId"]: get_process(server, p["processId"]) for p in processes}
-    steps = {s["processStepId"]: get_step(server, s["processStepId"]) for d in details.values() for s in d["steps"]}
-    listed, _ = paged(server, "/api/v1/processes/steps", 3)
+    details = {p["processId"]: server.process(p["processId"]) for p in processes}
+    steps = {s["processStepId"]: server.step(s["processStepId"]) for d in details.values() for s in d["steps"]}
+    listed = [s for page in server.walk(STEPS, 3) for s in page]
     step_pages = [s for s in listed if s["processId"] != skip_process]
     return {"processes": processes, "details": details, "steps": steps, "step_pages": step_pages}
 

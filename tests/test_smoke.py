@@ -1,3 +1,6 @@
+from helpers import DELEGATES
+
+
 def test_seed_flow(api):
     process = api.start(("noop", {}), ("check", {"ok": 0}), ("noop", {}))
     failed = api.wait_process(process["processId"], "FAILED")
@@ -10,4 +13,4 @@ def test_seed_flow(api):
 
 def test_gunicorn_serves(server_factory):
     server = server_factory().start()
-    assert server.get("/api/v1/delegates").status_code == 200
+    assert server.get(DELEGATES).status_code == 200
