@@ -1,6 +1,7 @@
 """Shared test helpers: paths, response checks, polling, database helpers, the Api wrapper of
 Flask's test client and the Server class for real gunicorn."""
 
+import base64
 import contextlib
 import os
 import re
@@ -33,6 +34,13 @@ COMPLETE = f"{P}/complete-step"
 DELEGATES = "/api/v1/delegates"
 OPENAPI = "/api/v1/openapi.json"
 
+# Secrets of the tokens the fixtures of conftest.py create.
+OPERATOR_SECRET = "operator-secret-for-tests"  # the operator 'ops' (fixture api)
+READER_SECRET = "reader-secret-for-tests"  # the reader 'viewer' (fixture reader_api)
+SECOND_SECRET = "second-operator-secret"  # the operator 'ops2' (fixtures second_operator*)
+ENV_SECRET = "env-token-secret-for-tests"  # STEPD_TOKEN of the apps that have one: the principal 'env'
+ENV_HEADERS = {"Authorization": f"Bearer {ENV_SECRET}"}
+
 ENVELOPE_KEYS = {"message", "timestamp", "data", "version"}
 ERROR_MESSAGES = {
     401: "Unauthorized request",
@@ -64,6 +72,11 @@ def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def basic(name, secret):
+    """An Authorization header value for HTTP Basic."""
+    return "Basic " + base64.b64encode(f"{name}:{secret}".encode()).decode()
 
 
 def typed(**values):
@@ -417,3 +430,28 @@ def insert_failed_steps(store, count, step_type="fail", start=None, params=None,
             )
             step_ids.append(sid)
     return step_ids
+
+
+# A delegate for the exactly-once tests on real gunicorn (fixture gated_delegates). The plain
+# `count` delegate fails at once, so a restart that arrives after the winner's attempt has
+# already failed again is a *new*, legitimate restart (not a concurrent one) and may win too.
+# This one counts its call like `count`, then holds the step STARTED until the test opens the
+# gate, so all 16 restarts of a round race against the same FAILED state.
+GATED_COUNT = '''
+import time
+from pathlib import Path
+
+from delegates import delegate
+
+
+@delegate("gated_count")
+def gated_count(ctx):
+    """Append one line per call to param `file`, wait for param `gate` to exist, fail if `fail` is 1."""
+    with open(ctx.params["file"], "a") as out:
+        out.write(f"{ctx.step_id} {ctx.attempt}\\n")
+    deadline = time.monotonic() + 30
+    while not Path(ctx.params["gate"]).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if ctx.params.get("fail") == 1:
+        raise RuntimeError("gated_count failed on purpose")
+'''

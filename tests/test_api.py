@@ -21,8 +21,6 @@ from helpers import (
     wait_for,
 )
 
-from auth import hash_secret
-
 ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 PROCESS_KEYS = {"processId", "name", "status", "steps", "createdAt", "updatedAt"}
 SUMMARY_KEYS = PROCESS_KEYS - {"steps"}
@@ -409,17 +407,10 @@ def test_a_bad_step_list_query_is_412_naming_the_parameter(api, query, keys):
 
 
 # -- GET /api/v1/processes/steps/{id} ----------------------------------------------------------------
-@pytest.fixture
-def second_operator(store):
-    secret = "second-operator-secret"
-    store.add_token("ops2", "operator", hash_secret(secret))
-    return {"Authorization": "Basic " + base64.b64encode(f"ops2:{secret}".encode()).decode()}
-
-
-def test_step_detail_has_the_attempt_history(api, second_operator):
+def test_step_detail_has_the_attempt_history(api, second_operator_basic):
     process = api.start(("check", {"ok": 0, "tag": "a"}), ("noop", {}))
     step_id = api.wait_process(process["processId"], "FAILED")["steps"][0]["processStepId"]
-    restart = api.post(RESTART, {"processStepId": step_id, "params": typed(ok=1)}, headers=second_operator)
+    restart = api.post(RESTART, {"processStepId": step_id, "params": typed(ok=1)}, headers=second_operator_basic)
     ok(restart)
     done = api.wait_process(process["processId"], "COMPLETED")
 
@@ -462,18 +453,6 @@ def test_step_detail_of_an_unknown_id_is_404(api):
 
 
 # -- POST /api/v1/processes/restart-failed-step --------------------------------------------------------
-@pytest.fixture
-def failed_step(api):
-    process = api.start(("check", {"ok": 0}), ("noop", {}))
-    return api.wait_process(process["processId"], "FAILED")["steps"][0]
-
-
-@pytest.fixture
-def deferred_step(api):
-    process = api.start(("external", {"job": "j-1"}), ("noop", {}))
-    return api.wait_deferred(process["steps"][0]["processStepId"])
-
-
 def test_restart_answers_200_with_exactly_process_step_and_params(api, failed_step):
     response = api.post(RESTART, {"processStepId": failed_step["processStepId"], "params": typed(ok=1)})
     data = ok(response)
@@ -561,29 +540,17 @@ ACTION_FAULTS = [
 ]
 
 
-@pytest.fixture(params=["restart", "fail", "complete"])
-def action(request, api):
-    """An action endpoint and a step it would accept."""
-    if request.param == "restart":
-        process = api.start(("check", {"ok": 0}))
-        step = api.wait_process(process["processId"], "FAILED")["steps"][0]
-        return RESTART, step
-    process = api.start(("external", {}))
-    step = api.wait_deferred(process["steps"][0]["processStepId"])
-    return {"fail": FAIL, "complete": COMPLETE}[request.param], step
-
-
 @pytest.mark.parametrize(("raw", "keys"), [c[1:] for c in ACTION_FAULTS], ids=[c[0] for c in ACTION_FAULTS])
-def test_a_bad_action_body_is_412_and_changes_nothing(api, action, raw, keys):
-    path, step = action
+def test_a_bad_action_body_is_412_and_changes_nothing(api, action_step, raw, keys):
+    path, step = action_step
     before = api.step(step["processStepId"])
     data = refused(api.post_raw(path, raw.replace(b"STEP", step["processStepId"].encode())))
     assert set(data) == keys
     assert api.step(step["processStepId"]) == before
 
 
-def test_an_action_body_with_the_wrong_content_type_is_412(api, action):
-    path, step = action
+def test_an_action_body_with_the_wrong_content_type_is_412(api, action_step):
+    path, step = action_step
     before = api.step(step["processStepId"])
     raw = b'{"processStepId": "%s"}' % step["processStepId"].encode()
     refused(api.post_raw(path, raw, "text/plain"))

@@ -1,15 +1,29 @@
 """SPEC section 6: tokens, roles, Bearer and Basic, STEPD_TOKEN, hashed secrets, the `token` commands."""
 
-import base64
 import os
 import sqlite3
 import subprocess
 
 import pytest
-from conftest import OPERATOR_SECRET, READER_SECRET
-from helpers import BULK, COMPLETE, DELEGATES, ENVELOPE_KEYS, FAIL, FLASK, OPENAPI, PLUGINS, RESTART, ROOT, STEPS, P
+from helpers import (
+    BULK,
+    COMPLETE,
+    DELEGATES,
+    ENV_SECRET,
+    ENVELOPE_KEYS,
+    FAIL,
+    FLASK,
+    OPENAPI,
+    OPERATOR_SECRET,
+    READER_SECRET,
+    RESTART,
+    ROOT,
+    STEPS,
+    P,
+    basic,
+)
 
-from app import create_app, start_runner
+from app import create_app
 from auth import hash_secret
 
 # Every route under /api/v1 that needs credentials, with a body a POST would accept in shape.
@@ -26,10 +40,6 @@ ROUTES = [
     ("GET", DELEGATES, None),
 ]
 OPEN_ROUTES = ["/healthz", OPENAPI]
-
-
-def basic(name, secret):
-    return "Basic " + base64.b64encode(f"{name}:{secret}".encode()).decode()
 
 
 def call(client, method, path, body, authorization=None):
@@ -150,22 +160,6 @@ def test_a_revoked_token_is_401(app, client, store):
 
 
 # -- STEPD_TOKEN ---------------------------------------------------------------------------------------
-ENV_SECRET = "env-token-secret-for-tests"
-
-
-@pytest.fixture(params=["override", "environment"])
-def env_app(request, tmp_path, monkeypatch):
-    settings = {"STEPD_DB": str(tmp_path / "env.db"), "STEPD_DELEGATES_PATH": str(PLUGINS)}
-    if request.param == "override":
-        settings["STEPD_TOKEN"] = ENV_SECRET
-    else:
-        monkeypatch.setenv("STEPD_TOKEN", ENV_SECRET)
-    app = create_app(settings)
-    start_runner(app)
-    yield app
-    app.extensions["stepd"].runner.stop(grace=2)
-
-
 @pytest.mark.parametrize(
     "authorization", [f"Bearer {ENV_SECRET}", basic("env", ENV_SECRET)], ids=["bearer", "basic-env"]
 )

@@ -7,7 +7,7 @@ import sqlite3
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from helpers import COMPLETE, DELEGATES, ENVELOPE_KEYS, ERROR_MESSAGES, FAIL, OPENAPI, RESTART, STEPS, P
+from helpers import COMPLETE, DELEGATES, ENV_HEADERS, ENVELOPE_KEYS, ERROR_MESSAGES, FAIL, OPENAPI, RESTART, STEPS, P
 
 import app as app_module
 import schemas
@@ -164,12 +164,6 @@ def test_without_a_request_id_each_response_gets_a_fresh_one(client):
 
 
 # -- 500: an unexpected exception ---------------------------------------------------------------
-@pytest.fixture
-def fresh_app(tmp_path):
-    """An app whose routes a test may still add to (no request has been served yet)."""
-    return create_app({"STEPD_DB": str(tmp_path / "fresh" / "stepd.db"), "STEPD_TOKEN": "fresh-env-token"})
-
-
 SENSITIVE = "SELECT secret_hash FROM tokens WHERE name = 'x' -- /srv/stepd/private/stepd.db"
 
 
@@ -210,7 +204,7 @@ def test_a_real_database_fault_is_an_enveloped_error_without_paths(fresh_app, tm
     fresh_app.extensions["stepd"].store.close()
     shutil.rmtree(folder)
     with caplog.at_level(logging.ERROR):
-        response = fresh_app.test_client().get(P, headers={"Authorization": "Bearer fresh-env-token"})
+        response = fresh_app.test_client().get(P, headers=ENV_HEADERS)
     assert response.status_code in (500, 503)
     body = assert_envelope(response, response.status_code)
     text = response.get_data(as_text=True)

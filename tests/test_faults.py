@@ -256,20 +256,6 @@ def test_a_writer_that_cannot_get_the_lock_in_time_gets_503_with_retry_after(ser
 
 
 # -- a full disk -------------------------------------------------------------------------
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 4 MiB tmpfs of our own, so filling it up harms nothing else (needs root)."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount_point)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
 def fill(folder):
     """Write a file until the filesystem is full, down to the last block; returns it."""
     filler = folder / "filler"

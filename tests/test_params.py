@@ -83,9 +83,8 @@ class RestartTarget:
         assert self.api.process_count() == self.processes
 
 
-@pytest.fixture(params=[StartTarget, RestartTarget], ids=["start", "restart"])
-def target(request, api):
-    return request.param(api)
+# Each test of a target runs against both (fixture target in conftest.py builds it).
+TARGETS = pytest.mark.parametrize("target", [StartTarget, RestartTarget], ids=["start", "restart"], indirect=True)
 
 
 # -- one value ---------------------------------------------------------------------------------
@@ -148,6 +147,7 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize(("value", "error_keys"), [c[1:] for c in BAD_VALUES], ids=[c[0] for c in BAD_VALUES])
+@TARGETS
 def test_a_bad_value_is_412_naming_its_field_and_changes_nothing(target, value, error_keys):
     response = target.send({"x": value})
     refused(response)
@@ -161,6 +161,7 @@ def test_a_bad_value_is_412_naming_its_field_and_changes_nothing(target, value, 
     target.assert_unchanged()
 
 
+@TARGETS
 def test_a_null_value_is_412(target):
     response = target.send({"x": None})
     refused(response)
@@ -169,6 +170,7 @@ def test_a_null_value_is_412(target):
     target.assert_unchanged()
 
 
+@TARGETS
 def test_only_the_bad_names_are_named(target):
     response = target.send({"good": {"type": "LONG", "longValue": 1}, "bad": {"type": "LONG", "longValue": "1"}})
     refused(response)
@@ -177,6 +179,7 @@ def test_only_the_bad_names_are_named(target):
 
 
 @pytest.mark.parametrize("params", ["not an object", 5, ["x"], True], ids=repr)
+@TARGETS
 def test_params_that_are_not_an_object_are_412(target, params):
     response = target.send(params)
     refused(response)
@@ -200,6 +203,7 @@ NON_FINITE = [
 
 
 @pytest.mark.parametrize(("literal", "kind", "field"), NON_FINITE, ids=[f"{c[0]}-{c[1]}" for c in NON_FINITE])
+@TARGETS
 def test_non_finite_literals_in_the_raw_body_are_412(target, literal, kind, field):
     response = target.send_raw('{"x": {"type": "' + kind + '", "' + field + '": ' + literal + "}}")
     data = refused(response)
@@ -207,6 +211,7 @@ def test_non_finite_literals_in_the_raw_body_are_412(target, literal, kind, fiel
     target.assert_unchanged()
 
 
+@TARGETS
 def test_the_raw_body_route_accepts_a_finite_double(target):
     """Control for the test above: the same raw text with a finite number is accepted."""
     response = target.send_raw('{"x": {"type": "DOUBLE", "doubleValue": 1e300}}')
@@ -261,6 +266,7 @@ GOOD_VALUES += [(f"STRING-{s[:6]!r}", {"type": "STRING", "strValue": s}, out("ST
 
 
 @pytest.mark.parametrize(("value", "expected"), [c[1:] for c in GOOD_VALUES], ids=[c[0] for c in GOOD_VALUES])
+@TARGETS
 def test_a_good_value_is_accepted_and_echoed_exactly_in_output_form(target, value, expected):
     response = target.send({"x": value})
     echoed = target.echoed(response)["x"]
@@ -299,6 +305,7 @@ GOOD_NAMES = [
 
 
 @pytest.mark.parametrize("name", [c[1] for c in BAD_NAMES], ids=[c[0] for c in BAD_NAMES])
+@TARGETS
 def test_a_bad_name_is_412_naming_the_key_and_changes_nothing(target, name):
     response = target.send({name: {"type": "LONG", "longValue": 1}})
     refused(response)
@@ -310,6 +317,7 @@ def test_a_bad_name_is_412_naming_the_key_and_changes_nothing(target, name):
 
 
 @pytest.mark.parametrize("name", [c[1] for c in GOOD_NAMES], ids=[c[0] for c in GOOD_NAMES])
+@TARGETS
 def test_a_good_name_is_accepted_and_echoed_exactly(target, name):
     response = target.send({name: {"type": "LONG", "longValue": 7}})
     assert target.echoed(response)[name] == out("LONG", 7)
@@ -323,6 +331,7 @@ def names(count):
     return params
 
 
+@TARGETS
 def test_257_names_are_412(target):
     response = target.send(names(257))
     refused(response)
@@ -331,6 +340,7 @@ def test_257_names_are_412(target):
     target.assert_unchanged()
 
 
+@TARGETS
 def test_256_names_are_accepted(target):
     response = target.send(names(256))
     echoed = target.echoed(response)
@@ -340,47 +350,43 @@ def test_256_names_are_accepted(target):
 
 
 # -- restart: effective params are the failed attempt's with the request's laid over them ----
-@pytest.fixture
-def failed(api):
-    """A FAILED `check` step whose params are ok=0, keep="k", ratio=0.5."""
-    process = api.start(("check", {"ok": 0, "keep": "k", "ratio": 0.5}), ("noop", {}))
-    step = api.wait_process(process["processId"], "FAILED")["steps"][0]
-    return step
-
-
 FAILED_OUTPUT = {"ok": out("LONG", 0), "keep": out("STRING", "k"), "ratio": out("DOUBLE", 0.5)}
 
 
-def test_restart_lays_the_request_params_over_the_failed_ones(api, failed):
-    response = api.post(RESTART, {"processStepId": failed["processStepId"], "params": typed(ok=1, extra="new")})
+def test_restart_lays_the_request_params_over_the_failed_ones(api, failed_check_step):
+    response = api.post(
+        RESTART, {"processStepId": failed_check_step["processStepId"], "params": typed(ok=1, extra="new")}
+    )
     assert response.status_code == 200, response.json
     effective = {**FAILED_OUTPUT, "ok": out("LONG", 1), "extra": out("STRING", "new")}
     assert response.json["data"] == {
-        "processId": failed["processId"],
-        "processStepId": failed["processStepId"],
+        "processId": failed_check_step["processId"],
+        "processStepId": failed_check_step["processStepId"],
         "params": effective,
     }
-    done = api.wait_process(failed["processId"], "COMPLETED")
+    done = api.wait_process(failed_check_step["processId"], "COMPLETED")
     assert done["steps"][0]["params"] == effective
-    history = api.step(failed["processStepId"])["attemptHistory"]
+    history = api.step(failed_check_step["processStepId"])["attemptHistory"]
     assert [a["params"] for a in history] == [FAILED_OUTPUT, effective]
 
 
 @pytest.mark.parametrize("body_params", ["absent", {}], ids=["absent", "empty"])
-def test_restart_without_params_reuses_the_failed_ones(api, failed, body_params):
-    body = {"processStepId": failed["processStepId"]}
+def test_restart_without_params_reuses_the_failed_ones(api, failed_check_step, body_params):
+    body = {"processStepId": failed_check_step["processStepId"]}
     if body_params != "absent":
         body["params"] = body_params
     response = api.post(RESTART, body)
     assert response.status_code == 200, response.json
     assert response.json["data"]["params"] == FAILED_OUTPUT
-    step = api.wait_step(failed["processStepId"], "FAILED")  # ok is still 0: it fails again
+    step = api.wait_step(failed_check_step["processStepId"], "FAILED")  # ok is still 0: it fails again
     assert step["attempts"] == 2
     assert [a["params"] for a in step["attemptHistory"]] == [FAILED_OUTPUT, FAILED_OUTPUT]
 
 
-def test_restart_overlay_may_change_a_names_type(api, failed):
-    response = api.post(RESTART, {"processStepId": failed["processStepId"], "params": typed(keep=3, ratio="half")})
+def test_restart_overlay_may_change_a_names_type(api, failed_check_step):
+    response = api.post(
+        RESTART, {"processStepId": failed_check_step["processStepId"], "params": typed(keep=3, ratio="half")}
+    )
     assert response.status_code == 200, response.json
     assert response.json["data"]["params"] == {
         "ok": out("LONG", 0),
@@ -428,14 +434,14 @@ def test_restart_overlaying_only_existing_names_keeps_the_count(api):
     assert params["old000"] == out("STRING", "over") and params["ok"] == out("LONG", 0)
 
 
-def test_delegates_see_plain_values_of_the_effective_params(api, failed):
+def test_delegates_see_plain_values_of_the_effective_params(api, failed_check_step):
     """`check` compares ctx.params["ok"] with the int 1: only a plain 1 completes it."""
-    response = api.post(RESTART, {"processStepId": failed["processStepId"], "params": typed(ok="1")})
+    response = api.post(RESTART, {"processStepId": failed_check_step["processStepId"], "params": typed(ok="1")})
     assert response.status_code == 200
-    step = api.wait_step(failed["processStepId"], "FAILED")
+    step = api.wait_step(failed_check_step["processStepId"], "FAILED")
     assert step["error"] == {"type": "ValueError", "message": "ok is '1', not 1"}
-    assert api.restart(failed["processStepId"], ok=1).status_code == 200
-    done = api.wait_process(failed["processId"], "COMPLETED")
+    assert api.restart(failed_check_step["processStepId"], ok=1).status_code == 200
+    done = api.wait_process(failed_check_step["processId"], "COMPLETED")
     assert done["steps"][0]["result"] == {"checked": out("LONG", 1)}
 
 

@@ -32,20 +32,6 @@ from app import create_app, start_runner
 from auth import hash_secret
 from delegates import DelegateLoadError, RetryPolicy, delegate, load_registry
 
-SECOND_SECRET = "second-operator-secret"
-
-
-@pytest.fixture
-def second(app, client):
-    """Headers of a second operator token, 'ops2'."""
-    app.extensions["stepd"].store.add_token("ops2", "operator", hash_secret(SECOND_SECRET))
-    return {"Authorization": f"Bearer {SECOND_SECRET}"}
-
-
-@pytest.fixture
-def counted(tmp_path):
-    return tmp_path / "calls.txt"
-
 
 def start_one(api, step_type, **params):
     process = api.start((step_type, params), ("noop", {}))
@@ -254,10 +240,12 @@ def test_abort_fails_at_once_whatever_the_policy(api, counted):
     assert api.step(step_id)["attempts"] == 1
 
 
-def test_a_manual_restart_starts_a_fresh_budget_and_retries_keep_its_principal_and_params(app, api, second, counted):
+def test_a_manual_restart_starts_a_fresh_budget_and_retries_keep_its_principal_and_params(
+    app, api, second_operator, counted
+):
     _, step_id = start_one(api, "retry_count", file=str(counted), note="first")
     wait_attempts(api, step_id, 4, "FAILED")
-    restarted = api.post(RESTART, {"processStepId": step_id, "params": typed(note="second")}, headers=second)
+    restarted = api.post(RESTART, {"processStepId": step_id, "params": typed(note="second")}, headers=second_operator)
     assert ok(restarted)["params"]["note"] == out("STRING", "second")
     step = wait_attempts(api, step_id, 8, "FAILED")
     history = step["attemptHistory"]

@@ -20,6 +20,7 @@ import requests
 from helpers import (
     COMPLETE,
     DELEGATES,
+    ENV_HEADERS,
     ENVELOPE_KEYS,
     FAIL,
     FLASK,
@@ -34,7 +35,7 @@ from helpers import (
 )
 from invariants import check
 
-from app import create_app, start_runner
+from app import create_app
 from auth import hash_secret
 from delegates import DelegateLoadError
 
@@ -189,7 +190,6 @@ CORPUS = [
     "{{7*7}}",
     "<script>alert(1)</script>",
 ]
-HEADERS = {"Authorization": "Bearer corpus-token"}
 
 
 def database_state(db):
@@ -206,31 +206,21 @@ def database_state(db):
         conn.close()
 
 
-@pytest.fixture
-def corpus_app(tmp_path):
-    db = tmp_path / "corpus.db"
-    app = create_app({"STEPD_DB": str(db), "STEPD_DELEGATES_PATH": str(PLUGINS), "STEPD_TOKEN": "corpus-token"})
-    app.extensions["stepd"].store.add_token("someone", "reader", hash_secret("someone-secret"))
-    start_runner(app)
-    yield app, db
-    app.extensions["stepd"].runner.stop(grace=1)
-
-
 @pytest.mark.parametrize("evil", CORPUS)
 def test_an_injection_in_ids_and_queries_is_refused_and_changes_nothing(corpus_app, evil):
     app, db = corpus_app
     client = app.test_client()
     before = database_state(db)
     for path in (f"{P}/{quote(evil, safe='')}", f"{STEPS}/{quote(evil, safe='')}", f"{P}/{quote(evil)}"):
-        response = client.get(path, headers=HEADERS)
+        response = client.get(path, headers=ENV_HEADERS)
         assert response.status_code in (404, 405), (path, response.status_code)
     for path in POSTS[1:]:
-        response = client.post(path, json={"processStepId": evil}, headers=HEADERS)
+        response = client.post(path, json={"processStepId": evil}, headers=ENV_HEADERS)
         assert response.status_code == 412
         assert set(response.json["data"]) == {"processStepId"}
     for query in ("status", "cursor", "limit"):
-        assert client.get(f"{STEPS}?{query}={quote(evil)}", headers=HEADERS).status_code == 412
-    listed = client.get(f"{STEPS}?type={quote(evil)}", headers=HEADERS)
+        assert client.get(f"{STEPS}?{query}={quote(evil)}", headers=ENV_HEADERS).status_code == 412
+    listed = client.get(f"{STEPS}?type={quote(evil)}", headers=ENV_HEADERS)
     assert listed.status_code in (200, 412)
     if listed.status_code == 200:
         assert listed.json["data"]["items"] == []  # no step has this type; the filter is a value, not SQL
@@ -247,13 +237,13 @@ def test_an_injection_in_names_and_params_is_stored_and_echoed_as_plain_text(cor
         name = evil.replace("\x00", "0")  # a param name may hold no control character (SPEC section 2)
         params = {name: {"type": "STRING", "strValue": evil}, "n": {"type": "STRING", "strValue": evil * 3}}
         body = {"name": evil, "steps": [{"type": "external", "params": params}]}
-        response = client.post(P, json=body, headers=HEADERS)
+        response = client.post(P, json=body, headers=ENV_HEADERS)
         assert response.status_code == 201, (evil, response.json)
         process = response.json["data"]
         assert process["name"] == evil
         assert process["steps"][0]["params"][name]["strValue"] == evil
         started.append(process["processId"])
-    listed = client.get(f"{P}?limit=500", headers=HEADERS).json["data"]["items"]
+    listed = client.get(f"{P}?limit=500", headers=ENV_HEADERS).json["data"]["items"]
     assert [p["name"] for p in reversed(listed)] == CORPUS
     after = database_state(db)
     assert after["tokens"] == tokens_before

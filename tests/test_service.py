@@ -21,7 +21,6 @@ from helpers import (
     COMPLETE,
     FAIL,
     GUNICORN,
-    PLUGINS,
     RESTART,
     ROOT,
     STEPS,
@@ -41,45 +40,10 @@ pytestmark = pytest.mark.slow
 GRACEFUL_TIMEOUT = 15  # gunicorn.conf.py graceful_timeout
 SECRET = re.compile(r"stepd_[A-Za-z0-9_-]{20,}")
 
-# A delegate for the exactly-once test. The plain `count` delegate fails at once, so a
-# restart that arrives after the winner's attempt has already failed again is a *new*,
-# legitimate restart (not a concurrent one) and may win too. This one counts its call
-# like `count`, then holds the step STARTED until the test opens the gate, so all 16
-# restarts of a round race against the same FAILED state.
-GATED_COUNT = '''
-import time
-from pathlib import Path
-
-from delegates import delegate
-
-
-@delegate("gated_count")
-def gated_count(ctx):
-    """Append one line per call to param `file`, wait for param `gate` to exist, fail if `fail` is 1."""
-    with open(ctx.params["file"], "a") as out:
-        out.write(f"{ctx.step_id} {ctx.attempt}\\n")
-    deadline = time.monotonic() + 30
-    while not Path(ctx.params["gate"]).exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if ctx.params.get("fail") == 1:
-        raise RuntimeError("gated_count failed on purpose")
-'''
-
-
-@pytest.fixture
-def delegates(tmp_path):
-    """The test delegates of tests/plugins plus `gated_count`, as a user's delegate folder."""
-    folder = tmp_path / "delegates"
-    folder.mkdir()
-    for module in PLUGINS.glob("*.py"):
-        (folder / module.name).write_text(module.read_text())
-    (folder / "gated.py").write_text(GATED_COUNT)
-    return folder
-
 
 # -- 1. exactly once across worker processes ------------------------------------------------
-def test_concurrent_restarts_from_many_threads_win_exactly_once(server_factory, tmp_path, delegates):
-    server = server_factory(workers=2, delegates=delegates).start()
+def test_concurrent_restarts_from_many_threads_win_exactly_once(server_factory, tmp_path, gated_delegates):
+    server = server_factory(workers=2, delegates=gated_delegates).start()
     assert len(server.worker_pids()) == 2
 
     call_log = tmp_path / "calls.txt"
@@ -144,9 +108,9 @@ def test_concurrent_restarts_from_many_threads_win_exactly_once(server_factory, 
 
 
 # -- 2. kill -9 of the whole service ---------------------------------------------------------
-def test_kill_of_the_service_interrupts_running_steps_but_not_deferred_ones(server_factory, tmp_path, delegates):
+def test_kill_of_the_service_interrupts_running_steps_but_not_deferred_ones(server_factory, tmp_path, gated_delegates):
     db = tmp_path / "served.db"
-    first = server_factory(db_path=db, delegates=delegates).start()
+    first = server_factory(db_path=db, delegates=gated_delegates).start()
     release = tmp_path / "release"
     running = first.start_process(("wait", {"file": str(release), "seconds": 60.0}), ("noop", {}))
     deferred = first.start_process(("external", {}), ("noop", {}))
@@ -165,7 +129,7 @@ def test_kill_of_the_service_interrupts_running_steps_but_not_deferred_ones(serv
     rows = dict(db_rows(db, "SELECT id, status || ':' || deferred FROM steps WHERE position = 0"))
     assert rows == {running_step: "STARTED:0", deferred_step: "STARTED:1", counted_step: "STARTED:0"}
 
-    second = server_factory(db_path=db, delegates=delegates)
+    second = server_factory(db_path=db, delegates=gated_delegates)
     started_at = time.monotonic()
     second.start()
     interrupted = wait_for(
@@ -559,8 +523,8 @@ def test_log_level_info_and_request_ids(server_factory, tmp_path):
     assert '"GET /api/v1/processes HTTP/1.1" 200' in line
 
 
-def test_stepd_threads_bounds_the_delegates_running_at_once(server_factory, tmp_path, delegates):
-    server = server_factory(workers=1, threads=2, delegates=delegates).start()
+def test_stepd_threads_bounds_the_delegates_running_at_once(server_factory, tmp_path, gated_delegates):
+    server = server_factory(workers=1, threads=2, delegates=gated_delegates).start()
     call_log, gate = tmp_path / "calls.txt", tmp_path / "gate"
     processes = [
         server.start_process(("gated_count", {"file": str(call_log), "gate": str(gate), "fail": 0})) for _ in range(3)
