@@ -111,6 +111,36 @@ def test_options_is_answered_in_the_envelope(api):
     assert_envelope(response, response.status_code)
 
 
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        (P, "GET, HEAD, OPTIONS, POST"),
+        (RESTART, "OPTIONS, POST"),
+        ("/healthz", "GET, HEAD, OPTIONS"),
+    ],
+)
+def test_options_answers_in_the_envelope(client, path, allowed):
+    response = client.options(path)
+    assert response.status_code == 200
+    assert set(response.json) == ENVELOPE_KEYS
+    assert response.headers["Allow"] == allowed
+    assert response.json["data"]["allow"] == allowed.split(", ")
+
+
+def test_unknown_method_is_405_in_the_envelope(client):
+    response = client.open(P, method="PATCH")
+    assert response.status_code == 405
+    assert response.json["message"] == "Method not allowed"
+    assert "POST" in response.headers["Allow"]
+
+
+@pytest.mark.parametrize("path", ["/api/v1//processes", "//api/v1/processes", f"{P}/"])
+def test_odd_slashes_are_404_in_the_envelope_not_redirects(api, path):
+    response = api.get(path)
+    assert response.status_code == 404
+    assert response.json["message"] == "Not found"
+
+
 def test_timestamp_is_the_response_time_in_utc_milliseconds(api):
     before = datetime.now(UTC) - timedelta(milliseconds=1)
     body = assert_envelope(api.get(DELEGATES), 200)

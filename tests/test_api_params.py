@@ -450,3 +450,18 @@ def test_json_echo_of_int64_extremes_is_exact_on_the_wire(api):
     response = api.post(P, {"steps": [{"type": "noop", "params": typed(big=INT64_MAX, small=INT64_MIN)}]})
     text = response.get_data(as_text=True)
     assert json.dumps(INT64_MAX) in text and json.dumps(INT64_MIN) in text
+
+
+# -- null params and unpaired surrogates -----------------------------------------------------------
+def test_null_params_mean_no_params(api):
+    process = api.post(P, {"steps": [{"type": "check", "params": None}]}).json["data"]
+    step_id = process["steps"][0]["processStepId"]
+    api.wait_step(step_id, "FAILED")
+    response = api.post(RESTART, {"processStepId": step_id, "params": None})
+    assert response.status_code == 200
+    assert response.json["data"]["params"] == {}
+
+
+def test_lone_surrogates_in_params_are_kept_exactly(api):
+    process = api.start(("noop", {"s": "\ud800x"}))
+    assert process["steps"][0]["params"]["s"]["strValue"] == "\ud800x"

@@ -44,7 +44,7 @@ def seed_ids(server):
 
 def operation_count(server):
     """Operations in the document, but the document's own (schemathesis leaves its source URL out;
-    tests/test_openapi.py covers it)."""
+    tests/test_api_openapi.py covers it)."""
     spec = server.get(OPENAPI).json()
     return sum(
         1

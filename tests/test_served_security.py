@@ -1,48 +1,28 @@
-"""Security: secrets never in a log line or a response, an injection and traversal corpus that
-changes nothing, the security headers and JSON-only POSTs on a real server, gunicorn's own
-refusals in the envelope.
+"""Security on real gunicorn: secrets never in a log line or a response, the security headers and
+JSON-only POSTs, gunicorn's own refusals in the envelope (a chunked body over 1 MiB included).
 
-Covered elsewhere, not repeated here: secrets stored hashed (test_auth.py
-test_secrets_are_stored_hashed), a 500 holding only an error id (test_envelope.py
+Covered elsewhere, not repeated here: secrets stored hashed (test_api_auth.py
+test_secrets_are_stored_hashed), a 500 holding only an error id (test_api_envelope.py
 test_an_unexpected_exception_is_a_500_with_only_an_error_id, and on every schemathesis answer in
-schemathesis_hooks.py), non-JSON POSTs through the test client (test_api.py).
+schemathesis_hooks.py), non-JSON POSTs through the test client (test_api_processes.py), the
+injection corpus (test_api_security.py).
 """
 
 import socket
-import sqlite3
 import subprocess
 import uuid
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 import requests
-from helpers import (
-    COMPLETE,
-    DELEGATES,
-    ENV_HEADERS,
-    ENVELOPE_KEYS,
-    FAIL,
-    FLASK,
-    OPENAPI,
-    PLUGINS,
-    RESTART,
-    ROOT,
-    STEPS,
-    P,
-    typed,
-    wait_for,
-)
-from invariants import check
+from helpers import COMPLETE, DELEGATES, ENVELOPE_KEYS, FAIL, FLASK, OPENAPI, RESTART, ROOT, STEPS, P, typed, wait_for
 
-from app import create_app
 from auth import hash_secret
-from delegates import DelegateLoadError
 
+# -- secrets ---------------------------------------------------------------------------------------
 POSTS = [P, RESTART, FAIL, COMPLETE]
 
 
-# -- secrets -------------------------------------------------------------------------------
 def create_token(db, name, role):
     """`flask --app app token create`, as an operator runs it; returns the secret."""
     env = {"PATH": "/usr/bin:/bin", "STEPD_DB": str(db)}
@@ -133,7 +113,7 @@ def test_secrets_never_appear_in_a_log_line_or_a_response(server_factory, tmp_pa
     assert len(recorder.answers) > 50
 
 
-# -- gunicorn's own refusals -----------------------------------------------------------------
+# -- gunicorn's own refusals -----------------------------------------------------------------------
 def raw_request(server, request_bytes):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(request_bytes)
@@ -170,115 +150,21 @@ def test_what_gunicorn_refuses_is_a_412_in_the_envelope(server_factory, request_
     assert list(answer["data"]) == ["_schema"]
 
 
-# -- an injection and traversal corpus ---------------------------------------------------
-CORPUS = [
-    "' OR '1'='1",
-    "'; DROP TABLE steps; --",
-    '" OR 1=1 --',
-    "1; DELETE FROM processes",
-    "x' UNION SELECT secret_hash, name, role FROM tokens --",
-    "%' OR name LIKE '%",
-    "*",
-    "../../etc/passwd",
-    "..\\..\\windows\\win.ini",
-    "/etc/shadow",
-    "..%2F..%2Fetc%2Fpasswd",
-    "file:///etc/passwd",
-    "a\x00b",
-    "$(touch /tmp/stepd-pwned)",
-    "`id`",
-    "{{7*7}}",
-    "<script>alert(1)</script>",
-]
+def test_a_chunked_body_over_1_mib_is_413(server_factory):
+    import requests
 
+    server = server_factory().start()
+    chunk = b" " * 65536
 
-def database_state(db):
-    """Everything that must not change: the schema, the tokens, and the ids of every row."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return {
-            "schema": conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall(),
-            "tokens": conn.execute("SELECT name, role, secret_hash FROM tokens ORDER BY name").fetchall(),
-            "processes": conn.execute("SELECT id, name, status FROM processes ORDER BY seq").fetchall(),
-            "steps": conn.execute("SELECT id, status, params FROM steps ORDER BY seq").fetchall(),
-        }
-    finally:
-        conn.close()
+    def body():  # a generator body is sent chunked, with no Content-Length
+        yield b'{"processStepId": "abc"'
+        for _ in range(17):
+            yield chunk
+        yield b"}"
 
-
-@pytest.mark.parametrize("evil", CORPUS)
-def test_an_injection_in_ids_and_queries_is_refused_and_changes_nothing(corpus_app, evil):
-    app, db = corpus_app
-    client = app.test_client()
-    before = database_state(db)
-    for path in (f"{P}/{quote(evil, safe='')}", f"{STEPS}/{quote(evil, safe='')}", f"{P}/{quote(evil)}"):
-        response = client.get(path, headers=ENV_HEADERS)
-        assert response.status_code in (404, 405), (path, response.status_code)
-    for path in POSTS[1:]:
-        response = client.post(path, json={"processStepId": evil}, headers=ENV_HEADERS)
-        assert response.status_code == 412
-        assert set(response.json["data"]) == {"processStepId"}
-    for query in ("status", "cursor", "limit"):
-        assert client.get(f"{STEPS}?{query}={quote(evil)}", headers=ENV_HEADERS).status_code == 412
-    listed = client.get(f"{STEPS}?type={quote(evil)}", headers=ENV_HEADERS)
-    assert listed.status_code in (200, 412)
-    if listed.status_code == 200:
-        assert listed.json["data"]["items"] == []  # no step has this type; the filter is a value, not SQL
-    assert database_state(db) == before
-    assert not Path("/tmp/stepd-pwned").exists()
-
-
-def test_an_injection_in_names_and_params_is_stored_and_echoed_as_plain_text(corpus_app):
-    app, db = corpus_app
-    client = app.test_client()
-    tokens_before = database_state(db)["tokens"]
-    started = []
-    for evil in CORPUS:
-        name = evil.replace("\x00", "0")  # a param name may hold no control character (SPEC section 2)
-        params = {name: {"type": "STRING", "strValue": evil}, "n": {"type": "STRING", "strValue": evil * 3}}
-        body = {"name": evil, "steps": [{"type": "external", "params": params}]}
-        response = client.post(P, json=body, headers=ENV_HEADERS)
-        assert response.status_code == 201, (evil, response.json)
-        process = response.json["data"]
-        assert process["name"] == evil
-        assert process["steps"][0]["params"][name]["strValue"] == evil
-        started.append(process["processId"])
-    listed = client.get(f"{P}?limit=500", headers=ENV_HEADERS).json["data"]["items"]
-    assert [p["name"] for p in reversed(listed)] == CORPUS
-    after = database_state(db)
-    assert after["tokens"] == tokens_before
-    assert [row[0] for row in after["processes"]] == started
-    assert {name for _, name, _ in after["schema"]} >= {"processes", "steps", "attempts", "tokens", "runners"}
-    assert check(db).problems == []
-
-
-@pytest.mark.parametrize(
-    "folder",
-    [
-        "../../etc/passwd",
-        "/etc/passwd",
-        "/nonexistent/../../etc/shadow",
-        "'; DROP TABLE tokens; --",
-        "$(touch /tmp/stepd-pwned)",
-        "plugins\x00/../x",
-    ],
-)
-def test_a_bad_delegates_path_refuses_to_start_and_changes_nothing(tmp_path, folder):
-    db = tmp_path / "paths.db"
-    first = create_app({"STEPD_DB": str(db), "STEPD_TOKEN": "t"})
-    first.extensions["stepd"].store.add_token("keeper", "operator", hash_secret("keeper-secret"))
-    first.extensions["stepd"].store.close()
-    before = database_state(db)
-    with pytest.raises((DelegateLoadError, ValueError)):
-        create_app({"STEPD_DB": str(db), "STEPD_TOKEN": "t", "STEPD_DELEGATES_PATH": folder})
-    assert database_state(db) == before
-    assert not Path("/tmp/stepd-pwned").exists()
-
-
-def test_a_delegates_path_with_dot_dot_loads_only_the_folder_it_names(tmp_path):
-    roundabout = f"{PLUGINS}/../plugins/../../tests/plugins"
-    straight = create_app({"STEPD_DB": str(tmp_path / "a.db"), "STEPD_DELEGATES_PATH": str(PLUGINS)})
-    winding = create_app({"STEPD_DB": str(tmp_path / "b.db"), "STEPD_DELEGATES_PATH": roundabout})
-    types = [d.type for d in straight.extensions["stepd"].registry.all()]
-    assert [d.type for d in winding.extensions["stepd"].registry.all()] == types
-    assert "nap" in types and "noop" in types
+    headers = {**server.headers(), "Content-Type": "application/json"}
+    response = requests.post(server.url + RESTART, data=body(), headers=headers)
+    assert response.status_code == 413
+    assert response.json()["message"] == "Payload too large"
+    small = requests.post(server.url + RESTART, data=iter([b'{"processStepId": "abc"}']), headers=headers)
+    assert small.status_code == 412 and small.json()["data"] == {"processStepId": ["No step has this id."]}

@@ -1,47 +1,48 @@
 """stepd as it runs: real gunicorn processes on loopback, killed, stopped and started again.
 
-These tests hold the service to SPEC sections 5-8: exactly-once restarts across worker
-processes, steps interrupted by a crash (of the service or of one worker), a clean stop
-that loses nothing, refusals at start, the first token, the settings, and `make run`.
+These tests hold the service to SPEC sections 5-8 (with test_served_startup.py, which starts it:
+refusals, the first token, settings, `make run`): exactly-once restarts across worker processes,
+steps interrupted by a crash (of the service or of one worker), a clean stop that loses nothing;
+retries, Idempotency-Key, bulk restart and dry run with two workers on one file and across a stop.
 """
 
-import contextlib
 import os
-import re
 import signal
-import sqlite3
-import subprocess
 import threading
 import time
-from pathlib import Path
+from collections import Counter
+from datetime import UTC, datetime
 
 import pytest
 import requests
 from helpers import (
+    BULK,
     COMPLETE,
+    DELEGATES,
     FAIL,
-    GUNICORN,
     RESTART,
-    ROOT,
     STEPS,
     P,
     all_at_once,
     calls,
     db_rows,
-    free_port,
+    ok,
+    parse_time,
     typed,
     wait_for,
 )
 
-import store as store_module
-
 pytestmark = pytest.mark.slow
 
 GRACEFUL_TIMEOUT = 15  # gunicorn.conf.py graceful_timeout
-SECRET = re.compile(r"stepd_[A-Za-z0-9_-]{20,}")
 
 
-# -- 1. exactly once across worker processes ------------------------------------------------
+def test_gunicorn_serves(server_factory):
+    server = server_factory().start()
+    assert server.get(DELEGATES).status_code == 200
+
+
+# -- exactly once across worker processes ----------------------------------------------------------
 def test_concurrent_restarts_from_many_threads_win_exactly_once(server_factory, tmp_path, gated_delegates):
     server = server_factory(workers=2, delegates=gated_delegates).start()
     assert len(server.worker_pids()) == 2
@@ -60,7 +61,7 @@ def test_concurrent_restarts_from_many_threads_win_exactly_once(server_factory, 
         before = server.step(step_id)
         assert before["status"] == "FAILED"
         gate.unlink()  # the winning attempt will stay STARTED until the gate opens
-        responses = race_restarts(server, step_id, 16)
+        responses = race(server, 16, RESTART, {"processStepId": step_id})
 
         codes = sorted(r.status_code for r in responses)
         assert codes == [200] + [412] * 15, f"round {round_number}: {codes}"
@@ -107,7 +108,7 @@ def test_concurrent_restarts_from_many_threads_win_exactly_once(server_factory, 
     assert server.process(process["processId"])["status"] == "FAILED"
 
 
-# -- 2. kill -9 of the whole service ---------------------------------------------------------
+# -- kill -9 of the whole service ------------------------------------------------------------------
 def test_kill_of_the_service_interrupts_running_steps_but_not_deferred_ones(server_factory, tmp_path, gated_delegates):
     db = tmp_path / "served.db"
     first = server_factory(db_path=db, delegates=gated_delegates).start()
@@ -175,7 +176,7 @@ def test_kill_of_the_service_interrupts_running_steps_but_not_deferred_ones(serv
     second.wait_process(deferred["processId"], "COMPLETED")
 
 
-# -- 3. kill -9 of one worker ----------------------------------------------------------------
+# -- kill -9 of one worker -------------------------------------------------------------------------
 def test_kill_of_one_worker_interrupts_only_its_steps(server_factory, tmp_path):
     db = tmp_path / "served.db"
     server = server_factory(db_path=db, workers=2, threads=8).start()
@@ -282,7 +283,7 @@ def test_kill_of_the_only_worker_interrupts_its_steps_after_the_respawn(server_f
     assert server.process(process["processId"])["status"] == "FAILED"
 
 
-# -- 4. SIGTERM and start again --------------------------------------------------------------
+# -- SIGTERM and start again -----------------------------------------------------------------------
 def test_sigterm_and_start_again_keeps_every_process_step_and_attempt(server_factory, tmp_path):
     db = tmp_path / "served.db"
     first = server_factory(db_path=db).start()
@@ -346,302 +347,131 @@ def test_sigterm_and_start_again_keeps_every_process_step_and_attempt(server_fac
     second.wait_process(deferred["processId"], "COMPLETED")
 
 
-# -- 5. refusals at start --------------------------------------------------------------------
-def test_start_is_refused_when_a_delegate_module_does_not_import(server_factory, tmp_path):
-    folder = tmp_path / "broken"
-    folder.mkdir()
-    (folder / "fine.py").write_text("from delegates import delegate\n\n\n@delegate('fine')\ndef fine(ctx):\n    pass\n")
-    (folder / "boom.py").write_text("raise RuntimeError('boom at import time')\n")
-    began = time.monotonic()
-    server = server_factory(db_path=tmp_path / "broken.db", delegates=folder).start(wait=False)
-    code = server.proc.wait(timeout=20)
-    output = server.output()
-    assert code != 0, output
-    assert str(folder / "boom.py") in output
-    assert "boom at import time" in output
-    assert time.monotonic() - began < 10
+# -- retries and Idempotency-Key: two workers on one file, a retry schedule that outlives a stop ------
+def test_idempotent_repeats_across_two_workers_do_the_work_once(server_factory, tmp_path):
+    server = server_factory(workers=2).start()
+    db = server.env["STEPD_DB"]
+    counted = tmp_path / "calls.txt"
 
+    started = race(server, 16, P, {"steps": [{"type": "noop"}]}, {"Idempotency-Key": "start-once"})
+    assert [r.status_code for r in started] == [201] * 16
+    assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in started) == 15
+    assert len({str(without_timestamp(r)) for r in started}) == 1
+    assert db_rows(db, "SELECT COUNT(*) FROM processes") == [(1,)]
 
-def test_start_is_refused_when_two_delegates_claim_one_type(server_factory, tmp_path):
-    folder = tmp_path / "twice"
-    folder.mkdir()
-    for name in ("first.py", "second.py"):
-        (folder / name).write_text(
-            f"from delegates import delegate\n\n\n@delegate('dup')\ndef {name[:-3]}(ctx):\n    pass\n"
+    process = server.start_process(("count", {"file": str(counted), "fail": 1}))
+    step_id = server.wait_step(process["steps"][0]["processStepId"], "FAILED")["processStepId"]
+    for round_number in range(3):  # each round its own key: one restart per round, whatever the repeats
+        restarted = race(
+            server, 16, RESTART, {"processStepId": step_id}, {"Idempotency-Key": f"restart-{round_number}"}
         )
-    began = time.monotonic()
-    server = server_factory(db_path=tmp_path / "twice.db", delegates=folder).start(wait=False)
-    code = server.proc.wait(timeout=20)
-    output = server.output()
-    assert code != 0, output
-    assert str(folder / "first.py") in output and str(folder / "second.py") in output, output
-    assert time.monotonic() - began < 10
-
-    # A user's module that claims a built-in type is refused the same way.
-    shadow = tmp_path / "shadow"
-    shadow.mkdir()
-    (shadow / "mine.py").write_text("from delegates import delegate\n\n\n@delegate('noop')\ndef mine(ctx):\n    pass\n")
-    server = server_factory(db_path=tmp_path / "shadow.db", delegates=shadow).start(wait=False)
-    code = server.proc.wait(timeout=20)
-    output = server.output()
-    assert code != 0, output
-    assert str(shadow / "mine.py") in output and str(ROOT / "delegates" / "builtin.py") in output, output
+        assert [r.status_code for r in restarted] == [200] * 16
+        assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in restarted) == 15
+        assert len({str(without_timestamp(r)) for r in restarted}) == 1
+        wait_for(lambda n=round_number: len(calls(counted)) == n + 2, what="the round's one call")
+        server.wait_step(step_id, "FAILED")
+    time.sleep(0.3)
+    assert calls(counted) == [(step_id, n) for n in (1, 2, 3, 4)]
+    history = server.step(step_id)["attemptHistory"]
+    assert [(a["trigger"], a["principal"]) for a in history] == [("start", "env")] + [("restart", "env")] * 3
+    # the first answer is there for any worker later on
+    again = server.post(RESTART, {"processStepId": step_id}, headers={"Idempotency-Key": "restart-0"})
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
 
 
-# -- 6. the first token ----------------------------------------------------------------------
-def test_first_start_without_token_prints_exactly_one_working_secret(server_factory, tmp_path):
-    db = tmp_path / "fresh.db"
-    first = server_factory(db_path=db, token=None, workers=2)
-    stdout = start_with_split_output(first)
-    output = first.output()  # standard error only
-    secrets = set(SECRET.findall(output))
-    assert len(secrets) == 1, output
-    assert output.count("created the operator token") == 1, output
-    secret = secrets.pop()
-    # The access log goes to standard output (written just after the response, so poll).
-    wait_for(lambda: '"GET /healthz HTTP/1.1" 200' in stdout.read_text(), what="the access log on stdout")
-    assert "created the operator token" not in stdout.read_text()
-    assert secret not in stdout.read_text()
-
-    bearer = {"Authorization": f"Bearer {secret}"}
-    assert requests.get(first.url + P, headers=bearer, timeout=10).status_code == 200
-    created = requests.post(first.url + P, json={"steps": [{"type": "noop"}]}, headers=bearer, timeout=10)
-    assert created.status_code == 201, created.text
-    step_id = created.json()["data"]["steps"][0]["processStepId"]
-    detail = requests.get(f"{first.url}{STEPS}/{step_id}", auth=("admin", secret), timeout=10)
-    assert detail.status_code == 200
-    assert detail.json()["data"]["attemptHistory"][0]["principal"] == "admin"
-    assert requests.get(first.url + P, timeout=10).status_code == 401
-    wrong = {"Authorization": "Bearer " + secret + "x"}
-    assert requests.get(first.url + P, headers=wrong, timeout=10).status_code == 401
-    assert db_rows(db, "SELECT name, role FROM tokens") == [("admin", "operator")]
-    assert first.stop() == 0
-    # Stored hashed: the secret is nowhere in the database files.
-    for path in tmp_path.glob("fresh.db*"):
-        assert secret.encode() not in path.read_bytes(), path
-
-    offset = len(first.output())
-    second = server_factory(db_path=db, token=None).start()
-    later = second.output()[offset:]
-    assert "Booting worker" in later  # this is the second start's output
-    assert not SECRET.findall(later), later
-    assert "created the operator token" not in later
-    assert requests.get(second.url + P, headers=bearer, timeout=10).status_code == 200
-    assert db_rows(db, "SELECT name FROM tokens") == [("admin",)]
+def test_an_idempotent_answer_outlives_a_restart_of_the_service(server_factory, tmp_path):
+    db = tmp_path / "served.db"
+    first = server_factory(db_path=db).start()
+    body = {"name": "once", "steps": [{"type": "noop"}]}
+    key = {"Idempotency-Key": "across-restarts"}
+    answer = first.post(P, body, headers=key)
+    assert answer.status_code == 201
+    first.stop()
+    second = server_factory(db_path=db).start()
+    replay = second.post(P, body, headers=key)
+    assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
+    assert without_timestamp(replay) == without_timestamp(answer)
+    other = second.post(P, {"steps": [{"type": "noop"}]}, headers=key)
+    assert other.status_code == 412 and set(other.json()["data"]) == {"Idempotency-Key"}
+    assert db_rows(db, "SELECT COUNT(*) FROM processes") == [(1,)]
 
 
-def test_no_token_is_generated_when_stepd_token_is_set(server_factory, tmp_path):
-    db = tmp_path / "env.db"
-    server = server_factory(db_path=db, token="env-token-for-this-test").start()
-    output = server.output()
-    assert not SECRET.findall(output), output
-    assert "created the operator token" not in output
-    assert db_rows(db, "SELECT COUNT(*) FROM tokens") == [(0,)]
-    assert server.get(P).status_code == 200
-    assert server.post(P, {"steps": [{"type": "noop"}]}).status_code == 201
-    assert requests.get(server.url + P, auth=("env", "env-token-for-this-test"), timeout=10).ok
-
-
-# -- 7. settings -----------------------------------------------------------------------------
-def test_settings_workers_db_path_and_log_level(server_factory, tmp_path):
-    nested = tmp_path / "deep" / "er" / "stepd.sqlite"
-    assert not nested.parent.exists()
-    server = server_factory(
-        db_path=tmp_path / "quiet.db",
-        workers=3,
-        extra_env={"STEPD_DB": str(nested), "STEPD_LOG_LEVEL": "WARNING"},
-    ).start()
-
-    pids = server.worker_pids()
-    assert len(pids) == 3
-    wait_for(lambda: {p for (p,) in db_rows(nested, "SELECT pid FROM runners")} == set(pids), what="3 runners")
-    assert nested.is_file()
-    assert not (tmp_path / "quiet.db").exists()
-    with sqlite3.connect(nested) as conn:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(store_module.MIGRATIONS)
-    conn.close()
-    assert listening(server.port) == ["127.0.0.1"]
-
-    # INFO lines of the app (a runner starting, a step failing) are not written at WARNING.
-    process = server.start_process(("check", {"ok": 0}))
-    server.wait_process(process["processId"], "FAILED")
-    response = server.get(P, headers={"X-Request-Id": "quiet-request"})
-    assert response.headers["X-Request-Id"] == "quiet-request"
-    wait_for(lambda: "rid=quiet-request" in server.output(), what="the access log line")
-    output = server.output()
-    assert " INFO " not in output and "[INFO]" not in output, output
-    assert "started with" not in output and "attempt 1 failed" not in output
-
-
-def test_log_level_info_and_request_ids(server_factory, tmp_path):
-    server = server_factory(db_path=tmp_path / "loud.db").start()
-    # The defaults of the other side: INFO lines are written.
-    process = server.start_process(("check", {"ok": 0}))
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_retry_schedule_survives_a_stop_of_the_service_and_runs_once(server_factory, tmp_path, how):
+    db = tmp_path / "served.db"
+    counted = tmp_path / "calls.txt"
+    first = server_factory(db_path=db, workers=2).start()
+    # retry_later: one retry, 1-2 s after the failure; attempt 2 succeeds
+    process = first.start_process(("retry_later", {"file": str(counted), "pass_at": 2}), ("noop", {}))
     step_id = process["steps"][0]["processStepId"]
-    server.wait_step(step_id, "FAILED")
-    wait_for(lambda: "attempt 1 failed" in server.output(), what="the INFO line of the failed step")
-    assert "stepd.runner: runner" in server.output()
+    waiting = wait_for(
+        lambda: (s := first.step(step_id))["nextRetryAt"] and s, interval=0.02, what="the retry to be scheduled"
+    )
+    first.kill() if how == "SIGKILL" else first.stop()
+    stopped_at = datetime.now(UTC)
+    rows = db_rows(db, "SELECT status, attempts, next_retry_at, runner_id FROM steps WHERE id = ?", step_id)
+    assert rows == [("STARTED", 1, waiting["nextRetryAt"], None)]  # still waiting in the file
+    assert calls(counted) == [(step_id, 1)]
 
-    cases = [
-        ("GET", "/healthz", None, {}, 200),
-        ("GET", P, None, server.headers(), 200),
-        ("GET", P, None, {}, 401),
-        ("GET", "/api/v1/nothing-here", None, server.headers(), 404),
-        ("GET", RESTART, None, server.headers(), 405),
-        ("POST", RESTART, {"processStepId": "nope"}, server.headers(), 412),
-        ("POST", P, {"steps": [{"type": "noop"}]}, server.headers(), 201),
+    second = server_factory(db_path=db, workers=2)
+    second.start()
+    done = second.wait_process(process["processId"], "COMPLETED", timeout=15)
+    assert [s["status"] for s in done["steps"]] == ["COMPLETED", "COMPLETED"]
+    time.sleep(0.5)
+    assert calls(counted) == [(step_id, 1), (step_id, 2)]  # retried once, by one worker
+    step = second.step(step_id)
+    assert [(a["attempt"], a["trigger"], a["principal"], a["status"]) for a in step["attemptHistory"]] == [
+        (1, "start", "env", "FAILED"),
+        (2, "retry", "env", "COMPLETED"),
     ]
-    seen = []
-    for n, (method, path, body, headers, status) in enumerate(cases):
-        own = f"test-rid-{n}-{method.lower()}"
-        response = requests.request(
-            method, server.url + path, json=body, headers={**headers, "X-Request-Id": own}, timeout=10
-        )
-        assert response.status_code == status, (path, response.text)
-        assert response.headers["X-Request-Id"] == own
-        fresh = requests.request(method, server.url + path, json=body, headers=headers, timeout=10)
-        assert fresh.status_code == status
-        assert re.fullmatch(r"[!-~]{8,128}", fresh.headers.get("X-Request-Id", "")), fresh.headers
-        seen += [own, fresh.headers["X-Request-Id"]]
-    assert len(set(seen)) == len(seen)
-
-    longest = "L" * 128
-    assert server.get(P, headers={"X-Request-Id": longest}).headers["X-Request-Id"] == longest
-    seen.append(longest)
-    too_long = "x" * 129
-    response = server.get(P, headers={"X-Request-Id": too_long})
-    assert response.headers["X-Request-Id"] not in ("", too_long)
-    seen.append(response.headers["X-Request-Id"])
-
-    def logged():
-        text = server.output()
-        return all(f"rid={rid}" in text for rid in seen)
-
-    wait_for(logged, what="every request id in the access log")
-    line = next(x for x in server.output().splitlines() if "rid=test-rid-1-get" in x)
-    assert '"GET /api/v1/processes HTTP/1.1" 200' in line
+    retry_began = parse_time(step["attemptHistory"][1]["startedAt"])
+    assert retry_began >= parse_time(waiting["nextRetryAt"])
+    assert retry_began > stopped_at  # by the new service, not the old one
 
 
-def test_stepd_threads_bounds_the_delegates_running_at_once(server_factory, tmp_path, gated_delegates):
-    server = server_factory(workers=1, threads=2, delegates=gated_delegates).start()
-    call_log, gate = tmp_path / "calls.txt", tmp_path / "gate"
-    processes = [
-        server.start_process(("gated_count", {"file": str(call_log), "gate": str(gate), "fail": 0})) for _ in range(3)
-    ]
-    wait_for(lambda: len(calls(call_log)) == 2, what="two delegates to run")
-    time.sleep(1)  # proving that a third one does NOT start while two threads are busy
-    assert len(calls(call_log)) == 2
-    assert {server.step(p["steps"][0]["processStepId"])["status"] for p in processes} == {"STARTED"}
-    gate.touch()
-    for process in processes:
-        server.wait_process(process["processId"], "COMPLETED")
-    assert len(calls(call_log)) == 3
+def test_retries_run_exactly_once_with_two_workers(server_factory, tmp_path):
+    server = server_factory(workers=2, threads=4).start()
+    counted = tmp_path / "calls.txt"
+    step_ids = []
+    for _ in range(20):  # retry_count: 3 retries after 0.05-0.1, 0.1-0.2 and 0.15-0.3 s; always fails
+        step_ids.append(server.start_process(("retry_count", {"file": str(counted)}))["steps"][0]["processStepId"])
+    wait_for(
+        lambda: db_rows(server.env["STEPD_DB"], "SELECT COUNT(*) FROM steps WHERE status = 'FAILED'") == [(20,)],
+        timeout=30,
+        what="every step to spend its retries",
+    )
+    time.sleep(0.5)
+    seen = Counter(calls(counted))
+    assert [pair for pair, n in seen.items() if n > 1] == []  # no attempt called twice
+    assert sorted(seen) == sorted((step_id, n) for step_id in step_ids for n in (1, 2, 3, 4))
+    for step_id in step_ids[:3]:
+        step = server.step(step_id)
+        assert [a["trigger"] for a in step["attemptHistory"]] == ["start", "retry", "retry", "retry"]
 
 
-@pytest.mark.parametrize(("key", "value"), [("STEPD_WORKERS", "many"), ("STEPD_SYNC", "off")])
-def test_start_is_refused_with_a_bad_setting(server_factory, tmp_path, key, value):
-    server = server_factory(db_path=tmp_path / "bad.db", extra_env={key: value}).start(wait=False)
-    assert server.proc.wait(timeout=20) != 0
-    output = server.output()
-    assert f"stepd: cannot start: {key} must be" in output
-    assert "Traceback" not in output  # one clear line, not gunicorn's traceback of its config file
+def test_bulk_restart_and_dry_run_answer_under_gunicorn(server_factory, tmp_path):
+    server = server_factory(workers=2).start()
+    process = server.start_process(("check", {"ok": 0}))
+    step_id = server.wait_step(process["steps"][0]["processStepId"], "FAILED")["processStepId"]
+    dry = ok(server.post(f"{BULK}?dryRun=true", {"filter": {"type": "check"}}))
+    assert [r["processStepId"] for r in dry["restarted"]] == [step_id]
+    assert server.step(step_id)["attempts"] == 1
+    real = server.post(BULK, {"processStepIds": [step_id], "params": {"ok": {"type": "LONG", "longValue": 1}}})
+    assert [r["processStepId"] for r in ok(real)["restarted"]] == [step_id]
+    server.wait_process(process["processId"], "COMPLETED")
 
 
-# -- 8. make run -----------------------------------------------------------------------------
-def test_make_run_serves(tmp_path):
-    proc, url, log_path = start_make_run(tmp_path)
-    try:
-
-        def healthy():
-            if proc.poll() is not None:
-                raise AssertionError(f"make run exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                return requests.get(url + "/healthz", timeout=1).status_code == 200
-            except requests.ConnectionError:
-                return False
-
-        wait_for(healthy, timeout=30, interval=0.1, what="make run to answer /healthz")
-        response = requests.get(url + P, headers={"Authorization": "Bearer make-run-token"}, timeout=5)
-        assert response.status_code == 200, response.text
-        assert response.json()["data"] == {"items": [], "nextCursor": None}
-        assert requests.get(url + P, timeout=5).status_code == 401
-        assert (tmp_path / "made.db").is_file()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        finally:
-            try:
-                wait_for(lambda: not group_alive(proc.pid), timeout=30, what="make run's processes to exit")
-            finally:
-                if group_alive(proc.pid):
-                    os.killpg(proc.pid, signal.SIGKILL)
-    assert "gunicorn -c gunicorn.conf.py" in log_path.read_text()
+# -- helpers ---------------------------------------------------------------------------------------
+def race(server, count, path, body, headers=None):
+    """`count` POSTs of one body to `path` from as many threads, released together; their responses."""
+    headers = {**server.headers(), **(headers or {})}
+    return all_at_once(count, lambda _: requests.post(server.url + path, json=body, headers=headers, timeout=30))
 
 
-def test_sigkill_of_make_run_stops_the_service_and_frees_the_port(tmp_path):
-    proc, url, _log_path = start_make_run(tmp_path)
-    headers = {"Authorization": "Bearer make-run-token"}
-    try:
-        wait_for(lambda: answers(url), timeout=30, interval=0.1, what="make run to answer /healthz")
-        body = {"steps": [{"type": "sleep", "params": {"seconds": {"type": "DOUBLE", "doubleValue": 60.0}}}]}
-        step_id = requests.post(url + P, json=body, headers=headers, timeout=5).json()["data"]["steps"][0][
-            "processStepId"
-        ]
-        os.kill(proc.pid, signal.SIGKILL)  # only make itself, as a careless supervisor would
-        proc.wait(timeout=10)
-        wait_for(lambda: not answers(url), timeout=10, what="the service to stop with make")
-        wait_for(lambda: not group_alive(proc.pid), timeout=10, what="gunicorn's processes to exit")
-        with sqlite3.connect(tmp_path / "made.db") as db:
-            row = db.execute("SELECT status, error_type FROM steps WHERE id = ?", (step_id,)).fetchone()
-        assert row == ("FAILED", "Interrupted")
-    finally:
-        if group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def start_make_run(tmp_path):
-    """`make run` in its own process group on a free port; returns (process, url, log path)."""
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("STEPD_") and k not in ("MAKEFLAGS", "MFLAGS")},
-        "STEPD_PORT": str(port),
-        "STEPD_DB": str(tmp_path / "made.db"),
-        "STEPD_TOKEN": "make-run-token",
-    }
-    log_path = tmp_path / "make.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(["make", "run"], cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
-    return proc, f"http://127.0.0.1:{port}", log_path
-
-
-def answers(url):
-    try:
-        return requests.get(url + "/healthz", timeout=1).status_code == 200
-    except requests.ConnectionError:
-        return False
-
-
-# -- helpers ---------------------------------------------------------------------------------
-def start_with_split_output(server):
-    """Start `server` like Server.start, but with standard output in its own file; returns that file."""
-    stdout_path = server.log_path.with_suffix(".stdout")
-    server.log = open(server.log_path, "ab")  # noqa: SIM115 - standard error, read by output(), closed by stop()
-    with open(stdout_path, "ab") as stdout:
-        server.proc = subprocess.Popen(
-            [str(GUNICORN), "-c", "gunicorn.conf.py"], cwd=ROOT, env=server.env, stdout=stdout, stderr=server.log
-        )
-    wait_for(server._healthy, timeout=20, interval=0.1, what="gunicorn to answer /healthz")
-    wait_for(lambda: len(server.worker_pids()) == int(server.env["STEPD_WORKERS"]), timeout=20, what="workers")
-    return stdout_path
-
-
-def race_restarts(server, step_id, count):
-    """`count` restarts of one step from as many threads, released together; their responses."""
-    url, body = server.url + RESTART, {"processStepId": step_id}
-    return all_at_once(count, lambda _: requests.post(url, json=body, headers=server.headers(), timeout=30))
+def without_timestamp(response):
+    body = response.json()
+    assert body.pop("timestamp")
+    return body
 
 
 def runner_pid(server, step_id):
@@ -661,49 +491,3 @@ def snapshot(server, skip_process=None):
     listed = [s for page in server.walk(STEPS, 3) for s in page]
     step_pages = [s for s in listed if s["processId"] != skip_process]
     return {"processes": processes, "details": details, "steps": steps, "step_pages": step_pages}
-
-
-def listening(port):
-    """The local addresses with a listening TCP socket on `port` (from /proc/net/tcp)."""
-    addresses = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for row in rows:
-            local, state = row.split()[1], row.split()[3]
-            address, hex_port = local.split(":")
-            if state == "0A" and int(hex_port, 16) == port:
-                if len(address) == 8:
-                    addresses.append(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
-                else:
-                    addresses.append(address)
-    return addresses
-
-
-def group_alive(pgid):
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    # Zombies still count for killpg; only live members matter.
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                continue
-            if int(stat[2]) == pgid and stat[0] != "Z":
-                return True
-    return False
-
-
-def test_start_is_refused_when_the_database_is_not_sqlite(server_factory, tmp_path):
-    not_a_db = tmp_path / "notes.db"
-    not_a_db.write_text("these are my notes, not a database\n" * 100)
-    server = server_factory(db_path=not_a_db)
-    server.start(wait=False)
-    assert server.proc.wait(timeout=20) != 0
-    assert "stepd: cannot start:" in server.output()
-    assert not_a_db.read_text().startswith("these are my notes")
