@@ -4,7 +4,7 @@ exceptions of delegates, Abort, and an app that refuses to start with a bad dele
 import textwrap
 
 import pytest
-from helpers import DELEGATES, RESTART, P, ok, out, parse_time, typed, write_file
+from helpers import DELEGATES, RESTART, Api, P, ok, out, parse_time, typed, write_file
 
 import delegates.builtin
 from app import create_app, start_runner
@@ -158,10 +158,6 @@ def test_fail_without_a_message_still_fails(api):
 
 
 def test_abort_fails_the_step(tmp_path, db_path):
-    from helpers import Api
-
-    from app import create_app
-
     write_file(
         tmp_path,
         "aborting.py",
@@ -181,8 +177,6 @@ def test_abort_fails_the_step(tmp_path, db_path):
 
 # -- an app with a bad delegate folder refuses to start --------------------------------------------
 def test_create_app_refuses_a_bad_folder(tmp_path):
-    from app import create_app
-
     write_file(tmp_path, "broken.py", "import no_such_module_anywhere\n")
     with pytest.raises(DelegateLoadError, match="broken.py"):
         create_app({"STEPD_DB": str(tmp_path / "x.db"), "STEPD_DELEGATES_PATH": str(tmp_path)})
