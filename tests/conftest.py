@@ -1,25 +1,42 @@
+"""Every fixture of the suite (test files define none); what they share besides lives in helpers.py."""
+
+import os
+import subprocess
+
 import pytest
-from helpers import FIGURES, PLUGINS, Api, Server, wait_for
+from helpers import (
+    COMPLETE,
+    ENV_SECRET,
+    FAIL,
+    FIGURES,
+    GATED_COUNT,
+    OPENAPI,
+    OPERATOR_SECRET,
+    PLUGINS,
+    READER_SECRET,
+    RESTART,
+    SECOND_SECRET,
+    Api,
+    Server,
+    basic,
+    wait_for,
+)
 
 from app import create_app, start_background, stop_background
 from auth import hash_secret
 from db import Database
 from store import Store
 
-OPERATOR_SECRET = "operator-secret-for-tests"
-READER_SECRET = "reader-secret-for-tests"
-
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch):
     """No STEPD_* variable of the machine leaks into a test."""
-    import os
-
     for key in list(os.environ):
         if key.startswith("STEPD_"):
             monkeypatch.delenv(key)
 
 
+# -- the app in this process, through Flask's test client ------------------------------------
 @pytest.fixture
 def db_path(tmp_path):
     return tmp_path / "stepd.db"
@@ -53,6 +70,67 @@ def reader_api(client):
 
 
 @pytest.fixture
+def store(app):
+    return app.extensions["stepd"].store
+
+
+@pytest.fixture
+def second_operator(store):
+    """Headers of a second operator token, 'ops2' (Bearer)."""
+    store.add_token("ops2", "operator", hash_secret(SECOND_SECRET))
+    return {"Authorization": f"Bearer {SECOND_SECRET}"}
+
+
+@pytest.fixture
+def second_operator_basic(second_operator):
+    """Headers of the second operator token 'ops2', sent with HTTP Basic."""
+    return {"Authorization": basic("ops2", SECOND_SECRET)}
+
+
+@pytest.fixture(params=["override", "environment"])
+def env_app(request, tmp_path, monkeypatch):
+    """An app whose only token is STEPD_TOKEN=ENV_SECRET, given as a setting or in the environment."""
+    settings = {"STEPD_DB": str(tmp_path / "env.db"), "STEPD_DELEGATES_PATH": str(PLUGINS)}
+    if request.param == "override":
+        settings["STEPD_TOKEN"] = ENV_SECRET
+    else:
+        monkeypatch.setenv("STEPD_TOKEN", ENV_SECRET)
+    app = create_app(settings)
+    start_background(app)
+    yield app
+    stop_background(app, grace=2)
+
+
+@pytest.fixture
+def fresh_app(tmp_path):
+    """An app whose routes a test may still add to (no request has been served yet); STEPD_TOKEN=ENV_SECRET."""
+    return create_app({"STEPD_DB": str(tmp_path / "fresh" / "stepd.db"), "STEPD_TOKEN": ENV_SECRET})
+
+
+@pytest.fixture
+def corpus_app(tmp_path):
+    """(app, database file) for the injection corpus: STEPD_TOKEN=ENV_SECRET and a reader 'someone'."""
+    db = tmp_path / "corpus.db"
+    app = create_app({"STEPD_DB": str(db), "STEPD_DELEGATES_PATH": str(PLUGINS), "STEPD_TOKEN": ENV_SECRET})
+    app.extensions["stepd"].store.add_token("someone", "reader", hash_secret("someone-secret"))
+    start_background(app)
+    yield app, db
+    stop_background(app, grace=1)
+
+
+@pytest.fixture(scope="module")
+def module_client(tmp_path_factory):
+    """One app for a whole module (hypothesis runs hundreds of examples; an app each would be too
+    slow): its test client, as the STEPD_TOKEN principal 'env' (ENV_HEADERS)."""
+    db = tmp_path_factory.mktemp("module") / "stepd.db"
+    app = create_app({"STEPD_DB": str(db), "STEPD_DELEGATES_PATH": str(PLUGINS), "STEPD_TOKEN": ENV_SECRET})
+    start_background(app)
+    yield app.test_client()
+    stop_background(app, grace=1)
+
+
+# -- steps in a given state ------------------------------------------------------------------
+@pytest.fixture
 def gate(tmp_path, app):
     """A file path a `wait` step waits for; created at teardown so no delegate is left running."""
     path = tmp_path / "gate"
@@ -63,10 +141,78 @@ def gate(tmp_path, app):
 
 
 @pytest.fixture
-def store(app):
-    return app.extensions["stepd"].store
+def counted(tmp_path):
+    """The file the `count` and `retry_*` delegates write a line per call to (see helpers.calls)."""
+    return tmp_path / "calls.txt"
 
 
+@pytest.fixture
+def failed_step(api):
+    """A FAILED `check` step (ok=0), followed by a PENDING `noop`."""
+    process = api.start(("check", {"ok": 0}), ("noop", {}))
+    return api.wait_process(process["processId"], "FAILED")["steps"][0]
+
+
+@pytest.fixture
+def failed_check_step(api):
+    """A FAILED `check` step whose params are ok=0, keep="k", ratio=0.5, followed by a `noop`."""
+    process = api.start(("check", {"ok": 0, "keep": "k", "ratio": 0.5}), ("noop", {}))
+    return api.wait_process(process["processId"], "FAILED")["steps"][0]
+
+
+@pytest.fixture
+def deferred_step(api):
+    """A STARTED `external` step its delegate has deferred, followed by a PENDING `noop`."""
+    process = api.start(("external", {"job": "j-1"}), ("noop", {}))
+    return api.wait_deferred(process["steps"][0]["processStepId"])
+
+
+@pytest.fixture(params=["restart", "fail", "complete"])
+def action_step(request, api):
+    """(path, step): an action endpoint and a step it would accept."""
+    if request.param == "restart":
+        process = api.start(("check", {"ok": 0}))
+        step = api.wait_process(process["processId"], "FAILED")["steps"][0]
+        return RESTART, step
+    process = api.start(("external", {}))
+    step = api.wait_deferred(process["steps"][0]["processStepId"])
+    return {"fail": FAIL, "complete": COMPLETE}[request.param], step
+
+
+@pytest.fixture
+def target(request, api):
+    """A params target of test_api_params.py, built for this test from the class it is
+    parametrized with: @pytest.mark.parametrize("target", [...], indirect=True)."""
+    return request.param(api)
+
+
+# -- the OpenAPI document ----------------------------------------------------------------------
+@pytest.fixture
+def spec(client):
+    response = client.get(OPENAPI)
+    assert response.status_code == 200
+    assert response.mimetype == "application/json"
+    return response.json
+
+
+@pytest.fixture
+def scenario(api):
+    """A completed process, a failed one, and one waiting on a deferred step."""
+    done = api.start(("results", {}), ("noop", {}), name="done")
+    failed = api.start(("check", {"ok": 0, "note": "x"}), ("noop", {}))
+    waiting = api.start(("external", {"ratio": 0.5}), ("noop", {}))
+    api.wait_process(done["processId"], "COMPLETED")
+    failed = api.wait_process(failed["processId"], "FAILED")
+    api.wait_deferred(waiting["steps"][0]["processStepId"])
+    return {
+        "done": done["processId"],
+        "done_step": done["steps"][0]["processStepId"],
+        "failed_step": failed["steps"][0]["processStepId"],
+        "waiting_step": waiting["steps"][0]["processStepId"],
+    }
+
+
+# -- real gunicorn ---------------------------------------------------------------------------
 @pytest.fixture
 def server_factory(tmp_path):
     """Start real gunicorn servers; every one is stopped at the end of the test."""
@@ -81,6 +227,32 @@ def server_factory(tmp_path):
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def gated_delegates(tmp_path):
+    """The test delegates of tests/plugins plus `gated_count` (helpers.GATED_COUNT), as a user's
+    delegate folder."""
+    folder = tmp_path / "delegates"
+    folder.mkdir()
+    for module in PLUGINS.glob("*.py"):
+        (folder / module.name).write_text(module.read_text())
+    (folder / "gated.py").write_text(GATED_COUNT)
+    return folder
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs of our own, so filling it up harms nothing else (needs root)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 # Every backend the store's contract suite (test_store.py) runs against.

@@ -1,22 +1,60 @@
-"""Shared test helpers: polling, an API client wrapper, and a real gunicorn server."""
+"""What the tests share, but fixtures (those are all in conftest.py): paths, secrets, response
+checks, polling and racing, database helpers, the Api wrapper of Flask's test client and the Server
+class for real gunicorn. No test file imports another test file or conftest.py.
 
+The test files are named by what they touch:
+    test_<module>.py        one module alone, no app (test_config, test_delegates, test_runner,
+                            test_store, test_invariants)
+    test_api_<topic>.py     the app in this process: create_app and Flask's test client (fixture api)
+    test_served_<topic>.py  real gunicorn processes on loopback (fixture server_factory, class Server)
+"""
+
+import base64
 import contextlib
 import os
+import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import textwrap
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import requests
 
+from model import new_id, params_to_json
+
+# -- paths -----------------------------------------------------------------------------------------
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 GUNICORN = Path(sys.executable).parent / "gunicorn"
+FLASK = Path(sys.executable).parent / "flask"
+
+# The API's paths, defined here only.
+P = "/api/v1/processes"
+STEPS = f"{P}/steps"
+RESTART = f"{P}/restart-failed-step"
+BULK = f"{P}/restart-failed-steps"
+FAIL = f"{P}/fail-step"
+COMPLETE = f"{P}/complete-step"
+DELEGATES = "/api/v1/delegates"
+OPENAPI = "/api/v1/openapi.json"
 
 
+# -- secrets ---------------------------------------------------------------------------------------
+# Secrets of the tokens the fixtures of conftest.py create.
+OPERATOR_SECRET = "operator-secret-for-tests"  # the operator 'ops' (fixture api)
+READER_SECRET = "reader-secret-for-tests"  # the reader 'viewer' (fixture reader_api)
+SECOND_SECRET = "second-operator-secret"  # the operator 'ops2' (fixtures second_operator*)
+ENV_SECRET = "env-token-secret-for-tests"  # STEPD_TOKEN of the apps that have one: the principal 'env'
+ENV_HEADERS = {"Authorization": f"Bearer {ENV_SECRET}"}
+
+
+# -- the reliability figures -----------------------------------------------------------------------
 # Figures the reliability tests measure; conftest.py prints them at the end of the run.
 FIGURES = {}
 
@@ -25,16 +63,72 @@ def report_figure(name, text):
     FIGURES[name] = text
 
 
-def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
-    """Poll until predicate() is truthy; return its value or fail the test."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+# -- answers ---------------------------------------------------------------------------------------
+ENVELOPE_KEYS = {"message", "timestamp", "data", "version"}
+ERROR_MESSAGES = {
+    401: "Unauthorized request",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    412: "Precondition failed",
+    413: "Payload too large",
+    500: "Internal Server Error",
+    503: "Service unavailable",
+}
+
+
+def _text(response):
+    """The body as text, of a Flask test response or a requests response."""
+    return response.text if isinstance(response, requests.Response) else response.get_data(as_text=True)
+
+
+def _json(response):
+    return response.json() if isinstance(response, requests.Response) else response.json
+
+
+def ok(response, status=200):
+    """`data` of an answer that must have `status` and a message that is not an error's."""
+    assert response.status_code == status, _text(response)[:800]
+    body = _json(response)
+    assert body["message"] not in ERROR_MESSAGES.values()
+    return body["data"]
+
+
+def refused(response, status=412):
+    """`data` of an answer that must have `status`; a 412 must name what was wrong."""
+    assert response.status_code == status, _text(response)[:800]
+    body = _json(response)
+    if status == 412:
+        assert body["message"] == "Precondition failed"
+        assert isinstance(body["data"], dict) and body["data"]
+    return body["data"]
+
+
+# The shapes of the API's answers (SPEC sections 3 and 4).
+ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+PROCESS_KEYS = {"processId", "name", "status", "steps", "createdAt", "updatedAt"}
+SUMMARY_KEYS = PROCESS_KEYS - {"steps"}
+STEP_KEYS = {
+    "processStepId", "processId", "position", "type", "status", "params", "result",
+    "attempts", "error", "createdAt", "startedAt", "finishedAt", "deferred", "nextRetryAt",
+}  # fmt: skip
+ATTEMPT_KEYS = {"attempt", "trigger", "principal", "params", "status", "error", "startedAt", "finishedAt"}
+
+
+def assert_step_shape(step):
+    assert set(step) == STEP_KEYS
+    assert ID.match(step["processStepId"]) and ID.match(step["processId"])
+    assert step["status"] in ("PENDING", "STARTED", "COMPLETED", "FAILED")
+    parse_time(step["createdAt"])
+    for key in ("startedAt", "finishedAt"):
+        assert step[key] is None or parse_time(step[key])
+    assert isinstance(step["deferred"], bool)
+
+
+# -- values ----------------------------------------------------------------------------------------
+def basic(name, secret):
+    """An Authorization header value for HTTP Basic."""
+    return "Basic " + base64.b64encode(f"{name}:{secret}".encode()).decode()
 
 
 def typed(**values):
@@ -50,6 +144,141 @@ def typed(**values):
     return out
 
 
+def out(kind, value):
+    form = {"strValue": None, "longValue": None, "doubleValue": None, "type": kind}
+    form[{"STRING": "strValue", "LONG": "longValue", "DOUBLE": "doubleValue"}[kind]] = value
+    return form
+
+
+def parse_time(text):
+    assert text.endswith("Z") and len(text) == 24, text
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f%z")
+
+
+def iso(moment):
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def b64(text):
+    """`text` in unpadded URL-safe base64, as the API's cursors are written."""
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+# -- waiting and racing ----------------------------------------------------------------------------
+def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
+    """Poll until predicate() is truthy; return its value or fail the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def all_at_once(count, call, timeout=60):
+    """Run call(0) … call(count - 1) on as many threads, released together by a barrier, so they
+    really race; returns their results in order (fails if one did not finish in time)."""
+    barrier = threading.Barrier(count)
+    results = [None] * count
+    finished = [False] * count
+
+    def run(index):
+        barrier.wait()
+        results[index] = call(index)
+        finished[index] = True
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    assert all(finished), f"{finished.count(False)} of {count} racing calls did not finish"
+    return results
+
+
+# -- files and the database file -------------------------------------------------------------------
+def write_file(folder, name, source):
+    """A file `name` in `folder` holding `source` (dedented); returns its path."""
+    path = folder / name
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def calls(path):
+    """The (step id, attempt) of every delegate call counted in `path`."""
+    if not Path(path).exists():
+        return []
+    return [(step, int(attempt)) for step, attempt in (line.split() for line in Path(path).read_text().splitlines())]
+
+
+def db_rows(db_path, sql, *args):
+    conn = sqlite3.connect(db_path, timeout=10)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+def db_write(db_path, sql, *args):
+    """One committed change straight in the file, as another program could make it."""
+    conn = sqlite3.connect(db_path, timeout=10)
+    try:
+        with conn:
+            return conn.execute(sql, args).rowcount
+    finally:
+        conn.close()
+
+
+def db_dump(db_path, skip=("runners",)):
+    """Every row of every table (but `skip`: heartbeats move by themselves), to compare states."""
+    conn = sqlite3.connect(db_path, timeout=10)
+    try:
+        tables = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {
+            table: sorted(map(repr, conn.execute(f"SELECT * FROM {table}").fetchall()))
+            for table in tables
+            if table not in skip
+        }
+    finally:
+        conn.close()
+
+
+def insert_failed_steps(store, count, step_type="fail", start=None, params=None, process_id=None):
+    """`count` FAILED one-step processes written straight into the file (much faster than running them);
+    failure times are 1 ms apart from `start`, oldest first. Returns the step ids in that order."""
+    start = start or datetime(2020, 1, 1, tzinfo=UTC)
+    params = params or {"message": ("STRING", "inserted")}
+    step_ids = []
+    with store.db.transaction() as db:
+        for n in range(count):
+            finished = iso(start + timedelta(milliseconds=n))
+            pid, sid = process_id or new_id(), new_id()
+            if process_id is None:
+                db.execute(
+                    "INSERT INTO processes (id, name, status, principal, created_at, updated_at)"
+                    " VALUES (?, NULL, 'FAILED', 'ops', ?, ?)",
+                    (pid, finished, finished),
+                )
+            position = db.execute("SELECT COUNT(*) FROM steps WHERE process_id = ?", (pid,)).fetchone()[0]
+            db.execute(
+                "INSERT INTO steps (id, process_id, position, type, status, params, attempts, error_type,"
+                " error_message, created_at, started_at, finished_at)"
+                " VALUES (?, ?, ?, ?, 'FAILED', ?, 1, 'StepFailure', 'inserted', ?, ?, ?)",
+                (sid, pid, position, step_type, params_to_json(params), finished, finished, finished),
+            )
+            db.execute(
+                "INSERT INTO attempts (step_id, attempt, trigger, principal, params, status, error_type,"
+                " error_message, started_at, finished_at)"
+                " VALUES (?, 1, 'start', 'ops', ?, 'FAILED', 'StepFailure', 'inserted', ?, ?)",
+                (sid, params_to_json(params), finished, finished),
+            )
+            step_ids.append(sid)
+    return step_ids
+
+
+# -- the app in this process: Flask's test client --------------------------------------------------
 class Api:
     """The Flask test client with credentials, and the calls most tests make."""
 
@@ -68,15 +297,23 @@ class Api:
         body = {"steps": [{"type": t, "params": typed(**p)} for t, p in steps]}
         if name is not None:
             body["name"] = name
-        response = self.post("/api/v1/processes", body)
+        response = self.post(P, body)
         assert response.status_code == 201, response.json
         return response.json["data"]
 
+    def post_raw(self, path, raw, content_type="application/json", **kwargs):
+        """POST bytes as they are, with this Content-Type."""
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        return self.client.post(path, data=raw, content_type=content_type, headers=headers, **kwargs)
+
     def process(self, process_id):
-        return self.get(f"/api/v1/processes/{process_id}").json["data"]
+        return self.get(f"{P}/{process_id}").json["data"]
 
     def step(self, step_id):
-        return self.get(f"/api/v1/processes/steps/{step_id}").json["data"]
+        return self.get(f"{STEPS}/{step_id}").json["data"]
+
+    def process_count(self):
+        return len(self.get(f"{P}?limit=500").json["data"]["items"])
 
     def wait_process(self, process_id, status, timeout=10.0):
         return wait_for(
@@ -86,13 +323,38 @@ class Api:
     def wait_step(self, step_id, status, timeout=10.0):
         return wait_for(lambda: (s := self.step(step_id))["status"] == status and s, timeout, what=f"step {status}")
 
+    def wait_deferred(self, step_id):
+        """The step once its delegate has deferred it (STARTED, waiting for complete-step or fail-step)."""
+        return wait_for(lambda: (s := self.step(step_id))["deferred"] and s, what="deferred step")
+
     def restart(self, step_id, **params):
         body = {"processStepId": step_id}
         if params:
             body["params"] = typed(**params)
-        return self.post("/api/v1/processes/restart-failed-step", body)
+        return self.post(RESTART, body)
+
+    def walk(self, path, limit, cursor=None, **query):
+        """Every page of a listing from `cursor` on, as lists of items."""
+        return walk_pages(lambda params: self.get(path, query_string=params), limit, cursor, query)
 
 
+def walk_pages(get_page, limit, cursor, query):
+    """Every page of a listing, following nextCursor; get_page(params) answers one page."""
+    pages = []
+    while True:
+        params = {**query, "limit": limit, **({"cursor": cursor} if cursor else {})}
+        page = ok(get_page(params))
+        assert set(page) == {"items", "nextCursor"}
+        assert len(page["items"]) <= limit
+        pages.append(page["items"])
+        cursor = page["nextCursor"]
+        if cursor is None:
+            return pages
+        assert isinstance(cursor, str) and re.fullmatch(r"[A-Za-z0-9_=-]+", cursor)
+        assert len(pages) < 100, "paging does not end"
+
+
+# -- real gunicorn ---------------------------------------------------------------------------------
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -175,10 +437,44 @@ class Server:
         return {"Authorization": f"Bearer {token or self.token}"}
 
     def get(self, path, **kwargs):
-        return requests.get(self.url + path, headers=self.headers(), timeout=10, **kwargs)
+        kwargs.setdefault("timeout", 10)
+        return requests.get(self.url + path, headers={**self.headers(), **kwargs.pop("headers", {})}, **kwargs)
 
     def post(self, path, body, **kwargs):
-        return requests.post(self.url + path, json=body, headers=self.headers(), timeout=10, **kwargs)
+        kwargs.setdefault("timeout", 10)
+        headers = {**self.headers(), **kwargs.pop("headers", {})}
+        return requests.post(self.url + path, json=body, headers=headers, **kwargs)
+
+    # -- the calls most tests make, as Api has them -------------------------------------------
+    def start_process(self, *steps, name=None):
+        """Start a process of (type, params-dict) steps; returns its data."""
+        body = {"steps": [{"type": t, "params": typed(**p)} for t, p in steps]}
+        if name is not None:
+            body["name"] = name
+        return ok(self.post(P, body), 201)
+
+    def process(self, process_id):
+        return ok(self.get(f"{P}/{process_id}"))
+
+    def step(self, step_id):
+        return ok(self.get(f"{STEPS}/{step_id}"))
+
+    def wait_process(self, process_id, status, timeout=10.0):
+        return wait_for(
+            lambda: (p := self.process(process_id))["status"] == status and p,
+            timeout,
+            interval=0.05,
+            what=f"process {status}",
+        )
+
+    def wait_step(self, step_id, status, timeout=10.0):
+        return wait_for(
+            lambda: (s := self.step(step_id))["status"] == status and s, timeout, interval=0.05, what=f"step {status}"
+        )
+
+    def walk(self, path, limit, cursor=None, **query):
+        """Every page of a listing from `cursor` on, as lists of items."""
+        return walk_pages(lambda params: self.get(path, params=params), limit, cursor, query)
 
 
 def _is_zombie(pid):
@@ -188,22 +484,26 @@ def _is_zombie(pid):
         return True
 
 
-def all_at_once(count, call, timeout=60):
-    """Run call(0) … call(count - 1) on as many threads, released together by a barrier, so they
-    really race; returns their results in order (fails if one did not finish in time)."""
-    barrier = threading.Barrier(count)
-    results = [None] * count
-    finished = [False] * count
+# A delegate for the exactly-once tests on real gunicorn (fixture gated_delegates). The plain
+# `count` delegate fails at once, so a restart that arrives after the winner's attempt has
+# already failed again is a *new*, legitimate restart (not a concurrent one) and may win too.
+# This one counts its call like `count`, then holds the step STARTED until the test opens the
+# gate, so all 16 restarts of a round race against the same FAILED state.
+GATED_COUNT = '''
+import time
+from pathlib import Path
 
-    def run(index):
-        barrier.wait()
-        results[index] = call(index)
-        finished[index] = True
+from delegates import delegate
 
-    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=timeout)
-    assert all(finished), f"{finished.count(False)} of {count} racing calls did not finish"
-    return results
+
+@delegate("gated_count")
+def gated_count(ctx):
+    """Append one line per call to param `file`, wait for param `gate` to exist, fail if `fail` is 1."""
+    with open(ctx.params["file"], "a") as out:
+        out.write(f"{ctx.step_id} {ctx.attempt}\\n")
+    deadline = time.monotonic() + 30
+    while not Path(ctx.params["gate"]).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if ctx.params.get("fail") == 1:
+        raise RuntimeError("gated_count failed on purpose")
+'''

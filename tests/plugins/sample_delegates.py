@@ -26,6 +26,8 @@ def count(ctx):
 @delegate("wait")
 def wait(ctx):
     """Wait until the file in param `file` exists (at most param `seconds`), then complete."""
+    if "started" in ctx.params:  # tells a test that the delegate has really been called
+        Path(ctx.params["started"]).touch()
     deadline = time.monotonic() + ctx.params.get("seconds", 30.0)
     while not Path(ctx.params["file"]).exists():
         if time.monotonic() > deadline:
@@ -63,7 +65,7 @@ def echo(ctx):
     }
 
 
-# -- delegates with retry policies (tests/test_retries.py and friends) ---------------------------
+# -- delegates with retry policies (tests/test_api_retries.py and friends) ---------------------------
 def _count_call(ctx):
     with open(ctx.params["file"], "a") as out:
         out.write(f"{ctx.step_id} {ctx.attempt}\n")

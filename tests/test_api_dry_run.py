@@ -4,20 +4,9 @@ and nothing changes: no row of the file, no delegate call."""
 import time
 
 import pytest
-from helpers import typed
-from support import BULK, RESTART, calls, db_dump, insert_failed_steps, ok, out, refused
+from helpers import BULK, RESTART, calls, db_dump, insert_failed_steps, ok, out, refused, typed
 
 from model import new_id
-
-
-@pytest.fixture
-def db(app):
-    return app.config["STEPD_DB"]
-
-
-@pytest.fixture
-def counted(tmp_path):
-    return tmp_path / "calls.txt"
 
 
 def failed_count_steps(api, counted, count):
@@ -32,9 +21,9 @@ def settle():
     time.sleep(0.3)  # long enough for a delegate a dry run might wrongly have queued
 
 
-def test_a_dry_run_restart_answers_what_the_real_one_does_and_changes_nothing(api, db, counted):
+def test_a_dry_run_restart_answers_what_the_real_one_does_and_changes_nothing(api, db_path, counted):
     [step_id] = failed_count_steps(api, counted, 1)
-    before = db_dump(db)
+    before = db_dump(db_path)
     body = {"processStepId": step_id, "params": typed(fail=0, extra="x")}
     dry = api.post(f"{RESTART}?dryRun=true", body)
     data = ok(dry)
@@ -47,7 +36,7 @@ def test_a_dry_run_restart_answers_what_the_real_one_does_and_changes_nothing(ap
         "extra": out("STRING", "x"),
     }
     settle()
-    assert db_dump(db) == before
+    assert db_dump(db_path) == before
     assert calls(counted) == [(step_id, 1)]
     step = api.step(step_id)
     assert (step["status"], step["attempts"], len(step["attemptHistory"])) == ("FAILED", 1, 1)
@@ -67,13 +56,13 @@ def test_dry_run_false_is_a_real_restart(api, counted):
 
 @pytest.mark.parametrize("value", ["TRUE", "1", "yes", "", "on", "true "])
 @pytest.mark.parametrize("path", [RESTART, BULK])
-def test_dry_run_takes_only_true_or_false(api, db, counted, path, value):
+def test_dry_run_takes_only_true_or_false(api, db_path, counted, path, value):
     [step_id] = failed_count_steps(api, counted, 1)
     body = {"processStepId": step_id} if path == RESTART else {"processStepIds": [step_id]}
-    before = db_dump(db)
+    before = db_dump(db_path)
     data = refused(api.post(path, body, query_string={"dryRun": value}))
     assert set(data) == {"dryRun"}
-    assert db_dump(db) == before
+    assert db_dump(db_path) == before
 
 
 @pytest.mark.parametrize("path", [RESTART, BULK])
@@ -85,7 +74,7 @@ def test_dry_run_given_twice_or_with_another_parameter_is_412(api, counted, path
     assert api.step(step_id)["attempts"] == 1
 
 
-def test_a_dry_run_fails_the_same_checks_with_the_same_412(app, api, db, counted):
+def test_a_dry_run_fails_the_same_checks_with_the_same_412(app, api, db_path, counted):
     [failed_id] = failed_count_steps(api, counted, 1)
     done = api.start(("noop", {}))
     done_id = api.wait_process(done["processId"], "COMPLETED")["steps"][0]["processStepId"]
@@ -98,7 +87,7 @@ def test_a_dry_run_fails_the_same_checks_with_the_same_412(app, api, db, counted
         {"processStepId": failed_id, "params": {"x": {"type": "LONG"}}},
         {"processStepId": failed_id, "force": True},
     ]
-    before = db_dump(db)
+    before = db_dump(db_path)
     for body in cases:
         dry = api.post(f"{RESTART}?dryRun=true", body)
         assert dry.status_code == 412, body
@@ -107,15 +96,15 @@ def test_a_dry_run_fails_the_same_checks_with_the_same_412(app, api, db, counted
     gone = {"processStepId": failed_id}
     assert api.post(f"{RESTART}?dryRun=true", gone).json["data"] == refused(api.post(RESTART, gone))
     assert set(refused(api.post(f"{RESTART}?dryRun=true", gone))) == {"type"}
-    assert db_dump(db) == before
+    assert db_dump(db_path) == before
 
 
-def test_a_dry_run_bulk_restart_answers_what_the_real_one_does_and_changes_nothing(api, db, counted):
+def test_a_dry_run_bulk_restart_answers_what_the_real_one_does_and_changes_nothing(api, db_path, counted):
     ids = failed_count_steps(api, counted, 3)
     done = api.start(("noop", {}))
     done_id = api.wait_process(done["processId"], "COMPLETED")["steps"][0]["processStepId"]
     body = {"processStepIds": [ids[0], done_id, "NoSuchStep", ids[1], ids[2]], "params": typed(fail=1, note="n")}
-    before = db_dump(db)
+    before = db_dump(db_path)
     dry = api.post(f"{BULK}?dryRun=true", body)
     data = ok(dry)
     assert dry.json["message"] == "Dry run: 3 step(s) would be restarted, 2 skipped; nothing changed."
@@ -123,7 +112,7 @@ def test_a_dry_run_bulk_restart_answers_what_the_real_one_does_and_changes_nothi
     assert [s["processStepId"] for s in data["skipped"]] == [done_id, "NoSuchStep"]
     assert all(r["params"]["note"] == out("STRING", "n") for r in data["restarted"])
     settle()
-    assert db_dump(db) == before
+    assert db_dump(db_path) == before
     assert len(calls(counted)) == 3
 
     assert ok(api.post(BULK, body)) == data
@@ -132,9 +121,9 @@ def test_a_dry_run_bulk_restart_answers_what_the_real_one_does_and_changes_nothi
     assert sorted(calls(counted)) == sorted([(i, 1) for i in ids] + [(i, 2) for i in ids])
 
 
-def test_a_dry_run_by_filter_pages_like_the_real_one(api, store, db):
+def test_a_dry_run_by_filter_pages_like_the_real_one(api, store, db_path):
     ids = insert_failed_steps(store, 1003, step_type="no_delegate_here")
-    before = db_dump(db)
+    before = db_dump(db_path)
     dry = ok(api.post(f"{BULK}?dryRun=true", {"filter": {"type": "no_delegate_here"}}))
     assert dry["restarted"] == []
     assert [s["processStepId"] for s in dry["skipped"]] == ids[:1000]
@@ -143,20 +132,20 @@ def test_a_dry_run_by_filter_pages_like_the_real_one(api, store, db):
     rest = ok(api.post(f"{BULK}?dryRun=true", {"filter": {"type": "no_delegate_here"}, "cursor": dry["nextCursor"]}))
     assert [s["processStepId"] for s in rest["skipped"]] == ids[1000:]
     assert rest["nextCursor"] is None
-    assert db_dump(db) == before
+    assert db_dump(db_path) == before
 
 
-def test_a_dry_run_by_filter_of_restartable_steps_changes_nothing(api, store, db):
+def test_a_dry_run_by_filter_of_restartable_steps_changes_nothing(api, store, db_path):
     ids = insert_failed_steps(store, 5)
-    before = db_dump(db)
+    before = db_dump(db_path)
     data = ok(api.post(f"{BULK}?dryRun=true", {"filter": {"type": "fail"}, "params": typed(message="again")}))
     assert [r["processStepId"] for r in data["restarted"]] == ids
     assert all(r["params"] == {"message": out("STRING", "again")} for r in data["restarted"])
     settle()
-    assert db_dump(db) == before
+    assert db_dump(db_path) == before
 
 
-def test_a_dry_run_with_an_idempotency_key_is_replayed_as_a_dry_run(api, db, counted):
+def test_a_dry_run_with_an_idempotency_key_is_replayed_as_a_dry_run(api, db_path, counted):
     [step_id] = failed_count_steps(api, counted, 1)
     headers = {"Idempotency-Key": f"dry-{new_id()}"}
     first = api.post(f"{RESTART}?dryRun=true", {"processStepId": step_id}, headers=headers)

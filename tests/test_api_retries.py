@@ -1,36 +1,34 @@
-"""Retry policies per step type: `@delegate("x", retries=…, backoff=…, delay=…, max_delay=…)`.
+"""Retry policies as the app runs them: `@delegate("x", retries=…, backoff=…, delay=…, max_delay=…)`.
 
 A failed attempt with retries left closes FAILED and leaves its step STARTED with `nextRetryAt`;
 a runner begins the next attempt (trigger `retry`) when it is due. Abort fails at once; a manual
 restart starts a fresh budget; fail-step stops the retries; complete-step refuses a waiting step.
+(RetryPolicy itself: test_delegates.py.)
 """
 
-import random
-import textwrap
 import time
 from datetime import timedelta
 
-import pytest
-from helpers import typed, wait_for
-from support import COMPLETE, FAIL, RESTART, calls, db_rows, iso, ok, out, parse_time, refused
+from helpers import (
+    COMPLETE,
+    DELEGATES,
+    FAIL,
+    RESTART,
+    STEPS,
+    calls,
+    db_rows,
+    iso,
+    ok,
+    out,
+    parse_time,
+    refused,
+    typed,
+    wait_for,
+)
 
 from app import create_app, start_background, stop_background
 from auth import hash_secret
-from delegates import DelegateLoadError, RetryPolicy, delegate, load_registry
-
-SECOND_SECRET = "second-operator-secret"
-
-
-@pytest.fixture
-def second(app, client):
-    """Headers of a second operator token, 'ops2'."""
-    app.extensions["stepd"].store.add_token("ops2", "operator", hash_secret(SECOND_SECRET))
-    return {"Authorization": f"Bearer {SECOND_SECRET}"}
-
-
-@pytest.fixture
-def counted(tmp_path):
-    return tmp_path / "calls.txt"
+from delegates import load_registry
 
 
 def start_one(api, step_type, **params):
@@ -61,73 +59,9 @@ def seconds(later, earlier):
     return (parse_time(later) - parse_time(earlier)).total_seconds()
 
 
-# -- the policy itself ---------------------------------------------------------------------------
-def test_seconds_before_lies_in_half_to_all_of_the_capped_exponential_ceiling():
-    policy = RetryPolicy(retries=5, backoff=3.0, delay=0.5, max_delay=10.0)
-    for n, ceiling in enumerate([0.5, 1.5, 4.5, 10.0, 10.0]):
-        waits = [policy.seconds_before(n) for _ in range(400)]
-        assert all(ceiling / 2 <= w <= ceiling for w in waits), (n, min(waits), max(waits))
-        # jitter: spread over the window, not one fixed value
-        assert min(waits) < ceiling * 0.6 and max(waits) > ceiling * 0.9, (n, min(waits), max(waits))
-
-
-def test_seconds_before_of_a_huge_retry_number_is_capped_not_an_overflow():
-    policy = RetryPolicy(retries=10**6, backoff=10.0, delay=1.0, max_delay=60.0)
-    assert all(30.0 <= policy.seconds_before(10**5) <= 60.0 for _ in range(50))
-
-
-def test_zero_delay_retries_at_once():
-    assert RetryPolicy(retries=2, delay=0, max_delay=0).seconds_before(3) == 0
-
-
-def test_the_default_policy_has_no_retries():
-    assert RetryPolicy() == RetryPolicy(0, 2.0, 1.0, 300.0)
-
-
-BAD_POLICIES = [
-    {"retries": -1},
-    {"retries": 1.5},
-    {"retries": True},
-    {"retries": "3"},
-    {"backoff": 0.5},
-    {"backoff": float("nan")},
-    {"backoff": "2"},
-    {"delay": -0.1},
-    {"delay": float("inf")},
-    {"delay": True},
-    {"delay": 10.0, "max_delay": 5.0},
-    {"max_delay": float("nan")},
-]
-
-
-@pytest.mark.parametrize("kwargs", BAD_POLICIES, ids=repr)
-def test_a_bad_policy_is_a_value_error_at_decoration(kwargs):
-    with pytest.raises(ValueError):
-        delegate("x", **kwargs)
-
-
-def test_a_module_with_a_bad_policy_does_not_load_and_the_app_refuses_to_start(tmp_path):
-    folder = tmp_path / "mine"
-    folder.mkdir()
-    (folder / "bad_policy.py").write_text(
-        textwrap.dedent(
-            """
-            from delegates import delegate
-
-            @delegate("impatient", retries=2, backoff=0.1)
-            def impatient(ctx):
-                '''Never loads.'''
-            """
-        )
-    )
-    with pytest.raises(DelegateLoadError, match=r"bad_policy\.py.*ValueError.*backoff"):
-        load_registry(folder)
-    with pytest.raises(DelegateLoadError, match=r"bad_policy\.py"):
-        create_app({"STEPD_DB": str(tmp_path / "x.db"), "STEPD_DELEGATES_PATH": str(folder)})
-
-
+# -- the policies as GET /api/v1/delegates shows them ----------------------------------------------
 def test_the_delegates_endpoint_shows_each_policy(api):
-    listed = {d["type"]: d["retry"] for d in ok(api.get("/api/v1/delegates"))}
+    listed = {d["type"]: d["retry"] for d in ok(api.get(DELEGATES))}
     assert listed["retry_count"] == {"retries": 3, "backoff": 2.0, "delay": 0.1, "maxDelay": 0.3}
     assert listed["retry_later"] == {"retries": 1, "backoff": 1.0, "delay": 2.0, "maxDelay": 2.0}
     assert listed["noop"] == {"retries": 0, "backoff": 2.0, "delay": 1.0, "maxDelay": 300.0}
@@ -135,7 +69,7 @@ def test_the_delegates_endpoint_shows_each_policy(api):
     assert registry.get("fail").retry.retries == 0
 
 
-# -- retries as they run ------------------------------------------------------------------------------
+# -- retries as they run ---------------------------------------------------------------------------
 def test_a_failing_step_is_retried_until_its_budget_is_spent_then_failed(api, counted):
     process_id, step_id = start_one(api, "retry_count", file=str(counted))
     step = wait_attempts(api, step_id, 4, "FAILED")
@@ -189,7 +123,7 @@ def test_while_it_waits_the_step_is_started_with_next_retry_at_and_the_attempt_e
     assert 15 - 0.05 <= wait <= 30 + 0.002, wait
     assert api.process(process_id)["status"] == "RUNNING"
     # it is in the step listings as STARTED with the time, and held by no runner
-    listed = api.get("/api/v1/processes/steps?status=STARTED").json["data"]["items"]
+    listed = api.get(f"{STEPS}?status=STARTED").json["data"]["items"]
     assert [(s["processStepId"], s["nextRetryAt"]) for s in listed] == [(step_id, waiting["nextRetryAt"])]
     db = app.config["STEPD_DB"]
     assert db_rows(db, "SELECT runner_id, retries_used FROM steps WHERE id = ?", step_id) == [(None, 0)]
@@ -240,10 +174,12 @@ def test_abort_fails_at_once_whatever_the_policy(api, counted):
     assert api.step(step_id)["attempts"] == 1
 
 
-def test_a_manual_restart_starts_a_fresh_budget_and_retries_keep_its_principal_and_params(app, api, second, counted):
+def test_a_manual_restart_starts_a_fresh_budget_and_retries_keep_its_principal_and_params(
+    app, api, second_operator, counted
+):
     _, step_id = start_one(api, "retry_count", file=str(counted), note="first")
     wait_attempts(api, step_id, 4, "FAILED")
-    restarted = api.post(RESTART, {"processStepId": step_id, "params": typed(note="second")}, headers=second)
+    restarted = api.post(RESTART, {"processStepId": step_id, "params": typed(note="second")}, headers=second_operator)
     assert ok(restarted)["params"]["note"] == out("STRING", "second")
     step = wait_attempts(api, step_id, 8, "FAILED")
     history = step["attemptHistory"]
@@ -368,11 +304,6 @@ def test_a_due_retry_is_claimed_once_whatever_the_number_of_claimers(api, app, s
     assert step["attemptHistory"][-1]["trigger"] == "retry"
     assert step["attemptHistory"][-1]["principal"] == "ops"
     assert db_rows(app.config["STEPD_DB"], "SELECT runner_id FROM steps WHERE id = ?", step_id) == [("claimer-a",)]
-
-
-def test_random_jitter_is_used_not_a_fixed_point(monkeypatch):
-    monkeypatch.setattr(random, "uniform", lambda low, high: (low, high))
-    assert RetryPolicy(retries=3, backoff=2.0, delay=1.0, max_delay=3.0).seconds_before(2) == (1.5, 3.0)
 
 
 def test_a_stop_leaves_a_retry_that_falls_due_in_its_grace_for_the_next_start(app, api, tmp_path, counted):

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, report_figure, typed, wait_for
+from helpers import OPENAPI, ROOT, P, report_figure, typed, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +28,14 @@ SEED = os.environ.get("STEPD_SCHEMATHESIS_SEED", "20261127")  # fixed, so CI is 
 def seed_ids(server):
     """A completed, a failed and a deferred process, so generated requests can use real ids."""
     started = [
-        server.post("/api/v1/processes", body).json()["data"]
+        server.post(P, body).json()["data"]
         for body in (
             {"name": "done", "steps": [{"type": "results"}, {"type": "noop"}]},
             {"name": "failed", "steps": [{"type": "check", "params": typed(ok=0)}, {"type": "noop"}]},
             {"name": "waiting", "steps": [{"type": "external"}, {"type": "noop"}]},
         )
     ]
-    wait_for(lambda: server.get("/api/v1/processes?status=FAILED").json()["data"]["items"], what="a failed process")
+    wait_for(lambda: server.get(f"{P}?status=FAILED").json()["data"]["items"], what="a failed process")
     return {
         "processId": [p["processId"] for p in started],
         "processStepId": [s["processStepId"] for p in started for s in p["steps"]],
@@ -44,13 +44,13 @@ def seed_ids(server):
 
 def operation_count(server):
     """Operations in the document, but the document's own (schemathesis leaves its source URL out;
-    tests/test_openapi.py covers it)."""
-    spec = server.get("/api/v1/openapi.json").json()
+    tests/test_api_openapi.py covers it)."""
+    spec = server.get(OPENAPI).json()
     return sum(
         1
         for path, item in spec["paths"].items()
         for method in item
-        if method in {"get", "post", "put", "delete"} and path != "/api/v1/openapi.json"
+        if method in {"get", "post", "put", "delete"} and path != OPENAPI
     )
 
 
@@ -64,7 +64,7 @@ def test_every_operation_answers_as_its_openapi_document_says(server_factory, tm
         str(CONFIG),
         "--no-color",
         "run",
-        f"{server.url}/api/v1/openapi.json",
+        f"{server.url}{OPENAPI}",
         "--header",
         f"Authorization: Bearer {server.token}",
         "--checks",

@@ -9,22 +9,18 @@ import fcntl
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import requests
-from helpers import report_figure, typed, wait_for
+from helpers import RESTART, STEPS, P, report_figure, typed, wait_for
 from invariants import Acknowledged, check, read_only
 
 pytestmark = pytest.mark.slow
 
-P = "/api/v1/processes"
 CRASH_ROUNDS = 4
 CLIENT_THREADS = 6
 LOAD_SECONDS = (1.0, 2.0)  # how long each round runs before the kill: a random point in this range
@@ -91,7 +87,7 @@ class Load:
                 self.acknowledged.processes.add(response.json()["data"]["processId"])
 
     def _restart_one(self, session, rng):
-        listed = session.get(f"{self.server.url}{P}/steps?status=FAILED&limit=20", timeout=10)
+        listed = session.get(f"{self.server.url}{STEPS}?status=FAILED&limit=20", timeout=10)
         with self._lock:
             self.statuses[listed.status_code] += 1
         failed = listed.json()["data"]["items"] if listed.status_code == 200 else []
@@ -100,7 +96,7 @@ class Load:
         step_id = rng.choice(failed)["processStepId"]
         ack = uuid.uuid4().hex  # the attempt row of this restart will hold it in its params
         params = typed(ack=ack, fail=int(rng.random() < 0.3), seconds=rng.uniform(0.05, 0.3))
-        response = self._post(session, f"{P}/restart-failed-step", {"processStepId": step_id, "params": params})
+        response = self._post(session, RESTART, {"processStepId": step_id, "params": params})
         if response.status_code == 200:
             with self._lock:
                 self.acknowledged.restarts[ack] = step_id
@@ -159,7 +155,7 @@ def test_sigkill_mid_load_loses_nothing_acknowledged(server_factory, tmp_path):
         assert report.lost == 0
         totals["acks checked"] += crashed.acks_checked + report.acks_checked
 
-    interrupted = server.get(f"{P}/steps?status=FAILED&limit=500").json()["data"]["items"]
+    interrupted = server.get(f"{STEPS}?status=FAILED&limit=500").json()["data"]["items"]
     assert totals["running at the kill"] > 0, "no kill landed while a delegate ran"
     assert any(step["error"]["type"] == "Interrupted" for step in interrupted)
     assert len(acknowledged.restarts) > 0 and len(acknowledged.processes) > 0
@@ -198,13 +194,7 @@ def hammer(server, writers, writes_each):
 
 def listed_process_ids(server):
     """Every process id, page by page."""
-    ids, cursor = set(), None
-    while True:
-        page = server.get(P, params={"limit": 500, **({"cursor": cursor} if cursor else {})}).json()["data"]
-        ids |= {p["processId"] for p in page["items"]}
-        cursor = page["nextCursor"]
-        if cursor is None:
-            return ids
+    return {p["processId"] for page in server.walk(P, 500) for p in page}
 
 
 @pytest.mark.timeout(180)
@@ -263,20 +253,6 @@ def test_a_writer_that_cannot_get_the_lock_in_time_gets_503_with_retry_after(ser
 
 
 # -- a full disk -------------------------------------------------------------------------
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 4 MiB tmpfs of our own, so filling it up harms nothing else (needs root)."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount_point)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
 def fill(folder):
     """Write a file until the filesystem is full, down to the last block; returns it."""
     filler = folder / "filler"
@@ -395,38 +371,12 @@ def test_an_outcome_that_meets_a_full_disk_is_recorded_once_space_is_freed(serve
     filler = fill(small_disk)
     release.touch()  # the delegate returns now; recording its outcome needs a write
     time.sleep(1.5)  # it meets the full disk at least once
-    assert server.get(f"{P}/steps/{step_id}").json()["data"]["status"] == "STARTED"
+    assert server.get(f"{STEPS}/{step_id}").json()["data"]["status"] == "STARTED"
     filler.unlink()
     done = wait_for(
-        lambda: (s := server.get(f"{P}/steps/{step_id}").json()["data"])["status"] != "STARTED" and s,
+        lambda: (s := server.get(f"{STEPS}/{step_id}").json()["data"])["status"] != "STARTED" and s,
         timeout=15,
         what="the outcome to be recorded",
     )
     assert done["status"] == "COMPLETED", done
     assert "database or disk is full" in server.output(), "the outcome really met the full disk"
-
-
-def test_invariants_script_reports_a_broken_file(tmp_path):
-    """The checker can fail: a process whose status contradicts its steps is reported."""
-    import sqlite3
-
-    from app import create_app
-
-    db = tmp_path / "broken.db"
-    create_app({"STEPD_DB": str(db), "STEPD_TOKEN": "t"})
-    conn = sqlite3.connect(db, isolation_level=None)
-    conn.execute(
-        "INSERT INTO processes (id, status, principal, created_at, updated_at) VALUES ('p', 'COMPLETED', 'x', 't', 't')"
-    )
-    conn.execute(
-        "INSERT INTO steps (id, process_id, position, type, status, params, created_at)"
-        " VALUES ('s', 'p', 0, 'noop', 'PENDING', '{}', 't')"
-    )
-    conn.close()
-    script = Path(__file__).resolve().parent / "invariants.py"
-    run = subprocess.run([sys.executable, str(script), str(db)], capture_output=True, text=True)
-    assert run.returncode == 1
-    assert "process p is COMPLETED, its steps ['PENDING'] say RUNNING" in run.stdout
-    acknowledged = Acknowledged(processes={"gone"}, restarts={"ack1": "s"})
-    report = check(db, acknowledged)
-    assert report.lost == 2 and report.acks_checked == 2

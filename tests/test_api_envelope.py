@@ -7,24 +7,14 @@ import sqlite3
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from helpers import COMPLETE, DELEGATES, ENV_HEADERS, ENVELOPE_KEYS, ERROR_MESSAGES, FAIL, OPENAPI, RESTART, STEPS, P
 
 import db as db_module
 import logs
 import model
 from app import create_app
 
-ENVELOPE_KEYS = {"message", "timestamp", "data", "version"}
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
-ERROR_MESSAGES = {
-    401: "Unauthorized request",
-    403: "Forbidden",
-    404: "Not found",
-    405: "Method not allowed",
-    412: "Precondition failed",
-    413: "Payload too large",
-    500: "Internal Server Error",
-    503: "Service unavailable",
-}
 PRINTABLE_ASCII = re.compile(r"^[ -~]{1,128}$")
 MIB = 1024 * 1024
 
@@ -65,31 +55,31 @@ PADDED_OVER_1MIB = b'{"steps": [{"type": "noop"}]}' + b" " * MIB
 # (who, method, path, json body or None, raw body or None, status, what `data` is on success)
 CASES = [
     (None, "GET", "/healthz", None, None, 200, dict),
-    ("op", "GET", "/api/v1/delegates", None, None, 200, list),
-    ("reader", "GET", "/api/v1/processes", None, None, 200, dict),
-    ("reader", "GET", "/api/v1/processes/steps", None, None, 200, dict),
-    ("op", "POST", "/api/v1/processes", NOOP, None, 201, dict),
-    (None, "GET", "/api/v1/processes", None, None, 401, str),
-    (None, "POST", "/api/v1/processes", NOOP, None, 401, str),
-    (None, "GET", "/api/v1/delegates", None, None, 401, str),
-    ("reader", "POST", "/api/v1/processes", NOOP, None, 403, str),
-    ("reader", "POST", "/api/v1/processes/fail-step", {"processStepId": "x"}, None, 403, str),
+    ("op", "GET", DELEGATES, None, None, 200, list),
+    ("reader", "GET", P, None, None, 200, dict),
+    ("reader", "GET", STEPS, None, None, 200, dict),
+    ("op", "POST", P, NOOP, None, 201, dict),
+    (None, "GET", P, None, None, 401, str),
+    (None, "POST", P, NOOP, None, 401, str),
+    (None, "GET", DELEGATES, None, None, 401, str),
+    ("reader", "POST", P, NOOP, None, 403, str),
+    ("reader", "POST", FAIL, {"processStepId": "x"}, None, 403, str),
     (None, "GET", "/nowhere", None, None, 404, str),
     ("op", "GET", "/api/v1/nowhere", None, None, 404, str),
-    ("op", "GET", "/api/v1/processes/no-such-process", None, None, 404, str),
-    ("op", "GET", "/api/v1/processes/steps/no-such-step", None, None, 404, str),
-    ("op", "GET", "/api/v1/processes/" + "a" * 65, None, None, 404, str),
-    ("op", "DELETE", "/api/v1/processes", None, None, 405, str),
-    ("op", "PUT", "/api/v1/processes/abc", None, None, 405, str),
-    ("op", "POST", "/api/v1/delegates", {}, None, 405, str),
+    ("op", "GET", f"{P}/no-such-process", None, None, 404, str),
+    ("op", "GET", f"{STEPS}/no-such-step", None, None, 404, str),
+    ("op", "GET", f"{P}/" + "a" * 65, None, None, 404, str),
+    ("op", "DELETE", P, None, None, 405, str),
+    ("op", "PUT", f"{P}/abc", None, None, 405, str),
+    ("op", "POST", DELEGATES, {}, None, 405, str),
     (None, "POST", "/healthz", {}, None, 405, str),
-    ("op", "GET", "/api/v1/processes/restart-failed-step", None, None, 405, str),
-    ("op", "GET", "/api/v1/processes/fail-step", None, None, 405, str),
-    ("op", "GET", "/api/v1/processes/complete-step", None, None, 405, str),
-    ("op", "POST", "/api/v1/processes", {}, None, 412, dict),
-    ("op", "GET", "/api/v1/processes?limit=0", None, None, 412, dict),
-    ("op", "POST", "/api/v1/processes/restart-failed-step", {"processStepId": "nope"}, None, 412, dict),
-    ("op", "POST", "/api/v1/processes", None, PADDED_OVER_1MIB, 413, str),
+    ("op", "GET", RESTART, None, None, 405, str),
+    ("op", "GET", FAIL, None, None, 405, str),
+    ("op", "GET", COMPLETE, None, None, 405, str),
+    ("op", "POST", P, {}, None, 412, dict),
+    ("op", "GET", f"{P}?limit=0", None, None, 412, dict),
+    ("op", "POST", RESTART, {"processStepId": "nope"}, None, 412, dict),
+    ("op", "POST", P, None, PADDED_OVER_1MIB, 413, str),
 ]
 
 
@@ -110,20 +100,50 @@ def test_every_status_comes_in_the_envelope(client, api, reader_api, who, method
 
 @pytest.mark.parametrize("path", ["restart-failed-step", "fail-step", "complete-step"])
 def test_get_on_a_post_only_action_is_405_and_says_allow_post(api, path):
-    response = api.get(f"/api/v1/processes/{path}")
+    response = api.get(f"{P}/{path}")
     assert_envelope(response, 405)
     assert "POST" in response.headers.get("Allow", "")
 
 
 def test_options_is_answered_in_the_envelope(api):
     """SPEC 1: every response under /api/v1 is the envelope; OPTIONS included."""
-    response = api.client.options("/api/v1/processes", headers=api.headers)
+    response = api.client.options(P, headers=api.headers)
     assert_envelope(response, response.status_code)
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        (P, "GET, HEAD, OPTIONS, POST"),
+        (RESTART, "OPTIONS, POST"),
+        ("/healthz", "GET, HEAD, OPTIONS"),
+    ],
+)
+def test_options_answers_in_the_envelope(client, path, allowed):
+    response = client.options(path)
+    assert response.status_code == 200
+    assert set(response.json) == ENVELOPE_KEYS
+    assert response.headers["Allow"] == allowed
+    assert response.json["data"]["allow"] == allowed.split(", ")
+
+
+def test_unknown_method_is_405_in_the_envelope(client):
+    response = client.open(P, method="PATCH")
+    assert response.status_code == 405
+    assert response.json["message"] == "Method not allowed"
+    assert "POST" in response.headers["Allow"]
+
+
+@pytest.mark.parametrize("path", ["/api/v1//processes", "//api/v1/processes", f"{P}/"])
+def test_odd_slashes_are_404_in_the_envelope_not_redirects(api, path):
+    response = api.get(path)
+    assert response.status_code == 404
+    assert response.json["message"] == "Not found"
 
 
 def test_timestamp_is_the_response_time_in_utc_milliseconds(api):
     before = datetime.now(UTC) - timedelta(milliseconds=1)
-    body = assert_envelope(api.get("/api/v1/delegates"), 200)
+    body = assert_envelope(api.get(DELEGATES), 200)
     after = datetime.now(UTC) + timedelta(milliseconds=1)
     stamp = datetime.strptime(body["timestamp"], "%Y-%m-%dT%H:%M:%S.%f%z")
     assert before <= stamp <= after
@@ -131,9 +151,9 @@ def test_timestamp_is_the_response_time_in_utc_milliseconds(api):
 
 def test_version_is_the_one_defined_in_schemas_everywhere(api, client):
     assert re.fullmatch(r"\d+\.\d+\.\d+", model.VERSION)
-    assert api.get("/api/v1/delegates").json["version"] == model.VERSION
+    assert api.get(DELEGATES).json["version"] == model.VERSION
     assert client.get("/healthz").json["version"] == model.VERSION
-    assert client.get("/api/v1/openapi.json").json["info"]["version"] == model.VERSION
+    assert client.get(OPENAPI).json["info"]["version"] == model.VERSION
 
 
 # -- X-Request-Id ----------------------------------------------------------------------------
@@ -145,8 +165,8 @@ INVALID_IDS = ["a" * 129, "x\x01y", "tab\there", "\x7f", "caf\xe9", ""]
 @pytest.mark.parametrize(
     ("who", "path", "status"),
     [
-        ("op", "/api/v1/delegates", 200),
-        (None, "/api/v1/delegates", 401),
+        ("op", DELEGATES, 200),
+        (None, DELEGATES, 401),
         ("op", "/nowhere", 404),
         (None, "/healthz", 200),
     ],
@@ -174,12 +194,6 @@ def test_without_a_request_id_each_response_gets_a_fresh_one(client):
 
 
 # -- 500: an unexpected exception ---------------------------------------------------------------
-@pytest.fixture
-def fresh_app(tmp_path):
-    """An app whose routes a test may still add to (no request has been served yet)."""
-    return create_app({"STEPD_DB": str(tmp_path / "fresh" / "stepd.db"), "STEPD_TOKEN": "fresh-env-token"})
-
-
 SENSITIVE = "SELECT secret_hash FROM tokens WHERE name = 'x' -- /srv/stepd/private/stepd.db"
 
 
@@ -220,7 +234,7 @@ def test_a_real_database_fault_is_an_enveloped_error_without_paths(fresh_app, tm
     fresh_app.extensions["stepd"].store.db.close()
     shutil.rmtree(folder)
     with caplog.at_level(logging.ERROR):
-        response = fresh_app.test_client().get("/api/v1/processes", headers={"Authorization": "Bearer fresh-env-token"})
+        response = fresh_app.test_client().get(P, headers=ENV_HEADERS)
     assert response.status_code in (500, 503)
     body = assert_envelope(response, response.status_code)
     text = response.get_data(as_text=True)
@@ -261,9 +275,7 @@ def test_a_busy_database_is_a_503(tmp_path, monkeypatch):
     locker = sqlite3.connect(db, isolation_level=None)
     try:
         locker.execute("BEGIN EXCLUSIVE")
-        response = busy_app.test_client().post(
-            "/api/v1/processes", json=NOOP, headers={"Authorization": "Bearer busy-env-token"}
-        )
+        response = busy_app.test_client().post(P, json=NOOP, headers={"Authorization": "Bearer busy-env-token"})
     finally:
         locker.execute("ROLLBACK")
         locker.close()

@@ -7,8 +7,20 @@ import os
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from helpers import all_at_once, typed, wait_for
-from support import BULK, calls, db_rows, insert_failed_steps, iso, ok, out, parse_time, refused
+from helpers import (
+    BULK,
+    all_at_once,
+    calls,
+    db_rows,
+    insert_failed_steps,
+    iso,
+    ok,
+    out,
+    parse_time,
+    refused,
+    typed,
+    wait_for,
+)
 
 import db as db_module
 import schemas

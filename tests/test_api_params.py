@@ -8,22 +8,9 @@ and changes nothing.
 import json
 
 import pytest
-from helpers import typed
+from helpers import RESTART, P, out, refused, typed
 
-START = "/api/v1/processes"
-RESTART = "/api/v1/processes/restart-failed-step"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-
-
-def out(kind, value):
-    """The output form of one typed value."""
-    form = {"strValue": None, "longValue": None, "doubleValue": None, "type": kind}
-    form[{"STRING": "strValue", "LONG": "longValue", "DOUBLE": "doubleValue"}[kind]] = value
-    return form
-
-
-def process_count(api):
-    return len(api.get(f"{START}?limit=500").json["data"]["items"])
 
 
 class StartTarget:
@@ -33,14 +20,14 @@ class StartTarget:
 
     def __init__(self, api):
         self.api = api
-        self.processes = process_count(api)
+        self.processes = api.process_count()
 
     def send(self, params):
-        return self.api.post(START, {"steps": [{"type": "noop", "params": params}]})
+        return self.api.post(P, {"steps": [{"type": "noop", "params": params}]})
 
     def send_raw(self, params_json):
         raw = '{"steps": [{"type": "noop", "params": ' + params_json + "}]}"
-        return self.api.client.post(START, data=raw, content_type="application/json", headers=self.api.headers)
+        return self.api.post_raw(P, raw)
 
     def param_errors(self, response):
         return response.json["data"]["steps"]["0"]["params"]
@@ -53,7 +40,7 @@ class StartTarget:
         return self.api.step(response.json["data"]["steps"][0]["processStepId"])["params"]
 
     def assert_unchanged(self):
-        assert process_count(self.api) == self.processes
+        assert self.api.process_count() == self.processes
 
 
 class RestartTarget:
@@ -68,14 +55,14 @@ class RestartTarget:
         failed = api.wait_process(process["processId"], "FAILED")
         self.step_id = failed["steps"][0]["processStepId"]
         self.before = api.step(self.step_id)
-        self.processes = process_count(api)
+        self.processes = api.process_count()
 
     def send(self, params):
         return self.api.post(RESTART, {"processStepId": self.step_id, "params": params})
 
     def send_raw(self, params_json):
         raw = '{"processStepId": ' + json.dumps(self.step_id) + ', "params": ' + params_json + "}"
-        return self.api.client.post(RESTART, data=raw, content_type="application/json", headers=self.api.headers)
+        return self.api.post_raw(RESTART, raw)
 
     def param_errors(self, response):
         return response.json["data"]["params"]
@@ -93,19 +80,11 @@ class RestartTarget:
         assert after["attempts"] == self.before["attempts"] == 1
         assert after["params"] == self.before["params"]
         assert after["attemptHistory"] == self.before["attemptHistory"]
-        assert process_count(self.api) == self.processes
+        assert self.api.process_count() == self.processes
 
 
-@pytest.fixture(params=[StartTarget, RestartTarget], ids=["start", "restart"])
-def target(request, api):
-    return request.param(api)
-
-
-def assert_412(response):
-    assert response.status_code == 412, response.json
-    assert response.json["message"] == "Precondition failed"
-    assert isinstance(response.json["data"], dict) and response.json["data"]
-    return response.json["data"]
+# Each test of a target runs against both (fixture target in conftest.py builds it).
+TARGETS = pytest.mark.parametrize("target", [StartTarget, RestartTarget], ids=["start", "restart"], indirect=True)
 
 
 # -- one value ---------------------------------------------------------------------------------
@@ -168,9 +147,10 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize(("value", "error_keys"), [c[1:] for c in BAD_VALUES], ids=[c[0] for c in BAD_VALUES])
+@TARGETS
 def test_a_bad_value_is_412_naming_its_field_and_changes_nothing(target, value, error_keys):
     response = target.send({"x": value})
-    assert_412(response)
+    refused(response)
     errors = target.param_errors(response)
     assert set(errors) == {"x"}
     assert set(errors["x"]) == {"value"}
@@ -181,25 +161,28 @@ def test_a_bad_value_is_412_naming_its_field_and_changes_nothing(target, value, 
     target.assert_unchanged()
 
 
+@TARGETS
 def test_a_null_value_is_412(target):
     response = target.send({"x": None})
-    assert_412(response)
+    refused(response)
     messages = target.param_errors(response)["x"]["value"]
     assert isinstance(messages, list) and messages
     target.assert_unchanged()
 
 
+@TARGETS
 def test_only_the_bad_names_are_named(target):
     response = target.send({"good": {"type": "LONG", "longValue": 1}, "bad": {"type": "LONG", "longValue": "1"}})
-    assert_412(response)
+    refused(response)
     assert set(target.param_errors(response)) == {"bad"}
     target.assert_unchanged()
 
 
 @pytest.mark.parametrize("params", ["not an object", 5, ["x"], True], ids=repr)
+@TARGETS
 def test_params_that_are_not_an_object_are_412(target, params):
     response = target.send(params)
-    assert_412(response)
+    refused(response)
     messages = target.param_errors(response)
     assert isinstance(messages, list) and messages
     target.assert_unchanged()
@@ -220,13 +203,15 @@ NON_FINITE = [
 
 
 @pytest.mark.parametrize(("literal", "kind", "field"), NON_FINITE, ids=[f"{c[0]}-{c[1]}" for c in NON_FINITE])
+@TARGETS
 def test_non_finite_literals_in_the_raw_body_are_412(target, literal, kind, field):
     response = target.send_raw('{"x": {"type": "' + kind + '", "' + field + '": ' + literal + "}}")
-    data = assert_412(response)
+    data = refused(response)
     assert all(isinstance(messages, (list, dict)) for messages in data.values())
     target.assert_unchanged()
 
 
+@TARGETS
 def test_the_raw_body_route_accepts_a_finite_double(target):
     """Control for the test above: the same raw text with a finite number is accepted."""
     response = target.send_raw('{"x": {"type": "DOUBLE", "doubleValue": 1e300}}')
@@ -281,6 +266,7 @@ GOOD_VALUES += [(f"STRING-{s[:6]!r}", {"type": "STRING", "strValue": s}, out("ST
 
 
 @pytest.mark.parametrize(("value", "expected"), [c[1:] for c in GOOD_VALUES], ids=[c[0] for c in GOOD_VALUES])
+@TARGETS
 def test_a_good_value_is_accepted_and_echoed_exactly_in_output_form(target, value, expected):
     response = target.send({"x": value})
     echoed = target.echoed(response)["x"]
@@ -319,9 +305,10 @@ GOOD_NAMES = [
 
 
 @pytest.mark.parametrize("name", [c[1] for c in BAD_NAMES], ids=[c[0] for c in BAD_NAMES])
+@TARGETS
 def test_a_bad_name_is_412_naming_the_key_and_changes_nothing(target, name):
     response = target.send({name: {"type": "LONG", "longValue": 1}})
-    assert_412(response)
+    refused(response)
     errors = target.param_errors(response)
     assert set(errors) == {name}
     assert set(errors[name]) == {"key"}
@@ -330,6 +317,7 @@ def test_a_bad_name_is_412_naming_the_key_and_changes_nothing(target, name):
 
 
 @pytest.mark.parametrize("name", [c[1] for c in GOOD_NAMES], ids=[c[0] for c in GOOD_NAMES])
+@TARGETS
 def test_a_good_name_is_accepted_and_echoed_exactly(target, name):
     response = target.send({name: {"type": "LONG", "longValue": 7}})
     assert target.echoed(response)[name] == out("LONG", 7)
@@ -343,14 +331,16 @@ def names(count):
     return params
 
 
+@TARGETS
 def test_257_names_are_412(target):
     response = target.send(names(257))
-    assert_412(response)
+    refused(response)
     messages = target.param_errors(response)
     assert isinstance(messages, list) and messages and all(isinstance(m, str) for m in messages)
     target.assert_unchanged()
 
 
+@TARGETS
 def test_256_names_are_accepted(target):
     response = target.send(names(256))
     echoed = target.echoed(response)
@@ -360,47 +350,43 @@ def test_256_names_are_accepted(target):
 
 
 # -- restart: effective params are the failed attempt's with the request's laid over them ----
-@pytest.fixture
-def failed(api):
-    """A FAILED `check` step whose params are ok=0, keep="k", ratio=0.5."""
-    process = api.start(("check", {"ok": 0, "keep": "k", "ratio": 0.5}), ("noop", {}))
-    step = api.wait_process(process["processId"], "FAILED")["steps"][0]
-    return step
-
-
 FAILED_OUTPUT = {"ok": out("LONG", 0), "keep": out("STRING", "k"), "ratio": out("DOUBLE", 0.5)}
 
 
-def test_restart_lays_the_request_params_over_the_failed_ones(api, failed):
-    response = api.post(RESTART, {"processStepId": failed["processStepId"], "params": typed(ok=1, extra="new")})
+def test_restart_lays_the_request_params_over_the_failed_ones(api, failed_check_step):
+    response = api.post(
+        RESTART, {"processStepId": failed_check_step["processStepId"], "params": typed(ok=1, extra="new")}
+    )
     assert response.status_code == 200, response.json
     effective = {**FAILED_OUTPUT, "ok": out("LONG", 1), "extra": out("STRING", "new")}
     assert response.json["data"] == {
-        "processId": failed["processId"],
-        "processStepId": failed["processStepId"],
+        "processId": failed_check_step["processId"],
+        "processStepId": failed_check_step["processStepId"],
         "params": effective,
     }
-    done = api.wait_process(failed["processId"], "COMPLETED")
+    done = api.wait_process(failed_check_step["processId"], "COMPLETED")
     assert done["steps"][0]["params"] == effective
-    history = api.step(failed["processStepId"])["attemptHistory"]
+    history = api.step(failed_check_step["processStepId"])["attemptHistory"]
     assert [a["params"] for a in history] == [FAILED_OUTPUT, effective]
 
 
 @pytest.mark.parametrize("body_params", ["absent", {}], ids=["absent", "empty"])
-def test_restart_without_params_reuses_the_failed_ones(api, failed, body_params):
-    body = {"processStepId": failed["processStepId"]}
+def test_restart_without_params_reuses_the_failed_ones(api, failed_check_step, body_params):
+    body = {"processStepId": failed_check_step["processStepId"]}
     if body_params != "absent":
         body["params"] = body_params
     response = api.post(RESTART, body)
     assert response.status_code == 200, response.json
     assert response.json["data"]["params"] == FAILED_OUTPUT
-    step = api.wait_step(failed["processStepId"], "FAILED")  # ok is still 0: it fails again
+    step = api.wait_step(failed_check_step["processStepId"], "FAILED")  # ok is still 0: it fails again
     assert step["attempts"] == 2
     assert [a["params"] for a in step["attemptHistory"]] == [FAILED_OUTPUT, FAILED_OUTPUT]
 
 
-def test_restart_overlay_may_change_a_names_type(api, failed):
-    response = api.post(RESTART, {"processStepId": failed["processStepId"], "params": typed(keep=3, ratio="half")})
+def test_restart_overlay_may_change_a_names_type(api, failed_check_step):
+    response = api.post(
+        RESTART, {"processStepId": failed_check_step["processStepId"], "params": typed(keep=3, ratio="half")}
+    )
     assert response.status_code == 200, response.json
     assert response.json["data"]["params"] == {
         "ok": out("LONG", 0),
@@ -424,7 +410,7 @@ def test_restart_over_256_names_after_the_overlay_is_412_with_a_params_key(api):
     step = failed_with_names(api, 200)
     before = api.step(step["processStepId"])
     response = api.post(RESTART, {"processStepId": step["processStepId"], "params": new_names(57)})
-    data = assert_412(response)
+    data = refused(response)
     assert "params" in data
     after = api.step(step["processStepId"])
     assert after == before
@@ -448,19 +434,34 @@ def test_restart_overlaying_only_existing_names_keeps_the_count(api):
     assert params["old000"] == out("STRING", "over") and params["ok"] == out("LONG", 0)
 
 
-def test_delegates_see_plain_values_of_the_effective_params(api, failed):
+def test_delegates_see_plain_values_of_the_effective_params(api, failed_check_step):
     """`check` compares ctx.params["ok"] with the int 1: only a plain 1 completes it."""
-    response = api.post(RESTART, {"processStepId": failed["processStepId"], "params": typed(ok="1")})
+    response = api.post(RESTART, {"processStepId": failed_check_step["processStepId"], "params": typed(ok="1")})
     assert response.status_code == 200
-    step = api.wait_step(failed["processStepId"], "FAILED")
+    step = api.wait_step(failed_check_step["processStepId"], "FAILED")
     assert step["error"] == {"type": "ValueError", "message": "ok is '1', not 1"}
-    assert api.restart(failed["processStepId"], ok=1).status_code == 200
-    done = api.wait_process(failed["processId"], "COMPLETED")
+    assert api.restart(failed_check_step["processStepId"], ok=1).status_code == 200
+    done = api.wait_process(failed_check_step["processId"], "COMPLETED")
     assert done["steps"][0]["result"] == {"checked": out("LONG", 1)}
 
 
 def test_json_echo_of_int64_extremes_is_exact_on_the_wire(api):
     """Not just equal after parsing: the digits themselves come back."""
-    response = api.post(START, {"steps": [{"type": "noop", "params": typed(big=INT64_MAX, small=INT64_MIN)}]})
+    response = api.post(P, {"steps": [{"type": "noop", "params": typed(big=INT64_MAX, small=INT64_MIN)}]})
     text = response.get_data(as_text=True)
     assert json.dumps(INT64_MAX) in text and json.dumps(INT64_MIN) in text
+
+
+# -- null params and unpaired surrogates -----------------------------------------------------------
+def test_null_params_mean_no_params(api):
+    process = api.post(P, {"steps": [{"type": "check", "params": None}]}).json["data"]
+    step_id = process["steps"][0]["processStepId"]
+    api.wait_step(step_id, "FAILED")
+    response = api.post(RESTART, {"processStepId": step_id, "params": None})
+    assert response.status_code == 200
+    assert response.json["data"]["params"] == {}
+
+
+def test_lone_surrogates_in_params_are_kept_exactly(api):
+    process = api.start(("noop", {"s": "\ud800x"}))
+    assert process["steps"][0]["params"]["s"]["strValue"] == "\ud800x"

@@ -11,25 +11,22 @@ import unicodedata
 from collections import Counter
 
 import pytest
-from helpers import PLUGINS, report_figure
+from helpers import COMPLETE, ENV_HEADERS, ENVELOPE_KEYS, FAIL, RESTART, P, report_figure
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from marshmallow import ValidationError
 
 import schemas as s
-from app import create_app, start_background, stop_background
 
 # A failing example's repr may be large (65,536-character strings); that is no reason to fail.
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 
-TOKEN = "property-test-token"
-HEADERS = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-P = "/api/v1/processes"
+HEADERS = {**ENV_HEADERS, "Content-Type": "application/json"}
 VALUE_FIELDS = {"STRING": "strValue", "LONG": "longValue", "DOUBLE": "doubleValue"}
 SCHEMA_EXAMPLES = 1000
 BODY_EXAMPLES = 300
 
-EXAMPLES = Counter()  # examples run, per test and outcome, for the figures
+EXAMPLES = Counter()  # examples run, per test and outcome, for the figures (see count)
 
 PROPERTY_SETTINGS = settings(
     deadline=None,
@@ -183,6 +180,13 @@ def valid_error(error):
     )
 
 
+def count(test, outcome):
+    """One more example of `test` with this outcome, in the "hypothesis" reliability figure."""
+    EXAMPLES[test, outcome] += 1
+    outcomes = "; ".join(f"{name} {result}: {n}" for (name, result), n in sorted(EXAMPLES.items()))
+    report_figure("hypothesis", f"{sum(EXAMPLES.values())} examples, 0 errors ({outcomes})")
+
+
 # -- the params schema on its own --------------------------------------------------------
 @settings(PROPERTY_SETTINGS, max_examples=SCHEMA_EXAMPLES)
 @given(params=params_like | st.dictionaries(good_names, long_typed_values, max_size=3))
@@ -190,35 +194,24 @@ def test_the_params_schema_accepts_exactly_the_valid_params_and_echoes_them(para
     try:
         loaded = s.RestartStepSchema().load({"processStepId": "abc", "params": params})
     except ValidationError as refused:
-        EXAMPLES["schema", "refused"] += 1
+        count("schema", "refused")
         assert not valid_params(params), f"refused valid params: {refused.messages}"
         assert isinstance(refused.messages, dict) and "params" in refused.messages
         return
-    EXAMPLES["schema", "accepted"] += 1
+    count("schema", "accepted")
     assert valid_params(params), "accepted invalid params"
     echoed = s.RestartResultSchema().dump({"process_id": "p", "step_id": "abc", "params": loaded["params"]})
     assert echoed["params"] == output_form(params)
     assert json.loads(json.dumps(echoed["params"])) == output_form(params)
 
 
-# -- every request body, over HTTP against a real SQLite file ----------------------------
-@pytest.fixture(scope="module")
-def api_client(tmp_path_factory):
-    db = tmp_path_factory.mktemp("properties") / "stepd.db"
-    app = create_app({"STEPD_DB": str(db), "STEPD_DELEGATES_PATH": str(PLUGINS), "STEPD_TOKEN": TOKEN})
-    start_background(app)
-    yield app.test_client()
-    stop_background(app, grace=1)
-    outcomes = "; ".join(f"{test} {outcome}: {count}" for (test, outcome), count in sorted(EXAMPLES.items()))
-    report_figure("hypothesis", f"{sum(EXAMPLES.values())} examples, 0 errors ({outcomes})")
-
-
+# -- every request body, over HTTP against a real SQLite file (fixture module_client) ----
 def post(client, path, body):
     """POST any JSON value; check it is an envelope with 2xx or 412 and never a server error."""
     response = client.post(path, data=json.dumps(body), headers=HEADERS)
     assert response.status_code < 500, response.get_data(as_text=True)
     reply = response.get_json()
-    assert set(reply) == {"message", "timestamp", "data", "version"}
+    assert set(reply) == ENVELOPE_KEYS
     if response.status_code == 412:
         assert reply["message"] == "Precondition failed"
         assert isinstance(reply["data"], dict) and reply["data"], reply
@@ -230,7 +223,7 @@ def started_step(client, fail=False):
     process = client.post(P, json={"steps": [{"type": "external"}]}, headers=HEADERS).get_json()["data"]
     step_id = process["steps"][0]["processStepId"]
     if fail:
-        assert client.post(f"{P}/fail-step", json={"processStepId": step_id}, headers=HEADERS).status_code == 200
+        assert client.post(FAIL, json={"processStepId": step_id}, headers=HEADERS).status_code == 200
     return step_id
 
 
@@ -274,9 +267,9 @@ start_bodies = (
 
 @settings(PROPERTY_SETTINGS, max_examples=BODY_EXAMPLES)
 @given(body=start_bodies)
-def test_start_process_accepts_valid_bodies_echoes_them_and_refuses_the_rest(api_client, body):
-    status, data = post(api_client, P, body)
-    EXAMPLES["start", status] += 1
+def test_start_process_accepts_valid_bodies_echoes_them_and_refuses_the_rest(module_client, body):
+    status, data = post(module_client, P, body)
+    count("start", status)
     if status == 412:
         assert not valid_start(body), data
         return
@@ -293,10 +286,10 @@ def test_start_process_accepts_valid_bodies_echoes_them_and_refuses_the_rest(api
     | st.fixed_dictionaries({"processStepId": st.just("abc")}, optional={"params": st.none() | good_params}),
     use_real_id=st.booleans(),
 )
-def test_restart_accepts_valid_bodies_echoes_the_params_and_refuses_the_rest(api_client, body, use_real_id):
-    body = aim(body, started_step(api_client, fail=True), use_real_id)
-    status, data = post(api_client, f"{P}/restart-failed-step", body)
-    EXAMPLES["restart", status] += 1
+def test_restart_accepts_valid_bodies_echoes_the_params_and_refuses_the_rest(module_client, body, use_real_id):
+    body = aim(body, started_step(module_client, fail=True), use_real_id)
+    status, data = post(module_client, RESTART, body)
+    count("restart", status)
     if status == 412:
         assert not (use_real_id and valid_action(body, "params", valid_params)), data
         return
@@ -315,10 +308,10 @@ def test_restart_accepts_valid_bodies_echoes_the_params_and_refuses_the_rest(api
     | st.fixed_dictionaries({"processStepId": st.just("abc")}, optional={"result": st.none() | good_params}),
     use_real_id=st.booleans(),
 )
-def test_complete_step_accepts_valid_bodies_echoes_the_result_and_refuses_the_rest(api_client, body, use_real_id):
-    body = aim(body, started_step(api_client), use_real_id)
-    status, data = post(api_client, f"{P}/complete-step", body)
-    EXAMPLES["complete", status] += 1
+def test_complete_step_accepts_valid_bodies_echoes_the_result_and_refuses_the_rest(module_client, body, use_real_id):
+    body = aim(body, started_step(module_client), use_real_id)
+    status, data = post(module_client, COMPLETE, body)
+    count("complete", status)
     if status == 412:
         assert not (use_real_id and valid_action(body, "result", valid_params)), data
         return
@@ -343,10 +336,10 @@ def test_complete_step_accepts_valid_bodies_echoes_the_result_and_refuses_the_re
     ),
     use_real_id=st.booleans(),
 )
-def test_fail_step_accepts_valid_bodies_echoes_the_error_and_refuses_the_rest(api_client, body, use_real_id):
-    body = aim(body, started_step(api_client), use_real_id)
-    status, data = post(api_client, f"{P}/fail-step", body)
-    EXAMPLES["fail", status] += 1
+def test_fail_step_accepts_valid_bodies_echoes_the_error_and_refuses_the_rest(module_client, body, use_real_id):
+    body = aim(body, started_step(module_client), use_real_id)
+    status, data = post(module_client, FAIL, body)
+    count("fail", status)
     if status == 412:
         assert not (use_real_id and valid_action(body, "error", valid_error)), data
         return

@@ -1,39 +1,45 @@
 """SPEC section 6: tokens, roles, Bearer and Basic, STEPD_TOKEN, hashed secrets, the `token` commands."""
 
-import base64
 import os
 import sqlite3
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import OPERATOR_SECRET, READER_SECRET
-from helpers import PLUGINS, ROOT
+from helpers import (
+    BULK,
+    COMPLETE,
+    DELEGATES,
+    ENV_SECRET,
+    ENVELOPE_KEYS,
+    FAIL,
+    FLASK,
+    OPENAPI,
+    OPERATOR_SECRET,
+    READER_SECRET,
+    RESTART,
+    ROOT,
+    STEPS,
+    P,
+    basic,
+)
 
-from app import create_app, start_background, stop_background
+from app import create_app
 from auth import hash_secret
 
-P = "/api/v1/processes"
 # Every route under /api/v1 that needs credentials, with a body a POST would accept in shape.
 ROUTES = [
     ("GET", P, None),
     ("POST", P, {"steps": [{"type": "noop"}]}),
     ("GET", f"{P}/SomeProcessId", None),
-    ("GET", f"{P}/steps", None),
-    ("GET", f"{P}/steps/SomeStepId", None),
-    ("POST", f"{P}/restart-failed-step", {"processStepId": "SomeStepId"}),
-    ("POST", f"{P}/restart-failed-steps", {"processStepIds": ["SomeStepId"]}),
-    ("POST", f"{P}/fail-step", {"processStepId": "SomeStepId"}),
-    ("POST", f"{P}/complete-step", {"processStepId": "SomeStepId"}),
-    ("GET", "/api/v1/delegates", None),
+    ("GET", STEPS, None),
+    ("GET", f"{STEPS}/SomeStepId", None),
+    ("POST", RESTART, {"processStepId": "SomeStepId"}),
+    ("POST", BULK, {"processStepIds": ["SomeStepId"]}),
+    ("POST", FAIL, {"processStepId": "SomeStepId"}),
+    ("POST", COMPLETE, {"processStepId": "SomeStepId"}),
+    ("GET", DELEGATES, None),
 ]
-OPEN_ROUTES = ["/healthz", "/api/v1/openapi.json"]
-FLASK = Path(sys.executable).parent / "flask"
-
-
-def basic(name, secret):
-    return "Basic " + base64.b64encode(f"{name}:{secret}".encode()).decode()
+OPEN_ROUTES = ["/healthz", OPENAPI]
 
 
 def call(client, method, path, body, authorization=None):
@@ -44,14 +50,9 @@ def call(client, method, path, body, authorization=None):
 def assert_401(response):
     assert response.status_code == 401, response.get_data(as_text=True)[:300]
     assert response.json["message"] == "Unauthorized request"
-    assert set(response.json) == {"message", "timestamp", "data", "version"}
+    assert set(response.json) == ENVELOPE_KEYS
     challenge = response.headers.get("WWW-Authenticate", "")
     assert "Bearer" in challenge or "Basic" in challenge, challenge
-
-
-def process_count(client):
-    response = client.get(f"{P}?limit=500", headers={"Authorization": f"Bearer {OPERATOR_SECRET}"})
-    return len(response.json["data"]["items"])
 
 
 def test_the_route_table_covers_every_secured_route(app):
@@ -59,7 +60,7 @@ def test_the_route_table_covers_every_secured_route(app):
     secured = {
         (method, rule.rule)
         for rule in app.url_map.iter_rules()
-        if rule.rule.startswith("/api/v1/") and rule.rule != "/api/v1/openapi.json"
+        if rule.rule.startswith("/api/v1/") and rule.rule != OPENAPI
         for method in rule.methods - {"HEAD", "OPTIONS"}
     }
     covered = set()
@@ -93,10 +94,10 @@ BAD_CREDENTIALS = [
 
 
 @pytest.mark.parametrize("authorization", [c[1] for c in BAD_CREDENTIALS], ids=[c[0] for c in BAD_CREDENTIALS])
-def test_missing_or_wrong_credentials_are_401_on_every_secured_route(client, authorization):
+def test_missing_or_wrong_credentials_are_401_on_every_secured_route(client, api, authorization):
     for method, path, body in ROUTES:
         assert_401(call(client, method, path, body, authorization))
-    assert process_count(client) == 0
+    assert api.process_count() == 0
 
 
 def test_401_comes_before_404_and_412(client):
@@ -112,7 +113,7 @@ def test_health_and_the_openapi_document_need_no_credentials(client, path):
 
 # -- roles ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scheme", ["bearer", "basic"])
-def test_a_reader_may_get_but_every_post_is_403(client, scheme):
+def test_a_reader_may_get_but_every_post_is_403(client, api, scheme):
     authorization = f"Bearer {READER_SECRET}" if scheme == "bearer" else basic("viewer", READER_SECRET)
     for method, path, body in ROUTES:
         response = call(client, method, path, body, authorization)
@@ -122,7 +123,7 @@ def test_a_reader_may_get_but_every_post_is_403(client, scheme):
             assert response.status_code == 403, (path, response.json)
             assert response.json["message"] == "Forbidden"
             assert isinstance(response.json["data"], str) and response.json["data"]
-    assert process_count(client) == 0
+    assert api.process_count() == 0
 
 
 def test_403_comes_before_body_validation(client):
@@ -140,7 +141,7 @@ def test_an_operator_may_call_everything_with_bearer_or_basic(api, client, autho
     assert response.status_code == 201
     process = api.wait_process(response.json["data"]["processId"], "FAILED")
     step_id = process["steps"][0]["processStepId"]
-    restart = call(client, "POST", f"{P}/restart-failed-step", {"processStepId": step_id}, authorization)
+    restart = call(client, "POST", RESTART, {"processStepId": step_id}, authorization)
     assert restart.status_code == 200
     for method, path, _ in ROUTES:
         if method == "GET":
@@ -159,22 +160,6 @@ def test_a_revoked_token_is_401(app, client, store):
 
 
 # -- STEPD_TOKEN ---------------------------------------------------------------------------------------
-ENV_SECRET = "env-token-secret-for-tests"
-
-
-@pytest.fixture(params=["override", "environment"])
-def env_app(request, tmp_path, monkeypatch):
-    settings = {"STEPD_DB": str(tmp_path / "env.db"), "STEPD_DELEGATES_PATH": str(PLUGINS)}
-    if request.param == "override":
-        settings["STEPD_TOKEN"] = ENV_SECRET
-    else:
-        monkeypatch.setenv("STEPD_TOKEN", ENV_SECRET)
-    app = create_app(settings)
-    start_background(app)
-    yield app
-    stop_background(app, grace=2)
-
-
 @pytest.mark.parametrize(
     "authorization", [f"Bearer {ENV_SECRET}", basic("env", ENV_SECRET)], ids=["bearer", "basic-env"]
 )
@@ -184,7 +169,7 @@ def test_stepd_token_is_an_operator_named_env(env_app, authorization):
     response = client.post(P, json={"steps": [{"type": "noop"}, {"type": "noop"}]}, headers=headers)
     assert response.status_code == 201
     step_id = response.json["data"]["steps"][0]["processStepId"]
-    detail = client.get(f"{P}/steps/{step_id}", headers=headers).json["data"]
+    detail = client.get(f"{STEPS}/{step_id}", headers=headers).json["data"]
     assert detail["attemptHistory"][0]["principal"] == "env"
 
 

@@ -1,0 +1,481 @@
+"""GET /api/v1/openapi.json: a valid OpenAPI 3 document of the whole API, built from the schemas that
+validate requests, and true to what the service really answers; retries, bulk restart, dry run and
+Idempotency-Key included (fixtures spec and scenario)."""
+
+import copy
+import re
+
+import pytest
+from helpers import (
+    BULK,
+    COMPLETE,
+    DELEGATES,
+    ENVELOPE_KEYS,
+    FAIL,
+    OPENAPI,
+    RESTART,
+    STEPS,
+    P,
+    insert_failed_steps,
+    typed,
+    wait_for,
+)
+from openapi_schema_validator import OAS30Validator, oas30_format_checker
+from openapi_spec_validator import validate
+
+import model
+import schemas as s
+
+PATH_PARAMETER_NAMES = {"process_id": "processId", "step_id": "processStepId"}
+HTTP_METHODS = {"get", "post", "put", "patch", "delete"}
+
+
+def openapi_path(rule):
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", lambda m: "{" + PATH_PARAMETER_NAMES.get(m[1], m[1]) + "}", rule)
+
+
+def documented_rules(app):
+    """{openapi path: {methods}} of every route the document must show."""
+    routes = {}
+    for rule in app.url_map.iter_rules():
+        if rule.rule.startswith("/api/v1/") or rule.rule == "/healthz":
+            methods = {m.lower() for m in rule.methods - {"HEAD", "OPTIONS"}}
+            routes.setdefault(openapi_path(rule.rule), set()).update(methods)
+    return routes
+
+
+def resolve(spec, node):
+    """`node` with every local $ref replaced by what it points to (the schemas here are not recursive)."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            target = spec
+            for part in node["$ref"].removeprefix("#/").split("/"):
+                target = target[part.replace("~1", "/").replace("~0", "~")]
+            return resolve(spec, target)
+        return {key: resolve(spec, value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [resolve(spec, item) for item in node]
+    return node
+
+
+def response_schema(spec, path, method, status):
+    response = spec["paths"][path][method]["responses"][str(status)]
+    return resolve(spec, response["content"]["application/json"]["schema"])
+
+
+def request_schema(spec, path):
+    body = spec["paths"][path]["post"]["requestBody"]
+    return resolve(spec, body["content"]["application/json"]["schema"])
+
+
+def assert_valid(schema, instance):
+    OAS30Validator(schema, format_checker=oas30_format_checker).validate(instance)
+
+
+def is_valid(schema, instance):
+    return OAS30Validator(schema, format_checker=oas30_format_checker).is_valid(instance)
+
+
+# -- the document --------------------------------------------------------------------------------------
+def test_the_document_is_valid_openapi_3(spec):
+    validate(copy.deepcopy(spec))
+    assert spec["openapi"].startswith("3.")
+    assert spec["info"]["version"] == model.VERSION
+
+
+def test_every_path_and_method_of_the_app_is_documented_and_nothing_else(app, spec):
+    documented = {
+        path: {method for method in operations if method in HTTP_METHODS} for path, operations in spec["paths"].items()
+    }
+    assert documented == documented_rules(app)
+
+
+def test_every_operation_has_a_summary_and_a_unique_operation_id(spec):
+    ids = []
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if method in HTTP_METHODS:
+                assert operation.get("summary"), (path, method)
+                ids.append(operation["operationId"])
+    assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize(
+    ("path", "name"), [(f"{P}/{{processId}}", "processId"), (f"{STEPS}/{{processStepId}}", "processStepId")]
+)
+def test_path_parameters_are_documented(spec, path, name):
+    item = spec["paths"][path]
+    parameters = item.get("parameters", []) + item["get"].get("parameters", [])
+    [parameter] = [p for p in parameters if p["in"] == "path"]
+    assert parameter["name"] == name and parameter["required"] is True
+    assert parameter["schema"]["type"] == "string"
+
+
+SECURED_GET = {"200", "401", "412", "500"}
+SECURED_POST = {"401", "403", "412", "413", "500"}
+EXPECTED_RESPONSES = [
+    (P, "get", SECURED_GET),
+    (P, "post", SECURED_POST | {"201"}),
+    (f"{P}/{{processId}}", "get", SECURED_GET | {"404", "405"}),
+    (STEPS, "get", SECURED_GET),
+    (f"{STEPS}/{{processStepId}}", "get", SECURED_GET | {"404"}),
+    (RESTART, "post", SECURED_POST | {"200"}),
+    (FAIL, "post", SECURED_POST | {"200"}),
+    (COMPLETE, "post", SECURED_POST | {"200"}),
+    (DELEGATES, "get", SECURED_GET),
+    ("/healthz", "get", {"200", "412", "500", "503"}),
+    (OPENAPI, "get", {"200", "412", "500"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "statuses"), EXPECTED_RESPONSES, ids=[f"{m}-{p}" for p, m, _ in EXPECTED_RESPONSES]
+)
+def test_every_operation_documents_its_success_and_error_responses(spec, path, method, statuses):
+    documented = set(spec["paths"][path][method]["responses"])
+    assert statuses <= documented, f"missing {sorted(statuses - documented)}"
+
+
+def test_every_documented_response_is_the_envelope_with_the_right_data(spec):
+    for path, operations in spec["paths"].items():
+        if path == OPENAPI:
+            continue  # the document itself is served as is
+        for method, operation in operations.items():
+            if method not in HTTP_METHODS:
+                continue
+            for status in operation["responses"]:
+                schema = response_schema(spec, path, method, status)
+                where = f"{method} {path} {status}"
+                assert set(schema["properties"]) == ENVELOPE_KEYS, where
+                assert set(schema["required"]) == ENVELOPE_KEYS, where
+                assert schema.get("additionalProperties") is False, where
+                data = schema["properties"]["data"]
+                if status == "412":
+                    assert data["type"] == "object", where
+                elif int(status) >= 400:
+                    assert data["type"] == "string", where
+
+
+def test_secured_operations_declare_bearer_and_basic(spec):
+    schemes = spec["components"]["securitySchemes"]
+    assert {(v["type"], v["scheme"]) for v in schemes.values()} == {("http", "bearer"), ("http", "basic")}
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if method not in HTTP_METHODS:
+                continue
+            names = {
+                name for requirement in operation.get("security", spec.get("security", [])) for name in requirement
+            }
+            if path.startswith("/api/v1/") and path != OPENAPI:
+                assert names == set(schemes), (method, path)
+            else:
+                assert names == set(), (method, path)
+
+
+# -- request bodies and query strings come from schemas.py ---------------------------------------------
+BODIES = [
+    (P, s.StartProcessSchema),
+    (RESTART, s.RestartStepSchema),
+    (FAIL, s.FailStepSchema),
+    (COMPLETE, s.CompleteStepSchema),
+]
+
+
+@pytest.mark.parametrize(("path", "schema_class"), BODIES, ids=[c.__name__ for _, c in BODIES])
+def test_request_bodies_are_the_marshmallow_schemas(spec, path, schema_class):
+    documented = request_schema(spec, path)
+    fields = schema_class().fields.values()
+    assert set(documented["properties"]) == {f.data_key or f.name for f in fields}
+    assert set(documented.get("required", [])) == {f.data_key or f.name for f in fields if f.required}
+    assert documented.get("additionalProperties") is False, "unknown fields are refused"
+    assert spec["paths"][path]["post"]["requestBody"]["required"] is True
+
+
+def test_the_restart_body_is_the_seed_shape(spec):
+    body = request_schema(spec, RESTART)
+    assert body["required"] == ["processStepId"]
+    assert body["properties"]["processStepId"]["type"] == "string"
+    params = body["properties"]["params"]
+    assert params["type"] == "object"
+    assert params["maxProperties"] == 256
+    value = params["additionalProperties"]
+    assert set(value["properties"]) == {"strValue", "longValue", "doubleValue", "type"}
+    assert value["required"] == ["type"]
+    assert value["additionalProperties"] is False
+    assert value["properties"]["type"]["enum"] == ["STRING", "LONG", "DOUBLE"]
+    assert value["properties"]["strValue"]["type"] == "string"
+    assert value["properties"]["strValue"]["maxLength"] == 65536
+    assert value["properties"]["longValue"]["type"] == "integer"
+    assert value["properties"]["longValue"]["minimum"] == -(2**63)
+    assert value["properties"]["longValue"]["maximum"] == 2**63 - 1
+    assert value["properties"]["doubleValue"]["type"] == "number"
+    for field in ("strValue", "longValue", "doubleValue"):
+        assert value["properties"][field]["nullable"] is True
+
+
+def test_the_documented_restart_body_accepts_and_refuses_what_the_service_does(spec):
+    schema = request_schema(spec, RESTART)
+    good = {"processStepId": "abc", "params": typed(n=1, s="x", d=0.5)}
+    assert is_valid(schema, good)
+    assert is_valid(schema, {"processStepId": "abc"})
+    assert not is_valid(schema, {"params": {}})
+    assert not is_valid(schema, {**good, "force": True})
+    assert not is_valid(schema, {"processStepId": "abc", "params": {"x": {"type": "INT", "longValue": 1}}})
+    assert not is_valid(schema, {"processStepId": "abc", "params": {"x": {"type": "LONG", "longValue": "1"}}})
+    assert not is_valid(schema, {"processStepId": "abc", "params": {"x": {"type": "LONG", "longValue": 2**63}}})
+    assert not is_valid(schema, {"processStepId": "abc", "params": {"x": {"type": "LONG", "extra": 1}}})
+    too_many = {f"n{i}": {"type": "LONG", "longValue": i} for i in range(257)}
+    assert not is_valid(schema, {"processStepId": "abc", "params": too_many})
+
+
+@pytest.mark.parametrize(
+    ("path", "schema_class"), [(P, s.ProcessListQuery), (STEPS, s.StepListQuery)], ids=["processes", "steps"]
+)
+def test_list_query_parameters_are_documented(spec, path, schema_class):
+    parameters = {p["name"]: p for p in spec["paths"][path]["get"]["parameters"] if p["in"] == "query"}
+    assert set(parameters) == set(schema_class().fields)
+    assert all(p.get("required", False) is False for p in parameters.values())
+    limit = parameters["limit"]["schema"]
+    assert (limit["type"], limit["minimum"], limit["maximum"], limit["default"]) == ("integer", 1, 500, 50)
+    assert {"FAILED", "COMPLETED"} <= set(parameters["status"]["schema"]["enum"])
+
+
+def test_endpoints_without_a_query_document_no_query_parameters(spec):
+    for path, operations in spec["paths"].items():
+        if path in (P, STEPS, RESTART, BULK):
+            continue  # these take paging and filter, or dryRun
+        for method, operation in operations.items():
+            if method in HTTP_METHODS:
+                assert [p for p in operation.get("parameters", []) if p["in"] == "query"] == [], (method, path)
+
+
+# -- live responses validate against what is documented (fixture scenario) -----------------------------
+LIVE_GETS = [
+    (P, P, 200),
+    (f"{P}?status=FAILED&limit=1", P, 200),
+    (f"{P}?limit=1", P, 200),
+    (f"{P}/{{done}}", f"{P}/{{processId}}", 200),
+    (STEPS, STEPS, 200),
+    (f"{STEPS}?status=FAILED", STEPS, 200),
+    (f"{STEPS}/{{done_step}}", f"{STEPS}/{{processStepId}}", 200),
+    (f"{STEPS}/{{failed_step}}", f"{STEPS}/{{processStepId}}", 200),
+    (f"{STEPS}/{{waiting_step}}", f"{STEPS}/{{processStepId}}", 200),
+    (DELEGATES, DELEGATES, 200),
+    ("/healthz", "/healthz", 200),
+    (f"{P}/NoSuchProcess", f"{P}/{{processId}}", 404),
+    (f"{STEPS}/NoSuchStep", f"{STEPS}/{{processStepId}}", 404),
+    (RESTART, f"{P}/{{processId}}", 405),  # an action's name where an id may stand
+    (f"{P}?limit=0", P, 412),
+    (f"{STEPS}?cursor=bad", STEPS, 412),
+    (f"{DELEGATES}?x=1", DELEGATES, 412),
+]
+
+
+@pytest.mark.parametrize(("url", "documented_path", "status"), LIVE_GETS, ids=[u for u, _, _ in LIVE_GETS])
+def test_live_get_responses_validate_against_the_document(api, spec, scenario, url, documented_path, status):
+    response = api.get(url.format(**scenario))
+    assert response.status_code == status, response.json
+    assert_valid(response_schema(spec, documented_path, "get", status), response.json)
+
+
+def test_live_error_responses_validate_against_the_document(client, api, reader_api, spec):
+    cases = [
+        (client.get(P), P, "get", 401),
+        (reader_api.post(P, {"steps": [{"type": "noop"}]}), P, "post", 403),
+        (api.post(P, {"steps": []}), P, "post", 412),
+        (api.post(P, {"steps": [{"type": "nope"}]}), P, "post", 412),
+        (
+            api.post_raw(P, b" " * (1024 * 1024 + 1)),
+            P,
+            "post",
+            413,
+        ),
+        (api.post(FAIL, {"processStepId": "NoSuchStep"}), FAIL, "post", 412),
+    ]
+    for response, path, method, status in cases:
+        assert response.status_code == status, response.json
+        assert_valid(response_schema(spec, path, method, status), response.json)
+
+
+def test_live_post_responses_validate_against_the_document(api, spec, scenario):
+    started = api.post(P, {"steps": [{"type": "noop", "params": typed(a=1, b="x", c=1.5)}]})
+    assert started.status_code == 201
+    assert_valid(response_schema(spec, P, "post", 201), started.json)
+
+    restarted = api.post(RESTART, {"processStepId": scenario["failed_step"], "params": typed(ok=1)})
+    assert restarted.status_code == 200
+    assert_valid(response_schema(spec, RESTART, "post", 200), restarted.json)
+
+    completed = api.post(COMPLETE, {"processStepId": scenario["waiting_step"], "result": typed(receipt="r", n=2)})
+    assert completed.status_code == 200
+    assert_valid(response_schema(spec, COMPLETE, "post", 200), completed.json)
+
+    waiting = api.start(("external", {}))
+    step_id = api.wait_deferred(waiting["steps"][0]["processStepId"])["processStepId"]
+    failed = api.post(FAIL, {"processStepId": step_id, "error": {"message": "no"}})
+    assert failed.status_code == 200
+    assert_valid(response_schema(spec, FAIL, "post", 200), failed.json)
+
+
+def test_the_response_schemas_are_strict_enough_to_catch_a_wrong_shape(api, spec, scenario):
+    """Guard for the tests above: the documented schemas really constrain the payload."""
+    schema = response_schema(spec, f"{STEPS}/{{processStepId}}", "get", 200)
+    good = api.get(f"{STEPS}/{scenario['done_step']}").json
+    assert is_valid(schema, good)
+    for broken in (
+        {**good, "extra": 1},
+        {**good, "data": {**good["data"], "status": "DONE"}},
+        {**good, "data": {k: v for k, v in good["data"].items() if k != "attemptHistory"}},
+        {**good, "data": {**good["data"], "attempts": "1"}},
+    ):
+        assert not is_valid(schema, broken)
+
+
+# -- retries, bulk restart, dry run and Idempotency-Key ------------------------------------------------
+def test_the_bulk_endpoint_is_documented_with_its_answers(spec):
+    operation = spec["paths"][BULK]["post"]
+    assert set(spec["paths"][BULK]) & HTTP_METHODS == {"post"}
+    assert {"200", "401", "403", "412", "413", "500"} <= set(operation["responses"])
+    assert operation["requestBody"]["required"] is True
+    data = response_schema(spec, BULK, "post", 200)["properties"]["data"]
+    assert set(data["properties"]) == {"restarted", "skipped", "nextCursor"}
+    assert set(data["required"]) == {"restarted", "skipped", "nextCursor"}
+    assert set(data["properties"]["restarted"]["items"]["properties"]) == {"processId", "processStepId", "params"}
+    assert set(data["properties"]["skipped"]["items"]["properties"]) == {"processStepId", "reason"}
+    assert data["properties"]["nextCursor"]["nullable"] is True
+
+
+def test_the_bulk_body_is_the_marshmallow_schema(spec):
+    body = request_schema(spec, BULK)
+    fields = s.RestartManySchema().fields.values()
+    assert (
+        set(body["properties"])
+        == {f.data_key or f.name for f in fields}
+        == {
+            "processStepIds",
+            "filter",
+            "cursor",
+            "params",
+        }
+    )
+    assert body.get("additionalProperties") is False
+    ids = body["properties"]["processStepIds"]
+    assert (ids["type"], ids["minItems"], ids["maxItems"]) == ("array", 1, 1000)
+    # a nullable nested schema: apispec writes anyOf [the object, {"type": "object", "nullable": true}]
+    [where] = [b for b in body["properties"]["filter"]["anyOf"] if "properties" in b]
+    assert set(where["properties"]) == {"type", "processId", "failedBefore", "failedAfter"}
+    assert where["properties"]["failedBefore"]["format"] == "date-time"
+    assert where.get("additionalProperties") is False
+    assert is_valid(body, {"processStepIds": ["a", "b"], "params": typed(x=1)})
+    assert is_valid(body, {"filter": {"type": "check", "failedAfter": "2024-01-01T00:00:00Z"}, "cursor": "abc"})
+    assert not is_valid(body, {"processStepIds": []})
+    assert not is_valid(body, {"processStepIds": ["a"] * 1001})
+    assert not is_valid(where, {"status": "FAILED"})
+
+
+@pytest.mark.parametrize("path", [RESTART, BULK])
+def test_dry_run_is_a_documented_boolean_query_parameter_of_both_restarts(spec, path):
+    parameters = [p for p in spec["paths"][path]["post"]["parameters"] if p["in"] == "query"]
+    assert [p["name"] for p in parameters] == ["dryRun"]
+    assert parameters[0]["schema"]["type"] == "boolean"
+    assert parameters[0].get("required", False) is False
+
+
+def test_no_other_post_documents_dry_run(spec):
+    for path, operations in spec["paths"].items():
+        if path in (RESTART, BULK):
+            continue
+        for method, operation in operations.items():
+            if method == "post":
+                assert "dryRun" not in {p["name"] for p in operation.get("parameters", [])}, path
+
+
+def test_every_post_documents_the_idempotency_key_header_and_no_get_does(spec):
+    posts = 0
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if method not in HTTP_METHODS:
+                continue
+            headers = [p for p in operation.get("parameters", []) if p["in"] == "header"]
+            if method == "post":
+                posts += 1
+                [header] = headers
+                assert header["name"] == "Idempotency-Key" and header.get("required", False) is False
+                schema = header["schema"]
+                assert (schema["type"], schema["minLength"], schema["maxLength"]) == ("string", 1, 255)
+                assert "24 hours" in header["description"]
+            else:
+                assert headers == [], (method, path)
+    assert posts == 5
+
+
+def test_next_retry_at_retry_trigger_and_policies_are_documented(spec):
+    step = response_schema(spec, f"{STEPS}/{{processStepId}}", "get", 200)["properties"]["data"]
+    assert "nextRetryAt" in step["required"]
+    assert step["properties"]["nextRetryAt"]["format"] == "date-time"
+    assert step["properties"]["nextRetryAt"]["nullable"] is True
+    trigger = step["properties"]["attemptHistory"]["items"]["properties"]["trigger"]
+    assert set(trigger["enum"]) == {"start", "restart", "retry"}
+    delegates = response_schema(spec, DELEGATES, "get", 200)["properties"]["data"]["items"]
+    assert set(delegates["properties"]["retry"]["properties"]) == {"retries", "backoff", "delay", "maxDelay"}
+
+
+def test_live_answers_of_the_new_features_validate(api, store, spec, tmp_path):
+    counted = tmp_path / "calls.txt"
+    failed = api.start(("check", {"ok": 0}))
+    failed_id = api.wait_process(failed["processId"], "FAILED")["steps"][0]["processStepId"]
+    insert_failed_steps(store, 1001)
+    bulk_schema = response_schema(spec, BULK, "post", 200)
+    cases = [
+        api.post(f"{BULK}?dryRun=true", {"filter": {"type": "fail"}}),
+        api.post(BULK, {"processStepIds": [failed_id, "NoSuchStep"], "params": typed(ok=1)}),
+        api.post(BULK, {"filter": {"type": "check"}}, headers={"Idempotency-Key": "k"}),
+        api.post(BULK, {"filter": {"type": "check"}}, headers={"Idempotency-Key": "k"}),
+    ]
+    assert cases[0].json["data"]["nextCursor"] and cases[3].headers["Idempotent-Replayed"] == "true"
+    for response in cases:
+        assert response.status_code == 200, response.json
+        assert_valid(bulk_schema, response.json)
+    for response in (api.post(BULK, {}), api.post(f"{BULK}?dryRun=1", {"processStepIds": ["a"]})):
+        assert response.status_code == 412
+        assert_valid(response_schema(spec, BULK, "post", 412), response.json)
+    key_refused = api.post(P, {"steps": [{"type": "noop"}]}, headers={"Idempotency-Key": ""})
+    assert key_refused.status_code == 412
+    assert_valid(response_schema(spec, P, "post", 412), key_refused.json)
+    dry = api.post(f"{RESTART}?dryRun=true", {"processStepId": failed_id})
+    assert dry.status_code == 412  # restarted above: no longer FAILED
+    assert_valid(response_schema(spec, RESTART, "post", 412), dry.json)
+
+    waiting = api.start(("retry_slow", {"file": str(counted)}))["steps"][0]["processStepId"]
+    step = wait_for(lambda: (r := api.get(f"{STEPS}/{waiting}")).json["data"]["nextRetryAt"] and r)
+    assert_valid(response_schema(spec, f"{STEPS}/{{processStepId}}", "get", 200), step.json)
+    retried = api.start(("retry_count", {"file": str(counted), "pass_at": 2}))["steps"][0]["processStepId"]
+    api.wait_step(retried, "COMPLETED")
+    detail = api.get(f"{STEPS}/{retried}")
+    assert [a["trigger"] for a in detail.json["data"]["attemptHistory"]] == ["start", "retry"]
+    assert_valid(response_schema(spec, f"{STEPS}/{{processStepId}}", "get", 200), detail.json)
+    delegates = api.get(DELEGATES)
+    assert_valid(response_schema(spec, DELEGATES, "get", 200), delegates.json)
+
+
+def test_the_documented_step_rejects_a_wrong_trigger(api, spec):
+    schema = resolve(spec, response_schema(spec, f"{STEPS}/{{processStepId}}", "get", 200))
+    process = api.start(("noop", {}))
+    step_id = api.wait_process(process["processId"], "COMPLETED")["steps"][0]["processStepId"]
+    good = api.get(f"{STEPS}/{step_id}").json
+    assert is_valid(schema, good)
+    history = [{**good["data"]["attemptHistory"][0], "trigger": "auto"}]
+    assert not is_valid(schema, {**good, "data": {**good["data"], "attemptHistory": history}})
+    assert not is_valid(schema, {**good, "data": {**good["data"], "nextRetryAt": "soon"}})
+
+
+def test_response_headers_are_documented(spec):
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if method not in HTTP_METHODS or "503" not in operation["responses"]:
+                continue
+            assert "Retry-After" in operation["responses"]["503"]["headers"], (method, path)
+            if method == "post":
+                success = next(code for code in operation["responses"] if code.startswith("2"))
+                for code in (success, "412"):
+                    assert "Idempotent-Replayed" in operation["responses"][code]["headers"], (method, path, code)

@@ -1,0 +1,66 @@
+"""The model module alone: ids, times, the typed-params codec, delegates' results."""
+
+import math
+import re
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from model import (
+    ID_PATTERN,
+    Job,
+    PreconditionFailed,
+    iso,
+    new_id,
+    params_from_json,
+    params_to_json,
+    plain_values,
+    typed_result,
+)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "typed"),
+    [
+        (None, None),
+        ({}, {}),
+        ({"s": "x", "l": 5, "d": 0.5}, {"s": ("STRING", "x"), "l": ("LONG", 5), "d": ("DOUBLE", 0.5)}),
+        ({"max": 2**63 - 1, "min": -(2**63)}, {"max": ("LONG", 2**63 - 1), "min": ("LONG", -(2**63))}),
+    ],
+)
+def test_typed_result(outcome, typed):
+    assert typed_result(outcome) == typed
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [[1], "text", 5, {"b": True}, {"n": None}, {"big": 2**63}, {"nan": math.nan}, {"inf": math.inf}, {1: "x"}],
+)
+def test_untyped_results_are_refused(outcome):
+    with pytest.raises(TypeError):
+        typed_result(outcome)
+
+
+def test_ids_are_url_safe_and_distinct():
+    ids = {new_id() for _ in range(1000)}
+    assert len(ids) == 1000 and all(re.fullmatch(ID_PATTERN, i) for i in ids)
+
+
+def test_times_are_utc_with_milliseconds_and_sort_as_text():
+    later = datetime(2024, 3, 29, 15, 14, 52, 856999, tzinfo=timezone(timedelta(hours=2)))
+    assert iso(later) == "2024-03-29T13:14:52.856Z"
+    assert iso(datetime(2024, 3, 29, 13, 14, 52, 857000, tzinfo=UTC)) > iso(later)
+
+
+def test_params_round_trip_through_json_with_their_types():
+    params = {"s": ("STRING", "x"), "l": ("LONG", 2**63 - 1), "d": ("DOUBLE", 0.5)}
+    assert params_from_json(params_to_json(params)) == params
+    assert params_from_json(None) is None
+    assert plain_values(params) == {"s": "x", "l": 2**63 - 1, "d": 0.5}
+    with pytest.raises(ValueError):
+        params_to_json({"nan": ("DOUBLE", math.nan)})
+
+
+def test_a_precondition_names_its_field_in_the_domain():
+    assert PreconditionFailed.on("step_id", "No step has this id.").errors == {"step_id": ["No step has this id."]}
+    assert repr(Job("s", "p", "t", {}, 2)) == "Job('s', attempt=2)"
