@@ -3,10 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint fix clean bench
+.PHONY: run runner test lint fix clean bench
 
 run: $(VENV)/.run-deps
-	$(BIN)/gunicorn -c gunicorn.conf.py
+	$(BIN)/python service.py
+
+# One more runner process (delegates run there), beside a service started with STEPD_RUNNERS=0
+# (a runner needs the same database file, so the same machine).
+runner: $(VENV)/.run-deps
+	$(BIN)/python runner.py
 
 test: $(VENV)/.dev-deps
 	$(BIN)/pytest

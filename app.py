@@ -18,11 +18,12 @@ from db import Database
 from delegates import Registry, load_registry
 from engine import Engine
 from envelope import endpoint, load_query
-from idempotency import Housekeeper, idempotent
+from idempotency import idempotent
 from logs import configure_logging
 from model import MAX_BULK
 from runner import STOP_GRACE_SECONDS, Runner
 from store import Store
+from wake import Notifier
 
 
 @dataclass
@@ -31,9 +32,8 @@ class Stepd:
 
     store: Store
     registry: Registry
-    runner: Runner
     engine: Engine
-    housekeeper: Housekeeper
+    runner: Runner | None = None  # one inside this process (start_background), if any
 
 
 def engine():
@@ -193,8 +193,8 @@ def create_app(overrides=None):
     database.prepare()
     store = Store(database)
     registry = load_registry(app.config["STEPD_DELEGATES_PATH"] or None)
-    runner = Runner(store, registry, app.config["STEPD_THREADS"])
-    app.extensions["stepd"] = Stepd(store, registry, runner, Engine(store, registry, runner), Housekeeper(store))
+    notifier = Notifier(app.config["STEPD_DB"], store.runner_ids)
+    app.extensions["stepd"] = Stepd(store, registry, Engine(store, registry, notifier.notify))
 
     app.url_map.converters["id"] = IdConverter
     app.url_map.merge_slashes = False  # `//` would be a 308 redirect outside the envelope; now a 404
@@ -206,15 +206,24 @@ def create_app(overrides=None):
 
 
 def start_background(app):
-    """Start what runs beside the requests in this worker process: the runner (delegate threads,
-    heartbeat, due retries) and the answers' housekeeping. After any fork."""
+    """Run a runner inside this process too (the tests do; the service runs them in processes
+    of their own, runner.py): it claims what this app queues, as any runner would."""
     stepd = app.extensions["stepd"]
-    stepd.runner.start()
-    stepd.housekeeper.start()
+    if stepd.runner is None:
+        config_ = app.config
+        stepd.runner = Runner(
+            stepd.store,
+            stepd.registry,
+            config_["STEPD_THREADS"],
+            config_["STEPD_DB"],
+            config_["STEPD_STEP_TIMEOUT"],
+            housekeeping=(stepd.store.forget_answers,),
+        )
+        stepd.runner.start()
 
 
 def stop_background(app, grace=STOP_GRACE_SECONDS):
-    """Stop them: running delegates get `grace` seconds, then their steps are Interrupted."""
-    stepd = app.extensions["stepd"]
-    stepd.housekeeper.stop()
-    stepd.runner.stop(grace=grace)
+    """Stop that runner: running delegates get `grace` seconds, then their steps are Interrupted."""
+    runner = app.extensions["stepd"].runner
+    if runner is not None:
+        runner.stop(grace=grace)

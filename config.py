@@ -1,5 +1,6 @@
 """Settings from STEPD_* environment variables, with the defaults of SPEC section 8."""
 
+import math
 import os
 
 DEFAULTS = {
@@ -12,8 +13,10 @@ DEFAULTS = {
     "STEPD_DELEGATES_PATH": "",
     "STEPD_LOG_LEVEL": "INFO",
     "STEPD_SYNC": "full",
+    "STEPD_RUNNERS": "1",
+    "STEPD_STEP_TIMEOUT": "",
 }
-INTEGERS = {"STEPD_PORT": (1, 65535), "STEPD_WORKERS": (1, 64), "STEPD_THREADS": (1, 256)}
+INTEGERS = {"STEPD_PORT": (1, 65535), "STEPD_WORKERS": (1, 64), "STEPD_THREADS": (1, 256), "STEPD_RUNNERS": (0, 64)}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # full: fsync on every commit, nothing acknowledged is lost even on power loss.
 # normal: fsync at WAL checkpoints only; a crash of the service loses nothing, power loss may
@@ -39,7 +42,21 @@ def from_env(environ=None):
     settings["STEPD_LOG_LEVEL"] = settings["STEPD_LOG_LEVEL"].upper()
     if settings["STEPD_LOG_LEVEL"] not in LOG_LEVELS:
         raise ConfigError(f"STEPD_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+    settings["STEPD_STEP_TIMEOUT"] = _seconds("STEPD_STEP_TIMEOUT", settings["STEPD_STEP_TIMEOUT"])
     settings["STEPD_SYNC"] = settings["STEPD_SYNC"].lower()
     if settings["STEPD_SYNC"] not in SYNC_MODES:
         raise ConfigError(f"STEPD_SYNC must be one of {', '.join(SYNC_MODES)}")
     return settings
+
+
+def _seconds(key, text):
+    """A positive, finite number of seconds (fractions allowed), or None when unset."""
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ConfigError(f"{key} must be a number of seconds, not {text!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"{key} must be a positive number of seconds, not {text!r}")
+    return seconds

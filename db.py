@@ -17,6 +17,7 @@ from migrations import MIGRATIONS
 from model import Busy, Conflict, Unavailable, Unusable, Unwritable
 
 BUSY_TIMEOUT_MS = 5000
+JOURNAL_SIZE_LIMIT = 1024 * 1024
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # SQLite's words for a database that cannot take a write now but may later: the disk is full,
@@ -99,6 +100,12 @@ class Database:
                 conn.execute(f"PRAGMA user_version = {number}")
         return SCHEMA_VERSION
 
+    def checkpoint(self):
+        """Copy the write-ahead log back into the file where no reader needs it (never waits on
+        a writer); the runners do it once a second, so the log stays short."""
+        with sqlite_errors():
+            self.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
     def ping(self):
         """Raise Unavailable unless the database answers a read."""
         try:
@@ -115,6 +122,9 @@ class Database:
         self._use_wal(conn)
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute(f"PRAGMA synchronous = {self.sync}")
+        # A log that grew (a burst of large writes) is cut back to this once it restarts, so
+        # its disk space comes back.
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         return conn
 
     @staticmethod

@@ -2,34 +2,39 @@
 complete, fail, and the reads. The API's views call only this.
 
 Every change goes through the store, in one transaction. Each attempt a caller begins here
-is handed on to the runner once that transaction commits (`_hand_on`), and nowhere else: a
-view cannot forget it. The attempts a runner begins itself (the next step after one it
-completed, a due retry) stay with that runner.
+is committed as queued (no runner has it yet), and the runners are poked once that
+transaction commits (`_hand_on`), here and nowhere else: a view cannot forget it. The
+attempts a runner begins itself (the next step after one it completed, a due retry) stay
+with that runner.
 """
 
+import time
 from contextlib import nullcontext
 
-from model import MAX_BULK, Busy, NotFound, PreconditionFailed, now_iso
+from liveness import runner_is_alive
+from model import MAX_BULK, Busy, NoRunner, NotFound, PreconditionFailed, now_iso
 
 BUSY_REASON = "The database was busy; nothing changed. Retry this step."
+NO_RUNNER_GRACE_SECONDS = 10.0  # how long after start /healthz forgives that no runner is alive yet
 
 
 class Engine:
-    """The domain's operations over a store, a delegate registry and a runner.
+    """The domain's operations over a store and a delegate registry.
 
-    `runner` is anything with an `id` (stamped on the steps it is to run) and `submit(job)`.
+    `notify()` pokes the runners (wake.Notifier.notify): called after each commit that queued an attempt.
     """
 
-    def __init__(self, store, registry, runner):
+    def __init__(self, store, registry, notify):
         self.store = store
         self.registry = registry
-        self.runner = runner
+        self.notify = notify
+        self.started = time.monotonic()
 
     def _hand_on(self, job):
-        """Give a new attempt to the runner once it is committed: a job handed over before its
-        STARTED row is committed would be dropped as stale, and one rolled back must not run."""
+        """Poke the runners once the new attempt is committed: one poked before its row is
+        committed would find nothing to claim, and one rolled back must not run."""
         if job is not None:
-            self.store.after_commit(lambda: self.runner.submit(job))
+            self.store.after_commit(self.notify)
 
     # -- processes -------------------------------------------------------------------------
     def start_process(self, name, steps, principal):
@@ -41,7 +46,7 @@ class Engine:
         }
         if unknown:
             raise PreconditionFailed({"steps": unknown})
-        process, job = self.store.create_process(name, steps, principal, self.runner.id)
+        process, job = self.store.create_process(name, steps, principal, None)
         self._hand_on(job)
         return process
 
@@ -70,7 +75,7 @@ class Engine:
         """Restart one FAILED step in its own compare-and-set, with `params` laid over its last
         ones; a dry run checks the same and rolls back. Returns the attempt's Job."""
         with self.store.atomic(rollback=True) if dry_run else nullcontext():
-            job = self.store.restart_failed_step(step_id, params, principal, self.runner.id, self.registry.__contains__)
+            job = self.store.restart_failed_step(step_id, params, principal, None, self.registry.__contains__)
         if not dry_run:
             self._hand_on(job)
         return job
@@ -105,7 +110,7 @@ class Engine:
 
     def complete(self, step_id, result):
         """A STARTED step becomes COMPLETED from outside; the process carries on."""
-        step, next_job = self.store.complete_step(step_id, result, self.runner.id)
+        step, next_job = self.store.complete_step(step_id, result, None)
         self._hand_on(next_job)
         return step
 
@@ -120,9 +125,13 @@ class Engine:
         return [{"type": d.type, "description": d.description, "retry": d.retry} for d in self.registry.all()]
 
     def health(self):
-        """What /healthz reports; raises model.Unavailable when the database does not answer."""
+        """What /healthz reports. Raises model.Unavailable when the database does not answer, and
+        NoRunner when, 10 s after start, no runner is alive: queued steps would never run."""
         self.store.ping()
-        return {"database": "ok"}
+        alive = sum(1 for row in self.store.runners() if runner_is_alive(row))
+        if not alive and time.monotonic() - self.started > NO_RUNNER_GRACE_SECONDS:
+            raise NoRunner("No runner is alive: queued steps would not run. Start one (STEPD_RUNNERS, make runner).")
+        return {"database": "ok", "runners": alive}
 
 
 def reason_of(errors):

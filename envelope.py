@@ -16,7 +16,7 @@ from flask import current_app, g, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from model import VERSION, Busy, NotFound, PreconditionFailed, Unavailable, Unwritable, now_iso
+from model import VERSION, Busy, NoRunner, NotFound, PreconditionFailed, Unavailable, Unwritable, now_iso
 from schemas import NoQuerySchema, one
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -177,6 +177,11 @@ def on_unavailable(exc):
     return error(503, UNAVAILABLE_TEXT)
 
 
+def on_no_runner(exc):
+    log.warning("health check: %s", exc)
+    return error(503, str(exc))
+
+
 def on_http_error(exc):
     if exc.code == 405:
         response = error(405, f"This path does not accept {request.method}.")
@@ -243,6 +248,7 @@ def init_app(app):
         (Busy, on_busy),
         (Unwritable, on_unwritable),
         (Unavailable, on_unavailable),
+        (NoRunner, on_no_runner),
         (HTTPException, on_http_error),
         (Exception, on_unexpected_error),
     ):

@@ -1,19 +1,14 @@
-"""gunicorn settings for `make run`, read from the STEPD_* variables (config.py).
+"""gunicorn settings of the HTTP front, read from the STEPD_* variables (config.py).
 
-The master migrates the database, checks the delegates and makes the first token once;
-each worker then builds the app and starts its own runner (delegate threads + heartbeat)
-and housekeeping (app.start_background).
+service.py starts gunicorn with these beside the runner processes (`make run`). The HTTP
+workers only serve the API: they commit new attempts as queued and never call a delegate.
+Started alone (`gunicorn -c gunicorn.conf.py`), it serves the API without runners.
 """
 
-import ctypes
-import os
-import signal
 import sys
-from pathlib import Path
 
 from config import ConfigError
 from config import from_env as _stepd_settings
-from runner import STOP_GRACE_SECONDS
 
 try:
     settings = _stepd_settings()
@@ -27,7 +22,7 @@ workers = settings["STEPD_WORKERS"]
 # gthread: keep-alive and a few requests at a time per worker; SQLite serialises writes anyway.
 worker_class = "gthread"
 threads = 4
-graceful_timeout = 15
+graceful_timeout = 5  # requests in flight get this long at a stop; no delegate runs here
 control_socket_disable = True  # gunicorn 27 would share one socket path among all instances
 loglevel = settings["STEPD_LOG_LEVEL"].lower()
 accesslog = "-"
@@ -70,50 +65,12 @@ envelope_gunicorn_errors()
 
 
 def on_starting(server):
-    """Fail fast, once, in the master: bad settings, a bad delegate, an unusable database."""
-    from auth import ensure_first_token
-    from db import Database
-    from delegates import DelegateLoadError, load_registry
-    from model import Busy, Unusable, Unwritable
-    from store import Store
+    """Fail fast, once, in the master: a bad delegate, an unusable database (service.py has
+    checked the same already when it started this)."""
+    from service import CannotStart, preflight
 
     try:
-        load_registry(settings["STEPD_DELEGATES_PATH"] or None)
-        database = Database(settings["STEPD_DB"], settings["STEPD_SYNC"])
-        database.prepare()
-        ensure_first_token(Store(database), settings["STEPD_TOKEN"])
-        database.close()  # no open SQLite connection may cross the fork into workers
-    except (DelegateLoadError, OSError, Unusable, Busy, Unwritable) as exc:
+        preflight(settings)
+    except CannotStart as exc:
         print(f"stepd: cannot start: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
-    die_with_make()
-
-
-def die_with_make():
-    """Under `make run`, end when make ends, even by SIGKILL: a sidecar must not outlive the
-    command that started it and keep holding its port. (make passes a SIGTERM on by itself.)"""
-    parent = os.getppid()
-    try:
-        started_by_make = Path(f"/proc/{parent}/comm").read_text().strip() == "make"
-    except OSError:
-        return  # no /proc: not Linux, so no prctl either
-    if started_by_make:
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-        if os.getppid() != parent:  # make died before the call took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def post_worker_init(worker):
-    from app import start_background
-
-    start_background(worker.wsgi)
-
-
-def worker_exit(server, worker):
-    from app import stop_background
-
-    if getattr(worker, "wsgi", None) is not None and "stepd" in worker.wsgi.extensions:
-        # With the master gone (killed), leave at once: a new service may want the port.
-        master_gone = os.getppid() != worker.ppid
-        stop_background(worker.wsgi, grace=0 if master_gone else STOP_GRACE_SECONDS)

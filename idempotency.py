@@ -1,15 +1,13 @@
 """Idempotency-Key: a POST sent again with the same key gets its first answer, and nothing is redone.
 
 The key's answer is kept in the database (store.stored_answer / store_answer) for
-store.ANSWER_KEPT_SECONDS, in the same transaction as the change it reports; `Housekeeper`
-deletes the answers that no longer count.
+store.ANSWER_KEPT_SECONDS, in the same transaction as the change it reports; the runners
+delete the answers that no longer count (store.forget_answers), once a minute.
 """
 
 import functools
 import hashlib
 import json
-import logging
-import threading
 
 from flask import current_app, request
 from marshmallow import ValidationError
@@ -17,10 +15,7 @@ from marshmallow import ValidationError
 from auth import current_principal
 from model import PreconditionFailed, now_iso
 
-log = logging.getLogger("stepd.idempotency")
-
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-FORGET_EVERY_SECONDS = 60.0
 
 
 class _Undo(Exception):
@@ -101,30 +96,3 @@ def replay(stored, fingerprint, key):
     response.status_code = stored["status"]
     response.headers["Idempotent-Replayed"] = "true"
     return response
-
-
-class Housekeeper:
-    """A thread of each worker process that deletes the answers older than they count, once a minute."""
-
-    def __init__(self, store, every=FORGET_EVERY_SECONDS):
-        self.store = store
-        self.every = every
-        self._stopping = threading.Event()
-        self._thread = None
-
-    def start(self):
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="stepd-answers", daemon=True)
-            self._thread.start()
-
-    def stop(self):
-        self._stopping.set()
-
-    def _run(self):
-        while True:
-            try:
-                self.store.forget_answers()
-            except Exception:  # a busy database now and then must not end the thread
-                log.exception("could not delete old Idempotency-Key answers; retrying")
-            if self._stopping.wait(self.every):
-                return

@@ -19,6 +19,9 @@ STEP_STATUSES = (PENDING, STARTED, COMPLETED, FAILED)
 PROCESS_STATUSES = (RUNNING, COMPLETED, FAILED)
 ATTEMPT_STATUSES = (STARTED, COMPLETED, FAILED)
 TRIGGERS = ("start", "restart", "retry")  # what began an attempt
+# Where a STARTED step is: committed and not yet claimed by a runner, its delegate running,
+# waiting for complete-step/fail-step, waiting for an automatic retry.
+PHASES = ("QUEUED", "RUNNING", "DEFERRED", "RETRY_WAIT")
 
 # -- limits ---------------------------------------------------------------------------------
 MAX_PARAMS = 256  # names in one params dictionary, also after a restart's overlay
@@ -131,6 +134,10 @@ class Unwritable(Exception):
 
 class Unavailable(Exception):
     """The database does not answer at all."""
+
+
+class NoRunner(Exception):
+    """No runner is alive: queued steps would never run."""
 
 
 class Unusable(Exception):

@@ -1,58 +1,50 @@
-"""The runner: calls delegates on a pool of threads, records their outcomes, begins due
-retries, and finds orphaned steps.
+"""The runner: claims queued attempts from the database and calls their delegates.
 
-Every worker process has one runner with its own id. A step being executed carries that
-id in the database. Once a second the runner's watch thread refreshes its row and fails,
-with error type `Interrupted`, every step whose runner is gone (a killed worker or
-service), so it can be restarted. A crashed attempt is never re-run by itself: a
-delegate is called at most once per attempt.
+HTTP workers only commit an attempt as STARTED and queued (no runner yet) and poke the
+runners (wake.py). A runner claims queued attempts by compare-and-set, as many as it has
+free places (STEPD_THREADS), and calls each delegate once on a thread; it records the
+outcome and carries on with the next step itself. It also begins due automatic retries,
+keeps its row in `runners` alive, and fails with error type `Interrupted` every running
+step whose runner is gone, so it can be restarted. A crashed attempt is never re-run by
+itself: a delegate is called at most once per attempt.
 
-A delegate that raises, under a retry policy with retries left, leaves its step STARTED
-with a `next_retry_at` time in the database. The retry thread of every worker looks for
-due retries a few times a second; a compare-and-set lets exactly one of them begin the
-next attempt (trigger `retry`), so the schedule survives restarts of the service.
+An attempt that runs past its timeout, or is ended from outside (fail-step), has its
+`ctx.cancelled` set and gives its place back at once: a delegate that never returns holds
+its own thread, not one of the runner's places.
+
+`python runner.py` runs one runner process (service.py starts STEPD_RUNNERS of them);
+`Runner(...).start()` runs one inside any process (the tests do).
 """
 
+import contextlib
 import logging
 import os
 import queue
-import socket
+import signal
+import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from delegates import DEFERRED, Abort, Context
+from liveness import HOST, process_start_time, runner_is_alive
 from model import COMPLETED, FAILED, Busy, Unwritable, iso, new_id, plain_values, typed_result
+from wake import Listener
 
 log = logging.getLogger("stepd.runner")
 
 HEARTBEAT_SECONDS = 1.0
-STALE_AFTER_SECONDS = 5.0  # only for a runner on another host, whose process we cannot see
 STOP_GRACE_SECONDS = 5.0  # how long a clean stop waits for running delegates
 RECORD_RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
-RETRY_POLL_SECONDS = 0.2  # how often each worker looks for due automatic retries
+POLL_SECONDS = 0.25  # the backstop when a wake-up is lost: queued work waits at most this long
+WATCH_SECONDS = 0.2  # how often timeouts and attempts ended from outside are looked for
 UNWRITABLE_RETRY_SECONDS = 1.0
-HOST = socket.gethostname()
+HOUSEKEEPING_SECONDS = 60.0
 
 
-def process_start_time(pid):
-    """The kernel's start time of a live process (None if it is gone, a zombie, or there is no /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    state, start_time = fields[0], fields[19]  # fields 3 and 22 of proc(5)
-    return None if state in ("Z", "X") else start_time
-
-
-def runner_is_alive(row):
-    """On this host, a runner lives exactly as long as its process (pid and start time, so a
-    reused pid does not count); a busy delegate holding the GIL cannot make it look dead.
-    A runner elsewhere is judged by its heartbeat."""
-    if row["host"] == HOST and row["pid_started"]:
-        return process_start_time(row["pid"]) == row["pid_started"]
-    return row["heartbeat_at"] >= time.time() - STALE_AFTER_SECONDS
+class Timeout(Exception):  # noqa: N818 - its name is the error type a timed-out step shows
+    """An attempt ran past its delegate's timeout."""
 
 
 def describe(exc):
@@ -64,41 +56,63 @@ def describe(exc):
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-class Runner:
-    """A pool of daemon threads running step delegates for one worker process."""
+@dataclass
+class Running:
+    """One attempt in a place of this runner."""
 
-    def __init__(self, store, registry, threads):
+    job: object
+    deadline: float | None  # time.monotonic() past which it times out, or None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    recording: bool = False  # its delegate's outcome is being written: it wins over a timeout
+    abandoned: bool = False  # ended without its delegate: the place is free, the thread ends when it returns
+
+
+class Runner:
+    """Claims queued attempts and runs their delegates on `threads` places."""
+
+    def __init__(self, store, registry, threads, db_path, step_timeout=None, housekeeping=()):
         self.store = store
         self.registry = registry
         self.threads = threads
-        self.id = None  # given at start(), in the worker process itself
-        self._jobs = queue.Queue()
+        self.db_path = db_path
+        self.step_timeout = step_timeout  # STEPD_STEP_TIMEOUT: for delegates that set no timeout
+        self.housekeeping = housekeeping  # callables run once a minute (forgetting old answers)
+        self.id = None  # given at start(), in the process that runs it
+        self._jobs = queue.Queue()  # claimed, waiting for a thread (never more than the free places)
+        self._running = {}  # (step id, attempt) -> Running
+        self._lock = threading.Condition()
         self._stopping = threading.Event()
-        self._claiming = threading.Event()  # cleared when a stop begins: no new retry is taken on
-        self._idle = threading.Condition()
-        self._busy = 0
-        self._claim_lock = threading.Lock()
-        self._closed = False
+        self._closed = False  # no delegate is called any more
+        self._listener = None
 
-    # -- lifecycle -------------------------------------------------------------------
+    @property
+    def _busy(self):
+        """Places taken: attempts claimed and not yet ended."""
+        with self._lock:
+            running = sum(1 for entry in self._running.values() if not entry.abandoned)
+        return running + self._jobs.qsize()
+
+    # -- lifecycle -------------------------------------------------------------------------
     def start(self):
-        """Register, then start the delegate threads and the watch thread."""
+        """Register, then start the delegate threads, the claimer, the watch and the heartbeat."""
         if self.id is not None:
             return
         self.id = new_id()  # after any fork, so no two processes share a runner id
+        self._listener = Listener(self.db_path, self.id)
         self._register()
-        # Daemon threads: a delegate that never returns must not keep a stopping worker
-        # alive; the database, not the thread, is the record of what ran.
-        for n in range(self.threads):
-            threading.Thread(target=self._work, name=f"stepd-delegate-{n}", daemon=True).start()
-        threading.Thread(target=self._watch, name="stepd-watch", daemon=True).start()
-        self._claiming.set()
-        threading.Thread(target=self._begin_due_retries, name="stepd-retries", daemon=True).start()
+        # Daemon threads: a delegate that never returns must not keep a stopping runner alive;
+        # the database, not the thread, is the record of what ran.
+        for _ in range(self.threads):
+            self._add_thread()
+        for target, name in ((self._claim_loop, "claim"), (self._watch, "watch"), (self._heartbeat_loop, "beat")):
+            threading.Thread(target=target, name=f"stepd-{name}", daemon=True).start()
         log.info("runner %s started with %d delegate threads", self.id, self.threads)
 
+    def _add_thread(self):
+        threading.Thread(target=self._work, name="stepd-delegate", daemon=True).start()
+
     def _register(self):
-        """The first heartbeat, which registers this runner. It waits out a full disk or a busy
-        database: raising here fails the worker's boot, and gunicorn then stops the whole service."""
+        """The first heartbeat, which registers this runner; it waits out a full disk or a busy database."""
         while True:
             try:
                 return self.store.heartbeat(self._identity())
@@ -111,42 +125,133 @@ class Runner:
         return {"id": self.id, "host": HOST, "pid": pid, "pid_started": process_start_time(pid)}
 
     def stop(self, grace=STOP_GRACE_SECONDS):
-        """Wait up to `grace` seconds for running delegates, then fail what is left as Interrupted."""
+        """Claim nothing more; wait up to `grace` seconds for running delegates; give back what
+        was claimed but never called; fail what is still running as Interrupted."""
         deadline = time.monotonic() + grace
-        self._claiming.clear()  # a retry claimed now would only be interrupted below; leave it due
-        with self._claim_lock:  # and wait for a claim in progress to be queued, so it is awaited too
-            pass
-        with self._idle:
-            while (self._busy or not self._jobs.empty()) and time.monotonic() < deadline:
-                self._idle.wait(timeout=0.1)
-            self._closed = True  # from here on no delegate is called; queued jobs are interrupted below
         self._stopping.set()
         if self.id is None:
             return
-        interrupted = self.store.interrupt_runner(self.id, "The service stopped before this step's delegate finished.")
+        self._listener.poke()
+        with self._lock:
+            while self._delegates_running() and time.monotonic() < deadline:
+                self._lock.wait(timeout=0.05)
+            self._closed = True  # from here on no delegate is called
+        self._give_back_unstarted()
+        for _ in range(self.threads):
+            self._jobs.put(None)  # ends the idle delegate threads
+        reason = "The service stopped before this step's delegate finished."
+        interrupted = self.store.interrupt_runner(self.id, reason)
         if interrupted:
             log.warning("runner %s stopped; %d running step(s) marked Interrupted", self.id, len(interrupted))
+        self._listener.close()
 
-    def submit(self, job):
-        """Queue a job whose STARTED attempt, stamped with this runner's id, is committed."""
-        with self._idle:
-            self._busy += 1  # counted from the queue on, so stop() never sees a job in between
-        self._jobs.put(job)
+    def _delegates_running(self):
+        return any(not entry.abandoned for entry in self._running.values())
 
-    # -- delegate threads --------------------------------------------------------------
+    def _give_back_unstarted(self):
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is None:
+                continue
+            try:
+                self.store.unclaim(job, self.id)
+            except Exception:  # then the stop below interrupts it instead
+                log.exception("runner %s could not give back step %s", self.id, job.step_id)
+
+    # -- claiming --------------------------------------------------------------------------
+    def _claim_loop(self):
+        while not self._stopping.is_set():
+            try:
+                claimed = self._claim()
+            except Exception:  # a busy database now and then must not end the loop
+                log.exception("runner %s could not claim work; retrying", self.id)
+                claimed = 0
+            if not claimed:
+                self._listener.wait(POLL_SECONDS)
+
+    def _claim(self):
+        """Claim as many attempts as there are free places (due retries first); returns how many."""
+        free = self.threads - self._busy
+        if free <= 0:
+            return 0
+        jobs = self.store.claim_due_retries(self.id, free)
+        if len(jobs) < free:
+            jobs += self.store.claim_queued(self.id, free - len(jobs))
+        for job in jobs:
+            self._jobs.put(job)
+        return len(jobs)
+
+    # -- delegate threads ------------------------------------------------------------------
     def _work(self):
         while True:
             job = self._jobs.get()
+            if job is None:
+                return
+            with self._lock:
+                if self._closed:  # stopping: stop() gives the job back to the database's queue
+                    self._jobs.put(job)
+                    return
+            while job is not None:
+                entry = self._enter(job)
+                job = self._run(entry)  # a completed step hands back the next one
+                if self._leave(entry):
+                    return  # the place was given away while the delegate ran: this thread ends
+
+    def _enter(self, job):
+        entry = Running(job, self._deadline_of(job))
+        with self._lock:
+            self._running[(job.step_id, job.attempt)] = entry
+        return entry
+
+    def _leave(self, entry):
+        """Free the attempt's place; returns whether this thread had been abandoned."""
+        with self._lock:
+            self._running.pop((entry.job.step_id, entry.job.attempt), None)
+            self._lock.notify_all()
+        if not entry.abandoned:
+            self._listener.poke()  # a place is free: claim again
+        return entry.abandoned
+
+    def _timeout_of(self, job):
+        delegate = self.registry.get(job.type)
+        return delegate.timeout if delegate is not None and delegate.timeout is not None else self.step_timeout
+
+    def _deadline_of(self, job):
+        seconds = self._timeout_of(job)
+        return None if seconds is None else time.monotonic() + seconds
+
+    def _run(self, entry):
+        """Call the delegate once for this attempt and record the outcome; returns the next job."""
+        job = entry.job
+        try:
             try:
-                while job is not None:
-                    job = self._run(job)  # a completed step hands back the next one
-            except Exception as exc:
-                log.exception("runner %s could not record the outcome of step %s", self.id, job.step_id)
-                self._fail_unrecorded(job, exc)
-            finally:
-                with self._idle:
-                    self._busy -= 1
-                    self._idle.notify_all()
+                outcome = self._call(job, entry.cancelled)
+                if outcome is DEFERRED:
+                    return self._record(entry, self.store.defer_attempt, job)
+                result = typed_result(outcome)
+            except BaseException as exc:  # even SystemExit: it fails the step, not the thread
+                return self._failed(entry, job, exc)
+            return self._record(entry, self.store.finish_attempt, job, COMPLETED, result=result, runner_id=self.id)
+        except Exception as exc:
+            log.exception("runner %s could not record the outcome of step %s", self.id, job.step_id)
+            self._fail_unrecorded(job, exc)
+            return None
+
+    def _failed(self, entry, job, exc):
+        """Record a failed attempt: retried by itself if its policy says so, else FAILED.
+        `entry` None: the runner ends it (a timeout), not its delegate."""
+        error = {"type": type(exc).__name__, "message": describe(exc)}
+        # The error is in the database; the traceback (costly to format) only at DEBUG.
+        log.info("step %s attempt %d failed: %s: %s", job.step_id, job.attempt, error["type"], error["message"])
+        log.debug("traceback of step %s attempt %d", job.step_id, job.attempt, exc_info=exc)
+        retry_at = self._retry_time(job, exc)
+        if retry_at is not None:
+            self._record(entry, self.store.schedule_retry, job, error, retry_at)
+            return None
+        return self._record(entry, self.store.finish_attempt, job, FAILED, error=error, runner_id=self.id)
 
     def _fail_unrecorded(self, job, exc):
         """Last resort, so the step is not left STARTED under a live runner for ever."""
@@ -156,30 +261,6 @@ class Runner:
         except Exception:
             log.exception("runner %s could not fail step %s either", self.id, job.step_id)
 
-    def _run(self, job):
-        """Call the delegate once for this attempt and record the outcome; returns the next job."""
-        with self._idle:
-            if self._closed:  # stopping: stop() marks this attempt Interrupted instead
-                return None
-        if not self.store.attempt_is_current(job):  # failed from outside while it waited in the queue
-            return None
-        try:
-            outcome = self._call(job)
-            if outcome is DEFERRED:
-                return self._record(self.store.defer_attempt, job)
-            result = typed_result(outcome)
-        except BaseException as exc:  # even SystemExit: it fails the step, not the thread
-            error = {"type": type(exc).__name__, "message": describe(exc)}
-            # The error is in the database; the traceback (costly to format) only at DEBUG.
-            log.info("step %s attempt %d failed: %s: %s", job.step_id, job.attempt, error["type"], error["message"])
-            log.debug("traceback of step %s attempt %d", job.step_id, job.attempt, exc_info=True)
-            retry_at = self._retry_time(job, exc)
-            if retry_at is not None:
-                self._record(self.store.schedule_retry, job, error, retry_at)
-                return None
-            return self._record(self.store.finish_attempt, job, FAILED, error=error, runner_id=self.id)
-        return self._record(self.store.finish_attempt, job, COMPLETED, result=result, runner_id=self.id)
-
     def _retry_time(self, job, exc):
         """When to retry this failed attempt by itself (ISO time), or None if it is not retried."""
         delegate = self.registry.get(job.type)
@@ -188,7 +269,7 @@ class Runner:
         wait = timedelta(seconds=delegate.retry.seconds_before(job.retries_used))
         return iso(datetime.now(UTC) + wait)
 
-    def _call(self, job):
+    def _call(self, job, cancelled):
         delegate = self.registry.get(job.type)
         if delegate is None:
             raise LookupError(f"no delegate is registered for step type {job.type!r}")
@@ -201,15 +282,21 @@ class Runner:
                 log=logging.LoggerAdapter(
                     logging.getLogger(f"stepd.delegate.{job.type}"), {"request_id": f"step:{job.step_id}"}
                 ),
+                cancelled=cancelled,
             )
         )
 
-    def _record(self, write, *args, **kwargs):
+    def _record(self, entry, write, *args, **kwargs):
         """Run a store write, retrying while the database is busy: an outcome must not be dropped.
 
         A full disk is retried until it clears (or the runner stops): the outcome exists only
         in this thread, and giving up would leave the step STARTED under a live runner for ever.
         """
+        if entry is not None:  # the delegate's own outcome
+            with self._lock:
+                if entry.abandoned:  # ended without it already (a timeout, fail-step): it is stale
+                    return None
+                entry.recording = True
         busy_delays = iter(RECORD_RETRY_DELAYS)
         while True:
             try:
@@ -222,30 +309,110 @@ class Runner:
                 log.warning("could not record a step outcome (%s); retrying in %.1fs", exc, delay)
                 time.sleep(delay)
 
-    # -- watch: heartbeat, orphans ---------------------------------------------------------
+    # -- the watch: timeouts, and attempts ended from outside -------------------------------
     def _watch(self):
+        while not self._stopping.wait(WATCH_SECONDS):
+            try:
+                self._time_out_overdue()
+                self._let_go_of_ended()
+            except Exception:  # a busy database now and then must not end the watch
+                log.exception("runner %s could not check its running attempts; retrying", self.id)
+
+    def _time_out_overdue(self):
+        now = time.monotonic()
+        with self._lock:
+            overdue = [e for e in self._running.values() if e.deadline is not None and e.deadline <= now]
+        for entry in overdue:
+            if self._abandon(entry):  # from here on the delegate's own outcome is ignored
+                message = f"The delegate ran past its timeout of {self._timeout_of(entry.job):g} s."
+                self._failed(None, entry.job, Timeout(message))
+
+    def _let_go_of_ended(self):
+        """Attempts the database no longer has as running here (fail-step, an interrupt): tell
+        their delegates, and free their places."""
+        with self._lock:
+            watched = [e for e in self._running.values() if not (e.recording or e.abandoned)]
+        if not watched:
+            return
+        current = self.store.running_attempts(self.id)
+        for entry in watched:
+            if (entry.job.step_id, entry.job.attempt) not in current:
+                self._abandon(entry)
+
+    def _abandon(self, entry):
+        """The attempt ends without its delegate: set ctx.cancelled, and give its place to a new
+        thread. Returns False if its delegate's own outcome is being recorded (that wins)."""
+        with self._lock:
+            if entry.abandoned or entry.recording:
+                return False
+            entry.abandoned = True
+            self._lock.notify_all()
+        entry.cancelled.set()
+        log.info("step %s attempt %d ended while its delegate ran; ctx.cancelled is set", *self._key(entry))
+        if not self._stopping.is_set():
+            self._add_thread()
+            self._listener.poke()
+        return True
+
+    @staticmethod
+    def _key(entry):
+        return entry.job.step_id, entry.job.attempt
+
+    # -- heartbeat, orphans, housekeeping ----------------------------------------------------
+    def _heartbeat_loop(self):
+        chores_at = time.monotonic()
         while not self._stopping.wait(HEARTBEAT_SECONDS):
             try:
                 self.store.heartbeat(self._identity())
+                with contextlib.suppress(Unwritable):  # a full disk: the next beat tries again
+                    self.store.checkpoint()  # here, not inside a request that happens to commit
                 orphans = self.store.interrupt_orphans(runner_is_alive)
                 if orphans:
                     log.warning("marked %d step(s) of vanished runners Interrupted", len(orphans))
-            except Exception:  # a busy database now and then must not end the watch
+                if time.monotonic() >= chores_at:
+                    chores_at = time.monotonic() + HOUSEKEEPING_SECONDS
+                    for chore in self.housekeeping:
+                        chore()
+            except Exception:  # a busy database now and then must not end the loop
                 log.exception("runner %s heartbeat failed; retrying", self.id)
 
-    # -- automatic retries -----------------------------------------------------------------
-    def _begin_due_retries(self):
-        while not self._stopping.wait(RETRY_POLL_SECONDS):
-            try:
-                with self._claim_lock:
-                    if not self._claiming.is_set():
-                        return
-                    # Only as many as there are idle threads: a retry claimed but still queued when
-                    # the service stops would be Interrupted instead of staying due.
-                    with self._idle:
-                        idle = self.threads - self._busy
-                    if idle > 0:
-                        for job in self.store.claim_due_retries(self.id, limit=idle):
-                            self.submit(job)
-            except Exception:  # a busy database now and then must not end the loop
-                log.exception("runner %s could not begin due retries; retrying", self.id)
+
+# -- a runner process -----------------------------------------------------------------------------
+def main():
+    """Run one runner until SIGTERM or SIGINT (service.py starts these; so can an operator,
+    beside API-only processes: `make runner`)."""
+    import config
+    from db import Database
+    from delegates import DelegateLoadError, load_registry
+    from logs import configure_logging
+    from model import Unusable
+    from store import Store
+
+    try:
+        settings = config.from_env()
+        registry = load_registry(settings["STEPD_DELEGATES_PATH"] or None)
+        database = Database(settings["STEPD_DB"], settings["STEPD_SYNC"])
+        database.prepare()
+    except (config.ConfigError, DelegateLoadError, Unusable) as exc:
+        print(f"stepd: runner cannot start: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    configure_logging(settings["STEPD_LOG_LEVEL"])
+    store = Store(database)
+    runner = Runner(
+        store,
+        registry,
+        settings["STEPD_THREADS"],
+        settings["STEPD_DB"],
+        settings["STEPD_STEP_TIMEOUT"],
+        housekeeping=(store.forget_answers,),
+    )
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    runner.start()
+    stopping.wait()
+    runner.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -22,6 +22,7 @@ from model import (
     MAX_PARAMS,
     MAX_STEPS,
     MAX_STRING,
+    PHASES,
     PROCESS_STATUSES,
     STEP_STATUSES,
     TRIGGERS,
@@ -353,6 +354,16 @@ class StepSchema(Schema):
     startedAt = timestamp(attribute="started_at", allow_none=True, required=True)
     finishedAt = timestamp(attribute="finished_at", allow_none=True, required=True)
     deferred = fields.Boolean(required=True)
+    phase = fields.String(
+        allow_none=True,
+        required=True,
+        validate=validate.OneOf(PHASES),
+        metadata={
+            "description": "Where a STARTED step is: QUEUED (committed, no runner has it yet), RUNNING (its"
+            " delegate is being called), DEFERRED (waits for complete-step or fail-step), RETRY_WAIT (waits"
+            " for nextRetryAt). null for every other status."
+        },
+    )
     nextRetryAt = timestamp(
         attribute="next_retry_at",
         allow_none=True,
@@ -434,6 +445,7 @@ class DelegateSchema(Schema):
 
 class HealthSchema(Schema):
     database = fields.String(required=True)
+    runners = fields.Integer(required=True, metadata={"description": "Runner processes alive now."})
 
 
 # -- the envelope --------------------------------------------------------------------------

@@ -31,6 +31,7 @@ ANSWER_KEPT_SECONDS = 24 * 3600  # how long the answer to a request with an Idem
 EXECUTING = "status = 'STARTED' AND deferred = 0 AND next_retry_at IS NULL"
 STARTED_ANYHOW = "status = 'STARTED'"  # executing, deferred, or waiting for a retry
 WAITING_FOR_RETRY = "status = 'STARTED' AND next_retry_at IS NOT NULL"
+QUEUED = f"{EXECUTING} AND runner_id IS NULL"  # committed, and no runner has claimed it yet
 IS_FAILED = "status = 'FAILED'"
 IS_PENDING = "status = 'PENDING'"
 
@@ -58,7 +59,7 @@ REFRESH_PROCESS = """
 """
 STEP_COLUMNS = (
     "id, process_id, position, type, status, params, result, attempts, error_type, error_message,"
-    " deferred, next_retry_at, created_at, started_at, finished_at"
+    " deferred, next_retry_at, runner_id, created_at, started_at, finished_at"
 )
 PROCESS_COLUMNS = "seq, id, name, status, principal, created_at, updated_at"
 # What beginning a step's next attempt needs to know of it (Change.begin).
@@ -66,6 +67,10 @@ BEGIN_COLUMNS = "s.id, s.process_id, s.type, s.params, s.attempts, s.retries_use
 # Steps a runner is executing (INDEXED BY: left to itself the planner prefers the status index,
 # which holds every STARTED step, deferred ones and those waiting for a retry included).
 EXECUTING_STEPS = f"SELECT id, process_id, attempts, runner_id FROM steps INDEXED BY steps_running WHERE {EXECUTING}"
+QUEUED_STEPS = (
+    "SELECT id, process_id, type, params, attempts, retries_used FROM steps INDEXED BY steps_running"
+    f" WHERE {QUEUED} ORDER BY started_at LIMIT ?"
+)
 DUE_RETRIES = (
     f"SELECT {BEGIN_COLUMNS}, a.principal"
     " FROM steps s INDEXED BY steps_due_retries JOIN attempts a ON a.step_id = s.id AND a.attempt = s.attempts"
@@ -85,7 +90,18 @@ def _error(error_type, message):
     return None if error_type is None else {"type": error_type, "message": message}
 
 
-def _step(row):
+def _phase(row, now):
+    """Where a STARTED step is (SPEC section 9); None for every other status."""
+    if row["status"] != "STARTED":
+        return None
+    if row["deferred"]:
+        return "DEFERRED"
+    if row["next_retry_at"] is not None:
+        return "RETRY_WAIT" if row["next_retry_at"] > now else "QUEUED"  # a due retry waits for a claim
+    return "QUEUED" if row["runner_id"] is None else "RUNNING"
+
+
+def _step(row, now=None):
     return {
         "id": row["id"],
         "process_id": row["process_id"],
@@ -98,6 +114,7 @@ def _step(row):
         "error": _error(row["error_type"], row["error_message"]),
         "deferred": bool(row["deferred"]),
         "next_retry_at": row["next_retry_at"],
+        "phase": _phase(row, now or now_iso()),
         "created_at": row["created_at"],
         "started_at": row["started_at"],
         "finished_at": row["finished_at"],
@@ -219,6 +236,10 @@ class Store:
 
     def ping(self):
         self.db.ping()
+
+    def checkpoint(self):
+        """Copy the write-ahead log into the file (the runners, once a second)."""
+        self.db.checkpoint()
 
     # -- processes -------------------------------------------------------------------
     def create_process(self, name, steps, principal, runner_id):
@@ -354,6 +375,38 @@ class Store:
                 raise PreconditionFailed.on("status", "Step changed while it was being restarted.")
         return job
 
+    def claim_queued(self, runner_id, limit):
+        """Take up to `limit` queued attempts, oldest first, for this runner; their Jobs.
+
+        The compare-and-set on `runner_id IS NULL` gives each attempt to exactly one runner."""
+        if not self.db.row(QUEUED_STEPS, (1,)):
+            return []  # polled by every runner: look first, take the write lock only for work
+        jobs = []
+        with self.db.transaction() as conn:
+            for row in conn.execute(QUEUED_STEPS, (limit,)).fetchall():
+                claimed = conn.execute(
+                    f"UPDATE steps SET runner_id = ? WHERE id = ? AND attempts = ? AND {QUEUED}",
+                    (runner_id, row["id"], row["attempts"]),
+                ).rowcount
+                if claimed == 1:
+                    params = params_from_json(row["params"])
+                    attempt, retries_used = row["attempts"], row["retries_used"]
+                    jobs.append(Job(row["id"], row["process_id"], row["type"], params, attempt, retries_used))
+        return jobs
+
+    def unclaim(self, job, runner_id):
+        """Give back a claimed attempt whose delegate was never called: it is QUEUED again."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                f"UPDATE steps SET runner_id = NULL WHERE id = ? AND attempts = ? AND runner_id = ? AND {EXECUTING}",
+                (job.step_id, job.attempt, runner_id),
+            )
+
+    def running_attempts(self, runner_id):
+        """The (step id, attempt) pairs this runner is executing, as the database says."""
+        rows = self.db.rows(EXECUTING_STEPS + " AND runner_id = ?", (runner_id,))
+        return {(row["id"], row["attempts"]) for row in rows}
+
     def claim_due_retries(self, runner_id, limit):
         """Begin the next attempt (trigger 'retry') of up to `limit` steps whose retry is due.
 
@@ -452,6 +505,10 @@ class Store:
         """The ids of the runners registered (alive or not yet found gone)."""
         return sorted(row["id"] for row in self.db.rows("SELECT id FROM runners"))
 
+    def runners(self):
+        """Every registered runner's row: id, host, pid, pid_started, started_at, heartbeat_at."""
+        return [dict(row) for row in self.db.rows("SELECT * FROM runners ORDER BY started_at")]
+
     def interrupt_orphans(self, is_alive):
         """Fail every executing step whose runner is gone; forget gone runners.
 
@@ -476,7 +533,9 @@ class Store:
         runners = conn.execute("SELECT * FROM runners").fetchall()
         alive = {r["id"] for r in runners if is_alive(r)}
         gone = [r["id"] for r in runners if r["id"] not in alive]
-        orphans = [row for row in conn.execute(EXECUTING_STEPS).fetchall() if row["runner_id"] not in alive]
+        executing = conn.execute(EXECUTING_STEPS).fetchall()
+        # A queued attempt (no runner yet) was never handed to a delegate: it waits for a claim.
+        orphans = [row for row in executing if row["runner_id"] is not None and row["runner_id"] not in alive]
         return orphans, gone
 
     def interrupt_runner(self, runner_id, reason):

@@ -55,21 +55,22 @@ def free_port():
 
 
 class Server:
-    """gunicorn -c CONF from the checkout, with STEPD_* settings, on a free loopback port."""
+    """A command from the checkout (stepd's service.py, or gunicorn -c CONF for the baseline), with
+    STEPD_* settings, on a free loopback port."""
 
     running = []  # every server started and not yet stopped, for the cleanup on the way out
 
-    def __init__(self, conf, log_path, **settings):
+    def __init__(self, command, log_path, **settings):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("STEPD_")}
         self.env.update({"STEPD_HOST": "127.0.0.1", "STEPD_PORT": str(self.port), **settings})
-        self.conf, self.log_path, self.proc = conf, log_path, None
+        self.command, self.log_path, self.proc = command, log_path, None
 
     def start(self, health_path):
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(GUNICORN), "-c", self.conf],
+                self.command,
                 cwd=ROOT,
                 env=self.env,
                 stdout=log,
@@ -81,7 +82,7 @@ class Server:
         workers = int(self.env.get("STEPD_WORKERS", "2"))
         while not (self._answers(health_path) and len(self.worker_pids()) == workers):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.conf} did not come up; see {self.log_path}")
+                raise RuntimeError(f"{' '.join(self.command)} did not come up; see {self.log_path}")
             time.sleep(0.1)
         return self
 
@@ -92,12 +93,38 @@ class Server:
         except OSError as exc:  # an HTTP error (e.g. the baseline's 405 on GET) still answers
             return getattr(exc, "code", None) is not None
 
-    def worker_pids(self):
+    @staticmethod
+    def _children(pid):
         try:
-            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
         except OSError:
             return []
-        return [int(pid) for pid in children]
+
+    def _gunicorn_master(self):
+        """The gunicorn master: the process itself (the baseline) or its child (under service.py)."""
+        for pid in [self.proc.pid, *self._children(self.proc.pid)]:
+            with contextlib.suppress(OSError):
+                if b"gunicorn" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+        return None
+
+    def worker_pids(self):
+        """The HTTP workers."""
+        master = self._gunicorn_master()
+        return self._children(master) if master else []
+
+    def runner_pids(self):
+        master = self._gunicorn_master()
+        return [pid for pid in self._children(self.proc.pid) if pid != master]
+
+    def all_pids(self):
+        """Every process of the server: supervisor, gunicorn master, workers, runners."""
+        pids, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            todo.extend(self._children(pid))
+        return pids
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
@@ -105,7 +132,7 @@ class Server:
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                for pid in [*self.worker_pids(), self.proc.pid]:
+                for pid in self.all_pids():
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                 self.proc.wait()
@@ -119,18 +146,18 @@ def stop_all():
 
 
 def stepd_server(db, sync, workdir, token):
-    """stepd exactly as `make run` serves it: gunicorn -c gunicorn.conf.py and STEPD_* variables."""
+    """stepd exactly as `make run` serves it: service.py (gunicorn, its workers, one runner) and STEPD_* variables."""
     settings = {
         "STEPD_DB": str(db),
         "STEPD_TOKEN": token,
         "STEPD_DELEGATES_PATH": str(BENCH / "delegates"),
         "STEPD_SYNC": sync,
     }
-    return Server("gunicorn.conf.py", workdir / f"stepd-{sync}.log", **settings).start("/healthz")
+    return Server([sys.executable, "service.py"], workdir / f"stepd-{sync}.log", **settings).start("/healthz")
 
 
 def baseline_server(workdir):
-    return Server("bench/gunicorn_baseline.conf.py", workdir / "baseline.log").start("/echo")
+    return Server([str(GUNICORN), "-c", "bench/gunicorn_baseline.conf.py"], workdir / "baseline.log").start("/echo")
 
 
 def api(server, method, path, body=None, token=None):
@@ -181,9 +208,9 @@ def wrk(server, mode, duration, ids_file=None, token=""):
 
 
 def cpu_seconds(server):
-    """CPU time (user + system) used so far by the server's master and workers."""
+    """CPU time (user + system) used so far by every process of the server (runners included)."""
     ticks = 0
-    for pid in [server.proc.pid, *server.worker_pids()]:
+    for pid in server.all_pids():
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
@@ -393,13 +420,18 @@ def rss_kib(pid):
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
 
 
+def rss_of(server):
+    """{pid: resident KiB} of the HTTP workers and the runners."""
+    return {pid: rss_kib(pid) for pid in server.worker_pids() + server.runner_pids()}
+
+
 def run_memory(workdir, token, checkpoints=(10_000, 20_000, 100_000, 200_000), sync="normal"):
-    """Worker RSS as restarts (200s, both workers together) pass each checkpoint."""
+    """RSS of the workers and the runner as restarts (200s, both workers together) pass each checkpoint."""
     db = workdir / "memory.db"
     pools = seed_file(db, fail=FAIL_POOL)
     ids = write_ids(workdir / "memory.ids", pools["fail"])
     server = stepd_server(db, sync, workdir, token)
-    readings = [{"restarts": 0, "rss": {pid: rss_kib(pid) for pid in server.worker_pids()}, "412": 0}]
+    readings = [{"restarts": 0, "rss": rss_of(server), "412": 0}]
     done, refused, started = 0, 0, time.monotonic()
     try:
         for checkpoint in checkpoints:
@@ -407,9 +439,7 @@ def run_memory(workdir, token, checkpoints=(10_000, 20_000, 100_000, 200_000), s
                 result = wrk(server, "restart-fail", 5, ids, token)
                 done += result["statuses"].get(200, 0)
                 refused += result["statuses"].get(412, 0)
-            readings.append(
-                {"restarts": done, "rss": {pid: rss_kib(pid) for pid in server.worker_pids()}, "412": refused}
-            )
+            readings.append({"restarts": done, "rss": rss_of(server), "412": refused})
             print(f"  {done:,} restarts: RSS {readings[-1]['rss']} KiB", file=sys.stderr)
     finally:
         server.stop()

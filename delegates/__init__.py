@@ -14,6 +14,7 @@ import math
 import pkgutil
 import random
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ __all__ = [
 
 _MARK = "_stepd_delegate_type"
 _RETRY = "_stepd_retry_policy"
+_TIMEOUT = "_stepd_timeout"
 
 
 class DelegateLoadError(Exception):
@@ -85,19 +87,27 @@ class _Deferred:
 DEFERRED = _Deferred()
 
 
-def delegate(step_type, retries=0, backoff=2.0, delay=1.0, max_delay=300.0):
+def delegate(step_type, retries=0, backoff=2.0, delay=1.0, max_delay=300.0, timeout=None):
     """Mark a function as the delegate for `step_type`.
 
     With `retries`, a step whose delegate raises is retried by itself, up to that many
-    times (see RetryPolicy for the waits), before it is FAILED for an operator.
+    times (see RetryPolicy for the waits), before it is FAILED for an operator. With
+    `timeout` (seconds), an attempt still running that long after its delegate was called
+    fails with error type `Timeout` (and its `ctx.cancelled` is set); without it,
+    STEPD_STEP_TIMEOUT applies, if set.
     """
     if not isinstance(step_type, str) or not step_type:
         raise ValueError("delegate() needs a non-empty step type")
     policy = RetryPolicy(retries, backoff, delay, max_delay)
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout <= 0
+    ):
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
 
     def mark(fn):
         setattr(fn, _MARK, step_type)
         setattr(fn, _RETRY, policy)
+        setattr(fn, _TIMEOUT, timeout)
         return fn
 
     return mark
@@ -105,13 +115,18 @@ def delegate(step_type, retries=0, backoff=2.0, delay=1.0, max_delay=300.0):
 
 @dataclass
 class Context:
-    """What a delegate receives: plain params and where it runs."""
+    """What a delegate receives: plain params and where it runs.
+
+    `cancelled` is set when the attempt was ended from outside while the delegate runs (a
+    timeout, fail-step): its outcome will be ignored, so a long delegate may check it and stop.
+    """
 
     params: dict
     process_id: str
     step_id: str
     attempt: int
     log: logging.LoggerAdapter = field(repr=False)
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def defer(self):
         """Leave the step STARTED until complete-step or fail-step says how it ended."""
@@ -124,6 +139,7 @@ class Delegate:
     fn: object
     source: str  # the file it was defined in, for error messages
     retry: RetryPolicy = RetryPolicy()
+    timeout: float | None = None  # seconds, or None: STEPD_STEP_TIMEOUT (if set) applies
 
     @property
     def description(self):
@@ -137,11 +153,11 @@ class Registry:
     def __init__(self):
         self._by_type = {}
 
-    def add(self, step_type, fn, source, retry=RetryPolicy()):
+    def add(self, step_type, fn, source, retry=RetryPolicy(), timeout=None):
         existing = self._by_type.get(step_type)
         if existing is not None:
             raise DelegateLoadError(f"two delegates for step type {step_type!r}: {existing.source} and {source}")
-        self._by_type[step_type] = Delegate(step_type, fn, source, retry)
+        self._by_type[step_type] = Delegate(step_type, fn, source, retry, timeout)
 
     def remove(self, step_type):
         self._by_type.pop(step_type, None)
@@ -165,7 +181,9 @@ def _add_module(registry, module):
             existing = registry.get(step_type)
             if existing is not None and existing.fn is value:
                 continue  # the same function under a second name (an alias), not a second delegate
-            registry.add(step_type, value, source, getattr(value, _RETRY, RetryPolicy()))
+            registry.add(
+                step_type, value, source, getattr(value, _RETRY, RetryPolicy()), getattr(value, _TIMEOUT, None)
+            )
 
 
 def _builtin_modules():

@@ -255,6 +255,26 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+@pytest.fixture
+def app_with(tmp_path):
+    """Builds an app with these settings and its own runner, as the `app` fixture does; returns
+    (app, an operator Api). Each one is stopped at the end of the test."""
+    apps = []
+
+    def make(**settings):
+        made = create_app(
+            {"STEPD_DB": str(tmp_path / f"app{len(apps)}.db"), "STEPD_DELEGATES_PATH": str(PLUGINS), **settings}
+        )
+        made.extensions["stepd"].store.add_token("ops", "operator", hash_secret(OPERATOR_SECRET))
+        start_background(made)
+        apps.append(made)
+        return made, Api(made.test_client(), {"Authorization": f"Bearer {OPERATOR_SECRET}"})
+
+    yield make
+    for made in apps:
+        stop_background(made, grace=0.5)
+
+
 # Every backend the store's contract suite (test_store.py) runs against.
 STORE_BACKENDS = ["sqlite"]
 

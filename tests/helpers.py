@@ -110,7 +110,7 @@ PROCESS_KEYS = {"processId", "name", "status", "steps", "createdAt", "updatedAt"
 SUMMARY_KEYS = PROCESS_KEYS - {"steps"}
 STEP_KEYS = {
     "processStepId", "processId", "position", "type", "status", "params", "result",
-    "attempts", "error", "createdAt", "startedAt", "finishedAt", "deferred", "nextRetryAt",
+    "attempts", "error", "createdAt", "startedAt", "finishedAt", "deferred", "nextRetryAt", "phase",
 }  # fmt: skip
 ATTEMPT_KEYS = {"attempt", "trigger", "principal", "params", "status", "error", "startedAt", "finishedAt"}
 
@@ -119,6 +119,10 @@ def assert_step_shape(step):
     assert set(step) == STEP_KEYS
     assert ID.match(step["processStepId"]) and ID.match(step["processId"])
     assert step["status"] in ("PENDING", "STARTED", "COMPLETED", "FAILED")
+    if step["status"] == "STARTED":
+        assert step["phase"] in ("QUEUED", "RUNNING", "DEFERRED", "RETRY_WAIT")
+    else:
+        assert step["phase"] is None
     parse_time(step["createdAt"])
     for key in ("startedAt", "finishedAt"):
         assert step[key] is None or parse_time(step[key])
@@ -362,9 +366,12 @@ def free_port():
 
 
 class Server:
-    """stepd under real gunicorn on loopback, as `make run` serves it."""
+    """stepd as `make run` serves it (service.py: gunicorn and its workers, and runner
+    processes), on loopback, in a process group of its own."""
 
-    def __init__(self, db_path, token="test-operator-token", workers=2, threads=4, delegates=PLUGINS, extra_env=None):
+    def __init__(
+        self, db_path, token="test-operator-token", workers=2, threads=4, delegates=PLUGINS, extra_env=None, runners=1
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = token
@@ -378,6 +385,7 @@ class Server:
             "STEPD_TOKEN": token or "",
             "STEPD_DELEGATES_PATH": str(delegates) if delegates else "",
             "STEPD_LOG_LEVEL": "INFO",
+            "STEPD_RUNNERS": str(runners),
             **(extra_env or {}),
         }
         self.proc = None
@@ -386,34 +394,64 @@ class Server:
     def start(self, wait=True):
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop(), it outlives this call
         self.proc = subprocess.Popen(
-            [str(GUNICORN), "-c", "gunicorn.conf.py"], cwd=ROOT, env=self.env, stdout=self.log, stderr=self.log
+            [sys.executable, "service.py"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log,
+            stderr=self.log,
+            start_new_session=True,  # its own process group, as a service manager would start it
         )
         if wait:
-            wait_for(self._healthy, timeout=20, interval=0.1, what="gunicorn to answer /healthz")
+            wait_for(self._healthy, timeout=20, interval=0.1, what="the service to answer /healthz")
             wait_for(lambda: len(self.worker_pids()) == int(self.env["STEPD_WORKERS"]), timeout=20, what="workers")
+            wait_for(self._runners_alive, timeout=20, interval=0.1, what="the runners to register")
         return self
 
     def _healthy(self):
         if self.proc.poll() is not None:
-            raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.output()}")
+            raise AssertionError(f"the service exited with {self.proc.returncode}:\n{self.output()}")
         try:
             return requests.get(self.url + "/healthz", timeout=1).status_code == 200
         except requests.ConnectionError:
             return False
 
-    def worker_pids(self):
+    def _runners_alive(self):
+        wanted = int(self.env["STEPD_RUNNERS"])
+        return requests.get(self.url + "/healthz", timeout=5).json()["data"]["runners"] == wanted
+
+    @staticmethod
+    def _children(pid):
         try:
-            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
         except FileNotFoundError:
             return []
-        return [int(pid) for pid in children]
+
+    def gunicorn_pid(self):
+        """The gunicorn master's pid (a child of service.py), or None."""
+        for pid in self._children(self.proc.pid):
+            with contextlib.suppress(FileNotFoundError):
+                if b"gunicorn" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+        return None
+
+    def worker_pids(self):
+        """The HTTP workers' pids."""
+        master = self.gunicorn_pid()
+        return self._children(master) if master else []
+
+    def runner_pids(self):
+        """The runner processes' pids."""
+        master = self.gunicorn_pid()
+        return [pid for pid in self._children(self.proc.pid) if pid != master]
 
     def output(self):
         return self.log_path.read_text(errors="replace")
 
     def kill(self):
-        """SIGKILL the master and every worker at once, as a crash or power cut would."""
-        pids = [self.proc.pid, *self.worker_pids()]
+        """SIGKILL the whole service at once (supervisor, gunicorn, workers, runners), as a crash
+        or power cut would."""
+        master = self.gunicorn_pid()
+        pids = [self.proc.pid, *([master] if master else []), *self.worker_pids(), *self.runner_pids()]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -422,7 +460,7 @@ class Server:
             wait_for(lambda p=pid: not Path(f"/proc/{p}").exists() or _is_zombie(p), timeout=10, what="worker exit")
 
     def stop(self, timeout=30):
-        """SIGTERM, as a service manager stops it; returns gunicorn's exit code."""
+        """SIGTERM, as a service manager stops it; returns the service's exit code."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-if str(HERE.parent) not in sys.path:  # run as a script: runner.py sits in the checkout's root
+if str(HERE.parent) not in sys.path:  # run as a script: liveness.py sits in the checkout's root
     sys.path.insert(0, str(HERE.parent))
 
-from runner import runner_is_alive  # noqa: E402 - after the path is set
+from liveness import runner_is_alive  # noqa: E402 - after the path is set
 
 
 @dataclass
@@ -98,9 +98,11 @@ def _check_attempts(report, steps, by_step):
 
 
 def _check_runners(report, steps, live_runners):
-    """No step is STARTED without a live runner, except deferred steps (they wait for a caller)."""
+    """No step is running under a runner that is gone. Not running: deferred steps (they wait for
+    a caller), queued ones (no runner has claimed them yet) and those waiting for a retry."""
     for step in steps:
-        if step["status"] == "STARTED" and not step["deferred"] and step["runner_id"] not in live_runners:
+        running = step["status"] == "STARTED" and not step["deferred"] and step["next_retry_at"] is None
+        if running and step["runner_id"] is not None and step["runner_id"] not in live_runners:
             report.fail(f"step {step['id']} is STARTED but its runner {step['runner_id']} is gone")
 
 

@@ -246,7 +246,7 @@ def test_a_real_database_fault_is_an_enveloped_error_without_paths(fresh_app, tm
 # -- 503 ---------------------------------------------------------------------------------------
 def test_healthz_is_200_when_the_database_answers(client):
     body = assert_envelope(client.get("/healthz"), 200)
-    assert body["data"] == {"database": "ok"}
+    assert body["data"] == {"database": "ok", "runners": 1}  # the app fixture's runner
 
 
 def test_healthz_is_503_when_the_database_does_not_answer(fresh_app, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from helpers import FAIL, wait_for
 
 from app import stop_background
-from runner import HOST, process_start_time
+from liveness import HOST, process_start_time
 
 
 def test_bad_result_fails_the_step_not_the_request(api):
@@ -33,6 +33,7 @@ def test_stop_interrupts_what_is_still_running(app, api, store, tmp_path):
     process = api.start(("wait", {"file": str(tmp_path / "never"), "seconds": 30.0}))
     step_id = process["steps"][0]["processStepId"]
     runner = app.extensions["stepd"].runner
+    wait_for(lambda: api.step(step_id)["phase"] == "RUNNING", what="the runner to claim it")
     began = time.monotonic()
     runner.stop(grace=0.3)
     assert time.monotonic() - began < 3
@@ -43,6 +44,8 @@ def test_stop_interrupts_what_is_still_running(app, api, store, tmp_path):
 
 def test_stop_waits_for_short_delegates(app, api):
     process = api.start(("sleep", {"seconds": 0.3}))
+    step_id = process["steps"][0]["processStepId"]
+    wait_for(lambda: api.step(step_id)["phase"] == "RUNNING", what="the runner to claim it")
     stop_background(app, grace=5)
     assert api.process(process["processId"])["status"] == "COMPLETED"
 
@@ -121,6 +124,103 @@ def test_stop_calls_no_queued_delegate(app, api, tmp_path):
     gate.touch()  # let the blocked delegates return; their outcomes are stale now
     time.sleep(0.3)
     assert not calls.exists(), "a delegate was called after the runner stopped"
-    for process in [*busy, queued]:
+    for process in busy:
         step = api.step(process["steps"][0]["processStepId"])
         assert (step["status"], step["error"]["type"]) == ("FAILED", "Interrupted")
+    # SPEC 9: an attempt no runner has claimed was never handed to a delegate: it stays queued
+    # for the next runner, and is not Interrupted.
+    waiting = api.step(queued["steps"][0]["processStepId"])
+    assert (waiting["status"], waiting["phase"], waiting["error"]) == ("STARTED", "QUEUED", None)
+
+
+# -- SPEC 9: phases, timeouts, ctx.cancelled, places ---------------------------------------------
+def test_a_started_step_shows_its_phase(app, api, tmp_path):
+    stop_background(app, grace=0.1)  # no runner: what is committed waits QUEUED
+    queued = api.start(("noop", {}))["steps"][0]
+    assert (queued["status"], queued["phase"]) == ("STARTED", "QUEUED")
+    assert api.start(("noop", {}), ("noop", {}))["steps"][1]["phase"] is None  # PENDING
+
+
+def test_phases_running_deferred_retry_wait_and_none(api, tmp_path, gate):
+    running = api.start(("wait", {"file": str(gate)}))["steps"][0]["processStepId"]
+    wait_for(lambda: api.step(running)["phase"] == "RUNNING", what="RUNNING")
+    deferred = api.start(("external", {}))["steps"][0]["processStepId"]
+    wait_for(lambda: api.step(deferred)["phase"] == "DEFERRED", what="DEFERRED")
+    waiting = api.start(("retry_slow", {"file": str(tmp_path / "calls")}))["steps"][0]["processStepId"]
+    step = wait_for(lambda: (s := api.step(waiting))["phase"] == "RETRY_WAIT" and s, what="RETRY_WAIT")
+    assert step["status"] == "STARTED" and step["nextRetryAt"] is not None
+    done = api.start(("noop", {}))
+    assert api.wait_process(done["processId"], "COMPLETED")["steps"][0]["phase"] is None
+
+
+def test_a_due_retry_not_yet_claimed_is_queued(app, api, store, tmp_path):
+    step_id = api.start(("retry_slow", {"file": str(tmp_path / "calls")}))["steps"][0]["processStepId"]
+    wait_for(lambda: api.step(step_id)["phase"] == "RETRY_WAIT", what="RETRY_WAIT")
+    stop_background(app, grace=0.1)
+    store.db.connection().execute(
+        "UPDATE steps SET next_retry_at = '2000-01-01T00:00:00.000Z' WHERE id = ?", (step_id,)
+    )
+    assert api.step(step_id)["phase"] == "QUEUED"
+
+
+def test_a_delegate_past_its_timeout_fails_with_timeout_and_is_cancelled(api, tmp_path):
+    marker = tmp_path / "cancelled"
+    began = time.monotonic()
+    process = api.start(("linger", {"file": str(marker)}))  # timeout=0.5
+    failed = api.wait_process(process["processId"], "FAILED", timeout=5)["steps"][0]
+    assert time.monotonic() - began < 0.5 + 1.5
+    assert failed["error"]["type"] == "Timeout" and "0.5 s" in failed["error"]["message"]
+    assert api.step(failed["processStepId"])["attemptHistory"][-1]["error"]["type"] == "Timeout"
+    wait_for(marker.exists, timeout=2, what="ctx.cancelled to be set")
+    time.sleep(0.3)  # the delegate has returned (None: it would complete the step): that is ignored
+    assert api.step(failed["processStepId"])["status"] == "FAILED"
+
+
+def test_step_timeout_setting_applies_to_delegates_without_their_own(app_with, tmp_path):
+    _, api = app_with(STEPD_STEP_TIMEOUT=0.3)
+    marker = tmp_path / "cancelled"
+    process = api.start(("hang", {"file": str(marker)}))
+    failed = api.wait_process(process["processId"], "FAILED", timeout=5)["steps"][0]
+    assert failed["error"]["type"] == "Timeout"
+    wait_for(marker.exists, timeout=2, what="ctx.cancelled to be set")
+    _, own = app_with(STEPD_STEP_TIMEOUT=30)
+    started = own.start(("linger", {"file": str(tmp_path / "m2")}))  # its own 0.5 s wins over 30 s
+    assert own.wait_process(started["processId"], "FAILED", timeout=5)["steps"][0]["error"]["type"] == "Timeout"
+
+
+def test_a_delegate_that_returns_before_its_timeout_completes(api, tmp_path):
+    process = api.start(("linger", {"file": str(tmp_path / "m"), "seconds": 0.0}))  # returns at once: completes
+    assert api.wait_process(process["processId"], "COMPLETED")["steps"][0]["error"] is None
+
+
+def test_fail_step_sets_ctx_cancelled_and_frees_the_place(app_with, tmp_path):
+    app, api = app_with(STEPD_THREADS=1)
+    marker, started = tmp_path / "cancelled", tmp_path / "started"
+    hung = api.start(("hang", {"file": str(marker), "started": str(started), "seconds": 60.0}))
+    step_id = hung["steps"][0]["processStepId"]
+    wait_for(started.exists, what="the delegate to be called")
+    assert api.post(FAIL, {"processStepId": step_id}).status_code == 200
+    wait_for(marker.exists, timeout=1.5, what="ctx.cancelled within 1 s of fail-step")
+    # The one place is free again although the hung delegate's thread has not returned.
+    other = api.start(("noop", {}))
+    api.wait_process(other["processId"], "COMPLETED", timeout=3)
+    assert app.extensions["stepd"].runner._busy == 0
+
+
+def test_a_hung_delegate_after_its_timeout_keeps_no_place(app_with, tmp_path):
+    app, api = app_with(STEPD_THREADS=1)
+    for n in range(3):  # each times out after 0.5 s and never returns (until the test ends)
+        api.start(("linger", {"file": str(tmp_path / f"m{n}"), "seconds": 60.0}))
+    follower = api.start(("noop", {}))
+    api.wait_process(follower["processId"], "COMPLETED", timeout=5)
+
+
+def test_healthz_counts_live_runners_and_is_503_without_one(app, client, monkeypatch):
+    assert client.get("/healthz").json["data"] == {"database": "ok", "runners": 1}
+    stop_background(app, grace=0.1)
+    assert client.get("/healthz").status_code == 200, "within 10 s of the start a missing runner is forgiven"
+    engine = app.extensions["stepd"].engine
+    monkeypatch.setattr(engine, "started", engine.started - 11)
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    assert response.json["message"] == "Service unavailable" and "No runner is alive" in response.json["data"]

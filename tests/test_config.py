@@ -12,6 +12,8 @@ def test_defaults_are_those_of_the_spec():
         "STEPD_PORT": 8080,
         "STEPD_WORKERS": 2,
         "STEPD_THREADS": 4,
+        "STEPD_RUNNERS": 1,
+        "STEPD_STEP_TIMEOUT": None,
         "STEPD_TOKEN": "",
         "STEPD_DELEGATES_PATH": "",
         "STEPD_LOG_LEVEL": "INFO",

@@ -225,14 +225,18 @@ def test_a_writer_that_cannot_get_the_lock_in_time_gets_503_with_retry_after(ser
     """Another process holds stepd's write lock past the 5 s busy timeout: writes 503, reads go on."""
     server = server_factory().start()
     db = server.env["STEPD_DB"]
-    wait_for(lambda: registered_runners(db) == set(server.worker_pids()), what="both runners to register")
+    wait_for(lambda: registered_runners(db) == set(server.runner_pids()), what="the runner to register")
     lock_fd = os.open(db + ".lock", os.O_RDWR)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        # A worker that starts now must wait for the lock, not fail to boot (gunicorn would stop).
+        # A worker or a runner that starts now must wait for the lock, not fail to boot (gunicorn
+        # would stop the service; a runner would die again and again).
         victim = server.worker_pids()[0]
+        (runner,) = server.runner_pids()
         os.kill(victim, signal.SIGKILL)
+        os.kill(runner, signal.SIGKILL)
         wait_for(lambda: victim not in server.worker_pids() and len(server.worker_pids()) == 2, what="a respawn")
+        wait_for(lambda: server.runner_pids() not in ([], [runner]), what="a new runner")
         started = time.monotonic()
         answers = hammer(server, writers=8, writes_each=1)  # 8 = the requests gunicorn serves at once
         waited = time.monotonic() - started
@@ -247,7 +251,7 @@ def test_a_writer_that_cannot_get_the_lock_in_time_gets_503_with_retry_after(ser
         assert busy.headers["Retry-After"] == "1"
     assert 4.5 < waited < 15, waited
     assert listed_process_ids(server) == set(), "nothing refused was written"
-    wait_for(lambda: registered_runners(db) == set(server.worker_pids()), what="the new worker to register")
+    wait_for(lambda: registered_runners(db) == set(server.runner_pids()), what="the new runner to register")
     assert server.post(P, {"steps": [{"type": "noop"}]}).status_code == 201, "writes again once the lock is free"
     report_figure("contention lock held", f"8 writers with the lock held: 8 x 503 with Retry-After in {waited:.1f}s")
 
@@ -314,8 +318,13 @@ def test_a_full_disk_refuses_writes_with_503_keeps_reads_and_recovers_without_a_
             written.add(f"small-{attempt}")
 
     filler.unlink()
+    # A normal start, not a 600 KB one: on a 4 MiB disk, a 600 KB start and then its step's
+    # outcome (which rewrites those 600 KB twice) can fill the disk with the write-ahead log
+    # again before any checkpoint may run, a deadlock of SQLite's own on a disk this small.
     after = wait_for(
-        lambda: (r := server.post(P, big_start("after"))).status_code == 201 and r, timeout=10, what="writes again"
+        lambda: (r := server.post(P, {"name": "after", "steps": [{"type": "noop"}]})).status_code == 201 and r,
+        timeout=10,
+        what="writes again",
     )
     process_id = after.json()["data"]["processId"]
     wait_for(lambda: server.get(f"{P}/{process_id}").json()["data"]["status"] == "COMPLETED", what="it to run")
@@ -335,24 +344,29 @@ def test_a_full_disk_refuses_writes_with_503_keeps_reads_and_recovers_without_a_
 def test_a_worker_respawned_while_the_disk_is_full_waits_instead_of_stopping_the_service(
     server_factory, small_disk, tmp_path
 ):
-    """gunicorn stops the whole service when a worker fails to boot; a full disk must not make it fail."""
+    """gunicorn stops the whole service when a worker fails to boot, and a runner that cannot
+    register must wait rather than die again and again: a full disk must not do either."""
     db = small_disk / "stepd.db"
     server = server_factory(db_path=db)
     server.log_path = tmp_path / "respawn.log"
     server.start()
-    wait_for(lambda: registered_runners(db) == set(server.worker_pids()), what="both runners to register")
+    wait_for(lambda: registered_runners(db) == set(server.runner_pids()), what="the runner to register")
     victim, survivor = server.worker_pids()
+    (runner,) = server.runner_pids()
 
     filler = fill(small_disk)
     os.kill(victim, signal.SIGKILL)
+    os.kill(runner, signal.SIGKILL)
     wait_for(lambda: len(set(server.worker_pids()) - {victim, survivor}) == 1, what="gunicorn to respawn the worker")
-    time.sleep(2)  # the new worker tries to register against the full disk meanwhile
+    (new_runner,) = wait_for(lambda: (p := server.runner_pids()) not in ([], [runner]) and p, what="a new runner")
+    time.sleep(2)  # the new runner heartbeats against the full disk meanwhile
+    assert server.runner_pids() == [new_runner], "the new runner waits: it does not die again and again"
     assert server.proc.poll() is None, f"the service stopped:\n{server.output()[-3000:]}"
     assert server.get(f"{P}?limit=1").status_code == 200, "reads go on"
     assert server.post(P, big_start("while-full")).status_code == 503
 
     filler.unlink()
-    wait_for(lambda: registered_runners(db) == set(server.worker_pids()), what="the new worker to register")
+    wait_for(lambda: registered_runners(db) == set(server.runner_pids()), what="the new runner to register")
     assert server.proc.poll() is None
     assert server.post(P, {"steps": [{"type": "noop"}]}).status_code == 201
     assert check(db).problems == []

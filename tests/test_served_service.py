@@ -44,8 +44,8 @@ def test_gunicorn_serves(server_factory):
 
 # -- exactly once across worker processes ----------------------------------------------------------
 def test_concurrent_restarts_from_many_threads_win_exactly_once(server_factory, tmp_path, gated_delegates):
-    server = server_factory(workers=2, delegates=gated_delegates).start()
-    assert len(server.worker_pids()) == 2
+    server = server_factory(workers=2, runners=2, delegates=gated_delegates).start()
+    assert len(server.worker_pids()) == 2 and len(server.runner_pids()) == 2
 
     call_log = tmp_path / "calls.txt"
     gate = tmp_path / "gate"
@@ -56,7 +56,7 @@ def test_concurrent_restarts_from_many_threads_win_exactly_once(server_factory, 
     assert failed["attempts"] == 1
     assert len(calls(call_log)) == 1
 
-    winners = []  # the worker process whose request won, per round
+    winners = []  # the runner process that ran the winning attempt, per round
     for round_number in range(5):
         before = server.step(step_id)
         assert before["status"] == "FAILED"
@@ -97,13 +97,14 @@ def test_concurrent_restarts_from_many_threads_win_exactly_once(server_factory, 
         assert after["error"] == {"type": "RuntimeError", "message": "gated_count failed on purpose"}
         assert len(calls(call_log)) == before["attempts"] + 1 == after["attempts"]
 
-    # Both worker processes run a runner on the one file, and each call is one attempt.
+    # Two runner processes claim from the one file, requests come through two workers, and
+    # each call is one attempt.
     final = server.step(step_id)
     assert final["attempts"] == 6
     attempts_called = sorted(int(line.split()[1]) for line in call_log.read_text().splitlines())
     assert attempts_called == [1, 2, 3, 4, 5, 6]
     runner_pids = {pid for (pid,) in db_rows(server.env["STEPD_DB"], "SELECT pid FROM runners")}
-    assert runner_pids == set(server.worker_pids())
+    assert runner_pids == set(server.runner_pids())
     assert set(winners) <= runner_pids
     assert server.process(process["processId"])["status"] == "FAILED"
 
@@ -176,10 +177,10 @@ def test_kill_of_the_service_interrupts_running_steps_but_not_deferred_ones(serv
     second.wait_process(deferred["processId"], "COMPLETED")
 
 
-# -- kill -9 of one worker -------------------------------------------------------------------------
-def test_kill_of_one_worker_interrupts_only_its_steps(server_factory, tmp_path):
+# -- kill -9 of one runner -------------------------------------------------------------------------
+def test_kill_of_one_runner_interrupts_only_its_steps(server_factory, tmp_path):
     db = tmp_path / "served.db"
-    server = server_factory(db_path=db, workers=2, threads=8).start()
+    server = server_factory(db_path=db, workers=2, runners=2, threads=8).start()
     release = tmp_path / "release"
     steps = []  # step ids of the `wait` steps
 
@@ -196,8 +197,8 @@ def test_kill_of_one_worker_interrupts_only_its_steps(server_factory, tmp_path):
             list(holders().values()).count(pid) >= 2 for pid in set(holders().values())
         )
 
-    # Start processes from several threads at once until both workers hold some steps.
-    for _ in range(40):  # the kernel picks the worker for each connection: keep trying until both hold steps
+    # Start processes from several threads at once until both runners hold some steps.
+    for _ in range(40):  # both runners race to claim each: keep trying until both hold steps
         batch = [None] * 4
 
         def start_one(index, batch=batch):
@@ -213,8 +214,8 @@ def test_kill_of_one_worker_interrupts_only_its_steps(server_factory, tmp_path):
             break
     held = holders()
     assert set(held) == set(steps)
-    assert set(held.values()) == set(server.worker_pids()), "both workers should hold steps"
-    assert spread(), f"steps did not spread over both workers: {held}"
+    assert set(held.values()) == set(server.runner_pids()), "both runners should hold steps"
+    assert spread(), f"steps did not spread over both runners: {held}"
 
     victim = next(iter(held.values()))
     victim_steps = {s for s, pid in held.items() if pid == victim}
@@ -226,7 +227,7 @@ def test_kill_of_one_worker_interrupts_only_its_steps(server_factory, tmp_path):
         found = {s: server.step(s) for s in victim_steps}
         return all(s["status"] == "FAILED" for s in found.values()) and found
 
-    failed = wait_for(victims_failed, timeout=10, interval=0.1, what="the killed worker's steps to be Interrupted")
+    failed = wait_for(victims_failed, timeout=10, interval=0.1, what="the killed runner's steps to be Interrupted")
     assert time.monotonic() - killed_at < 10
     for step in failed.values():
         assert step["error"]["type"] == "Interrupted", step
@@ -234,17 +235,17 @@ def test_kill_of_one_worker_interrupts_only_its_steps(server_factory, tmp_path):
     statuses = {s: server.step(s)["status"] for s in survivor_steps}
     assert set(statuses.values()) == {"STARTED"}, statuses
 
-    # The master brings a new worker; the service kept answering throughout.
-    wait_for(lambda: len(pids := server.worker_pids()) == 2 and victim not in pids, what="a respawned worker")
-    # The dead worker's runner is forgotten; the new worker's runner is known.
+    # The supervisor brings a new runner; the service kept answering throughout.
+    wait_for(lambda: len(pids := server.runner_pids()) == 2 and victim not in pids, what="a respawned runner")
+    # The dead runner is forgotten; the new runner is known.
     wait_for(
-        lambda: {p for (p,) in db_rows(db, "SELECT pid FROM runners")} == set(server.worker_pids()),
-        what="the runners table to list the living workers",
+        lambda: {p for (p,) in db_rows(db, "SELECT pid FROM runners")} == set(server.runner_pids()),
+        what="the runners table to list the living runners",
     )
     assert requests.get(server.url + "/healthz", timeout=5).status_code == 200
     fresh = server.start_process(("noop", {}))
     server.wait_process(fresh["processId"], "COMPLETED")
-    time.sleep(1.5)  # a few more heartbeats: the living worker's steps are still left alone
+    time.sleep(1.5)  # a few more heartbeats: the living runner's steps are still left alone
     assert {server.step(s)["status"] for s in survivor_steps} == {"STARTED"}
 
     # The survivors' delegates were never disturbed: they finish once the file appears;
@@ -262,21 +263,21 @@ def test_kill_of_one_worker_interrupts_only_its_steps(server_factory, tmp_path):
         server.wait_process(server.step(step_id)["processId"], "COMPLETED")
 
 
-def test_kill_of_the_only_worker_interrupts_its_steps_after_the_respawn(server_factory, tmp_path):
-    """With one worker there is no other runner: the respawned worker must reap the dead one's steps."""
-    server = server_factory(workers=1).start()
-    (victim,) = server.worker_pids()
+def test_kill_of_the_only_runner_interrupts_its_steps_after_the_respawn(server_factory, tmp_path):
+    """With one runner there is no other: the respawned runner must reap the dead one's steps."""
+    server = server_factory(workers=1, runners=1).start()
+    (victim,) = server.runner_pids()
     process = server.start_process(("wait", {"file": str(tmp_path / "never"), "seconds": 60.0}), ("noop", {}))
     step_id = process["steps"][0]["processStepId"]
     assert runner_pid(server, step_id) == victim
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
-    wait_for(lambda: server.worker_pids() not in ([], [victim]), what="a respawned worker")
+    wait_for(lambda: server.runner_pids() not in ([], [victim]), what="a respawned runner")
     failed = wait_for(
         lambda: (s := server.step(step_id))["status"] == "FAILED" and s,
         timeout=10 - (time.monotonic() - killed_at),
         interval=0.1,
-        what="the dead worker's step to be Interrupted",
+        what="the dead runner's step to be Interrupted",
     )
     assert time.monotonic() - killed_at < 10
     assert failed["error"]["type"] == "Interrupted"
@@ -430,7 +431,7 @@ def test_a_retry_schedule_survives_a_stop_of_the_service_and_runs_once(server_fa
 
 
 def test_retries_run_exactly_once_with_two_workers(server_factory, tmp_path):
-    server = server_factory(workers=2, threads=4).start()
+    server = server_factory(workers=2, runners=2, threads=4).start()
     counted = tmp_path / "calls.txt"
     step_ids = []
     for _ in range(20):  # retry_count: 3 retries after 0.05-0.1, 0.1-0.2 and 0.15-0.3 s; always fails
@@ -475,7 +476,7 @@ def without_timestamp(response):
 
 
 def runner_pid(server, step_id):
-    """The pid of the worker process whose runner holds the step."""
+    """The pid of the runner process that holds the step."""
     rows = db_rows(
         server.env["STEPD_DB"], "SELECT r.pid FROM steps s JOIN runners r ON r.id = s.runner_id WHERE s.id = ?", step_id
     )

@@ -7,12 +7,13 @@ import re
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
-from helpers import GUNICORN, RESTART, ROOT, STEPS, P, calls, db_rows, free_port, wait_for
+from helpers import RESTART, ROOT, STEPS, P, calls, db_rows, free_port, wait_for
 
 import migrations
 
@@ -143,12 +144,14 @@ def test_settings_workers_db_path_and_log_level(server_factory, tmp_path):
     server = server_factory(
         db_path=tmp_path / "quiet.db",
         workers=3,
+        runners=2,
         extra_env={"STEPD_DB": str(nested), "STEPD_LOG_LEVEL": "WARNING"},
     ).start()
 
-    pids = server.worker_pids()
-    assert len(pids) == 3
-    wait_for(lambda: {p for (p,) in db_rows(nested, "SELECT pid FROM runners")} == set(pids), what="3 runners")
+    assert len(server.worker_pids()) == 3
+    pids = server.runner_pids()  # STEPD_RUNNERS runner processes, apart from the HTTP workers
+    assert len(pids) == 2 and not set(pids) & set(server.worker_pids())
+    wait_for(lambda: {p for (p,) in db_rows(nested, "SELECT pid FROM runners")} == set(pids), what="2 runners")
     assert nested.is_file()
     assert not (tmp_path / "quiet.db").exists()
     with sqlite3.connect(nested) as conn:
@@ -263,7 +266,7 @@ def test_make_run_serves(tmp_path):
             finally:
                 if group_alive(proc.pid):
                     os.killpg(proc.pid, signal.SIGKILL)
-    assert "gunicorn -c gunicorn.conf.py" in log_path.read_text()
+    assert "python service.py" in log_path.read_text()
 
 
 def test_sigkill_of_make_run_stops_the_service_and_frees_the_port(tmp_path):
@@ -316,9 +319,14 @@ def start_with_split_output(server):
     server.log = open(server.log_path, "ab")  # noqa: SIM115 - standard error, read by output(), closed by stop()
     with open(stdout_path, "ab") as stdout:
         server.proc = subprocess.Popen(
-            [str(GUNICORN), "-c", "gunicorn.conf.py"], cwd=ROOT, env=server.env, stdout=stdout, stderr=server.log
+            [sys.executable, "service.py"],
+            cwd=ROOT,
+            env=server.env,
+            stdout=stdout,
+            stderr=server.log,
+            start_new_session=True,
         )
-    wait_for(server._healthy, timeout=20, interval=0.1, what="gunicorn to answer /healthz")
+    wait_for(server._healthy, timeout=20, interval=0.1, what="the service to answer /healthz")
     wait_for(lambda: len(server.worker_pids()) == int(server.env["STEPD_WORKERS"]), timeout=20, what="workers")
     return stdout_path
 

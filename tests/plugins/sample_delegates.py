@@ -135,3 +135,44 @@ def nap(ctx):
     time.sleep(ctx.params.get("seconds", 0.05))
     if ctx.params.get("fail") == 1:
         raise RuntimeError("nap failed on purpose")
+
+
+# -- delegates that misbehave: timeouts, hangs, and ones that take their process down ------------
+@delegate("linger", timeout=0.5)
+def linger(ctx):
+    """Wait up to param `seconds` (default 30) for ctx.cancelled; write 'cancelled' to param `file` if it came."""
+    if ctx.cancelled.wait(ctx.params.get("seconds", 30.0)):
+        Path(ctx.params["file"]).write_text("cancelled")
+
+
+@delegate("hang")
+def hang(ctx):
+    """Wait up to param `seconds` (default 30) for ctx.cancelled (no timeout of its own); record it in param `file`."""
+    if "started" in ctx.params:
+        Path(ctx.params["started"]).touch()
+    if ctx.cancelled.wait(ctx.params.get("seconds", 30.0)):
+        Path(ctx.params["file"]).write_text("cancelled")
+
+
+@delegate("crash")
+def crash(ctx):
+    """Take the runner's process down as param `how` says: exit1, exit3, exit4, sigkill, segfault."""
+    import ctypes
+    import os
+    import signal
+
+    how = ctx.params["how"]
+    if how.startswith("exit"):
+        os._exit(int(how[4:]))
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "segfault":
+        ctypes.string_at(0)
+    raise ValueError(f"unknown param how {how!r}")
+
+
+@delegate("hold_gil")
+def hold_gil(ctx):
+    """Hold the GIL in one C call for a few seconds (a huge integer power), then complete."""
+    digits = (7 ** ctx.params.get("exponent", 8_000_000)).bit_length()
+    return {"bits": digits}

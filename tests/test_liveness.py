@@ -1,4 +1,4 @@
-"""The runner module alone: whether a runner's process is alive."""
+"""The liveness module alone: whether a runner's process is alive."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import time
 
 from helpers import wait_for
 
-from runner import HOST, process_start_time, runner_is_alive
+from liveness import HOST, process_start_time, runner_is_alive
 
 
 def test_process_start_time_tells_live_dead_and_zombie_processes():

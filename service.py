@@ -1,0 +1,168 @@
+"""`make run`: stepd as one service, the HTTP front and the runners, under one command.
+
+    .venv/bin/python service.py
+
+It checks what it can once (settings, delegates, the database, the first token), then starts
+gunicorn (gunicorn.conf.py: HTTP workers, which only commit) and STEPD_RUNNERS runner
+processes (runner.py: they claim queued attempts and call the delegates), and watches them:
+
+    service.py                     this supervisor
+    ├── gunicorn master            the HTTP front
+    │   └── STEPD_WORKERS workers
+    └── STEPD_RUNNERS × runner.py  the delegates run here, never in an HTTP worker
+
+A runner that dies (a delegate called os._exit, a segfault, an OOM kill) is started again
+within a second or two; its running steps become Interrupted by the next runner's sweep.
+If the HTTP front exits, everything stops. SIGTERM or SIGINT to this process (or to its
+process group) stops all cleanly: the runners give their delegates STOP_GRACE_SECONDS.
+"""
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+CHECK_SECONDS = 0.1  # how often the children are looked at
+RESTART_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)  # before starting a runner again, if it keeps dying at once
+STEADY_SECONDS = 10.0  # a runner that lived this long starts again after the shortest delay
+STOP_SECONDS = 20.0  # how long a stop waits for the children before it kills them
+PR_SET_PDEATHSIG = 1
+
+
+class CannotStart(Exception):
+    """A setting, a delegate module or the database stops the start; the message is one line."""
+
+
+def preflight(settings):
+    """Fail fast, once: a bad delegate, an unusable database. Migrates the file and makes the
+    first token (and prints it) on a first start."""
+    from auth import ensure_first_token
+    from db import Database
+    from delegates import DelegateLoadError, load_registry
+    from model import Busy, Unusable, Unwritable
+    from store import Store
+
+    try:
+        load_registry(settings["STEPD_DELEGATES_PATH"] or None)
+        database = Database(settings["STEPD_DB"], settings["STEPD_SYNC"])
+        database.prepare()
+        ensure_first_token(Store(database), settings["STEPD_TOKEN"])
+        database.close()  # no open SQLite connection may cross a fork
+    except (DelegateLoadError, OSError, Unusable, Busy, Unwritable) as exc:
+        raise CannotStart(str(exc)) from exc
+
+
+def _prctl_parent_death(signum):
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
+
+
+def _die_with_supervisor():
+    """In a child, before exec: get SIGTERM when the supervisor dies, even by SIGKILL."""
+    _prctl_parent_death(signal.SIGTERM)
+
+
+def die_with_make():
+    """Under `make run`, end when make ends, even by SIGKILL: a sidecar must not outlive the
+    command that started it and keep holding its port. (make passes a SIGTERM on by itself.)"""
+    parent = os.getppid()
+    try:
+        started_by_make = Path(f"/proc/{parent}/comm").read_text().strip() == "make"
+    except OSError:
+        return  # no /proc: not Linux, so no prctl either
+    if started_by_make:
+        _prctl_parent_death(signal.SIGTERM)
+        if os.getppid() != parent:  # make died before the call took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def say(text):
+    print(f"stepd: {text}", file=sys.stderr, flush=True)
+
+
+class Supervisor:
+    """Starts the children, starts a dead runner again, stops them all."""
+
+    def __init__(self, runners):
+        self.runner_count = runners
+        self.http = None
+        self.runners = {}  # slot -> Popen
+        self.restart_at = {}  # slot -> when a dead runner starts again
+        self.deaths = {}  # slot -> how many times in a row it died soon after starting
+        self.stopping = False
+
+    def _spawn(self, args):
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, preexec_fn=_die_with_supervisor)
+
+    def _start_runner(self, slot):
+        self.runners[slot] = self._spawn([str(ROOT / "runner.py")])
+        self.runners[slot].started = time.monotonic()
+
+    def run(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._ask_to_stop)
+        self.http = self._spawn(["-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")])
+        for slot in range(self.runner_count):
+            self._start_runner(slot)
+        while not self.stopping:
+            if self.http.poll() is not None:
+                say(f"the HTTP front exited with code {self.http.returncode}; stopping the runners")
+                self.stop()
+                return self.http.returncode or 1
+            self._look_after_runners()
+            time.sleep(CHECK_SECONDS)
+        self.stop()
+        return 0
+
+    def _ask_to_stop(self, signum, frame):
+        self.stopping = True
+
+    def _look_after_runners(self):
+        now = time.monotonic()
+        for slot, proc in list(self.runners.items()):
+            if proc is None:
+                if now >= self.restart_at[slot]:
+                    self._start_runner(slot)
+                continue
+            if proc.poll() is None:
+                continue
+            lived = now - proc.started
+            self.deaths[slot] = 0 if lived >= STEADY_SECONDS else self.deaths.get(slot, 0) + 1
+            delay = RESTART_DELAYS[min(self.deaths[slot], len(RESTART_DELAYS)) - 1] if self.deaths[slot] else 0.0
+            say(f"runner {proc.pid} exited with code {proc.returncode}; starting another in {delay:g} s")
+            self.runners[slot] = None
+            self.restart_at[slot] = now + delay
+
+    def stop(self):
+        """SIGTERM to every child, then wait; SIGKILL what is left after STOP_SECONDS."""
+        children = [p for p in [self.http, *self.runners.values()] if p is not None and p.poll() is None]
+        for proc in children:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_SECONDS
+        for proc in children:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                say(f"process {proc.pid} did not stop in {STOP_SECONDS:g} s; killing it")
+                proc.kill()
+                proc.wait()
+
+
+def main():
+    import config
+
+    try:
+        settings = config.from_env()
+        preflight(settings)
+    except (config.ConfigError, CannotStart) as exc:
+        say(f"cannot start: {exc}")
+        return 1
+    die_with_make()
+    return Supervisor(settings["STEPD_RUNNERS"]).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

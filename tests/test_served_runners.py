@@ -1,0 +1,120 @@
+"""Runner processes on real gunicorn (SPEC section 9): a delegate that takes its process down
+takes only its runner, which comes back; a delegate holding the GIL does not slow the API;
+STEPD_RUNNERS=0 serves the API alone and a runner started apart does the work."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from helpers import ROOT, P, db_rows, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def holder_pid(server, step_id):
+    rows = db_rows(
+        server.env["STEPD_DB"], "SELECT r.pid FROM steps s JOIN runners r ON r.id = s.runner_id WHERE s.id = ?", step_id
+    )
+    return rows[0][0] if rows else None
+
+
+class Prober:
+    """GETs the API every 50 ms on a thread and keeps the slowest answer's time and any failure."""
+
+    def __init__(self, server):
+        self.server, self.slowest, self.failures = server, 0.0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        while not self._stop.wait(0.05):
+            began = time.monotonic()
+            try:
+                status = self.server.get(f"{P}?limit=1", timeout=5).status_code
+            except Exception as exc:  # collected, asserted by the test
+                self.failures.append(repr(exc))
+                continue
+            self.slowest = max(self.slowest, time.monotonic() - began)
+            if status != 200:
+                self.failures.append(status)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("how", ["exit1", "exit3", "exit4", "sigkill", "segfault"])
+def test_a_delegate_that_kills_its_runner_takes_only_that_runner(server_factory, tmp_path, how):
+    server = server_factory(runners=2, threads=2).start()
+    # One long step on each runner: claim until both hold one.
+    holds = {}
+    for _ in range(20):
+        step_id = server.start_process(("hang", {"file": str(tmp_path / "x"), "seconds": 60.0}))["steps"][0]
+        step_id = step_id["processStepId"]
+        pid = wait_for(lambda s=step_id: holder_pid(server, s), what="a runner to claim it")
+        holds.setdefault(pid, step_id)
+        if len(holds) == 2:
+            break
+    assert len(holds) == 2, holds
+    with Prober(server) as prober:
+        crashing = server.start_process(("crash", {"how": how}))["steps"][0]["processStepId"]
+        victim = wait_for(lambda: holder_pid(server, crashing) or None, what="a runner to claim the crash")
+        killed_at = time.monotonic()
+        failed = wait_for(
+            lambda: (s := server.step(crashing))["status"] == "FAILED" and s, timeout=10, what="Interrupted"
+        )
+        assert failed["error"]["type"] == "Interrupted" and failed["attempts"] == 1
+        wait_for(lambda: len(server.runner_pids()) == 2 and victim not in server.runner_pids(), timeout=5,
+                 what="the runner to be started again")  # fmt: skip
+        assert time.monotonic() - killed_at < 10
+        wait_for(lambda: server.get("/healthz").json()["data"]["runners"] == 2, timeout=5, what="2 live runners")
+        survivor = next(pid for pid in holds if pid != victim)
+        assert server.step(holds[survivor])["phase"] == "RUNNING", "the other runner's step is untouched"
+        victims_hang = server.step(holds[victim])
+        assert (victims_hang["status"], victims_hang["error"]["type"]) == ("FAILED", "Interrupted")
+        after = server.start_process(("noop", {}))
+        server.wait_process(after["processId"], "COMPLETED")
+    assert prober.failures == [], prober.failures
+    assert server.proc.poll() is None, "the service is up"
+    assert (
+        f"exited with code {-9 if how == 'sigkill' else -11 if how == 'segfault' else int(how[4:])}" in server.output()
+    )
+
+
+@pytest.mark.timeout(90)
+def test_a_delegate_holding_the_gil_does_not_slow_the_api(server_factory):
+    server = server_factory(runners=1).start()
+    with Prober(server) as prober:
+        process = server.start_process(("hold_gil", {}))
+        step_id = process["steps"][0]["processStepId"]
+        wait_for(lambda: server.step(step_id)["phase"] == "RUNNING", what="the delegate to run")
+        done = server.wait_process(process["processId"], "COMPLETED", timeout=60)
+    assert done["steps"][0]["result"]["bits"]["longValue"] > 0
+    assert prober.failures == [] and prober.slowest < 0.5, (prober.slowest, prober.failures)
+    assert server.get("/healthz").json()["data"]["runners"] == 1, "a busy runner is not taken for a dead one"
+
+
+@pytest.mark.timeout(90)
+def test_no_runners_serves_the_api_and_a_runner_started_apart_does_the_work(server_factory):
+    server = server_factory(runners=0).start()
+    assert server.runner_pids() == []
+    process = server.start_process(("noop", {}))
+    time.sleep(0.5)
+    assert server.step(process["steps"][0]["processStepId"])["phase"] == "QUEUED"
+    runner = subprocess.Popen([sys.executable, "runner.py"], cwd=ROOT, env=server.env)
+    try:
+        server.wait_process(process["processId"], "COMPLETED", timeout=10)
+        assert server.get("/healthz").json()["data"]["runners"] == 1
+    finally:
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=15) == 0
+    assert not os.path.exists(f"/proc/{runner.pid}")
