@@ -269,7 +269,7 @@ def test_kill_of_the_only_runner_interrupts_its_steps_after_the_respawn(server_f
     (victim,) = server.runner_pids()
     process = server.start_process(("wait", {"file": str(tmp_path / "never"), "seconds": 60.0}), ("noop", {}))
     step_id = process["steps"][0]["processStepId"]
-    assert runner_pid(server, step_id) == victim
+    assert wait_for(lambda: runner_pid(server, step_id), what="the runner to claim it") == victim
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
     wait_for(lambda: server.runner_pids() not in ([], [victim]), what="a respawned runner")
