@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from helpers import all_at_once
 
 import store as st
 from db import Database
@@ -32,23 +33,16 @@ def runner_row(runner_id):
 
 
 def race(count, call):
-    """call(n) on `count` threads released together; returns what each returned or raised."""
-    barrier = threading.Barrier(count)
-    outcomes = [None] * count
+    """call(n) on `count` threads released together (helpers.all_at_once); returns what each
+    returned or raised."""
 
-    def run(n):
-        barrier.wait()
+    def returning_errors(n):
         try:
-            outcomes[n] = call(n)
+            return call(n)
         except Exception as exc:  # returned, asserted by the caller
-            outcomes[n] = exc
+            return exc
 
-    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    return outcomes
+    return all_at_once(count, returning_errors)
 
 
 # -- processes and steps ---------------------------------------------------------------------
