@@ -515,7 +515,7 @@ def table(rows):
 
 
 def targets(rows):
-    """The issue's targets, each with what this run measured."""
+    """The targets of issue 10 (they took over those of the benchmark issue), each with what this run measured."""
     by = {(r["row"], r["sync"]): r for r in rows}
     out = []
 
@@ -545,7 +545,7 @@ def targets(rows):
         )
     for r in rows:
         if "steps_per_s" in r and r["sync"] == "normal":
-            check(f"engine, normal: {r['steps_per_s']:,.0f} noop steps/s (target >= 1,000)", r["steps_per_s"] >= 1000)
+            check(f"engine, normal: {r['steps_per_s']:,.0f} noop steps/s (target >= 5,000)", r["steps_per_s"] >= 5000)
     return "\n".join(out)
 
 
