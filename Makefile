@@ -21,6 +21,7 @@ test: $(VENV)/.dev-deps
 bench: $(VENV)/.run-deps
 	@command -v wrk >/dev/null 2>&1 || { echo "make bench needs wrk, the HTTP load generator: sudo apt-get install wrk" >&2; exit 1; }
 	$(BIN)/python bench/run.py $(if $(BENCH_FULL),--memory) $(BENCH_ARGS)
+	$(BIN)/python bench/queue_latency.py
 
 lint: $(VENV)/.dev-deps
 	$(BIN)/ruff check .

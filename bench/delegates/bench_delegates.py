@@ -15,3 +15,11 @@ def defer_when_fixed(ctx):
     if ctx.params.get("defer") != 1:
         raise Abort("bench.defer needs param defer = 1")
     return ctx.defer()
+
+
+@delegate("bench.clock")
+def clock(ctx):
+    """Complete with the moment it was called (`called`, seconds since the epoch), for queue latency."""
+    import time
+
+    return {"called": time.time()}
