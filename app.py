@@ -210,13 +210,13 @@ def start_background(app):
     of their own, runner.py): it claims what this app queues, as any runner would."""
     stepd = app.extensions["stepd"]
     if stepd.runner is None:
-        config_ = app.config
+        settings = app.config
         stepd.runner = Runner(
             stepd.store,
             stepd.registry,
-            config_["STEPD_THREADS"],
-            config_["STEPD_DB"],
-            config_["STEPD_STEP_TIMEOUT"],
+            settings["STEPD_THREADS"],
+            settings["STEPD_DB"],
+            settings["STEPD_STEP_TIMEOUT"],
             housekeeping=(stepd.store.forget_answers,),
         )
         stepd.runner.start()

@@ -7,6 +7,7 @@ the file can never both win. Beginning or ending an attempt is always the same t
 (`Change`): the step's compare-and-set, its row in `attempts`, and its process's status.
 """
 
+import functools
 import time
 from contextlib import contextmanager
 
@@ -101,7 +102,8 @@ def _phase(row, now):
     return "QUEUED" if row["runner_id"] is None else "RUNNING"
 
 
-def _step(row, now=None):
+def _step(row, now):
+    """A step row as a dict; `now` (read once per query, not per row) decides a due retry's phase."""
     return {
         "id": row["id"],
         "process_id": row["process_id"],
@@ -114,7 +116,7 @@ def _step(row, now=None):
         "error": _error(row["error_type"], row["error_message"]),
         "deferred": bool(row["deferred"]),
         "next_retry_at": row["next_retry_at"],
-        "phase": _phase(row, now or now_iso()),
+        "phase": _phase(row, now),
         "created_at": row["created_at"],
         "started_at": row["started_at"],
         "finished_at": row["finished_at"],
@@ -288,7 +290,8 @@ class Store:
         rows = conn.execute(
             f"SELECT {STEP_COLUMNS} FROM steps WHERE process_id = ? ORDER BY position", (process_id,)
         ).fetchall()
-        process["steps"] = [_step(r) for r in rows]
+        now = now_iso()
+        process["steps"] = [_step(r, now) for r in rows]
         return process
 
     def _newest_first(self, table, columns, convert, limit, before_seq, **equals):
@@ -311,7 +314,7 @@ class Store:
             row = conn.execute(f"SELECT {STEP_COLUMNS} FROM steps WHERE id = ?", (step_id,)).fetchone()
             if row is None:
                 return None
-            step = _step(row)
+            step = _step(row, now_iso())
             if with_history:
                 rows = conn.execute("SELECT * FROM attempts WHERE step_id = ? ORDER BY attempt", (step_id,)).fetchall()
                 step["attempt_history"] = [_attempt(r) for r in rows]
@@ -319,7 +322,8 @@ class Store:
 
     def list_steps(self, status=None, step_type=None, limit=50, before_seq=None):
         columns = f"seq, {STEP_COLUMNS}"
-        return self._newest_first("steps", columns, _step, limit, before_seq, status=status, type=step_type)
+        convert = functools.partial(_step, now=now_iso())  # one time for the whole page
+        return self._newest_first("steps", columns, convert, limit, before_seq, status=status, type=step_type)
 
     def failed_steps(self, where, after=None, limit=1000):
         """FAILED steps matching `where` (type, process_id, failed_before, failed_after, failed_until
@@ -487,7 +491,8 @@ class Store:
                 message = f"Step is {row['status']}; only a STARTED step can be {status.lower()}."
                 raise PreconditionFailed.on("status", message)
             next_job = change.begin_next(step_id, runner_id) if status == COMPLETED else None
-            step = _step(change.conn.execute(f"SELECT {STEP_COLUMNS} FROM steps WHERE id = ?", (step_id,)).fetchone())
+            row = change.conn.execute(f"SELECT {STEP_COLUMNS} FROM steps WHERE id = ?", (step_id,)).fetchone()
+            step = _step(row, change.now)
         return step, next_job
 
     # -- runners: who is executing which step ------------------------------------------
@@ -501,13 +506,13 @@ class Store:
                 {**runner, "now": now_iso(), "beat": time.time()},
             )
 
-    def runner_ids(self):
-        """The ids of the runners registered (alive or not yet found gone)."""
-        return sorted(row["id"] for row in self.db.rows("SELECT id FROM runners"))
-
     def runners(self):
         """Every registered runner's row: id, host, pid, pid_started, started_at, heartbeat_at."""
         return [dict(row) for row in self.db.rows("SELECT * FROM runners ORDER BY started_at")]
+
+    def runner_ids(self):
+        """The ids of the runners registered (alive or not yet found gone)."""
+        return [row["id"] for row in self.runners()]
 
     def interrupt_orphans(self, is_alive):
         """Fail every executing step whose runner is gone; forget gone runners.

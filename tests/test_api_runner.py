@@ -224,3 +224,11 @@ def test_healthz_counts_live_runners_and_is_503_without_one(app, client, monkeyp
     response = client.get("/healthz")
     assert response.status_code == 503
     assert response.json["message"] == "Service unavailable" and "No runner is alive" in response.json["data"]
+
+
+def test_an_attempt_queued_without_a_wake_up_is_claimed_by_the_poll_within_1_s(app, api, store):
+    # Queued straight through the store: no engine, so no runner is poked (a lost wake-up).
+    process, job = store.create_process(None, [("noop", {})], "x", None)
+    began = time.monotonic()
+    api.wait_process(process["id"], "COMPLETED", timeout=1.0)
+    assert time.monotonic() - began < 1.0

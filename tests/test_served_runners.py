@@ -22,6 +22,11 @@ def holder_pid(server, step_id):
     return rows[0][0] if rows else None
 
 
+def claimer(server, step_id):
+    """The id of the runner that claimed the step (kept on the step after that runner dies), or None."""
+    return db_rows(server.env["STEPD_DB"], "SELECT runner_id FROM steps WHERE id = ?", step_id)[0][0]
+
+
 class Prober:
     """GETs the API every 50 ms on a thread and keeps the slowest answer's time and any failure."""
 
@@ -66,8 +71,9 @@ def test_a_delegate_that_kills_its_runner_takes_only_that_runner(server_factory,
             break
     assert len(holds) == 2, holds
     with Prober(server) as prober:
+        pids = dict(db_rows(server.env["STEPD_DB"], "SELECT id, pid FROM runners"))  # before a sweep forgets one
         crashing = server.start_process(("crash", {"how": how}))["steps"][0]["processStepId"]
-        victim = wait_for(lambda: holder_pid(server, crashing) or None, what="a runner to claim the crash")
+        victim = pids[wait_for(lambda: claimer(server, crashing), what="a runner to claim the crash")]
         killed_at = time.monotonic()
         failed = wait_for(
             lambda: (s := server.step(crashing))["status"] == "FAILED" and s, timeout=10, what="Interrupted"
