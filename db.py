@@ -18,6 +18,16 @@ from model import Busy, Conflict, Unavailable, Unusable, Unwritable
 
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT = 1024 * 1024
+# The runners copy the log into the file once a second (Runner._heartbeat_loop), off every
+# request's path. SQLite's own automatic checkpoint, run inside whichever COMMIT crosses its
+# threshold (1,000 pages), would put that copy and its fsync inside a request; it is kept only
+# as a bound on the log when no runner runs at all, at a size the runners' checkpoints never
+# let the log reach.
+AUTOCHECKPOINT_PAGES = 20_000
+# Reads of the file through a memory map, not read() into each connection's own cache: a
+# connection's cache is dropped whenever another process wrote since its last transaction
+# (every request, with two workers and a runner writing), and a mapped page costs no copy.
+MMAP_BYTES = 1 << 30
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # SQLite's words for a database that cannot take a write now but may later: the disk is full,
@@ -125,6 +135,8 @@ class Database:
         # A log that grew (a burst of large writes) is cut back to this once it restarts, so
         # its disk space comes back.
         conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES}")
+        conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
         return conn
 
     @staticmethod
@@ -236,6 +248,11 @@ class Database:
                 if rollback:
                     conn.execute("ROLLBACK TO nested")
                 conn.execute("RELEASE nested")
+
+    def in_transaction(self):
+        """Whether this thread's connection is inside a transaction (SQLite ends one by itself
+        on some errors, a full disk among them)."""
+        return self.connection().in_transaction
 
     def on_commit(self, callback):
         """Call `callback` once this thread's write transaction commits (now, if none is open);

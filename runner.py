@@ -84,6 +84,9 @@ class Runner:
         self._stopping = threading.Event()
         self._closed = False  # no delegate is called any more
         self._listener = None
+        self._may_be_more = True  # the last claim filled every free place: more may be queued
+        # Outcomes and claims of this runner's threads, committed together (groupcommit.py).
+        self._commits = store.group_commit()
 
     @property
     def _busy(self):
@@ -163,26 +166,36 @@ class Runner:
 
     # -- claiming --------------------------------------------------------------------------
     def _claim_loop(self):
+        poked = False
         while not self._stopping.is_set():
             try:
-                claimed = self._claim()
+                claimed = self._claim(look_first=not poked)
             except Exception:  # a busy database now and then must not end the loop
                 log.exception("runner %s could not claim work; retrying", self.id)
                 claimed = 0
-            if not claimed:
-                self._listener.wait(POLL_SECONDS)
+            poked = bool(claimed) or self._listener.wait(POLL_SECONDS)
 
-    def _claim(self):
-        """Claim as many attempts as there are free places (due retries first); returns how many."""
+    def _claim(self, look_first):
+        """Claim as many attempts as there are free places (due retries first); returns how many.
+
+        `look_first`: read before taking the write lock (a poll); a poke means work was committed."""
+        self._may_be_more = True  # a place freed while this claims pokes the loop (see _leave)
         free = self.threads - self._busy
-        if free <= 0:
+        if free <= 0 or (look_first and not self.store.has_claimable()):
             return 0
+        jobs = self._commits.run(lambda: self._claim_in_transaction(free))
+        for job in jobs:
+            self._jobs.put(job)
+        # Fewer than the free places: nothing more was queued then, and what is queued later
+        # comes with its own poke. As many: more may wait for the next free place.
+        self._may_be_more = len(jobs) >= free
+        return len(jobs)
+
+    def _claim_in_transaction(self, free):
         jobs = self.store.claim_due_retries(self.id, free)
         if len(jobs) < free:
             jobs += self.store.claim_queued(self.id, free - len(jobs))
-        for job in jobs:
-            self._jobs.put(job)
-        return len(jobs)
+        return jobs
 
     # -- delegate threads ------------------------------------------------------------------
     def _work(self):
@@ -211,8 +224,8 @@ class Runner:
         with self._lock:
             self._running.pop((entry.job.step_id, entry.job.attempt), None)
             self._lock.notify_all()
-        if not entry.abandoned:
-            self._listener.poke()  # a place is free: claim again
+        if not entry.abandoned and self._may_be_more:
+            self._listener.poke()  # a place is free and work may be waiting for one: claim again
         return entry.abandoned
 
     def _timeout_of(self, job):
@@ -300,7 +313,7 @@ class Runner:
         busy_delays = iter(RECORD_RETRY_DELAYS)
         while True:
             try:
-                return write(*args, **kwargs)
+                return self._commits.run(lambda: write(*args, **kwargs))
             except (Busy, Unwritable) as exc:
                 if isinstance(exc, Unwritable) and not self._stopping.is_set():
                     delay = UNWRITABLE_RETRY_SECONDS

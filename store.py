@@ -11,6 +11,7 @@ import functools
 import time
 from contextlib import contextmanager
 
+from groupcommit import GroupCommit
 from model import (
     COMPLETED,
     FAILED,
@@ -236,6 +237,11 @@ class Store:
         """Call `callback` once the current transaction commits (now, if none is open)."""
         self.db.on_commit(callback)
 
+    def group_commit(self):
+        """A GroupCommit over this store's file: concurrent writes of one process in one
+        transaction (the runner's outcomes and claims)."""
+        return GroupCommit(self.db)
+
     def ping(self):
         self.db.ping()
 
@@ -378,6 +384,10 @@ class Store:
             if job is None:  # cannot happen under BEGIN IMMEDIATE; kept as the compare-and-set's check
                 raise PreconditionFailed.on("status", "Step changed while it was being restarted.")
         return job
+
+    def has_claimable(self):
+        """Whether an attempt is queued or a retry is due (one cheap read, outside any transaction)."""
+        return bool(self.db.row(QUEUED_STEPS, (1,)) or self.db.row(DUE_RETRIES, (now_iso(), 1)))
 
     def claim_queued(self, runner_id, limit):
         """Take up to `limit` queued attempts, oldest first, for this runner; their Jobs.

@@ -56,7 +56,18 @@ class Listener:
         self._sock.close()
 
 
-_sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+def _plain_socket_class():
+    """The socket class as the standard library made it. In a gevent worker socket.socket is
+    gevent's, whose sendto goes through the event loop (6% of a restart's CPU when measured);
+    a non-blocking datagram send never waits, so the plain one is as cooperative and far cheaper."""
+    try:
+        from gevent import monkey
+    except ImportError:
+        return socket.socket
+    return monkey.get_original("socket", "socket")
+
+
+_sender = _plain_socket_class()(socket.AF_UNIX, socket.SOCK_DGRAM)
 _sender.setblocking(False)
 
 

@@ -43,6 +43,14 @@ def db_path(tmp_path):
 
 
 @pytest.fixture
+def database(tmp_path):
+    """A migrated db.Database on a file of its own (no app)."""
+    database = Database(tmp_path / "s.db")
+    database.prepare()
+    return database
+
+
+@pytest.fixture
 def app(db_path):
     app = create_app({"STEPD_DB": str(db_path), "STEPD_DELEGATES_PATH": str(PLUGINS), "STEPD_THREADS": 4})
     store = app.extensions["stepd"].store

@@ -14,13 +14,6 @@ from db import Database
 from model import Busy, Conflict, Unavailable, Unusable
 
 
-@pytest.fixture
-def database(tmp_path):
-    database = Database(tmp_path / "s.db")
-    database.prepare()
-    return database
-
-
 def test_pragmas_and_schema_version(database):
     conn = database.connection()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
