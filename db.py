@@ -5,6 +5,7 @@ The only module that imports sqlite3. SQLite's errors leave it as the domain's o
 SQLite's wording; any other sqlite3 error is unexpected and stays as it is (a 500).
 """
 
+import copy
 import fcntl
 import os
 import sqlite3
@@ -29,6 +30,7 @@ AUTOCHECKPOINT_PAGES = 20_000
 # (every request, with two workers and a runner writing), and a mapped page costs no copy.
 MMAP_BYTES = 1 << 30
 SCHEMA_VERSION = len(MIGRATIONS)
+MAX_GROUP = 64  # callers in one group transaction at most (the lock is held for one group only)
 
 # SQLite's words for a database that cannot take a write now but may later: the disk is full,
 # or the file was made read-only. Reads still work, and a retry may succeed once it clears.
@@ -71,6 +73,7 @@ class Database:
         self._threads_lock = threading.Lock()
         self._lock_owner = None
         self._lock_fd = None
+        self._writer_state = None  # a _Writer, made on the first write of each process
 
     # -- the boot sequence -----------------------------------------------------------------
     def prepare(self):
@@ -124,9 +127,12 @@ class Database:
             raise Unavailable(str(exc)) from exc
 
     # -- connections -----------------------------------------------------------------------
-    def _connect(self):
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit.
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    def _connect(self, shared=False):
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit. `shared`: the
+        # process's write connection, used by one caller at a time (under the _Writer's condition).
+        conn = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=not shared
+        )
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         self._use_wal(conn)
@@ -155,18 +161,24 @@ class Database:
                 time.sleep(0.005)
 
     def connection(self):
-        """This thread's connection (made on first use)."""
+        """This caller's connection (made on first use); inside a write, the write connection."""
+        if getattr(self._local, "writing", False):
+            return self._writer_state.conn
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._connect()
         return conn
 
     def close(self):
-        """Close this thread's connection (e.g. before a fork)."""
+        """Close this caller's connection, and this process's write connection (e.g. before a fork)."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
+        with self._threads_lock:
+            writer, self._writer_state = self._writer_state, None
+        if writer is not None and writer.pid == os.getpid() and writer.group is None:
+            writer.conn.close()
 
     # -- reads -----------------------------------------------------------------------------
     def rows(self, sql, args=()):
@@ -197,43 +209,53 @@ class Database:
     # -- writes ----------------------------------------------------------------------------
     @contextmanager
     def transaction(self, rollback=False):
-        """A write transaction: takes the write lock at once, commits or rolls back.
+        """A write transaction: takes the write lock, commits or rolls back.
 
-        Inside another write transaction of this thread it is a savepoint of that one, so a
+        Inside another write transaction of this caller it is a savepoint of that one, so a
         request can wrap several changes in one atomic change (Idempotency-Key, dry run).
         `rollback=True` checks everything and then undoes it (dry run).
+
+        The callers of one process that write at the same moment share one SQLite transaction
+        (group commit, `_Group`): each runs in a savepoint of its own, on the process's one
+        write connection, one after the other; each gets its own error, and none returns before
+        the shared COMMIT succeeded. A batch costs one turn at the lock and one commit however
+        many requests it holds.
         """
-        conn = self.connection()
         if getattr(self._local, "writing", False):
-            with sqlite_errors(), self._savepoint(conn, rollback):
-                yield conn
+            with sqlite_errors(), self._savepoint(self._writer().conn, rollback):
+                yield self._writer().conn
             return
-        if conn.in_transaction:
+        if self.connection().in_transaction:
             raise RuntimeError("a write transaction cannot start inside a read snapshot")
         self._local.on_commit = []
-        with sqlite_errors(), self._writer_turn():
-            conn.execute("BEGIN IMMEDIATE")
-            self._local.writing = True
-            try:
-                yield conn
-                if not conn.in_transaction:  # SQLite rolled it back (a full disk) and someone caught that
-                    raise Unwritable("database or disk is full: the transaction was rolled back")
-                conn.execute("ROLLBACK" if rollback else "COMMIT")
-            except BaseException:
-                if conn.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
-                    conn.execute("ROLLBACK")
-                raise
-            finally:
-                self._local.writing = False
-                callbacks, self._local.on_commit = self._local.on_commit, []
+        with sqlite_errors():
+            group = self._writer().join()
+        try:
+            with sqlite_errors(), group.body() as conn:
+                self._local.writing = True
+                try:
+                    with self._savepoint(conn, rollback, name="member"):
+                        yield conn
+                    if not conn.in_transaction:  # SQLite rolled it back (a full disk) and someone caught that
+                        raise Unwritable("database or disk is full: the transaction was rolled back")
+                finally:
+                    self._local.writing = False
+        except BaseException:
+            group.leave()  # the others' writes still commit; this one's savepoint is undone
+            self._local.on_commit = []
+            raise
+        group.leave()
+        with sqlite_errors():
+            group.wait_committed()
+        callbacks, self._local.on_commit = self._local.on_commit, []
         if not rollback:
             for callback in callbacks:
                 callback()
 
     @contextmanager
-    def _savepoint(self, conn, rollback):
+    def _savepoint(self, conn, rollback, name="nested"):
         callbacks_before = len(self._local.on_commit)
-        conn.execute("SAVEPOINT nested")
+        conn.execute(f"SAVEPOINT {name}")
         try:
             yield
         except BaseException:
@@ -246,51 +268,39 @@ class Database:
             # there is no savepoint left, and the original error must be the one that surfaces.
             if conn.in_transaction:
                 if rollback:
-                    conn.execute("ROLLBACK TO nested")
-                conn.execute("RELEASE nested")
+                    conn.execute(f"ROLLBACK TO {name}")
+                conn.execute(f"RELEASE {name}")
 
     def in_transaction(self):
-        """Whether this thread's connection is inside a transaction (SQLite ends one by itself
+        """Whether this caller's connection is inside a transaction (SQLite ends one by itself
         on some errors, a full disk among them)."""
         return self.connection().in_transaction
 
     def on_commit(self, callback):
-        """Call `callback` once this thread's write transaction commits (now, if none is open);
+        """Call `callback` once this caller's write transaction commits (now, if none is open);
         never if it rolls back."""
         if getattr(self._local, "writing", False):
             self._local.on_commit.append(callback)
         else:
             callback()
 
-    @contextmanager
-    def _writer_turn(self):
-        """Wait for this writer's turn: threads on a lock, processes on a lock file.
+    def write_connection(self):
+        """This process's write connection, on which every write transaction runs (a test that
+        sets a pragma on the writes, such as max_page_count to fill the disk, uses this)."""
+        return self._writer().conn
 
-        SQLite alone would do, but its busy handler polls with sleeps growing to 100 ms, so
-        under contention some writers wait far longer than others. Here a waiting thread
-        wakes as soon as the lock is free, and processes poll every millisecond or two.
-        """
-        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-        if not self._threads_lock.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
-            raise Busy("database is locked (by this process's other writers)")
-        try:
-            fd = self._lock_file()
-            delay = 0.0005
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise Busy("database is locked (by another process)") from None
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.002)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            self._threads_lock.release()
+    def group_commits(self):
+        """(write transactions this process committed, the writes they held): how well concurrent
+        writes were grouped."""
+        return tuple(self._writer().committed)
+
+    def _writer(self):
+        """This process's writing side: its write connection and the group now open (one per
+        process: after a fork the child makes its own)."""
+        with self._threads_lock:
+            if self._writer_state is None or self._writer_state.pid != os.getpid():
+                self._writer_state = _Writer(self._connect(shared=True), self._lock_file())
+            return self._writer_state
 
     def _lock_file(self):
         # One descriptor per process: a descriptor inherited across fork would share the lock.
@@ -298,3 +308,154 @@ class Database:
             self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
             self._lock_owner = os.getpid()
         return self._lock_fd
+
+
+class _Writer:
+    """A process's writing side: its one write connection, the lock file, and the group of
+    callers sharing a transaction on it now (group commit; see Database.transaction)."""
+
+    def __init__(self, conn, lock_fd):
+        self.pid = os.getpid()
+        self.conn = conn
+        self.lock_fd = lock_fd
+        self.changed = threading.Condition()  # guards everything below; waited on by every caller
+        self.group = None  # the _Group open now (taking members, or committing)
+        self.committed = [0, 0]  # groups committed, and the writes they held (tests, benchmark)
+        self.conn_in_use = False  # a member's body runs on conn: savepoints are a stack, one at a time
+
+    def join(self):
+        """Become a member of the group open now, or open one; returns it. Busy after the busy timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        with self.changed:
+            while self.group is not None and not self.group.accepting:  # committing: wait for the next
+                self._wait(deadline, "database is locked (by this process's other writers)")
+            if self.group is not None:
+                self.group.join()
+                return self.group
+            group = self.group = _Group(self)
+        try:  # the first member opens it: the file's lock, then BEGIN IMMEDIATE (both may wait)
+            self._take_lock(deadline)
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+                raise
+        except BaseException as exc:
+            with self.changed:
+                group.failed, group.accepting, group.done, self.group = exc, False, True, None
+                self.changed.notify_all()
+            raise
+        with self.changed:
+            group.open = True
+            self.changed.notify_all()
+        return group
+
+    def _wait(self, deadline, busy_message):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Busy(busy_message)
+        self.changed.wait(timeout=left)
+
+    def _take_lock(self, deadline):
+        """The lock file, which every process's writer takes before BEGIN IMMEDIATE.
+
+        SQLite alone would do, but its busy handler polls with sleeps growing to 100 ms, so
+        under contention some writers wait far longer than others; here a process polls every
+        millisecond or two (a sleep, so a gevent worker's other requests run meanwhile).
+        """
+        delay = 0.0005
+        while True:
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise Busy("database is locked (by another process)") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.002)
+
+
+class _Group:
+    """Callers of one process sharing one write transaction: each runs its body in a savepoint,
+    the last to leave commits, and each returns once that commit is done."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.open = False  # BEGIN IMMEDIATE has run
+        self.accepting = True  # new callers may join (until the commit begins, or it is full)
+        self.members = 1  # callers in it whose body has not ended (its opener is the first)
+        self.size = 1
+        self.committing = False
+        self.done = False
+        self.failed = None  # what stopped the transaction, for every member
+
+    def join(self):  # under writer.changed
+        self.members += 1
+        self.size += 1
+        self.accepting = self.size < MAX_GROUP
+
+    @contextmanager
+    def body(self):
+        """The write connection, once the transaction is open and no other member's body runs."""
+        writer = self.writer
+        with writer.changed:
+            while not self.failed and (not self.open or writer.conn_in_use):
+                writer.changed.wait()
+            if self.failed:
+                raise _copy(self.failed)
+            writer.conn_in_use = True
+        try:
+            yield writer.conn
+        finally:
+            with writer.changed:
+                writer.conn_in_use = False
+                writer.changed.notify_all()
+
+    def leave(self):
+        """This member's body has ended; the last one out commits.
+
+        Before committing it yields once: callers ready to write at this moment (a gevent
+        worker's other requests) join this transaction instead of waiting for the next."""
+        writer = self.writer
+        with writer.changed:
+            self.members -= 1
+            if self.members or not self.open:
+                return
+        time.sleep(0)
+        with writer.changed:
+            if self.members or self.committing:
+                return  # someone joined meanwhile: the last of them commits
+            self.accepting, self.committing = False, True
+        self._commit()
+
+    def _commit(self):
+        conn = self.writer.conn
+        try:
+            if not conn.in_transaction:  # SQLite rolled it all back (a full disk)
+                raise Unwritable("database or disk is full: the transaction was rolled back")
+            conn.execute("COMMIT")
+            self.writer.committed[0] += 1
+            self.writer.committed[1] += self.size
+        except BaseException as exc:
+            self.failed = exc
+            if conn.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
+                conn.execute("ROLLBACK")
+        finally:
+            fcntl.flock(self.writer.lock_fd, fcntl.LOCK_UN)
+            with self.writer.changed:
+                self.done = True
+                self.writer.group = None
+                self.writer.changed.notify_all()
+
+    def wait_committed(self):
+        """Return once the group's transaction committed; raise what stopped it otherwise."""
+        with self.writer.changed:
+            while not self.done:
+                self.writer.changed.wait()
+        if self.failed:
+            raise _copy(self.failed)
+
+
+def _copy(exc):
+    """The same error for another member (an exception object is raised in one place only)."""
+    return copy.copy(exc)

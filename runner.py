@@ -85,8 +85,6 @@ class Runner:
         self._closed = False  # no delegate is called any more
         self._listener = None
         self._may_be_more = True  # the last claim filled every free place: more may be queued
-        # Outcomes and claims of this runner's threads, committed together (groupcommit.py).
-        self._commits = store.group_commit()
 
     @property
     def _busy(self):
@@ -183,7 +181,8 @@ class Runner:
         free = self.threads - self._busy
         if free <= 0 or (look_first and not self.store.has_claimable()):
             return 0
-        jobs = self._commits.run(lambda: self._claim_in_transaction(free))
+        with self.store.atomic():  # one transaction (joined by the outcomes written meanwhile: db.py)
+            jobs = self._claim_in_transaction(free)
         for job in jobs:
             self._jobs.put(job)
         # Fewer than the free places: nothing more was queued then, and what is queued later
@@ -313,7 +312,7 @@ class Runner:
         busy_delays = iter(RECORD_RETRY_DELAYS)
         while True:
             try:
-                return self._commits.run(lambda: write(*args, **kwargs))
+                return write(*args, **kwargs)
             except (Busy, Unwritable) as exc:
                 if isinstance(exc, Unwritable) and not self._stopping.is_set():
                     delay = UNWRITABLE_RETRY_SECONDS

@@ -11,7 +11,6 @@ import functools
 import time
 from contextlib import contextmanager
 
-from groupcommit import GroupCommit
 from model import (
     COMPLETED,
     FAILED,
@@ -236,11 +235,6 @@ class Store:
     def after_commit(self, callback):
         """Call `callback` once the current transaction commits (now, if none is open)."""
         self.db.on_commit(callback)
-
-    def group_commit(self):
-        """A GroupCommit over this store's file: concurrent writes of one process in one
-        transaction (the runner's outcomes and claims)."""
-        return GroupCommit(self.db)
 
     def ping(self):
         self.db.ping()

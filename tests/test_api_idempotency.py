@@ -333,7 +333,7 @@ def test_a_413_is_not_kept(api, db_path):
 def test_a_full_disk_under_a_key_is_503_like_without_one(api, store, db_path):
     # SQLite rolls the whole transaction back on a full disk, savepoints included; the error the
     # client sees must still be the full disk's 503, not a 500 about a missing savepoint.
-    conn = store.db.connection()  # Flask's test client runs the request on this thread's connection
+    conn = store.db.write_connection()  # every write of this process runs on it
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
     conn.execute(f"PRAGMA max_page_count = {pages + 5}")
     big = {"steps": [{"type": "noop", "params": typed(blob="x" * 60000)}]}

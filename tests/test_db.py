@@ -5,13 +5,15 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 
 import pytest
+from helpers import all_at_once
 
 import db as db_module
 import migrations
 from db import Database
-from model import Busy, Conflict, Unavailable, Unusable
+from model import Busy, Conflict, PreconditionFailed, Unavailable, Unusable, Unwritable
 
 
 def test_pragmas_and_schema_version(database):
@@ -118,13 +120,13 @@ def test_a_duplicate_key_is_a_conflict(database):
         conn.execute(insert, ("h2",))
 
 
-def test_a_lock_held_by_another_connection_is_busy(tmp_path):
+def test_a_lock_held_by_another_connection_is_busy(tmp_path, monkeypatch):
     path = tmp_path / "busy.db"
     Database(path).prepare()
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
+    monkeypatch.setattr(db_module, "BUSY_TIMEOUT_MS", 50)  # SQLite's own busy timeout, at connect
     waiting = Database(path)
-    waiting.connection().execute("PRAGMA busy_timeout = 50")
     try:
         with pytest.raises(Busy), waiting.transaction() as conn:
             conn.execute("DELETE FROM runners")
@@ -191,3 +193,104 @@ def test_other_sqlite_errors_stay_unexpected():
     assert db_module.domain_error(sqlite3.OperationalError("no such table: x")) is None
     with pytest.raises(sqlite3.OperationalError), db_module.sqlite_errors():
         raise sqlite3.OperationalError("no such table: x")
+
+
+# -- group commit: writes of one process at the same moment share one transaction -------------
+def insert_token(conn, name):
+    conn.execute(
+        "INSERT INTO tokens (name, role, secret_hash, created_at) VALUES (?, 'reader', ?, 'now')", (name, name)
+    )
+
+
+def committed_names(database):
+    """The token names as another connection sees them: only what is committed."""
+    with sqlite3.connect(database.path) as conn:
+        return {row[0] for row in conn.execute("SELECT name FROM tokens")}
+
+
+def test_concurrent_writers_share_transactions_and_each_returns_only_once_committed(database):
+    seen_on_return = {}
+
+    def write(index):
+        name = f"t{index}"
+        with database.transaction() as conn:
+            time.sleep(0.02)  # holds the group open while the other threads join it
+            insert_token(conn, name)
+        seen_on_return[name] = name in committed_names(database)
+
+    groups_before, writes_before = database.group_commits()
+    all_at_once(16, write)
+    groups_after, writes_after = database.group_commits()
+    groups, writes = groups_after - groups_before, writes_after - writes_before
+    assert committed_names(database) == {f"t{n}" for n in range(16)}
+    assert all(seen_on_return.values()) and len(seen_on_return) == 16, seen_on_return
+    assert writes == 16
+    assert groups < 16, "no two writes shared a transaction"
+
+
+def test_a_failing_writer_is_undone_alone_and_the_others_of_its_group_commit(database):
+    inside = threading.Barrier(3, timeout=5)
+    outcomes = {}
+
+    def write(name):
+        try:
+            with database.transaction() as conn:
+                insert_token(conn, name)
+                if name == "failing":
+                    raise PreconditionFailed.on("x", "no")
+            outcomes[name] = "ok"
+        except PreconditionFailed:
+            outcomes[name] = "refused"
+
+    def in_one_group(name):  # all three enter before any body runs: one group
+        inside.wait()
+        write(name)
+
+    threads = [threading.Thread(target=in_one_group, args=(n,)) for n in ("a", "failing", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert outcomes == {"a": "ok", "failing": "refused", "b": "ok"}
+    assert committed_names(database) == {"a", "b"}
+
+
+def test_a_dry_run_in_a_group_undoes_only_itself(database):
+    with database.transaction(rollback=True) as conn:
+        insert_token(conn, "dry")
+    with database.transaction() as conn:
+        insert_token(conn, "kept")
+    assert committed_names(database) == {"kept"}
+
+
+def test_a_group_whose_transaction_sqlite_rolled_back_fails_and_the_next_one_works(database):
+    with pytest.raises(Unwritable), database.transaction() as conn:
+        insert_token(conn, "lost")
+        conn.execute("ROLLBACK")  # as SQLite does by itself on a full disk
+    assert committed_names(database) == set()
+    with database.transaction() as conn:
+        insert_token(conn, "after")
+    assert committed_names(database) == {"after"}
+
+
+def test_writers_waiting_behind_another_processs_lock_get_busy_and_change_nothing(database, monkeypatch):
+    monkeypatch.setattr(db_module, "BUSY_TIMEOUT_MS", 200)
+    other = os.open(f"{database.path}.lock", os.O_RDWR)  # as another process has it
+    fcntl.flock(other, fcntl.LOCK_EX)
+    answers = []
+
+    def write(index):
+        try:
+            with database.transaction() as conn:
+                insert_token(conn, f"w{index}")
+            answers.append("ok")
+        except Busy:
+            answers.append("busy")
+
+    try:
+        all_at_once(4, write)
+    finally:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+    assert answers == ["busy"] * 4
+    assert committed_names(database) == set()
