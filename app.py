@@ -187,7 +187,7 @@ def create_app(overrides=None):
     app = Flask(__name__)
     app.config.update(config.from_env())
     app.config.update(overrides or {})
-    configure_logging(app.config["STEPD_LOG_LEVEL"])
+    configure_logging(app.config["STEPD_LOG_LEVEL"], app.config["STEPD_LOG_FORMAT"])
 
     database = Database(app.config["STEPD_DB"], app.config["STEPD_SYNC"])
     database.prepare()

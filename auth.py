@@ -6,17 +6,19 @@ and costs microseconds per request; a slow password hash would cap throughput.
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import sys
 from dataclasses import dataclass
 
 import click
-from flask import current_app
+from flask import current_app, g
 from flask.cli import AppGroup
 from flask_httpauth import HTTPBasicAuth, HTTPTokenAuth, MultiAuth
 
 from envelope import ERROR_TEXT, error
+from logs import log_format_in_use, say
 
 READER, OPERATOR = "reader", "operator"
 ENV_TOKEN_NAME = "env"
@@ -50,14 +52,21 @@ def _env_principal(secret):
     return None
 
 
+def _known(principal):
+    """The caller, once let in; its name goes on the request's log lines (logs.py) and access line."""
+    if principal is not None:
+        g.principal = principal.name
+    return principal
+
+
 @bearer.verify_token
 def verify_token(secret):
     if not secret:
         return None
     row = current_app.extensions["stepd"].store.token_by_hash(hash_secret(secret))
     if row is not None:
-        return Principal(row["name"], row["role"])
-    return _env_principal(secret)
+        return _known(Principal(row["name"], row["role"]))
+    return _known(_env_principal(secret))
 
 
 @basic.verify_password
@@ -65,10 +74,10 @@ def verify_password(name, secret):
     if not name or not secret:
         return None
     if name == ENV_TOKEN_NAME:
-        return _env_principal(secret)
+        return _known(_env_principal(secret))
     row = current_app.extensions["stepd"].store.token_by_name(name)
     if row is not None and hmac.compare_digest(hash_secret(secret), row["secret_hash"]):
-        return Principal(row["name"], row["role"])
+        return _known(Principal(row["name"], row["role"]))
     return None
 
 
@@ -120,6 +129,15 @@ def ensure_first_token(store, env_token):
     secret = new_secret()
     if not store.add_first_token(FIRST_TOKEN_NAME, OPERATOR, hash_secret(secret)):
         return None
+    if log_format_in_use() == "json":  # every line is JSON: the secret is the field `secret`
+        say(
+            f"first start: created the operator token {FIRST_TOKEN_NAME!r}; its secret, shown only now, is "
+            f"the field secret; send it as 'Authorization: Bearer <secret>' or curl -u {FIRST_TOKEN_NAME}:<secret>",
+            logging.WARNING,
+            logger="stepd.auth",
+            secret=secret,
+        )
+        return secret
     print(
         f"stepd: first start: created the operator token {FIRST_TOKEN_NAME!r}. Its secret, shown only now:\n"
         f"{secret}\n"

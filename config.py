@@ -15,6 +15,7 @@ DEFAULTS = {
     "STEPD_SYNC": "full",
     "STEPD_RUNNERS": "1",
     "STEPD_STEP_TIMEOUT": "",
+    "STEPD_LOG_FORMAT": "text",
 }
 INTEGERS = {"STEPD_PORT": (1, 65535), "STEPD_WORKERS": (1, 64), "STEPD_THREADS": (1, 256), "STEPD_RUNNERS": (0, 64)}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -22,6 +23,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # normal: fsync at WAL checkpoints only; a crash of the service loses nothing, power loss may
 # lose the last commits.
 SYNC_MODES = ("full", "normal")
+# text: lines for people; json: one JSON object a line, for a log collector (logs.py).
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -46,7 +49,17 @@ def from_env(environ=None):
     settings["STEPD_SYNC"] = settings["STEPD_SYNC"].lower()
     if settings["STEPD_SYNC"] not in SYNC_MODES:
         raise ConfigError(f"STEPD_SYNC must be one of {', '.join(SYNC_MODES)}")
+    settings["STEPD_LOG_FORMAT"] = settings["STEPD_LOG_FORMAT"].lower()
+    if settings["STEPD_LOG_FORMAT"] not in LOG_FORMATS:
+        raise ConfigError(f"STEPD_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
     return settings
+
+
+def log_format(environ=None):
+    """STEPD_LOG_FORMAT if it is usable, else 'text': the format to say even a bad setting in."""
+    environ = os.environ if environ is None else environ
+    chosen = (environ.get("STEPD_LOG_FORMAT") or "text").lower()
+    return chosen if chosen in LOG_FORMATS else "text"
 
 
 def _seconds(key, text):

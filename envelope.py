@@ -230,6 +230,9 @@ def answer_options():
 
 def finish_response(response):
     response.headers[REQUEST_ID_HEADER] = g.get("request_id") or uuid.uuid4().hex
+    # For the access line (logs.GunicornLogger), which gunicorn writes from the same environ.
+    request.environ["stepd.route"] = request.url_rule.rule if request.url_rule is not None else None
+    request.environ["stepd.principal"] = g.get("principal")
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Cache-Control"] = "no-store"
     return response

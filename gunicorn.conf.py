@@ -5,16 +5,23 @@ workers only serve the API: they commit new attempts as queued and never call a 
 Started alone (`gunicorn -c gunicorn.conf.py`), it serves the API without runners.
 """
 
+import logging
 import sys
 
-from config import ConfigError
+from config import ConfigError, log_format
 from config import from_env as _stepd_settings
+from logs import GunicornLogger, configure_logging, say
 
 try:
     settings = _stepd_settings()
 except ConfigError as _bad_setting:  # one clear line, not gunicorn's traceback of this file
-    print(f"stepd: cannot start: {_bad_setting}", file=sys.stderr, flush=True)
+    configure_logging("INFO", log_format())
+    say(f"cannot start: {_bad_setting}", logging.ERROR)
     sys.exit(1)
+# The master's lines, and through GunicornLogger gunicorn's error and access logs, in
+# STEPD_LOG_FORMAT; the workers inherit the handler (create_app sets it up again, the same).
+configure_logging(settings["STEPD_LOG_LEVEL"], settings["STEPD_LOG_FORMAT"])
+logger_class = GunicornLogger
 
 wsgi_app = "app:create_app()"
 bind = f"{settings['STEPD_HOST']}:{settings['STEPD_PORT']}"
@@ -30,7 +37,7 @@ threads = 4  # unused by gevent; read by the benchmark's baseline, which shares 
 graceful_timeout = 5  # requests in flight get this long at a stop; no delegate runs here
 control_socket_disable = True  # gunicorn 27 would share one socket path among all instances
 loglevel = settings["STEPD_LOG_LEVEL"].lower()
-accesslog = "-"
+accesslog = "-"  # standard output; GunicornLogger writes it with a timestamp (text) or as JSON
 access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms rid=%({x-request-id}o)s'
 
 
@@ -77,5 +84,5 @@ def on_starting(server):
     try:
         preflight(settings)
     except CannotStart as exc:
-        print(f"stepd: cannot start: {exc}", file=sys.stderr, flush=True)
+        say(f"cannot start: {exc}", logging.ERROR)
         sys.exit(1)

@@ -29,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 
 from delegates import DEFERRED, Abort, Context
 from liveness import HOST, process_start_time, runner_is_alive
+from logs import step_fields
 from model import COMPLETED, FAILED, Busy, Unwritable, iso, new_id, plain_values, typed_result
 from wake import Listener
 
@@ -160,7 +161,7 @@ class Runner:
             try:
                 self.store.unclaim(job, self.id)
             except Exception:  # then the stop below interrupts it instead
-                log.exception("runner %s could not give back step %s", self.id, job.step_id)
+                log.exception("runner %s could not give back step %s", self.id, job.step_id, extra=step_fields(job))
 
     # -- claiming --------------------------------------------------------------------------
     def _claim_loop(self):
@@ -248,7 +249,9 @@ class Runner:
                 return self._failed(entry, job, exc)
             return self._record(entry, self.store.finish_attempt, job, COMPLETED, result=result, runner_id=self.id)
         except Exception as exc:
-            log.exception("runner %s could not record the outcome of step %s", self.id, job.step_id)
+            log.exception(
+                "runner %s could not record the outcome of step %s", self.id, job.step_id, extra=step_fields(job)
+            )
             self._fail_unrecorded(job, exc)
             return None
 
@@ -257,8 +260,11 @@ class Runner:
         `entry` None: the runner ends it (a timeout), not its delegate."""
         error = {"type": type(exc).__name__, "message": describe(exc)}
         # The error is in the database; the traceback (costly to format) only at DEBUG.
-        log.info("step %s attempt %d failed: %s: %s", job.step_id, job.attempt, error["type"], error["message"])
-        log.debug("traceback of step %s attempt %d", job.step_id, job.attempt, exc_info=exc)
+        fields = {**step_fields(job), "error_type": error["type"]}
+        log.info(
+            "step %s attempt %d failed: %s: %s", job.step_id, job.attempt, error["type"], error["message"], extra=fields
+        )
+        log.debug("traceback of step %s attempt %d", job.step_id, job.attempt, exc_info=exc, extra=fields)
         retry_at = self._retry_time(job, exc)
         if retry_at is not None:
             self._record(entry, self.store.schedule_retry, job, error, retry_at)
@@ -271,7 +277,7 @@ class Runner:
         try:
             self.store.finish_attempt(job, FAILED, error=error, runner_id=self.id)
         except Exception:
-            log.exception("runner %s could not fail step %s either", self.id, job.step_id)
+            log.exception("runner %s could not fail step %s either", self.id, job.step_id, extra=step_fields(job))
 
     def _retry_time(self, job, exc):
         """When to retry this failed attempt by itself (ISO time), or None if it is not retried."""
@@ -291,9 +297,7 @@ class Runner:
                 process_id=job.process_id,
                 step_id=job.step_id,
                 attempt=job.attempt,
-                log=logging.LoggerAdapter(
-                    logging.getLogger(f"stepd.delegate.{job.type}"), {"request_id": f"step:{job.step_id}"}
-                ),
+                log=logging.LoggerAdapter(logging.getLogger(f"stepd.delegate.{job.type}"), step_fields(job)),
                 cancelled=cancelled,
             )
         )
@@ -360,7 +364,11 @@ class Runner:
             entry.abandoned = True
             self._lock.notify_all()
         entry.cancelled.set()
-        log.info("step %s attempt %d ended while its delegate ran; ctx.cancelled is set", *self._key(entry))
+        log.info(
+            "step %s attempt %d ended while its delegate ran; ctx.cancelled is set",
+            *self._key(entry),
+            extra=step_fields(entry.job),
+        )
         if not self._stopping.is_set():
             self._add_thread()
             self._listener.poke()
@@ -396,19 +404,20 @@ def main():
     import config
     from db import Database
     from delegates import DelegateLoadError, load_registry
-    from logs import configure_logging
+    from logs import configure_logging, say
     from model import Unusable
     from store import Store
 
+    configure_logging("INFO", config.log_format())
     try:
         settings = config.from_env()
         registry = load_registry(settings["STEPD_DELEGATES_PATH"] or None)
         database = Database(settings["STEPD_DB"], settings["STEPD_SYNC"])
         database.prepare()
     except (config.ConfigError, DelegateLoadError, Unusable) as exc:
-        print(f"stepd: runner cannot start: {exc}", file=sys.stderr, flush=True)
+        say(f"runner cannot start: {exc}", logging.ERROR, logger="stepd.runner")
         sys.exit(1)
-    configure_logging(settings["STEPD_LOG_LEVEL"])
+    configure_logging(settings["STEPD_LOG_LEVEL"], settings["STEPD_LOG_FORMAT"])
     store = Store(database)
     runner = Runner(
         store,

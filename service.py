@@ -18,6 +18,7 @@ process group) stops all cleanly: the runners give their delegates STOP_GRACE_SE
 """
 
 import ctypes
+import logging
 import os
 import signal
 import subprocess
@@ -39,7 +40,7 @@ class CannotStart(Exception):
 
 def preflight(settings):
     """Fail fast, once: a bad delegate, an unusable database. Migrates the file and makes the
-    first token (and prints it) on a first start."""
+    first token (and prints it) on a first start. Returns the delegates' registry."""
     from auth import ensure_first_token
     from db import Database
     from delegates import DelegateLoadError, load_registry
@@ -47,13 +48,38 @@ def preflight(settings):
     from store import Store
 
     try:
-        load_registry(settings["STEPD_DELEGATES_PATH"] or None)
+        registry = load_registry(settings["STEPD_DELEGATES_PATH"] or None)
         database = Database(settings["STEPD_DB"], settings["STEPD_SYNC"])
         database.prepare()
         ensure_first_token(Store(database), settings["STEPD_TOKEN"])
         database.close()  # no open SQLite connection may cross a fork
     except (DelegateLoadError, OSError, Unusable, Busy, Unwritable) as exc:
         raise CannotStart(str(exc)) from exc
+    return registry
+
+
+def announce(settings, registry):
+    """The start-up line: what this service is and runs, said once before it starts serving."""
+    from model import VERSION
+
+    by_folder = {}  # the folder a delegate was loaded from -> its step types
+    for delegate in registry.all():
+        by_folder.setdefault(str(Path(delegate.source).parent), []).append(delegate.type)
+    url = f"http://{settings['STEPD_HOST']}:{settings['STEPD_PORT']}"
+    loaded = "; ".join(f"{', '.join(types)} from {folder}" for folder, types in by_folder.items())
+    say(
+        f"version {VERSION}, serving {url}: database {settings['STEPD_DB']} (sync {settings['STEPD_SYNC']}), "
+        f"{settings['STEPD_WORKERS']} HTTP worker(s), {settings['STEPD_RUNNERS']} runner(s) of "
+        f"{settings['STEPD_THREADS']} place(s); delegates {loaded}",
+        version=VERSION,
+        url=url,
+        database=settings["STEPD_DB"],
+        sync=settings["STEPD_SYNC"],
+        workers=settings["STEPD_WORKERS"],
+        runners=settings["STEPD_RUNNERS"],
+        threads=settings["STEPD_THREADS"],
+        delegates=by_folder,
+    )
 
 
 def _prctl_parent_death(signum):
@@ -79,8 +105,10 @@ def die_with_make():
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def say(text):
-    print(f"stepd: {text}", file=sys.stderr, flush=True)
+def say(text, level=logging.INFO, **fields):
+    from logs import say
+
+    say(text, level, logger="stepd.service", **fields)
 
 
 class Supervisor:
@@ -109,7 +137,7 @@ class Supervisor:
             self._start_runner(slot)
         while not self.stopping:
             if self.http.poll() is not None:
-                say(f"the HTTP front exited with code {self.http.returncode}; stopping the runners")
+                say(f"the HTTP front exited with code {self.http.returncode}; stopping the runners", logging.ERROR)
                 self.stop()
                 return self.http.returncode or 1
             self._look_after_runners()
@@ -132,7 +160,8 @@ class Supervisor:
             lived = now - proc.started
             self.deaths[slot] = 0 if lived >= STEADY_SECONDS else self.deaths.get(slot, 0) + 1
             delay = RESTART_DELAYS[min(self.deaths[slot], len(RESTART_DELAYS)) - 1] if self.deaths[slot] else 0.0
-            say(f"runner {proc.pid} exited with code {proc.returncode}; starting another in {delay:g} s")
+            news = f"runner {proc.pid} exited with code {proc.returncode}; starting another in {delay:g} s"
+            say(news, logging.WARNING)
             self.runners[slot] = None
             self.restart_at[slot] = now + delay
 
@@ -146,20 +175,24 @@ class Supervisor:
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                say(f"process {proc.pid} did not stop in {STOP_SECONDS:g} s; killing it")
+                say(f"process {proc.pid} did not stop in {STOP_SECONDS:g} s; killing it", logging.WARNING)
                 proc.kill()
                 proc.wait()
 
 
 def main():
     import config
+    from logs import configure_logging
 
+    configure_logging("INFO", config.log_format())  # even a bad setting is said in the chosen format
     try:
         settings = config.from_env()
-        preflight(settings)
+        configure_logging(settings["STEPD_LOG_LEVEL"], settings["STEPD_LOG_FORMAT"])
+        registry = preflight(settings)
     except (config.ConfigError, CannotStart) as exc:
-        say(f"cannot start: {exc}")
+        say(f"cannot start: {exc}", logging.ERROR)
         return 1
+    announce(settings, registry)
     die_with_make()
     return Supervisor(settings["STEPD_RUNNERS"]).run()
 

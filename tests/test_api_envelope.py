@@ -202,7 +202,7 @@ def test_an_unexpected_exception_is_a_500_with_only_an_error_id(fresh_app, caplo
         raise RuntimeError(SENSITIVE)
 
     fresh_app.add_url_rule("/api/v1/explode", "explode", explode)
-    caplog.handler.addFilter(logs.RequestIdFilter())
+    caplog.handler.addFilter(logs.ContextFilter())
     with caplog.at_level(logging.ERROR):
         response = fresh_app.test_client().get("/api/v1/explode", headers={"X-Request-Id": "trace-500"})
     body = assert_envelope(response, 500)

@@ -18,6 +18,7 @@ def test_defaults_are_those_of_the_spec():
         "STEPD_DELEGATES_PATH": "",
         "STEPD_LOG_LEVEL": "INFO",
         "STEPD_SYNC": "full",
+        "STEPD_LOG_FORMAT": "text",
     }
 
 
@@ -40,11 +41,18 @@ def test_values_are_read():
         ("STEPD_THREADS", "x"),
         ("STEPD_LOG_LEVEL", "LOUD"),
         ("STEPD_SYNC", "off"),
+        ("STEPD_LOG_FORMAT", "yaml"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(key, value):
     with pytest.raises(config.ConfigError, match=key):
         config.from_env({key: value})
+
+
+def test_log_format_is_read_in_any_case_and_a_bad_one_says_itself_in_text():
+    assert config.from_env({"STEPD_LOG_FORMAT": "JSON"})["STEPD_LOG_FORMAT"] == "json"
+    assert config.log_format({"STEPD_LOG_FORMAT": "json"}) == "json"
+    assert config.log_format({"STEPD_LOG_FORMAT": "yaml"}) == "text"
 
 
 @pytest.mark.parametrize(("value", "pragma"), [("full", 2), ("NORMAL", 1)])
