@@ -88,9 +88,10 @@ def full_run(recorder, env_secret, reader_secret, operator_secret):
 
 
 @pytest.mark.slow
-def test_secrets_never_appear_in_a_log_line_or_a_response(server_factory, tmp_path):
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_secrets_never_appear_in_a_log_line_or_a_response(server_factory, tmp_path, log_format):
     env_secret = f"env-{uuid.uuid4().hex}"
-    server = server_factory(token=env_secret, extra_env={"STEPD_LOG_LEVEL": "DEBUG"})
+    server = server_factory(token=env_secret, extra_env={"STEPD_LOG_LEVEL": "DEBUG", "STEPD_LOG_FORMAT": log_format})
     server.start()
     reader_secret = create_token(server.env["STEPD_DB"], "viewer", "reader")
     operator_secret = create_token(server.env["STEPD_DB"], "ops2", "operator")
@@ -99,6 +100,8 @@ def test_secrets_never_appear_in_a_log_line_or_a_response(server_factory, tmp_pa
     assert server.stop() == 0  # a clean stop, so every log line is written
     log = server.output()
     assert "DEBUG" in log and "rid=" in log, "the debug and access logs were captured"
+    if log_format == "json":
+        assert all(line.startswith("{") for line in log.splitlines()), "every line is JSON"
 
     secrets = [env_secret, reader_secret, operator_secret]
     leaks = [s for s in secrets + [hash_secret(s) for s in secrets] if s in log]
