@@ -1,5 +1,5 @@
 """gunicorn settings for the baseline app: those of ../gunicorn.conf.py (workers, worker class,
-threads, logging), read from that file, with the baseline app instead of stepd and without
+threads, logging and its logger class), read from that file, with the baseline app instead of stepd and without
 stepd's hooks (migration, runner)."""
 
 import runpy
@@ -18,5 +18,6 @@ for _name in (
     "loglevel",
     "accesslog",
     "access_log_format",
+    "logger_class",  # stepd's access and error lines (logs.GunicornLogger): the same cost per request
 ):
     globals()[_name] = _stepd[_name]
