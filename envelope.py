@@ -137,11 +137,24 @@ def load_body(schema_class):
 
 
 def load_query(schema_class):
-    """Load the query string; unknown and repeated parameters are refused."""
-    repeated = {key: ["Given more than once."] for key in request.args if len(request.args.getlist(key)) > 1}
+    """Load the query string; unknown and repeated parameters are refused.
+
+    An empty value of a known parameter (`?cursor=`) means it is absent, so a script may write
+    every name and fill in only some (`?status=$s&cursor=$c`). An unknown name is refused even
+    when empty: it is a typo to report, not a value to ignore.
+    """
+    schema = one(schema_class)
+    known = {field.data_key or name for name, field in schema.fields.items()}
+    given, repeated = {}, {}
+    for key in request.args:
+        values = [v for v in request.args.getlist(key) if v != "" or key not in known]
+        if len(values) > 1:
+            repeated[key] = ["Given more than once."]
+        elif values:
+            given[key] = values[0]
     if repeated:
         raise ValidationError(repeated)
-    return one(schema_class).load(request.args.to_dict())
+    return schema.load(given)
 
 
 # -- errors ---------------------------------------------------------------------------------
