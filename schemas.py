@@ -7,10 +7,11 @@ Typed params are {name: (TYPE, value)} in Python and their wire form on the outs
 import base64
 import binascii
 import functools
+import json
 import math
 import unicodedata
 
-from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
+from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validate, validates_schema
 
 from model import (
     ATTEMPT_STATUSES,
@@ -91,6 +92,15 @@ class ParamName(fields.String):
         super().__init__(validate=[validate.Length(1, MAX_NAME), no_control_characters], **kwargs)
 
 
+def typed_shape(value):
+    """The typed value a bare JSON value would be, as a hint: 0.1 -> {"type": "DOUBLE", "doubleValue": 0.1}."""
+    for kind, python_type in (("STRING", str), ("LONG", int), ("DOUBLE", float)):
+        if type(value) is python_type:  # not isinstance: a bool is an int to Python, not a LONG
+            shown = json.dumps(value) if len(json.dumps(value)) <= 40 else '"…"'
+            return f'{{"type": "{kind}", "{VALUE_FIELD[kind]}": {shown}}}'
+    return '{"type": "STRING"|"LONG"|"DOUBLE", "strValue"|"longValue"|"doubleValue": …}'
+
+
 class TypedValueSchema(Schema):
     """One typed value: `type` says which of the three value fields holds it."""
 
@@ -98,6 +108,14 @@ class TypedValueSchema(Schema):
     longValue = StrictInteger(allow_none=True, validate=validate.Range(INT64_MIN, INT64_MAX))
     doubleValue = FiniteFloat(allow_none=True)
     type = fields.String(required=True, validate=validate.OneOf(VALUE_TYPES))
+
+    @pre_load
+    def an_object(self, data, **kwargs):
+        """A bare value (`{"seconds": 0.1}`) is the commonest slip: say which shape it needs,
+        rather than marshmallow's "Invalid input type."."""
+        if not isinstance(data, dict):
+            raise ValidationError(f"Not a typed value: send {typed_shape(data)}.")
+        return data
 
     @validates_schema
     def exactly_one_value(self, data, **kwargs):

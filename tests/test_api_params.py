@@ -188,6 +188,26 @@ def test_params_that_are_not_an_object_are_412(target, params):
     target.assert_unchanged()
 
 
+# A bare value where a typed value belongs (`{"seconds": 0.1}`): the answer shows the shape it needs.
+BARE_VALUES = [
+    (0.1, '{"type": "DOUBLE", "doubleValue": 0.1}'),
+    (5, '{"type": "LONG", "longValue": 5}'),
+    ("ten", '{"type": "STRING", "strValue": "ten"}'),
+    (True, '{"type": "STRING"|"LONG"|"DOUBLE", "strValue"|"longValue"|"doubleValue": …}'),
+    ([1], '{"type": "STRING"|"LONG"|"DOUBLE", "strValue"|"longValue"|"doubleValue": …}'),
+    ("x" * 100, '{"type": "STRING", "strValue": "…"}'),
+]
+
+
+@pytest.mark.parametrize(("value", "shape"), BARE_VALUES, ids=[repr(v)[:12] for v, _ in BARE_VALUES])
+@TARGETS
+def test_a_bare_value_is_412_showing_the_typed_shape_it_needs(target, value, shape):
+    response = target.send({"seconds": value})
+    refused(response)
+    assert target.param_errors(response) == {"seconds": {"value": {"_schema": [f"Not a typed value: send {shape}."]}}}
+    target.assert_unchanged()
+
+
 # Raw JSON text: literals a Python client could not even send with json=.
 NON_FINITE = [
     ("NaN", "DOUBLE", "doubleValue"),
