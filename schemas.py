@@ -147,12 +147,13 @@ def at_most_max_params(params):
 
 
 class Params(fields.Dict):
-    """A params dictionary: at most 256 names, each mapped to a typed value."""
+    """A params dictionary: at most 256 names, each mapped to a typed value (or, with
+    `null_values`, to None)."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, null_values=False, **kwargs):
         super().__init__(
             keys=ParamName(),
-            values=fields.Nested(TypedValueSchema),
+            values=fields.Nested(TypedValueSchema, allow_none=null_values),
             validate=at_most_max_params,
             metadata={"maxProperties": MAX_PARAMS},
             **kwargs,
@@ -173,6 +174,14 @@ class OptionalParams(Params):
     def deserialize(self, value, attr=None, data=None, **kwargs):
         result = super().deserialize(value, attr, data, **kwargs)
         return {} if result is None else result
+
+
+class RestartParams(OptionalParams):
+    """A restart's params, laid over the failed attempt's (store.restart_failed_step): a name
+    mapped to null is removed, so a misspelt or harmful param can be dropped."""
+
+    def __init__(self, **kwargs):
+        super().__init__(null_values=True, **kwargs)
 
 
 class Cursor(fields.String):
@@ -279,7 +288,7 @@ class StartProcessSchema(Schema):
 
 class RestartStepSchema(Schema):
     step_id = step_id_field(data_key="processStepId")
-    params = OptionalParams()
+    params = RestartParams()
 
 
 class RestartQuery(Schema):
@@ -303,7 +312,7 @@ class RestartManySchema(Schema):
     )
     filter = fields.Nested(StepFilterSchema, load_default=None)
     cursor = FailureCursor(load_default=None)
-    params = OptionalParams()
+    params = RestartParams()
 
     @validates_schema
     def ids_or_filter(self, data, **kwargs):

@@ -8,7 +8,7 @@ and changes nothing.
 import json
 
 import pytest
-from helpers import RESTART, P, out, refused, typed
+from helpers import BULK, RESTART, P, out, refused, typed
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -161,8 +161,9 @@ def test_a_bad_value_is_412_naming_its_field_and_changes_nothing(target, value, 
     target.assert_unchanged()
 
 
-@TARGETS
+@pytest.mark.parametrize("target", [StartTarget], ids=["start"], indirect=True)
 def test_a_null_value_is_412(target):
+    """Only a restart's params may map a name to null (which removes it; see below)."""
     response = target.send({"x": None})
     refused(response)
     messages = target.param_errors(response)["x"]["value"]
@@ -413,6 +414,38 @@ def test_restart_overlay_may_change_a_names_type(api, failed_check_step):
         "keep": out("LONG", 3),
         "ratio": out("STRING", "half"),
     }
+
+
+def test_restart_with_a_null_param_removes_that_name(api, failed_check_step):
+    """A misspelt or harmful param can be dropped: null removes the name from the effective params."""
+    step_id = failed_check_step["processStepId"]
+    body = {"processStepId": step_id, "params": {**typed(ok=1), "keep": None, "never-there": None}}
+    dry = api.post(f"{RESTART}?dryRun=true", body)
+    effective = {"ok": out("LONG", 1), "ratio": out("DOUBLE", 0.5)}
+    assert dry.status_code == 200 and dry.json["data"]["params"] == effective, dry.json
+    response = api.post(RESTART, body)
+    assert response.status_code == 200, response.json
+    assert response.json["data"]["params"] == effective
+    done = api.wait_process(failed_check_step["processId"], "COMPLETED")
+    assert done["steps"][0]["params"] == effective
+    assert api.step(step_id)["attemptHistory"][-1]["params"] == effective
+
+
+def test_a_bulk_restart_with_a_null_param_removes_that_name(api):
+    process = api.start(("check", {"ok": 0, "typo": "x"}))
+    step_id = api.wait_process(process["processId"], "FAILED")["steps"][0]["processStepId"]
+    body = {"processStepIds": [step_id], "params": {**typed(ok=1), "typo": None}}
+    response = api.post(BULK, body)
+    assert response.status_code == 200, response.json
+    assert response.json["data"]["restarted"][0]["params"] == {"ok": out("LONG", 1)}
+    api.wait_process(process["processId"], "COMPLETED")
+
+
+def test_a_restart_may_remove_every_name(api, failed_check_step):
+    body = {"processStepId": failed_check_step["processStepId"], "params": dict.fromkeys(FAILED_OUTPUT)}
+    response = api.post(RESTART, body)
+    assert response.status_code == 200, response.json
+    assert response.json["data"]["params"] == {}
 
 
 def failed_with_names(api, count):
