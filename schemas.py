@@ -9,7 +9,9 @@ import binascii
 import functools
 import json
 import math
+import re
 import unicodedata
+from datetime import datetime
 
 from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validate, validates_schema
 
@@ -29,6 +31,7 @@ from model import (
     TRIGGERS,
     VALUE_TYPES,
     iso,
+    now_iso,
 )
 
 VALUE_FIELD = {"STRING": "strValue", "LONG": "longValue", "DOUBLE": "doubleValue"}
@@ -241,9 +244,25 @@ class UtcTime(fields.AwareDateTime):
             raise ValidationError("Not a time stepd can compare (out of range in UTC).") from None
 
 
+STEPD_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
+
+
+def is_stepd_time(text):
+    """Whether `text` is a real time written as stepd writes times (model.iso)."""
+    try:
+        return bool(STEPD_TIME.fullmatch(text)) and bool(datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ"))
+    except ValueError:  # 2020-02-30
+        return False
+
+
 class FailureCursor(fields.String):
     """Where a bulk restart by filter left off: the last step's failure time and seq, and when the
-    walk began (later failures, such as a restarted step failing again, are not part of it)."""
+    walk began (later failures, such as a restarted step failing again, are not part of it).
+
+    Checked as strictly as a list cursor: only a position some walk can have made passes (stepd's
+    own times, a seq of a row, a failure before the walk began, a walk begun in the past), so a
+    forged cursor cannot widen what a walk takes.
+    """
 
     def _deserialize(self, value, attr, data, **kwargs):
         text = super()._deserialize(value, attr, data, **kwargs)
@@ -251,7 +270,9 @@ class FailureCursor(fields.String):
         if (
             not number.isdecimal()
             or len(number) > 19  # before int(): a string of thousands of digits is refused by int()
-            or int(number) > INT64_MAX
+            or not 1 <= int(number) <= INT64_MAX
+            or not (is_stepd_time(finished_at) and is_stepd_time(until))
+            or not finished_at < until <= now_iso()  # stepd's times compare as text
             or encode_failure_cursor((finished_at, int(number), until)) != text
         ):
             raise ValidationError("Not a valid cursor.")
