@@ -83,11 +83,12 @@ def error_document(status, data):
 
 
 # -- a view's input and output --------------------------------------------------------------
-def endpoint(data, body=None, query=NoQuerySchema, status=200, many=False, errors=()):
+def endpoint(data, *, tag, body=None, query=NoQuerySchema, status=200, many=False, errors=()):
     """Load the view's query (and body) with their schemas, pass them as `query=` (and `body=`),
     and answer what it returns, its data or (data, message), dumped with `data` in the envelope.
 
-    `errors`: the statuses it can answer besides those every endpoint can (for the document).
+    For the document: `tag`, the group it is listed under (openapi.TAGS); `errors`, the statuses
+    it can answer besides those every endpoint can.
     """
 
     def wrap(view):
@@ -103,7 +104,15 @@ def endpoint(data, body=None, query=NoQuerySchema, status=200, many=False, error
             payload, message = answer if isinstance(answer, tuple) else (answer, "OK")
             return envelope(one(data, many).dump(payload), message, status)
 
-        run.openapi = {"body": body, "query": query, "data": data, "status": status, "errors": errors, "many": many}
+        run.openapi = {
+            "body": body,
+            "query": query,
+            "data": data,
+            "status": status,
+            "errors": errors,
+            "many": many,
+            "tag": tag,
+        }
         return run
 
     return wrap

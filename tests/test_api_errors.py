@@ -98,9 +98,7 @@ def test_lone_surrogates_in_stored_text_are_412(api, path, body, where):
 
 
 # -- empty query values (a script that always writes every name: ?cursor=$c) ------------------------
-@pytest.mark.parametrize(
-    "query", ["status=&limit=&cursor=", "cursor=", "limit=&limit=", "limit=&limit=2"], ids=repr
-)
+@pytest.mark.parametrize("query", ["status=&limit=&cursor=", "cursor=", "limit=&limit=", "limit=&limit=2"], ids=repr)
 def test_an_empty_query_value_means_the_parameter_is_absent(api, query):
     for n in range(3):
         api.wait_process(api.start(("noop", {}), name=f"p{n}")["processId"], "COMPLETED")
