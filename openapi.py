@@ -196,8 +196,8 @@ def _add_value_components(spec, converter):
         {
             **limits,
             "additionalProperties": nullable(ref("TypedValue"), "object"),
-            "description": f"A restart's params, laid over the failed attempt's ({names}): a name given a"
-            " typed value takes it, a name given null is removed, the others stay as they were.",
+            "description": "A restart's params, laid over the failed attempt's: a name given a typed value"
+            f" takes it, a name given null is removed, the others stay as they were. As Params: {names}.",
         },
     )
 
