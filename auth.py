@@ -88,8 +88,10 @@ def _auth_error(status):
     return response
 
 
-bearer.error_handler(_auth_error)
-basic.error_handler(_auth_error)
+# Set as the callback itself, not through error_handler(): that wrapper adds a WWW-Authenticate
+# challenge to every refusal, the 403 too, whose credentials were good (the challenge belongs to 401).
+bearer.auth_error_callback = _auth_error
+basic.auth_error_callback = _auth_error
 
 
 def _requiring(role):

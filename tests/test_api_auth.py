@@ -123,6 +123,8 @@ def test_a_reader_may_get_but_every_post_is_403(client, api, scheme):
             assert response.status_code == 403, (path, response.json)
             assert response.json["message"] == "Forbidden"
             assert isinstance(response.json["data"], str) and response.json["data"]
+            # The credentials were good: a challenge to send others would mislead (RFC 9110 puts it on 401 only).
+            assert "WWW-Authenticate" not in response.headers, path
     assert api.process_count() == 0
 
 
