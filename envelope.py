@@ -13,8 +13,9 @@ import math
 import uuid
 
 from flask import current_app, g, jsonify, request
+from gunicorn.http.errors import NoMoreData, ParseException
 from marshmallow import ValidationError
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from model import VERSION, Busy, NoRunner, NotFound, PreconditionFailed, Unavailable, Unwritable, now_iso
 from schemas import NoQuerySchema, one
@@ -172,6 +173,17 @@ def on_validation_error(exc):
     return error(412, messages)
 
 
+def on_unreadable_body(exc):
+    """A body gunicorn cannot read when the app reads it: a malformed chunked body (an invalid,
+    negative or unterminated chunk: InvalidChunkSize and the like), or one that ended before it
+    was complete. The client's fault, so a 412 like any other body that cannot be read."""
+    if isinstance(exc, NoMoreData | ClientDisconnected):  # gunicorn's, or Werkzeug's for a short read
+        text = "The body ended before it was complete."
+    else:
+        text = f"The body's chunked encoding cannot be read: {type(exc).__name__}: {exc}"
+    return error(412, {"_schema": [text[:300]]})
+
+
 def on_precondition_failed(exc):
     return error(412, {WIRE_NAMES.get(field, field): messages for field, messages in exc.errors.items()})
 
@@ -265,6 +277,9 @@ def init_app(app):
     app.after_request(finish_response)
     for exception, handler in (
         (ValidationError, on_validation_error),
+        (ParseException, on_unreadable_body),  # raised by gunicorn's reader of the request body
+        (NoMoreData, on_unreadable_body),
+        (ClientDisconnected, on_unreadable_body),
         (PreconditionFailed, on_precondition_failed),
         (NotFound, on_not_found),
         (Busy, on_busy),
