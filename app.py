@@ -4,7 +4,10 @@ How a view reads its input and frames its answer is `envelope.endpoint`'s job; w
 `auth`'s; what it does, `engine`'s.
 """
 
+import os
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from flask import Blueprint, Flask, current_app
 from werkzeug.routing import BaseConverter
@@ -191,7 +194,12 @@ def create_app(overrides=None):
     configure_logging(app.config["STEPD_LOG_LEVEL"])
 
     database = Database(app.config["STEPD_DB"], app.config["STEPD_SYNC"])
-    database.prepare()
+    if os.environ.get("FLASK_RUN_FROM_CLI") == "true" and not Path(app.config["STEPD_DB"]).exists():
+        # Loaded by the `flask` command with no database yet: a `token` command must not create one
+        # (it refuses, auth.py); `flask run` creates it at its first request.
+        app.before_request(_prepare_on_first_request(database))
+    else:
+        database.prepare()
     store = Store(database)
     registry = load_registry(app.config["STEPD_DELEGATES_PATH"] or None)
     notifier = Notifier(app.config["STEPD_DB"], store.runner_ids)
@@ -204,6 +212,17 @@ def create_app(overrides=None):
     envelope.init_app(app)
     app.cli.add_command(token_cli)
     return app
+
+
+def _prepare_on_first_request(database):
+    prepared = threading.Event()
+
+    def prepare():
+        if not prepared.is_set():
+            database.prepare()  # safe to race: it migrates in one write transaction
+            prepared.set()
+
+    return prepare
 
 
 def start_background(app):
