@@ -116,9 +116,22 @@ def current_principal():
     return auth.current_user()
 
 
-def ensure_first_token(store, env_token):
-    """On a first start with no STEPD_TOKEN and no token at all, make an operator token and print it once."""
+def ensure_first_token(store, env_token, new_database):
+    """On the first start of a new database, with no STEPD_TOKEN, make an operator token and print it once.
+
+    Never on a later start: revoking every token is a normal response to an incident, and must not
+    be undone by a restart. A start with no token at all says how to make one.
+    """
     if env_token:
+        return None
+    if not new_database:
+        if not store.list_tokens():
+            print(
+                "stepd: no API token exists and STEPD_TOKEN is unset, so every request will get 401; create one"
+                " with `.venv/bin/flask --app app token create NAME --role operator`",
+                file=sys.stderr,
+                flush=True,
+            )
         return None
     secret = new_secret()
     if not store.add_first_token(FIRST_TOKEN_NAME, OPERATOR, hash_secret(secret)):

@@ -31,6 +31,7 @@ RESTART_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)  # before starting a runner again, if
 STEADY_SECONDS = 10.0  # a runner that lived this long starts again after the shortest delay
 STOP_SECONDS = 20.0  # how long a stop waits for the children before it kills them
 PR_SET_PDEATHSIG = 1
+CHECKED = "STEPD_PREFLIGHT_DONE"  # set for the gunicorn this supervisor starts: preflight has run
 
 
 class CannotStart(Exception):
@@ -48,12 +49,21 @@ def preflight(settings):
 
     try:
         load_registry(settings["STEPD_DELEGATES_PATH"] or None)
+        new_database = database_is_new(settings["STEPD_DB"])
         database = Database(settings["STEPD_DB"], settings["STEPD_SYNC"])
         database.prepare()
-        ensure_first_token(Store(database), settings["STEPD_TOKEN"])
+        ensure_first_token(Store(database), settings["STEPD_TOKEN"], new_database)
         database.close()  # no open SQLite connection may cross a fork
     except (DelegateLoadError, OSError, Unusable, Busy, Unwritable) as exc:
         raise CannotStart(str(exc)) from exc
+
+
+def database_is_new(path):
+    """No file yet, or an empty one (made, never written): only then is a first token made."""
+    try:
+        return Path(path).stat().st_size == 0
+    except FileNotFoundError:
+        return True
 
 
 def _prctl_parent_death(signum):
@@ -94,8 +104,8 @@ class Supervisor:
         self.deaths = {}  # slot -> how many times in a row it died soon after starting
         self.stopping = False
 
-    def _spawn(self, args):
-        return subprocess.Popen([sys.executable, *args], cwd=ROOT, preexec_fn=_die_with_supervisor)
+    def _spawn(self, args, env=None):
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, preexec_fn=_die_with_supervisor)
 
     def _start_runner(self, slot):
         self.runners[slot] = self._spawn([str(ROOT / "runner.py")])
@@ -104,7 +114,9 @@ class Supervisor:
     def run(self):
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._ask_to_stop)
-        self.http = self._spawn(["-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")])
+        # CHECKED tells gunicorn.conf.py that preflight ran just now, so its master need not run it again.
+        gunicorn_env = {**os.environ, CHECKED: "1"}
+        self.http = self._spawn(["-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")], gunicorn_env)
         for slot in range(self.runner_count):
             self._start_runner(slot)
         while not self.stopping:

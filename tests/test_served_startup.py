@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import RESTART, ROOT, STEPS, P, calls, db_rows, free_port, wait_for
+from helpers import FLASK, RESTART, ROOT, STEPS, P, calls, db_rows, free_port, wait_for
 
 import migrations
 
@@ -123,6 +123,43 @@ def test_first_start_without_token_prints_exactly_one_working_secret(server_fact
     assert "created the operator token" not in later
     assert requests.get(second.url + P, headers=bearer, timeout=10).status_code == 200
     assert db_rows(db, "SELECT name FROM tokens") == [("admin",)]
+
+
+def test_revoking_every_token_and_starting_again_makes_no_new_token(server_factory, tmp_path):
+    """Revoking every token is a normal response to an incident: the next start must not mint one."""
+    db = tmp_path / "revoked.db"
+    first = server_factory(db_path=db, token=None).start()
+    assert len(SECRET.findall(first.output())) == 1
+    assert first.stop() == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STEPD_", "FLASK_"))}
+    revoked = subprocess.run(
+        [str(FLASK), "--app", "app", "token", "revoke", "admin"],
+        cwd=ROOT,
+        env={**env, "STEPD_DB": str(db)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert revoked.returncode == 0, revoked.stderr
+
+    offset = len(first.output())
+    second = server_factory(db_path=db, token=None).start()
+    later = second.output()[offset:]
+    assert "Booting worker" in later
+    assert not SECRET.findall(later) and "created the operator token" not in later, later
+    assert later.count("no API token exists") == 1, later  # said once, with what to do
+    assert "token create" in later
+    assert db_rows(db, "SELECT COUNT(*) FROM tokens") == [(0,)]
+    assert requests.get(second.url + P, timeout=10).status_code == 401
+
+
+def test_a_database_first_started_with_stepd_token_gets_no_token_later(server_factory, tmp_path):
+    db = tmp_path / "env-first.db"
+    first = server_factory(db_path=db, token="env-token-at-first").start()
+    first.stop()
+    offset = len(first.output())
+    later = server_factory(db_path=db, token=None).start().output()[offset:]
+    assert not SECRET.findall(later) and "no API token exists" in later, later
 
 
 def test_no_token_is_generated_when_stepd_token_is_set(server_factory, tmp_path):
