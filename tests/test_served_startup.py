@@ -28,6 +28,8 @@ def test_start_is_refused_when_a_delegate_module_does_not_import(server_factory,
     folder.mkdir()
     (folder / "fine.py").write_text("from delegates import delegate\n\n\n@delegate('fine')\ndef fine(ctx):\n    pass\n")
     (folder / "boom.py").write_text("raise RuntimeError('boom at import time')\n")
+    (folder / "typo.py").write_text("def f(:\n")
+    (folder / "config.py").write_text("SETTING = 1\n")  # stepd's own config would be imported instead
     began = time.monotonic()
     server = server_factory(db_path=tmp_path / "broken.db", delegates=folder).start(wait=False)
     code = server.proc.wait(timeout=20)
@@ -35,7 +37,24 @@ def test_start_is_refused_when_a_delegate_module_does_not_import(server_factory,
     assert code != 0, output
     assert str(folder / "boom.py") in output
     assert "boom at import time" in output
+    assert str(folder / "typo.py") in output  # every module that does not import, in one start
+    assert str(folder / "config.py") in output and str(ROOT / "config.py") in output
+    assert str(folder / "fine.py") not in output
     assert time.monotonic() - began < 10
+
+
+def test_a_delegate_imports_a_helper_from_its_own_folder(server_factory, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "_carrier.py").write_text("def label(order):\n    return f'label-{order}'\n")
+    (folder / "shipping.py").write_text(
+        "from _carrier import label\nfrom delegates import delegate\n\n\n"
+        "@delegate('ship')\ndef ship(ctx):\n    return {'label': label(ctx.params['order'])}\n"
+    )
+    server = server_factory(db_path=tmp_path / "mine.db", delegates=folder).start()
+    process = server.start_process(("ship", {"order": "A7"}))
+    done = server.wait_process(process["processId"], "COMPLETED")  # in a runner process
+    assert done["steps"][0]["result"]["label"]["strValue"] == "label-A7"
 
 
 def test_start_is_refused_when_two_delegates_claim_one_type(server_factory, tmp_path):
