@@ -5,6 +5,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -90,6 +91,28 @@ def test_start_is_refused_with_a_bad_setting(server_factory, tmp_path, key, valu
     output = server.output()
     assert f"stepd: cannot start: {key} must be" in output
     assert "Traceback" not in output  # one clear line, not gunicorn's traceback of its config file
+
+
+def test_a_port_in_use_is_refused_at_once_naming_stepd_port(server_factory, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        began = time.monotonic()
+        server = server_factory(db_path=tmp_path / "busy.db", extra_env={"STEPD_PORT": str(port)}).start(wait=False)
+        assert server.proc.wait(timeout=20) != 0
+        output = server.output()
+    assert f"stepd: cannot start: 127.0.0.1:{port} is in use" in output and "STEPD_PORT" in output, output
+    assert "Can't connect" not in output and "Traceback" not in output
+    assert time.monotonic() - began < 5  # not gunicorn's five retries a second apart
+
+
+def test_an_unusable_database_path_names_stepd_db(server_factory, tmp_path):
+    server = server_factory(db_path=tmp_path / "x.db", extra_env={"STEPD_DB": "/proc/nope/x.db"}).start(wait=False)
+    assert server.proc.wait(timeout=20) != 0
+    output = server.output()
+    assert "stepd: cannot start: STEPD_DB=/proc/nope/x.db cannot be used:" in output, output
+    assert "Traceback" not in output
 
 
 def test_start_is_refused_when_the_database_is_not_sqlite(server_factory, tmp_path):
