@@ -1,7 +1,34 @@
 # Everyday commands. `make run` and `make test` set up .venv/ themselves on first use.
+# PYTHON makes .venv/: Python 3.11 or newer (another one: make run PYTHON=python3.12).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+
+# Which Python an interpreter is (its version and installation), asked of PYTHON and of .venv/'s.
+WHICH_PYTHON := import sys; print(sys.version.split()[0], sys.base_prefix)
+PYTHON_ID := $(shell $(PYTHON) -c '$(WHICH_PYTHON)' 2>/dev/null)
+VENV_ID := $(shell $(BIN)/python -c '$(WHICH_PYTHON)' 2>/dev/null)
+PYTHON_OK := $(shell $(PYTHON) -c 'import sys; print(sys.version_info >= (3, 11))' 2>/dev/null)
+
+# Checked before anything is installed (pip would fail deep down, on the first pin that needs 3.11),
+# for every target but clean.
+ifneq ($(filter-out clean,$(or $(MAKECMDGOALS),run)),)
+ifneq ($(PYTHON_OK),True)
+$(error stepd needs Python 3.11 or newer; $(PYTHON) is $(or $(firstword $(PYTHON_ID)),not found). \
+Install one and run: make $(or $(MAKECMDGOALS),run) PYTHON=python3.11)
+endif
+# A .venv/ made by another Python (or whose Python is gone) is made again, not patched.
+ifneq ($(VENV_ID),$(PYTHON_ID))
+ifneq ($(wildcard $(VENV)),)
+$(info stepd: .venv/ was made by another Python ($(or $(VENV_ID),one that no longer runs)); \
+making it again with $(PYTHON) ($(PYTHON_ID)))
+endif
+.PHONY: $(VENV)/.created
+endif
+endif
+# Redocly's OpenAPI linter, from npm (package-lock.json), for tests/test_api_openapi_lint.py. Without
+# npm it is not installed, and that test is skipped (under CI it fails: there the lint must run).
+NODE_TOOLS := $(if $(shell command -v npm 2>/dev/null),node_modules/.installed)
 
 .PHONY: run runner test lint fix clean bench
 
@@ -13,7 +40,7 @@ run: $(VENV)/.run-deps
 runner: $(VENV)/.run-deps
 	$(BIN)/python runner.py
 
-test: $(VENV)/.dev-deps
+test: $(VENV)/.dev-deps $(NODE_TOOLS)
 	$(BIN)/pytest
 
 # The benchmark (bench/run.py, a few minutes; not part of `make test`). It needs wrk.
@@ -32,6 +59,7 @@ fix: $(VENV)/.dev-deps
 	$(BIN)/ruff format .
 
 $(VENV)/.created:
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	touch $@
@@ -44,5 +72,9 @@ $(VENV)/.dev-deps: requirements.txt requirements-dev.txt $(VENV)/.created
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@ $(VENV)/.run-deps
 
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --ignore-scripts
+	touch $@
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache node_modules

@@ -4,7 +4,10 @@ How a view reads its input and frames its answer is `envelope.endpoint`'s job; w
 `auth`'s; what it does, `engine`'s.
 """
 
+import os
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from flask import Blueprint, Flask, current_app
 from werkzeug.routing import BaseConverter
@@ -63,7 +66,7 @@ health = Blueprint("health", __name__)
 @api.post("/processes")
 @writes
 @idempotent
-@endpoint(data=s.ProcessSchema, body=s.StartProcessSchema, status=201, errors=(412,))
+@endpoint(data=s.ProcessSchema, body=s.StartProcessSchema, status=201, errors=(412,), tag="processes")
 def start_process(body):
     """Start a process; its first step starts at once."""
     steps = [(step["type"], step["params"]) for step in body["steps"]]
@@ -72,7 +75,7 @@ def start_process(body):
 
 @api.get("/processes")
 @reads
-@endpoint(data=s.ProcessPageSchema, query=s.ProcessListQuery, errors=(412,))
+@endpoint(data=s.ProcessPageSchema, query=s.ProcessListQuery, errors=(412,), tag="processes")
 def list_processes(query):
     """List processes, newest first, without their steps."""
     items, next_seq = engine().processes(query["status"], query["limit"], query["cursor"])
@@ -81,7 +84,8 @@ def list_processes(query):
 
 @api.get("/processes/<id:process_id>")
 @reads
-@endpoint(data=s.ProcessSchema, errors=(404, 405, 412))  # 405: GET …/processes/fail-step and the like
+# 405: GET …/processes/fail-step and the like (an action's name where an id may stand)
+@endpoint(data=s.ProcessSchema, errors=(404, 405, 412), tag="processes")
 def get_process(process_id):
     """One process with its steps."""
     return engine().process(process_id)
@@ -90,7 +94,7 @@ def get_process(process_id):
 # -- steps -----------------------------------------------------------------------------------
 @api.get("/processes/steps")
 @reads
-@endpoint(data=s.StepPageSchema, query=s.StepListQuery, errors=(412,))
+@endpoint(data=s.StepPageSchema, query=s.StepListQuery, errors=(412,), tag="steps")
 def list_steps(query):
     """List steps across processes, newest first; filter by status and type."""
     items, next_seq = engine().steps(query["status"], query["type"], query["limit"], query["cursor"])
@@ -99,7 +103,7 @@ def list_steps(query):
 
 @api.get("/processes/steps/<id:step_id>")
 @reads
-@endpoint(data=s.StepDetailSchema, errors=(404, 412))
+@endpoint(data=s.StepDetailSchema, errors=(404, 412), tag="steps")
 def get_step(step_id):
     """One step with its attempt history."""
     return engine().step(step_id)
@@ -108,7 +112,7 @@ def get_step(step_id):
 @api.post("/processes/restart-failed-step")
 @writes
 @idempotent
-@endpoint(data=s.RestartResultSchema, body=s.RestartStepSchema, query=s.RestartQuery, errors=(412,))
+@endpoint(data=s.RestartResultSchema, body=s.RestartStepSchema, query=s.RestartQuery, errors=(412,), tag="steps")
 def restart_failed_step(body, query):
     """Restart a FAILED step, with params laid over its last ones; the process carries on from it."""
     dry_run = query["dry_run"]
@@ -119,7 +123,7 @@ def restart_failed_step(body, query):
 @api.post("/processes/restart-failed-steps")
 @writes
 @idempotent
-@endpoint(data=s.RestartManyResultSchema, body=s.RestartManySchema, query=s.RestartQuery, errors=(412,))
+@endpoint(data=s.RestartManyResultSchema, body=s.RestartManySchema, query=s.RestartQuery, errors=(412,), tag="steps")
 def restart_failed_steps(body, query):
     """Restart many FAILED steps, listed or matched by a filter, each exactly as restart-failed-step does."""
     dry_run = query["dry_run"]
@@ -138,7 +142,7 @@ def restart_failed_steps(body, query):
 @api.post("/processes/fail-step")
 @writes
 @idempotent
-@endpoint(data=s.StepSchema, body=s.FailStepSchema, errors=(412,))
+@endpoint(data=s.StepSchema, body=s.FailStepSchema, errors=(412,), tag="steps")
 def fail_step(body):
     """Fail a STARTED step from outside (a deferred delegate's work failed, or an operator aborts it)."""
     message = body["error"]["message"] if body["error"] else None
@@ -148,7 +152,7 @@ def fail_step(body):
 @api.post("/processes/complete-step")
 @writes
 @idempotent
-@endpoint(data=s.StepSchema, body=s.CompleteStepSchema, errors=(412,))
+@endpoint(data=s.StepSchema, body=s.CompleteStepSchema, errors=(412,), tag="steps")
 def complete_step(body):
     """Complete a STARTED step from outside, with an optional result; the process carries on."""
     return engine().complete(body["step_id"], body["result"]), "Step completed."
@@ -157,7 +161,7 @@ def complete_step(body):
 # -- the service -----------------------------------------------------------------------------
 @api.get("/delegates")
 @reads
-@endpoint(data=s.DelegateSchema, many=True, errors=(412,))
+@endpoint(data=s.DelegateSchema, many=True, errors=(412,), tag="service")
 def list_delegates():
     """The registered step types and what each does."""
     return engine().delegates()
@@ -175,7 +179,7 @@ def openapi_document():
 
 
 @health.get("/healthz")
-@endpoint(data=s.HealthSchema, errors=(503,))
+@endpoint(data=s.HealthSchema, errors=(503,), tag="service")
 def healthz():
     """200 when the database answers, else 503. Needs no credentials."""
     return engine().health()
@@ -190,7 +194,12 @@ def create_app(overrides=None):
     configure_logging(app.config["STEPD_LOG_LEVEL"], app.config["STEPD_LOG_FORMAT"])
 
     database = Database(app.config["STEPD_DB"], app.config["STEPD_SYNC"])
-    database.prepare()
+    if os.environ.get("FLASK_RUN_FROM_CLI") == "true" and not Path(app.config["STEPD_DB"]).exists():
+        # Loaded by the `flask` command with no database yet: a `token` command must not create one
+        # (it refuses, auth.py); `flask run` creates it at its first request.
+        app.before_request(_prepare_on_first_request(database))
+    else:
+        database.prepare()
     store = Store(database)
     registry = load_registry(app.config["STEPD_DELEGATES_PATH"] or None)
     notifier = Notifier(app.config["STEPD_DB"], store.runner_ids)
@@ -203,6 +212,17 @@ def create_app(overrides=None):
     envelope.init_app(app)
     app.cli.add_command(token_cli)
     return app
+
+
+def _prepare_on_first_request(database):
+    prepared = threading.Event()
+
+    def prepare():
+        if not prepared.is_set():
+            database.prepare()  # safe to race: it migrates in one write transaction
+            prepared.set()
+
+    return prepare
 
 
 def start_background(app):

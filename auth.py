@@ -11,6 +11,7 @@ import re
 import secrets
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 from flask import current_app, g
@@ -97,8 +98,10 @@ def _auth_error(status):
     return response
 
 
-bearer.error_handler(_auth_error)
-basic.error_handler(_auth_error)
+# Set as the callback itself, not through error_handler(): that wrapper adds a WWW-Authenticate
+# challenge to every refusal, the 403 too, whose credentials were good (the challenge belongs to 401).
+bearer.auth_error_callback = _auth_error
+basic.auth_error_callback = _auth_error
 
 
 def _requiring(role):
@@ -122,9 +125,22 @@ def current_principal():
     return auth.current_user()
 
 
-def ensure_first_token(store, env_token):
-    """On a first start with no STEPD_TOKEN and no token at all, make an operator token and print it once."""
+def ensure_first_token(store, env_token, new_database):
+    """On the first start of a new database, with no STEPD_TOKEN, make an operator token and print it once.
+
+    Never on a later start: revoking every token is a normal response to an incident, and must not
+    be undone by a restart. A start with no token at all says how to make one.
+    """
     if env_token:
+        return None
+    if not new_database:
+        if not store.list_tokens():
+            print(
+                "stepd: no API token exists and STEPD_TOKEN is unset, so every request will get 401; create one"
+                " with `.venv/bin/flask --app app token create NAME --role operator`",
+                file=sys.stderr,
+                flush=True,
+            )
         return None
     secret = new_secret()
     if not store.add_first_token(FIRST_TOKEN_NAME, OPERATOR, hash_secret(secret)):
@@ -151,6 +167,20 @@ def ensure_first_token(store, env_token):
 token_cli = AppGroup("token", help="Create, list and revoke API tokens.")
 
 
+def _token_store():
+    """The store of the database a token command acts on, which it names on standard error.
+
+    A token command never creates a database: run from another folder, STEPD_DB's relative
+    default names a file that is not the service's, and a token made there would be refused."""
+    path = Path(current_app.config["STEPD_DB"]).resolve()
+    if not path.is_file():
+        raise click.ClickException(
+            f"no database at {path} (STEPD_DB); run the command where the service runs, or set STEPD_DB to its file"
+        )
+    click.echo(f"stepd: database {path}", err=True)
+    return current_app.extensions["stepd"].store
+
+
 @token_cli.command("create")
 @click.argument("name")
 @click.option("--role", type=click.Choice([OPERATOR, READER]), required=True)
@@ -158,8 +188,9 @@ def create_token(name, role):
     """Create a token; prints its secret alone on the last line."""
     if not TOKEN_NAME.match(name) or name == ENV_TOKEN_NAME:
         raise click.BadParameter("use 1-64 of A-Z a-z 0-9 _ . - (and not 'env')", param_hint="NAME")
+    store = _token_store()
     secret = new_secret()
-    if not current_app.extensions["stepd"].store.add_token(name, role, hash_secret(secret)):
+    if not store.add_token(name, role, hash_secret(secret)):
         raise click.ClickException(f"a token named {name!r} exists; revoke it first")
     click.echo(f"Created {role} token {name!r}. Its secret is shown only now:")
     click.echo(secret)
@@ -168,14 +199,17 @@ def create_token(name, role):
 @token_cli.command("list")
 def list_tokens():
     """List tokens (names and roles, never secrets)."""
-    for token in current_app.extensions["stepd"].store.list_tokens():
+    tokens = _token_store().list_tokens()
+    for token in tokens:
         click.echo(f"{token['name']}\t{token['role']}\t{token['created_at']}")
+    if not tokens:
+        click.echo("stepd: no tokens", err=True)
 
 
 @token_cli.command("revoke")
 @click.argument("name")
 def revoke_token(name):
     """Revoke a token by name."""
-    if not current_app.extensions["stepd"].store.revoke_token(name):
+    if not _token_store().revoke_token(name):
         raise click.ClickException(f"no token named {name!r}")
     click.echo(f"Revoked token {name!r}.")

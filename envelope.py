@@ -13,8 +13,9 @@ import math
 import uuid
 
 from flask import current_app, g, jsonify, request
+from gunicorn.http.errors import NoMoreData, ParseException
 from marshmallow import ValidationError
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from model import VERSION, Busy, NoRunner, NotFound, PreconditionFailed, Unavailable, Unwritable, now_iso
 from schemas import NoQuerySchema, one
@@ -83,11 +84,12 @@ def error_document(status, data):
 
 
 # -- a view's input and output --------------------------------------------------------------
-def endpoint(data, body=None, query=NoQuerySchema, status=200, many=False, errors=()):
+def endpoint(data, *, tag, body=None, query=NoQuerySchema, status=200, many=False, errors=()):
     """Load the view's query (and body) with their schemas, pass them as `query=` (and `body=`),
     and answer what it returns, its data or (data, message), dumped with `data` in the envelope.
 
-    `errors`: the statuses it can answer besides those every endpoint can (for the document).
+    For the document: `tag`, the group it is listed under (openapi.TAGS); `errors`, the statuses
+    it can answer besides those every endpoint can.
     """
 
     def wrap(view):
@@ -103,7 +105,15 @@ def endpoint(data, body=None, query=NoQuerySchema, status=200, many=False, error
             payload, message = answer if isinstance(answer, tuple) else (answer, "OK")
             return envelope(one(data, many).dump(payload), message, status)
 
-        run.openapi = {"body": body, "query": query, "data": data, "status": status, "errors": errors, "many": many}
+        run.openapi = {
+            "body": body,
+            "query": query,
+            "data": data,
+            "status": status,
+            "errors": errors,
+            "many": many,
+            "tag": tag,
+        }
         return run
 
     return wrap
@@ -137,17 +147,41 @@ def load_body(schema_class):
 
 
 def load_query(schema_class):
-    """Load the query string; unknown and repeated parameters are refused."""
-    repeated = {key: ["Given more than once."] for key in request.args if len(request.args.getlist(key)) > 1}
+    """Load the query string; unknown and repeated parameters are refused.
+
+    An empty value of a known parameter (`?cursor=`) means it is absent, so a script may write
+    every name and fill in only some (`?status=$s&cursor=$c`). An unknown name is refused even
+    when empty: it is a typo to report, not a value to ignore.
+    """
+    schema = one(schema_class)
+    known = {field.data_key or name for name, field in schema.fields.items()}
+    given, repeated = {}, {}
+    for key in request.args:
+        values = [v for v in request.args.getlist(key) if v != "" or key not in known]
+        if len(values) > 1:
+            repeated[key] = ["Given more than once."]
+        elif values:
+            given[key] = values[0]
     if repeated:
         raise ValidationError(repeated)
-    return one(schema_class).load(request.args.to_dict())
+    return schema.load(given)
 
 
 # -- errors ---------------------------------------------------------------------------------
 def on_validation_error(exc):
     messages = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
     return error(412, messages)
+
+
+def on_unreadable_body(exc):
+    """A body gunicorn cannot read when the app reads it: a malformed chunked body (an invalid,
+    negative or unterminated chunk: InvalidChunkSize and the like), or one that ended before it
+    was complete. The client's fault, so a 412 like any other body that cannot be read."""
+    if isinstance(exc, NoMoreData | ClientDisconnected):  # gunicorn's, or Werkzeug's for a short read
+        text = "The body ended before it was complete."
+    else:
+        text = f"The body's chunked encoding cannot be read: {type(exc).__name__}: {exc}"
+    return error(412, {"_schema": [text[:300]]})
 
 
 def on_precondition_failed(exc):
@@ -246,6 +280,9 @@ def init_app(app):
     app.after_request(finish_response)
     for exception, handler in (
         (ValidationError, on_validation_error),
+        (ParseException, on_unreadable_body),  # raised by gunicorn's reader of the request body
+        (NoMoreData, on_unreadable_body),
+        (ClientDisconnected, on_unreadable_body),
         (PreconditionFailed, on_precondition_failed),
         (NotFound, on_not_found),
         (Busy, on_busy),

@@ -77,10 +77,14 @@ envelope_gunicorn_errors()
 
 
 def on_starting(server):
-    """Fail fast, once, in the master: a bad delegate, an unusable database (service.py has
-    checked the same already when it started this)."""
-    from service import CannotStart, preflight
+    """Fail fast, once, in the master: a bad delegate, an unusable database. Skipped when
+    service.py started this gunicorn: it has just made the same checks (and said what they found)."""
+    import os
 
+    from service import CHECKED, CannotStart, preflight
+
+    if os.environ.get(CHECKED):
+        return
     try:
         preflight(settings)
     except CannotStart as exc:

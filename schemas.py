@@ -7,10 +7,13 @@ Typed params are {name: (TYPE, value)} in Python and their wire form on the outs
 import base64
 import binascii
 import functools
+import json
 import math
+import re
 import unicodedata
+from datetime import datetime
 
-from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
+from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validate, validates_schema
 
 from model import (
     ATTEMPT_STATUSES,
@@ -28,6 +31,7 @@ from model import (
     TRIGGERS,
     VALUE_TYPES,
     iso,
+    now_iso,
 )
 
 VALUE_FIELD = {"STRING": "strValue", "LONG": "longValue", "DOUBLE": "doubleValue"}
@@ -91,6 +95,15 @@ class ParamName(fields.String):
         super().__init__(validate=[validate.Length(1, MAX_NAME), no_control_characters], **kwargs)
 
 
+def typed_shape(value):
+    """The typed value a bare JSON value would be, as a hint: 0.1 -> {"type": "DOUBLE", "doubleValue": 0.1}."""
+    for kind, python_type in (("STRING", str), ("LONG", int), ("DOUBLE", float)):
+        if type(value) is python_type:  # not isinstance: a bool is an int to Python, not a LONG
+            shown = json.dumps(value) if len(json.dumps(value)) <= 40 else '"…"'
+            return f'{{"type": "{kind}", "{VALUE_FIELD[kind]}": {shown}}}'
+    return '{"type": "STRING"|"LONG"|"DOUBLE", "strValue"|"longValue"|"doubleValue": …}'
+
+
 class TypedValueSchema(Schema):
     """One typed value: `type` says which of the three value fields holds it."""
 
@@ -98,6 +111,14 @@ class TypedValueSchema(Schema):
     longValue = StrictInteger(allow_none=True, validate=validate.Range(INT64_MIN, INT64_MAX))
     doubleValue = FiniteFloat(allow_none=True)
     type = fields.String(required=True, validate=validate.OneOf(VALUE_TYPES))
+
+    @pre_load
+    def an_object(self, data, **kwargs):
+        """A bare value (`{"seconds": 0.1}`) is the commonest slip: say which shape it needs,
+        rather than marshmallow's "Invalid input type."."""
+        if not isinstance(data, dict):
+            raise ValidationError(f"Not a typed value: send {typed_shape(data)}.")
+        return data
 
     @validates_schema
     def exactly_one_value(self, data, **kwargs):
@@ -129,12 +150,13 @@ def at_most_max_params(params):
 
 
 class Params(fields.Dict):
-    """A params dictionary: at most 256 names, each mapped to a typed value."""
+    """A params dictionary: at most 256 names, each mapped to a typed value (or, with
+    `null_values`, to None)."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, null_values=False, **kwargs):
         super().__init__(
             keys=ParamName(),
-            values=fields.Nested(TypedValueSchema),
+            values=fields.Nested(TypedValueSchema, allow_none=null_values),
             validate=at_most_max_params,
             metadata={"maxProperties": MAX_PARAMS},
             **kwargs,
@@ -155,6 +177,14 @@ class OptionalParams(Params):
     def deserialize(self, value, attr=None, data=None, **kwargs):
         result = super().deserialize(value, attr, data, **kwargs)
         return {} if result is None else result
+
+
+class RestartParams(OptionalParams):
+    """A restart's params, laid over the failed attempt's (store.restart_failed_step): a name
+    mapped to null is removed, so a misspelt or harmful param can be dropped."""
+
+    def __init__(self, **kwargs):
+        super().__init__(null_values=True, **kwargs)
 
 
 class Cursor(fields.String):
@@ -214,9 +244,25 @@ class UtcTime(fields.AwareDateTime):
             raise ValidationError("Not a time stepd can compare (out of range in UTC).") from None
 
 
+STEPD_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
+
+
+def is_stepd_time(text):
+    """Whether `text` is a real time written as stepd writes times (model.iso)."""
+    try:
+        return bool(STEPD_TIME.fullmatch(text)) and bool(datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ"))
+    except ValueError:  # 2020-02-30
+        return False
+
+
 class FailureCursor(fields.String):
     """Where a bulk restart by filter left off: the last step's failure time and seq, and when the
-    walk began (later failures, such as a restarted step failing again, are not part of it)."""
+    walk began (later failures, such as a restarted step failing again, are not part of it).
+
+    Checked as strictly as a list cursor: only a position some walk can have made passes (stepd's
+    own times, a seq of a row, a failure before the walk began, a walk begun in the past), so a
+    forged cursor cannot widen what a walk takes.
+    """
 
     def _deserialize(self, value, attr, data, **kwargs):
         text = super()._deserialize(value, attr, data, **kwargs)
@@ -224,7 +270,9 @@ class FailureCursor(fields.String):
         if (
             not number.isdecimal()
             or len(number) > 19  # before int(): a string of thousands of digits is refused by int()
-            or int(number) > INT64_MAX
+            or not 1 <= int(number) <= INT64_MAX
+            or not (is_stepd_time(finished_at) and is_stepd_time(until))
+            or not finished_at < until <= now_iso()  # stepd's times compare as text
             or encode_failure_cursor((finished_at, int(number), until)) != text
         ):
             raise ValidationError("Not a valid cursor.")
@@ -261,7 +309,7 @@ class StartProcessSchema(Schema):
 
 class RestartStepSchema(Schema):
     step_id = step_id_field(data_key="processStepId")
-    params = OptionalParams()
+    params = RestartParams()
 
 
 class RestartQuery(Schema):
@@ -285,7 +333,7 @@ class RestartManySchema(Schema):
     )
     filter = fields.Nested(StepFilterSchema, load_default=None)
     cursor = FailureCursor(load_default=None)
-    params = OptionalParams()
+    params = RestartParams()
 
     @validates_schema
     def ids_or_filter(self, data, **kwargs):

@@ -2,9 +2,10 @@
 
     .venv/bin/python service.py
 
-It checks what it can once (settings, delegates, the database, the first token), then starts
-gunicorn (gunicorn.conf.py: HTTP workers, which only commit) and STEPD_RUNNERS runner
-processes (runner.py: they claim queued attempts and call the delegates), and watches them:
+It checks what it can once (settings, the address to listen on, delegates, the database, the
+first token), then starts gunicorn (gunicorn.conf.py: HTTP workers, which only commit) and
+STEPD_RUNNERS runner processes (runner.py: they claim queued attempts and call the delegates),
+and watches them:
 
     service.py                     this supervisor
     ├── gunicorn master            the HTTP front
@@ -18,9 +19,11 @@ process group) stops all cleanly: the runners give their delegates STOP_GRACE_SE
 """
 
 import ctypes
+import errno
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +35,7 @@ RESTART_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)  # before starting a runner again, if
 STEADY_SECONDS = 10.0  # a runner that lived this long starts again after the shortest delay
 STOP_SECONDS = 20.0  # how long a stop waits for the children before it kills them
 PR_SET_PDEATHSIG = 1
+CHECKED = "STEPD_PREFLIGHT_DONE"  # set for the gunicorn this supervisor starts: preflight has run
 
 
 class CannotStart(Exception):
@@ -39,23 +43,62 @@ class CannotStart(Exception):
 
 
 def preflight(settings):
-    """Fail fast, once: a bad delegate, an unusable database. Migrates the file and makes the
-    first token (and prints it) on a first start. Returns the delegates' registry."""
+    """Fail fast, once: the address taken, a bad delegate, an unusable database. Migrates the file,
+    and makes the first token (and prints it) on the first start of a new database. Returns the
+    delegates' registry."""
+    from delegates import DelegateLoadError, load_registry
+
+    check_address(settings["STEPD_HOST"], settings["STEPD_PORT"])
+    try:
+        registry = load_registry(settings["STEPD_DELEGATES_PATH"] or None)
+    except DelegateLoadError as exc:
+        raise CannotStart(str(exc)) from exc
+    prepare_database(settings)
+    return registry
+
+
+def check_address(host, port):
+    """The address to listen on must be free: gunicorn would try five times, a second apart, and
+    then say only "Can't connect to (...)", which names no setting."""
+    where = f"{host}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise CannotStart(f"STEPD_HOST={host} is not an address to listen on: {exc}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise CannotStart(f"{where} is in use (another stepd?): set STEPD_PORT to a free port") from None
+            raise CannotStart(f"cannot listen on {where}: {exc.strerror}; check STEPD_HOST and STEPD_PORT") from None
+
+
+def prepare_database(settings):
+    """Migrate the file (made if need be) and, for a new one, make the first token."""
     from auth import ensure_first_token
     from db import Database
-    from delegates import DelegateLoadError, load_registry
     from model import Busy, Unusable, Unwritable
     from store import Store
 
+    path = settings["STEPD_DB"]
     try:
-        registry = load_registry(settings["STEPD_DELEGATES_PATH"] or None)
-        database = Database(settings["STEPD_DB"], settings["STEPD_SYNC"])
+        new_database = database_is_new(path)
+        database = Database(path, settings["STEPD_SYNC"])
         database.prepare()
-        ensure_first_token(Store(database), settings["STEPD_TOKEN"])
+        ensure_first_token(Store(database), settings["STEPD_TOKEN"], new_database)
         database.close()  # no open SQLite connection may cross a fork
-    except (DelegateLoadError, OSError, Unusable, Busy, Unwritable) as exc:
-        raise CannotStart(str(exc)) from exc
-    return registry
+    except (OSError, Unusable, Busy, Unwritable) as exc:
+        raise CannotStart(f"STEPD_DB={path} cannot be used: {exc}") from exc
+
+
+def database_is_new(path):
+    """No file yet, or an empty one (made, never written): only then is a first token made."""
+    try:
+        return Path(path).stat().st_size == 0
+    except FileNotFoundError:
+        return True
 
 
 def announce(settings, registry):
@@ -122,8 +165,8 @@ class Supervisor:
         self.deaths = {}  # slot -> how many times in a row it died soon after starting
         self.stopping = False
 
-    def _spawn(self, args):
-        return subprocess.Popen([sys.executable, *args], cwd=ROOT, preexec_fn=_die_with_supervisor)
+    def _spawn(self, args, env=None):
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, preexec_fn=_die_with_supervisor)
 
     def _start_runner(self, slot):
         self.runners[slot] = self._spawn([str(ROOT / "runner.py")])
@@ -132,7 +175,9 @@ class Supervisor:
     def run(self):
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._ask_to_stop)
-        self.http = self._spawn(["-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")])
+        # CHECKED tells gunicorn.conf.py that preflight ran just now, so its master need not run it again.
+        gunicorn_env = {**os.environ, CHECKED: "1"}
+        self.http = self._spawn(["-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")], gunicorn_env)
         for slot in range(self.runner_count):
             self._start_runner(slot)
         while not self.stopping:

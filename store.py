@@ -359,7 +359,8 @@ class Store:
 
     # -- beginning attempts ------------------------------------------------------------
     def restart_failed_step(self, step_id, overrides, principal, runner_id, has_delegate):
-        """FAILED -> STARTED for one step, with the given params laid over the failed ones; its Job."""
+        """FAILED -> STARTED for one step, with the given params laid over the failed ones (a name
+        given as None is removed); its Job."""
         with self._change() as change:
             row = change.conn.execute(
                 f"SELECT {BEGIN_COLUMNS}, s.status FROM steps s WHERE s.id = ?", (step_id,)
@@ -370,7 +371,8 @@ class Store:
                 raise PreconditionFailed.on("status", f"Step is {row['status']}; only a FAILED step can be restarted.")
             if not has_delegate(row["type"]):
                 raise PreconditionFailed.on("type", f"No delegate is registered for step type {row['type']!r}.")
-            params = {**params_from_json(row["params"]), **overrides}
+            merged = {**params_from_json(row["params"]), **overrides}
+            params = {name: value for name, value in merged.items() if value is not None}
             if len(params) > MAX_PARAMS:
                 message = f"The merged params have {len(params)} names; at most {MAX_PARAMS} are allowed."
                 raise PreconditionFailed.on("params", message)

@@ -4,6 +4,14 @@ A delegate is a plain function marked with ``@delegate("type")``. Marking does n
 register anything globally: `load_registry` scans the built-in modules of this
 package and every ``.py`` file of the user's folder and builds a fresh `Registry`.
 That keeps tests independent and lets a module be loaded twice without conflicts.
+
+The user's folder is put at the end of the import path, and each of its modules is imported
+under its own name (``invoices.py`` as ``invoices``), so a delegate module imports a helper
+beside it as any Python module would (``from _rates import RATE``), and a helper imported by
+two modules is one module. Files whose name starts with ``_`` are not scanned for delegates:
+they are helpers, loaded when a delegate module imports them. A module whose name another
+module on the path already has (stepd's own ``config``, ``store``..., a library's, the
+standard library's) would never be the one imported: it stops the start, naming both files.
 """
 
 import importlib
@@ -192,26 +200,67 @@ def _builtin_modules():
             yield importlib.import_module(f"{__name__}.{info.name}")
 
 
-def _import_file(path):
-    module_name = f"stepd_user_delegates.{path.stem}"
+_user_folder = {"path": None}  # the folder the last load put on sys.path (a process loads one at a time)
+
+
+def _use_folder(root):
+    """Put `root` at the end of sys.path instead of the folder of an earlier load (the tests load
+    many), and forget the modules imported from that one, so this load imports its own."""
+    previous = _user_folder["path"]
+    if previous is not None:
+        if previous in sys.path:
+            sys.path.remove(previous)
+        for name, module in list(sys.modules.items()):
+            if Path(getattr(module, "__file__", None) or "/").is_relative_to(previous):
+                del sys.modules[name]
+    sys.path.append(str(root))
+    _user_folder["path"] = str(root)
+    importlib.invalidate_caches()  # files written since the last look at the folder
+
+
+def _name_problem(path):
+    """Why the user's module `path` cannot be imported under its own name, or None. Another module
+    of that name on the path (stepd's, a library's) would be imported instead, as the user's folder
+    is last."""
+    if "." in path.stem:
+        return f"delegate module {path}: a module's name has no dot in it: rename it"
     try:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # so dataclasses and pickling inside it work
-        spec.loader.exec_module(module)
+        origin = getattr(importlib.util.find_spec(path.stem), "origin", None)
+    except ValueError:  # a module loaded without a spec, such as __main__
+        origin = getattr(sys.modules[path.stem], "__file__", None) or f"the module {path.stem}"
+    if origin is None or Path(origin).resolve() == path.resolve():
+        return None
+    return f"delegate module {path} has the name of {origin}, which is imported instead: rename it"
+
+
+def _import(name, path):
+    try:
+        return importlib.import_module(name)
     except Exception as exc:
-        sys.modules.pop(module_name, None)
+        sys.modules.pop(name, None)
         raise DelegateLoadError(f"delegate module {path} does not import: {type(exc).__name__}: {exc}") from exc
-    return module
 
 
 def _user_modules(folder):
-    root = Path(folder)
+    """The delegate modules of the user's folder, imported; every module that clashes or does not
+    import is named in one DelegateLoadError, so one start shows them all."""
+    root = Path(folder).resolve()
     if not root.is_dir():
         raise DelegateLoadError(f"STEPD_DELEGATES_PATH {folder} is not a directory")
+    _use_folder(root)
+    problems, modules = [], []
     for path in sorted(root.glob("*.py")):
-        if not path.name.startswith("_"):
-            yield _import_file(path)
+        problem = _name_problem(path)
+        if problem is not None:
+            problems.append(problem)
+        elif not path.name.startswith("_"):
+            try:
+                modules.append(_import(path.stem, path))
+            except DelegateLoadError as exc:
+                problems.append(str(exc))
+    if problems:
+        raise DelegateLoadError("\n".join(problems))
+    return modules
 
 
 def load_registry(user_folder=None):

@@ -123,6 +123,8 @@ def test_a_reader_may_get_but_every_post_is_403(client, api, scheme):
             assert response.status_code == 403, (path, response.json)
             assert response.json["message"] == "Forbidden"
             assert isinstance(response.json["data"], str) and response.json["data"]
+            # The credentials were good: a challenge to send others would mislead (RFC 9110 puts it on 401 only).
+            assert "WWW-Authenticate" not in response.headers, path
     assert api.process_count() == 0
 
 
@@ -293,6 +295,7 @@ def test_token_create_refuses_bad_input_and_creates_nothing(app, args):
 def test_the_real_flask_command_creates_lists_and_revokes(tmp_path):
     """`.venv/bin/flask --app app token …` from the checkout, as an operator runs it."""
     db = tmp_path / "cli" / "stepd.db"
+    served = create_app({"STEPD_DB": str(db)})  # the service made the database (a command never does)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STEPD_", "FLASK_"))}
     env["STEPD_DB"] = str(db)
 
@@ -310,7 +313,6 @@ def test_the_real_flask_command_creates_lists_and_revokes(tmp_path):
     assert listed.returncode == 0, listed.stderr
     assert "ci-runner" in listed.stdout and "operator" in listed.stdout and secret not in listed.stdout
 
-    served = create_app({"STEPD_DB": str(db)})
     client = served.test_client()
     assert client.get(P, headers={"Authorization": f"Bearer {secret}"}).status_code == 200
     assert client.get(P, headers={"Authorization": basic("ci-runner", secret)}).status_code == 200
@@ -318,3 +320,46 @@ def test_the_real_flask_command_creates_lists_and_revokes(tmp_path):
     revoked = flask("revoke", "ci-runner")
     assert revoked.returncode == 0, revoked.stderr
     assert_401(client.get(P, headers={"Authorization": f"Bearer {secret}"}))
+
+
+def flask_from(folder, *args, db=None):
+    """`.venv/bin/flask --app <checkout>/app.py token …` run from `folder`, as from another directory."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STEPD_", "FLASK_"))}
+    if db is not None:
+        env["STEPD_DB"] = str(db)
+    return subprocess.run(
+        [str(FLASK), "--app", str(ROOT / "app.py"), "token", *args],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "args", [["list"], ["create", "bot", "--role", "operator"], ["revoke", "admin"]], ids=lambda a: a[0]
+)
+def test_a_token_command_without_a_database_refuses_in_one_line_and_creates_none(tmp_path, args):
+    """Run from another folder, STEPD_DB's default var/stepd.db is not the service's: say so, make nothing."""
+    done = flask_from(tmp_path, *args)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert str(tmp_path / "var" / "stepd.db") in lines[0] and "STEPD_DB" in lines[0], lines
+    assert done.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_token_command_names_the_database_it_used(tmp_path):
+    db = tmp_path / "service" / "stepd.db"
+    create_app({"STEPD_DB": str(db)})  # the service's database
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    created = flask_from(elsewhere, "create", "bot", "--role", "reader", db=db)
+    assert created.returncode == 0, created.stderr
+    assert f"stepd: database {db}" in created.stderr
+    listed = flask_from(elsewhere, "list", db=db)
+    assert listed.returncode == 0 and listed.stdout.split()[:2] == ["bot", "reader"], listed
+    assert f"stepd: database {db}" in listed.stderr
+    assert list(elsewhere.iterdir()) == []

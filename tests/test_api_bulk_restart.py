@@ -289,6 +289,36 @@ def test_a_cursor_is_refused_when_it_is_not_ours(api):
         refused(api.post(BULK, {"filter": {}, "cursor": cursor}))
 
 
+# Cursors that encode back to themselves but that no walk can have made: each part is checked
+# as strictly as a list cursor's number (the times are stepd's own, the walk began in the past,
+# the last step it took failed before the walk began).
+FORGED_CURSORS = [
+    ("finished-not-a-time", ("x", 5, "2020-01-01T00:00:00.000Z")),
+    ("until-not-a-time", ("2020-01-01T00:00:00.000Z", 5, "y")),
+    ("finished-empty", ("", 5, "2020-01-01T00:00:00.000Z")),
+    ("until-empty", ("2020-01-01T00:00:00.000Z", 5, "")),
+    ("no-milliseconds", ("2020-01-01T00:00:00Z", 5, "2021-01-01T00:00:00.000Z")),
+    ("an-offset", ("2020-01-01T00:00:00.000+00:00", 5, "2021-01-01T00:00:00.000Z")),
+    ("not-a-day", ("2020-02-30T00:00:00.000Z", 5, "2021-01-01T00:00:00.000Z")),
+    ("seq-0", ("2020-01-01T00:00:00.000Z", 0, "2021-01-01T00:00:00.000Z")),
+    ("failed-after-the-walk-began", ("2021-01-01T00:00:00.001Z", 5, "2021-01-01T00:00:00.000Z")),
+    ("walk-begins-in-the-future", ("2020-01-01T00:00:00.000Z", 5, "2999-01-01T00:00:00.000Z")),
+]
+
+
+@pytest.mark.parametrize("position", [p for _, p in FORGED_CURSORS], ids=[i for i, _ in FORGED_CURSORS])
+def test_a_forged_filter_cursor_is_refused(api, store, position):
+    insert_failed_steps(store, 3)
+    cursor = schemas.encode_failure_cursor(position)
+    assert set(refused(api.post(f"{BULK}?dryRun=true", {"filter": {}, "cursor": cursor}))) == {"cursor"}
+
+
+def test_an_honest_filter_cursor_of_the_past_is_accepted(api, store):
+    insert_failed_steps(store, 3, start=datetime(2020, 1, 1, tzinfo=UTC))
+    cursor = schemas.encode_failure_cursor(("2020-01-01T00:00:00.000Z", 1, "2021-01-01T00:00:00.000Z"))
+    assert len(ok(api.post(f"{BULK}?dryRun=true", {"filter": {}, "cursor": cursor}))["restarted"]) == 2
+
+
 @pytest.mark.parametrize(
     "where",
     [{"failedAfter": "0001-01-01T00:00:00+00:01"}, {"failedBefore": "9999-12-31T23:59:59-01:00"}],

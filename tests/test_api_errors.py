@@ -95,3 +95,27 @@ def test_lone_surrogates_in_stored_text_are_412(api, path, body, where):
         errors = errors[key]
     assert errors == ["Must be valid Unicode (no lone surrogates)."]
     assert api.process_count() == before
+
+
+# -- empty query values (a script that always writes every name: ?cursor=$c) ------------------------
+@pytest.mark.parametrize("query", ["status=&limit=&cursor=", "cursor=", "limit=&limit=", "limit=&limit=2"], ids=repr)
+def test_an_empty_query_value_means_the_parameter_is_absent(api, query):
+    for n in range(3):
+        api.wait_process(api.start(("noop", {}), name=f"p{n}")["processId"], "COMPLETED")
+    expected = api.get(P if "limit=2" not in query else f"{P}?limit=2").json["data"]
+    response = api.get(f"{P}?{query}")
+    assert response.status_code == 200, response.json
+    assert response.json["data"] == expected
+    steps = api.get(f"{STEPS}?status=&type=&limit=&cursor=")
+    assert steps.status_code == 200, steps.json
+    assert steps.json["data"] == api.get(STEPS).json["data"]
+
+
+def test_an_empty_dry_run_is_no_dry_run(api, failed_step):
+    response = api.post(f"{RESTART}?dryRun=", {"processStepId": failed_step["processStepId"]})
+    assert response.status_code == 200, response.json
+    assert response.json["message"] == "Step restarted."
+
+
+def test_an_unknown_query_parameter_is_412_even_when_empty(api):
+    assert "verbose" in refused(api.get(f"{P}?verbose="))

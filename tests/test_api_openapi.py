@@ -45,14 +45,17 @@ def documented_rules(app):
 
 
 def resolve(spec, node):
-    """`node` with every local $ref replaced by what it points to (the schemas here are not recursive)."""
+    """`node` with every local $ref replaced by what it points to (the schemas here are not recursive).
+
+    A `discriminator` is left out: its mapping names components, which are gone once inlined, and
+    it only tells a tool which form of a `oneOf` to try (each form's `type` enum decides anyway)."""
     if isinstance(node, dict):
         if "$ref" in node:
             target = spec
             for part in node["$ref"].removeprefix("#/").split("/"):
                 target = target[part.replace("~1", "/").replace("~0", "~")]
             return resolve(spec, target)
-        return {key: resolve(spec, value) for key, value in node.items()}
+        return {key: resolve(spec, value) for key, value in node.items() if key != "discriminator"}
     if isinstance(node, list):
         return [resolve(spec, item) for item in node]
     return node
@@ -192,25 +195,30 @@ def test_request_bodies_are_the_marshmallow_schemas(spec, path, schema_class):
 
 
 def test_the_restart_body_is_the_seed_shape(spec):
+    """The seed's body, as the union of a typed value's three forms (issue 13 made it a oneOf)."""
     body = request_schema(spec, RESTART)
     assert body["required"] == ["processStepId"]
     assert body["properties"]["processStepId"]["type"] == "string"
-    params = body["properties"]["params"]
+    params, _null = body["properties"]["params"]["anyOf"]
     assert params["type"] == "object"
     assert params["maxProperties"] == 256
-    value = params["additionalProperties"]
-    assert set(value["properties"]) == {"strValue", "longValue", "doubleValue", "type"}
-    assert value["required"] == ["type"]
-    assert value["additionalProperties"] is False
-    assert value["properties"]["type"]["enum"] == ["STRING", "LONG", "DOUBLE"]
-    assert value["properties"]["strValue"]["type"] == "string"
-    assert value["properties"]["strValue"]["maxLength"] == 65536
-    assert value["properties"]["longValue"]["type"] == "integer"
-    assert value["properties"]["longValue"]["minimum"] == -(2**63)
-    assert value["properties"]["longValue"]["maximum"] == 2**63 - 1
-    assert value["properties"]["doubleValue"]["type"] == "number"
-    for field in ("strValue", "longValue", "doubleValue"):
-        assert value["properties"][field]["nullable"] is True
+    value, _null = params["additionalProperties"]["anyOf"]  # a restart's null removes a name
+    forms = value["oneOf"]
+    assert [form["properties"]["type"]["enum"] for form in forms] == [["STRING"], ["LONG"], ["DOUBLE"]]
+    for form in forms:
+        assert set(form["properties"]) == {"strValue", "longValue", "doubleValue", "type"}
+        assert "type" in form["required"]
+        assert form["additionalProperties"] is False
+    string, long, double = (form["properties"] for form in forms)
+    assert string["strValue"]["type"] == "string"
+    assert string["strValue"]["maxLength"] == 65536
+    assert long["longValue"]["type"] == "integer"
+    assert long["longValue"]["minimum"] == -(2**63)
+    assert long["longValue"]["maximum"] == 2**63 - 1
+    assert double["doubleValue"]["type"] == "number"
+    for form, wanted in zip(forms, ("strValue", "longValue", "doubleValue"), strict=True):
+        for field in {"strValue", "longValue", "doubleValue"} - {wanted}:
+            assert form["properties"][field]["nullable"] is True and form["properties"][field]["enum"] == [None]
 
 
 def test_the_documented_restart_body_accepts_and_refuses_what_the_service_does(spec):
@@ -237,7 +245,7 @@ def test_list_query_parameters_are_documented(spec, path, schema_class):
     assert all(p.get("required", False) is False for p in parameters.values())
     limit = parameters["limit"]["schema"]
     assert (limit["type"], limit["minimum"], limit["maximum"], limit["default"]) == ("integer", 1, 500, 50)
-    assert {"FAILED", "COMPLETED"} <= set(parameters["status"]["schema"]["enum"])
+    assert {"FAILED", "COMPLETED"} <= set(resolve(spec, parameters["status"]["schema"])["enum"])
 
 
 def test_endpoints_without_a_query_document_no_query_parameters(spec):
@@ -396,7 +404,8 @@ def test_every_post_documents_the_idempotency_key_header_and_no_get_does(spec):
         for method, operation in operations.items():
             if method not in HTTP_METHODS:
                 continue
-            headers = [p for p in operation.get("parameters", []) if p["in"] == "header"]
+            parameters = [p for p in operation.get("parameters", []) if p["name"] != "X-Request-Id"]
+            headers = [p for p in parameters if p["in"] == "header"]
             if method == "post":
                 posts += 1
                 [header] = headers
@@ -479,3 +488,164 @@ def test_response_headers_are_documented(spec):
                 success = next(code for code in operation["responses"] if code.startswith("2"))
                 for code in (success, "412"):
                     assert "Idempotent-Replayed" in operation["responses"][code]["headers"], (method, path, code)
+
+
+# -- what a generated client needs (issue 13: openapi-python-client, tests/test_served_client.py) --------
+def nodes(node, where="#"):
+    """Every (JSON pointer, dict) of the document, depth first."""
+    if isinstance(node, dict):
+        yield where, node
+        for key, value in node.items():
+            yield from nodes(value, f"{where}/{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from nodes(value, f"{where}/{index}")
+
+
+def typed_null(node):
+    return set(node) == {"type", "nullable", "enum"} and node["nullable"] is True and node["enum"] == [None]
+
+
+def test_a_nullable_reference_is_the_reference_or_a_typed_null(spec):
+    """`anyOf: [{"type": "object", "nullable": true}, {"$ref": ...}]` lets any object through: a client
+    cannot type `step.error`; `nullable` beside a `$ref` is ignored in OpenAPI 3.0."""
+    for where, node in nodes(spec):
+        assert not ("$ref" in node and len(node) > 1), where
+        assert node.get("nullable") is not True or "type" in node, where
+        if "anyOf" in node:
+            reference, null = node["anyOf"]
+            assert set(reference) == {"$ref"} and typed_null(null), where
+        if node.get("type") == "object" and node.get("nullable") is True:
+            assert typed_null(node), f"{where}: a nullable object that is not a typed null matches any object"
+    schemas = spec["components"]["schemas"]
+    for component, prop, target in [
+        ("Step", "error", "Error"),
+        ("Attempt", "error", "Error"),
+        ("FailStep", "error", "ErrorInput"),
+        ("RestartMany", "filter", "StepFilter"),
+        ("Step", "result", "Params"),
+        ("CompleteStep", "result", "Params"),
+        ("StepSpec", "params", "Params"),
+        ("RestartStep", "params", "RestartParams"),
+        ("Step", "phase", "Phase"),
+    ]:
+        [reference, null] = schemas[component]["properties"][prop]["anyOf"]
+        assert reference == {"$ref": f"#/components/schemas/{target}"}, (component, prop)
+        assert typed_null(null)
+
+
+def test_a_nullable_reference_accepts_null_and_the_referenced_shape_only(spec):
+    error = {**resolve(spec, spec["components"]["schemas"]["Step"]["properties"]["error"])}
+    assert is_valid(error, None)
+    assert is_valid(error, {"type": "ValueError", "message": "no"})
+    assert not is_valid(error, {"kind": "ValueError"})
+    assert not is_valid(error, {})
+
+
+@pytest.mark.parametrize(("path", "method"), [(P, "get"), (STEPS, "get"), (RESTART, "post"), (BULK, "post")])
+def test_a_query_parameter_is_a_plain_optional_value(spec, path, method):
+    """No null, no default of null, no `nullable`: a generated client made three enum classes of each."""
+    for parameter in spec["paths"][path][method]["parameters"]:
+        if parameter["in"] != "query":
+            continue
+        assert parameter.get("required", False) is False
+        assert parameter["allowEmptyValue"] is True  # an empty value means absent (envelope.load_query)
+        schema = parameter["schema"]
+        assert "nullable" not in schema and "anyOf" not in schema, parameter
+        assert schema.get("default", "unset") is not None, parameter
+        assert None not in resolve(spec, schema).get("enum", []), parameter
+
+
+@pytest.mark.parametrize(("path", "enum"), [(P, "ProcessStatus"), (STEPS, "StepStatus")], ids=["processes", "steps"])
+def test_a_status_filter_is_the_status_enum_of_its_resource(spec, path, enum):
+    [status] = [p for p in spec["paths"][path]["get"]["parameters"] if p["name"] == "status"]
+    assert status["schema"] == {"$ref": f"#/components/schemas/{enum}"}
+    assert spec["components"]["schemas"][enum]["enum"] == list(
+        model.PROCESS_STATUSES if enum == "ProcessStatus" else model.STEP_STATUSES
+    )
+
+
+def test_params_are_one_component_referenced_everywhere(spec):
+    schemas = spec["components"]["schemas"]
+    params = schemas["Params"]
+    assert params["type"] == "object" and params["maxProperties"] == 256
+    assert params["additionalProperties"] == {"$ref": "#/components/schemas/TypedValue"}
+    overlay = schemas["RestartParams"]
+    assert overlay["additionalProperties"]["anyOf"][0] == {"$ref": "#/components/schemas/TypedValue"}
+    assert typed_null(overlay["additionalProperties"]["anyOf"][1])
+    assert "null" in overlay["description"] and "removed" in overlay["description"]
+    for where, node in nodes(spec):
+        if where.startswith(("#/components/schemas/Params", "#/components/schemas/RestartParams")):
+            continue
+        assert node.get("additionalProperties") != {"$ref": "#/components/schemas/TypedValue"}, where
+    references = {where for where, node in nodes(spec) if node.get("$ref") == "#/components/schemas/Params"}
+    assert len(references) >= 5
+
+
+def test_a_typed_value_is_a_one_of_discriminated_by_type(spec):
+    schemas = spec["components"]["schemas"]
+    typed_value = schemas["TypedValue"]
+    forms = {"STRING": "StringValue", "LONG": "LongValue", "DOUBLE": "DoubleValue"}
+    assert typed_value["oneOf"] == [{"$ref": f"#/components/schemas/{name}"} for name in forms.values()]
+    assert typed_value["discriminator"] == {
+        "propertyName": "type",
+        "mapping": {kind: f"#/components/schemas/{name}" for kind, name in forms.items()},
+    }
+    for kind, name in forms.items():
+        form = schemas[name]
+        wanted = s.VALUE_FIELD[kind]
+        assert set(form["properties"]) == {"strValue", "longValue", "doubleValue", "type"}
+        assert form["properties"]["type"] == {"type": "string", "enum": [kind]}
+        assert sorted(form["required"]) == sorted([wanted, "type"])
+        assert form["additionalProperties"] is False
+        assert "nullable" not in form["properties"][wanted]
+        for other in set(s.VALUE_FIELD.values()) - {wanted}:
+            assert typed_null({k: v for k, v in form["properties"][other].items() if k != "description"})
+    value = resolve(spec, {"$ref": "#/components/schemas/TypedValue"})
+    assert is_valid(value, {"type": "LONG", "longValue": 5})
+    assert is_valid(value, {"strValue": None, "longValue": 5, "doubleValue": None, "type": "LONG"})
+    assert not is_valid(value, {"type": "LONG", "strValue": "5"})
+    assert not is_valid(value, {"type": "LONG", "longValue": 5, "strValue": "5"})
+    assert not is_valid(value, {"type": "STRING", "strValue": "x" * 65537})
+
+
+def test_every_operation_takes_and_every_response_carries_x_request_id(spec):
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if method not in HTTP_METHODS:
+                continue
+            [parameter] = [p for p in operation.get("parameters", []) if p.get("name") == "X-Request-Id"]
+            assert parameter["in"] == "header" and parameter.get("required", False) is False
+            assert "128" in parameter["description"]
+            for status, response in operation["responses"].items():
+                header = response.get("headers", {}).get("X-Request-Id")
+                assert header and header["required"] is True, (method, path, status)
+
+
+def test_every_401_says_www_authenticate(spec):
+    count = 0
+    for operations in spec["paths"].values():
+        for method, operation in operations.items():
+            if method in HTTP_METHODS and "401" in operation["responses"]:
+                header = operation["responses"]["401"]["headers"]["WWW-Authenticate"]
+                assert header["required"] is True and header["schema"]["type"] == "string"
+                count += 1
+    assert count == 10
+
+
+def test_servers_tags_and_a_license(spec):
+    assert spec["servers"] and all(server["url"] for server in spec["servers"])
+    assert spec["info"]["license"]["name"] == "MIT"
+    declared = {tag["name"]: tag for tag in spec["tags"]}
+    assert all(tag.get("description") for tag in declared.values())
+    used = set()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if method in HTTP_METHODS:
+                [tag] = operation["tags"]
+                assert tag in declared, (method, path)
+                used.add(tag)
+    assert used == set(declared)
+    assert spec["paths"][RESTART]["post"]["tags"] == ["steps"]
+    assert spec["paths"][P]["post"]["tags"] == ["processes"]
+    assert spec["paths"]["/healthz"]["get"]["tags"] == ["service"]

@@ -8,7 +8,7 @@ and changes nothing.
 import json
 
 import pytest
-from helpers import RESTART, P, out, refused, typed
+from helpers import BULK, RESTART, P, out, refused, typed
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -161,8 +161,9 @@ def test_a_bad_value_is_412_naming_its_field_and_changes_nothing(target, value, 
     target.assert_unchanged()
 
 
-@TARGETS
+@pytest.mark.parametrize("target", [StartTarget], ids=["start"], indirect=True)
 def test_a_null_value_is_412(target):
+    """Only a restart's params may map a name to null (which removes it; see below)."""
     response = target.send({"x": None})
     refused(response)
     messages = target.param_errors(response)["x"]["value"]
@@ -185,6 +186,26 @@ def test_params_that_are_not_an_object_are_412(target, params):
     refused(response)
     messages = target.param_errors(response)
     assert isinstance(messages, list) and messages
+    target.assert_unchanged()
+
+
+# A bare value where a typed value belongs (`{"seconds": 0.1}`): the answer shows the shape it needs.
+BARE_VALUES = [
+    (0.1, '{"type": "DOUBLE", "doubleValue": 0.1}'),
+    (5, '{"type": "LONG", "longValue": 5}'),
+    ("ten", '{"type": "STRING", "strValue": "ten"}'),
+    (True, '{"type": "STRING"|"LONG"|"DOUBLE", "strValue"|"longValue"|"doubleValue": …}'),
+    ([1], '{"type": "STRING"|"LONG"|"DOUBLE", "strValue"|"longValue"|"doubleValue": …}'),
+    ("x" * 100, '{"type": "STRING", "strValue": "…"}'),
+]
+
+
+@pytest.mark.parametrize(("value", "shape"), BARE_VALUES, ids=[repr(v)[:12] for v, _ in BARE_VALUES])
+@TARGETS
+def test_a_bare_value_is_412_showing_the_typed_shape_it_needs(target, value, shape):
+    response = target.send({"seconds": value})
+    refused(response)
+    assert target.param_errors(response) == {"seconds": {"value": {"_schema": [f"Not a typed value: send {shape}."]}}}
     target.assert_unchanged()
 
 
@@ -393,6 +414,38 @@ def test_restart_overlay_may_change_a_names_type(api, failed_check_step):
         "keep": out("LONG", 3),
         "ratio": out("STRING", "half"),
     }
+
+
+def test_restart_with_a_null_param_removes_that_name(api, failed_check_step):
+    """A misspelt or harmful param can be dropped: null removes the name from the effective params."""
+    step_id = failed_check_step["processStepId"]
+    body = {"processStepId": step_id, "params": {**typed(ok=1), "keep": None, "never-there": None}}
+    dry = api.post(f"{RESTART}?dryRun=true", body)
+    effective = {"ok": out("LONG", 1), "ratio": out("DOUBLE", 0.5)}
+    assert dry.status_code == 200 and dry.json["data"]["params"] == effective, dry.json
+    response = api.post(RESTART, body)
+    assert response.status_code == 200, response.json
+    assert response.json["data"]["params"] == effective
+    done = api.wait_process(failed_check_step["processId"], "COMPLETED")
+    assert done["steps"][0]["params"] == effective
+    assert api.step(step_id)["attemptHistory"][-1]["params"] == effective
+
+
+def test_a_bulk_restart_with_a_null_param_removes_that_name(api):
+    process = api.start(("check", {"ok": 0, "typo": "x"}))
+    step_id = api.wait_process(process["processId"], "FAILED")["steps"][0]["processStepId"]
+    body = {"processStepIds": [step_id], "params": {**typed(ok=1), "typo": None}}
+    response = api.post(BULK, body)
+    assert response.status_code == 200, response.json
+    assert response.json["data"]["restarted"][0]["params"] == {"ok": out("LONG", 1)}
+    api.wait_process(process["processId"], "COMPLETED")
+
+
+def test_a_restart_may_remove_every_name(api, failed_check_step):
+    body = {"processStepId": failed_check_step["processStepId"], "params": dict.fromkeys(FAILED_OUTPUT)}
+    response = api.post(RESTART, body)
+    assert response.status_code == 200, response.json
+    assert response.json["data"]["params"] == {}
 
 
 def failed_with_names(api, count):

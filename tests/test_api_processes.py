@@ -258,13 +258,13 @@ def test_processes_started_while_paging_do_not_disturb_the_walk(api):
     assert not set(newer) & set(seen)
 
 
+# An empty value (`limit=`) is not here: it means the parameter is absent (test_api_errors.py).
 BAD_LIST_QUERIES = [
     ("limit=0", {"limit"}),
     ("limit=501", {"limit"}),
     ("limit=-1", {"limit"}),
     ("limit=abc", {"limit"}),
     ("limit=1.5", {"limit"}),
-    ("limit=", {"limit"}),
     ("limit=1e2", {"limit"}),
     ("limit=1_0", {"limit"}),  # int() reads 10; not a limit a client writes
     ("limit=%D9%A3", {"limit"}),  # ARABIC-INDIC DIGIT THREE; int() reads 3
@@ -273,14 +273,12 @@ BAD_LIST_QUERIES = [
     (f"cursor={b64('p:1')}%0A", {"cursor"}),
     ("cursor=zzz", {"cursor"}),
     ("cursor=!!!", {"cursor"}),
-    ("cursor=", {"cursor"}),
     (f"cursor={b64('p:0')}", {"cursor"}),
     (f"cursor={b64('p:-1')}", {"cursor"}),
     (f"cursor={b64('p:abc')}", {"cursor"}),
     (f"cursor={b64('s:5')}", {"cursor"}),
     ("status=DONE", {"status"}),
     ("status=running", {"status"}),
-    ("status=", {"status"}),
     ("foo=1", {"foo"}),
     ("Limit=5", {"Limit"}),
     ("limit=5&limit=5", {"limit"}),

@@ -114,20 +114,28 @@ def valid_name(name):
     return isinstance(name, str) and 1 <= len(name) <= 128 and not any(unicodedata.category(c) == "Cc" for c in name)
 
 
-def valid_params(params, optional=True):
+def valid_params(params, optional=True, overlay=False):
+    """Params as SPEC section 2 has them; a restart's (`overlay`) may also map a name to null,
+    which removes it (issue 13)."""
     if params is None:
         return optional
     return (
         isinstance(params, dict)
         and len(params) <= 256
-        and all(valid_name(n) and valid_value(v) for n, v in params.items())
+        and all(valid_name(n) and (valid_value(v) or (overlay and v is None)) for n, v in params.items())
     )
+
+
+def valid_overlay(params):
+    return valid_params(params, overlay=True)
 
 
 def output_form(params):
     """The echo SPEC section 2 promises: all four keys, the unused two null, a DOUBLE as a float."""
     out = {}
     for name, value in (params or {}).items():
+        if value is None:
+            continue  # a restart's null removes the name
         kind = value["type"]
         echoed = {"strValue": None, "longValue": None, "doubleValue": None, "type": kind}
         given_value = value[VALUE_FIELDS[kind]]
@@ -195,12 +203,13 @@ def test_the_params_schema_accepts_exactly_the_valid_params_and_echoes_them(para
         loaded = s.RestartStepSchema().load({"processStepId": "abc", "params": params})
     except ValidationError as refused:
         count("schema", "refused")
-        assert not valid_params(params), f"refused valid params: {refused.messages}"
+        assert not valid_overlay(params), f"refused valid params: {refused.messages}"
         assert isinstance(refused.messages, dict) and "params" in refused.messages
         return
     count("schema", "accepted")
-    assert valid_params(params), "accepted invalid params"
-    echoed = s.RestartResultSchema().dump({"process_id": "p", "step_id": "abc", "params": loaded["params"]})
+    assert valid_overlay(params), "accepted invalid params"
+    kept = {name: value for name, value in loaded["params"].items() if value is not None}  # as the store lays them
+    echoed = s.RestartResultSchema().dump({"process_id": "p", "step_id": "abc", "params": kept})
     assert echoed["params"] == output_form(params)
     assert json.loads(json.dumps(echoed["params"])) == output_form(params)
 
@@ -291,9 +300,9 @@ def test_restart_accepts_valid_bodies_echoes_the_params_and_refuses_the_rest(mod
     status, data = post(module_client, RESTART, body)
     count("restart", status)
     if status == 412:
-        assert not (use_real_id and valid_action(body, "params", valid_params)), data
+        assert not (use_real_id and valid_action(body, "params", valid_overlay)), data
         return
-    assert status == 200 and valid_action(body, "params", valid_params)
+    assert status == 200 and valid_action(body, "params", valid_overlay)
     assert data["processStepId"] == body["processStepId"]
     assert data["params"] == output_form(body.get("params"))
 

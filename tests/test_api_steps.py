@@ -52,10 +52,10 @@ def test_paging_walks_every_step_exactly_once(api, limit):
     ]
 
 
+# An empty value (`type=`) is not here: it means the parameter is absent (test_api_errors.py).
 BAD_STEP_QUERIES = [
     ("status=RUNNING", {"status"}),
     ("status=failed", {"status"}),
-    ("type=", {"type"}),
     (f"type={'t' * 129}", {"type"}),
     ("limit=0", {"limit"}),
     ("limit=501", {"limit"}),

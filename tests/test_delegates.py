@@ -1,9 +1,12 @@
 """The delegates package alone: the registry, discovery of built-in and user modules, retry policies."""
 
+import json
 import random
+import sys
+from pathlib import Path
 
 import pytest
-from helpers import write_file
+from helpers import ROOT, write_file
 
 from delegates import DelegateLoadError, RetryPolicy, delegate, load_registry
 
@@ -71,6 +74,98 @@ def test_syntax_error_is_named(tmp_path):
     with pytest.raises(DelegateLoadError, match="typo.py"):
         load_registry(tmp_path)
     assert broken.exists()
+
+
+def test_every_module_that_does_not_import_is_named_at_once(tmp_path):
+    fine = write_file(tmp_path, "fine.py", 'from delegates import delegate\n@delegate("fine")\ndef f(ctx):\n    pass\n')
+    broken = write_file(tmp_path, "broken.py", "raise RuntimeError('boom at import')\n")
+    typo = write_file(tmp_path, "typo.py", "def f(:\n")
+    missing = write_file(tmp_path, "missing.py", "import no_such_module_anywhere\n")
+    with pytest.raises(DelegateLoadError) as refused:
+        load_registry(tmp_path)
+    message = str(refused.value)
+    for path in (broken, typo, missing):
+        assert str(path) in message, message
+    assert "boom at import" in message and "no_such_module_anywhere" in message
+    assert str(fine) not in message
+
+
+# -- a user's folder: its modules import each other; none may take a name already on the path -------
+def test_a_delegate_module_imports_a_helper_beside_it(tmp_path):
+    write_file(tmp_path, "_rates.py", "RATE = 3\n")  # a `_` module is only a helper: not scanned for delegates
+    write_file(
+        tmp_path,
+        "invoices.py",
+        """
+        from _rates import RATE
+        from delegates import delegate
+
+        @delegate("invoice.send")
+        def send(ctx):
+            return {"rate": RATE}
+        """,
+    )
+    registry = load_registry(tmp_path)
+    assert registry.get("invoice.send").fn(None) == {"rate": 3}
+
+
+def test_a_helper_imported_by_two_delegate_modules_is_one_module(tmp_path):
+    write_file(tmp_path, "shared.py", "calls = []\n")
+    for name in ("first", "second"):
+        write_file(tmp_path, f"{name}.py", f"import shared\n\nshared.calls.append({name!r})\n")
+    load_registry(tmp_path)
+    assert sys.modules["shared"].calls == ["first", "second"]
+
+
+def test_a_later_load_of_another_folder_uses_that_folders_modules(tmp_path):
+    for folder, value in (("one", 1), ("two", 2)):
+        (tmp_path / folder).mkdir()
+        write_file(tmp_path / folder, "_value.py", f"VALUE = {value}\n")
+        write_file(
+            tmp_path / folder,
+            "values.py",
+            "from _value import VALUE\nfrom delegates import delegate\n\n\n"
+            '@delegate("value")\ndef f(ctx):\n    return VALUE\n',
+        )
+    assert load_registry(tmp_path / "one").get("value").fn(None) == 1
+    assert load_registry(tmp_path / "two").get("value").fn(None) == 2
+    assert str(tmp_path / "one") not in sys.path
+
+
+@pytest.mark.parametrize(
+    ("name", "theirs"),
+    [
+        ("config.py", ROOT / "config.py"),
+        ("store.py", ROOT / "store.py"),
+        ("_helpers_of_mine.py", None),
+        ("delegates.py", ROOT / "delegates" / "__init__.py"),
+        ("json.py", Path(json.__file__)),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_a_module_named_as_one_already_on_the_path_is_refused_naming_both(tmp_path, name, theirs):
+    mine = write_file(tmp_path, name, "X = 1\n")
+    if theirs is None:  # not a clash: loads
+        load_registry(tmp_path)
+        return
+    with pytest.raises(DelegateLoadError) as refused:
+        load_registry(tmp_path)
+    assert str(mine) in str(refused.value) and str(theirs) in str(refused.value), refused.value
+
+
+def test_a_module_whose_name_has_a_dot_is_refused(tmp_path):
+    dotted = write_file(tmp_path, "my.tools.py", "X = 1\n")
+    with pytest.raises(DelegateLoadError, match="no dot") as refused:
+        load_registry(tmp_path)
+    assert str(dotted) in str(refused.value)
+
+
+def test_a_clash_and_a_broken_module_are_named_in_one_start(tmp_path):
+    clash = write_file(tmp_path, "app.py", "X = 1\n")
+    broken = write_file(tmp_path, "broken.py", "raise RuntimeError('boom')\n")
+    with pytest.raises(DelegateLoadError) as refused:
+        load_registry(tmp_path)
+    assert str(clash) in str(refused.value) and str(broken) in str(refused.value)
 
 
 def test_missing_folder_is_refused(tmp_path):

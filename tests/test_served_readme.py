@@ -1,18 +1,38 @@
-"""The README's curl walkthrough runs, as written, against a real server."""
+"""The README's shell recipes run, as written, against a real server: the curl walkthrough, and
+the recipe that keeps the first token's secret."""
 
+import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 
 import pytest
-from helpers import ROOT
+import requests
+from helpers import ROOT, P, free_port, wait_for
 
 README = (ROOT / "README.md").read_text()
+NEEDS_CURL_AND_JQ = pytest.mark.skipif(
+    not (shutil.which("curl") and shutil.which("jq")), reason="the walkthrough needs curl and jq"
+)
 
 
-def walkthrough():
-    block = README.split("<!-- walkthrough:start -->")[1].split("<!-- walkthrough:end -->")[0]
-    return re.search(r"```bash\n(.*?)```", block, re.S).group(1)
+def block(name):
+    """The ```bash block between <!-- name:start --> and <!-- name:end --> in the README."""
+    marked = README.split(f"<!-- {name}:start -->")[1].split(f"<!-- {name}:end -->")[0]
+    return re.search(r"```bash\n(.*?)```", marked, re.S).group(1)
+
+
+def walk(server, token):
+    script = block("walkthrough").replace("http://127.0.0.1:8080", server.url)
+    return subprocess.run(
+        ["bash", "-c", script],
+        env={"PATH": "/usr/bin:/bin", "TOKEN": token},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_readme_names_the_two_commands_near_the_top():
@@ -20,17 +40,10 @@ def test_readme_names_the_two_commands_near_the_top():
     assert "make run" in top and "make test" in top
 
 
-@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("jq")), reason="the walkthrough needs curl and jq")
+@NEEDS_CURL_AND_JQ
 def test_walkthrough_runs_against_a_real_server(server_factory):
     server = server_factory().start()
-    script = walkthrough().replace("http://127.0.0.1:8080", server.url)
-    done = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        env={"PATH": "/usr/bin:/bin", "TOKEN": server.token},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = walk(server, server.token)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[-1].endswith("COMPLETED")
@@ -38,3 +51,79 @@ def test_walkthrough_runs_against_a_real_server(server_factory):
     assert '[1,"start","env","FAILED"]' in lines and '[2,"restart","env","COMPLETED"]' in lines
     restart_answer = next(line for line in lines if line.startswith('{"processId"'))
     assert '"params":{"seconds":{"strValue":null,"longValue":null,"doubleValue":0.1,"type":"DOUBLE"}}' in restart_answer
+
+
+@NEEDS_CURL_AND_JQ
+@pytest.mark.parametrize("token", ["stepd_a-stale-or-wrong-secret", ""], ids=["wrong", "empty"])
+def test_walkthrough_with_a_bad_token_stops_at_once_and_shows_why(server_factory, token):
+    server = server_factory().start()
+    began = time.monotonic()
+    done = walk(server, token)
+    assert done.returncode != 0
+    assert time.monotonic() - began < 5
+    if token:
+        assert '"message":"Unauthorized request"' in done.stderr, done.stderr  # the answer's body
+    else:
+        assert "set TOKEN" in done.stderr
+    assert "COMPLETED" not in done.stdout
+
+
+@NEEDS_CURL_AND_JQ
+def test_walkthrough_gives_up_on_a_wait_that_never_ends(server_factory):
+    server = server_factory(runners=0).start()  # no runner: the step stays QUEUED, the process RUNNING
+    began = time.monotonic()
+    done = walk(server, server.token)
+    assert done.returncode != 0
+    assert time.monotonic() - began < 30
+    assert "still RUNNING" in done.stderr and "not FAILED" in done.stderr, done.stderr
+
+
+# -- keeping the first token's secret ---------------------------------------------------------
+def keep_secret(folder, port):
+    """Run the README's recipe in `folder` (make run of this checkout, on `port`, its database in
+    folder/var/): (the secret it kept, the process group to stop)."""
+    script = block("token").replace("make run", f"make -C {ROOT} run").replace("8080", str(port))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("STEPD_") and k not in ("MAKEFLAGS", "MFLAGS")},
+        "STEPD_PORT": str(port),
+        "STEPD_DB": str(folder / "var" / "stepd.db"),
+    }
+    kept = folder / "kept"
+    recipe = subprocess.Popen(
+        ["bash", "-c", f'{script}\nprintf %s "$TOKEN" > {kept}\nwait'], cwd=folder, env=env, start_new_session=True
+    )
+    wait_for(lambda: kept.exists(), timeout=120, what="the recipe to keep a secret")
+    return kept.read_text(), recipe
+
+
+def stop_group(recipe):
+    os.killpg(recipe.pid, signal.SIGTERM)
+    recipe.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_the_token_recipe_keeps_this_starts_secret_after_a_fresh_start(tmp_path):
+    """`tee -a` and `grep -m1` kept the first secret ever written: after `rm -rf var` and a new start,
+    a stale one (401)."""
+    port = free_port()
+    secrets = []
+    for _ in range(2):
+        secret, recipe = keep_secret(tmp_path, port)
+        try:
+            assert secret.startswith("stepd_"), secret
+            answer = requests.get(f"http://127.0.0.1:{port}{P}", headers={"Authorization": f"Bearer {secret}"})
+            assert answer.status_code == 200, answer.text
+        finally:
+            stop_group(recipe)
+        secrets.append(secret)
+        shutil.rmtree(tmp_path / "var")
+        (tmp_path / "kept").unlink()
+    assert secrets[0] != secrets[1]
+
+
+def test_the_recipes_files_are_not_in_git_status():
+    if not (ROOT / ".git").exists() or not shutil.which("git"):
+        pytest.skip("not a git checkout")
+    files = ["stepd.err", "stepd.out"]
+    ignored = subprocess.run(["git", "check-ignore", *files], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout.split() == files, ignored

@@ -171,3 +171,48 @@ def test_a_chunked_body_over_1_mib_is_413(server_factory):
     assert response.json()["message"] == "Payload too large"
     small = requests.post(server.url + RESTART, data=iter([b'{"processStepId": "abc"}']), headers=headers)
     assert small.status_code == 412 and small.json()["data"] == {"processStepId": ["No step has this id."]}
+
+
+# A body sent `Transfer-Encoding: chunked` that cannot be read: gunicorn raises while the app reads
+# it (InvalidChunkSize and the like). The client's fault, so a 412 in the envelope, never a 500.
+BAD_CHUNKED = [
+    ("size-not-hex", b"zz\r\n{}\r\n0\r\n\r\n"),
+    ("size-negative", b"-2\r\n{}\r\n0\r\n\r\n"),
+    ("size-too-long", b"1" * 40 + b"\r\n{}\r\n0\r\n\r\n"),
+    ("chunk-unterminated", b"2\r\n{}XX0\r\n\r\n"),
+    ("ends-mid-chunk", b'10\r\n{"steps"'),  # and the client says no more (its half of the socket closed)
+]
+
+
+@pytest.mark.slow
+def test_a_malformed_chunked_body_is_a_412_in_the_envelope(server_factory):
+    import json
+
+    server = server_factory(workers=1).start()
+    for idempotency in ("", "Idempotency-Key: chunked-1\r\n"):  # with a key, the body is read before the view
+        for name, body in BAD_CHUNKED:
+            head = (
+                "POST /api/v1/processes HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+                f"Authorization: Bearer {server.token}\r\nContent-Type: application/json\r\n{idempotency}"
+                "Transfer-Encoding: chunked\r\n\r\n"
+            )
+            status, answer = raw_request_half_closed(server, head.encode() + body)
+            assert status.startswith("HTTP/1.1 412 "), (name, status, answer)
+            answer = json.loads(answer)
+            assert set(answer) == ENVELOPE_KEYS and answer["message"] == "Precondition failed", name
+            assert list(answer["data"]) == ["_schema"], (name, answer)
+            assert "chunk" in answer["data"]["_schema"][0].lower() or "ended" in answer["data"]["_schema"][0], answer
+    assert server.get("/api/v1/processes").json()["data"]["items"] == []
+    assert "unexpected error" not in server.output() and "Traceback" not in server.output(), server.output()
+
+
+def raw_request_half_closed(server, request_bytes):
+    """Send the bytes, close our sending half, and read the whole answer: (status line, body)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return head.decode("latin-1").splitlines()[0], body

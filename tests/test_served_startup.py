@@ -5,6 +5,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import RESTART, ROOT, STEPS, P, calls, db_rows, free_port, wait_for
+from helpers import FLASK, RESTART, ROOT, STEPS, P, calls, db_rows, free_port, wait_for
 
 import migrations
 
@@ -28,6 +29,8 @@ def test_start_is_refused_when_a_delegate_module_does_not_import(server_factory,
     folder.mkdir()
     (folder / "fine.py").write_text("from delegates import delegate\n\n\n@delegate('fine')\ndef fine(ctx):\n    pass\n")
     (folder / "boom.py").write_text("raise RuntimeError('boom at import time')\n")
+    (folder / "typo.py").write_text("def f(:\n")
+    (folder / "config.py").write_text("SETTING = 1\n")  # stepd's own config would be imported instead
     began = time.monotonic()
     server = server_factory(db_path=tmp_path / "broken.db", delegates=folder).start(wait=False)
     code = server.proc.wait(timeout=20)
@@ -35,7 +38,24 @@ def test_start_is_refused_when_a_delegate_module_does_not_import(server_factory,
     assert code != 0, output
     assert str(folder / "boom.py") in output
     assert "boom at import time" in output
+    assert str(folder / "typo.py") in output  # every module that does not import, in one start
+    assert str(folder / "config.py") in output and str(ROOT / "config.py") in output
+    assert str(folder / "fine.py") not in output
     assert time.monotonic() - began < 10
+
+
+def test_a_delegate_imports_a_helper_from_its_own_folder(server_factory, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "_carrier.py").write_text("def label(order):\n    return f'label-{order}'\n")
+    (folder / "shipping.py").write_text(
+        "from _carrier import label\nfrom delegates import delegate\n\n\n"
+        "@delegate('ship')\ndef ship(ctx):\n    return {'label': label(ctx.params['order'])}\n"
+    )
+    server = server_factory(db_path=tmp_path / "mine.db", delegates=folder).start()
+    process = server.start_process(("ship", {"order": "A7"}))
+    done = server.wait_process(process["processId"], "COMPLETED")  # in a runner process
+    assert done["steps"][0]["result"]["label"]["strValue"] == "label-A7"
 
 
 def test_start_is_refused_when_two_delegates_claim_one_type(server_factory, tmp_path):
@@ -71,6 +91,28 @@ def test_start_is_refused_with_a_bad_setting(server_factory, tmp_path, key, valu
     output = server.output()
     assert f"stepd: cannot start: {key} must be" in output
     assert "Traceback" not in output  # one clear line, not gunicorn's traceback of its config file
+
+
+def test_a_port_in_use_is_refused_at_once_naming_stepd_port(server_factory, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        began = time.monotonic()
+        server = server_factory(db_path=tmp_path / "busy.db", extra_env={"STEPD_PORT": str(port)}).start(wait=False)
+        assert server.proc.wait(timeout=20) != 0
+        output = server.output()
+    assert f"stepd: cannot start: 127.0.0.1:{port} is in use" in output and "STEPD_PORT" in output, output
+    assert "Can't connect" not in output and "Traceback" not in output
+    assert time.monotonic() - began < 5  # not gunicorn's five retries a second apart
+
+
+def test_an_unusable_database_path_names_stepd_db(server_factory, tmp_path):
+    server = server_factory(db_path=tmp_path / "x.db", extra_env={"STEPD_DB": "/proc/nope/x.db"}).start(wait=False)
+    assert server.proc.wait(timeout=20) != 0
+    output = server.output()
+    assert "stepd: cannot start: STEPD_DB=/proc/nope/x.db cannot be used:" in output, output
+    assert "Traceback" not in output
 
 
 def test_start_is_refused_when_the_database_is_not_sqlite(server_factory, tmp_path):
@@ -123,6 +165,43 @@ def test_first_start_without_token_prints_exactly_one_working_secret(server_fact
     assert "created the operator token" not in later
     assert requests.get(second.url + P, headers=bearer, timeout=10).status_code == 200
     assert db_rows(db, "SELECT name FROM tokens") == [("admin",)]
+
+
+def test_revoking_every_token_and_starting_again_makes_no_new_token(server_factory, tmp_path):
+    """Revoking every token is a normal response to an incident: the next start must not mint one."""
+    db = tmp_path / "revoked.db"
+    first = server_factory(db_path=db, token=None).start()
+    assert len(SECRET.findall(first.output())) == 1
+    assert first.stop() == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STEPD_", "FLASK_"))}
+    revoked = subprocess.run(
+        [str(FLASK), "--app", "app", "token", "revoke", "admin"],
+        cwd=ROOT,
+        env={**env, "STEPD_DB": str(db)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert revoked.returncode == 0, revoked.stderr
+
+    offset = len(first.output())
+    second = server_factory(db_path=db, token=None).start()
+    later = second.output()[offset:]
+    assert "Booting worker" in later
+    assert not SECRET.findall(later) and "created the operator token" not in later, later
+    assert later.count("no API token exists") == 1, later  # said once, with what to do
+    assert "token create" in later
+    assert db_rows(db, "SELECT COUNT(*) FROM tokens") == [(0,)]
+    assert requests.get(second.url + P, timeout=10).status_code == 401
+
+
+def test_a_database_first_started_with_stepd_token_gets_no_token_later(server_factory, tmp_path):
+    db = tmp_path / "env-first.db"
+    first = server_factory(db_path=db, token="env-token-at-first").start()
+    first.stop()
+    offset = len(first.output())
+    later = server_factory(db_path=db, token=None).start().output()[offset:]
+    assert not SECRET.findall(later) and "no API token exists" in later, later
 
 
 def test_no_token_is_generated_when_stepd_token_is_set(server_factory, tmp_path):
