@@ -114,7 +114,10 @@ def build_spec(app):
         version=VERSION,
         openapi_version="3.0.3",
         plugins=[MarshmallowPlugin()],
-        info={"description": "Runs processes of ordered steps; restart a failed step and the process carries on."},
+        info={
+            "description": "Runs processes of ordered steps whose results flow forward; restart or skip a failed"
+            " step and the process carries on, or cancel the process."
+        },
     )
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     spec.components.security_scheme("basic", {"type": "http", "scheme": "basic"})
