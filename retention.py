@@ -1,9 +1,12 @@
 """Retention: deleting processes that finished (COMPLETED or CANCELLED) more than some days ago,
 with their steps and attempts, in small batches (SPEC 10).
 
-Each batch is one write transaction of BATCH processes (a few hundred rows for processes of a
-few steps), and after each one the purge waits as long as the batch took (at least PAUSE_SECONDS),
-so a request that wants the write lock waits behind one batch at most, never behind the purge.
+Each batch is one write transaction of at most BATCH_ROWS rows (whole processes: a process with
+more rows than that is a batch of its own), and after each one the purge waits as long as the
+batch took (at least PAUSE_SECONDS), so a request that wants the write lock waits behind one batch
+at most, never behind the purge. Every row deleted dirties a page of each index on a random id, so
+a batch costs in proportion to its rows: on the 2-core VM of BENCHMARKS.md, beside a service under
+load, a batch of 100 rows held the lock 9 ms (median), one of 200 rows 19 ms (bench/purge.py).
 FAILED and RUNNING processes are never deleted. Freed pages go to SQLite's freelist and are
 reused by the rows written next: the file stops growing, it does not shrink (see the README).
 
@@ -20,7 +23,8 @@ from model import iso
 
 log = logging.getLogger("stepd.retention")
 
-BATCH = 100  # processes per transaction
+BATCH_ROWS = 100  # rows (processes, steps, attempts) deleted per transaction, at most
+LOOK_AHEAD = 100  # processes looked at to fill a batch
 PAUSE_SECONDS = 0.005  # the least wait between two batches, for the writers queued behind one
 
 
@@ -29,19 +33,34 @@ def cutoff(days, now=None):
     return iso((now or datetime.now(UTC)) - timedelta(days=days))
 
 
-def purge(store, days, dry_run=False, batch=BATCH):
+def purge(store, days, dry_run=False, batch_rows=None):
     """Delete every process that finished more than `days` days ago; returns (processes, rows)
     deleted. A dry run deletes nothing and returns (how many it would delete, None)."""
     before = cutoff(days)
     if dry_run:
         return store.count_finished_before(before), None
     processes = rows = 0
-    while ids := store.finished_before(before, batch):
+    while due := store.finished_before(before, LOOK_AHEAD):
         began = time.monotonic()
-        deleted, deleted_rows = store.delete_finished(ids, before)
+        deleted, deleted_rows = store.delete_finished(next_batch(due, batch_rows or BATCH_ROWS), before)
         processes, rows = processes + deleted, rows + deleted_rows
+        # Copy the log back into the file now, outside the write lock: else a commit (the next
+        # batch's, or a request's) finds the log long and checkpoints it while holding the lock.
+        store.checkpoint()
         time.sleep(max(PAUSE_SECONDS, time.monotonic() - began))  # the writers' turn
     return processes, rows
+
+
+def next_batch(due, batch_rows):
+    """The ids of the oldest of `due` ((id, rows) pairs) whose rows add up to at most `batch_rows`;
+    at least one, however large."""
+    ids, total = [], 0
+    for process_id, rows in due:
+        if ids and total + rows > batch_rows:
+            break
+        ids.append(process_id)
+        total += rows
+    return ids
 
 
 class Retention:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from model import (
     COMPLETED,
     FAILED,
+    FINISHED_PROCESS_STATUSES,
     MAX_PARAMS,
     SKIPPED,
     Conflict,
@@ -655,9 +656,22 @@ class Store:
 
     # -- retention: deleting finished processes ------------------------------------------
     def finished_before(self, before, limit):
-        """Ids of up to `limit` COMPLETED or CANCELLED processes that finished before `before`
-        (stepd's UTC text), oldest first."""
-        return [row["id"] for row in self.db.rows(FINISHED_BEFORE, (before, limit))]
+        """Up to `limit` COMPLETED or CANCELLED processes that finished before `before` (stepd's
+        UTC text), oldest first, as (id, rows): how many rows deleting it deletes (the process,
+        its steps and their attempts)."""
+        with self.db.snapshot() as conn:
+            ids = [row["id"] for row in conn.execute(FINISHED_BEFORE, (before, limit))]
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            sizes = dict(
+                conn.execute(
+                    f"SELECT process_id, COUNT(*) + SUM(attempts) FROM steps WHERE process_id IN ({marks})"
+                    " GROUP BY process_id",
+                    ids,
+                ).fetchall()
+            )
+        return [(process_id, 1 + sizes.get(process_id, 0)) for process_id in ids]
 
     def count_finished_before(self, before):
         """How many COMPLETED or CANCELLED processes finished before `before`."""
@@ -675,12 +689,11 @@ class Store:
             return 0, 0
         marks = ",".join("?" * len(process_ids))
         with self.db.transaction() as conn:
+            # Checked here, not in the WHERE: given the status, SQLite would walk its index (every
+            # COMPLETED process) instead of looking these few up by id.
+            rows = conn.execute(f"SELECT id, status, updated_at FROM processes WHERE id IN ({marks})", process_ids)
             ids = [
-                row["id"]
-                for row in conn.execute(
-                    f"SELECT id FROM processes WHERE id IN ({marks}) AND {PROCESS_FINISHED} AND updated_at < ?",
-                    (*process_ids, before),
-                )
+                row["id"] for row in rows if row["status"] in FINISHED_PROCESS_STATUSES and row["updated_at"] < before
             ]
             if not ids:
                 return 0, 0

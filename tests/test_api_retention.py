@@ -110,8 +110,9 @@ def test_purge_runs_from_the_checkout_as_an_operator_runs_it(tmp_path):
 
 def test_purge_deletes_in_batches_and_lets_writers_in_between(app, api, db_path, monkeypatch):
     """A few thousand processes are purged while another thread keeps starting processes: every write
-    is answered, none waits long behind the purge, and the purge deletes in transactions of BATCH."""
-    insert_finished_processes(db_path, 3000, "COMPLETED", ago(days=10), steps=2)
+    is answered, none waits long behind the purge, and the purge deletes in transactions of at most
+    BATCH_ROWS rows (whole processes)."""
+    insert_finished_processes(db_path, 2000, "COMPLETED", ago(days=10))
     store = app.extensions["stepd"].store
     batches = []
     delete_finished = store.delete_finished
@@ -136,13 +137,14 @@ def test_purge_deletes_in_batches_and_lets_writers_in_between(app, api, db_path,
     took = time.monotonic() - began
     stop.set()
     thread.join(timeout=10)
-    assert done.output.startswith("Deleted 3000 process(es)"), done.output
-    assert batches == [retention.BATCH] * (3000 // retention.BATCH)
+    assert done.output.startswith("Deleted 2000 process(es)"), done.output
+    per_batch = retention.BATCH_ROWS // 3  # a process, its step and its attempt
+    assert batches == [per_batch] * (2000 // per_batch) + [2000 % per_batch]
     assert statuses and set(statuses) == {201}
     assert max(waits) < 0.5, f"a write waited {max(waits):.3f} s"
     report_figure(
         "purge (test)",
-        f"3,000 processes (15,000 rows) in {took:.2f} s while {len(waits)} process starts went on;"
+        f"2,000 processes (6,000 rows) in {took:.2f} s while {len(waits)} process starts went on;"
         f" longest start {1000 * max(waits):.1f} ms",
     )
 
@@ -179,6 +181,13 @@ def test_without_the_setting_nothing_is_ever_deleted(app_with, monkeypatch):
     insert_finished_processes(app.config["STEPD_DB"], 5, "COMPLETED", ago(days=3650))
     time.sleep(1.5)  # a heartbeat or two
     assert counts(app.config["STEPD_DB"]) == (5, 5, 5)
+
+
+def test_a_batch_holds_whole_processes_up_to_its_rows_and_one_larger_alone():
+    due = [("a", 90), ("b", 90), ("c", 30), ("d", 5)]
+    assert retention.next_batch(due, 200) == ["a", "b"]
+    assert retention.next_batch([("huge", 701), ("e", 3)], 200) == ["huge"]
+    assert retention.next_batch([("x", 3)] * 100, 200) == ["x"] * 66
 
 
 def test_a_retention_chore_never_runs_twice_at_once(app, monkeypatch):

@@ -417,9 +417,12 @@ def test_only_completed_and_cancelled_processes_finished_before_the_time_are_del
     assert store.finished_before("2000-01-01T00:00:00.000Z", 10) == []
     later = "2999-01-01T00:00:00.000Z"
     due = store.finished_before(later, 10)
-    assert due == [ids["COMPLETED"], ids["CANCELLED"]]  # oldest first
+    # oldest first, with the rows each would delete: the process, 2 steps, their attempts (2 and 1)
+    assert due == [(ids["COMPLETED"], 5), (ids["CANCELLED"], 4)]
     assert store.count_finished_before(later) == 2
-    assert store.delete_finished(due + [ids["FAILED"], ids["RUNNING"]], later) == (2, 2 + 4 + 3)
+    assert store.finished_before(later, 1) == due[:1]
+    due_ids = [process_id for process_id, _rows in due]
+    assert store.delete_finished(due_ids + [ids["FAILED"], ids["RUNNING"]], later) == (2, 5 + 4)
     assert store.get_process(ids["COMPLETED"]) is None and store.get_process(ids["CANCELLED"]) is None
     assert store.get_process(ids["FAILED"])["status"] == "FAILED"
     assert store.get_process(ids["RUNNING"])["status"] == "RUNNING"
