@@ -4,12 +4,15 @@ How a view reads its input and frames its answer is `envelope.endpoint`'s job; w
 `auth`'s; what it does, `engine`'s.
 """
 
+import math
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 from flask import Blueprint, Flask, current_app
+from flask.cli import with_appcontext
 from werkzeug.routing import BaseConverter
 from werkzeug.routing import ValidationError as RouteMismatch
 
@@ -24,7 +27,8 @@ from envelope import endpoint, load_query
 from idempotency import idempotent
 from logs import configure_logging
 from model import MAX_BULK
-from runner import STOP_GRACE_SECONDS, Runner
+from retention import purge
+from runner import STOP_GRACE_SECONDS, Runner, chores
 from store import Store
 from wake import Notifier
 
@@ -44,7 +48,9 @@ def engine():
 
 
 # -- routing ---------------------------------------------------------------------------------
-ACTION_NAMES = {"steps", "restart-failed-step", "restart-failed-steps", "fail-step", "complete-step"}
+ACTION_NAMES = {
+    "steps", "restart-failed-step", "restart-failed-steps", "fail-step", "complete-step", "cancel", "skip-step",
+}  # fmt: skip
 
 
 class IdConverter(BaseConverter):
@@ -77,8 +83,9 @@ def start_process(body):
 @reads
 @endpoint(data=s.ProcessPageSchema, query=s.ProcessListQuery, errors=(412,), tag="processes")
 def list_processes(query):
-    """List processes, newest first, without their steps."""
-    items, next_seq = engine().processes(query["status"], query["limit"], query["cursor"])
+    """List processes, newest first, without their steps; filter by status, name and creation time."""
+    where = {key: query[key] for key in ("status", "name", "created_after", "created_before")}
+    items, next_seq = engine().processes(where, query["limit"], query["cursor"])
     return {"items": items, "nextCursor": s.encode_cursor("p", next_seq)}
 
 
@@ -87,8 +94,18 @@ def list_processes(query):
 # 405: GET …/processes/fail-step and the like (an action's name where an id may stand)
 @endpoint(data=s.ProcessSchema, errors=(404, 405, 412), tag="processes")
 def get_process(process_id):
-    """One process with its steps."""
+    """One process with its steps and variables."""
     return engine().process(process_id)
+
+
+@api.post("/processes/cancel")
+@writes
+@idempotent
+@endpoint(data=s.ProcessSchema, body=s.CancelProcessSchema, errors=(412,))
+def cancel_process(body):
+    """Cancel a RUNNING or FAILED process: it and each of its steps not yet done become CANCELLED."""
+    process = engine().cancel(body["process_id"], body["reason"], current_principal().name)
+    return process, "Process cancelled."
 
 
 # -- steps -----------------------------------------------------------------------------------
@@ -96,8 +113,9 @@ def get_process(process_id):
 @reads
 @endpoint(data=s.StepPageSchema, query=s.StepListQuery, errors=(412,), tag="steps")
 def list_steps(query):
-    """List steps across processes, newest first; filter by status and type."""
-    items, next_seq = engine().steps(query["status"], query["type"], query["limit"], query["cursor"])
+    """List steps across processes, newest first; filter by status, type, process and error type."""
+    where = {key: query[key] for key in ("status", "type", "process_id", "error_type")}
+    items, next_seq = engine().steps(where, query["limit"], query["cursor"])
     return {"items": items, "nextCursor": s.encode_cursor("s", next_seq)}
 
 
@@ -158,6 +176,16 @@ def complete_step(body):
     return engine().complete(body["step_id"], body["result"]), "Step completed."
 
 
+@api.post("/processes/skip-step")
+@writes
+@idempotent
+@endpoint(data=s.StepSchema, body=s.SkipStepSchema, errors=(412,))
+def skip_step(body):
+    """Skip a FAILED step, with an optional result later steps see; the process carries on."""
+    step = engine().skip(body["step_id"], body["result"], body["reason"], current_principal().name)
+    return step, "Step skipped."
+
+
 # -- the service -----------------------------------------------------------------------------
 @api.get("/delegates")
 @reads
@@ -211,6 +239,7 @@ def create_app(overrides=None):
     app.register_blueprint(health)
     envelope.init_app(app)
     app.cli.add_command(token_cli)
+    app.cli.add_command(purge_command)
     return app
 
 
@@ -225,6 +254,25 @@ def _prepare_on_first_request(database):
     return prepare
 
 
+def _days(ctx, param, value):
+    if not math.isfinite(value) or value < 0:
+        raise click.BadParameter("must be a number of days >= 0 (fractions allowed)")
+    return value
+
+
+@click.command("purge")
+@click.option("--older-than", "days", type=float, required=True, callback=_days, metavar="DAYS")
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@with_appcontext
+def purge_command(days, dry_run):
+    """Delete COMPLETED and CANCELLED processes that finished more than DAYS days ago."""
+    processes, rows = purge(current_app.extensions["stepd"].store, days, dry_run)
+    if dry_run:
+        click.echo(f"Would delete {processes} process(es) finished more than {days:g} day(s) ago.")
+    else:
+        click.echo(f"Deleted {processes} process(es) finished more than {days:g} day(s) ago ({rows} rows).")
+
+
 def start_background(app):
     """Run a runner inside this process too (the tests do; the service runs them in processes
     of their own, runner.py): it claims what this app queues, as any runner would."""
@@ -237,7 +285,7 @@ def start_background(app):
             settings["STEPD_THREADS"],
             settings["STEPD_DB"],
             settings["STEPD_STEP_TIMEOUT"],
-            housekeeping=(stepd.store.forget_answers,),
+            housekeeping=chores(stepd.store, settings["STEPD_RETENTION_DAYS"]),
         )
         stepd.runner.start()
 

@@ -16,6 +16,7 @@ DEFAULTS = {
     "STEPD_RUNNERS": "1",
     "STEPD_STEP_TIMEOUT": "",
     "STEPD_LOG_FORMAT": "text",
+    "STEPD_RETENTION_DAYS": "",
 }
 INTEGERS = {"STEPD_PORT": (1, 65535), "STEPD_WORKERS": (1, 64), "STEPD_THREADS": (1, 256), "STEPD_RUNNERS": (0, 64)}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -45,7 +46,8 @@ def from_env(environ=None):
     settings["STEPD_LOG_LEVEL"] = settings["STEPD_LOG_LEVEL"].upper()
     if settings["STEPD_LOG_LEVEL"] not in LOG_LEVELS:
         raise ConfigError(f"STEPD_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
-    settings["STEPD_STEP_TIMEOUT"] = _seconds("STEPD_STEP_TIMEOUT", settings["STEPD_STEP_TIMEOUT"])
+    settings["STEPD_STEP_TIMEOUT"] = _positive("STEPD_STEP_TIMEOUT", settings["STEPD_STEP_TIMEOUT"], "seconds")
+    settings["STEPD_RETENTION_DAYS"] = _positive("STEPD_RETENTION_DAYS", settings["STEPD_RETENTION_DAYS"], "days")
     settings["STEPD_SYNC"] = settings["STEPD_SYNC"].lower()
     if settings["STEPD_SYNC"] not in SYNC_MODES:
         raise ConfigError(f"STEPD_SYNC must be one of {', '.join(SYNC_MODES)}")
@@ -62,14 +64,14 @@ def log_format(environ=None):
     return chosen if chosen in LOG_FORMATS else "text"
 
 
-def _seconds(key, text):
-    """A positive, finite number of seconds (fractions allowed), or None when unset."""
+def _positive(key, text, unit):
+    """A positive, finite number of `unit` (fractions allowed), or None when unset."""
     if not text:
         return None
     try:
-        seconds = float(text)
+        number = float(text)
     except ValueError:
-        raise ConfigError(f"{key} must be a number of seconds, not {text!r}") from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(f"{key} must be a positive number of seconds, not {text!r}")
-    return seconds
+        raise ConfigError(f"{key} must be a number of {unit}, not {text!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ConfigError(f"{key} must be a positive number of {unit}, not {text!r}")
+    return number

@@ -1,5 +1,5 @@
 """What callers ask of processes and steps: start, restart (one or many, or a dry run),
-complete, fail, and the reads. The API's views call only this.
+complete, fail, cancel, skip, and the reads. The API's views call only this.
 
 Every change goes through the store, in one transaction. Each attempt a caller begins here
 is committed as queued (no runner has it yet), and the runners are poked once that
@@ -56,9 +56,17 @@ class Engine:
             raise NotFound("No process has this id.")
         return process
 
-    def processes(self, status, limit, before_seq):
-        """(a page of processes, newest first, the seq to continue before or None)."""
-        return self.store.list_processes(status, limit, before_seq)
+    def processes(self, where, limit, before_seq):
+        """(a page of processes, newest first, the seq to continue before or None); `where`: status,
+        name, created_after, created_before (None: any)."""
+        return self.store.list_processes(where, limit, before_seq)
+
+    def cancel(self, process_id, reason, principal):
+        """A RUNNING or FAILED process, and each of its steps not yet done, becomes CANCELLED.
+
+        A delegate still running for it sees ctx.cancelled within a second: its runner's watch
+        finds the attempt no longer executing (runner.Runner._let_go_of_ended)."""
+        return self.store.cancel_process(process_id, reason, principal)
 
     # -- steps -----------------------------------------------------------------------------
     def step(self, step_id):
@@ -68,8 +76,9 @@ class Engine:
             raise NotFound("No step has this id.")
         return step
 
-    def steps(self, status, step_type, limit, before_seq):
-        return self.store.list_steps(status, step_type, limit, before_seq)
+    def steps(self, where, limit, before_seq):
+        """Like `processes`; `where`: status, type, process_id, error_type."""
+        return self.store.list_steps(where, limit, before_seq)
 
     def restart(self, step_id, params, principal, dry_run=False):
         """Restart one FAILED step in its own compare-and-set, with `params` laid over its last
@@ -111,6 +120,12 @@ class Engine:
     def complete(self, step_id, result):
         """A STARTED step becomes COMPLETED from outside; the process carries on."""
         step, next_job = self.store.complete_step(step_id, result, None)
+        self._hand_on(next_job)
+        return step
+
+    def skip(self, step_id, result, reason, principal):
+        """A FAILED step becomes SKIPPED with `result` (which later steps see); the process carries on."""
+        step, next_job = self.store.skip_step(step_id, result, reason, principal, None)
         self._hand_on(next_job)
         return step
 

@@ -15,9 +15,13 @@ VERSION = "1.0.0"  # the service's version, in every answer's envelope and the O
 # -- statuses -------------------------------------------------------------------------------
 PENDING, STARTED, COMPLETED, FAILED = "PENDING", "STARTED", "COMPLETED", "FAILED"
 RUNNING = "RUNNING"
-STEP_STATUSES = (PENDING, STARTED, COMPLETED, FAILED)
-PROCESS_STATUSES = (RUNNING, COMPLETED, FAILED)
-ATTEMPT_STATUSES = (STARTED, COMPLETED, FAILED)
+SKIPPED, CANCELLED = "SKIPPED", "CANCELLED"  # an operator stepped over a failure, or gave a process up
+STEP_STATUSES = (PENDING, STARTED, COMPLETED, FAILED, SKIPPED, CANCELLED)
+PROCESS_STATUSES = (RUNNING, COMPLETED, FAILED, CANCELLED)
+ATTEMPT_STATUSES = (STARTED, COMPLETED, FAILED, CANCELLED)  # CANCELLED: its process was cancelled meanwhile
+DONE_STATUSES = (COMPLETED, SKIPPED)  # a step the process has got past
+FINISHED_PROCESS_STATUSES = (COMPLETED, CANCELLED)  # what retention deletes, once old enough
+INTERVENTIONS = ("cancel", "skip")  # what an operator did to a step or process (its `intervention`)
 TRIGGERS = ("start", "restart", "retry")  # what began an attempt
 # Where a STARTED step is: committed and not yet claimed by a runner, its delegate running,
 # waiting for complete-step/fail-step, waiting for an automatic retry.
@@ -29,6 +33,7 @@ MAX_NAME = 128  # characters of a param name
 MAX_STRING = 65536  # characters of a STRING value
 MAX_STEPS = 100  # steps of one process
 MAX_BULK = 1000  # steps one bulk restart takes
+MAX_REASON = 1024  # characters of a cancel's or skip's reason
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 VALUE_TYPES = ("STRING", "LONG", "DOUBLE")

@@ -41,12 +41,13 @@ ERROR_SCHEMAS = {
     503: s.TextErrorEnvelope,
 }
 TAGS = {
-    "processes": "Start processes and read them.",
-    "steps": "Read steps; restart failed ones; complete or fail the ones waiting on outside work.",
+    "processes": "Start processes, read and find them, cancel them.",
+    "steps": "Read steps; restart or skip failed ones; complete or fail the ones waiting on outside work.",
     "service": "The step types, the service's health, this document.",
 }
 INFO = {
-    "description": "Runs processes of ordered steps; restart a failed step and the process carries on.\n\n"
+    "description": "Runs processes of ordered steps whose results flow forward; restart or skip a failed step"
+    " and the process carries on, or cancel the process.\n\n"
     "Every answer is an envelope of `message`, `timestamp`, `data` and `version`. A query parameter given"
     " with an empty value (`?cursor=`) is absent.",
     "license": {"name": "MIT", "url": "https://opensource.org/licenses/MIT"},

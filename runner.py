@@ -31,6 +31,7 @@ from delegates import DEFERRED, Abort, Context
 from liveness import HOST, process_start_time, runner_is_alive
 from logs import step_fields
 from model import COMPLETED, FAILED, Busy, Unwritable, iso, new_id, plain_values, typed_result
+from retention import Retention
 from wake import Listener
 
 log = logging.getLogger("stepd.runner")
@@ -41,7 +42,7 @@ RECORD_RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 POLL_SECONDS = 0.25  # the backstop when a wake-up is lost: queued work waits at most this long
 WATCH_SECONDS = 0.2  # how often timeouts and attempts ended from outside are looked for
 UNWRITABLE_RETRY_SECONDS = 1.0
-HOUSEKEEPING_SECONDS = 60.0
+HOUSEKEEPING_SECONDS = 30.0  # twice a minute: a process due for retention is deleted within a minute
 
 
 class Timeout(Exception):  # noqa: N818 - its name is the error type a timed-out step shows
@@ -299,8 +300,14 @@ class Runner:
                 attempt=job.attempt,
                 log=logging.LoggerAdapter(logging.getLogger(f"stepd.delegate.{job.type}"), step_fields(job)),
                 cancelled=cancelled,
+                load_results=lambda: self._earlier_results(job),
             )
         )
+
+    def _earlier_results(self, job):
+        """ctx.results: the earlier steps' results as plain values, read when the delegate asks."""
+        typed = self.store.earlier_results(job.step_id)
+        return {position: plain_values(result) for position, result in typed.items()}
 
     def _record(self, entry, write, *args, **kwargs):
         """Run a store write, retrying while the database is busy: an outcome must not be dropped.
@@ -397,6 +404,12 @@ class Runner:
                 log.exception("runner %s heartbeat failed; retrying", self.id)
 
 
+def chores(store, retention_days):
+    """A runner's housekeeping: forget old Idempotency-Key answers; with STEPD_RETENTION_DAYS,
+    delete processes finished longer ago (on a thread of its own, see retention.Retention)."""
+    return (store.forget_answers, *((Retention(store, retention_days),) if retention_days else ()))
+
+
 # -- a runner process -----------------------------------------------------------------------------
 def main():
     """Run one runner until SIGTERM or SIGINT (service.py starts these; so can an operator,
@@ -425,7 +438,7 @@ def main():
         settings["STEPD_THREADS"],
         settings["STEPD_DB"],
         settings["STEPD_STEP_TIMEOUT"],
-        housekeeping=(store.forget_answers,),
+        housekeeping=chores(store, settings["STEPD_RETENTION_DAYS"]),
     )
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -20,9 +20,11 @@ from model import (
     ID_PATTERN,
     INT64_MAX,
     INT64_MIN,
+    INTERVENTIONS,
     MAX_BULK,
     MAX_NAME,
     MAX_PARAMS,
+    MAX_REASON,
     MAX_STEPS,
     MAX_STRING,
     PHASES,
@@ -153,18 +155,29 @@ class Params(fields.Dict):
     """A params dictionary: at most 256 names, each mapped to a typed value (or, with
     `null_values`, to None)."""
 
-    def __init__(self, null_values=False, **kwargs):
+    def __init__(self, null_values=False, metadata=None, **kwargs):
         super().__init__(
             keys=ParamName(),
             values=fields.Nested(TypedValueSchema, allow_none=null_values),
             validate=at_most_max_params,
-            metadata={"maxProperties": MAX_PARAMS},
+            metadata={"maxProperties": MAX_PARAMS, **(metadata or {})},
             **kwargs,
         )
 
     def _serialize(self, value, attr, obj, **kwargs):
         if value is None:
             return None
+        return {name: typed_value_output(kind, v) for name, (kind, v) in value.items()}
+
+
+class Variables(fields.Dict):
+    """A process's variables (output only): typed values like params, without params' limit of
+    names, as they merge the results of up to 100 steps."""
+
+    def __init__(self, **kwargs):
+        super().__init__(keys=fields.String(), values=fields.Nested(TypedValueSchema), **kwargs)
+
+    def _serialize(self, value, attr, obj, **kwargs):
         return {name: typed_value_output(kind, v) for name, (kind, v) in value.items()}
 
 
@@ -296,6 +309,19 @@ def step_id_field(**kwargs):
     return fields.String(required=True, validate=validate.Regexp(ID_PATTERN, error="Not a valid step id."), **kwargs)
 
 
+def process_id_field(**kwargs):
+    return fields.String(validate=validate.Regexp(ID_PATTERN, error="Not a valid process id."), **kwargs)
+
+
+def reason_field():
+    return Text(
+        MAX_REASON,
+        allow_none=True,
+        load_default=None,
+        metadata={"description": "Why, in your words; shown on the process and its steps."},
+    )
+
+
 # -- request bodies and query strings --------------------------------------------------
 class StepSpecSchema(Schema):
     type = fields.String(required=True, validate=[validate.Length(1, 128), encodable])
@@ -318,9 +344,7 @@ class RestartQuery(Schema):
 
 class StepFilterSchema(Schema):
     type = fields.String(validate=[validate.Length(1, 128), encodable], load_default=None)
-    process_id = fields.String(
-        data_key="processId", validate=validate.Regexp(ID_PATTERN, error="Not a valid process id."), load_default=None
-    )
+    process_id = process_id_field(data_key="processId", load_default=None)
     failed_before = UtcTime(data_key="failedBefore", load_default=None)
     failed_after = UtcTime(data_key="failedAfter", load_default=None)
 
@@ -360,12 +384,38 @@ class CompleteStepSchema(Schema):
     result = Params(load_default=None, allow_none=True)
 
 
+class CancelProcessSchema(Schema):
+    process_id = process_id_field(data_key="processId", required=True)
+    reason = reason_field()
+
+
+class SkipStepSchema(Schema):
+    step_id = step_id_field(data_key="processStepId")
+    result = Params(
+        load_default=None,
+        allow_none=True,
+        metadata={"description": "The step's result, as if its delegate had returned it: later steps see it."},
+    )
+    reason = reason_field()
+
+
 class NoQuerySchema(Schema):
     """Endpoints that take no query parameters refuse any."""
 
 
 class ProcessListQuery(Schema):
     status = fields.String(validate=validate.OneOf(PROCESS_STATUSES), load_default=None)
+    name = Text(1024, load_default=None, metadata={"description": "Only processes of exactly this name."})
+    created_after = UtcTime(
+        data_key="createdAfter",
+        load_default=None,
+        metadata={"description": "Only processes created strictly after this time (ISO 8601 with offset)."},
+    )
+    created_before = UtcTime(
+        data_key="createdBefore",
+        load_default=None,
+        metadata={"description": "Only processes created strictly before this time (ISO 8601 with offset)."},
+    )
     limit = QueryInteger(validate=validate.Range(1, 500), load_default=50)
     cursor = Cursor("p", load_default=None)
 
@@ -373,6 +423,15 @@ class ProcessListQuery(Schema):
 class StepListQuery(Schema):
     status = fields.String(validate=validate.OneOf(STEP_STATUSES), load_default=None)
     type = fields.String(validate=validate.Length(1, 128), load_default=None)
+    process_id = process_id_field(
+        data_key="processId", load_default=None, metadata={"description": "Only the steps of this process."}
+    )
+    error_type = fields.String(
+        data_key="errorType",
+        validate=[validate.Length(1, 256), encodable],
+        load_default=None,
+        metadata={"description": "Only steps whose error has this type (e.g. Interrupted, Timeout, ExternalFailure)."},
+    )
     limit = QueryInteger(validate=validate.Range(1, 500), load_default=50)
     cursor = Cursor("s", load_default=None)
 
@@ -386,6 +445,24 @@ def timestamp(description=None, **kwargs):
 class ErrorSchema(Schema):
     type = fields.String(required=True)
     message = fields.String(required=True)
+
+
+class InterventionSchema(Schema):
+    """Who cancelled (a process and its steps) or skipped (a step), when and why."""
+
+    action = fields.String(required=True, validate=validate.OneOf(INTERVENTIONS))
+    principal = fields.String(required=True, metadata={"description": "The token that did it."})
+    at = timestamp(required=True)
+    reason = fields.String(allow_none=True, required=True)
+
+
+def intervention_field():
+    return fields.Nested(
+        InterventionSchema,
+        allow_none=True,
+        required=True,
+        metadata={"description": "Who cancelled or skipped it, when and why; null if nobody did."},
+    )
 
 
 class StepSchema(Schema):
@@ -418,6 +495,7 @@ class StepSchema(Schema):
         required=True,
         description="While a STARTED step waits for an automatic retry: when it is due.",
     )
+    intervention = intervention_field()
 
 
 class AttemptSchema(Schema):
@@ -441,10 +519,15 @@ class ProcessSummarySchema(Schema):
     status = fields.String(required=True, validate=validate.OneOf(PROCESS_STATUSES))
     createdAt = timestamp(attribute="created_at", required=True)
     updatedAt = timestamp(attribute="updated_at", required=True)
+    intervention = intervention_field()
 
 
 class ProcessSchema(ProcessSummarySchema):
     steps = fields.List(fields.Nested(StepSchema), required=True)
+    variables = Variables(
+        required=True,
+        metadata={"description": "The steps' results merged in position order (a later step's name wins)."},
+    )
 
 
 class ProcessPageSchema(Schema):

@@ -14,7 +14,9 @@ from contextlib import contextmanager
 from model import (
     COMPLETED,
     FAILED,
+    FINISHED_PROCESS_STATUSES,
     MAX_PARAMS,
+    SKIPPED,
     Conflict,
     Job,
     PreconditionFailed,
@@ -35,6 +37,10 @@ WAITING_FOR_RETRY = "status = 'STARTED' AND next_retry_at IS NOT NULL"
 QUEUED = f"{EXECUTING} AND runner_id IS NULL"  # committed, and no runner has claimed it yet
 IS_FAILED = "status = 'FAILED'"
 IS_PENDING = "status = 'PENDING'"
+NOT_DONE = "status IN ('PENDING', 'STARTED', 'FAILED')"  # the steps a cancel of their process cancels
+# ... and on a process: what may be cancelled, and what retention may delete (once old enough).
+PROCESS_CANCELLABLE = "status IN ('RUNNING', 'FAILED')"
+PROCESS_FINISHED = "status IN ('COMPLETED', 'CANCELLED')"
 
 # What every new attempt sets; each kind of beginning adds its own.
 BEGIN_ATTEMPT = "status = 'STARTED', attempts = attempts + 1, runner_id = :runner_id, started_at = :now"
@@ -46,23 +52,29 @@ AFTER_RETRY = "retries_used = retries_used + 1, next_retry_at = NULL, error_type
 # What every ended attempt sets on its step; each kind of ending adds its own.
 END_ATTEMPT = "error_type = :error_type, error_message = :error_message"
 OUTCOME = "status = :status, result = :result, finished_at = :now"
+# Who cancelled or skipped a step or process, when and why.
+INTERVENED = "intervened_by = :principal, intervened_at = :now, intervention_reason = :reason"
 
 # `+status` keeps SQLite off the status index: without it the planner walks every FAILED step
 # of every process (9 ms at 63,000 of them, inside the write lock) instead of this process's
-# few steps through the (process_id, position) index.
+# few steps through the (process_id, position) index. A SKIPPED step counts as done; a CANCELLED
+# process stays so (and keeps updated_at, which retention reads as the time it finished).
 REFRESH_PROCESS = """
     UPDATE processes SET updated_at = :now, status = CASE
         WHEN EXISTS (SELECT 1 FROM steps WHERE process_id = :pid AND +status = 'FAILED') THEN 'FAILED'
         WHEN (SELECT status FROM steps WHERE process_id = :pid ORDER BY position DESC LIMIT 1)
-             = 'COMPLETED' THEN 'COMPLETED'
+             IN ('COMPLETED', 'SKIPPED') THEN 'COMPLETED'
         ELSE 'RUNNING' END
-    WHERE id = :pid
+    WHERE id = :pid AND status != 'CANCELLED'
 """
 STEP_COLUMNS = (
     "id, process_id, position, type, status, params, result, attempts, error_type, error_message,"
-    " deferred, next_retry_at, runner_id, created_at, started_at, finished_at"
+    " deferred, next_retry_at, runner_id, created_at, started_at, finished_at,"
+    " intervened_by, intervened_at, intervention_reason"
 )
-PROCESS_COLUMNS = "seq, id, name, status, principal, created_at, updated_at"
+PROCESS_COLUMNS = (
+    "seq, id, name, status, principal, created_at, updated_at, intervened_by, intervened_at, intervention_reason"
+)
 # What beginning a step's next attempt needs to know of it (Change.begin).
 BEGIN_COLUMNS = "s.id, s.process_id, s.type, s.params, s.attempts, s.retries_used"
 # Steps a runner is executing (INDEXED BY: left to itself the planner prefers the status index,
@@ -81,6 +93,12 @@ INSERT_ATTEMPT = (
     "INSERT INTO attempts (step_id, attempt, trigger, principal, params, status, started_at)"
     " VALUES (:step_id, :attempt, :trigger, :principal, :params, 'STARTED', :now)"
 )
+# Finished processes old enough for retention, oldest first (INDEXED BY: the status index would
+# read every COMPLETED process and sort them).
+FINISHED_BEFORE = (
+    "SELECT id FROM processes INDEXED BY processes_finished_oldest_first"
+    f" WHERE {PROCESS_FINISHED} AND updated_at < ? ORDER BY updated_at LIMIT ?"
+)
 CLOSE_ATTEMPT = (
     "UPDATE attempts SET status = :status, error_type = :error_type, error_message = :error_message,"
     " finished_at = :now WHERE step_id = :step_id AND attempt = :attempt AND status = 'STARTED'"
@@ -89,6 +107,28 @@ CLOSE_ATTEMPT = (
 
 def _error(error_type, message):
     return None if error_type is None else {"type": error_type, "message": message}
+
+
+def _intervention(row):
+    """Who cancelled or skipped this step or process, when and why; None if nobody did."""
+    if row["intervened_by"] is None:
+        return None
+    return {
+        "action": "skip" if row["status"] == SKIPPED else "cancel",
+        "principal": row["intervened_by"],
+        "at": row["intervened_at"],
+        "reason": row["intervention_reason"],
+    }
+
+
+def merged_results(results):
+    """Results merged in position order, a later step's name winning (SPEC 10's variables).
+
+    `results`: {position: typed params} of the steps that have a result."""
+    variables = {}
+    for position in sorted(results):
+        variables.update(results[position])
+    return variables
 
 
 def _phase(row, now):
@@ -120,6 +160,7 @@ def _step(row, now):
         "created_at": row["created_at"],
         "started_at": row["started_at"],
         "finished_at": row["finished_at"],
+        "intervention": _intervention(row),
     }
 
 
@@ -137,7 +178,46 @@ def _attempt(row):
 
 
 def _process(row):
-    return {key: row[key] for key in ("id", "name", "status", "created_at", "updated_at")}
+    process = {key: row[key] for key in ("id", "name", "status", "created_at", "updated_at")}
+    process["intervention"] = _intervention(row)
+    return process
+
+
+def process_filters(where):
+    """The (sql, value) conditions of a list of processes (a None value: any)."""
+    # A time window with both ends is read through processes_by_creation and sorted (a page
+    # costs in proportion to the processes in the window); one end alone walks seq from the
+    # newest, which finds a page of createdAfter at once.
+    return [
+        ("status = ?", where.get("status")),
+        ("name = ?", where.get("name")),
+        ("created_at > ?", where.get("created_after")),
+        ("created_at < ?", where.get("created_before")),
+    ]
+
+
+def step_filters(where):
+    """The (sql, value) conditions of a list of steps (a None value: any)."""
+    # A process has at most 100 steps: with process_id given, `+` keeps SQLite on its index
+    # rather than on the index of a status (say, every FAILED step of every process).
+    other = "+" if where.get("process_id") is not None else ""
+    return [
+        ("process_id = ?", where.get("process_id")),
+        (f"{other}status = ?", where.get("status")),
+        (f"{other}type = ?", where.get("type")),
+        (f"{other}error_type = ?", where.get("error_type")),
+    ]
+
+
+def page_query(table, columns, conditions, before_seq, limit):
+    """(sql, args) of `limit` rows of `table`, newest first, before `before_seq` (if given), that
+    meet every (sql, value) condition whose value is not None."""
+    wanted = [(sql, value) for sql, value in conditions if value is not None]
+    if before_seq is not None:
+        wanted.append(("seq < ?", before_seq))
+    where = ("WHERE " + " AND ".join(sql for sql, _value in wanted)) if wanted else ""
+    args = (*(value for _sql, value in wanted), limit)
+    return f"SELECT {columns} FROM {table} {where} ORDER BY seq DESC LIMIT ?", args
 
 
 class Change:
@@ -207,6 +287,35 @@ class Change:
         if row is None:
             return None
         return self.begin(row, "start", row["principal"], IS_PENDING, runner_id=runner_id)
+
+    def skip(self, step_id, process_id, attempt, result, principal, reason):
+        """FAILED -> SKIPPED with `result` (typed params or None), if the step is still FAILED at
+        `attempt`; no attempt is begun or ended. Returns whether it did."""
+        sets = f"status = 'SKIPPED', result = :result, finished_at = :now, {INTERVENED}"
+        result = None if result is None else params_to_json(result)
+        values = {"result": result, "principal": principal, "reason": reason}
+        if not self._move(step_id, attempt, IS_FAILED, sets, values):
+            return False
+        self.touched.add(process_id)
+        return True
+
+    def cancel_steps(self, process_id, principal, reason):
+        """Every PENDING, STARTED or FAILED step of the process becomes CANCELLED; an attempt
+        still open (queued, running or deferred) ends CANCELLED. Its process is not refreshed:
+        the caller set it CANCELLED in this transaction, by its own compare-and-set."""
+        values = {"pid": process_id, "now": self.now, "principal": principal, "reason": reason}
+        self.conn.execute(
+            "UPDATE attempts SET status = 'CANCELLED', finished_at = :now WHERE status = 'STARTED'"
+            f" AND step_id IN (SELECT id FROM steps WHERE process_id = :pid AND {STARTED_ANYHOW})",
+            values,
+        )
+        # runner_id stays: the runner that has the attempt sees it is no longer executing there,
+        # and sets ctx.cancelled (Runner._let_go_of_ended).
+        self.conn.execute(
+            "UPDATE steps SET status = 'CANCELLED', finished_at = :now, deferred = 0, next_retry_at = NULL,"
+            f" {INTERVENED} WHERE process_id = :pid AND {NOT_DONE}",
+            values,
+        )
 
     def refresh_processes(self):
         """A process is FAILED while a step is, COMPLETED when its last step is, else RUNNING."""
@@ -278,8 +387,12 @@ class Store:
         with self.db.snapshot() as conn:
             return self._load_process(conn, process_id)
 
-    def list_processes(self, status=None, limit=50, before_seq=None):
-        return self._newest_first("processes", PROCESS_COLUMNS, _process, limit, before_seq, status=status)
+    def list_processes(self, where, limit=50, before_seq=None):
+        """A page of processes, newest first, and the seq to continue before (None on the last page).
+
+        `where`: status, name (exact), created_after, created_before (stepd's UTC text, strict);
+        None or absent means any."""
+        return self._newest_first("processes", PROCESS_COLUMNS, _process, limit, before_seq, process_filters(where))
 
     @staticmethod
     def _load_process(conn, process_id):
@@ -292,19 +405,15 @@ class Store:
         ).fetchall()
         now = now_iso()
         process["steps"] = [_step(r, now) for r in rows]
+        process["variables"] = merged_results(
+            {step["position"]: step["result"] for step in process["steps"] if step["result"] is not None}
+        )
         return process
 
-    def _newest_first(self, table, columns, convert, limit, before_seq, **equals):
-        """A page of `limit` rows, newest first, whose columns equal the given (non-None) values,
-        and the seq to continue before (None on the last page)."""
-        wanted = {column: value for column, value in equals.items() if value is not None}
-        conditions = [f"{column} = ?" for column in wanted]
-        args = list(wanted.values())
-        if before_seq is not None:
-            conditions.append("seq < ?")
-            args.append(before_seq)
-        where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
-        rows = self.db.rows(f"SELECT {columns} FROM {table} {where} ORDER BY seq DESC LIMIT ?", (*args, limit + 1))
+    def _newest_first(self, table, columns, convert, limit, before_seq, conditions):
+        """A page of `limit` rows, newest first, that meet every (sql, value) condition whose value
+        is not None, and the seq to continue before (None on the last page)."""
+        rows = self.db.rows(*page_query(table, columns, conditions, before_seq, limit + 1))
         next_seq = rows[limit - 1]["seq"] if len(rows) > limit else None
         return [convert(r) for r in rows[:limit]], next_seq
 
@@ -320,10 +429,22 @@ class Store:
                 step["attempt_history"] = [_attempt(r) for r in rows]
         return step
 
-    def list_steps(self, status=None, step_type=None, limit=50, before_seq=None):
+    def list_steps(self, where, limit=50, before_seq=None):
+        """A page of steps, newest first, like list_processes; `where`: status, type, process_id,
+        error_type (exact; None or absent means any)."""
         columns = f"seq, {STEP_COLUMNS}"
         convert = functools.partial(_step, now=now_iso())  # one time for the whole page
-        return self._newest_first("steps", columns, convert, limit, before_seq, status=status, type=step_type)
+        return self._newest_first("steps", columns, convert, limit, before_seq, step_filters(where))
+
+    def earlier_results(self, step_id):
+        """{position: result} of the steps before this one in its process that have a result
+        (SPEC 10's ctx.results, typed), as the database has them now."""
+        rows = self.db.rows(
+            "SELECT e.position, e.result FROM steps s JOIN steps e ON e.process_id = s.process_id"
+            " AND e.position < s.position WHERE s.id = ? AND e.result IS NOT NULL ORDER BY e.position",
+            (step_id,),
+        )
+        return {row["position"]: params_from_json(row["result"]) for row in rows}
 
     def failed_steps(self, where, after=None, limit=1000):
         """FAILED steps matching `where` (type, process_id, failed_before, failed_after, failed_until
@@ -500,6 +621,94 @@ class Store:
             row = change.conn.execute(f"SELECT {STEP_COLUMNS} FROM steps WHERE id = ?", (step_id,)).fetchone()
             step = _step(row, change.now)
         return step, next_job
+
+    # -- an operator's interventions: cancel a process, skip a failed step ----------------
+    def cancel_process(self, process_id, reason, principal):
+        """RUNNING or FAILED -> CANCELLED, with each of its steps not yet done; returns the process.
+
+        One transaction: the compare-and-set on the process's status makes one of any number of
+        concurrent cancels win; a delegate's late outcome, a restart or a retry of its steps then
+        finds them CANCELLED and changes nothing."""
+        with self._change() as change:
+            row = change.conn.execute("SELECT status FROM processes WHERE id = ?", (process_id,)).fetchone()
+            if row is None:
+                raise PreconditionFailed.on("process_id", "No process has this id.")
+            cancelled = change.conn.execute(
+                f"UPDATE processes SET status = 'CANCELLED', updated_at = :now, {INTERVENED}"
+                f" WHERE id = :pid AND {PROCESS_CANCELLABLE}",
+                {"pid": process_id, "now": change.now, "principal": principal, "reason": reason},
+            ).rowcount
+            if not cancelled:
+                message = f"Process is {row['status']}; only a RUNNING or FAILED process can be cancelled."
+                raise PreconditionFailed.on("status", message)
+            change.cancel_steps(process_id, principal, reason)
+            process = self._load_process(change.conn, process_id)
+        return process
+
+    def skip_step(self, step_id, result, reason, principal, runner_id):
+        """FAILED -> SKIPPED with `result`, and the process carries on; returns (step, next job or None)."""
+        with self._change() as change:
+            row = change.conn.execute(
+                "SELECT process_id, status, attempts FROM steps WHERE id = ?", (step_id,)
+            ).fetchone()
+            if row is None:
+                raise PreconditionFailed.on("step_id", "No step has this id.")
+            if not change.skip(step_id, row["process_id"], row["attempts"], result, principal, reason):
+                raise PreconditionFailed.on("status", f"Step is {row['status']}; only a FAILED step can be skipped.")
+            next_job = change.begin_next(step_id, runner_id)
+            row = change.conn.execute(f"SELECT {STEP_COLUMNS} FROM steps WHERE id = ?", (step_id,)).fetchone()
+            step = _step(row, change.now)
+        return step, next_job
+
+    # -- retention: deleting finished processes ------------------------------------------
+    def finished_before(self, before, limit):
+        """Up to `limit` COMPLETED or CANCELLED processes that finished before `before` (stepd's
+        UTC text), oldest first, as (id, rows): how many rows deleting it deletes (the process,
+        its steps and their attempts)."""
+        with self.db.snapshot() as conn:
+            ids = [row["id"] for row in conn.execute(FINISHED_BEFORE, (before, limit))]
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            sizes = dict(
+                conn.execute(
+                    f"SELECT process_id, COUNT(*) + SUM(attempts) FROM steps WHERE process_id IN ({marks})"
+                    " GROUP BY process_id",
+                    ids,
+                ).fetchall()
+            )
+        return [(process_id, 1 + sizes.get(process_id, 0)) for process_id in ids]
+
+    def count_finished_before(self, before):
+        """How many COMPLETED or CANCELLED processes finished before `before`."""
+        return self.db.row(
+            "SELECT COUNT(*) FROM processes INDEXED BY processes_finished_oldest_first"
+            f" WHERE {PROCESS_FINISHED} AND updated_at < ?",
+            (before,),
+        )[0]
+
+    def delete_finished(self, process_ids, before):
+        """Delete these processes, with their steps and attempts, in one transaction: those that
+        are still COMPLETED or CANCELLED since before `before` (a finished process never changes
+        again, but the check costs nothing). Returns (processes, rows) deleted."""
+        if not process_ids:
+            return 0, 0
+        marks = ",".join("?" * len(process_ids))
+        with self.db.transaction() as conn:
+            # Checked here, not in the WHERE: given the status, SQLite would walk its index (every
+            # COMPLETED process) instead of looking these few up by id.
+            rows = conn.execute(f"SELECT id, status, updated_at FROM processes WHERE id IN ({marks})", process_ids)
+            ids = [
+                row["id"] for row in rows if row["status"] in FINISHED_PROCESS_STATUSES and row["updated_at"] < before
+            ]
+            if not ids:
+                return 0, 0
+            marks = ",".join("?" * len(ids))
+            steps = f"SELECT id FROM steps WHERE process_id IN ({marks})"
+            rows = conn.execute(f"DELETE FROM attempts WHERE step_id IN ({steps})", ids).rowcount
+            rows += conn.execute(f"DELETE FROM steps WHERE process_id IN ({marks})", ids).rowcount
+            deleted = conn.execute(f"DELETE FROM processes WHERE id IN ({marks})", ids).rowcount
+        return deleted, rows + deleted
 
     # -- runners: who is executing which step ------------------------------------------
     def heartbeat(self, runner):

@@ -50,12 +50,13 @@ def failed_steps(db, step_type, count, params, error_type, error_message):
     return ids
 
 
-def completed_processes(db, count, steps_per_process=10):
-    """`count` processes of `noop` steps that all completed, as the engine leaves them."""
+def completed_processes(db, count, steps_per_process=10, finished=None):
+    """`count` processes of `noop` steps that all completed, as the engine leaves them; at the
+    time `finished` (stepd's UTC text), or now."""
     runner_id = new_id()
     params_json = params_to_json({})
     for start in range(0, count, BATCH):
-        now = now_iso()
+        now = finished or now_iso()
         processes, steps, attempts = [], [], []
         for _ in range(min(BATCH, count - start)):
             process_id = new_id()

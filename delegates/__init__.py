@@ -14,6 +14,7 @@ module on the path already has (stepd's own ``config``, ``store``..., a library'
 standard library's) would never be the one imported: it stops the start, naming both files.
 """
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -121,12 +122,20 @@ def delegate(step_type, retries=0, backoff=2.0, delay=1.0, max_delay=300.0, time
     return mark
 
 
+def _no_results():
+    return {}
+
+
 @dataclass
 class Context:
     """What a delegate receives: plain params and where it runs.
 
     `cancelled` is set when the attempt was ended from outside while the delegate runs (a
-    timeout, fail-step): its outcome will be ignored, so a long delegate may check it and stop.
+    timeout, fail-step, a cancel of its process): its outcome will be ignored, so a long
+    delegate may check it and stop.
+
+    `results` and `variables` are what the earlier steps of its process produced, read from the
+    database on first use (`load_results`), so a restarted step sees them as they are now.
     """
 
     params: dict
@@ -135,6 +144,22 @@ class Context:
     attempt: int
     log: logging.LoggerAdapter = field(repr=False)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    # () -> {position: {name: plain value}} of the earlier steps that have a result
+    load_results: object = field(default=_no_results, repr=False)
+
+    @functools.cached_property
+    def results(self):
+        """{position (int): {name: value}} of each earlier step that has a result (a returned
+        dict, or the result it was skipped with), in position order."""
+        return dict(sorted(self.load_results().items()))
+
+    @functools.cached_property
+    def variables(self):
+        """Every earlier result merged in position order: {name: value}, a later step's name winning."""
+        merged = {}
+        for result in self.results.values():
+            merged.update(result)
+        return merged
 
     def defer(self):
         """Leave the step STARTED until complete-step or fail-step says how it ended."""

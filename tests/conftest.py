@@ -16,6 +16,7 @@ from helpers import (
     READER_SECRET,
     RESTART,
     SECOND_SECRET,
+    SKIP,
     Api,
     Server,
     basic,
@@ -175,13 +176,13 @@ def deferred_step(api):
     return api.wait_deferred(process["steps"][0]["processStepId"])
 
 
-@pytest.fixture(params=["restart", "fail", "complete"])
+@pytest.fixture(params=["restart", "fail", "complete", "skip"])
 def action_step(request, api):
-    """(path, step): an action endpoint and a step it would accept."""
-    if request.param == "restart":
+    """(path, step): an action endpoint on a step id and a step it would accept."""
+    if request.param in ("restart", "skip"):
         process = api.start(("check", {"ok": 0}))
         step = api.wait_process(process["processId"], "FAILED")["steps"][0]
-        return RESTART, step
+        return {"restart": RESTART, "skip": SKIP}[request.param], step
     process = api.start(("external", {}))
     step = api.wait_deferred(process["steps"][0]["processStepId"])
     return {"fail": FAIL, "complete": COMPLETE}[request.param], step

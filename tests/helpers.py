@@ -41,6 +41,8 @@ RESTART = f"{P}/restart-failed-step"
 BULK = f"{P}/restart-failed-steps"
 FAIL = f"{P}/fail-step"
 COMPLETE = f"{P}/complete-step"
+CANCEL = f"{P}/cancel"
+SKIP = f"{P}/skip-step"
 DELEGATES = "/api/v1/delegates"
 OPENAPI = "/api/v1/openapi.json"
 
@@ -106,19 +108,20 @@ def refused(response, status=412):
 
 # The shapes of the API's answers (SPEC sections 3 and 4).
 ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-PROCESS_KEYS = {"processId", "name", "status", "steps", "createdAt", "updatedAt"}
-SUMMARY_KEYS = PROCESS_KEYS - {"steps"}
+PROCESS_KEYS = {"processId", "name", "status", "steps", "createdAt", "updatedAt", "variables", "intervention"}
+SUMMARY_KEYS = PROCESS_KEYS - {"steps", "variables"}
 STEP_KEYS = {
     "processStepId", "processId", "position", "type", "status", "params", "result",
-    "attempts", "error", "createdAt", "startedAt", "finishedAt", "deferred", "nextRetryAt", "phase",
+    "attempts", "error", "createdAt", "startedAt", "finishedAt", "deferred", "nextRetryAt", "phase", "intervention",
 }  # fmt: skip
+INTERVENTION_KEYS = {"action", "principal", "at", "reason"}
 ATTEMPT_KEYS = {"attempt", "trigger", "principal", "params", "status", "error", "startedAt", "finishedAt"}
 
 
 def assert_step_shape(step):
     assert set(step) == STEP_KEYS
     assert ID.match(step["processStepId"]) and ID.match(step["processId"])
-    assert step["status"] in ("PENDING", "STARTED", "COMPLETED", "FAILED")
+    assert step["status"] in ("PENDING", "STARTED", "COMPLETED", "FAILED", "SKIPPED", "CANCELLED")
     if step["status"] == "STARTED":
         assert step["phase"] in ("QUEUED", "RUNNING", "DEFERRED", "RETRY_WAIT")
     else:
@@ -127,6 +130,12 @@ def assert_step_shape(step):
     for key in ("startedAt", "finishedAt"):
         assert step[key] is None or parse_time(step[key])
     assert isinstance(step["deferred"], bool)
+    if step["status"] in ("SKIPPED", "CANCELLED"):
+        assert set(step["intervention"]) == INTERVENTION_KEYS
+        assert step["intervention"]["action"] == {"SKIPPED": "skip", "CANCELLED": "cancel"}[step["status"]]
+        assert step["intervention"]["at"] == step["finishedAt"]
+    else:
+        assert step["intervention"] is None
 
 
 # -- values ----------------------------------------------------------------------------------------
@@ -280,6 +289,40 @@ def insert_failed_steps(store, count, step_type="fail", start=None, params=None,
             )
             step_ids.append(sid)
     return step_ids
+
+
+def insert_finished_processes(db_path, count, status="COMPLETED", finished=None, steps=1):
+    """`count` processes that finished (`status` COMPLETED or CANCELLED, or FAILED) at `finished`
+    (default: 2020-01-01), each of `steps` steps with one attempt, written straight into the file as
+    the service leaves them. Returns their ids."""
+    finished = iso(finished or datetime(2020, 1, 1, tzinfo=UTC))
+    step_status, attempt_status = {"COMPLETED": ("COMPLETED",) * 2, "CANCELLED": ("CANCELLED",) * 2}.get(
+        status, ("FAILED", "FAILED")
+    )
+    by = "ops" if status == "CANCELLED" else None
+    process_ids = [new_id() for _ in range(count)]
+    conn = sqlite3.connect(db_path, timeout=10)
+    try:
+        with conn:
+            conn.executemany(
+                "INSERT INTO processes (id, name, status, principal, created_at, updated_at, intervened_by,"
+                " intervened_at) VALUES (?, 'old', ?, 'ops', ?, ?, ?, ?)",
+                [(pid, status, finished, finished, by, by and finished) for pid in process_ids],
+            )
+            rows = [(new_id(), pid, position) for pid in process_ids for position in range(steps)]
+            conn.executemany(
+                "INSERT INTO steps (id, process_id, position, type, status, params, attempts, created_at, started_at,"
+                " finished_at, intervened_by, intervened_at) VALUES (?, ?, ?, 'noop', ?, '{}', 1, ?, ?, ?, ?, ?)",
+                [(sid, pid, n, step_status, finished, finished, finished, by, by and finished) for sid, pid, n in rows],
+            )
+            conn.executemany(
+                "INSERT INTO attempts (step_id, attempt, trigger, principal, params, status, started_at, finished_at)"
+                " VALUES (?, 1, 'start', 'ops', '{}', ?, ?, ?)",
+                [(sid, attempt_status, finished, finished) for sid, _, _ in rows],
+            )
+    finally:
+        conn.close()
+    return process_ids
 
 
 # -- the app in this process: Flask's test client --------------------------------------------------

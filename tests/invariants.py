@@ -19,17 +19,23 @@ if str(HERE.parent) not in sys.path:  # run as a script: liveness.py sits in the
 
 from liveness import runner_is_alive  # noqa: E402 - after the path is set
 
+DONE = ("COMPLETED", "SKIPPED")  # steps a process has got past
+NOT_DONE = ("PENDING", "STARTED", "FAILED")  # steps a cancel of their process cancels
+
 
 @dataclass
 class Acknowledged:
-    """What clients were told was done: processes started (201) and restarts (200).
+    """What clients were told was done: processes started (201), restarts, cancels and skips (200).
 
     A restart is known by a unique value the client put in its params (name `ack`):
-    the attempt row it created must hold it.
+    the attempt row it created must hold it. A cancel and a skip are final: their process and
+    step must be CANCELLED and SKIPPED for ever (or deleted with their process, by retention).
     """
 
     processes: set = field(default_factory=set)  # process ids
     restarts: dict = field(default_factory=dict)  # ack value -> step id
+    cancels: set = field(default_factory=set)  # process ids
+    skips: set = field(default_factory=set)  # step ids
 
 
 @dataclass
@@ -58,7 +64,7 @@ def check(path, acknowledged=None):
     conn = read_only(path)
     try:
         conn.execute("BEGIN")  # one snapshot for every query below
-        processes = {r["id"]: dict(r) for r in conn.execute("SELECT id, status FROM processes")}
+        processes = {r["id"]: dict(r) for r in conn.execute("SELECT * FROM processes")}
         steps = [dict(r) for r in conn.execute("SELECT * FROM steps ORDER BY process_id, position")]
         attempts = [dict(r) for r in conn.execute("SELECT * FROM attempts ORDER BY step_id, attempt")]
         runners = conn.execute("SELECT * FROM runners").fetchall()
@@ -81,6 +87,17 @@ def check(path, acknowledged=None):
     return report
 
 
+def _last_attempt_may_be(step):
+    """What the last attempt row of a step in this state may say."""
+    if step["status"] == "STARTED":  # running, queued or deferred; or waiting for a retry of a failure
+        return ("FAILED",) if step["next_retry_at"] is not None else ("STARTED",)
+    if step["status"] == "SKIPPED":  # a skip begins no attempt: the one that failed stays the last
+        return ("FAILED",)
+    if step["status"] == "CANCELLED":  # cancelled while open, or while FAILED or waiting for a retry
+        return ("CANCELLED", "FAILED")
+    return (step["status"],)
+
+
 def _check_attempts(report, steps, by_step):
     """`attempts` equals the number of attempt rows, numbered 1..n; the last one mirrors the step."""
     for step in steps:
@@ -89,12 +106,16 @@ def _check_attempts(report, steps, by_step):
         if numbers != list(range(1, step["attempts"] + 1)):
             report.fail(f"step {step['id']}: attempts={step['attempts']} but attempt rows {numbers}")
             continue
-        if step["status"] == "PENDING":
+        if step["status"] == "PENDING" or (step["status"] == "CANCELLED" and not rows):
+            continue  # never begun
+        if not rows:
+            report.fail(f"step {step['id']} is {step['status']} but has no attempt")
             continue
         if any(r["status"] == "STARTED" for r in rows[:-1]):
             report.fail(f"step {step['id']}: an earlier attempt is still STARTED")
-        if rows and rows[-1]["status"] != step["status"]:
+        if rows[-1]["status"] not in _last_attempt_may_be(step):
             report.fail(f"step {step['id']} is {step['status']} but its last attempt is {rows[-1]['status']}")
+        _check_intervention(report, f"step {step['id']}", step, step["status"] in ("SKIPPED", "CANCELLED"))
 
 
 def _check_runners(report, steps, live_runners):
@@ -106,8 +127,17 @@ def _check_runners(report, steps, live_runners):
             report.fail(f"step {step['id']} is STARTED but its runner {step['runner_id']} is gone")
 
 
+def _check_intervention(report, what, row, intervened):
+    """Who cancelled or skipped is recorded exactly on what was cancelled or skipped."""
+    recorded = row["intervened_by"] is not None and row["intervened_at"] is not None
+    if recorded != intervened:
+        report.fail(f"{what} is {row['status']} but intervened_by={row['intervened_by']!r}")
+
+
 def _check_processes(report, processes, steps):
-    """A process's status follows from its steps; the steps after the current one are PENDING."""
+    """A process's status follows from its steps (a SKIPPED step counts as done); the steps after
+    the current one are PENDING. A CANCELLED process has no step left to do, and the steps of a
+    process that is not CANCELLED are not CANCELLED either."""
     by_process = {}
     for step in steps:
         by_process.setdefault(step["process_id"], []).append(step)
@@ -116,12 +146,27 @@ def _check_processes(report, processes, steps):
         if not statuses:
             report.fail(f"process {process_id} has no steps")
             continue
-        expected = "FAILED" if "FAILED" in statuses else "COMPLETED" if statuses[-1] == "COMPLETED" else "RUNNING"
+        _check_intervention(report, f"process {process_id}", process, process["status"] == "CANCELLED")
+        if process["status"] == "CANCELLED":
+            _check_cancelled(report, process_id, statuses)
+            continue
+        if "CANCELLED" in statuses:
+            report.fail(f"process {process_id} is {process['status']} but has CANCELLED steps: {statuses}")
+        expected = "FAILED" if "FAILED" in statuses else "COMPLETED" if statuses[-1] in DONE else "RUNNING"
         if process["status"] != expected:
             report.fail(f"process {process_id} is {process['status']}, its steps {statuses} say {expected}")
-        current = next((n for n, status in enumerate(statuses) if status != "COMPLETED"), len(statuses))
+        current = next((n for n, status in enumerate(statuses) if status not in DONE), len(statuses))
         if any(status != "PENDING" for status in statuses[current + 1 :]):
             report.fail(f"process {process_id}: steps after the current one are not all PENDING: {statuses}")
+
+
+def _check_cancelled(report, process_id, statuses):
+    """The steps of a CANCELLED process: some done, then (at the one it stopped at) all CANCELLED."""
+    if any(status in NOT_DONE for status in statuses):
+        report.fail(f"process {process_id} is CANCELLED but has steps still to do: {statuses}")
+    first = next((n for n, status in enumerate(statuses) if status == "CANCELLED"), len(statuses))
+    if any(status != "CANCELLED" for status in statuses[first:]) or first == len(statuses):
+        report.fail(f"process {process_id} is CANCELLED but its steps are {statuses}")
 
 
 def _check_acknowledged(report, acknowledged, processes, steps, by_step):
@@ -139,6 +184,17 @@ def _check_acknowledged(report, acknowledged, processes, steps, by_step):
         if len(holders) != 1:
             report.lost += len(holders) == 0
             report.fail(f"acknowledged restart {ack} of step {step_id} has {len(holders)} attempt rows")
+    for process_id in acknowledged.cancels:
+        report.acks_checked += 1
+        if processes.get(process_id, {}).get("status") != "CANCELLED":
+            report.lost += 1
+            report.fail(f"acknowledged cancel of process {process_id}: it is {processes.get(process_id)}")
+    status_of = {s["id"]: s["status"] for s in steps}
+    for step_id in acknowledged.skips:
+        report.acks_checked += 1
+        if status_of.get(step_id) != "SKIPPED":
+            report.lost += 1
+            report.fail(f"acknowledged skip of step {step_id}: it is {status_of.get(step_id)}")
 
 
 def _ack_of(params_json):

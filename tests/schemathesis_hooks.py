@@ -71,4 +71,6 @@ def flatmap_path_parameters(ctx, path_parameters):
 
 @schemathesis.hook
 def flatmap_body(ctx, body):
-    return _with_known(body, "processStepId")
+    # A cancel names a process; every other action a step.
+    key = "processId" if isinstance(body, dict) and "processId" in body else "processStepId"
+    return _with_known(body, key)

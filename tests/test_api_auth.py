@@ -7,6 +7,7 @@ import subprocess
 import pytest
 from helpers import (
     BULK,
+    CANCEL,
     COMPLETE,
     DELEGATES,
     ENV_SECRET,
@@ -18,6 +19,7 @@ from helpers import (
     READER_SECRET,
     RESTART,
     ROOT,
+    SKIP,
     STEPS,
     P,
     basic,
@@ -37,6 +39,8 @@ ROUTES = [
     ("POST", BULK, {"processStepIds": ["SomeStepId"]}),
     ("POST", FAIL, {"processStepId": "SomeStepId"}),
     ("POST", COMPLETE, {"processStepId": "SomeStepId"}),
+    ("POST", CANCEL, {"processId": "SomeProcessId"}),
+    ("POST", SKIP, {"processStepId": "SomeStepId"}),
     ("GET", DELEGATES, None),
 ]
 OPEN_ROUTES = ["/healthz", OPENAPI]

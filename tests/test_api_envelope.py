@@ -98,7 +98,9 @@ def test_every_status_comes_in_the_envelope(client, api, reader_api, who, method
         assert envelope["data"].strip(), "an error's data says what was wrong"
 
 
-@pytest.mark.parametrize("path", ["restart-failed-step", "fail-step", "complete-step"])
+@pytest.mark.parametrize(
+    "path", ["restart-failed-step", "restart-failed-steps", "fail-step", "complete-step", "cancel", "skip-step"]
+)
 def test_get_on_a_post_only_action_is_405_and_says_allow_post(api, path):
     response = api.get(f"{P}/{path}")
     assert_envelope(response, 405)

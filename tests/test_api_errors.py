@@ -2,9 +2,9 @@
 bodies over 1 MiB, unknown query parameters, text that could not be stored."""
 
 import pytest
-from helpers import COMPLETE, DELEGATES, FAIL, OPENAPI, RESTART, STEPS, P, refused
+from helpers import CANCEL, COMPLETE, DELEGATES, FAIL, OPENAPI, RESTART, SKIP, STEPS, P, refused
 
-# -- bad bodies of restart-failed-step, fail-step and complete-step (fixture action_step) ----------
+# -- bad bodies of restart-failed-step, fail-step, complete-step, skip-step (fixture action_step) ---
 # Bodies every action endpoint must refuse with 412: (id, raw body, keys of data or None to skip).
 ACTION_FAULTS = [
     ("not-json", b"processStepId=abc", {"_schema"}),
@@ -46,7 +46,7 @@ def test_an_action_body_with_the_wrong_content_type_is_412(api, action_step):
 
 
 # -- bodies over 1 MiB -----------------------------------------------------------------------------
-@pytest.mark.parametrize("path", [P, RESTART, FAIL, COMPLETE])
+@pytest.mark.parametrize("path", [P, RESTART, FAIL, COMPLETE, CANCEL, SKIP])
 def test_every_post_refuses_a_body_over_1_mib(api, path):
     raw = b'{"processStepId": "' + b"a" * (1024 * 1024) + b'"}'
     assert api.post_raw(path, raw).status_code == 413
@@ -65,10 +65,12 @@ def test_every_post_refuses_a_body_over_1_mib(api, path):
         ("POST", RESTART),
         ("POST", FAIL),
         ("POST", COMPLETE),
+        ("POST", CANCEL),
+        ("POST", SKIP),
     ],
 )
 def test_an_unknown_query_parameter_is_412_on_every_endpoint(api, method, path):
-    body = {"steps": [{"type": "noop"}]} if path == P else {"processStepId": "SomeId"}
+    body = {P: {"steps": [{"type": "noop"}]}, CANCEL: {"processId": "SomeId"}}.get(path, {"processStepId": "SomeId"})
     response = api.client.open(
         f"{path}?verbose=1", method=method, headers=api.headers, json=body if method == "POST" else None
     )
@@ -84,6 +86,8 @@ def test_an_unknown_query_parameter_is_412_on_every_endpoint(api, method, path):
         (P, {"name": "\ud800", "steps": [{"type": "noop"}]}, ["name"]),
         (P, {"steps": [{"type": "no\udc80op"}]}, ["steps", "0", "type"]),
         (FAIL, {"processStepId": "abc", "error": {"message": "\udc80"}}, ["error", "message"]),
+        (CANCEL, {"processId": "abc", "reason": "\ud800"}, ["reason"]),
+        (SKIP, {"processStepId": "abc", "reason": "x\udc80"}, ["reason"]),
     ],
 )
 def test_lone_surrogates_in_stored_text_are_412(api, path, body, where):

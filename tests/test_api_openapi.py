@@ -8,12 +8,14 @@ import re
 import pytest
 from helpers import (
     BULK,
+    CANCEL,
     COMPLETE,
     DELEGATES,
     ENVELOPE_KEYS,
     FAIL,
     OPENAPI,
     RESTART,
+    SKIP,
     STEPS,
     P,
     insert_failed_steps,
@@ -125,6 +127,8 @@ EXPECTED_RESPONSES = [
     (RESTART, "post", SECURED_POST | {"200"}),
     (FAIL, "post", SECURED_POST | {"200"}),
     (COMPLETE, "post", SECURED_POST | {"200"}),
+    (CANCEL, "post", SECURED_POST | {"200"}),
+    (SKIP, "post", SECURED_POST | {"200"}),
     (DELEGATES, "get", SECURED_GET),
     ("/healthz", "get", {"200", "412", "500", "503"}),
     (OPENAPI, "get", {"200", "412", "500"}),
@@ -181,6 +185,8 @@ BODIES = [
     (RESTART, s.RestartStepSchema),
     (FAIL, s.FailStepSchema),
     (COMPLETE, s.CompleteStepSchema),
+    (CANCEL, s.CancelProcessSchema),
+    (SKIP, s.SkipStepSchema),
 ]
 
 
@@ -241,7 +247,7 @@ def test_the_documented_restart_body_accepts_and_refuses_what_the_service_does(s
 )
 def test_list_query_parameters_are_documented(spec, path, schema_class):
     parameters = {p["name"]: p for p in spec["paths"][path]["get"]["parameters"] if p["in"] == "query"}
-    assert set(parameters) == set(schema_class().fields)
+    assert set(parameters) == {field.data_key or name for name, field in schema_class().fields.items()}
     assert all(p.get("required", False) is False for p in parameters.values())
     limit = parameters["limit"]["schema"]
     assert (limit["type"], limit["minimum"], limit["maximum"], limit["default"]) == ("integer", 1, 500, 50)
@@ -415,7 +421,7 @@ def test_every_post_documents_the_idempotency_key_header_and_no_get_does(spec):
                 assert "24 hours" in header["description"]
             else:
                 assert headers == [], (method, path)
-    assert posts == 5
+    assert posts == 7  # start, restart, bulk restart, fail, complete, cancel, skip
 
 
 def test_next_retry_at_retry_trigger_and_policies_are_documented(spec):
@@ -649,3 +655,92 @@ def test_servers_tags_and_a_license(spec):
     assert spec["paths"][RESTART]["post"]["tags"] == ["steps"]
     assert spec["paths"][P]["post"]["tags"] == ["processes"]
     assert spec["paths"]["/healthz"]["get"]["tags"] == ["service"]
+
+
+# -- SPEC 10: process data and lifecycle ---------------------------------------------------------------
+def test_the_new_statuses_fields_and_filters_are_documented(spec):
+    process = response_schema(spec, f"{P}/{{processId}}", "get", 200)["properties"]["data"]
+    assert set(process["properties"]["status"]["enum"]) == {"RUNNING", "COMPLETED", "FAILED", "CANCELLED"}
+    assert {"variables", "intervention"} <= set(process["required"])
+    assert process["properties"]["variables"]["type"] == "object"
+    [intervention] = [option for option in process["properties"]["intervention"]["anyOf"] if "required" in option]
+    assert {"type": "object", "nullable": True} in process["properties"]["intervention"]["anyOf"]
+    assert set(intervention["required"]) == {"action", "principal", "at", "reason"}
+    assert set(intervention["properties"]["action"]["enum"]) == {"cancel", "skip"}
+    step = response_schema(spec, f"{STEPS}/{{processStepId}}", "get", 200)["properties"]["data"]
+    assert set(step["properties"]["status"]["enum"]) == {
+        "PENDING",
+        "STARTED",
+        "COMPLETED",
+        "FAILED",
+        "SKIPPED",
+        "CANCELLED",
+    }
+    assert "intervention" in step["required"]
+    attempt = step["properties"]["attemptHistory"]["items"]["properties"]["status"]
+    assert set(attempt["enum"]) == {"STARTED", "COMPLETED", "FAILED", "CANCELLED"}
+    summary = response_schema(spec, P, "get", 200)["properties"]["data"]["properties"]["items"]["items"]
+    assert "intervention" in summary["required"] and "variables" not in summary["properties"]
+
+    def query(path):
+        return {p["name"]: p for p in spec["paths"][path]["get"]["parameters"] if p["in"] == "query"}
+
+    processes, steps = query(P), query(STEPS)
+    assert {"name", "createdAfter", "createdBefore"} <= set(processes)
+    assert processes["createdAfter"]["schema"]["format"] == "date-time"
+    assert set(processes["status"]["schema"]["enum"]) - {None} == {"RUNNING", "COMPLETED", "FAILED", "CANCELLED"}
+    assert {"processId", "errorType"} <= set(steps)
+    assert steps["processId"]["schema"]["pattern"] == model.ID_PATTERN
+    assert {"SKIPPED", "CANCELLED"} <= set(steps["status"]["schema"]["enum"])
+
+
+def test_the_documented_cancel_and_skip_bodies_accept_and_refuse_what_the_service_does(spec):
+    cancel = request_schema(spec, CANCEL)
+    assert cancel["required"] == ["processId"]
+    assert is_valid(cancel, {"processId": "abc"}) and is_valid(cancel, {"processId": "abc", "reason": "why"})
+    assert is_valid(cancel, {"processId": "abc", "reason": None})
+    for bad in (
+        {},
+        {"processId": "a b"},
+        {"processId": "abc", "reason": 5},
+        {"processId": "abc", "reason": "r" * 1025},
+    ):
+        assert not is_valid(cancel, bad), bad
+    skip = request_schema(spec, SKIP)
+    assert skip["required"] == ["processStepId"]
+    assert is_valid(skip, {"processStepId": "abc", "result": typed(n=1), "reason": "by hand"})
+    for bad in ({"processStepId": "abc", "result": {"x": 1}}, {"processStepId": "abc", "params": {}}, {"reason": "x"}):
+        assert not is_valid(skip, bad), bad
+
+
+def test_live_answers_of_cancel_skip_variables_and_filters_validate(api, spec, db_path):
+    produced = api.start(("produce", {"invoice": "INV-1"}), ("check", {"ok": 0}), ("external", {}), name="inv")
+    failed = api.wait_process(produced["processId"], "FAILED")["steps"][1]["processStepId"]
+    skipped = api.post(SKIP, {"processStepId": failed, "result": typed(sent=1), "reason": "by hand"})
+    assert skipped.status_code == 200
+    assert_valid(response_schema(spec, SKIP, "post", 200), skipped.json)
+    api.wait_deferred(produced["steps"][2]["processStepId"])
+    cancelled = api.post(CANCEL, {"processId": produced["processId"], "reason": "enough"})
+    assert cancelled.status_code == 200 and cancelled.json["data"]["variables"]
+    assert_valid(response_schema(spec, CANCEL, "post", 200), cancelled.json)
+    for response, path in (
+        (api.post(CANCEL, {"processId": produced["processId"]}), CANCEL),
+        (api.post(SKIP, {"processStepId": failed}), SKIP),
+        (api.post(CANCEL, {"processId": "a b"}), CANCEL),
+    ):
+        assert response.status_code == 412
+        assert_valid(response_schema(spec, path, "post", 412), response.json)
+    for url, documented in (
+        (f"{P}/{produced['processId']}", f"{P}/{{processId}}"),
+        (f"{STEPS}/{failed}", f"{STEPS}/{{processStepId}}"),
+        (
+            f"{P}?status=CANCELLED&name=inv&createdAfter=2020-01-01T00:00:00Z&createdBefore=2999-01-01T00:00:00%2B02:00",
+            P,
+        ),
+        (f"{P}?status=CANCELLED", P),
+        (f"{STEPS}?processId={produced['processId']}&errorType=ValueError", STEPS),
+        (f"{STEPS}?status=SKIPPED", STEPS),
+    ):
+        response = api.get(url)
+        assert response.status_code == 200 and (response.json["data"].get("items") != []), (url, response.json)
+        assert_valid(response_schema(spec, documented, "get", 200), response.json)

@@ -11,7 +11,7 @@ import unicodedata
 from collections import Counter
 
 import pytest
-from helpers import COMPLETE, ENV_HEADERS, ENVELOPE_KEYS, FAIL, RESTART, P, report_figure
+from helpers import CANCEL, COMPLETE, ENV_HEADERS, ENVELOPE_KEYS, FAIL, RESTART, SKIP, STEPS, P, report_figure, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from marshmallow import ValidationError
@@ -356,3 +356,87 @@ def test_fail_step_accepts_valid_bodies_echoes_the_error_and_refuses_the_rest(mo
     assert data["status"] == "FAILED"
     expected = body["error"]["message"] if body.get("error") else "Failed by env through fail-step."
     assert data["error"] == {"type": "ExternalFailure", "message": expected}
+
+
+# -- SPEC 10: cancel and skip-step --------------------------------------------------------------------
+reasons = st.none() | st.text(max_size=30) | st.text(min_size=1020, max_size=1030) | st.sampled_from(["\ud800"])
+reasons |= scalars | json_values
+
+
+def valid_reason(reason):
+    return reason is None or (isinstance(reason, str) and len(reason) <= 1024 and storable(reason))
+
+
+def valid_skip(body):
+    return (
+        isinstance(body, dict)
+        and set(body) <= {"processStepId", "result", "reason"}
+        and isinstance(body.get("processStepId"), str)
+        and valid_params(body.get("result"))
+        and valid_reason(body.get("reason"))
+    )
+
+
+def valid_cancel(body):
+    return (
+        isinstance(body, dict)
+        and set(body) <= {"processId", "reason"}
+        and isinstance(body.get("processId"), str)
+        and valid_reason(body.get("reason"))
+    )
+
+
+def get(client, path):
+    return client.get(path, headers=HEADERS).get_json()["data"]
+
+
+@settings(PROPERTY_SETTINGS, max_examples=BODY_EXAMPLES)
+@given(
+    body=json_values
+    | st.fixed_dictionaries({"processId": ids}, optional={"reason": reasons, "x": scalars})
+    | st.fixed_dictionaries({"processId": st.just("abc")}, optional={"reason": st.none() | st.text(max_size=40)}),
+    use_real_id=st.booleans(),
+)
+def test_cancel_accepts_valid_bodies_and_refuses_the_rest_changing_nothing(module_client, body, use_real_id):
+    step_id = started_step(module_client)
+    # Once deferred, the process stays as it is (a queued or running step would move on by itself).
+    process_id = wait_for(lambda: (step := get(module_client, f"{STEPS}/{step_id}"))["deferred"] and step)["processId"]
+    if use_real_id and isinstance(body, dict) and isinstance(body.get("processId"), str):
+        body = {**body, "processId": process_id}
+    before = get(module_client, f"{P}/{process_id}")
+    status, data = post(module_client, CANCEL, body)
+    count("cancel", status)
+    if status == 412:
+        assert not (use_real_id and valid_cancel(body)), data
+        assert get(module_client, f"{P}/{process_id}") == before
+        return
+    assert status == 200 and valid_cancel(body)
+    assert data["status"] == "CANCELLED" and [s["status"] for s in data["steps"]] == ["CANCELLED"]
+    assert data["intervention"]["reason"] == body.get("reason")
+
+
+@settings(PROPERTY_SETTINGS, max_examples=BODY_EXAMPLES)
+@given(
+    body=json_values
+    | st.fixed_dictionaries({"processStepId": ids}, optional={"result": params_like, "reason": reasons, "x": scalars})
+    | st.fixed_dictionaries(
+        {"processStepId": st.just("abc")},
+        optional={"result": st.none() | good_params, "reason": st.none() | st.text(max_size=40)},
+    ),
+    use_real_id=st.booleans(),
+)
+def test_skip_step_accepts_valid_bodies_echoes_the_result_and_refuses_the_rest_changing_nothing(
+    module_client, body, use_real_id
+):
+    step_id = started_step(module_client, fail=True)
+    body = aim(body, step_id, use_real_id)
+    before = get(module_client, f"{STEPS}/{step_id}")
+    status, data = post(module_client, SKIP, body)
+    count("skip", status)
+    if status == 412:
+        assert not (use_real_id and valid_skip(body)), data
+        assert get(module_client, f"{STEPS}/{step_id}") == before
+        return
+    assert status == 200 and valid_skip(body)
+    assert data["status"] == "SKIPPED" and data["intervention"]["reason"] == body.get("reason")
+    assert data["result"] == (None if body.get("result") is None else output_form(body["result"]))

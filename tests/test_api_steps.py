@@ -62,7 +62,7 @@ BAD_STEP_QUERIES = [
     ("limit=x", {"limit"}),
     ("cursor=zzz", {"cursor"}),
     (f"cursor={b64('p:3')}", {"cursor"}),
-    ("processId=abc", {"processId"}),
+    ("processid=abc", {"processid"}),  # the filter is processId
     ("type=a&type=b", {"type"}),
 ]
 

@@ -14,6 +14,7 @@ def test_defaults_are_those_of_the_spec():
         "STEPD_THREADS": 4,
         "STEPD_RUNNERS": 1,
         "STEPD_STEP_TIMEOUT": None,
+        "STEPD_RETENTION_DAYS": None,
         "STEPD_TOKEN": "",
         "STEPD_DELEGATES_PATH": "",
         "STEPD_LOG_LEVEL": "INFO",
@@ -42,6 +43,11 @@ def test_values_are_read():
         ("STEPD_LOG_LEVEL", "LOUD"),
         ("STEPD_SYNC", "off"),
         ("STEPD_LOG_FORMAT", "yaml"),
+        ("STEPD_RETENTION_DAYS", "0"),
+        ("STEPD_RETENTION_DAYS", "-1"),
+        ("STEPD_RETENTION_DAYS", "a week"),
+        ("STEPD_RETENTION_DAYS", "inf"),
+        ("STEPD_RETENTION_DAYS", "nan"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(key, value):
@@ -53,6 +59,17 @@ def test_log_format_is_read_in_any_case_and_a_bad_one_says_itself_in_text():
     assert config.from_env({"STEPD_LOG_FORMAT": "JSON"})["STEPD_LOG_FORMAT"] == "json"
     assert config.log_format({"STEPD_LOG_FORMAT": "json"}) == "json"
     assert config.log_format({"STEPD_LOG_FORMAT": "yaml"}) == "text"
+
+
+@pytest.mark.parametrize(("text", "days"), [("30", 30.0), ("0.5", 0.5), ("1e-5", 1e-5), (" 7 ", 7.0)])
+def test_retention_days_are_a_positive_number_fractions_allowed(text, days):
+    assert config.from_env({"STEPD_RETENTION_DAYS": text})["STEPD_RETENTION_DAYS"] == days
+
+
+def test_a_bad_retention_is_one_line_naming_the_variable_and_the_value():
+    with pytest.raises(config.ConfigError) as refused:
+        config.from_env({"STEPD_RETENTION_DAYS": "-2"})
+    assert str(refused.value) == "STEPD_RETENTION_DAYS must be a positive number of days, not '-2'"
 
 
 @pytest.mark.parametrize(("value", "pragma"), [("full", 2), ("NORMAL", 1)])

@@ -243,3 +243,28 @@ def test_a_bad_policy_is_a_value_error_at_decoration(kwargs):
 def test_random_jitter_is_used_not_a_fixed_point(monkeypatch):
     monkeypatch.setattr(random, "uniform", lambda low, high: (low, high))
     assert RetryPolicy(retries=3, backoff=2.0, delay=1.0, max_delay=3.0).seconds_before(2) == (1.5, 3.0)
+
+
+# -- the context: results of the earlier steps (SPEC 10) ---------------------------------------------
+def test_results_are_loaded_once_when_first_asked_for_and_merged_in_position_order():
+    from delegates import Context
+
+    loads = []
+
+    def load():
+        loads.append(1)
+        return {2: {"invoice": "INV-2", "sent": 1}, 0: {"invoice": "INV-1", "amount": 5}}
+
+    ctx = Context(params={}, process_id="p", step_id="s", attempt=1, log=None, load_results=load)
+    assert loads == []  # a delegate that never looks costs no read
+    assert ctx.results == {0: {"invoice": "INV-1", "amount": 5}, 2: {"invoice": "INV-2", "sent": 1}}
+    assert list(ctx.results) == [0, 2]
+    assert ctx.variables == {"invoice": "INV-2", "amount": 5, "sent": 1}  # a later step's name wins
+    assert loads == [1]
+
+
+def test_a_context_without_results_has_empty_ones():
+    from delegates import Context
+
+    ctx = Context(params={}, process_id="p", step_id="s", attempt=1, log=None)
+    assert (ctx.results, ctx.variables) == ({}, {})

@@ -16,7 +16,7 @@ from collections import Counter
 
 import pytest
 import requests
-from helpers import RESTART, STEPS, P, report_figure, typed, wait_for
+from helpers import CANCEL, RESTART, SKIP, STEPS, P, report_figure, typed, wait_for
 from invariants import Acknowledged, check, read_only
 
 pytestmark = pytest.mark.slow
@@ -26,9 +26,10 @@ CLIENT_THREADS = 6
 LOAD_SECONDS = (1.0, 2.0)  # how long each round runs before the kill: a random point in this range
 
 
-# -- load: process starts and restarts from several client threads --------------------------
+# -- load: process starts, restarts, skips and cancels from several client threads ------------
 class Load:
-    """Client threads that start processes and restart failed steps, recording what was acknowledged."""
+    """Client threads that start processes, restart or skip failed steps and cancel processes,
+    recording what was acknowledged."""
 
     def __init__(self, server, acknowledged, threads=CLIENT_THREADS):
         self.server = server
@@ -60,10 +61,13 @@ class Load:
         session.headers.update(self.server.headers())
         while not self._stop.is_set():
             try:
-                if rng.random() < 0.5:
+                roll = rng.random()
+                if roll < 0.45:
                     self._start(session, rng)
+                elif roll < 0.9:
+                    self._act_on_a_failed_step(session, rng, "skip" if roll >= 0.78 else "restart")
                 else:
-                    self._restart_one(session, rng)
+                    self._cancel_one(session, rng)
             except requests.RequestException:
                 with self._lock:
                     self.unanswered += 1
@@ -86,7 +90,7 @@ class Load:
             with self._lock:
                 self.acknowledged.processes.add(response.json()["data"]["processId"])
 
-    def _restart_one(self, session, rng):
+    def _act_on_a_failed_step(self, session, rng, action):
         listed = session.get(f"{self.server.url}{STEPS}?status=FAILED&limit=20", timeout=10)
         with self._lock:
             self.statuses[listed.status_code] += 1
@@ -94,12 +98,30 @@ class Load:
         if not failed:
             return
         step_id = rng.choice(failed)["processStepId"]
+        if action == "skip":
+            response = self._post(session, SKIP, {"processStepId": step_id, "result": typed(skipped=1)})
+            if response.status_code == 200:
+                with self._lock:
+                    self.acknowledged.skips.add(step_id)
+            return
         ack = uuid.uuid4().hex  # the attempt row of this restart will hold it in its params
         params = typed(ack=ack, fail=int(rng.random() < 0.3), seconds=rng.uniform(0.05, 0.3))
         response = self._post(session, RESTART, {"processStepId": step_id, "params": params})
         if response.status_code == 200:
             with self._lock:
                 self.acknowledged.restarts[ack] = step_id
+
+    def _cancel_one(self, session, rng):
+        """Cancel one of the processes started lately (running, failed, or already completed: 412)."""
+        with self._lock:
+            started = sorted(self.acknowledged.processes)
+        if not started:
+            return
+        process_id = rng.choice(started)
+        response = self._post(session, CANCEL, {"processId": process_id, "reason": "load"})
+        if response.status_code == 200:
+            with self._lock:
+                self.acknowledged.cancels.add(process_id)
 
 
 def running_steps(db):
@@ -159,10 +181,12 @@ def test_sigkill_mid_load_loses_nothing_acknowledged(server_factory, tmp_path):
     assert totals["running at the kill"] > 0, "no kill landed while a delegate ran"
     assert any(step["error"]["type"] == "Interrupted" for step in interrupted)
     assert len(acknowledged.restarts) > 0 and len(acknowledged.processes) > 0
+    assert len(acknowledged.skips) > 0 and len(acknowledged.cancels) > 0
     report_figure(
         "crash",
         f"{CRASH_ROUNDS} SIGKILL rounds, {totals['requests']} requests, "
-        f"{len(acknowledged.processes)} starts + {len(acknowledged.restarts)} restarts acknowledged, "
+        f"{len(acknowledged.processes)} starts + {len(acknowledged.restarts)} restarts + "
+        f"{len(acknowledged.skips)} skips + {len(acknowledged.cancels)} cancels acknowledged, "
         f"{totals['acks checked']} acknowledgement checks (after each kill and each restart), "
         f"{totals['running at the kill']} steps STARTED (running or queued) at the kills, lost 0",
     )

@@ -84,13 +84,17 @@ def test_start_is_refused_when_two_delegates_claim_one_type(server_factory, tmp_
     assert str(shadow / "mine.py") in output and str(ROOT / "delegates" / "builtin.py") in output, output
 
 
-@pytest.mark.parametrize(("key", "value"), [("STEPD_WORKERS", "many"), ("STEPD_SYNC", "off")])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("STEPD_WORKERS", "many"), ("STEPD_SYNC", "off"), ("STEPD_RETENTION_DAYS", "-1"), ("STEPD_RETENTION_DAYS", "1w")],
+)
 def test_start_is_refused_with_a_bad_setting(server_factory, tmp_path, key, value):
     server = server_factory(db_path=tmp_path / "bad.db", extra_env={key: value}).start(wait=False)
     assert server.proc.wait(timeout=20) != 0
     output = server.output()
     assert f"stepd: cannot start: {key} must be" in output
-    assert "Traceback" not in output  # one clear line, not gunicorn's traceback of its config file
+    assert len(output.strip().splitlines()) == 1, output  # one clear line
+    assert "Traceback" not in output  # not gunicorn's traceback of its config file
 
 
 def test_a_port_in_use_is_refused_at_once_naming_stepd_port(server_factory, tmp_path):

@@ -207,6 +207,238 @@ def test_a_retry_not_yet_due_is_not_claimed(contract_store):
         store.complete_step(job.step_id, None, "r1")
 
 
+# -- results, cancel and skip (SPEC 10) ----------------------------------------------------------
+def test_earlier_results_are_those_of_the_steps_before_by_position(contract_store):
+    store = contract_store
+    process, job = started_process(store, "a", "b", "c", "d")
+    job = store.finish_attempt(job, COMPLETED, result={"x": ("LONG", 1)}, runner_id="r1")
+    job = store.finish_attempt(job, COMPLETED, runner_id="r1")  # no result
+    assert store.earlier_results(job.step_id) == {0: {"x": ("LONG", 1)}}
+    job = store.finish_attempt(job, COMPLETED, result={"x": ("STRING", "y"), "z": ("DOUBLE", 0.5)}, runner_id="r1")
+    assert store.earlier_results(job.step_id) == {
+        0: {"x": ("LONG", 1)},
+        2: {"x": ("STRING", "y"), "z": ("DOUBLE", 0.5)},
+    }
+    assert store.earlier_results(process["steps"][0]["id"]) == {}
+    store.finish_attempt(job, COMPLETED, result={"w": ("LONG", 4)}, runner_id="r1")
+    variables = store.get_process(process["id"])["variables"]
+    assert variables == {"x": ("STRING", "y"), "z": ("DOUBLE", 0.5), "w": ("LONG", 4)}
+
+
+def test_cancel_ends_the_process_and_every_step_not_done(contract_store):
+    store = contract_store
+    process, job = started_process(store, "a", "b", "c")
+    job_b = store.finish_attempt(job, COMPLETED, runner_id="r1")
+    cancelled = store.cancel_process(process["id"], "no longer needed", "carol")
+    assert cancelled["status"] == "CANCELLED"
+    assert (
+        cancelled["intervention"]["principal"] == "carol" and cancelled["intervention"]["reason"] == "no longer needed"
+    )
+    assert [s["status"] for s in cancelled["steps"]] == ["COMPLETED", "CANCELLED", "CANCELLED"]
+    history = store.get_step(job_b.step_id, with_history=True)["attempt_history"]
+    assert [a["status"] for a in history] == ["CANCELLED"]
+    # The delegate that was running returns later; a restart or skip comes: nothing changes.
+    assert store.finish_attempt(job_b, COMPLETED, runner_id="r1") is None
+    assert store.attempt_is_current(job_b) is False
+    with pytest.raises(PreconditionFailed):
+        store.restart_failed_step(job_b.step_id, {}, "bob", "r1", has_delegate)
+    with pytest.raises(PreconditionFailed):
+        store.skip_step(job_b.step_id, None, None, "bob", "r1")
+    assert store.get_process(process["id"]) == cancelled
+
+
+def test_cancel_refuses_an_unknown_a_completed_and_a_cancelled_process(contract_store):
+    store = contract_store
+    with pytest.raises(PreconditionFailed) as unknown:
+        store.cancel_process("nope", None, "carol")
+    assert unknown.value.errors == {"process_id": ["No process has this id."]}
+    process, job = started_process(store, "a")
+    store.finish_attempt(job, COMPLETED, runner_id="r1")
+    with pytest.raises(PreconditionFailed, match="COMPLETED"):
+        store.cancel_process(process["id"], None, "carol")
+    other, _ = started_process(store, "a")
+    store.cancel_process(other["id"], None, "carol")
+    with pytest.raises(PreconditionFailed, match="CANCELLED"):
+        store.cancel_process(other["id"], None, "dave")
+
+
+def test_skip_carries_the_process_on_with_the_result(contract_store):
+    store = contract_store
+    process, job = started_process(store, "a", "b")
+    fail(store, job)
+    step, next_job = store.skip_step(job.step_id, {"r": ("LONG", 7)}, "by hand", "carol", "r1")
+    assert (step["status"], step["result"], step["intervention"]["action"]) == ("SKIPPED", {"r": ("LONG", 7)}, "skip")
+    assert next_job.type == "b" and next_job.attempt == 1
+    assert store.earlier_results(next_job.step_id) == {0: {"r": ("LONG", 7)}}
+    assert store.get_process(process["id"])["status"] == "RUNNING"
+    store.finish_attempt(next_job, COMPLETED, runner_id="r1")
+    assert store.get_process(process["id"])["status"] == "COMPLETED"
+
+
+def test_skip_of_the_last_step_completes_the_process(contract_store):
+    store = contract_store
+    process, job = started_process(store, "a")
+    fail(store, job)
+    assert store.skip_step(job.step_id, None, None, "carol", "r1")[1] is None
+    assert store.get_process(process["id"])["status"] == "COMPLETED"
+
+
+@pytest.mark.parametrize("action", ["cancel", "skip"])
+def test_of_16_concurrent_cancels_or_skips_from_threads_one_wins(open_store, action):
+    setup = open_store()
+    process, job = started_process(setup, "a", "b")
+    fail(setup, job)
+    stores = [open_store() for _ in range(16)]
+    if action == "cancel":
+        outcomes = race(16, lambda n: stores[n].cancel_process(process["id"], f"t{n}", f"t{n}"))
+    else:
+        outcomes = race(16, lambda n: stores[n].skip_step(job.step_id, {"n": ("LONG", n)}, None, f"t{n}", "r1"))
+    winners = [o for o in outcomes if not isinstance(o, Exception)]
+    assert len(winners) == 1 and all(isinstance(o, PreconditionFailed) for o in outcomes if o not in winners)
+    steps = setup.get_process(process["id"])["steps"]
+    if action == "skip":
+        assert [(s["status"], s["attempts"]) for s in steps] == [("SKIPPED", 1), ("STARTED", 1)]
+    else:
+        assert [s["status"] for s in steps] == ["CANCELLED", "CANCELLED"]
+
+
+ROUNDS = 10
+
+
+def _race_with_cancel(open_store, make, other):
+    """Race a cancel of a fresh process against `other(store, state)`, ROUNDS times; returns, per
+    round, (the process as it ended, whether the cancel won, what `other` returned or raised)."""
+    setup, racers = open_store(), [open_store(), open_store()]
+    ends = []
+    for _ in range(ROUNDS):
+        state = make(setup)
+        outcomes = race(
+            2,
+            lambda n, state=state: (
+                racers[0].cancel_process(state["process_id"], None, "carol") if n == 0 else other(racers[1], state)
+            ),
+        )
+        ends.append((setup.get_process(state["process_id"]), not isinstance(outcomes[0], Exception), outcomes[1]))
+    return ends
+
+
+def _failed(store):
+    process, job = started_process(store, "a", "b")
+    fail(store, job)
+    return {"process_id": process["id"], "job": job}
+
+
+def _history(store, step_id):
+    return [a["status"] for a in store.get_step(step_id, with_history=True)["attempt_history"]]
+
+
+def test_a_cancel_racing_a_restart_ends_cancelled_with_the_restart_attempt_closed(open_store):
+    check = open_store()
+    restart = lambda store, state: store.restart_failed_step(state["job"].step_id, {}, "bob", None, has_delegate)  # noqa: E731
+    for process, cancel_won, restarted in _race_with_cancel(open_store, _failed, restart):
+        assert cancel_won, "a FAILED or restarted process can always be cancelled"
+        assert process["status"] == "CANCELLED"
+        assert [s["status"] for s in process["steps"]] == ["CANCELLED", "CANCELLED"]
+        step_id = process["steps"][0]["id"]
+        if isinstance(restarted, Exception):  # the cancel came first: the restart found it CANCELLED
+            assert isinstance(restarted, PreconditionFailed) and _history(check, step_id) == ["FAILED"]
+        else:  # the restart came first: its attempt was begun, then ended by the cancel
+            assert _history(check, step_id) == ["FAILED", "CANCELLED"]
+
+
+def test_a_cancel_racing_a_skip_ends_in_one_consistent_state(open_store):
+    check = open_store()
+    skip = lambda store, state: store.skip_step(state["job"].step_id, None, None, "bob", None)  # noqa: E731
+    for process, cancel_won, skipped in _race_with_cancel(open_store, _failed, skip):
+        assert cancel_won  # after a skip of step 0 the process is RUNNING, so still cancellable
+        statuses = [s["status"] for s in process["steps"]]
+        if isinstance(skipped, Exception):
+            assert statuses == ["CANCELLED", "CANCELLED"]
+        else:
+            assert statuses == ["SKIPPED", "CANCELLED"]
+            assert _history(check, process["steps"][1]["id"]) == ["CANCELLED"]  # begun by the skip, then cancelled
+
+
+def test_a_cancel_racing_a_completion_ends_in_one_consistent_state(open_store):
+    check = open_store()
+
+    def running(store):
+        process, job = started_process(store, "a", "b")
+        return {"process_id": process["id"], "job": job}
+
+    complete = lambda store, state: store.finish_attempt(state["job"], COMPLETED, runner_id="r1")  # noqa: E731
+    for process, cancel_won, next_job in _race_with_cancel(open_store, running, complete):
+        assert cancel_won and process["status"] == "CANCELLED"
+        statuses = [s["status"] for s in process["steps"]]
+        if next_job is None:  # the cancel came first: the outcome was stale
+            assert statuses == ["CANCELLED", "CANCELLED"]
+            assert _history(check, process["steps"][0]["id"]) == ["CANCELLED"]
+        else:  # the completion came first and began step 1, which the cancel then ended
+            assert statuses == ["COMPLETED", "CANCELLED"]
+            assert _history(check, next_job.step_id) == ["CANCELLED"]
+
+
+def test_a_cancel_racing_a_due_retry_ends_cancelled_and_the_retry_never_runs_after(open_store):
+    check = open_store()
+
+    def waiting(store):
+        process, job = started_process(store, "a")
+        store.schedule_retry(job, {"type": "E", "message": "later"}, "2000-01-01T00:00:00.000Z")
+        return {"process_id": process["id"], "job": job}
+
+    retry = lambda store, state: store.claim_due_retries("r2", 10)  # noqa: E731
+    for process, cancel_won, claimed in _race_with_cancel(open_store, waiting, retry):
+        assert cancel_won and [s["status"] for s in process["steps"]] == ["CANCELLED"]
+        step = process["steps"][0]
+        assert step["next_retry_at"] is None
+        expected = ["FAILED", "CANCELLED"] if claimed else ["FAILED"]
+        assert _history(check, step["id"]) == expected
+        if claimed:
+            assert check.finish_attempt(claimed[0], COMPLETED, runner_id="r2") is None  # its outcome is stale
+    assert check.claim_due_retries("r3", 100) == []
+
+
+# -- retention: deleting finished processes --------------------------------------------------------
+def _finished_process(store, status):
+    """A process that is COMPLETED, CANCELLED, FAILED or RUNNING; returns its id."""
+    process, job = started_process(store, "a", "b")
+    if status == "COMPLETED":
+        store.finish_attempt(store.finish_attempt(job, COMPLETED, runner_id="r1"), COMPLETED, runner_id="r1")
+    elif status == "CANCELLED":
+        store.cancel_process(process["id"], None, "carol")
+    elif status == "FAILED":
+        fail(store, job)
+    return process["id"]
+
+
+def test_only_completed_and_cancelled_processes_finished_before_the_time_are_deleted(contract_store):
+    store = contract_store
+    ids = {status: _finished_process(store, status) for status in ("COMPLETED", "CANCELLED", "FAILED", "RUNNING")}
+    assert store.finished_before("2000-01-01T00:00:00.000Z", 10) == []
+    later = "2999-01-01T00:00:00.000Z"
+    due = store.finished_before(later, 10)
+    # oldest first, with the rows each would delete: the process, 2 steps, their attempts (2 and 1)
+    assert due == [(ids["COMPLETED"], 5), (ids["CANCELLED"], 4)]
+    assert store.count_finished_before(later) == 2
+    assert store.finished_before(later, 1) == due[:1]
+    due_ids = [process_id for process_id, _rows in due]
+    assert store.delete_finished(due_ids + [ids["FAILED"], ids["RUNNING"]], later) == (2, 5 + 4)
+    assert store.get_process(ids["COMPLETED"]) is None and store.get_process(ids["CANCELLED"]) is None
+    assert store.get_process(ids["FAILED"])["status"] == "FAILED"
+    assert store.get_process(ids["RUNNING"])["status"] == "RUNNING"
+    assert store.finished_before(later, 10) == [] and store.delete_finished([], later) == (0, 0)
+
+
+def test_racing_deletes_delete_each_process_once(open_store):
+    setup = open_store()
+    ids = [_finished_process(setup, "COMPLETED") for _ in range(20)]
+    stores = [open_store() for _ in range(4)]
+    later = "2999-01-01T00:00:00.000Z"
+    outcomes = race(4, lambda n: stores[n].delete_finished(ids, later))
+    assert sum(deleted for deleted, _rows in outcomes) == 20
+    assert setup.count_finished_before(later) == 0
+
+
 # -- runners -------------------------------------------------------------------------------
 def test_orphans_of_a_gone_runner_are_interrupted_but_not_deferred_ones(contract_store):
     store = contract_store
@@ -349,3 +581,30 @@ def test_looking_for_due_retries_reads_only_waiting_steps(tmp_path):
     sqlite = sqlite_store(tmp_path)
     plan = _plan(sqlite, st.DUE_RETRIES, ("t", 1))
     assert "steps_due_retries" in plan and "steps_by_status" not in plan
+
+
+def test_a_cancel_reads_only_its_own_processs_steps(tmp_path):
+    sqlite = sqlite_store(tmp_path)
+    plan = _plan(sqlite, f"SELECT id FROM steps WHERE process_id = ? AND {st.NOT_DONE}", ("p",))
+    assert "(process_id=?)" in plan and "steps_by_status" not in plan, plan
+
+
+def test_retention_walks_only_finished_processes_oldest_first(tmp_path):
+    sqlite = sqlite_store(tmp_path)
+    plan = _plan(sqlite, st.FINISHED_BEFORE, ("t", 5))
+    assert "processes_finished_oldest_first" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def _page_plan(store, table, conditions):
+    return _plan(store, *st.page_query(table, "seq", conditions, None, 51))
+
+
+def test_the_new_list_filters_read_through_their_indexes(tmp_path):
+    sqlite = sqlite_store(tmp_path)
+    assert "processes_by_name" in _page_plan(sqlite, "processes", st.process_filters({"name": "n", "status": "FAILED"}))
+    window = st.process_filters({"created_after": "a", "created_before": "b"})
+    assert "processes_by_creation" in _page_plan(sqlite, "processes", window)
+    assert "steps_by_error_type" in _page_plan(sqlite, "steps", st.step_filters({"error_type": "Interrupted"}))
+    of_a_process = st.step_filters({"process_id": "p", "status": "FAILED", "type": "t", "error_type": "E"})
+    plan = _page_plan(sqlite, "steps", of_a_process)
+    assert "(process_id=?)" in plan and "steps_by_status" not in plan and "steps_by_error_type" not in plan, plan

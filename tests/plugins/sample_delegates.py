@@ -1,5 +1,6 @@
 """Delegates the tests use, loaded through STEPD_DELEGATES_PATH like a user's own."""
 
+import json
 import time
 from pathlib import Path
 
@@ -63,6 +64,32 @@ def echo(ctx):
         "attempt": ctx.attempt,
         "names": ",".join(sorted(ctx.params)),
     }
+
+
+# -- results that flow forward (SPEC 10) ------------------------------------------------------------
+@delegate("produce")
+def produce(ctx):
+    """Return its params as its result, for the steps after it."""
+    return dict(ctx.params)
+
+
+@delegate("consume")
+def consume(ctx):
+    """Return what it saw of the earlier steps: ctx.results and ctx.variables as JSON, and the keys' types."""
+    return {
+        "results": json.dumps({str(position): result for position, result in ctx.results.items()}, sort_keys=True),
+        "variables": json.dumps(ctx.variables, sort_keys=True),
+        "positions": ",".join(f"{type(position).__name__}:{position}" for position in ctx.results),
+    }
+
+
+@delegate("need")
+def need(ctx):
+    """Fail unless ctx.variables holds the name in param `name`; return that variable as `got`."""
+    name = ctx.params["name"]
+    if name not in ctx.variables:
+        raise KeyError(f"no variable {name!r} among {sorted(ctx.variables)}")
+    return {"got": ctx.variables[name]}
 
 
 # -- delegates with retry policies (tests/test_api_retries.py and friends) ---------------------------
