@@ -101,7 +101,7 @@ def get_process(process_id):
 @api.post("/processes/cancel")
 @writes
 @idempotent
-@endpoint(data=s.ProcessSchema, body=s.CancelProcessSchema, errors=(412,))
+@endpoint(data=s.ProcessSchema, body=s.CancelProcessSchema, errors=(412,), tag="processes")
 def cancel_process(body):
     """Cancel a RUNNING or FAILED process: it and each of its steps not yet done become CANCELLED."""
     process = engine().cancel(body["process_id"], body["reason"], current_principal().name)
@@ -179,7 +179,7 @@ def complete_step(body):
 @api.post("/processes/skip-step")
 @writes
 @idempotent
-@endpoint(data=s.StepSchema, body=s.SkipStepSchema, errors=(412,))
+@endpoint(data=s.StepSchema, body=s.SkipStepSchema, errors=(412,), tag="steps")
 def skip_step(body):
     """Skip a FAILED step, with an optional result later steps see; the process carries on."""
     step = engine().skip(body["step_id"], body["result"], body["reason"], current_principal().name)

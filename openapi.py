@@ -116,6 +116,8 @@ class Converter(OpenAPIConverter):
         if isinstance(field, s.Params):
             name = "RestartParams" if isinstance(field, s.RestartParams) else "Params"
             return nullable(ref(name), "object", description) if field.allow_none else ref(name)
+        if isinstance(field, s.Variables):
+            return ref("Variables")
         enum = self._enum_component(field)
         if enum is not None:
             return nullable(ref(enum), "string", description) if field.allow_none else ref(enum)
@@ -158,7 +160,7 @@ class Plugin(MarshmallowPlugin):
 
 
 def _add_value_components(spec, converter):
-    """TypedValue, its three forms, Params and RestartParams, from schemas.TypedValueSchema's fields."""
+    """TypedValue, its three forms, Params, RestartParams and Variables, from schemas.TypedValueSchema's fields."""
     value_fields = s.one(s.TypedValueSchema).fields
     for kind, form in VALUE_FORMS.items():
         wanted = s.VALUE_FIELD[kind]
@@ -199,6 +201,15 @@ def _add_value_components(spec, converter):
             "additionalProperties": nullable(ref("TypedValue"), "object"),
             "description": "A restart's params, laid over the failed attempt's: a name given a typed value"
             f" takes it, a name given null is removed, the others stay as they were. As Params: {names}.",
+        },
+    )
+    spec.components.schema(
+        "Variables",
+        {
+            "type": "object",
+            "additionalProperties": ref("TypedValue"),
+            "description": "A process's variables (output only): its steps' results merged in position order,"
+            " a later step's name winning; typed values like params, without params' limit of names.",
         },
     )
 
