@@ -512,7 +512,7 @@ class Server:
                 self.kill()
         if getattr(self, "log", None):
             self.log.close()
-        return self.proc.returncode
+        return self.proc.returncode if self.proc else None  # None: never started
 
     def headers(self, token=None):
         return {"Authorization": f"Bearer {token or self.token}"}
