@@ -8,8 +8,8 @@ keeps its row in `runners` alive, and fails with error type `Interrupted` every 
 step whose runner is gone, so it can be restarted. A crashed attempt is never re-run by
 itself: a delegate is called at most once per attempt.
 
-An attempt that runs past its timeout, or is ended from outside (fail-step), has its
-`ctx.cancelled` set and gives its place back at once: a delegate that never returns holds
+An attempt that runs past its timeout, or is ended from outside (fail-step, a cancel of its
+process), has its `ctx.cancelled` set and gives its place back at once: a delegate that never returns holds
 its own thread, not one of the runner's places.
 
 `python runner.py` runs one runner process (service.py starts STEPD_RUNNERS of them);
