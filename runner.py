@@ -77,7 +77,7 @@ class Runner:
         self.threads = threads
         self.db_path = db_path
         self.step_timeout = step_timeout  # STEPD_STEP_TIMEOUT: for delegates that set no timeout
-        self.housekeeping = housekeeping  # callables run once a minute (forgetting old answers)
+        self.housekeeping = housekeeping  # callables run every HOUSEKEEPING_SECONDS (runner.chores)
         self.id = None  # given at start(), in the process that runs it
         self._jobs = queue.Queue()  # claimed, waiting for a thread (never more than the free places)
         self._running = {}  # (step id, attempt) -> Running
