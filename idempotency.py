@@ -2,7 +2,7 @@
 
 The key's answer is kept in the database (store.stored_answer / store_answer) for
 store.ANSWER_KEPT_SECONDS, in the same transaction as the change it reports; the runners
-delete the answers that no longer count (store.forget_answers), once a minute.
+delete the answers that no longer count (store.forget_answers), twice a minute.
 """
 
 import functools

@@ -8,8 +8,8 @@ keeps its row in `runners` alive, and fails with error type `Interrupted` every 
 step whose runner is gone, so it can be restarted. A crashed attempt is never re-run by
 itself: a delegate is called at most once per attempt.
 
-An attempt that runs past its timeout, or is ended from outside (fail-step), has its
-`ctx.cancelled` set and gives its place back at once: a delegate that never returns holds
+An attempt that runs past its timeout, or is ended from outside (fail-step, a cancel of its
+process), has its `ctx.cancelled` set and gives its place back at once: a delegate that never returns holds
 its own thread, not one of the runner's places.
 
 `python runner.py` runs one runner process (service.py starts STEPD_RUNNERS of them);
@@ -78,7 +78,7 @@ class Runner:
         self.threads = threads
         self.db_path = db_path
         self.step_timeout = step_timeout  # STEPD_STEP_TIMEOUT: for delegates that set no timeout
-        self.housekeeping = housekeeping  # callables run once a minute (forgetting old answers)
+        self.housekeeping = housekeeping  # callables run every HOUSEKEEPING_SECONDS (runner.chores)
         self.id = None  # given at start(), in the process that runs it
         self._jobs = queue.Queue()  # claimed, waiting for a thread (never more than the free places)
         self._running = {}  # (step id, attempt) -> Running

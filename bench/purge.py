@@ -141,9 +141,9 @@ def summary(writes, what="writes"):
         return f"no {what}"
     p99 = waits[min(len(waits) - 1, int(0.99 * len(waits)))]
     statuses = sorted({status for _, status in writes if status is not None})
-    return f"{len(waits)} {what}, p50 {statistics.median(waits):.1f} ms, p99 {p99:.1f} ms, max {waits[-1]:.1f} ms" + (
-        f" (statuses {statuses})" if statuses else ""
-    )
+    over = ", ".join(f"{sum(wait > limit for wait in waits)} over {limit} ms" for limit in (10, 50))
+    text = f"{len(waits)} {what}, p50 {statistics.median(waits):.1f} ms, p99 {p99:.1f} ms, max {waits[-1]:.1f} ms"
+    return f"{text} ({over})" + (f", statuses {statuses}" if statuses else "")
 
 
 def main():

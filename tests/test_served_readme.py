@@ -18,10 +18,20 @@ NEEDS_CURL_AND_JQ = pytest.mark.skipif(
 )
 
 
-def block(name):
-    """The ```bash block between <!-- name:start --> and <!-- name:end --> in the README."""
+def block(name, language="bash"):
+    """The ```language block between <!-- name:start --> and <!-- name:end --> in the README."""
     marked = README.split(f"<!-- {name}:start -->")[1].split(f"<!-- {name}:end -->")[0]
-    return re.search(r"```bash\n(.*?)```", marked, re.S).group(1)
+    return re.search(rf"```{language}\n(.*?)```", marked, re.S).group(1)
+
+
+def run_script(server, script):
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script.replace("http://127.0.0.1:8080", server.url)],
+        env={"PATH": "/usr/bin:/bin", "TOKEN": server.token},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def walk(server, token):
@@ -138,3 +148,25 @@ def test_the_recipes_files_are_not_in_git_status():
     files = ["stepd.err", "stepd.out"]
     ignored = subprocess.run(["git", "check-ignore", *files], cwd=ROOT, capture_output=True, text=True)
     assert ignored.stdout.split() == files, ignored
+
+
+@NEEDS_CURL_AND_JQ
+def test_the_results_skip_and_cancel_walkthrough_runs_with_its_delegates(server_factory, tmp_path):
+    folder = tmp_path / "my_delegates"
+    folder.mkdir()
+    (folder / "invoices.py").write_text(block("lifecycle", "python"))
+    server = server_factory(delegates=folder).start()
+    done = run_script(server, block("lifecycle"))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:4] == [
+        '{"invoice":"INV-acme-1","amount":250,"sent":"INV-acme-1"}',
+        '["SKIPPED","skip","made by hand in billing"]',
+        "INV-7",
+        '["CANCELLED","customer left",["COMPLETED","CANCELLED","CANCELLED"]]',
+    ]
+    step = server.process(lines[4])["steps"][1]  # the process the listing of CANCELLED ones found
+    assert (step["type"], step["status"], step["attempts"]) == ("invoice.await_payment", "CANCELLED", 1)
+    # Its delegate was running when the process was cancelled: the runner set its ctx.cancelled.
+    wait_for(lambda: f"step {step['processStepId']} attempt 1 ended while its delegate ran" in server.output())
+    assert "It prints `" + lines[0] + "`" in README.replace("\n", " ")
