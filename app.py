@@ -19,7 +19,7 @@ from werkzeug.routing import ValidationError as RouteMismatch
 import config
 import envelope
 import schemas as s
-from auth import current_principal, reads, token_cli, writes
+from auth import command_store, current_principal, reads, token_cli, writes
 from db import Database
 from delegates import Registry, load_registry
 from engine import Engine
@@ -266,7 +266,7 @@ def _days(ctx, param, value):
 @with_appcontext
 def purge_command(days, dry_run):
     """Delete COMPLETED and CANCELLED processes that finished more than DAYS days ago."""
-    processes, rows = purge(current_app.extensions["stepd"].store, days, dry_run)
+    processes, rows = purge(command_store(), days, dry_run)
     if dry_run:
         click.echo(f"Would delete {processes} process(es) finished more than {days:g} day(s) ago.")
     else:

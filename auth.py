@@ -167,10 +167,10 @@ def ensure_first_token(store, env_token, new_database):
 token_cli = AppGroup("token", help="Create, list and revoke API tokens.")
 
 
-def _token_store():
-    """The store of the database a token command acts on, which it names on standard error.
+def command_store():
+    """The store of the database a command (token, purge) acts on, which it names on standard error.
 
-    A token command never creates a database: run from another folder, STEPD_DB's relative
+    A command never creates a database: run from another folder, STEPD_DB's relative
     default names a file that is not the service's, and a token made there would be refused."""
     path = Path(current_app.config["STEPD_DB"]).resolve()
     if not path.is_file():
@@ -188,7 +188,7 @@ def create_token(name, role):
     """Create a token; prints its secret alone on the last line."""
     if not TOKEN_NAME.match(name) or name == ENV_TOKEN_NAME:
         raise click.BadParameter("use 1-64 of A-Z a-z 0-9 _ . - (and not 'env')", param_hint="NAME")
-    store = _token_store()
+    store = command_store()
     secret = new_secret()
     if not store.add_token(name, role, hash_secret(secret)):
         raise click.ClickException(f"a token named {name!r} exists; revoke it first")
@@ -199,7 +199,7 @@ def create_token(name, role):
 @token_cli.command("list")
 def list_tokens():
     """List tokens (names and roles, never secrets)."""
-    tokens = _token_store().list_tokens()
+    tokens = command_store().list_tokens()
     for token in tokens:
         click.echo(f"{token['name']}\t{token['role']}\t{token['created_at']}")
     if not tokens:
@@ -210,6 +210,6 @@ def list_tokens():
 @click.argument("name")
 def revoke_token(name):
     """Revoke a token by name."""
-    if not _token_store().revoke_token(name):
+    if not command_store().revoke_token(name):
         raise click.ClickException(f"no token named {name!r}")
     click.echo(f"Revoked token {name!r}.")

@@ -23,6 +23,7 @@ from helpers import (
 
 import retention
 import runner
+from db import Database
 
 
 def purge(app, *args):
@@ -48,7 +49,7 @@ def test_purge_deletes_finished_processes_older_than_the_days_with_their_steps_a
     done = purge(app, "--older-than", "30")
     assert done.exit_code == 0, done.output
     assert (
-        done.output == "Deleted 50 process(es) finished more than 30 day(s) ago (270 rows).\n"
+        done.stdout == "Deleted 50 process(es) finished more than 30 day(s) ago (270 rows).\n"
     )  # 30 × (1 + 3 + 3) + 20 × 3
     left = {pid for (pid,) in db_rows(db_path, "SELECT id FROM processes")}
     assert left == set(recent) | set(ancient_failed)
@@ -59,7 +60,7 @@ def test_purge_deletes_finished_processes_older_than_the_days_with_their_steps_a
 def test_a_running_process_is_never_deleted_however_old(app, api, db_path):
     process = api.start(("external", {}))
     api.wait_deferred(process["steps"][0]["processStepId"])
-    assert purge(app, "--older-than", "0").output.startswith("Deleted 0 process(es)")
+    assert purge(app, "--older-than", "0").stdout.startswith("Deleted 0 process(es)")
     assert api.process(process["processId"])["status"] == "RUNNING"
 
 
@@ -70,7 +71,7 @@ def test_a_dry_run_counts_and_deletes_nothing(app, db_path):
     before = db_dump(db_path)
     done = purge(app, "--older-than", "1.5", "--dry-run")
     assert done.exit_code == 0, done.output
-    assert done.output == "Would delete 15 process(es) finished more than 1.5 day(s) ago.\n"
+    assert done.stdout == "Would delete 15 process(es) finished more than 1.5 day(s) ago.\n"
     assert db_dump(db_path) == before
 
 
@@ -99,7 +100,12 @@ def test_the_days_are_required(app):
 def test_purge_runs_from_the_checkout_as_an_operator_runs_it(tmp_path):
     db = tmp_path / "cli.db"
     env = {"PATH": "/usr/bin:/bin", "STEPD_DB": str(db), "STEPD_DELEGATES_PATH": str(PLUGINS)}
-    subprocess.run([str(FLASK), "--app", "app", "token", "list"], cwd=ROOT, env=env, check=True, capture_output=True)
+    refused = subprocess.run(
+        [str(FLASK), "--app", "app", "purge", "--older-than", "2"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert refused.returncode == 1 and f"no database at {db}" in refused.stderr  # a purge never makes one
+    assert not db.exists()
+    Database(db).prepare()
     insert_finished_processes(db, 7, "CANCELLED", ago(days=3))
     done = subprocess.run(
         [str(FLASK), "--app", "app", "purge", "--older-than", "2"], cwd=ROOT, env=env, capture_output=True, text=True
@@ -137,7 +143,7 @@ def test_purge_deletes_in_batches_and_lets_writers_in_between(app, api, db_path,
     took = time.monotonic() - began
     stop.set()
     thread.join(timeout=10)
-    assert done.output.startswith("Deleted 2000 process(es)"), done.output
+    assert done.stdout.startswith("Deleted 2000 process(es)"), done.output
     per_batch = retention.BATCH_ROWS // 3  # a process, its step and its attempt
     assert batches == [per_batch] * (2000 // per_batch) + [2000 % per_batch]
     assert statuses and set(statuses) == {201}
