@@ -455,7 +455,7 @@ class Server:
             raise AssertionError(f"the service exited with {self.proc.returncode}:\n{self.output()}")
         try:
             return requests.get(self.url + "/healthz", timeout=1).status_code == 200
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a slow first answer
             return False
 
     def _runners_alive(self):
