@@ -221,11 +221,12 @@ class Database:
         the shared COMMIT succeeded. A batch costs one turn at the lock and one commit however
         many requests it holds.
         """
+        conn = self.connection()  # inside a write: the process's write connection
         if getattr(self._local, "writing", False):
-            with sqlite_errors(), self._savepoint(self._writer().conn, rollback):
-                yield self._writer().conn
+            with sqlite_errors(), self._savepoint(conn, rollback):
+                yield conn
             return
-        if self.connection().in_transaction:
+        if conn.in_transaction:
             raise RuntimeError("a write transaction cannot start inside a read snapshot")
         self._local.on_commit = []
         with sqlite_errors():
@@ -270,11 +271,6 @@ class Database:
                 if rollback:
                     conn.execute(f"ROLLBACK TO {name}")
                 conn.execute(f"RELEASE {name}")
-
-    def in_transaction(self):
-        """Whether this caller's connection is inside a transaction (SQLite ends one by itself
-        on some errors, a full disk among them)."""
-        return self.connection().in_transaction
 
     def on_commit(self, callback):
         """Call `callback` once this caller's write transaction commits (now, if none is open);

@@ -166,37 +166,32 @@ class Runner:
 
     # -- claiming --------------------------------------------------------------------------
     def _claim_loop(self):
-        poked = False
         while not self._stopping.is_set():
             try:
-                claimed = self._claim(look_first=not poked)
+                claimed = self._claim()
             except Exception:  # a busy database now and then must not end the loop
                 log.exception("runner %s could not claim work; retrying", self.id)
                 claimed = 0
-            poked = bool(claimed) or self._listener.wait(POLL_SECONDS)
+            if not claimed:
+                self._listener.wait(POLL_SECONDS)
 
-    def _claim(self, look_first):
+    def _claim(self):
         """Claim as many attempts as there are free places (due retries first); returns how many.
-
-        `look_first`: read before taking the write lock (a poll); a poke means work was committed."""
+        (Each claim looks before it takes the write lock; outcomes written meanwhile by this
+        runner's threads share its transaction: db.py's group commit.)"""
         self._may_be_more = True  # a place freed while this claims pokes the loop (see _leave)
         free = self.threads - self._busy
-        if free <= 0 or (look_first and not self.store.has_claimable()):
+        if free <= 0:
             return 0
-        with self.store.atomic():  # one transaction (joined by the outcomes written meanwhile: db.py)
-            jobs = self._claim_in_transaction(free)
+        jobs = self.store.claim_due_retries(self.id, free)
+        if len(jobs) < free:
+            jobs += self.store.claim_queued(self.id, free - len(jobs))
         for job in jobs:
             self._jobs.put(job)
         # Fewer than the free places: nothing more was queued then, and what is queued later
         # comes with its own poke. As many: more may wait for the next free place.
         self._may_be_more = len(jobs) >= free
         return len(jobs)
-
-    def _claim_in_transaction(self, free):
-        jobs = self.store.claim_due_retries(self.id, free)
-        if len(jobs) < free:
-            jobs += self.store.claim_queued(self.id, free - len(jobs))
-        return jobs
 
     # -- delegate threads ------------------------------------------------------------------
     def _work(self):

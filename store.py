@@ -420,14 +420,19 @@ class Store:
     # -- steps -----------------------------------------------------------------------
     def get_step(self, step_id, with_history=False):
         with self.db.snapshot() as conn:
-            row = conn.execute(f"SELECT {STEP_COLUMNS} FROM steps WHERE id = ?", (step_id,)).fetchone()
-            if row is None:
+            step = self._read_step(conn, step_id, now_iso())
+            if step is None:
                 return None
-            step = _step(row, now_iso())
             if with_history:
                 rows = conn.execute("SELECT * FROM attempts WHERE step_id = ? ORDER BY attempt", (step_id,)).fetchall()
                 step["attempt_history"] = [_attempt(r) for r in rows]
         return step
+
+    @staticmethod
+    def _read_step(conn, step_id, now):
+        """One step as a dict (None if no step has this id), on `conn` (a snapshot or a change)."""
+        row = conn.execute(f"SELECT {STEP_COLUMNS} FROM steps WHERE id = ?", (step_id,)).fetchone()
+        return None if row is None else _step(row, now)
 
     def list_steps(self, where, limit=50, before_seq=None):
         """A page of steps, newest first, like list_processes; `where`: status, type, process_id,
@@ -501,10 +506,6 @@ class Store:
             if job is None:  # cannot happen under BEGIN IMMEDIATE; kept as the compare-and-set's check
                 raise PreconditionFailed.on("status", "Step changed while it was being restarted.")
         return job
-
-    def has_claimable(self):
-        """Whether an attempt is queued or a retry is due (one cheap read, outside any transaction)."""
-        return bool(self.db.row(QUEUED_STEPS, (1,)) or self.db.row(DUE_RETRIES, (now_iso(), 1)))
 
     def claim_queued(self, runner_id, limit):
         """Take up to `limit` queued attempts, oldest first, for this runner; their Jobs.
@@ -618,8 +619,7 @@ class Store:
                 message = f"Step is {row['status']}; only a STARTED step can be {status.lower()}."
                 raise PreconditionFailed.on("status", message)
             next_job = change.begin_next(step_id, runner_id) if status == COMPLETED else None
-            row = change.conn.execute(f"SELECT {STEP_COLUMNS} FROM steps WHERE id = ?", (step_id,)).fetchone()
-            step = _step(row, change.now)
+            step = self._read_step(change.conn, step_id, change.now)
         return step, next_job
 
     # -- an operator's interventions: cancel a process, skip a failed step ----------------
@@ -656,8 +656,7 @@ class Store:
             if not change.skip(step_id, row["process_id"], row["attempts"], result, principal, reason):
                 raise PreconditionFailed.on("status", f"Step is {row['status']}; only a FAILED step can be skipped.")
             next_job = change.begin_next(step_id, runner_id)
-            row = change.conn.execute(f"SELECT {STEP_COLUMNS} FROM steps WHERE id = ?", (step_id,)).fetchone()
-            step = _step(row, change.now)
+            step = self._read_step(change.conn, step_id, change.now)
         return step, next_job
 
     # -- retention: deleting finished processes ------------------------------------------

@@ -22,6 +22,10 @@ def test_pragmas_and_schema_version(database):
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == db_module.BUSY_TIMEOUT_MS
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(migrations.MIGRATIONS)
+    # Reads and writes alike: the runners checkpoint, not a request's COMMIT; pages through mmap.
+    for each in (conn, database.write_connection()):
+        assert each.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == db_module.AUTOCHECKPOINT_PAGES
+        assert each.execute("PRAGMA mmap_size").fetchone()[0] == db_module.MMAP_BYTES
 
 
 def test_migrate_twice_and_from_many_threads_is_safe(tmp_path):
