@@ -30,18 +30,24 @@ endif
 # npm it is not installed, and that test is skipped (under CI it fails: there the lint must run).
 NODE_TOOLS := $(if $(shell command -v npm 2>/dev/null),node_modules/.installed)
 
-.PHONY: run runner test lint fix clean bench
+.PHONY: run runner test test-fast lint fix clean bench
 
+# `stepd serve` from .venv/ (stepd installed there, editable, with its pinned dependencies). Silent
+# itself (@, and pip's output only when it fails), so with STEPD_LOG_FORMAT=json every line is JSON.
 run: $(VENV)/.run-deps
-	$(BIN)/python service.py
+	@$(BIN)/stepd serve
 
 # One more runner process (delegates run there), beside a service started with STEPD_RUNNERS=0
 # (a runner needs the same database file, so the same machine).
 runner: $(VENV)/.run-deps
-	$(BIN)/python runner.py
+	@$(BIN)/stepd runner
 
 test: $(VENV)/.dev-deps $(NODE_TOOLS)
 	$(BIN)/pytest
+
+# The inner loop: every test that starts no service process (tests/conftest.py marks those slow).
+test-fast: $(VENV)/.dev-deps
+	$(BIN)/pytest -m "not slow"
 
 # The benchmark (bench/run.py, a few minutes; not part of `make test`). It needs wrk.
 # BENCH_FULL=1 adds worker memory over 200k restarts; BENCH_ARGS passes more options.
@@ -58,19 +64,25 @@ fix: $(VENV)/.dev-deps
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# pip's output goes to .venv/pip.log and is shown only when it fails.
+QUIETLY = >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log >&2; exit 1; }
+
 $(VENV)/.created:
-	rm -rf $(VENV)
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	touch $@
+	@rm -rf $(VENV)
+	@$(if $(filter json JSON,$(STEPD_LOG_FORMAT)),true,echo "stepd: setting up .venv/ (first use, a minute or two)" >&2)
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install --quiet --upgrade pip $(QUIETLY)
+	@touch $@
 
-$(VENV)/.run-deps: requirements.txt $(VENV)/.created
-	$(BIN)/pip install --quiet -r requirements.txt
-	touch $@
+$(VENV)/.run-deps: requirements.txt pyproject.toml $(VENV)/.created
+	@$(BIN)/pip install --quiet -r requirements.txt $(QUIETLY)
+	@$(BIN)/pip install --quiet --no-deps --editable . $(QUIETLY)
+	@touch $@
 
-$(VENV)/.dev-deps: requirements.txt requirements-dev.txt $(VENV)/.created
-	$(BIN)/pip install --quiet -r requirements-dev.txt
-	touch $@ $(VENV)/.run-deps
+$(VENV)/.dev-deps: requirements.txt requirements-dev.txt pyproject.toml $(VENV)/.created
+	@$(BIN)/pip install --quiet -r requirements-dev.txt $(QUIETLY)
+	@$(BIN)/pip install --quiet --no-deps --editable . $(QUIETLY)
+	@touch $@ $(VENV)/.run-deps
 
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --ignore-scripts

@@ -1,23 +1,9 @@
-"""gunicorn settings for the baseline app: those of ../gunicorn.conf.py (workers, worker class,
-threads, logging and its logger class), read from that file, with the baseline app instead of stepd and without
-stepd's hooks (migration, runner)."""
+"""gunicorn settings for the baseline app: stepd's own (stepd.front.options: workers, worker class,
+logging and its logger class, from the same STEPD_* variables), with the baseline app instead of
+stepd and without stepd's start-up checks."""
 
-import runpy
-from pathlib import Path
+from stepd.config import from_env
+from stepd.front import options
 
-_stepd = runpy.run_path(str(Path(__file__).resolve().parent.parent / "gunicorn.conf.py"))
-
+globals().update(options(from_env()))
 wsgi_app = "bench.baseline_app:create_app()"
-for _name in (
-    "bind",
-    "workers",
-    "worker_class",
-    "threads",
-    "graceful_timeout",
-    "control_socket_disable",
-    "loglevel",
-    "accesslog",
-    "access_log_format",
-    "logger_class",  # stepd's access and error lines (logs.GunicornLogger): the same cost per request
-):
-    globals()[_name] = _stepd[_name]

@@ -33,9 +33,9 @@ sys.path.insert(0, str(BENCH))
 import seed  # noqa: E402  (needs the paths above)
 from run import Server  # noqa: E402
 
-from db import Database  # noqa: E402
-from model import iso  # noqa: E402
-from retention import BATCH_ROWS  # noqa: E402
+from stepd.db import Database  # noqa: E402
+from stepd.model import iso  # noqa: E402
+from stepd.retention import BATCH_ROWS  # noqa: E402
 
 TOKEN = "purge-bench-token"
 FLASK = Path(sys.executable).parent / "flask"
@@ -163,7 +163,7 @@ def main():
     print(f"seeded {args.processes:,} completed processes ({rows:,} rows) in {time.monotonic() - began:.1f} s")
 
     settings = {"STEPD_DB": str(db), "STEPD_TOKEN": TOKEN, "STEPD_DELEGATES_PATH": str(BENCH / "delegates")}
-    server = Server([sys.executable, "service.py"], workdir / "stepd.log", **settings).start("/healthz")
+    server = Server([sys.executable, "-m", "stepd", "serve"], workdir / "stepd.log", **settings).start("/healthz")
     try:
         with Writers(server, args.writers, args.interval) as writers, LockProbe(db) as probe:
             time.sleep(WARM_UP_SECONDS + QUIET_SECONDS)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/queue_latency.py [--count 200]
 
-Starts stepd as `make run` does (service.py, a fresh SQLite file), then starts COUNT one-step
+Starts stepd as `make run` does (`stepd serve`, a fresh SQLite file), then starts COUNT one-step
 processes one at a time, each after the last completed, so the service is idle at every start.
 The step's delegate (bench.clock) returns the moment it was called; the latency is that moment
 minus the step's `startedAt` (its commit, to the millisecond). Prints p50, p99 and max.
@@ -58,7 +58,7 @@ def main():
         "STEPD_TOKEN": TOKEN,
         "STEPD_DELEGATES_PATH": str(BENCH / "delegates"),
     }
-    server = Server([sys.executable, "service.py"], workdir / "stepd.log", **settings).start("/healthz")
+    server = Server([sys.executable, "-m", "stepd", "serve"], workdir / "stepd.log", **settings).start("/healthz")
     try:
         time.sleep(1.5)  # the runner registers, and the notifier's list of runners is fresh
         waits = sorted(one_latency(server) for _ in range(args.count))

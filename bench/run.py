@@ -55,7 +55,7 @@ def free_port():
 
 
 class Server:
-    """A command from the checkout (stepd's service.py, or gunicorn -c CONF for the baseline), with
+    """A command run in the checkout (`stepd serve`, or gunicorn -c CONF for the baseline), with
     STEPD_* settings, on a free loopback port."""
 
     running = []  # every server started and not yet stopped, for the cleanup on the way out
@@ -101,10 +101,12 @@ class Server:
             return []
 
     def _gunicorn_master(self):
-        """The gunicorn master: the process itself (the baseline) or its child (under service.py)."""
+        """The gunicorn master: the process itself (the baseline) or its child `python -m stepd http`
+        (under `stepd serve`)."""
         for pid in [self.proc.pid, *self._children(self.proc.pid)]:
             with contextlib.suppress(OSError):
-                if b"gunicorn" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if b"gunicorn" in args[0] + args[1] or args[-2:] == [b"http", b""]:
                     return pid
         return None
 
@@ -146,14 +148,14 @@ def stop_all():
 
 
 def stepd_server(db, sync, workdir, token):
-    """stepd exactly as `make run` serves it: service.py (gunicorn, its workers, one runner) and STEPD_* variables."""
+    """stepd exactly as `make run` serves it: `stepd serve` (gunicorn, workers, a runner), STEPD_* variables."""
     settings = {
         "STEPD_DB": str(db),
         "STEPD_TOKEN": token,
         "STEPD_DELEGATES_PATH": str(BENCH / "delegates"),
         "STEPD_SYNC": sync,
     }
-    return Server([sys.executable, "service.py"], workdir / f"stepd-{sync}.log", **settings).start("/healthz")
+    return Server([sys.executable, "-m", "stepd", "serve"], workdir / f"stepd-{sync}.log", **settings).start("/healthz")
 
 
 def baseline_server(workdir):

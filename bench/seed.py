@@ -5,8 +5,8 @@ COMPLETED. `run.py` checks a seeded row against one the service made, and restar
 
 import sqlite3
 
-from db import Database
-from model import new_id, now_iso, params_to_json
+from stepd.db import Database
+from stepd.model import new_id, now_iso, params_to_json
 
 PRINCIPAL = "env"  # the name of the STEPD_TOKEN operator, which the benchmark uses
 BATCH = 20_000  # processes per transaction

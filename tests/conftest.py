@@ -23,10 +23,22 @@ from helpers import (
     wait_for,
 )
 
-from app import create_app, start_background, stop_background
-from auth import hash_secret
-from db import Database
-from store import Store
+from stepd.app import create_app, start_background, stop_background
+from stepd.auth import hash_secret
+from stepd.db import Database
+from stepd.store import Store
+
+# Fixtures that start real service processes: a test that uses one is slow.
+SERVICE_FIXTURES = {"server_factory", "served"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark `slow` every test that starts a service (`make test-fast` leaves them out): those of the
+    test_served_* modules, and any other that uses a fixture which starts one."""
+    for item in items:
+        served_module = item.path.name.startswith("test_served_")
+        if served_module or SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

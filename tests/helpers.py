@@ -26,13 +26,26 @@ from pathlib import Path
 
 import requests
 
-from model import new_id, params_to_json
+from stepd.model import new_id, params_to_json
 
 # -- paths -----------------------------------------------------------------------------------------
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 GUNICORN = Path(sys.executable).parent / "gunicorn"
-FLASK = Path(sys.executable).parent / "flask"
+STEPD = Path(sys.executable).parent / "stepd"  # the command, as `make` installs it in .venv/
+
+
+def run_cli(db_path, *args):
+    """`stepd ARGS` in this process (click's runner) with STEPD_DB=db_path: (exit code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from stepd.cli import stepd
+
+    result = CliRunner().invoke(stepd, list(args), env={"STEPD_DB": str(db_path)})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
 
 # The API's paths, defined here only.
 P = "/api/v1/processes"
@@ -409,7 +422,7 @@ def free_port():
 
 
 class Server:
-    """stepd as `make run` serves it (service.py: gunicorn and its workers, and runner
+    """stepd as `make run` serves it (`stepd serve`: gunicorn and its workers, and runner
     processes), on loopback, in a process group of its own."""
 
     def __init__(
@@ -432,13 +445,14 @@ class Server:
             **(extra_env or {}),
         }
         self.proc = None
+        self.cwd = Path(db_path).parent  # any folder: the service never looks at its own files by path
         self.log_path = Path(db_path).with_suffix(".log")
 
     def start(self, wait=True):
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop(), it outlives this call
         self.proc = subprocess.Popen(
-            [sys.executable, "service.py"],
-            cwd=ROOT,
+            [sys.executable, "-m", "stepd", "serve"],
+            cwd=self.cwd,
             env=self.env,
             stdout=self.log,
             stderr=self.log,
@@ -470,10 +484,10 @@ class Server:
             return []
 
     def gunicorn_pid(self):
-        """The gunicorn master's pid (a child of service.py), or None."""
+        """The gunicorn master's pid (`python -m stepd http`, a child of `stepd serve`), or None."""
         for pid in self._children(self.proc.pid):
             with contextlib.suppress(FileNotFoundError):
-                if b"gunicorn" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2:] == [b"http", b""]:
                     return pid
         return None
 
@@ -574,7 +588,7 @@ GATED_COUNT = '''
 import time
 from pathlib import Path
 
-from delegates import delegate
+from stepd.delegates import delegate
 
 
 @delegate("gated_count")

@@ -13,20 +13,21 @@ from helpers import (
     ENV_SECRET,
     ENVELOPE_KEYS,
     FAIL,
-    FLASK,
     OPENAPI,
     OPERATOR_SECRET,
     READER_SECRET,
     RESTART,
     ROOT,
     SKIP,
+    STEPD,
     STEPS,
     P,
     basic,
+    run_cli,
 )
 
-from app import create_app
-from auth import hash_secret
+from stepd.app import create_app
+from stepd.auth import hash_secret
 
 # Every route under /api/v1 that needs credentials, with a body a POST would accept in shape.
 ROUTES = [
@@ -195,7 +196,7 @@ def test_stepd_token_is_not_accepted_when_unset(client):
 
 # -- the token commands ----------------------------------------------------------------------------------
 def cli(app, *args):
-    return app.test_cli_runner().invoke(args=["token", *args])
+    return run_cli(app.config["STEPD_DB"], "token", *args)
 
 
 def create(app, name, role):
@@ -296,24 +297,24 @@ def test_token_create_refuses_bad_input_and_creates_nothing(app, args):
     assert {line.split()[0] for line in cli(app, "list").stdout.splitlines() if line.strip()} == {"ops", "viewer"}
 
 
-def test_the_real_flask_command_creates_lists_and_revokes(tmp_path):
-    """`.venv/bin/flask --app app token …` from the checkout, as an operator runs it."""
+def test_the_real_stepd_command_creates_lists_and_revokes(tmp_path):
+    """`.venv/bin/stepd token …` from the checkout, as an operator runs it."""
     db = tmp_path / "cli" / "stepd.db"
     served = create_app({"STEPD_DB": str(db)})  # the service made the database (a command never does)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STEPD_", "FLASK_"))}
     env["STEPD_DB"] = str(db)
 
-    def flask(*args):
+    def stepd(*args):
         return subprocess.run(
-            [str(FLASK), "--app", "app", "token", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+            [str(STEPD), "token", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
         )
 
-    created = flask("create", "ci-runner", "--role", "operator")
+    created = stepd("create", "ci-runner", "--role", "operator")
     assert created.returncode == 0, created.stderr
     secret = created.stdout.splitlines()[-1]
     assert secret.strip() == secret and secret
 
-    listed = flask("list")
+    listed = stepd("list")
     assert listed.returncode == 0, listed.stderr
     assert "ci-runner" in listed.stdout and "operator" in listed.stdout and secret not in listed.stdout
 
@@ -321,18 +322,18 @@ def test_the_real_flask_command_creates_lists_and_revokes(tmp_path):
     assert client.get(P, headers={"Authorization": f"Bearer {secret}"}).status_code == 200
     assert client.get(P, headers={"Authorization": basic("ci-runner", secret)}).status_code == 200
 
-    revoked = flask("revoke", "ci-runner")
+    revoked = stepd("revoke", "ci-runner")
     assert revoked.returncode == 0, revoked.stderr
     assert_401(client.get(P, headers={"Authorization": f"Bearer {secret}"}))
 
 
-def flask_from(folder, *args, db=None):
-    """`.venv/bin/flask --app <checkout>/app.py token …` run from `folder`, as from another directory."""
+def stepd_from(folder, *args, db=None):
+    """`.venv/bin/stepd token …` run from `folder`, as from another directory."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STEPD_", "FLASK_"))}
     if db is not None:
         env["STEPD_DB"] = str(db)
     return subprocess.run(
-        [str(FLASK), "--app", str(ROOT / "app.py"), "token", *args],
+        [str(STEPD), "token", *args],
         cwd=folder,
         env=env,
         capture_output=True,
@@ -346,7 +347,7 @@ def flask_from(folder, *args, db=None):
 )
 def test_a_token_command_without_a_database_refuses_in_one_line_and_creates_none(tmp_path, args):
     """Run from another folder, STEPD_DB's default var/stepd.db is not the service's: say so, make nothing."""
-    done = flask_from(tmp_path, *args)
+    done = stepd_from(tmp_path, *args)
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
@@ -360,10 +361,10 @@ def test_a_token_command_names_the_database_it_used(tmp_path):
     create_app({"STEPD_DB": str(db)})  # the service's database
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    created = flask_from(elsewhere, "create", "bot", "--role", "reader", db=db)
+    created = stepd_from(elsewhere, "create", "bot", "--role", "reader", db=db)
     assert created.returncode == 0, created.stderr
     assert f"stepd: database {db}" in created.stderr
-    listed = flask_from(elsewhere, "list", db=db)
+    listed = stepd_from(elsewhere, "list", db=db)
     assert listed.returncode == 0 and listed.stdout.split()[:2] == ["bot", "reader"], listed
     assert f"stepd: database {db}" in listed.stderr
     assert list(elsewhere.iterdir()) == []

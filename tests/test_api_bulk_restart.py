@@ -22,8 +22,8 @@ from helpers import (
     wait_for,
 )
 
-import db as db_module
-import schemas
+from stepd import db as db_module
+from stepd import schemas
 
 RESULT_KEYS = {"restarted", "skipped", "nextCursor"}
 

@@ -26,7 +26,7 @@ from helpers import (
     wait_for,
 )
 
-from app import start_background, stop_background
+from stepd.app import start_background, stop_background
 
 
 def cancel(api, process_id, reason=None, **kwargs):

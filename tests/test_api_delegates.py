@@ -6,10 +6,10 @@ import textwrap
 import pytest
 from helpers import DELEGATES, RESTART, Api, P, ok, out, parse_time, typed, write_file
 
-import delegates.builtin
-from app import create_app, start_background, stop_background
-from auth import hash_secret
-from delegates import DelegateLoadError, load_registry
+import stepd.delegates.builtin
+from stepd.app import create_app, start_background, stop_background
+from stepd.auth import hash_secret
+from stepd.delegates import DelegateLoadError, load_registry
 
 
 # -- GET /api/v1/delegates -------------------------------------------------------------------------
@@ -50,7 +50,7 @@ def covers(step_type):
 
 
 def test_every_builtin_delegate_has_a_test():
-    builtin_types = {d.type for d in load_registry().all() if d.source == delegates.builtin.__file__}
+    builtin_types = {d.type for d in load_registry().all() if d.source == stepd.delegates.builtin.__file__}
     assert builtin_types == set(BUILTIN_TESTS)
 
 
@@ -161,7 +161,7 @@ def test_abort_fails_the_step(tmp_path, db_path):
     write_file(
         tmp_path,
         "aborting.py",
-        'from delegates import Abort, delegate\n@delegate("abort")\ndef f(ctx):\n    raise Abort("stop now")\n',
+        'from stepd import Abort, delegate\n@delegate("abort")\ndef f(ctx):\n    raise Abort("stop now")\n',
     )
     app = create_app({"STEPD_DB": str(db_path), "STEPD_DELEGATES_PATH": str(tmp_path)})
     app.extensions["stepd"].store.add_token("t", "operator", hash_secret("s"))
@@ -188,7 +188,7 @@ def test_a_module_with_a_bad_policy_does_not_load_and_the_app_refuses_to_start(t
     (folder / "bad_policy.py").write_text(
         textwrap.dedent(
             """
-            from delegates import delegate
+            from stepd.delegates import delegate
 
             @delegate("impatient", retries=2, backoff=0.1)
             def impatient(ctx):

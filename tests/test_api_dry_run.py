@@ -6,7 +6,7 @@ import time
 import pytest
 from helpers import BULK, RESTART, calls, db_dump, insert_failed_steps, ok, out, refused, typed
 
-from model import new_id
+from stepd.model import new_id
 
 
 def failed_count_steps(api, counted, count):

@@ -9,10 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from helpers import COMPLETE, DELEGATES, ENV_HEADERS, ENVELOPE_KEYS, ERROR_MESSAGES, FAIL, OPENAPI, RESTART, STEPS, P
 
-import db as db_module
-import logs
-import model
-from app import create_app
+from stepd import db as db_module
+from stepd import httplogs, model
+from stepd.app import create_app
 
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 PRINTABLE_ASCII = re.compile(r"^[ -~]{1,128}$")
@@ -204,7 +203,7 @@ def test_an_unexpected_exception_is_a_500_with_only_an_error_id(fresh_app, caplo
         raise RuntimeError(SENSITIVE)
 
     fresh_app.add_url_rule("/api/v1/explode", "explode", explode)
-    caplog.handler.addFilter(logs.ContextFilter())
+    caplog.handler.addFilter(httplogs.ContextFilter())
     with caplog.at_level(logging.ERROR):
         response = fresh_app.test_client().get("/api/v1/explode", headers={"X-Request-Id": "trace-500"})
     body = assert_envelope(response, 500)

@@ -21,8 +21,8 @@ from helpers import (
     wait_for,
 )
 
-import schemas
-import store as store_module
+from stepd import schemas
+from stepd import store as store_module
 
 KEY = "Idempotency-Key"
 

@@ -25,8 +25,8 @@ from helpers import (
 from openapi_schema_validator import OAS30Validator, oas30_format_checker
 from openapi_spec_validator import validate
 
-import model
-import schemas as s
+from stepd import model
+from stepd import schemas as s
 
 PATH_PARAMETER_NAMES = {"process_id": "processId", "step_id": "processStepId"}
 HTTP_METHODS = {"get", "post", "put", "patch", "delete"}

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from marshmallow import ValidationError
 
-import schemas as s
+from stepd import schemas as s
 
 # A failing example's repr may be large (65,536-character strings); that is no reason to fail.
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")

@@ -9,25 +9,25 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from helpers import (
     CANCEL,
-    FLASK,
     PLUGINS,
     ROOT,
+    STEPD,
     P,
     db_dump,
     db_rows,
     insert_finished_processes,
     ok,
     report_figure,
+    run_cli,
     wait_for,
 )
 
-import retention
-import runner
-from db import Database
+from stepd import retention, wiring
+from stepd.db import Database
 
 
 def purge(app, *args):
-    return app.test_cli_runner().invoke(args=["purge", *args])
+    return run_cli(app.config["STEPD_DB"], "purge", *args)
 
 
 def counts(db_path):
@@ -101,15 +101,13 @@ def test_purge_runs_from_the_checkout_as_an_operator_runs_it(tmp_path):
     db = tmp_path / "cli.db"
     env = {"PATH": "/usr/bin:/bin", "STEPD_DB": str(db), "STEPD_DELEGATES_PATH": str(PLUGINS)}
     refused = subprocess.run(
-        [str(FLASK), "--app", "app", "purge", "--older-than", "2"], cwd=ROOT, env=env, capture_output=True, text=True
+        [str(STEPD), "purge", "--older-than", "2"], cwd=ROOT, env=env, capture_output=True, text=True
     )
-    assert refused.returncode == 1 and f"no database at {db}" in refused.stderr  # a purge never makes one
+    assert refused.returncode == 2 and f"no database at {db}" in refused.stderr  # a purge never makes one
     assert not db.exists()
     Database(db).prepare()
     insert_finished_processes(db, 7, "CANCELLED", ago(days=3))
-    done = subprocess.run(
-        [str(FLASK), "--app", "app", "purge", "--older-than", "2"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    done = subprocess.run([str(STEPD), "purge", "--older-than", "2"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "Deleted 7 process(es) finished more than 2 day(s) ago (21 rows)."
 
@@ -139,11 +137,11 @@ def test_purge_deletes_in_batches_and_lets_writers_in_between(app, api, db_path,
     thread = threading.Thread(target=writer)
     thread.start()
     began = time.monotonic()
-    done = purge(app, "--older-than", "1")
+    deleted, rows = retention.purge(store, 1)  # what `stepd purge` runs, on this app's store
     took = time.monotonic() - began
     stop.set()
     thread.join(timeout=10)
-    assert done.stdout.startswith("Deleted 2000 process(es)"), done.output
+    assert (deleted, rows) == (2000, 6000)
     per_batch = retention.BATCH_ROWS // 3  # a process, its step and its attempt
     assert batches == [per_batch] * (2000 // per_batch) + [2000 % per_batch]
     assert statuses and set(statuses) == {201}
@@ -157,7 +155,7 @@ def test_purge_deletes_in_batches_and_lets_writers_in_between(app, api, db_path,
 
 # -- STEPD_RETENTION_DAYS: the runners' housekeeping ----------------------------------------------------
 def test_the_runner_deletes_what_retention_makes_due_and_nothing_else(app_with, monkeypatch, tmp_path):
-    monkeypatch.setattr(runner, "HOUSEKEEPING_SECONDS", 0.2)  # every heartbeat: the test need not wait 30 s
+    monkeypatch.setattr(wiring, "HOUSEKEEPING_SECONDS", 0.2)  # every heartbeat: the test need not wait 30 s
     app, api = app_with(STEPD_RETENTION_DAYS=2 / 86400)  # two seconds
     db_path = app.config["STEPD_DB"]
     completed = api.start(("noop", {}))
@@ -182,7 +180,7 @@ def test_the_runner_deletes_what_retention_makes_due_and_nothing_else(app_with, 
 
 
 def test_without_the_setting_nothing_is_ever_deleted(app_with, monkeypatch):
-    monkeypatch.setattr(runner, "HOUSEKEEPING_SECONDS", 0.2)
+    monkeypatch.setattr(wiring, "HOUSEKEEPING_SECONDS", 0.2)
     app, api = app_with()
     insert_finished_processes(app.config["STEPD_DB"], 5, "COMPLETED", ago(days=3650))
     time.sleep(1.5)  # a heartbeat or two

@@ -26,9 +26,9 @@ from helpers import (
     wait_for,
 )
 
-from app import create_app, start_background, stop_background
-from auth import hash_secret
-from delegates import load_registry
+from stepd.app import create_app, start_background, stop_background
+from stepd.auth import hash_secret
+from stepd.delegates import load_registry
 
 
 def start_one(api, step_type, **params):

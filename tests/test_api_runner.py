@@ -8,8 +8,8 @@ import time
 import pytest
 from helpers import FAIL, wait_for
 
-from app import stop_background
-from liveness import HOST, process_start_time
+from stepd.app import stop_background
+from stepd.liveness import HOST, process_start_time
 
 
 def test_bad_result_fails_the_step_not_the_request(api):
@@ -81,12 +81,12 @@ def test_a_live_runner_reaps_a_dead_one(app, api, store, tmp_path):
 def test_any_raise_fails_the_step_and_the_threads_live_on(tmp_path, db_path, delegate_source, error_type):
     from helpers import Api
 
-    from app import create_app, start_background, stop_background
-    from auth import hash_secret
+    from stepd.app import create_app, start_background, stop_background
+    from stepd.auth import hash_secret
 
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "odd.py").write_text(
-        f"from delegates import delegate\n@delegate('odd')\ndef odd(ctx):\n    {delegate_source}\n"
+        f"from stepd import delegate\n@delegate('odd')\ndef odd(ctx):\n    {delegate_source}\n"
     )
     app = create_app({"STEPD_DB": str(db_path), "STEPD_DELEGATES_PATH": str(tmp_path / "plugins"), "STEPD_THREADS": 1})
     app.extensions["stepd"].store.add_token("t", "operator", hash_secret("s"))

@@ -8,11 +8,11 @@ from urllib.parse import quote
 
 import pytest
 from helpers import COMPLETE, ENV_HEADERS, FAIL, PLUGINS, RESTART, STEPS, P
-from invariants import check
 
-from app import create_app
-from auth import hash_secret
-from delegates import DelegateLoadError
+from stepd.app import create_app
+from stepd.auth import hash_secret
+from stepd.delegates import DelegateLoadError
+from stepd.invariants import check
 
 # -- an injection and traversal corpus -------------------------------------------------------------
 CORPUS = [

@@ -1,13 +1,15 @@
 """STEPD_* settings: defaults, parsing, refusals."""
 
+import os
+
 import pytest
 
-import config
+from stepd import config
 
 
 def test_defaults_are_those_of_the_spec():
     assert config.from_env({}) == {
-        "STEPD_DB": "var/stepd.db",
+        "STEPD_DB": os.path.abspath("var/stepd.db"),
         "STEPD_HOST": "127.0.0.1",
         "STEPD_PORT": 8080,
         "STEPD_WORKERS": 2,
@@ -21,6 +23,14 @@ def test_defaults_are_those_of_the_spec():
         "STEPD_SYNC": "full",
         "STEPD_LOG_FORMAT": "text",
     }
+
+
+def test_relative_paths_are_resolved_once_against_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = config.from_env({"STEPD_DB": "data/s.db", "STEPD_DELEGATES_PATH": "mine"})
+    assert settings["STEPD_DB"] == str(tmp_path / "data" / "s.db")
+    assert settings["STEPD_DELEGATES_PATH"] == str(tmp_path / "mine")
+    assert config.from_env({"STEPD_DB": "/abs/s.db"})["STEPD_DB"] == "/abs/s.db"
 
 
 def test_empty_values_count_as_unset():
@@ -74,7 +84,7 @@ def test_a_bad_retention_is_one_line_naming_the_variable_and_the_value():
 
 @pytest.mark.parametrize(("value", "pragma"), [("full", 2), ("NORMAL", 1)])
 def test_sync_setting_reaches_sqlite(tmp_path, value, pragma):
-    from db import Database
+    from stepd.db import Database
 
     settings = config.from_env({"STEPD_SYNC": value})
     database = Database(tmp_path / "s.db", settings["STEPD_SYNC"])

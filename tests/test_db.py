@@ -10,10 +10,10 @@ import time
 import pytest
 from helpers import all_at_once
 
-import db as db_module
-import migrations
-from db import Database
-from model import Busy, Conflict, PreconditionFailed, Unavailable, Unusable, Unwritable
+from stepd import db as db_module
+from stepd import migrations
+from stepd.db import Database
+from stepd.model import Busy, Conflict, PreconditionFailed, Unavailable, Unusable, Unwritable
 
 
 def test_pragmas_and_schema_version(database):

@@ -1,14 +1,16 @@
 """The delegates package alone: the registry, discovery of built-in and user modules, retry policies."""
 
+import importlib.util
 import json
+import logging
 import random
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, write_file
+from helpers import write_file
 
-from delegates import DelegateLoadError, RetryPolicy, delegate, load_registry
+from stepd.delegates import DelegateLoadError, RetryPolicy, delegate, load_registry
 
 
 # -- the registry and discovery --------------------------------------------------------------------
@@ -26,7 +28,7 @@ def test_user_folder_is_loaded(tmp_path):
         tmp_path,
         "invoices.py",
         '''
-        from delegates import delegate
+        from stepd.delegates import delegate
 
         @delegate("invoice.send")
         def send(ctx):
@@ -42,12 +44,12 @@ def test_user_folder_is_loaded(tmp_path):
 
 
 def test_an_imported_delegate_is_not_counted_twice(tmp_path):
-    write_file(tmp_path, "reuse.py", "from delegates.builtin import noop  # imported, not defined here\n")
+    write_file(tmp_path, "reuse.py", "from stepd.delegates.builtin import noop  # imported, not defined here\n")
     assert [d.type for d in load_registry(tmp_path).all()] == ["fail", "noop", "sleep"]
 
 
 def test_duplicate_type_names_both_files(tmp_path):
-    source = 'from delegates import delegate\n@delegate("dup")\ndef f(ctx):\n    pass\n'
+    source = 'from stepd import delegate\n@delegate("dup")\ndef f(ctx):\n    pass\n'
     first = write_file(tmp_path, "a.py", source)
     second = write_file(tmp_path, "b.py", source)
     with pytest.raises(DelegateLoadError) as refused:
@@ -56,7 +58,7 @@ def test_duplicate_type_names_both_files(tmp_path):
 
 
 def test_a_user_delegate_cannot_take_a_builtin_type(tmp_path):
-    write_file(tmp_path, "mine.py", 'from delegates import delegate\n@delegate("noop")\ndef f(ctx):\n    pass\n')
+    write_file(tmp_path, "mine.py", 'from stepd import delegate\n@delegate("noop")\ndef f(ctx):\n    pass\n')
     with pytest.raises(DelegateLoadError, match="noop"):
         load_registry(tmp_path)
 
@@ -77,7 +79,7 @@ def test_syntax_error_is_named(tmp_path):
 
 
 def test_every_module_that_does_not_import_is_named_at_once(tmp_path):
-    fine = write_file(tmp_path, "fine.py", 'from delegates import delegate\n@delegate("fine")\ndef f(ctx):\n    pass\n')
+    fine = write_file(tmp_path, "fine.py", 'from stepd import delegate\n@delegate("fine")\ndef f(ctx):\n    pass\n')
     broken = write_file(tmp_path, "broken.py", "raise RuntimeError('boom at import')\n")
     typo = write_file(tmp_path, "typo.py", "def f(:\n")
     missing = write_file(tmp_path, "missing.py", "import no_such_module_anywhere\n")
@@ -98,7 +100,7 @@ def test_a_delegate_module_imports_a_helper_beside_it(tmp_path):
         "invoices.py",
         """
         from _rates import RATE
-        from delegates import delegate
+        from stepd.delegates import delegate
 
         @delegate("invoice.send")
         def send(ctx):
@@ -124,7 +126,7 @@ def test_a_later_load_of_another_folder_uses_that_folders_modules(tmp_path):
         write_file(
             tmp_path / folder,
             "values.py",
-            "from _value import VALUE\nfrom delegates import delegate\n\n\n"
+            "from _value import VALUE\nfrom stepd import delegate\n\n\n"
             '@delegate("value")\ndef f(ctx):\n    return VALUE\n',
         )
     assert load_registry(tmp_path / "one").get("value").fn(None) == 1
@@ -135,11 +137,15 @@ def test_a_later_load_of_another_folder_uses_that_folders_modules(tmp_path):
 @pytest.mark.parametrize(
     ("name", "theirs"),
     [
-        ("config.py", ROOT / "config.py"),
-        ("store.py", ROOT / "store.py"),
+        # stepd's own modules all live inside the stepd package: these names are the user's.
+        ("config.py", None),
+        ("store.py", None),
+        ("app.py", None),
+        ("db.py", None),
+        ("delegates.py", None),
         ("_helpers_of_mine.py", None),
-        ("delegates.py", ROOT / "delegates" / "__init__.py"),
         ("json.py", Path(json.__file__)),
+        ("flask.py", Path(importlib.util.find_spec("flask").origin)),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -161,11 +167,51 @@ def test_a_module_whose_name_has_a_dot_is_refused(tmp_path):
 
 
 def test_a_clash_and_a_broken_module_are_named_in_one_start(tmp_path):
-    clash = write_file(tmp_path, "app.py", "X = 1\n")
+    clash = write_file(tmp_path, "json.py", "X = 1\n")
     broken = write_file(tmp_path, "broken.py", "raise RuntimeError('boom')\n")
     with pytest.raises(DelegateLoadError) as refused:
         load_registry(tmp_path)
     assert str(clash) in str(refused.value) and str(broken) in str(refused.value)
+
+
+def test_a_delegate_imports_the_users_own_config_db_and_app_modules(tmp_path):
+    """The user's application has a config.py (the most common top-level name there is), a db.py
+    and an app.py; a delegate that imports its billing module gets the user's, not stepd's."""
+    write_file(tmp_path, "_support.py", "")
+    write_file(tmp_path, "config.py", "class Config:\n    RATE = 7\n")
+    write_file(tmp_path, "db.py", "NAME = 'users db'\n")
+    write_file(tmp_path, "app.py", "TITLE = 'users app'\n")
+    write_file(
+        tmp_path,
+        "billing.py",
+        "from config import Config\nimport db, app\n\n\ndef total():\n    return Config.RATE, db.NAME, app.TITLE\n",
+    )
+    write_file(
+        tmp_path,
+        "invoices.py",
+        "import billing\nfrom stepd import delegate\n\n\n"
+        '@delegate("invoice.total")\ndef f(ctx):\n    return billing.total()\n',
+    )
+    assert load_registry(tmp_path).get("invoice.total").fn(None) == (7, "users db", "users app")
+
+
+def test_the_old_delegates_import_still_loads_and_says_once_it_is_deprecated(tmp_path, caplog):
+    for name in ("old_one.py", "old_two.py"):
+        write_file(
+            tmp_path,
+            name,
+            "from stepd import delegate, Abort\n\n\n"
+            f'@delegate("{name[:-3]}", retries=1)\ndef f(ctx):\n    raise Abort("no")\n',
+        )
+    sys.modules.pop("delegates", None)  # as in a fresh process
+    with caplog.at_level(logging.WARNING, logger="stepd.delegates"):
+        registry = load_registry(tmp_path)
+        load_registry(tmp_path)
+    assert registry.get("old_one").retry.retries == 1 and registry.get("old_two") is not None
+    deprecations = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert len(deprecations) == 1, deprecations
+    assert "from stepd import delegate" in deprecations[0] and "old_one.py" in deprecations[0]
+    assert sys.modules["delegates"].delegate is delegate
 
 
 def test_missing_folder_is_refused(tmp_path):
@@ -180,7 +226,7 @@ def test_registry_remove(tmp_path):
 
 
 def test_delegate_needs_a_type():
-    from delegates import delegate
+    from stepd.delegates import delegate
 
     with pytest.raises(ValueError):
         delegate("")
@@ -190,7 +236,7 @@ def test_an_alias_of_a_delegate_is_not_a_duplicate(tmp_path):
     write_file(
         tmp_path,
         "alias.py",
-        'from delegates import delegate\n@delegate("x.send")\ndef send(ctx):\n    """Send."""\nsend_again = send\n',
+        'from stepd import delegate\n@delegate("x.send")\ndef send(ctx):\n    """Send."""\nsend_again = send\n',
     )
     assert load_registry(tmp_path).get("x.send").description == "Send."
 
@@ -247,7 +293,7 @@ def test_random_jitter_is_used_not_a_fixed_point(monkeypatch):
 
 # -- the context: results of the earlier steps (SPEC 10) ---------------------------------------------
 def test_results_are_loaded_once_when_first_asked_for_and_merged_in_position_order():
-    from delegates import Context
+    from stepd.delegates import Context
 
     loads = []
 
@@ -264,7 +310,7 @@ def test_results_are_loaded_once_when_first_asked_for_and_merged_in_position_ord
 
 
 def test_a_context_without_results_has_empty_ones():
-    from delegates import Context
+    from stepd.delegates import Context
 
     ctx = Context(params={}, process_id="p", step_id="s", attempt=1, log=None)
     assert (ctx.results, ctx.variables) == ({}, {})

@@ -1,19 +1,19 @@
-"""tests/invariants.py, the checker the fault tests run on a database file (also a script): it can fail."""
+"""stepd/invariants.py, the checker the fault tests run on a database file (also `stepd check`): it can fail."""
 
+import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from helpers import CANCEL, SKIP, db_write
-from invariants import Acknowledged, check
+from helpers import CANCEL, SKIP, STEPD, db_write
+
+from stepd.invariants import Acknowledged, check
 
 
 def test_invariants_script_reports_a_broken_file(tmp_path):
     """The checker can fail: a process whose status contradicts its steps is reported."""
     import sqlite3
 
-    from app import create_app
+    from stepd.app import create_app
 
     db = tmp_path / "broken.db"
     create_app({"STEPD_DB": str(db), "STEPD_TOKEN": "t"})
@@ -26,10 +26,9 @@ def test_invariants_script_reports_a_broken_file(tmp_path):
         " VALUES ('s', 'p', 0, 'noop', 'PENDING', '{}', 't')"
     )
     conn.close()
-    script = Path(__file__).resolve().parent / "invariants.py"
-    run = subprocess.run([sys.executable, str(script), str(db)], capture_output=True, text=True)
-    assert run.returncode == 1
-    assert "process p is COMPLETED, its steps ['PENDING'] say RUNNING" in run.stdout
+    run = subprocess.run([str(STEPD), "check"], env={**os.environ, "STEPD_DB": str(db)}, capture_output=True, text=True)
+    assert run.returncode == 1, run.stderr
+    assert "BROKEN: process p is COMPLETED, its steps ['PENDING'] say RUNNING" in run.stdout
     acknowledged = Acknowledged(processes={"gone"}, restarts={"ack1": "s"})
     report = check(db, acknowledged)
     assert report.lost == 2 and report.acks_checked == 2

@@ -7,7 +7,7 @@ import time
 
 from helpers import wait_for
 
-from liveness import HOST, process_start_time, runner_is_alive
+from stepd.liveness import HOST, process_start_time, runner_is_alive
 
 
 def test_process_start_time_tells_live_dead_and_zombie_processes():

@@ -15,7 +15,7 @@ from helpers import ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 
-FILES = ("Makefile", "requirements.txt", "requirements-dev.txt", "package.json", "package-lock.json")
+FILES = ("Makefile", "pyproject.toml", "requirements.txt", "requirements-dev.txt", "package.json", "package-lock.json")
 PRETEND_3_10 = """
 import sys
 sys.version_info = (3, 10, 13, "final", 0)
@@ -89,14 +89,14 @@ def test_a_venv_made_by_another_python_is_made_again(checkout):
     assert done.returncode == 0, done.stderr
     assert ".venv/ was made by another Python (3.10.13" in done.stdout, done.stdout
     assert "rm -rf .venv" in done.stdout and f"{sys.executable} -m venv .venv" in done.stdout
-    assert "pip install" in done.stdout and ".venv/bin/python service.py" in done.stdout
+    assert "pip install" in done.stdout and ".venv/bin/stepd serve" in done.stdout
 
 
 def test_a_venv_made_by_this_python_is_kept(checkout):
     a_venv(checkout, "this one")
     done = make(checkout, "run")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [".venv/bin/python service.py"], done.stdout
+    assert done.stdout.splitlines() == [".venv/bin/stepd serve"], done.stdout
 
 
 def test_make_clean_needs_no_python(checkout, tmp_path):

@@ -4,8 +4,8 @@ import sqlite3
 
 import pytest
 
-import migrations
-from db import Database
+from stepd import migrations
+from stepd.db import Database
 
 
 def file_at_version(path, version):

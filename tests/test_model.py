@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from model import (
+from stepd.model import (
     ID_PATTERN,
     Job,
     PreconditionFailed,

@@ -11,11 +11,8 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import requests
 from helpers import OPENAPI
-
-pytestmark = pytest.mark.slow
 
 BIN = os.path.dirname(sys.executable)
 FLOW = os.path.join(os.path.dirname(__file__), "client_flow.py")

@@ -8,8 +8,6 @@ import time
 import pytest
 from helpers import P
 
-pytestmark = pytest.mark.slow
-
 IDLE, HALF_SENT = 100, 20
 
 

@@ -9,7 +9,6 @@ import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
-import pytest
 import requests
 from helpers import (
     CANCEL,
@@ -24,9 +23,8 @@ from helpers import (
     report_figure,
     wait_for,
 )
-from invariants import Acknowledged, check
 
-pytestmark = pytest.mark.slow
+from stepd.invariants import Acknowledged, check
 
 ROUNDS = 8
 

@@ -14,8 +14,6 @@ import pytest
 import requests
 from helpers import COMPLETE, RESTART, STEPS, P, typed, wait_for
 
-pytestmark = pytest.mark.slow
-
 BASE_FIELDS = {"ts", "level", "logger", "msg"}
 STEP_FIELDS = {"process_id", "step_id", "attempt", "type"}
 ACCESS_FIELDS = {"method", "route", "status", "duration_ms", "request_id", "path"}

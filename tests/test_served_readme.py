@@ -122,7 +122,6 @@ def stop_group(recipe):
     wait_for(group_gone, timeout=30, what="the recipe's processes to end")
 
 
-@pytest.mark.slow
 def test_the_token_recipe_keeps_this_starts_secret_after_a_fresh_start(tmp_path):
     """`tee -a` and `grep -m1` kept the first secret ever written: after `rm -rf var` and a new start,
     a stale one (401)."""

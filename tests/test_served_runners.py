@@ -10,9 +10,7 @@ import threading
 import time
 
 import pytest
-from helpers import ROOT, P, db_rows, wait_for
-
-pytestmark = pytest.mark.slow
+from helpers import P, db_rows, wait_for
 
 
 def holder_pid(server, step_id):
@@ -116,7 +114,7 @@ def test_no_runners_serves_the_api_and_a_runner_started_apart_does_the_work(serv
     process = server.start_process(("noop", {}))
     time.sleep(0.5)
     assert server.step(process["steps"][0]["processStepId"])["phase"] == "QUEUED"
-    runner = subprocess.Popen([sys.executable, "runner.py"], cwd=ROOT, env=server.env)
+    runner = subprocess.Popen([sys.executable, "-m", "stepd", "runner"], cwd=server.cwd, env=server.env)
     try:
         server.wait_process(process["processId"], "COMPLETED", timeout=10)
         assert server.get("/healthz").json()["data"]["runners"] == 1

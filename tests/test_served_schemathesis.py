@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 from helpers import OPENAPI, ROOT, P, report_figure, typed, wait_for
 
-pytestmark = pytest.mark.slow
-
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 CONFIG = Path(__file__).resolve().parent / "schemathesis.toml"
 MAX_EXAMPLES = 100  # per operation and phase: about a minute on two cores

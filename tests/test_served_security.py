@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import COMPLETE, DELEGATES, ENVELOPE_KEYS, FAIL, FLASK, OPENAPI, RESTART, ROOT, STEPS, P, typed, wait_for
+from helpers import COMPLETE, DELEGATES, ENVELOPE_KEYS, FAIL, OPENAPI, RESTART, ROOT, STEPD, STEPS, P, typed, wait_for
 
-from auth import hash_secret
+from stepd.auth import hash_secret
 
 # -- secrets ---------------------------------------------------------------------------------------
 POSTS = [P, RESTART, FAIL, COMPLETE]
@@ -27,7 +27,7 @@ def create_token(db, name, role):
     """`flask --app app token create`, as an operator runs it; returns the secret."""
     env = {"PATH": "/usr/bin:/bin", "STEPD_DB": str(db)}
     run = subprocess.run(
-        [str(FLASK), "--app", "app", "token", "create", name, "--role", role],
+        [str(STEPD), "token", "create", name, "--role", role],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -87,7 +87,6 @@ def full_run(recorder, env_secret, reader_secret, operator_secret):
             assert refused.json()["data"] == {"_schema": ["Content-Type must be application/json."]}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_secrets_never_appear_in_a_log_line_or_a_response(server_factory, tmp_path, log_format):
     env_secret = f"env-{uuid.uuid4().hex}"
@@ -127,7 +126,6 @@ def raw_request(server, request_bytes):
     return head.decode("latin-1"), body
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "request_bytes",
     [
@@ -184,7 +182,6 @@ BAD_CHUNKED = [
 ]
 
 
-@pytest.mark.slow
 def test_a_malformed_chunked_body_is_a_412_in_the_envelope(server_factory):
     import json
 

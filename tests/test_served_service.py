@@ -32,8 +32,6 @@ from helpers import (
     wait_for,
 )
 
-pytestmark = pytest.mark.slow
-
 GRACEFUL_TIMEOUT = 15  # gunicorn.conf.py graceful_timeout
 
 

@@ -8,7 +8,7 @@ from pathlib import PurePosixPath
 
 from helpers import ROOT
 
-import service
+from stepd import service
 
 
 def dockerfile():
@@ -61,18 +61,21 @@ def test_the_dockerfile_is_slim_python_non_root_with_a_volume_a_healthcheck_and_
 
     runs = " ".join(args for keyword, args in instructions if keyword in ("COPY", "RUN"))
     assert "requirements.txt" in runs and "pip install --no-cache-dir -r requirements.txt" in runs
+    assert "pip install --no-cache-dir --no-deps ." in runs  # stepd itself, as a package
 
     [health] = [args for keyword, args in instructions if keyword == "HEALTHCHECK"]
     command = json.loads(health.split("CMD", 1)[1])  # exec form
     assert command[0] == "python" and "/healthz" in command[-1] and "curl" not in health
 
     [entrypoint] = [json.loads(args) for keyword, args in instructions if keyword == "ENTRYPOINT"]
-    assert entrypoint == ["python", "service.py"]  # exec form: service.py gets docker's SIGTERM
+    assert entrypoint == ["stepd", "serve"]  # exec form: `stepd serve` gets docker's SIGTERM
 
 
 def test_the_dockerignore_keeps_local_state_out_of_the_image():
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "var", "tests"} <= ignored
+    # the token recipe's files (stepd.err holds the first secret) and the linter's packages
+    assert {"stepd.err", "stepd.out", "node_modules"} <= ignored
 
 
 def test_the_systemd_unit_runs_the_service_as_its_own_user_hardened_and_stops_it_with_one_sigterm():
@@ -81,14 +84,14 @@ def test_the_systemd_unit_runs_the_service_as_its_own_user_hardened_and_stops_it
     assert one["User"] == one["Group"] == "stepd"
     assert one["Restart"] == "on-failure"
     assert one["EnvironmentFile"].lstrip("-") == "/etc/stepd/stepd.env"
-    assert one["ExecStart"].split()[-1].endswith("service.py")
+    assert one["ExecStart"].split()[-1] == "serve" and one["ExecStart"].split()[0].endswith("/bin/stepd")
     assert one["NoNewPrivileges"] == "yes" and one["ProtectSystem"] == "strict" and one["ProtectHome"] == "yes"
 
     db = dict(value.split("=", 1) for value in settings["Environment"])["STEPD_DB"]
     assert str(PurePosixPath(db).parent) in one["ReadWritePaths"].split()
     assert one["StateDirectory"] == "stepd" and db.startswith("/var/lib/stepd/")
 
-    # service.py passes its SIGTERM on to gunicorn and the runners and waits STOP_SECONDS for
+    # `stepd serve` passes its SIGTERM on to gunicorn and the runners and waits STOP_SECONDS for
     # them: systemd signals the main process only, and waits longer than that.
     assert one["KillMode"] == "mixed" and one["KillSignal"] == "SIGTERM"
     assert float(one["TimeoutStopSec"]) > service.STOP_SECONDS

@@ -11,9 +11,9 @@ import time
 import pytest
 from helpers import all_at_once
 
-import store as st
-from db import Database
-from model import COMPLETED, FAILED, PreconditionFailed
+from stepd import store as st
+from stepd.db import Database
+from stepd.model import COMPLETED, FAILED, PreconditionFailed
 
 
 def fail(store, job, message="boom"):

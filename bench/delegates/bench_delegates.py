@@ -1,6 +1,6 @@
 """Delegates for `make bench`, loaded through STEPD_DELEGATES_PATH like a user's own folder."""
 
-from delegates import Abort, delegate
+from stepd.delegates import Abort, delegate
 
 
 @delegate("bench.fail")

@@ -4,7 +4,7 @@ import json
 import time
 from pathlib import Path
 
-from delegates import delegate
+from stepd.delegates import delegate
 
 
 @delegate("check")
@@ -121,7 +121,7 @@ def retry_window(ctx):
 @delegate("retry_abort", retries=3, delay=0.1)
 def retry_abort(ctx):
     """Count the call in param `file`, then give up at once with delegates.Abort."""
-    from delegates import Abort
+    from stepd.delegates import Abort
 
     _count_call(ctx)
     raise Abort(ctx.params.get("message", "gave up"))

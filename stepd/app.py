@@ -4,33 +4,26 @@ How a view reads its input and frames its answer is `envelope.endpoint`'s job; w
 `auth`'s; what it does, `engine`'s.
 """
 
-import math
-import os
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 
-import click
 from flask import Blueprint, Flask, current_app
-from flask.cli import with_appcontext
 from werkzeug.routing import BaseConverter
 from werkzeug.routing import ValidationError as RouteMismatch
 
-import config
-import envelope
-import schemas as s
-from auth import command_store, current_principal, reads, token_cli, writes
-from db import Database
-from delegates import Registry, load_registry
-from engine import Engine
-from envelope import endpoint, load_query
-from idempotency import idempotent
-from logs import configure_logging
-from model import MAX_BULK
-from retention import purge
-from runner import STOP_GRACE_SECONDS, Runner, chores
-from store import Store
-from wake import Notifier
+from stepd import auth, config, envelope, idempotency
+from stepd import schemas as s
+from stepd.auth import current_principal, reads, writes
+from stepd.delegates import Registry, load_registry
+from stepd.engine import Engine
+from stepd.envelope import endpoint, load_query
+from stepd.httplogs import ContextFilter
+from stepd.idempotency import idempotent
+from stepd.logs import add_filter, configure_logging
+from stepd.model import MAX_BULK
+from stepd.runner import STOP_GRACE_SECONDS, Runner
+from stepd.store import Store
+from stepd.wake import Notifier
+from stepd.wiring import make_runner, open_store
 
 
 @dataclass
@@ -198,7 +191,7 @@ def list_delegates():
 @api.get("/openapi.json")
 def openapi_document():
     """This API's OpenAPI 3 document (served as is, not in the envelope, so tools can read it)."""
-    from openapi import build_spec  # imported here: it walks the app's own routes
+    from stepd.openapi import build_spec  # imported here: it walks the app's own routes
 
     load_query(s.NoQuerySchema)
     if "stepd.openapi" not in current_app.extensions:  # the routes do not change: build it once
@@ -215,78 +208,34 @@ def healthz():
 
 # -- the factory -----------------------------------------------------------------------------
 def create_app(overrides=None):
-    """Build the app: settings, database (migrated), delegates, routes. Starts no threads."""
+    """Build the app: settings, database (made and migrated), delegates, routes. Starts no threads."""
     app = Flask(__name__)
     app.config.update(config.from_env())
     app.config.update(overrides or {})
     configure_logging(app.config["STEPD_LOG_LEVEL"], app.config["STEPD_LOG_FORMAT"])
+    add_filter(ContextFilter())  # each line made inside a request carries its id and principal
 
-    database = Database(app.config["STEPD_DB"], app.config["STEPD_SYNC"])
-    if os.environ.get("FLASK_RUN_FROM_CLI") == "true" and not Path(app.config["STEPD_DB"]).exists():
-        # Loaded by the `flask` command with no database yet: a `token` command must not create one
-        # (it refuses, auth.py); `flask run` creates it at its first request.
-        app.before_request(_prepare_on_first_request(database))
-    else:
-        database.prepare()
-    store = Store(database)
+    store = open_store(app.config)
     registry = load_registry(app.config["STEPD_DELEGATES_PATH"] or None)
     notifier = Notifier(app.config["STEPD_DB"], store.runner_ids)
     app.extensions["stepd"] = Stepd(store, registry, Engine(store, registry, notifier.notify))
+    auth.init_app(app, store)
+    idempotency.init_app(app, store)
 
     app.url_map.converters["id"] = IdConverter
     app.url_map.merge_slashes = False  # `//` would be a 308 redirect outside the envelope; now a 404
     app.register_blueprint(api)
     app.register_blueprint(health)
     envelope.init_app(app)
-    app.cli.add_command(token_cli)
-    app.cli.add_command(purge_command)
     return app
-
-
-def _prepare_on_first_request(database):
-    prepared = threading.Event()
-
-    def prepare():
-        if not prepared.is_set():
-            database.prepare()  # safe to race: it migrates in one write transaction
-            prepared.set()
-
-    return prepare
-
-
-def _days(ctx, param, value):
-    if not math.isfinite(value) or value < 0:
-        raise click.BadParameter("must be a number of days >= 0 (fractions allowed)")
-    return value
-
-
-@click.command("purge")
-@click.option("--older-than", "days", type=float, required=True, callback=_days, metavar="DAYS")
-@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
-@with_appcontext
-def purge_command(days, dry_run):
-    """Delete COMPLETED and CANCELLED processes that finished more than DAYS days ago."""
-    processes, rows = purge(command_store(), days, dry_run)
-    if dry_run:
-        click.echo(f"Would delete {processes} process(es) finished more than {days:g} day(s) ago.")
-    else:
-        click.echo(f"Deleted {processes} process(es) finished more than {days:g} day(s) ago ({rows} rows).")
 
 
 def start_background(app):
     """Run a runner inside this process too (the tests do; the service runs them in processes
-    of their own, runner.py): it claims what this app queues, as any runner would."""
+    of their own, `stepd runner`): it claims what this app queues, as any runner would."""
     stepd = app.extensions["stepd"]
     if stepd.runner is None:
-        settings = app.config
-        stepd.runner = Runner(
-            stepd.store,
-            stepd.registry,
-            settings["STEPD_THREADS"],
-            settings["STEPD_DB"],
-            settings["STEPD_STEP_TIMEOUT"],
-            housekeeping=chores(stepd.store, settings["STEPD_RETENTION_DAYS"]),
-        )
+        stepd.runner = make_runner(stepd.store, stepd.registry, app.config)
         stepd.runner.start()
 
 

@@ -1,16 +1,17 @@
-"""`make run`: stepd as one service, the HTTP front and the runners, under one command.
-
-    .venv/bin/python service.py
+"""`stepd serve` (`make run`): stepd as one service, the HTTP front and the runners, under one command.
 
 It checks what it can once (settings, the address to listen on, delegates, the database, the
-first token), then starts gunicorn (gunicorn.conf.py: HTTP workers, which only commit) and
-STEPD_RUNNERS runner processes (runner.py: they claim queued attempts and call the delegates),
-and watches them:
+first token), then starts the HTTP front (`python -m stepd http`: gunicorn, front.py, whose
+workers only commit) and STEPD_RUNNERS runner processes (`python -m stepd runner`: they claim
+queued attempts and call the delegates), and watches them:
 
-    service.py                     this supervisor
-    ├── gunicorn master            the HTTP front
+    stepd serve                           this supervisor
+    ├── python -m stepd http              the HTTP front (gunicorn's master)
     │   └── STEPD_WORKERS workers
-    └── STEPD_RUNNERS × runner.py  the delegates run here, never in an HTTP worker
+    └── STEPD_RUNNERS × python -m stepd runner   the delegates run here, never in an HTTP worker
+
+The children run in the supervisor's working directory, with the settings it read (STEPD_DB and
+STEPD_DELEGATES_PATH already made absolute by config.from_env), so all use one database.
 
 A runner that dies (a delegate called os._exit, a segfault, an OOM kill) is started again
 within a second or two; its running steps become Interrupted by the next runner's sweep.
@@ -29,7 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+from stepd import config, logs
+from stepd.logs import configure_logging
+
 CHECK_SECONDS = 0.1  # how often the children are looked at
 RESTART_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)  # before starting a runner again, if it keeps dying at once
 STEADY_SECONDS = 10.0  # a runner that lived this long starts again after the shortest delay
@@ -46,7 +49,7 @@ def preflight(settings):
     """Fail fast, once: the address taken, a bad delegate, an unusable database. Migrates the file,
     and makes the first token (and prints it) on the first start of a new database. Returns the
     delegates' registry."""
-    from delegates import DelegateLoadError, load_registry
+    from stepd.delegates import DelegateLoadError, load_registry
 
     check_address(settings["STEPD_HOST"], settings["STEPD_PORT"])
     try:
@@ -77,18 +80,16 @@ def check_address(host, port):
 
 def prepare_database(settings):
     """Migrate the file (made if need be) and, for a new one, make the first token."""
-    from auth import ensure_first_token
-    from db import Database
-    from model import Busy, Unusable, Unwritable
-    from store import Store
+    from stepd.model import Busy, Unusable, Unwritable
+    from stepd.tokens import ensure_first_token
+    from stepd.wiring import open_store
 
     path = settings["STEPD_DB"]
     try:
         new_database = database_is_new(path)
-        database = Database(path, settings["STEPD_SYNC"])
-        database.prepare()
-        ensure_first_token(Store(database), settings["STEPD_TOKEN"], new_database)
-        database.close()  # no open SQLite connection may cross a fork
+        store = open_store(settings)
+        ensure_first_token(store, settings["STEPD_TOKEN"], new_database)
+        store.db.close()  # no open SQLite connection may cross a fork
     except (OSError, Unusable, Busy, Unwritable) as exc:
         raise CannotStart(f"STEPD_DB={path} cannot be used: {exc}") from exc
 
@@ -103,7 +104,7 @@ def database_is_new(path):
 
 def announce(settings, registry):
     """The start-up line: what this service is and runs, said once before it starts serving."""
-    from model import VERSION
+    from stepd.model import VERSION
 
     by_folder = {}  # the folder a delegate was loaded from -> its step types
     for delegate in registry.all():
@@ -148,36 +149,34 @@ def die_with_make():
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def say(text, level=logging.INFO, **fields):
-    from logs import say
-
-    say(text, level, logger="stepd.service", **fields)
+def say(text, level=logging.INFO, logger="stepd.service", **fields):
+    logs.say(text, level, logger=logger, **fields)
 
 
 class Supervisor:
     """Starts the children, starts a dead runner again, stops them all."""
 
-    def __init__(self, runners):
+    def __init__(self, runners, settings_env):
         self.runner_count = runners
+        self.env = settings_env  # the environment of the children: the settings as this process read them
         self.http = None
         self.runners = {}  # slot -> Popen
         self.restart_at = {}  # slot -> when a dead runner starts again
         self.deaths = {}  # slot -> how many times in a row it died soon after starting
         self.stopping = False
 
-    def _spawn(self, args, env=None):
-        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, preexec_fn=_die_with_supervisor)
+    def _spawn(self, command, env):
+        return subprocess.Popen([sys.executable, "-m", "stepd", command], env=env, preexec_fn=_die_with_supervisor)
 
     def _start_runner(self, slot):
-        self.runners[slot] = self._spawn([str(ROOT / "runner.py")])
+        self.runners[slot] = self._spawn("runner", self.env)
         self.runners[slot].started = time.monotonic()
 
     def run(self):
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._ask_to_stop)
-        # CHECKED tells gunicorn.conf.py that preflight ran just now, so its master need not run it again.
-        gunicorn_env = {**os.environ, CHECKED: "1"}
-        self.http = self._spawn(["-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")], gunicorn_env)
+        # CHECKED tells the front that preflight ran just now, so it need not run it again.
+        self.http = self._spawn("http", {**self.env, CHECKED: "1"})
         for slot in range(self.runner_count):
             self._start_runner(slot)
         while not self.stopping:
@@ -225,22 +224,73 @@ class Supervisor:
                 proc.wait()
 
 
-def main():
-    import config
-    from logs import configure_logging
+def settings_env(settings):
+    """The environment for the children: this one, with STEPD_DB and STEPD_DELEGATES_PATH as this
+    process resolved them (a relative path is resolved once, here)."""
+    resolved = {key: str(settings[key]) for key in ("STEPD_DB", "STEPD_DELEGATES_PATH") if settings[key]}
+    return {**os.environ, **resolved}
 
+
+def start_settings(logger):
+    """The settings, with logging set up in their format; None (said in one line) if one is bad."""
     configure_logging("INFO", config.log_format())  # even a bad setting is said in the chosen format
     try:
         settings = config.from_env()
-        configure_logging(settings["STEPD_LOG_LEVEL"], settings["STEPD_LOG_FORMAT"])
+    except config.ConfigError as exc:
+        say(f"cannot start: {exc}", logging.ERROR, logger)
+        return None
+    configure_logging(settings["STEPD_LOG_LEVEL"], settings["STEPD_LOG_FORMAT"])
+    return settings
+
+
+def main():
+    """`stepd serve`: check, announce, then supervise the front and the runners until a signal."""
+    settings = start_settings("stepd.service")
+    if settings is None:
+        return 1
+    try:
         registry = preflight(settings)
-    except (config.ConfigError, CannotStart) as exc:
+    except CannotStart as exc:
         say(f"cannot start: {exc}", logging.ERROR)
         return 1
     announce(settings, registry)
     die_with_make()
-    return Supervisor(settings["STEPD_RUNNERS"]).run()
+    return Supervisor(settings["STEPD_RUNNERS"], settings_env(settings)).run()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def runner_main():
+    """`stepd runner`: one runner process, until SIGTERM or SIGINT."""
+    from stepd.delegates import DelegateLoadError, load_registry
+    from stepd.model import Unusable
+    from stepd.runner import run_until_stopped
+    from stepd.wiring import make_runner, open_store
+
+    settings = start_settings("stepd.runner")
+    if settings is None:
+        return 1
+    try:
+        registry = load_registry(settings["STEPD_DELEGATES_PATH"] or None)
+        store = open_store(settings)
+    except (DelegateLoadError, Unusable) as exc:
+        say(f"runner cannot start: {exc}", logging.ERROR, logger="stepd.runner")
+        return 1
+    run_until_stopped(make_runner(store, registry, settings))
+    return 0
+
+
+def http_main():
+    """`stepd http`: the HTTP front alone (serve starts it). Started by hand, it makes the same
+    checks as serve first; under serve (CHECKED set) they were just made."""
+    from stepd import front
+
+    settings = start_settings("stepd.service")
+    if settings is None:
+        return 1
+    if not os.environ.get(CHECKED):
+        try:
+            preflight(settings)
+        except CannotStart as exc:
+            say(f"cannot start: {exc}", logging.ERROR)
+            return 1
+    front.serve(settings)
+    return 0

@@ -20,7 +20,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
-from model import iso
+from stepd.model import iso
 
 log = logging.getLogger("stepd.retention")
 

@@ -1,23 +1,15 @@
-"""Invariants of a stepd database file, checked by reading the file directly (read-only).
-
-Used by the fault tests after each crash; also a script:
-
-    .venv/bin/python tests/invariants.py var/stepd.db
-
-prints what it checked and exits 1 if an invariant is broken.
+"""Invariants of a stepd database file, checked by reading the file directly (read-only):
+`stepd check` prints what it checked and exits 1 if one is broken; the fault tests run it after
+each crash, with what their clients were told was done (`Acknowledged`).
 """
 
 import json
-import sqlite3
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE.parent) not in sys.path:  # run as a script: liveness.py sits in the checkout's root
-    sys.path.insert(0, str(HERE.parent))
+from stepd.db import read_only
+from stepd.liveness import runner_is_alive
 
-from liveness import runner_is_alive  # noqa: E402 - after the path is set
+__all__ = ["Acknowledged", "Report", "check", "read_only"]
 
 DONE = ("COMPLETED", "SKIPPED")  # steps a process has got past
 NOT_DONE = ("PENDING", "STARTED", "FAILED")  # steps a cancel of their process cancels
@@ -49,13 +41,6 @@ class Report:
 
     def fail(self, text):
         self.problems.append(text)
-
-
-def read_only(path):
-    """A connection that cannot change the file (SQLite's read-only mode)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10)
-    conn.row_factory = sqlite3.Row
-    return conn
 
 
 def check(path, acknowledged=None):
@@ -200,18 +185,3 @@ def _check_acknowledged(report, acknowledged, processes, steps, by_step):
 def _ack_of(params_json):
     kind_value = json.loads(params_json).get("ack")
     return kind_value[1] if kind_value else None
-
-
-def main(argv):
-    if len(argv) != 2:
-        print(f"usage: {argv[0]} STEPD_DB_FILE", file=sys.stderr)
-        return 2
-    report = check(argv[1])
-    print(f"{report.processes} processes, {report.steps} steps, {report.attempts} attempts checked")
-    for problem in report.problems:
-        print("BROKEN:", problem)
-    return 1 if report.problems else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

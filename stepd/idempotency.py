@@ -12,10 +12,16 @@ import json
 from flask import current_app, request
 from marshmallow import ValidationError
 
-from auth import current_principal
-from model import PreconditionFailed, now_iso
+from stepd.auth import current_principal
+from stepd.model import PreconditionFailed, now_iso
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+EXTENSION = "stepd.idempotency"
+
+
+def init_app(app, store):
+    """Keep `app`'s Idempotency-Key answers in `store`."""
+    app.extensions[EXTENSION] = store
 
 
 class _Undo(Exception):
@@ -47,7 +53,7 @@ def idempotent(view):
             raise ValidationError({IDEMPOTENCY_HEADER: ["Must be 1 to 255 printable ASCII characters."]})
         fingerprint = request_fingerprint()
         principal = current_principal().name
-        store = current_app.extensions["stepd"].store
+        store = current_app.extensions[EXTENSION]
         try:
             with store.atomic():
                 stored = store.stored_answer(principal, key)

@@ -17,8 +17,8 @@ from gunicorn.http.errors import NoMoreData, ParseException
 from marshmallow import ValidationError
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
-from model import VERSION, Busy, NoRunner, NotFound, PreconditionFailed, Unavailable, Unwritable, now_iso
-from schemas import NoQuerySchema, one
+from stepd.model import VERSION, Busy, NoRunner, NotFound, PreconditionFailed, Unavailable, Unwritable, now_iso
+from stepd.schemas import NoQuerySchema, one
 
 MAX_BODY_BYTES = 1024 * 1024
 REQUEST_ID_HEADER = "X-Request-Id"

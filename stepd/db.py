@@ -14,8 +14,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from migrations import MIGRATIONS
-from model import Busy, Conflict, Unavailable, Unusable, Unwritable
+from stepd.migrations import MIGRATIONS
+from stepd.model import Busy, Conflict, Unavailable, Unusable, Unwritable
 
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT = 1024 * 1024
@@ -61,6 +61,14 @@ def sqlite_errors():
         if translated is None:
             raise
         raise translated from exc
+
+
+def read_only(path):
+    """A connection that cannot change the file (SQLite's read-only mode), rows as sqlite3.Row:
+    for readers outside the service (invariants.py, `stepd check`)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10)
+    conn.row_factory = sqlite3.Row
+    return conn
 
 
 class Database:
@@ -118,6 +126,24 @@ class Database:
         a writer); the runners do it once a second, so the log stays short."""
         with sqlite_errors():
             self.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def backup(self, target):
+        """Copy the database to `target` with SQLite's online backup, in one step: one consistent
+        state, taken beside running writers (WAL: a reader never blocks them). Written to a
+        temporary file first and renamed, so `target` is never half a copy. Returns its pages."""
+        target = Path(target)
+        partial = target.with_name(target.name + ".part")
+        with sqlite_errors():
+            source = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+            copy = sqlite3.connect(partial)
+            try:
+                source.backup(copy)
+                pages = copy.execute("PRAGMA page_count").fetchone()[0]
+            finally:
+                copy.close()
+                source.close()
+        os.replace(partial, target)
+        return pages
 
     def ping(self):
         """Raise Unavailable unless the database answers a read."""

@@ -3,7 +3,7 @@
 import math
 import time
 
-from delegates import delegate
+from stepd.delegates import delegate
 
 
 @delegate("noop")

@@ -54,6 +54,11 @@ def from_env(environ=None):
     settings["STEPD_LOG_FORMAT"] = settings["STEPD_LOG_FORMAT"].lower()
     if settings["STEPD_LOG_FORMAT"] not in LOG_FORMATS:
         raise ConfigError(f"STEPD_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
+    # A relative path means one in the folder of the process that reads it; `stepd serve` passes
+    # its children the absolute path, so the service started from any folder uses one database.
+    for key in ("STEPD_DB", "STEPD_DELEGATES_PATH"):
+        if settings[key]:
+            settings[key] = os.path.abspath(settings[key])
     return settings
 
 

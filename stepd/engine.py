@@ -11,8 +11,8 @@ with that runner.
 import time
 from contextlib import nullcontext
 
-from liveness import runner_is_alive
-from model import MAX_BULK, Busy, NoRunner, NotFound, PreconditionFailed, now_iso
+from stepd.liveness import runner_is_alive
+from stepd.model import MAX_BULK, Busy, NoRunner, NotFound, PreconditionFailed, now_iso
 
 BUSY_REASON = "The database was busy; nothing changed. Retry this step."
 NO_RUNNER_GRACE_SECONDS = 10.0  # how long after start /healthz forgives that no runner is alive yet

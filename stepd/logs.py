@@ -1,9 +1,10 @@
 """Logging: one handler on the root logger, in text or JSON (STEPD_LOG_FORMAT), whose lines
 carry where they come from: the request id and principal of a request, the step of a runner.
 
-Every process of the service (service.py, gunicorn's master and workers, the runners) calls
-`configure_logging` once; gunicorn's own error and access logs come through `GunicornLogger`
-(gunicorn.conf.py's `logger_class`), so they are formatted the same way.
+Every process of the service (the supervisor, gunicorn's master and workers, the runners) calls
+`configure_logging` once; gunicorn's own error and access logs come through
+`httplogs.GunicornLogger`, so they are formatted the same way. This module imports neither Flask
+nor gunicorn: a runner imports it.
 
 Text (the default), one line each:
 
@@ -23,8 +24,6 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-from flask import g, has_request_context
-from gunicorn import glogging
 from pythonjsonlogger.json import JsonFormatter
 
 LINE_FORMAT = "%(asctime)s %(levelname)s [%(where)s] %(name)s: %(message)s"
@@ -37,18 +36,6 @@ JSON_NAMES = {"levelname": "level", "name": "logger", "message": "msg"}
 def step_fields(job):
     """What a log line about one attempt of a step carries (pass as `extra=`)."""
     return {"process_id": job.process_id, "step_id": job.step_id, "attempt": job.attempt, "type": job.type}
-
-
-class ContextFilter(logging.Filter):
-    """Puts the current request's id and principal on every record made inside a request."""
-
-    def filter(self, record):
-        if has_request_context():
-            if not hasattr(record, "request_id") and "request_id" in g:
-                record.request_id = g.request_id
-            if not hasattr(record, "principal") and "principal" in g:
-                record.principal = g.principal
-        return True
 
 
 class TextFormatter(logging.Formatter):
@@ -72,15 +59,14 @@ class JsonLineFormatter(JsonFormatter):
         log_data.pop("where", None)  # set by TextFormatter if both ever format one record
 
 
-def _handler(stream, log_format, text_format):
+def make_handler(stream, log_format, text_format):
     handler = logging.StreamHandler(stream)
-    handler.addFilter(ContextFilter())
     handler.setFormatter(JsonLineFormatter() if log_format == "json" else TextFormatter(text_format))
     handler.stepd = True
     return handler
 
 
-def _install(logger, handler):
+def install_handler(logger, handler):
     """Replace stepd's handler on `logger` (the app may be built several times in one process)."""
     for old in [h for h in logger.handlers if getattr(h, "stepd", False)]:
         logger.removeHandler(old)
@@ -92,10 +78,18 @@ def configure_logging(level, log_format="text"):
     root = logging.getLogger()
     current = _root_handler()
     if current is None or current.log_format != log_format:
-        handler = _handler(sys.stderr, log_format, LINE_FORMAT)
+        handler = make_handler(sys.stderr, log_format, LINE_FORMAT)
         handler.log_format = log_format
-        _install(root, handler)
+        install_handler(root, handler)
     root.setLevel(level)
+
+
+def add_filter(log_filter):
+    """Add `log_filter` to stepd's handler on the root logger (once per class: the app may be
+    built several times in one process). The HTTP side adds its request fields this way."""
+    handler = _root_handler()
+    if handler is not None and not any(type(f) is type(log_filter) for f in handler.filters):
+        handler.addFilter(log_filter)
 
 
 def _root_handler():
@@ -117,38 +111,3 @@ def say(text, level=logging.INFO, logger="stepd", **fields):
         return
     record = logging.getLogger(logger).makeRecord(logger, level, "(stepd)", 0, text, (), None, extra=fields)
     handler.handle(record)  # straight to the handler: no logger's level applies
-
-
-class GunicornLogger(glogging.Logger):
-    """gunicorn's loggers through stepd's formatters: `gunicorn.error` goes to the root handler
-    (standard error), `gunicorn.access` to standard output, as fields in JSON."""
-
-    def setup(self, cfg):
-        super().setup(cfg)  # levels, and its own handlers, which are replaced here
-        log_format = log_format_in_use()
-        for log in (self.error_log, self.access_log):
-            for handler in [h for h in log.handlers if getattr(h, "_gunicorn", False)]:
-                log.removeHandler(handler)
-        self.error_log.propagate = True  # to the root logger's handler
-        if cfg.accesslog is not None:
-            _install(self.access_log, _handler(sys.stdout, log_format, ACCESS_LINE_FORMAT))
-
-    def access(self, resp, req, environ, request_time):
-        if not self.access_log_enabled:
-            return
-        atoms = self.atoms_wrapper_class(self.atoms(resp, req, environ, request_time))
-        headers = {name.lower(): value for name, value in resp.headers}
-        fields = {
-            "request_id": headers.get("x-request-id"),
-            "principal": environ.get("stepd.principal"),
-            "method": environ.get("REQUEST_METHOD"),
-            "route": environ.get("stepd.route"),
-            "path": environ.get("PATH_INFO"),
-            "status": resp.status_code,
-            "duration_ms": round(request_time.total_seconds() * 1000, 1),
-        }
-        fields = {key: value for key, value in fields.items() if value is not None or key == "route"}
-        try:
-            self.access_log.info(self.cfg.access_log_format, atoms, extra=fields)
-        except Exception:
-            self.exception("could not write an access log line")

@@ -7,6 +7,7 @@ compare-and-set. A datagram that is lost (a runner that just started, a full buf
 most the runners' poll interval, the backstop.
 """
 
+import atexit
 import contextlib
 import hashlib
 import os
@@ -69,6 +70,7 @@ def _plain_socket_class():
 
 _sender = _plain_socket_class()(socket.AF_UNIX, socket.SOCK_DGRAM)
 _sender.setblocking(False)
+atexit.register(_sender.close)  # closed, not collected open: no ResourceWarning at a process's exit
 
 
 def _send(target):

@@ -11,7 +11,7 @@ import functools
 import time
 from contextlib import contextmanager
 
-from model import (
+from stepd.model import (
     COMPLETED,
     FAILED,
     FINISHED_PROCESS_STATUSES,

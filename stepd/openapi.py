@@ -24,10 +24,10 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from apispec.ext.marshmallow.openapi import OpenAPIConverter
 from marshmallow import fields, validate
 
-import model
-import schemas as s
-from auth import CHALLENGE, OPERATOR
-from envelope import ERROR_DESCRIPTIONS, REQUEST_ID_HEADER
+from stepd import model
+from stepd import schemas as s
+from stepd.auth import CHALLENGE, OPERATOR
+from stepd.envelope import ERROR_DESCRIPTIONS, REQUEST_ID_HEADER
 
 PATH_NAMES = {"process_id": "processId", "step_id": "processStepId"}
 ERROR_SCHEMAS = {

@@ -15,7 +15,7 @@ from datetime import datetime
 
 from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validate, validates_schema
 
-from model import (
+from stepd.model import (
     ATTEMPT_STATUSES,
     ID_PATTERN,
     INT64_MAX,

@@ -12,27 +12,24 @@ An attempt that runs past its timeout, or is ended from outside (fail-step, a ca
 process), has its `ctx.cancelled` set and gives its place back at once: a delegate that never returns holds
 its own thread, not one of the runner's places.
 
-`python runner.py` runs one runner process (service.py starts STEPD_RUNNERS of them);
-`Runner(...).start()` runs one inside any process (the tests do).
+`stepd runner` runs one runner process (`stepd serve` starts STEPD_RUNNERS of them);
+`wiring.make_runner(...).start()` runs one inside any process (the tests do).
 """
 
-import contextlib
 import logging
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from delegates import DEFERRED, Abort, Context
-from liveness import HOST, process_start_time, runner_is_alive
-from logs import step_fields
-from model import COMPLETED, FAILED, Busy, Unwritable, iso, new_id, plain_values, typed_result
-from retention import Retention
-from wake import Listener
+from stepd.delegates import DEFERRED, Abort, Context
+from stepd.liveness import HOST, process_start_time
+from stepd.logs import step_fields
+from stepd.model import COMPLETED, FAILED, Busy, Unwritable, iso, new_id, plain_values, typed_result
+from stepd.wake import Listener
 
 log = logging.getLogger("stepd.runner")
 
@@ -42,7 +39,7 @@ RECORD_RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 POLL_SECONDS = 0.25  # the backstop when a wake-up is lost: queued work waits at most this long
 WATCH_SECONDS = 0.2  # how often timeouts and attempts ended from outside are looked for
 UNWRITABLE_RETRY_SECONDS = 1.0
-HOUSEKEEPING_SECONDS = 30.0  # twice a minute: a process due for retention is deleted within a minute
+CHORE_TICK_SECONDS = 0.25  # how often the chores loop looks for a chore that is due
 
 
 class Timeout(Exception):  # noqa: N818 - its name is the error type a timed-out step shows
@@ -59,6 +56,26 @@ def describe(exc):
 
 
 @dataclass
+class Chore:
+    """Work a runner does every `period` seconds beside its delegates (wiring.chores): each in its
+    own try, so one that fails or is slow never skips another, nor the heartbeat."""
+
+    name: str
+    period: float
+    run: object  # () -> anything
+    due: float = 0.0  # time.monotonic() at which it runs next
+
+    def run_if_due(self, now):
+        if now < self.due:
+            return
+        self.due = now + self.period
+        try:
+            self.run()
+        except Exception:  # a busy database now and then: the next period tries again
+            log.exception("runner chore %s failed; trying again in %g s", self.name, self.period)
+
+
+@dataclass
 class Running:
     """One attempt in a place of this runner."""
 
@@ -72,13 +89,13 @@ class Running:
 class Runner:
     """Claims queued attempts and runs their delegates on `threads` places."""
 
-    def __init__(self, store, registry, threads, db_path, step_timeout=None, housekeeping=()):
+    def __init__(self, store, registry, threads, db_path, step_timeout=None, chores=()):
         self.store = store
         self.registry = registry
         self.threads = threads
         self.db_path = db_path
         self.step_timeout = step_timeout  # STEPD_STEP_TIMEOUT: for delegates that set no timeout
-        self.housekeeping = housekeeping  # callables run every HOUSEKEEPING_SECONDS (runner.chores)
+        self.chores = list(chores)  # Chore: each run on its own period (wiring.chores)
         self.id = None  # given at start(), in the process that runs it
         self._jobs = queue.Queue()  # claimed, waiting for a thread (never more than the free places)
         self._running = {}  # (step id, attempt) -> Running
@@ -107,7 +124,8 @@ class Runner:
         # the database, not the thread, is the record of what ran.
         for _ in range(self.threads):
             self._add_thread()
-        for target, name in ((self._claim_loop, "claim"), (self._watch, "watch"), (self._heartbeat_loop, "beat")):
+        loops = ((self._claim_loop, "claim"), (self._watch, "watch"), (self._heartbeat_loop, "beat"))
+        for target, name in (*loops, (self._chores_loop, "chores")):
             threading.Thread(target=target, name=f"stepd-{name}", daemon=True).start()
         log.info("runner %s started with %d delegate threads", self.id, self.threads)
 
@@ -380,68 +398,28 @@ class Runner:
     def _key(entry):
         return entry.job.step_id, entry.job.attempt
 
-    # -- heartbeat, orphans, housekeeping ----------------------------------------------------
+    # -- heartbeat and chores ------------------------------------------------------------------
     def _heartbeat_loop(self):
-        chores_at = time.monotonic()
+        """Only the heartbeat: a slow chore must never make this runner look dead."""
         while not self._stopping.wait(HEARTBEAT_SECONDS):
             try:
                 self.store.heartbeat(self._identity())
-                with contextlib.suppress(Unwritable):  # a full disk: the next beat tries again
-                    self.store.checkpoint()  # here, not inside a request that happens to commit
-                orphans = self.store.interrupt_orphans(runner_is_alive)
-                if orphans:
-                    log.warning("marked %d step(s) of vanished runners Interrupted", len(orphans))
-                if time.monotonic() >= chores_at:
-                    chores_at = time.monotonic() + HOUSEKEEPING_SECONDS
-                    for chore in self.housekeeping:
-                        chore()
             except Exception:  # a busy database now and then must not end the loop
                 log.exception("runner %s heartbeat failed; retrying", self.id)
 
-
-def chores(store, retention_days):
-    """A runner's housekeeping: forget old Idempotency-Key answers; with STEPD_RETENTION_DAYS,
-    delete processes finished longer ago (on a thread of its own, see retention.Retention)."""
-    return (store.forget_answers, *((Retention(store, retention_days),) if retention_days else ()))
+    def _chores_loop(self):
+        while not self._stopping.wait(CHORE_TICK_SECONDS):
+            now = time.monotonic()
+            for chore in self.chores:
+                chore.run_if_due(now)
 
 
 # -- a runner process -----------------------------------------------------------------------------
-def main():
-    """Run one runner until SIGTERM or SIGINT (service.py starts these; so can an operator,
-    beside API-only processes: `make runner`)."""
-    import config
-    from db import Database
-    from delegates import DelegateLoadError, load_registry
-    from logs import configure_logging, say
-    from model import Unusable
-    from store import Store
-
-    configure_logging("INFO", config.log_format())
-    try:
-        settings = config.from_env()
-        registry = load_registry(settings["STEPD_DELEGATES_PATH"] or None)
-        database = Database(settings["STEPD_DB"], settings["STEPD_SYNC"])
-        database.prepare()
-    except (config.ConfigError, DelegateLoadError, Unusable) as exc:
-        say(f"runner cannot start: {exc}", logging.ERROR, logger="stepd.runner")
-        sys.exit(1)
-    configure_logging(settings["STEPD_LOG_LEVEL"], settings["STEPD_LOG_FORMAT"])
-    store = Store(database)
-    runner = Runner(
-        store,
-        registry,
-        settings["STEPD_THREADS"],
-        settings["STEPD_DB"],
-        settings["STEPD_STEP_TIMEOUT"],
-        housekeeping=chores(store, settings["STEPD_RETENTION_DAYS"]),
-    )
+def run_until_stopped(runner):
+    """Run `runner` in this process until SIGTERM or SIGINT, then stop it (`stepd runner`)."""
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
     runner.start()
     stopping.wait()
     runner.stop()
-
-
-if __name__ == "__main__":
-    main()

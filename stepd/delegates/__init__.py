@@ -5,17 +5,24 @@ register anything globally: `load_registry` scans the built-in modules of this
 package and every ``.py`` file of the user's folder and builds a fresh `Registry`.
 That keeps tests independent and lets a module be loaded twice without conflicts.
 
-The user's folder is put at the end of the import path, and each of its modules is imported
-under its own name (``invoices.py`` as ``invoices``), so a delegate module imports a helper
-beside it as any Python module would (``from _rates import RATE``), and a helper imported by
-two modules is one module. Files whose name starts with ``_`` are not scanned for delegates:
-they are helpers, loaded when a delegate module imports them. A module whose name another
-module on the path already has (stepd's own ``config``, ``store``..., a library's, the
-standard library's) would never be the one imported: it stops the start, naming both files.
+A delegate module writes ``from stepd import delegate``. The user's folder is put at the end of
+the import path, and each of its modules is imported under its own name (``invoices.py`` as
+``invoices``), so a delegate module imports a helper beside it as any Python module would
+(``from _rates import RATE``, ``from config import Config``: stepd's own modules all live inside
+the ``stepd`` package, so the user's ``config.py``, ``db.py`` or ``app.py`` is the user's own).
+Files whose name starts with ``_`` are not scanned for delegates: they are helpers, loaded when a
+delegate module imports them. A module whose name a library or the standard library already
+has (``json.py``, ``requests.py``) would never be the one imported: it stops the start, naming
+both files.
+
+``from delegates import delegate``, as stepd taught before it was one package, still loads: the
+name ``delegates`` is served by `LegacyImport` (when nothing else on the path has it), which
+says once in the log that it is deprecated.
 """
 
 import functools
 import importlib
+import importlib.abc
 import importlib.util
 import inspect
 import logging
@@ -288,8 +295,48 @@ def _user_modules(folder):
     return modules
 
 
+class LegacyImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves `import delegates` (the import stepd taught before it was one package) as this
+    module's public names, and logs once that it is deprecated. Last on sys.meta_path: a module
+    named `delegates` anywhere on the path (the user's own) wins over it."""
+
+    NAME = "delegates"
+
+    def find_spec(self, name, path=None, target=None):
+        return importlib.util.spec_from_loader(name, self) if name == self.NAME else None
+
+    def create_module(self, spec):
+        return None  # the default module object
+
+    def exec_module(self, module):
+        this = sys.modules[__name__]
+        module.__dict__.update({name: getattr(this, name) for name in __all__})
+        module.__all__ = list(__all__)
+        logging.getLogger("stepd.delegates").warning(
+            "%s imports `delegates`, which is deprecated: write `from stepd import delegate` instead",
+            _importer() or "a delegate module",
+        )
+
+
+def _importer():
+    """The file of the code whose import statement is being run, for the deprecation line."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not name.startswith("<frozen") and name != __file__:
+            return name
+        frame = frame.f_back
+    return None
+
+
+def _serve_legacy_name():
+    if not any(isinstance(finder, LegacyImport) for finder in sys.meta_path):
+        sys.meta_path.append(LegacyImport())
+
+
 def load_registry(user_folder=None):
     """Build the registry from the built-in delegates and, if given, the user's folder."""
+    _serve_legacy_name()
     registry = Registry()
     for module in _builtin_modules():
         _add_module(registry, module)
