@@ -420,6 +420,7 @@ def run_until_stopped(runner):
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a SIGHUP to the service's group is its main process's to answer
     runner.start()
     stopping.wait()
     runner.stop()

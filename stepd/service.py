@@ -175,6 +175,7 @@ class Supervisor:
     def run(self):
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._ask_to_stop)
+        signal.signal(signal.SIGHUP, self._no_reload)
         # CHECKED tells the front that preflight ran just now, so it need not run it again.
         self.http = self._spawn("http", {**self.env, CHECKED: "1"})
         for slot in range(self.runner_count):
@@ -191,6 +192,11 @@ class Supervisor:
 
     def _ask_to_stop(self, signum, frame):
         self.stopping = True
+
+    def _no_reload(self, signum, frame):
+        """SIGHUP (a closed terminal, `systemctl reload`) must not stop the service, as its default
+        action would. Reloading settings and delegates in place is not built yet: say so."""
+        say("SIGHUP: reloading is not supported yet, so nothing changed; restart the service to apply", logging.WARNING)
 
     def _look_after_runners(self):
         now = time.monotonic()

@@ -1,0 +1,246 @@
+"""HTTP: the app factory and the routes of /api/v1 and /healthz, each a few lines calling the engine.
+
+How a view reads its input and frames its answer is `envelope.endpoint`'s job; who may call it,
+`auth`'s; what it does, `engine`'s.
+"""
+
+from dataclasses import dataclass
+
+from flask import Blueprint, Flask, current_app
+from werkzeug.routing import BaseConverter
+from werkzeug.routing import ValidationError as RouteMismatch
+
+from stepd import auth, config, envelope, idempotency
+from stepd import schemas as s
+from stepd.auth import current_principal, reads, writes
+from stepd.delegates import Registry, load_registry
+from stepd.engine import Engine
+from stepd.envelope import endpoint, load_query
+from stepd.httplogs import ContextFilter
+from stepd.idempotency import idempotent
+from stepd.logs import add_filter, configure_logging
+from stepd.model import MAX_BULK
+from stepd.runner import STOP_GRACE_SECONDS, Runner
+from stepd.store import Store
+from stepd.wake import Notifier
+from stepd.wiring import make_runner, open_store
+
+
+@dataclass
+class Stepd:
+    """What one app holds, kept in app.extensions["stepd"]; the views use only `engine`."""
+
+    store: Store
+    registry: Registry
+    engine: Engine
+    runner: Runner | None = None  # one inside this process (start_background), if any
+
+
+def engine():
+    return current_app.extensions["stepd"].engine
+
+
+# -- routing ---------------------------------------------------------------------------------
+ACTION_NAMES = {
+    "steps", "restart-failed-step", "restart-failed-steps", "fail-step", "complete-step", "cancel", "skip-step",
+}  # fmt: skip
+
+
+class IdConverter(BaseConverter):
+    """An id path segment; action names are not ids, so `GET …/restart-failed-step` is a 405."""
+
+    regex = r"[A-Za-z0-9_-]{1,64}"
+
+    def to_python(self, value):
+        if value in ACTION_NAMES:
+            raise RouteMismatch()
+        return value
+
+
+api = Blueprint("api", __name__, url_prefix="/api/v1")
+health = Blueprint("health", __name__)
+
+
+# -- processes -------------------------------------------------------------------------------
+@api.post("/processes")
+@writes
+@idempotent
+@endpoint(data=s.ProcessSchema, body=s.StartProcessSchema, status=201, errors=(412,), tag="processes")
+def start_process(body):
+    """Start a process; its first step starts at once."""
+    steps = [(step["type"], step["params"]) for step in body["steps"]]
+    return engine().start_process(body["name"], steps, current_principal().name), "Process started."
+
+
+@api.get("/processes")
+@reads
+@endpoint(data=s.ProcessPageSchema, query=s.ProcessListQuery, errors=(412,), tag="processes")
+def list_processes(query):
+    """List processes, newest first, without their steps; filter by status, name and creation time."""
+    where = {key: query[key] for key in ("status", "name", "created_after", "created_before")}
+    items, next_seq = engine().processes(where, query["limit"], query["cursor"])
+    return {"items": items, "nextCursor": s.encode_cursor("p", next_seq)}
+
+
+@api.get("/processes/<id:process_id>")
+@reads
+# 405: GET …/processes/fail-step and the like (an action's name where an id may stand)
+@endpoint(data=s.ProcessSchema, errors=(404, 405, 412), tag="processes")
+def get_process(process_id):
+    """One process with its steps and variables."""
+    return engine().process(process_id)
+
+
+@api.post("/processes/cancel")
+@writes
+@idempotent
+@endpoint(data=s.ProcessSchema, body=s.CancelProcessSchema, errors=(412,), tag="processes")
+def cancel_process(body):
+    """Cancel a RUNNING or FAILED process: it and each of its steps not yet done become CANCELLED."""
+    process = engine().cancel(body["process_id"], body["reason"], current_principal().name)
+    return process, "Process cancelled."
+
+
+# -- steps -----------------------------------------------------------------------------------
+@api.get("/processes/steps")
+@reads
+@endpoint(data=s.StepPageSchema, query=s.StepListQuery, errors=(412,), tag="steps")
+def list_steps(query):
+    """List steps across processes, newest first; filter by status, type, process and error type."""
+    where = {key: query[key] for key in ("status", "type", "process_id", "error_type")}
+    items, next_seq = engine().steps(where, query["limit"], query["cursor"])
+    return {"items": items, "nextCursor": s.encode_cursor("s", next_seq)}
+
+
+@api.get("/processes/steps/<id:step_id>")
+@reads
+@endpoint(data=s.StepDetailSchema, errors=(404, 412), tag="steps")
+def get_step(step_id):
+    """One step with its attempt history."""
+    return engine().step(step_id)
+
+
+@api.post("/processes/restart-failed-step")
+@writes
+@idempotent
+@endpoint(data=s.RestartResultSchema, body=s.RestartStepSchema, query=s.RestartQuery, errors=(412,), tag="steps")
+def restart_failed_step(body, query):
+    """Restart a FAILED step, with params laid over its last ones; the process carries on from it."""
+    dry_run = query["dry_run"]
+    job = engine().restart(body["step_id"], body["params"], current_principal().name, dry_run)
+    return job, "Dry run: the step would be restarted; nothing changed." if dry_run else "Step restarted."
+
+
+@api.post("/processes/restart-failed-steps")
+@writes
+@idempotent
+@endpoint(data=s.RestartManyResultSchema, body=s.RestartManySchema, query=s.RestartQuery, errors=(412,), tag="steps")
+def restart_failed_steps(body, query):
+    """Restart many FAILED steps, listed or matched by a filter, each exactly as restart-failed-step does."""
+    dry_run = query["dry_run"]
+    outcome = engine().restart_many(body, current_principal().name, dry_run)
+    restarted, skipped = len(outcome["restarted"]), len(outcome["skipped"])
+    message = (
+        f"Dry run: {restarted} step(s) would be restarted, {skipped} skipped; nothing changed."
+        if dry_run
+        else f"{restarted} step(s) restarted, {skipped} skipped."
+    )
+    if outcome["next_position"] is not None:
+        message += f" More than {MAX_BULK} steps match: send the same filter with cursor = nextCursor."
+    return {**outcome, "nextCursor": s.encode_failure_cursor(outcome["next_position"])}, message
+
+
+@api.post("/processes/fail-step")
+@writes
+@idempotent
+@endpoint(data=s.StepSchema, body=s.FailStepSchema, errors=(412,), tag="steps")
+def fail_step(body):
+    """Fail a STARTED step from outside (a deferred delegate's work failed, or an operator aborts it)."""
+    message = body["error"]["message"] if body["error"] else None
+    return engine().fail(body["step_id"], message, current_principal().name), "Step failed."
+
+
+@api.post("/processes/complete-step")
+@writes
+@idempotent
+@endpoint(data=s.StepSchema, body=s.CompleteStepSchema, errors=(412,), tag="steps")
+def complete_step(body):
+    """Complete a STARTED step from outside, with an optional result; the process carries on."""
+    return engine().complete(body["step_id"], body["result"]), "Step completed."
+
+
+@api.post("/processes/skip-step")
+@writes
+@idempotent
+@endpoint(data=s.StepSchema, body=s.SkipStepSchema, errors=(412,), tag="steps")
+def skip_step(body):
+    """Skip a FAILED step, with an optional result later steps see; the process carries on."""
+    step = engine().skip(body["step_id"], body["result"], body["reason"], current_principal().name)
+    return step, "Step skipped."
+
+
+# -- the service -----------------------------------------------------------------------------
+@api.get("/delegates")
+@reads
+@endpoint(data=s.DelegateSchema, many=True, errors=(412,), tag="service")
+def list_delegates():
+    """The registered step types and what each does."""
+    return engine().delegates()
+
+
+@api.get("/openapi.json")
+def openapi_document():
+    """This API's OpenAPI 3 document (served as is, not in the envelope, so tools can read it)."""
+    from stepd.openapi import build_spec  # imported here: it walks the app's own routes
+
+    load_query(s.NoQuerySchema)
+    if "stepd.openapi" not in current_app.extensions:  # the routes do not change: build it once
+        current_app.extensions["stepd.openapi"] = build_spec(current_app)
+    return current_app.extensions["stepd.openapi"]
+
+
+@health.get("/healthz")
+@endpoint(data=s.HealthSchema, errors=(503,), tag="service")
+def healthz():
+    """200 when the database answers, else 503. Needs no credentials."""
+    return engine().health()
+
+
+# -- the factory -----------------------------------------------------------------------------
+def create_app(overrides=None):
+    """Build the app: settings, database (made and migrated), delegates, routes. Starts no threads."""
+    app = Flask(__name__)
+    app.config.update(config.from_env())
+    app.config.update(overrides or {})
+    configure_logging(app.config["STEPD_LOG_LEVEL"], app.config["STEPD_LOG_FORMAT"])
+    add_filter(ContextFilter())  # each line made inside a request carries its id and principal
+
+    store = open_store(app.config)
+    registry = load_registry(app.config["STEPD_DELEGATES_PATH"] or None)
+    notifier = Notifier(app.config["STEPD_DB"], store.runner_ids)
+    app.extensions["stepd"] = Stepd(store, registry, Engine(store, registry, notifier.notify))
+    auth.init_app(app, store)
+    idempotency.init_app(app, store)
+
+    app.url_map.converters["id"] = IdConverter
+    app.url_map.merge_slashes = False  # `//` would be a 308 redirect outside the envelope; now a 404
+    app.register_blueprint(api)
+    app.register_blueprint(health)
+    envelope.init_app(app)
+    return app
+
+
+def start_background(app):
+    """Run a runner inside this process too (the tests do; the service runs them in processes
+    of their own, `stepd runner`): it claims what this app queues, as any runner would."""
+    stepd = app.extensions["stepd"]
+    if stepd.runner is None:
+        stepd.runner = make_runner(stepd.store, stepd.registry, app.config)
+        stepd.runner.start()
+
+
+def stop_background(app, grace=STOP_GRACE_SECONDS):
+    """Stop that runner: running delegates get `grace` seconds, then their steps are Interrupted."""
+    runner = app.extensions["stepd"].runner
+    if runner is not None:
+        runner.stop(grace=grace)

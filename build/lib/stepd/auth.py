@@ -1,0 +1,123 @@
+"""Credentials of an HTTP request: Bearer or Basic (name:secret), checked against the API tokens
+(tokens.py), and the roles a view requires (`@reads`, `@writes`).
+
+The app gives this module its store and STEPD_TOKEN once, when it is built (`init_app`): the
+check lives in the app's extensions under this module's own `Credentials`, a shape no other
+module knows.
+"""
+
+import hmac
+from dataclasses import dataclass
+
+from flask import current_app, g
+from flask_httpauth import HTTPBasicAuth, HTTPTokenAuth, MultiAuth
+
+from stepd.envelope import ERROR_TEXT, error
+from stepd.tokens import ENV_TOKEN_NAME, OPERATOR, READER, hash_secret
+
+CHALLENGE = 'Bearer realm="stepd", Basic realm="stepd"'
+EXTENSION = "stepd.auth"
+
+bearer = HTTPTokenAuth(scheme="Bearer", realm="stepd")
+basic = HTTPBasicAuth(realm="stepd")
+auth = MultiAuth(bearer, basic)
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    role: str
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a request's credentials are checked against: the tokens in `store`, and STEPD_TOKEN."""
+
+    store: object
+    env_token: str
+
+    def env_principal(self, secret):
+        if self.env_token and hmac.compare_digest(hash_secret(secret), hash_secret(self.env_token)):
+            return Principal(ENV_TOKEN_NAME, OPERATOR)
+        return None
+
+    def by_secret(self, secret):
+        row = self.store.token_by_hash(hash_secret(secret))
+        return Principal(row["name"], row["role"]) if row is not None else self.env_principal(secret)
+
+    def by_name(self, name, secret):
+        if name == ENV_TOKEN_NAME:
+            return self.env_principal(secret)
+        row = self.store.token_by_name(name)
+        if row is not None and hmac.compare_digest(hash_secret(secret), row["secret_hash"]):
+            return Principal(row["name"], row["role"])
+        return None
+
+
+def init_app(app, store):
+    """Check `app`'s requests against the tokens of `store` and the app's STEPD_TOKEN."""
+    app.extensions[EXTENSION] = Credentials(store, app.config.get("STEPD_TOKEN") or "")
+
+
+def _credentials():
+    return current_app.extensions[EXTENSION]
+
+
+def _known(principal):
+    """The caller, once let in; its name goes on the request's log lines (httplogs.py) and access line."""
+    if principal is not None:
+        g.principal = principal.name
+    return principal
+
+
+@bearer.verify_token
+def verify_token(secret):
+    return _known(_credentials().by_secret(secret)) if secret else None
+
+
+@basic.verify_password
+def verify_password(name, secret):
+    return _known(_credentials().by_name(name, secret)) if name and secret else None
+
+
+def roles_of(principal):
+    return [READER, OPERATOR] if principal.role == OPERATOR else [READER]
+
+
+bearer.get_user_roles(roles_of)
+basic.get_user_roles(roles_of)
+
+
+def _auth_error(status):
+    if status == 403:
+        return error(403, ERROR_TEXT[403])
+    response = error(401, ERROR_TEXT[401])
+    response.headers["WWW-Authenticate"] = CHALLENGE
+    return response
+
+
+# Set as the callback itself, not through error_handler(): that wrapper adds a WWW-Authenticate
+# challenge to every refusal, the 403 too, whose credentials were good (the challenge belongs to 401).
+bearer.auth_error_callback = _auth_error
+basic.auth_error_callback = _auth_error
+
+
+def _requiring(role):
+    """A view decorator that lets only `role` (or above) in; the view says so in `view.role`,
+    which the OpenAPI document reads (a view without it needs no credentials)."""
+    guard = auth.login_required(role=role)
+
+    def decorate(view):
+        guarded = guard(view)
+        guarded.role = role
+        return guarded
+
+    return decorate
+
+
+reads = _requiring(READER)
+writes = _requiring(OPERATOR)
+
+
+def current_principal():
+    return auth.current_user()

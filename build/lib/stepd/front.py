@@ -1,0 +1,89 @@
+"""The HTTP front: gunicorn serving the app (`stepd serve` starts it as `python -m stepd http`).
+
+gunicorn runs as a library here (its documented custom application), so no settings file and
+no `module:callable` string is looked up on a path: the app is stepd.app's, wherever the
+command was started from. The HTTP workers only serve the API: they commit new attempts as
+queued and never call a delegate.
+"""
+
+import json
+import logging
+import uuid
+
+from gunicorn import util
+from gunicorn.app.base import BaseApplication
+
+from stepd.envelope import ERROR_MESSAGES, error_document
+from stepd.httplogs import GunicornLogger
+
+
+def options(settings):
+    """gunicorn's settings for these STEPD_* settings (the benchmark's baseline uses them too)."""
+    return {
+        "bind": f"{settings['STEPD_HOST']}:{settings['STEPD_PORT']}",
+        "workers": settings["STEPD_WORKERS"],
+        # gevent: each connection is a greenlet, so idle keep-alive connections and clients that
+        # stall halfway through a request cost a little memory, not a request's place (gthread's 4
+        # threads a worker were taken by 8 stalled clients). No delegate runs here, and SQLite's
+        # waits for the write lock are cooperative (db.Database._writer_turn), so one greenlet's
+        # request never blocks the others for longer than its own statement.
+        "worker_class": "gevent",
+        "worker_connections": 1000,
+        "graceful_timeout": 5,  # requests in flight get this long at a stop; no delegate runs here
+        "control_socket_disable": True,  # gunicorn 27 would share one socket path among all instances
+        "loglevel": settings["STEPD_LOG_LEVEL"].lower(),
+        "accesslog": "-",  # standard output; GunicornLogger writes it with a timestamp (text) or as JSON
+        "access_log_format": '%(h)s "%(r)s" %(s)s %(B)s %(M)sms rid=%({x-request-id}o)s',
+        # The master's lines, and gunicorn's error and access logs, in STEPD_LOG_FORMAT; the
+        # workers inherit the handler (create_app sets it up again, the same).
+        "logger_class": GunicornLogger,
+    }
+
+
+class Front(BaseApplication):
+    """gunicorn with `options(settings)`, serving `load_app()` in each worker."""
+
+    def __init__(self, settings, load_app):
+        self.settings = settings
+        self.load_app = load_app
+        super().__init__()
+
+    def load_config(self):
+        for key, value in options(self.settings).items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        return self.load_app()
+
+
+def serve(settings):
+    """Serve the API until gunicorn stops (SIGTERM); the app is built in each worker."""
+    from stepd.app import create_app
+
+    envelope_gunicorn_errors()
+    Front(settings, create_app).run()
+
+
+def envelope_gunicorn_errors():
+    """gunicorn answers a request it cannot parse (a request line over 4094 bytes, a bad header)
+    with an HTML page of its own, before Flask sees it. Answer in the envelope instead, as the
+    app answers any other bad request: a client error is a 412, a server error a 500 with an id."""
+
+    def write_error(sock, status_int, reason, mesg):
+        if status_int == 500:  # 501 (an unknown Transfer-Encoding) and the like are the client's
+            error_id = uuid.uuid4().hex  # gunicorn logged the traceback just before
+            logging.getLogger("stepd").error("unexpected error %s in gunicorn: %s", error_id, reason)
+            status, data = 500, error_id
+        elif status_int == 403:
+            status, data = 403, reason
+        else:
+            status, data = 412, {"_schema": [f"{reason}: {mesg}"[:300]]}
+        body = json.dumps(error_document(status, data)).encode()
+        head = (
+            f"HTTP/1.1 {status} {ERROR_MESSAGES[status]}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"X-Request-Id: {uuid.uuid4().hex}\r\nX-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n\r\n"
+        )
+        util.write_nonblock(sock, head.encode("latin-1") + body)
+
+    util.write_error = write_error

@@ -1,0 +1,61 @@
+"""Logging on the HTTP side: the request's fields on every line made inside a request, and
+gunicorn's error and access logs through stepd's handler and formats (logs.py).
+
+Kept apart from logs.py so that a runner process, which logs but serves no HTTP, never imports
+Flask or gunicorn.
+"""
+
+import logging
+import sys
+
+from flask import g, has_request_context
+from gunicorn import glogging
+
+from stepd.logs import ACCESS_LINE_FORMAT, install_handler, log_format_in_use, make_handler
+
+
+class ContextFilter(logging.Filter):
+    """Puts the current request's id and principal on every record made inside a request."""
+
+    def filter(self, record):
+        if has_request_context():
+            if not hasattr(record, "request_id") and "request_id" in g:
+                record.request_id = g.request_id
+            if not hasattr(record, "principal") and "principal" in g:
+                record.principal = g.principal
+        return True
+
+
+class GunicornLogger(glogging.Logger):
+    """gunicorn's loggers through stepd's formatters: `gunicorn.error` goes to the root handler
+    (standard error), `gunicorn.access` to standard output, as fields in JSON."""
+
+    def setup(self, cfg):
+        super().setup(cfg)  # levels, and its own handlers, which are replaced here
+        log_format = log_format_in_use()
+        for log in (self.error_log, self.access_log):
+            for handler in [h for h in log.handlers if getattr(h, "_gunicorn", False)]:
+                log.removeHandler(handler)
+        self.error_log.propagate = True  # to the root logger's handler
+        if cfg.accesslog is not None:
+            install_handler(self.access_log, make_handler(sys.stdout, log_format, ACCESS_LINE_FORMAT))
+
+    def access(self, resp, req, environ, request_time):
+        if not self.access_log_enabled:
+            return
+        atoms = self.atoms_wrapper_class(self.atoms(resp, req, environ, request_time))
+        headers = {name.lower(): value for name, value in resp.headers}
+        fields = {
+            "request_id": headers.get("x-request-id"),
+            "principal": environ.get("stepd.principal"),
+            "method": environ.get("REQUEST_METHOD"),
+            "route": environ.get("stepd.route"),
+            "path": environ.get("PATH_INFO"),
+            "status": resp.status_code,
+            "duration_ms": round(request_time.total_seconds() * 1000, 1),
+        }
+        fields = {key: value for key, value in fields.items() if value is not None or key == "route"}
+        try:
+            self.access_log.info(self.cfg.access_log_format, atoms, extra=fields)
+        except Exception:
+            self.exception("could not write an access log line")

@@ -1,0 +1,30 @@
+"""Whether a runner is alive, from the row it keeps in the `runners` table.
+
+On this host a runner lives exactly as long as its process (pid and start time, so a reused
+pid does not count): a delegate holding the GIL for minutes cannot make it look dead. A
+runner on another host is judged by its heartbeat.
+"""
+
+import socket
+import time
+from pathlib import Path
+
+HOST = socket.gethostname()
+STALE_AFTER_SECONDS = 5.0  # only for a runner on another host, whose process we cannot see
+
+
+def process_start_time(pid):
+    """The kernel's start time of a live process (None if it is gone, a zombie, or there is no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    state, start_time = fields[0], fields[19]  # fields 3 and 22 of proc(5)
+    return None if state in ("Z", "X") else start_time
+
+
+def runner_is_alive(row):
+    """Judge a `runners` row (host, pid, pid_started, heartbeat_at)."""
+    if row["host"] == HOST and row["pid_started"]:
+        return process_start_time(row["pid"]) == row["pid_started"]
+    return row["heartbeat_at"] >= time.time() - STALE_AFTER_SECONDS

@@ -1,0 +1,153 @@
+"""The vocabulary every other module speaks: statuses, limits, ids, times, typed params, the
+record of one attempt, and the domain's errors.
+
+It imports nothing of stepd, so any module may import it.
+"""
+
+import json
+import math
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+VERSION = "1.0.0"  # the service's version, in every answer's envelope and the OpenAPI document
+
+# -- statuses -------------------------------------------------------------------------------
+PENDING, STARTED, COMPLETED, FAILED = "PENDING", "STARTED", "COMPLETED", "FAILED"
+RUNNING = "RUNNING"
+SKIPPED, CANCELLED = "SKIPPED", "CANCELLED"  # an operator stepped over a failure, or gave a process up
+STEP_STATUSES = (PENDING, STARTED, COMPLETED, FAILED, SKIPPED, CANCELLED)
+PROCESS_STATUSES = (RUNNING, COMPLETED, FAILED, CANCELLED)
+ATTEMPT_STATUSES = (STARTED, COMPLETED, FAILED, CANCELLED)  # CANCELLED: its process was cancelled meanwhile
+DONE_STATUSES = (COMPLETED, SKIPPED)  # a step the process has got past
+FINISHED_PROCESS_STATUSES = (COMPLETED, CANCELLED)  # what retention deletes, once old enough
+INTERVENTIONS = ("cancel", "skip")  # what an operator did to a step or process (its `intervention`)
+TRIGGERS = ("start", "restart", "retry")  # what began an attempt
+# Where a STARTED step is: committed and not yet claimed by a runner, its delegate running,
+# waiting for complete-step/fail-step, waiting for an automatic retry.
+PHASES = ("QUEUED", "RUNNING", "DEFERRED", "RETRY_WAIT")
+
+# -- limits ---------------------------------------------------------------------------------
+MAX_PARAMS = 256  # names in one params dictionary, also after a restart's overlay
+MAX_NAME = 128  # characters of a param name
+MAX_STRING = 65536  # characters of a STRING value
+MAX_STEPS = 100  # steps of one process
+MAX_BULK = 1000  # steps one bulk restart takes
+MAX_REASON = 1024  # characters of a cancel's or skip's reason
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+VALUE_TYPES = ("STRING", "LONG", "DOUBLE")
+
+
+# -- ids and times --------------------------------------------------------------------------
+def new_id():
+    """An opaque URL-safe id (22 characters, 128 random bits)."""
+    return secrets.token_urlsafe(16)
+
+
+def iso(moment):
+    """A time as stepd writes it: UTC, ISO 8601 with milliseconds and a Z suffix (so it sorts as text)."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def now_iso():
+    return iso(datetime.now(UTC))
+
+
+# -- typed params ---------------------------------------------------------------------------
+# Params are held as {name: (TYPE, value)} in Python and as {name: [TYPE, value]} in JSON.
+def params_to_json(params):
+    return json.dumps({name: [kind, value] for name, (kind, value) in params.items()}, allow_nan=False)
+
+
+def params_from_json(text):
+    if text is None:
+        return None
+    return {name: (kind, value) for name, (kind, value) in json.loads(text).items()}
+
+
+def plain_values(params):
+    """What a delegate sees: {name: value}, without the types."""
+    return {name: value for name, (_kind, value) in params.items()}
+
+
+def typed_result(outcome):
+    """A delegate's return value as typed params: str -> STRING, int -> LONG, float -> DOUBLE."""
+    if outcome is None:
+        return None
+    if not isinstance(outcome, dict):
+        raise TypeError(f"a delegate must return None, a dict or ctx.defer(), not {type(outcome).__name__}")
+    typed = {}
+    for name, value in outcome.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"result names must be non-empty strings, not {name!r}")
+        if isinstance(value, str):
+            typed[name] = ("STRING", value)
+        elif isinstance(value, int) and not isinstance(value, bool) and INT64_MIN <= value <= INT64_MAX:
+            typed[name] = ("LONG", value)
+        elif isinstance(value, float) and math.isfinite(value):
+            typed[name] = ("DOUBLE", value)
+        else:
+            raise TypeError(f"result {name!r} must be a str, a 64-bit int or a finite float, not {value!r}")
+    return typed
+
+
+# -- records --------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Job:
+    """One attempt of one step, to be handed to its delegate."""
+
+    step_id: str
+    process_id: str
+    type: str
+    params: dict
+    attempt: int
+    retries_used: int = 0  # automatic retries since the last start or manual restart
+
+    def __repr__(self):
+        return f"Job({self.step_id!r}, attempt={self.attempt})"
+
+
+# -- errors ---------------------------------------------------------------------------------
+class PreconditionFailed(Exception):
+    """A request that is well formed but does not fit the current state (HTTP 412).
+
+    `errors` is shaped as marshmallow shapes field errors, {field: [message]}, with the
+    domain's field names (`step_id`); the HTTP layer renames them to the wire's.
+    """
+
+    def __init__(self, errors):
+        super().__init__(errors)
+        self.errors = errors
+
+    @classmethod
+    def on(cls, field, message):
+        return cls({field: [message]})
+
+
+class NotFound(Exception):
+    """Nothing has the id asked for (HTTP 404); the message says what was looked for."""
+
+
+class Busy(Exception):
+    """Another writer held the database's write lock past the busy timeout; retry shortly."""
+
+
+class Unwritable(Exception):
+    """The database cannot be written now (disk full, read-only file); reads still work."""
+
+
+class Unavailable(Exception):
+    """The database does not answer at all."""
+
+
+class NoRunner(Exception):
+    """No runner is alive: queued steps would never run."""
+
+
+class Unusable(Exception):
+    """The database file cannot be used by this stepd (not a database, a newer schema)."""
+
+
+class Conflict(Exception):
+    """A row with this key exists already (a token name)."""

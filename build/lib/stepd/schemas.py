@@ -1,0 +1,607 @@
+"""What goes over the wire: marshmallow schemas for requests, responses and the envelope.
+
+The same schemas validate requests and generate the OpenAPI document (openapi.py).
+Typed params are {name: (TYPE, value)} in Python and their wire form on the outside.
+"""
+
+import base64
+import binascii
+import functools
+import json
+import math
+import re
+import unicodedata
+from datetime import datetime
+
+from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validate, validates_schema
+
+from stepd.model import (
+    ATTEMPT_STATUSES,
+    ID_PATTERN,
+    INT64_MAX,
+    INT64_MIN,
+    INTERVENTIONS,
+    MAX_BULK,
+    MAX_NAME,
+    MAX_PARAMS,
+    MAX_REASON,
+    MAX_STEPS,
+    MAX_STRING,
+    PHASES,
+    PROCESS_STATUSES,
+    STEP_STATUSES,
+    TRIGGERS,
+    VALUE_TYPES,
+    iso,
+    now_iso,
+)
+
+VALUE_FIELD = {"STRING": "strValue", "LONG": "longValue", "DOUBLE": "doubleValue"}
+
+
+@functools.cache
+def one(schema_class, many=False):
+    """The shared instance of a schema class: building one costs more than most loads, and
+    marshmallow 4 schemas keep no state between calls, so threads can share them."""
+    return schema_class(many=many)
+
+
+# -- fields ------------------------------------------------------------------------------
+class StrictInteger(fields.Integer):
+    """A JSON integer only: no booleans, no 1.0, no strings."""
+
+    def __init__(self, **kwargs):
+        super().__init__(strict=True, **kwargs)
+
+
+class FiniteFloat(fields.Float):
+    """A finite JSON number (an integer is read as a double); strings and booleans are refused."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_nan=False, **kwargs)
+
+    def _validated(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.make_error("invalid", input=value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise self.make_error("special") from None
+        if not math.isfinite(number):
+            raise self.make_error("special")
+        return number
+
+
+def encodable(text):
+    """Refuse lone surrogates ("\\ud800" in JSON): they cannot be stored as UTF-8 text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError("Must be valid Unicode (no lone surrogates).") from None
+
+
+class Text(fields.String):
+    """A string that can be stored as text: no lone surrogates."""
+
+    def __init__(self, max_length, **kwargs):
+        super().__init__(validate=[validate.Length(max=max_length), encodable], **kwargs)
+
+
+def no_control_characters(name):
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
+        raise ValidationError("Must not contain control characters.")
+
+
+class ParamName(fields.String):
+    def __init__(self, **kwargs):
+        super().__init__(validate=[validate.Length(1, MAX_NAME), no_control_characters], **kwargs)
+
+
+def typed_shape(value):
+    """The typed value a bare JSON value would be, as a hint: 0.1 -> {"type": "DOUBLE", "doubleValue": 0.1}."""
+    for kind, python_type in (("STRING", str), ("LONG", int), ("DOUBLE", float)):
+        if type(value) is python_type:  # not isinstance: a bool is an int to Python, not a LONG
+            shown = json.dumps(value) if len(json.dumps(value)) <= 40 else '"…"'
+            return f'{{"type": "{kind}", "{VALUE_FIELD[kind]}": {shown}}}'
+    return '{"type": "STRING"|"LONG"|"DOUBLE", "strValue"|"longValue"|"doubleValue": …}'
+
+
+class TypedValueSchema(Schema):
+    """One typed value: `type` says which of the three value fields holds it."""
+
+    strValue = fields.String(allow_none=True, validate=validate.Length(max=MAX_STRING))
+    longValue = StrictInteger(allow_none=True, validate=validate.Range(INT64_MIN, INT64_MAX))
+    doubleValue = FiniteFloat(allow_none=True)
+    type = fields.String(required=True, validate=validate.OneOf(VALUE_TYPES))
+
+    @pre_load
+    def an_object(self, data, **kwargs):
+        """A bare value (`{"seconds": 0.1}`) is the commonest slip: say which shape it needs,
+        rather than marshmallow's "Invalid input type."."""
+        if not isinstance(data, dict):
+            raise ValidationError(f"Not a typed value: send {typed_shape(data)}.")
+        return data
+
+    @validates_schema
+    def exactly_one_value(self, data, **kwargs):
+        wanted = VALUE_FIELD[data["type"]]
+        errors = {}
+        if data.get(wanted) is None:
+            errors[wanted] = [f"Required and not null for type {data['type']}."]
+        for other in VALUE_FIELD.values():
+            if other != wanted and data.get(other) is not None:
+                errors[other] = [f"Must be null or absent for type {data['type']}."]
+        if errors:
+            raise ValidationError(errors)
+
+    @post_load
+    def to_pair(self, data, **kwargs):
+        return (data["type"], data[VALUE_FIELD[data["type"]]])
+
+
+def typed_value_output(kind, value):
+    """The output form: all four keys, the two unused ones null."""
+    out = {"strValue": None, "longValue": None, "doubleValue": None, "type": kind}
+    out[VALUE_FIELD[kind]] = value
+    return out
+
+
+def at_most_max_params(params):
+    if len(params) > MAX_PARAMS:
+        raise ValidationError(f"At most {MAX_PARAMS} names are allowed, not {len(params)}.")
+
+
+class Params(fields.Dict):
+    """A params dictionary: at most 256 names, each mapped to a typed value (or, with
+    `null_values`, to None)."""
+
+    def __init__(self, null_values=False, metadata=None, **kwargs):
+        super().__init__(
+            keys=ParamName(),
+            values=fields.Nested(TypedValueSchema, allow_none=null_values),
+            validate=at_most_max_params,
+            metadata={"maxProperties": MAX_PARAMS, **(metadata or {})},
+            **kwargs,
+        )
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        if value is None:
+            return None
+        return {name: typed_value_output(kind, v) for name, (kind, v) in value.items()}
+
+
+class Variables(fields.Dict):
+    """A process's variables (output only): typed values like params, without params' limit of
+    names, as they merge the results of up to 100 steps."""
+
+    def __init__(self, **kwargs):
+        super().__init__(keys=fields.String(), values=fields.Nested(TypedValueSchema), **kwargs)
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        return {name: typed_value_output(kind, v) for name, (kind, v) in value.items()}
+
+
+class OptionalParams(Params):
+    """Params a request may leave out or send as null: both mean no params."""
+
+    def __init__(self, **kwargs):
+        super().__init__(load_default=dict, allow_none=True, **kwargs)
+
+    def deserialize(self, value, attr=None, data=None, **kwargs):
+        result = super().deserialize(value, attr, data, **kwargs)
+        return {} if result is None else result
+
+
+class RestartParams(OptionalParams):
+    """A restart's params, laid over the failed attempt's (store.restart_failed_step): a name
+    mapped to null is removed, so a misspelt or harmful param can be dropped."""
+
+    def __init__(self, **kwargs):
+        super().__init__(null_values=True, **kwargs)
+
+
+class Cursor(fields.String):
+    """An opaque paging cursor; loads to the sequence number to continue before."""
+
+    def __init__(self, prefix, **kwargs):
+        self.prefix = prefix
+        super().__init__(**kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        _, _, number = _decode_cursor(text).partition(f"{self.prefix}:")
+        # Decoding skips stray characters, so only a cursor that encodes back to itself is ours.
+        if (
+            not number.isdecimal()
+            or len(number) > 19  # before int(): a string of thousands of digits is refused by int()
+            or not 1 <= int(number) <= INT64_MAX
+            or encode_cursor(self.prefix, int(number)) != text
+        ):
+            raise ValidationError("Not a valid cursor.")
+        return int(number)
+
+
+def _decode_cursor(text):
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return ""
+
+
+class QueryInteger(fields.Integer):
+    """A whole number written in ASCII digits only (int() would also take '1_0', ' 5' or '٣')."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, str) or not value.isascii() or not value.isdigit() or len(value) > 18:
+            raise self.make_error("invalid", input=value)
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class QueryBoolean(fields.Boolean):
+    """`true` or `false` in a query string, spelt exactly so (not 1, yes or on)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if value not in ("true", "false"):
+            raise ValidationError("Must be true or false.")
+        return value == "true"
+
+
+class UtcTime(fields.AwareDateTime):
+    """An ISO 8601 time with its offset; loads to stepd's own UTC form, so it compares as text."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return iso(moment)
+        except OverflowError:  # 0001-01-01T00:00:00+00:01 has no UTC time
+            raise ValidationError("Not a time stepd can compare (out of range in UTC).") from None
+
+
+STEPD_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
+
+
+def is_stepd_time(text):
+    """Whether `text` is a real time written as stepd writes times (model.iso)."""
+    try:
+        return bool(STEPD_TIME.fullmatch(text)) and bool(datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ"))
+    except ValueError:  # 2020-02-30
+        return False
+
+
+class FailureCursor(fields.String):
+    """Where a bulk restart by filter left off: the last step's failure time and seq, and when the
+    walk began (later failures, such as a restarted step failing again, are not part of it).
+
+    Checked as strictly as a list cursor: only a position some walk can have made passes (stepd's
+    own times, a seq of a row, a failure before the walk began, a walk begun in the past), so a
+    forged cursor cannot widen what a walk takes.
+    """
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        finished_at, number, until = ([*_decode_cursor(text).removeprefix("f:").split("|"), "", ""])[:3]
+        if (
+            not number.isdecimal()
+            or len(number) > 19  # before int(): a string of thousands of digits is refused by int()
+            or not 1 <= int(number) <= INT64_MAX
+            or not (is_stepd_time(finished_at) and is_stepd_time(until))
+            or not finished_at < until <= now_iso()  # stepd's times compare as text
+            or encode_failure_cursor((finished_at, int(number), until)) != text
+        ):
+            raise ValidationError("Not a valid cursor.")
+        return finished_at, int(number), until
+
+
+def encode_failure_cursor(position):
+    if position is None:
+        return None
+    finished_at, seq, until = position
+    return base64.urlsafe_b64encode(f"f:{finished_at}|{seq}|{until}".encode()).decode().rstrip("=")
+
+
+def encode_cursor(prefix, seq):
+    if seq is None:
+        return None
+    return base64.urlsafe_b64encode(f"{prefix}:{seq}".encode()).decode().rstrip("=")
+
+
+def step_id_field(**kwargs):
+    return fields.String(required=True, validate=validate.Regexp(ID_PATTERN, error="Not a valid step id."), **kwargs)
+
+
+def process_id_field(**kwargs):
+    return fields.String(validate=validate.Regexp(ID_PATTERN, error="Not a valid process id."), **kwargs)
+
+
+def reason_field():
+    return Text(
+        MAX_REASON,
+        allow_none=True,
+        load_default=None,
+        metadata={"description": "Why, in your words; shown on the process and its steps."},
+    )
+
+
+# -- request bodies and query strings --------------------------------------------------
+class StepSpecSchema(Schema):
+    type = fields.String(required=True, validate=[validate.Length(1, 128), encodable])
+    params = OptionalParams()
+
+
+class StartProcessSchema(Schema):
+    name = Text(1024, allow_none=True, load_default=None)
+    steps = fields.List(fields.Nested(StepSpecSchema), required=True, validate=validate.Length(1, MAX_STEPS))
+
+
+class RestartStepSchema(Schema):
+    step_id = step_id_field(data_key="processStepId")
+    params = RestartParams()
+
+
+class RestartQuery(Schema):
+    dry_run = QueryBoolean(data_key="dryRun", load_default=False)
+
+
+class StepFilterSchema(Schema):
+    type = fields.String(validate=[validate.Length(1, 128), encodable], load_default=None)
+    process_id = process_id_field(data_key="processId", load_default=None)
+    failed_before = UtcTime(data_key="failedBefore", load_default=None)
+    failed_after = UtcTime(data_key="failedAfter", load_default=None)
+
+
+class RestartManySchema(Schema):
+    """Either a list of step ids or a filter (with the cursor of an earlier call), not both."""
+
+    step_ids = fields.List(
+        step_id_field(), data_key="processStepIds", validate=validate.Length(1, MAX_BULK), load_default=None
+    )
+    filter = fields.Nested(StepFilterSchema, load_default=None)
+    cursor = FailureCursor(load_default=None)
+    params = RestartParams()
+
+    @validates_schema
+    def ids_or_filter(self, data, **kwargs):
+        if (data.get("step_ids") is None) == (data.get("filter") is None):
+            raise ValidationError("Give exactly one of processStepIds and filter.", "_schema")
+        if data.get("cursor") is not None and data.get("filter") is None:
+            raise ValidationError("A cursor continues a filter; give the filter too.", "cursor")
+        ids = data.get("step_ids") or []
+        if len(set(ids)) != len(ids):
+            raise ValidationError("Each step id may be listed once.", "processStepIds")
+
+
+class ErrorInputSchema(Schema):
+    message = Text(MAX_STRING, required=True)
+
+
+class FailStepSchema(Schema):
+    step_id = step_id_field(data_key="processStepId")
+    error = fields.Nested(ErrorInputSchema, load_default=None)
+
+
+class CompleteStepSchema(Schema):
+    step_id = step_id_field(data_key="processStepId")
+    result = Params(load_default=None, allow_none=True)
+
+
+class CancelProcessSchema(Schema):
+    process_id = process_id_field(data_key="processId", required=True)
+    reason = reason_field()
+
+
+class SkipStepSchema(Schema):
+    step_id = step_id_field(data_key="processStepId")
+    result = Params(
+        load_default=None,
+        allow_none=True,
+        metadata={"description": "The step's result, as if its delegate had returned it: later steps see it."},
+    )
+    reason = reason_field()
+
+
+class NoQuerySchema(Schema):
+    """Endpoints that take no query parameters refuse any."""
+
+
+class ProcessListQuery(Schema):
+    status = fields.String(validate=validate.OneOf(PROCESS_STATUSES), load_default=None)
+    name = Text(1024, load_default=None, metadata={"description": "Only processes of exactly this name."})
+    created_after = UtcTime(
+        data_key="createdAfter",
+        load_default=None,
+        metadata={"description": "Only processes created strictly after this time (ISO 8601 with offset)."},
+    )
+    created_before = UtcTime(
+        data_key="createdBefore",
+        load_default=None,
+        metadata={"description": "Only processes created strictly before this time (ISO 8601 with offset)."},
+    )
+    limit = QueryInteger(validate=validate.Range(1, 500), load_default=50)
+    cursor = Cursor("p", load_default=None)
+
+
+class StepListQuery(Schema):
+    status = fields.String(validate=validate.OneOf(STEP_STATUSES), load_default=None)
+    type = fields.String(validate=validate.Length(1, 128), load_default=None)
+    process_id = process_id_field(
+        data_key="processId", load_default=None, metadata={"description": "Only the steps of this process."}
+    )
+    error_type = fields.String(
+        data_key="errorType",
+        validate=[validate.Length(1, 256), encodable],
+        load_default=None,
+        metadata={"description": "Only steps whose error has this type (e.g. Interrupted, Timeout, ExternalFailure)."},
+    )
+    limit = QueryInteger(validate=validate.Range(1, 500), load_default=50)
+    cursor = Cursor("s", load_default=None)
+
+
+# -- responses ---------------------------------------------------------------------------
+def timestamp(description=None, **kwargs):
+    metadata = {"format": "date-time"} | ({"description": description} if description else {})
+    return fields.String(metadata=metadata, **kwargs)
+
+
+class ErrorSchema(Schema):
+    type = fields.String(required=True)
+    message = fields.String(required=True)
+
+
+class InterventionSchema(Schema):
+    """Who cancelled (a process and its steps) or skipped (a step), when and why."""
+
+    action = fields.String(required=True, validate=validate.OneOf(INTERVENTIONS))
+    principal = fields.String(required=True, metadata={"description": "The token that did it."})
+    at = timestamp(required=True)
+    reason = fields.String(allow_none=True, required=True)
+
+
+def intervention_field():
+    return fields.Nested(
+        InterventionSchema,
+        allow_none=True,
+        required=True,
+        metadata={"description": "Who cancelled or skipped it, when and why; null if nobody did."},
+    )
+
+
+class StepSchema(Schema):
+    processStepId = fields.String(attribute="id", required=True)
+    processId = fields.String(attribute="process_id", required=True)
+    position = fields.Integer(required=True)
+    type = fields.String(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(STEP_STATUSES))
+    params = Params(required=True)
+    result = Params(allow_none=True, required=True)
+    attempts = fields.Integer(required=True)
+    error = fields.Nested(ErrorSchema, allow_none=True, required=True)
+    createdAt = timestamp(attribute="created_at", required=True)
+    startedAt = timestamp(attribute="started_at", allow_none=True, required=True)
+    finishedAt = timestamp(attribute="finished_at", allow_none=True, required=True)
+    deferred = fields.Boolean(required=True)
+    phase = fields.String(
+        allow_none=True,
+        required=True,
+        validate=validate.OneOf(PHASES),
+        metadata={
+            "description": "Where a STARTED step is: QUEUED (committed, no runner has it yet), RUNNING (its"
+            " delegate is being called), DEFERRED (waits for complete-step or fail-step), RETRY_WAIT (waits"
+            " for nextRetryAt). null for every other status."
+        },
+    )
+    nextRetryAt = timestamp(
+        attribute="next_retry_at",
+        allow_none=True,
+        required=True,
+        description="While a STARTED step waits for an automatic retry: when it is due.",
+    )
+    intervention = intervention_field()
+
+
+class AttemptSchema(Schema):
+    attempt = fields.Integer(required=True)
+    trigger = fields.String(required=True, validate=validate.OneOf(TRIGGERS))
+    principal = fields.String(required=True)
+    params = Params(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(ATTEMPT_STATUSES))
+    error = fields.Nested(ErrorSchema, allow_none=True, required=True)
+    startedAt = timestamp(attribute="started_at", required=True)
+    finishedAt = timestamp(attribute="finished_at", allow_none=True, required=True)
+
+
+class StepDetailSchema(StepSchema):
+    attemptHistory = fields.List(fields.Nested(AttemptSchema), attribute="attempt_history", required=True)
+
+
+class ProcessSummarySchema(Schema):
+    processId = fields.String(attribute="id", required=True)
+    name = fields.String(allow_none=True, required=True)
+    status = fields.String(required=True, validate=validate.OneOf(PROCESS_STATUSES))
+    createdAt = timestamp(attribute="created_at", required=True)
+    updatedAt = timestamp(attribute="updated_at", required=True)
+    intervention = intervention_field()
+
+
+class ProcessSchema(ProcessSummarySchema):
+    steps = fields.List(fields.Nested(StepSchema), required=True)
+    variables = Variables(
+        required=True,
+        metadata={"description": "The steps' results merged in position order (a later step's name wins)."},
+    )
+
+
+class ProcessPageSchema(Schema):
+    items = fields.List(fields.Nested(ProcessSummarySchema), required=True)
+    nextCursor = fields.String(allow_none=True, required=True)
+
+
+class StepPageSchema(Schema):
+    items = fields.List(fields.Nested(StepSchema), required=True)
+    nextCursor = fields.String(allow_none=True, required=True)
+
+
+class RestartResultSchema(Schema):
+    processId = fields.String(attribute="process_id", required=True)
+    processStepId = fields.String(attribute="step_id", required=True)
+    params = Params(required=True)
+
+
+class SkippedStepSchema(Schema):
+    processStepId = fields.String(attribute="step_id", required=True)
+    reason = fields.String(required=True)
+
+
+class RestartManyResultSchema(Schema):
+    restarted = fields.List(fields.Nested(RestartResultSchema), required=True)
+    skipped = fields.List(fields.Nested(SkippedStepSchema), required=True)
+    nextCursor = fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "Set when a filter matched more steps than one call restarts: send it back."},
+    )
+
+
+class RetryPolicySchema(Schema):
+    retries = fields.Integer(required=True)
+    backoff = fields.Float(required=True)
+    delay = fields.Float(required=True)
+    maxDelay = fields.Float(attribute="max_delay", required=True)
+
+
+class DelegateSchema(Schema):
+    type = fields.String(required=True)
+    description = fields.String(required=True)
+    retry = fields.Nested(RetryPolicySchema, required=True)
+
+
+class HealthSchema(Schema):
+    database = fields.String(required=True)
+    runners = fields.Integer(required=True, metadata={"description": "Runner processes alive now."})
+
+
+# -- the envelope --------------------------------------------------------------------------
+class EnvelopeSchema(Schema):
+    message = fields.String(required=True)
+    timestamp = timestamp(required=True)
+    version = fields.String(required=True)
+
+
+def envelope_schema(name, data_field):
+    """An envelope schema class whose `data` is `data_field` (for the OpenAPI document)."""
+    return type(name, (EnvelopeSchema,), {"data": data_field})
+
+
+FieldErrorsEnvelope = envelope_schema(
+    "FieldErrorsEnvelope",
+    fields.Dict(
+        required=True,
+        metadata={"description": "Field errors as marshmallow shapes them: {field: [message]} or nested."},
+    ),
+)
+TextErrorEnvelope = envelope_schema(
+    "TextErrorEnvelope", fields.String(required=True, metadata={"description": "What was wrong."})
+)
+ServerErrorEnvelope = envelope_schema(
+    "ServerErrorEnvelope",
+    fields.String(required=True, metadata={"description": "An error id, also in the log line with the traceback."}),
+)

@@ -1,0 +1,840 @@
+"""Every read and every state change of processes, steps, attempts, runners, answers and tokens.
+
+`Store(db)` speaks SQL to a `db.Database` and dicts with the domain's names to its callers.
+Each change is one write transaction whose UPDATE is a compare-and-set on the step's status
+(a named condition below) and attempt number, so concurrent requests and processes sharing
+the file can never both win. Beginning or ending an attempt is always the same three moves
+(`Change`): the step's compare-and-set, its row in `attempts`, and its process's status.
+"""
+
+import functools
+import time
+from contextlib import contextmanager
+
+from stepd.model import (
+    COMPLETED,
+    FAILED,
+    FINISHED_PROCESS_STATUSES,
+    MAX_PARAMS,
+    SKIPPED,
+    Conflict,
+    Job,
+    PreconditionFailed,
+    new_id,
+    now_iso,
+    params_from_json,
+    params_to_json,
+)
+
+ANSWER_KEPT_SECONDS = 24 * 3600  # how long the answer to a request with an Idempotency-Key counts
+
+# -- what a step's row says about it (each condition is spelt here only) ----------------------
+# A runner is calling, or about to call, its delegate: the attempt a delegate's outcome may end,
+# and the steps an orphan sweep may interrupt. The partial index steps_running holds just these.
+EXECUTING = "status = 'STARTED' AND deferred = 0 AND next_retry_at IS NULL"
+STARTED_ANYHOW = "status = 'STARTED'"  # executing, deferred, or waiting for a retry
+WAITING_FOR_RETRY = "status = 'STARTED' AND next_retry_at IS NOT NULL"
+QUEUED = f"{EXECUTING} AND runner_id IS NULL"  # committed, and no runner has claimed it yet
+IS_FAILED = "status = 'FAILED'"
+IS_PENDING = "status = 'PENDING'"
+NOT_DONE = "status IN ('PENDING', 'STARTED', 'FAILED')"  # the steps a cancel of their process cancels
+# ... and on a process: what may be cancelled, and what retention may delete (once old enough).
+PROCESS_CANCELLABLE = "status IN ('RUNNING', 'FAILED')"
+PROCESS_FINISHED = "status IN ('COMPLETED', 'CANCELLED')"
+
+# What every new attempt sets; each kind of beginning adds its own.
+BEGIN_ATTEMPT = "status = 'STARTED', attempts = attempts + 1, runner_id = :runner_id, started_at = :now"
+AFTER_RESTART = (
+    "params = :params, error_type = NULL, error_message = NULL, result = NULL, deferred = 0,"
+    " finished_at = NULL, next_retry_at = NULL, retries_used = 0"
+)
+AFTER_RETRY = "retries_used = retries_used + 1, next_retry_at = NULL, error_type = NULL, error_message = NULL"
+# What every ended attempt sets on its step; each kind of ending adds its own.
+END_ATTEMPT = "error_type = :error_type, error_message = :error_message"
+OUTCOME = "status = :status, result = :result, finished_at = :now"
+# Who cancelled or skipped a step or process, when and why.
+INTERVENED = "intervened_by = :principal, intervened_at = :now, intervention_reason = :reason"
+
+# `+status` keeps SQLite off the status index: without it the planner walks every FAILED step
+# of every process (9 ms at 63,000 of them, inside the write lock) instead of this process's
+# few steps through the (process_id, position) index. A SKIPPED step counts as done; a CANCELLED
+# process stays so (and keeps updated_at, which retention reads as the time it finished).
+REFRESH_PROCESS = """
+    UPDATE processes SET updated_at = :now, status = CASE
+        WHEN EXISTS (SELECT 1 FROM steps WHERE process_id = :pid AND +status = 'FAILED') THEN 'FAILED'
+        WHEN (SELECT status FROM steps WHERE process_id = :pid ORDER BY position DESC LIMIT 1)
+             IN ('COMPLETED', 'SKIPPED') THEN 'COMPLETED'
+        ELSE 'RUNNING' END
+    WHERE id = :pid AND status != 'CANCELLED'
+"""
+STEP_COLUMNS = (
+    "id, process_id, position, type, status, params, result, attempts, error_type, error_message,"
+    " deferred, next_retry_at, runner_id, created_at, started_at, finished_at,"
+    " intervened_by, intervened_at, intervention_reason"
+)
+PROCESS_COLUMNS = (
+    "seq, id, name, status, principal, created_at, updated_at, intervened_by, intervened_at, intervention_reason"
+)
+# What beginning a step's next attempt needs to know of it (Change.begin).
+BEGIN_COLUMNS = "s.id, s.process_id, s.type, s.params, s.attempts, s.retries_used"
+# Steps a runner is executing (INDEXED BY: left to itself the planner prefers the status index,
+# which holds every STARTED step, deferred ones and those waiting for a retry included).
+EXECUTING_STEPS = f"SELECT id, process_id, attempts, runner_id FROM steps INDEXED BY steps_running WHERE {EXECUTING}"
+QUEUED_STEPS = (
+    "SELECT id, process_id, type, params, attempts, retries_used FROM steps INDEXED BY steps_running"
+    f" WHERE {QUEUED} ORDER BY started_at LIMIT ?"
+)
+DUE_RETRIES = (
+    f"SELECT {BEGIN_COLUMNS}, a.principal"
+    " FROM steps s INDEXED BY steps_due_retries JOIN attempts a ON a.step_id = s.id AND a.attempt = s.attempts"
+    " WHERE s.next_retry_at <= ? AND s.status = 'STARTED' ORDER BY s.next_retry_at LIMIT ?"
+)
+INSERT_ATTEMPT = (
+    "INSERT INTO attempts (step_id, attempt, trigger, principal, params, status, started_at)"
+    " VALUES (:step_id, :attempt, :trigger, :principal, :params, 'STARTED', :now)"
+)
+# Finished processes old enough for retention, oldest first (INDEXED BY: the status index would
+# read every COMPLETED process and sort them).
+FINISHED_BEFORE = (
+    "SELECT id FROM processes INDEXED BY processes_finished_oldest_first"
+    f" WHERE {PROCESS_FINISHED} AND updated_at < ? ORDER BY updated_at LIMIT ?"
+)
+CLOSE_ATTEMPT = (
+    "UPDATE attempts SET status = :status, error_type = :error_type, error_message = :error_message,"
+    " finished_at = :now WHERE step_id = :step_id AND attempt = :attempt AND status = 'STARTED'"
+)
+
+
+def _error(error_type, message):
+    return None if error_type is None else {"type": error_type, "message": message}
+
+
+def _intervention(row):
+    """Who cancelled or skipped this step or process, when and why; None if nobody did."""
+    if row["intervened_by"] is None:
+        return None
+    return {
+        "action": "skip" if row["status"] == SKIPPED else "cancel",
+        "principal": row["intervened_by"],
+        "at": row["intervened_at"],
+        "reason": row["intervention_reason"],
+    }
+
+
+def merged_results(results):
+    """Results merged in position order, a later step's name winning (SPEC 10's variables).
+
+    `results`: {position: typed params} of the steps that have a result."""
+    variables = {}
+    for position in sorted(results):
+        variables.update(results[position])
+    return variables
+
+
+def _phase(row, now):
+    """Where a STARTED step is (SPEC section 9); None for every other status."""
+    if row["status"] != "STARTED":
+        return None
+    if row["deferred"]:
+        return "DEFERRED"
+    if row["next_retry_at"] is not None:
+        return "RETRY_WAIT" if row["next_retry_at"] > now else "QUEUED"  # a due retry waits for a claim
+    return "QUEUED" if row["runner_id"] is None else "RUNNING"
+
+
+def _step(row, now):
+    """A step row as a dict; `now` (read once per query, not per row) decides a due retry's phase."""
+    return {
+        "id": row["id"],
+        "process_id": row["process_id"],
+        "position": row["position"],
+        "type": row["type"],
+        "status": row["status"],
+        "params": params_from_json(row["params"]),
+        "result": params_from_json(row["result"]),
+        "attempts": row["attempts"],
+        "error": _error(row["error_type"], row["error_message"]),
+        "deferred": bool(row["deferred"]),
+        "next_retry_at": row["next_retry_at"],
+        "phase": _phase(row, now),
+        "created_at": row["created_at"],
+        "started_at": row["started_at"],
+        "finished_at": row["finished_at"],
+        "intervention": _intervention(row),
+    }
+
+
+def _attempt(row):
+    return {
+        "attempt": row["attempt"],
+        "trigger": row["trigger"],
+        "principal": row["principal"],
+        "params": params_from_json(row["params"]),
+        "status": row["status"],
+        "error": _error(row["error_type"], row["error_message"]),
+        "started_at": row["started_at"],
+        "finished_at": row["finished_at"],
+    }
+
+
+def _process(row):
+    process = {key: row[key] for key in ("id", "name", "status", "created_at", "updated_at")}
+    process["intervention"] = _intervention(row)
+    return process
+
+
+def process_filters(where):
+    """The (sql, value) conditions of a list of processes (a None value: any)."""
+    # A time window with both ends is read through processes_by_creation and sorted (a page
+    # costs in proportion to the processes in the window); one end alone walks seq from the
+    # newest, which finds a page of createdAfter at once.
+    return [
+        ("status = ?", where.get("status")),
+        ("name = ?", where.get("name")),
+        ("created_at > ?", where.get("created_after")),
+        ("created_at < ?", where.get("created_before")),
+    ]
+
+
+def step_filters(where):
+    """The (sql, value) conditions of a list of steps (a None value: any)."""
+    # A process has at most 100 steps: with process_id given, `+` keeps SQLite on its index
+    # rather than on the index of a status (say, every FAILED step of every process).
+    other = "+" if where.get("process_id") is not None else ""
+    return [
+        ("process_id = ?", where.get("process_id")),
+        (f"{other}status = ?", where.get("status")),
+        (f"{other}type = ?", where.get("type")),
+        (f"{other}error_type = ?", where.get("error_type")),
+    ]
+
+
+def page_query(table, columns, conditions, before_seq, limit):
+    """(sql, args) of `limit` rows of `table`, newest first, before `before_seq` (if given), that
+    meet every (sql, value) condition whose value is not None."""
+    wanted = [(sql, value) for sql, value in conditions if value is not None]
+    if before_seq is not None:
+        wanted.append(("seq < ?", before_seq))
+    where = ("WHERE " + " AND ".join(sql for sql, _value in wanted)) if wanted else ""
+    args = (*(value for _sql, value in wanted), limit)
+    return f"SELECT {columns} FROM {table} {where} ORDER BY seq DESC LIMIT ?", args
+
+
+class Change:
+    """The step transitions of one write transaction.
+
+    Each begins or ends an attempt by compare-and-set on the step's row; the attempt's own row
+    is written with it, and every process touched has its status refreshed once, at the end.
+    """
+
+    def __init__(self, conn, now):
+        self.conn = conn
+        self.now = now
+        self.touched = set()
+
+    def _move(self, step_id, attempt, when, sets, values):
+        """The compare-and-set: SET `sets` on the step iff it is still at `attempt` and `when` holds."""
+        sql = f"UPDATE steps SET {sets} WHERE id = :step_id AND attempts = :attempt AND {when}"
+        return self.conn.execute(sql, {**values, "step_id": step_id, "attempt": attempt, "now": self.now}).rowcount == 1
+
+    def begin(self, step, trigger, principal, when, also=None, params=None, runner_id=None):
+        """Begin `step`'s next attempt if `when` still holds; returns its Job, or None.
+
+        `step` is a row of BEGIN_COLUMNS; `params` replaces the step's own (a restart's overlay)."""
+        params = params_from_json(step["params"]) if params is None else params
+        sets = BEGIN_ATTEMPT + (f", {also}" if also else "")
+        values = {"runner_id": runner_id, "params": params_to_json(params)}
+        if not self._move(step["id"], step["attempts"], when, sets, values):
+            return None
+        attempt = step["attempts"] + 1
+        self.conn.execute(
+            INSERT_ATTEMPT,
+            {
+                **values,
+                "step_id": step["id"],
+                "attempt": attempt,
+                "trigger": trigger,
+                "principal": principal,
+                "now": self.now,
+            },
+        )
+        self.touched.add(step["process_id"])
+        retries_used = step["retries_used"] + 1 if trigger == "retry" else 0
+        return Job(step["id"], step["process_id"], step["type"], params, attempt, retries_used)
+
+    def end(self, step_id, process_id, attempt, *, status, when, also, error=None, **values):
+        """End the attempt if `when` still holds; the attempt's row gets `status`. Returns whether it did.
+
+        `also`: what this kind of ending sets on the step besides its error (`:status` there is `status`)."""
+        error_values = {"error_type": error and error["type"], "error_message": error and error["message"]}
+        values = {**values, **error_values, "status": status}
+        if not self._move(step_id, attempt, when, f"{END_ATTEMPT}, {also}", values):
+            return False
+        self.conn.execute(
+            CLOSE_ATTEMPT, {**error_values, "status": status, "now": self.now, "step_id": step_id, "attempt": attempt}
+        )
+        self.touched.add(process_id)
+        return True
+
+    def begin_next(self, step_id, runner_id):
+        """The step after `step_id` begins its first attempt (after a completion); its Job or None."""
+        row = self.conn.execute(
+            f"SELECT {BEGIN_COLUMNS}, p.principal FROM steps s JOIN steps done ON done.id = ?"
+            " AND s.process_id = done.process_id AND s.position = done.position + 1"
+            " JOIN processes p ON p.id = s.process_id",
+            (step_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return self.begin(row, "start", row["principal"], IS_PENDING, runner_id=runner_id)
+
+    def skip(self, step_id, process_id, attempt, result, principal, reason):
+        """FAILED -> SKIPPED with `result` (typed params or None), if the step is still FAILED at
+        `attempt`; no attempt is begun or ended. Returns whether it did."""
+        sets = f"status = 'SKIPPED', result = :result, finished_at = :now, {INTERVENED}"
+        result = None if result is None else params_to_json(result)
+        values = {"result": result, "principal": principal, "reason": reason}
+        if not self._move(step_id, attempt, IS_FAILED, sets, values):
+            return False
+        self.touched.add(process_id)
+        return True
+
+    def cancel_steps(self, process_id, principal, reason):
+        """Every PENDING, STARTED or FAILED step of the process becomes CANCELLED; an attempt
+        still open (queued, running or deferred) ends CANCELLED. Its process is not refreshed:
+        the caller set it CANCELLED in this transaction, by its own compare-and-set."""
+        values = {"pid": process_id, "now": self.now, "principal": principal, "reason": reason}
+        self.conn.execute(
+            "UPDATE attempts SET status = 'CANCELLED', finished_at = :now WHERE status = 'STARTED'"
+            f" AND step_id IN (SELECT id FROM steps WHERE process_id = :pid AND {STARTED_ANYHOW})",
+            values,
+        )
+        # runner_id stays: the runner that has the attempt sees it is no longer executing there,
+        # and sets ctx.cancelled (Runner._let_go_of_ended).
+        self.conn.execute(
+            "UPDATE steps SET status = 'CANCELLED', finished_at = :now, deferred = 0, next_retry_at = NULL,"
+            f" {INTERVENED} WHERE process_id = :pid AND {NOT_DONE}",
+            values,
+        )
+
+    def refresh_processes(self):
+        """A process is FAILED while a step is, COMPLETED when its last step is, else RUNNING."""
+        for process_id in self.touched:
+            self.conn.execute(REFRESH_PROCESS, {"pid": process_id, "now": self.now})
+
+
+class Store:
+    """The domain's reads and compare-and-set changes, over one `db.Database`."""
+
+    def __init__(self, db):
+        self.db = db
+
+    @contextmanager
+    def _change(self):
+        with self.db.transaction() as conn:
+            change = Change(conn, now_iso())
+            yield change
+            change.refresh_processes()
+
+    def atomic(self, rollback=False):
+        """Everything inside is one transaction (nested calls become savepoints); `rollback=True`
+        checks it all and undoes it (a dry run)."""
+        return self.db.transaction(rollback)
+
+    def after_commit(self, callback):
+        """Call `callback` once the current transaction commits (now, if none is open)."""
+        self.db.on_commit(callback)
+
+    def ping(self):
+        self.db.ping()
+
+    def checkpoint(self):
+        """Copy the write-ahead log into the file (the runners, once a second)."""
+        self.db.checkpoint()
+
+    # -- processes -------------------------------------------------------------------
+    def create_process(self, name, steps, principal, runner_id):
+        """Insert a process and its PENDING steps and begin step 0; returns (process, job)."""
+        process_id = new_id()
+        with self._change() as change:
+            change.conn.execute(
+                "INSERT INTO processes (id, name, status, principal, created_at, updated_at)"
+                " VALUES (?, ?, 'RUNNING', ?, ?, ?)",
+                (process_id, name, principal, change.now, change.now),
+            )
+            step_rows = [
+                {
+                    "id": new_id(),
+                    "process_id": process_id,
+                    "type": step_type,
+                    "attempts": 0,
+                    "retries_used": 0,
+                    "params": params_to_json(params),
+                }  # fmt: skip
+                for step_type, params in steps
+            ]
+            change.conn.executemany(
+                "INSERT INTO steps (id, process_id, position, type, status, params, created_at)"
+                " VALUES (?, ?, ?, ?, 'PENDING', ?, ?)",
+                [(r["id"], process_id, n, r["type"], r["params"], change.now) for n, r in enumerate(step_rows)],
+            )
+            job = change.begin(step_rows[0], "start", principal, IS_PENDING, runner_id=runner_id)
+            change.touched.discard(process_id)  # a new process is RUNNING as inserted: nothing to refresh
+            process = self._load_process(change.conn, process_id)
+        return process, job
+
+    def get_process(self, process_id):
+        with self.db.snapshot() as conn:
+            return self._load_process(conn, process_id)
+
+    def list_processes(self, where, limit=50, before_seq=None):
+        """A page of processes, newest first, and the seq to continue before (None on the last page).
+
+        `where`: status, name (exact), created_after, created_before (stepd's UTC text, strict);
+        None or absent means any."""
+        return self._newest_first("processes", PROCESS_COLUMNS, _process, limit, before_seq, process_filters(where))
+
+    @staticmethod
+    def _load_process(conn, process_id):
+        row = conn.execute(f"SELECT {PROCESS_COLUMNS} FROM processes WHERE id = ?", (process_id,)).fetchone()
+        if row is None:
+            return None
+        process = _process(row)
+        rows = conn.execute(
+            f"SELECT {STEP_COLUMNS} FROM steps WHERE process_id = ? ORDER BY position", (process_id,)
+        ).fetchall()
+        now = now_iso()
+        process["steps"] = [_step(r, now) for r in rows]
+        process["variables"] = merged_results(
+            {step["position"]: step["result"] for step in process["steps"] if step["result"] is not None}
+        )
+        return process
+
+    def _newest_first(self, table, columns, convert, limit, before_seq, conditions):
+        """A page of `limit` rows, newest first, that meet every (sql, value) condition whose value
+        is not None, and the seq to continue before (None on the last page)."""
+        rows = self.db.rows(*page_query(table, columns, conditions, before_seq, limit + 1))
+        next_seq = rows[limit - 1]["seq"] if len(rows) > limit else None
+        return [convert(r) for r in rows[:limit]], next_seq
+
+    # -- steps -----------------------------------------------------------------------
+    def get_step(self, step_id, with_history=False):
+        with self.db.snapshot() as conn:
+            step = self._read_step(conn, step_id, now_iso())
+            if step is None:
+                return None
+            if with_history:
+                rows = conn.execute("SELECT * FROM attempts WHERE step_id = ? ORDER BY attempt", (step_id,)).fetchall()
+                step["attempt_history"] = [_attempt(r) for r in rows]
+        return step
+
+    @staticmethod
+    def _read_step(conn, step_id, now):
+        """One step as a dict (None if no step has this id), on `conn` (a snapshot or a change)."""
+        row = conn.execute(f"SELECT {STEP_COLUMNS} FROM steps WHERE id = ?", (step_id,)).fetchone()
+        return None if row is None else _step(row, now)
+
+    def list_steps(self, where, limit=50, before_seq=None):
+        """A page of steps, newest first, like list_processes; `where`: status, type, process_id,
+        error_type (exact; None or absent means any)."""
+        columns = f"seq, {STEP_COLUMNS}"
+        convert = functools.partial(_step, now=now_iso())  # one time for the whole page
+        return self._newest_first("steps", columns, convert, limit, before_seq, step_filters(where))
+
+    def earlier_results(self, step_id):
+        """{position: result} of the steps before this one in its process that have a result
+        (SPEC 10's ctx.results, typed), as the database has them now."""
+        rows = self.db.rows(
+            "SELECT e.position, e.result FROM steps s JOIN steps e ON e.process_id = s.process_id"
+            " AND e.position < s.position WHERE s.id = ? AND e.result IS NOT NULL ORDER BY e.position",
+            (step_id,),
+        )
+        return {row["position"]: params_from_json(row["result"]) for row in rows}
+
+    def failed_steps(self, where, after=None, limit=1000):
+        """FAILED steps matching `where` (type, process_id, failed_before, failed_after, failed_until
+        (also strictly before); None = any), oldest failure first, after the (finished_at, seq) position `after`.
+
+        Returns up to `limit` (id, finished_at, seq) rows and whether more match.
+        """
+        conditions, args = [IS_FAILED], []
+        for column, operator, key in (
+            ("type", "=", "type"),
+            ("process_id", "=", "process_id"),
+            ("finished_at", "<", "failed_before"),
+            ("finished_at", ">", "failed_after"),
+            ("finished_at", "<", "failed_until"),
+        ):
+            if where.get(key) is not None:
+                conditions.append(f"{column} {operator} ?")
+                args.append(where[key])
+        if after is not None:
+            conditions.append("(finished_at, seq) > (?, ?)")
+            args.extend(after)
+        where_all = " AND ".join(conditions)
+        rows = self.db.rows(
+            f"SELECT id, finished_at, seq FROM steps WHERE {where_all} ORDER BY finished_at, seq LIMIT ?",
+            (*args, limit + 1),
+        )
+        return [tuple(row) for row in rows[:limit]], len(rows) > limit
+
+    def attempt_is_current(self, job):
+        """Whether this attempt is still STARTED and waiting for its delegate (a cheap read)."""
+        sql = f"SELECT 1 FROM steps WHERE id = ? AND attempts = ? AND {EXECUTING}"
+        return self.db.row(sql, (job.step_id, job.attempt)) is not None
+
+    # -- beginning attempts ------------------------------------------------------------
+    def restart_failed_step(self, step_id, overrides, principal, runner_id, has_delegate):
+        """FAILED -> STARTED for one step, with the given params laid over the failed ones (a name
+        given as None is removed); its Job."""
+        with self._change() as change:
+            row = change.conn.execute(
+                f"SELECT {BEGIN_COLUMNS}, s.status FROM steps s WHERE s.id = ?", (step_id,)
+            ).fetchone()
+            if row is None:
+                raise PreconditionFailed.on("step_id", "No step has this id.")
+            if row["status"] != FAILED:
+                raise PreconditionFailed.on("status", f"Step is {row['status']}; only a FAILED step can be restarted.")
+            if not has_delegate(row["type"]):
+                raise PreconditionFailed.on("type", f"No delegate is registered for step type {row['type']!r}.")
+            merged = {**params_from_json(row["params"]), **overrides}
+            params = {name: value for name, value in merged.items() if value is not None}
+            if len(params) > MAX_PARAMS:
+                message = f"The merged params have {len(params)} names; at most {MAX_PARAMS} are allowed."
+                raise PreconditionFailed.on("params", message)
+            job = change.begin(row, "restart", principal, IS_FAILED, AFTER_RESTART, params, runner_id)
+            if job is None:  # cannot happen under BEGIN IMMEDIATE; kept as the compare-and-set's check
+                raise PreconditionFailed.on("status", "Step changed while it was being restarted.")
+        return job
+
+    def claim_queued(self, runner_id, limit):
+        """Take up to `limit` queued attempts, oldest first, for this runner; their Jobs.
+
+        The compare-and-set on `runner_id IS NULL` gives each attempt to exactly one runner."""
+        if not self.db.row(QUEUED_STEPS, (1,)):
+            return []  # polled by every runner: look first, take the write lock only for work
+        jobs = []
+        with self.db.transaction() as conn:
+            for row in conn.execute(QUEUED_STEPS, (limit,)).fetchall():
+                claimed = conn.execute(
+                    f"UPDATE steps SET runner_id = ? WHERE id = ? AND attempts = ? AND {QUEUED}",
+                    (runner_id, row["id"], row["attempts"]),
+                ).rowcount
+                if claimed == 1:
+                    params = params_from_json(row["params"])
+                    attempt, retries_used = row["attempts"], row["retries_used"]
+                    jobs.append(Job(row["id"], row["process_id"], row["type"], params, attempt, retries_used))
+        return jobs
+
+    def unclaim(self, job, runner_id):
+        """Give back a claimed attempt whose delegate was never called: it is QUEUED again."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                f"UPDATE steps SET runner_id = NULL WHERE id = ? AND attempts = ? AND runner_id = ? AND {EXECUTING}",
+                (job.step_id, job.attempt, runner_id),
+            )
+
+    def running_attempts(self, runner_id):
+        """The (step id, attempt) pairs this runner is executing, as the database says."""
+        rows = self.db.rows(EXECUTING_STEPS + " AND runner_id = ?", (runner_id,))
+        return {(row["id"], row["attempts"]) for row in rows}
+
+    def claim_due_retries(self, runner_id, limit):
+        """Begin the next attempt (trigger 'retry') of up to `limit` steps whose retry is due.
+
+        The compare-and-set on attempts and next_retry_at makes each retry begin exactly once,
+        however many runners look for due retries at the same moment.
+        """
+        if not self.db.row(DUE_RETRIES, (now_iso(), 1)):
+            return []  # polled often by every runner: look first, take the write lock only for work
+        with self._change() as change:
+            rows = change.conn.execute(DUE_RETRIES, (change.now, limit)).fetchall()
+            jobs = [
+                change.begin(row, "retry", row["principal"], WAITING_FOR_RETRY, AFTER_RETRY, runner_id=runner_id)
+                for row in rows
+            ]
+        return [job for job in jobs if job is not None]
+
+    # -- ending attempts ---------------------------------------------------------------
+    def finish_attempt(self, job, status, result=None, error=None, runner_id=None):
+        """Record what a delegate did; COMPLETED begins the next step. Returns the next job or None.
+
+        A stale outcome (the step was failed, completed or interrupted meanwhile) changes
+        nothing and returns None.
+        """
+        with self._change() as change:
+            result = None if result is None else params_to_json(result)
+            ended = change.end(
+                job.step_id, job.process_id, job.attempt, status=status, when=EXECUTING, also=OUTCOME, error=error,
+                result=result,
+            )  # fmt: skip
+            if not ended:
+                return None
+            return change.begin_next(job.step_id, runner_id) if status == COMPLETED else None
+
+    def schedule_retry(self, job, error, retry_at):
+        """Close a failed attempt and leave the step STARTED until `retry_at` (ISO time).
+
+        Any runner may begin it then (claim_due_retries); returns whether the attempt was still current.
+        """
+        with self._change() as change:
+            return change.end(
+                job.step_id, job.process_id, job.attempt, status=FAILED, when=EXECUTING,
+                also="next_retry_at = :retry_at, runner_id = NULL", error=error, retry_at=retry_at,
+            )  # fmt: skip
+
+    def defer_attempt(self, job):
+        """Mark a running attempt as waiting for complete-step or fail-step."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                f"UPDATE steps SET deferred = 1 WHERE id = ? AND attempts = ? AND {STARTED_ANYHOW}",
+                (job.step_id, job.attempt),
+            )
+
+    def complete_step(self, step_id, result, runner_id):
+        """STARTED -> COMPLETED from outside; returns (step, next job or None)."""
+        return self._end_started_step(step_id, COMPLETED, result, None, runner_id)
+
+    def fail_step(self, step_id, message):
+        """STARTED -> FAILED from outside; returns the step."""
+        step, _ = self._end_started_step(step_id, FAILED, None, {"type": "ExternalFailure", "message": message}, None)
+        return step
+
+    def _end_started_step(self, step_id, status, result, error, runner_id):
+        with self._change() as change:
+            row = change.conn.execute(
+                "SELECT process_id, status, attempts, next_retry_at FROM steps WHERE id = ?", (step_id,)
+            ).fetchone()
+            if row is None:
+                raise PreconditionFailed.on("step_id", "No step has this id.")
+            if row["next_retry_at"] is not None and status == COMPLETED:
+                message = "Step is waiting for an automatic retry; fail it to stop the retries."
+                raise PreconditionFailed.on("status", message)
+            ended = change.end(
+                step_id, row["process_id"], row["attempts"], status=status, when=STARTED_ANYHOW,
+                also=f"{OUTCOME}, deferred = 0, next_retry_at = NULL", error=error,
+                result=None if result is None else params_to_json(result),
+            )  # fmt: skip
+            if not ended:
+                message = f"Step is {row['status']}; only a STARTED step can be {status.lower()}."
+                raise PreconditionFailed.on("status", message)
+            next_job = change.begin_next(step_id, runner_id) if status == COMPLETED else None
+            step = self._read_step(change.conn, step_id, change.now)
+        return step, next_job
+
+    # -- an operator's interventions: cancel a process, skip a failed step ----------------
+    def cancel_process(self, process_id, reason, principal):
+        """RUNNING or FAILED -> CANCELLED, with each of its steps not yet done; returns the process.
+
+        One transaction: the compare-and-set on the process's status makes one of any number of
+        concurrent cancels win; a delegate's late outcome, a restart or a retry of its steps then
+        finds them CANCELLED and changes nothing."""
+        with self._change() as change:
+            row = change.conn.execute("SELECT status FROM processes WHERE id = ?", (process_id,)).fetchone()
+            if row is None:
+                raise PreconditionFailed.on("process_id", "No process has this id.")
+            cancelled = change.conn.execute(
+                f"UPDATE processes SET status = 'CANCELLED', updated_at = :now, {INTERVENED}"
+                f" WHERE id = :pid AND {PROCESS_CANCELLABLE}",
+                {"pid": process_id, "now": change.now, "principal": principal, "reason": reason},
+            ).rowcount
+            if not cancelled:
+                message = f"Process is {row['status']}; only a RUNNING or FAILED process can be cancelled."
+                raise PreconditionFailed.on("status", message)
+            change.cancel_steps(process_id, principal, reason)
+            process = self._load_process(change.conn, process_id)
+        return process
+
+    def skip_step(self, step_id, result, reason, principal, runner_id):
+        """FAILED -> SKIPPED with `result`, and the process carries on; returns (step, next job or None)."""
+        with self._change() as change:
+            row = change.conn.execute(
+                "SELECT process_id, status, attempts FROM steps WHERE id = ?", (step_id,)
+            ).fetchone()
+            if row is None:
+                raise PreconditionFailed.on("step_id", "No step has this id.")
+            if not change.skip(step_id, row["process_id"], row["attempts"], result, principal, reason):
+                raise PreconditionFailed.on("status", f"Step is {row['status']}; only a FAILED step can be skipped.")
+            next_job = change.begin_next(step_id, runner_id)
+            step = self._read_step(change.conn, step_id, change.now)
+        return step, next_job
+
+    # -- retention: deleting finished processes ------------------------------------------
+    def finished_before(self, before, limit):
+        """Up to `limit` COMPLETED or CANCELLED processes that finished before `before` (stepd's
+        UTC text), oldest first, as (id, rows): how many rows deleting it deletes (the process,
+        its steps and their attempts)."""
+        with self.db.snapshot() as conn:
+            ids = [row["id"] for row in conn.execute(FINISHED_BEFORE, (before, limit))]
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            sizes = dict(
+                conn.execute(
+                    f"SELECT process_id, COUNT(*) + SUM(attempts) FROM steps WHERE process_id IN ({marks})"
+                    " GROUP BY process_id",
+                    ids,
+                ).fetchall()
+            )
+        return [(process_id, 1 + sizes.get(process_id, 0)) for process_id in ids]
+
+    def count_finished_before(self, before):
+        """How many COMPLETED or CANCELLED processes finished before `before`."""
+        return self.db.row(
+            "SELECT COUNT(*) FROM processes INDEXED BY processes_finished_oldest_first"
+            f" WHERE {PROCESS_FINISHED} AND updated_at < ?",
+            (before,),
+        )[0]
+
+    def delete_finished(self, process_ids, before):
+        """Delete these processes, with their steps and attempts, in one transaction: those that
+        are still COMPLETED or CANCELLED since before `before` (a finished process never changes
+        again, but the check costs nothing). Returns (processes, rows) deleted."""
+        if not process_ids:
+            return 0, 0
+        marks = ",".join("?" * len(process_ids))
+        with self.db.transaction() as conn:
+            # Checked here, not in the WHERE: given the status, SQLite would walk its index (every
+            # COMPLETED process) instead of looking these few up by id.
+            rows = conn.execute(f"SELECT id, status, updated_at FROM processes WHERE id IN ({marks})", process_ids)
+            ids = [
+                row["id"] for row in rows if row["status"] in FINISHED_PROCESS_STATUSES and row["updated_at"] < before
+            ]
+            if not ids:
+                return 0, 0
+            marks = ",".join("?" * len(ids))
+            steps = f"SELECT id FROM steps WHERE process_id IN ({marks})"
+            rows = conn.execute(f"DELETE FROM attempts WHERE step_id IN ({steps})", ids).rowcount
+            rows += conn.execute(f"DELETE FROM steps WHERE process_id IN ({marks})", ids).rowcount
+            deleted = conn.execute(f"DELETE FROM processes WHERE id IN ({marks})", ids).rowcount
+        return deleted, rows + deleted
+
+    # -- runners: who is executing which step ------------------------------------------
+    def heartbeat(self, runner):
+        """Say this runner is alive (registering it if needed). `runner`: id, host, pid, pid_started."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO runners (id, host, pid, pid_started, started_at, heartbeat_at)"
+                " VALUES (:id, :host, :pid, :pid_started, :now, :beat)"
+                " ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                {**runner, "now": now_iso(), "beat": time.time()},
+            )
+
+    def runners(self):
+        """Every registered runner's row: id, host, pid, pid_started, started_at, heartbeat_at."""
+        return [dict(row) for row in self.db.rows("SELECT * FROM runners ORDER BY started_at")]
+
+    def runner_ids(self):
+        """The ids of the runners registered (alive or not yet found gone)."""
+        return [row["id"] for row in self.runners()]
+
+    def interrupt_orphans(self, is_alive):
+        """Fail every executing step whose runner is gone; forget gone runners.
+
+        `is_alive(row)` judges a runners row; a step whose runner has no row is orphaned
+        too. Returns the ids of the steps it failed (none if another sweep was first).
+        """
+        # Called every second by every runner: look first, take the write lock only for work.
+        with self.db.snapshot() as conn:
+            orphans, gone = self._find_orphans(conn, is_alive)
+        if not orphans and not gone:
+            return []
+        with self._change() as change:
+            orphans, gone = self._find_orphans(change.conn, is_alive)  # again: another sweep may have been first
+            for row in orphans:
+                self._interrupt(change, row, f"The worker running this step (runner {row['runner_id']}) is gone.")
+            change.conn.executemany("DELETE FROM runners WHERE id = ?", [(runner_id,) for runner_id in gone])
+        return [row["id"] for row in orphans]
+
+    @staticmethod
+    def _find_orphans(conn, is_alive):
+        """(executing step rows whose runner is gone, ids of gone runners)."""
+        runners = conn.execute("SELECT * FROM runners").fetchall()
+        alive = {r["id"] for r in runners if is_alive(r)}
+        gone = [r["id"] for r in runners if r["id"] not in alive]
+        executing = conn.execute(EXECUTING_STEPS).fetchall()
+        # A queued attempt (no runner yet) was never handed to a delegate: it waits for a claim.
+        orphans = [row for row in executing if row["runner_id"] is not None and row["runner_id"] not in alive]
+        return orphans, gone
+
+    def interrupt_runner(self, runner_id, reason):
+        """Fail the executing steps of one runner that is stopping, and forget it."""
+        with self._change() as change:
+            rows = change.conn.execute(EXECUTING_STEPS + " AND runner_id = ?", (runner_id,)).fetchall()
+            for row in rows:
+                self._interrupt(change, row, reason)
+            change.conn.execute("DELETE FROM runners WHERE id = ?", (runner_id,))
+        return [row["id"] for row in rows]
+
+    @staticmethod
+    def _interrupt(change, row, message):
+        change.end(
+            row["id"], row["process_id"], row["attempts"], status=FAILED, when=EXECUTING,
+            also="status = 'FAILED', finished_at = :now", error={"type": "Interrupted", "message": message},
+        )  # fmt: skip
+
+    # -- answers to requests with an Idempotency-Key ----------------------------------------
+    def stored_answer(self, principal, key):
+        """The answer stored for this principal's key in the last ANSWER_KEPT_SECONDS, or None."""
+        row = self.db.row(
+            "SELECT fingerprint, status, body FROM idempotent_requests"
+            " WHERE principal = ? AND key = ? AND created_at >= ?",
+            (principal, key, time.time() - ANSWER_KEPT_SECONDS),
+        )
+        return dict(row) if row else None
+
+    def store_answer(self, principal, key, fingerprint, status, body):
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO idempotent_requests (principal, key, fingerprint, status, body, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (principal, key, fingerprint, status, body, time.time()),
+            )
+
+    def forget_answers(self):
+        """Delete answers older than ANSWER_KEPT_SECONDS; returns how many."""
+        before = time.time() - ANSWER_KEPT_SECONDS
+        if not self.db.row("SELECT 1 FROM idempotent_requests WHERE created_at < ? LIMIT 1", (before,)):
+            return 0
+        with self.db.transaction() as conn:
+            return conn.execute("DELETE FROM idempotent_requests WHERE created_at < ?", (before,)).rowcount
+
+    # -- API tokens ------------------------------------------------------------------
+    def add_token(self, name, role, secret_hash):
+        """Insert a token; returns False if the name is taken."""
+        try:
+            with self.db.transaction() as conn:
+                self._insert_token(conn, name, role, secret_hash)
+        except Conflict:
+            return False
+        return True
+
+    def add_first_token(self, name, role, secret_hash):
+        """Insert a token only if no token exists at all; returns whether it did."""
+        with self.db.transaction() as conn:
+            if conn.execute("SELECT 1 FROM tokens LIMIT 1").fetchone():
+                return False
+            self._insert_token(conn, name, role, secret_hash)
+        return True
+
+    @staticmethod
+    def _insert_token(conn, name, role, secret_hash):
+        conn.execute(
+            "INSERT INTO tokens (name, role, secret_hash, created_at) VALUES (?, ?, ?, ?)",
+            (name, role, secret_hash, now_iso()),
+        )
+
+    def token_by_hash(self, secret_hash):
+        row = self.db.row("SELECT name, role, secret_hash FROM tokens WHERE secret_hash = ?", (secret_hash,))
+        return dict(row) if row else None
+
+    def token_by_name(self, name):
+        row = self.db.row("SELECT name, role, secret_hash FROM tokens WHERE name = ?", (name,))
+        return dict(row) if row else None
+
+    def list_tokens(self):
+        return [dict(r) for r in self.db.rows("SELECT name, role, created_at FROM tokens ORDER BY name")]
+
+    def revoke_token(self, name):
+        with self.db.transaction() as conn:
+            return conn.execute("DELETE FROM tokens WHERE name = ?", (name,)).rowcount == 1

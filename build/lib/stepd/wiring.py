@@ -1,0 +1,69 @@
+"""The wiring, written once: how the settings become an open store, a runner and its chores.
+
+`stepd serve`, `stepd runner`, the other commands, the app factory and the tests all call these,
+so "open the database" and "make a runner" mean the same thing everywhere.
+"""
+
+import contextlib
+import functools
+import logging
+
+from stepd.db import Database
+from stepd.liveness import runner_is_alive
+from stepd.model import Unwritable
+from stepd.retention import Retention
+from stepd.runner import Chore, Runner
+from stepd.store import Store
+
+CHECKPOINT_SECONDS = 1.0  # the log is copied back into the file off every request's path
+ORPHAN_SECONDS = 1.0  # a runner that died has its running steps Interrupted within about this
+HOUSEKEEPING_SECONDS = 30.0  # twice a minute: a process due for retention is deleted within a minute
+
+log = logging.getLogger("stepd.runner")
+
+
+def open_store(settings, prepare=True):
+    """The store of STEPD_DB: made and migrated first when `prepare` (raises model.Unusable, with
+    one line saying why, when the file cannot be used)."""
+    database = Database(settings["STEPD_DB"], settings["STEPD_SYNC"])
+    if prepare:
+        database.prepare()
+    return Store(database)
+
+
+def chores(store, settings):
+    """A runner's chores, each on its own period: copy the log into the file, interrupt the running
+    steps of runners that are gone, forget old Idempotency-Key answers and, with
+    STEPD_RETENTION_DAYS, delete processes finished longer ago (on a thread of its own)."""
+    jobs = [
+        Chore("checkpoint", CHECKPOINT_SECONDS, functools.partial(checkpoint, store)),
+        Chore("orphan sweep", ORPHAN_SECONDS, functools.partial(sweep_orphans, store)),
+        Chore("answer housekeeping", HOUSEKEEPING_SECONDS, store.forget_answers),
+    ]
+    if settings["STEPD_RETENTION_DAYS"]:
+        jobs.append(Chore("retention", HOUSEKEEPING_SECONDS, Retention(store, settings["STEPD_RETENTION_DAYS"])))
+    return jobs
+
+
+def checkpoint(store):
+    """Here, not inside a request that happens to commit; a full disk: the next one tries again."""
+    with contextlib.suppress(Unwritable):
+        store.checkpoint()
+
+
+def sweep_orphans(store):
+    orphans = store.interrupt_orphans(runner_is_alive)
+    if orphans:
+        log.warning("marked %d step(s) of vanished runners Interrupted", len(orphans))
+
+
+def make_runner(store, registry, settings):
+    """A runner (not started) of STEPD_THREADS places, with its chores."""
+    return Runner(
+        store,
+        registry,
+        threads=settings["STEPD_THREADS"],
+        db_path=settings["STEPD_DB"],
+        step_timeout=settings["STEPD_STEP_TIMEOUT"],
+        chores=chores(store, settings),
+    )
