@@ -38,7 +38,8 @@ RESTART_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)  # before starting a runner again, if
 STEADY_SECONDS = 10.0  # a runner that lived this long starts again after the shortest delay
 STOP_SECONDS = 20.0  # how long a stop waits for the children before it kills them
 PR_SET_PDEATHSIG = 1
-CHECKED = "STEPD_PREFLIGHT_DONE"  # set for the gunicorn this supervisor starts: preflight has run
+# Set for the children of `stepd serve`: its checks have run, and what they found was said once.
+CHECKED = "STEPD_PREFLIGHT_DONE"
 
 
 class CannotStart(Exception):
@@ -169,7 +170,7 @@ class Supervisor:
         return subprocess.Popen([sys.executable, "-m", "stepd", command], env=env, preexec_fn=_die_with_supervisor)
 
     def _start_runner(self, slot):
-        self.runners[slot] = self._spawn("runner", self.env)
+        self.runners[slot] = self._spawn("runner", {**self.env, CHECKED: "1"})
         self.runners[slot].started = time.monotonic()
 
     def run(self):
@@ -238,7 +239,12 @@ def settings_env(settings):
 
 
 def start_settings(logger):
-    """The settings, with logging set up in their format; None (said in one line) if one is bad."""
+    """The settings, with logging set up in their format; None (said in one line) if one is bad.
+    A child of `stepd serve` leaves the notices its parent gave (a deprecated import) unsaid."""
+    if os.environ.get(CHECKED):
+        from stepd.delegates import LegacyImport
+
+        LegacyImport.said_by_another = True
     configure_logging("INFO", config.log_format())  # even a bad setting is said in the chosen format
     try:
         settings = config.from_env()

@@ -200,7 +200,7 @@ def test_the_old_delegates_import_still_loads_and_says_once_it_is_deprecated(tmp
         write_file(
             tmp_path,
             name,
-            "from stepd import delegate, Abort\n\n\n"
+            "from delegates import delegate, Abort\n\n\n"
             f'@delegate("{name[:-3]}", retries=1)\ndef f(ctx):\n    raise Abort("no")\n',
         )
     sys.modules.pop("delegates", None)  # as in a fresh process

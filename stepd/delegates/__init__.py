@@ -308,11 +308,15 @@ class LegacyImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         return None  # the default module object
 
+    said_by_another = False  # under `stepd serve` its main process said it: its children stay quiet
+
     def exec_module(self, module):
         this = sys.modules[__name__]
         module.__dict__.update({name: getattr(this, name) for name in __all__})
         module.__all__ = list(__all__)
-        logging.getLogger("stepd.delegates").warning(
+        level = logging.DEBUG if LegacyImport.said_by_another else logging.WARNING
+        logging.getLogger("stepd.delegates").log(
+            level,
             "%s imports `delegates`, which is deprecated: write `from stepd import delegate` instead",
             _importer() or "a delegate module",
         )
