@@ -78,6 +78,12 @@ def error(status, data):
     return envelope(data, ERROR_MESSAGES.get(status, "Error"), status)
 
 
+def unparsed_status(status):
+    """The status stepd answers a request gunicorn could not parse with, for gunicorn's own: the
+    client's fault is a 412 like any other bad input, 403 and 500 stay (front.py, httplogs.py)."""
+    return status if status in (403, 500) else 412
+
+
 def error_document(status, data):
     """An error's envelope as a dict, for answers written outside Flask (gunicorn's own)."""
     return document(data, ERROR_MESSAGES[status])

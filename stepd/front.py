@@ -13,7 +13,7 @@ import uuid
 from gunicorn import util
 from gunicorn.app.base import BaseApplication
 
-from stepd.envelope import ERROR_MESSAGES, error_document
+from stepd.envelope import ERROR_MESSAGES, error_document, unparsed_status
 from stepd.httplogs import GunicornLogger
 
 
@@ -70,14 +70,15 @@ def envelope_gunicorn_errors():
     app answers any other bad request: a client error is a 412, a server error a 500 with an id."""
 
     def write_error(sock, status_int, reason, mesg):
-        if status_int == 500:  # 501 (an unknown Transfer-Encoding) and the like are the client's
+        status = unparsed_status(status_int)  # 501 (an unknown Transfer-Encoding) and the like are the client's
+        if status == 500:
             error_id = uuid.uuid4().hex  # gunicorn logged the traceback just before
             logging.getLogger("stepd").error("unexpected error %s in gunicorn: %s", error_id, reason)
-            status, data = 500, error_id
-        elif status_int == 403:
-            status, data = 403, reason
+            data = error_id
+        elif status == 403:
+            data = reason
         else:
-            status, data = 412, {"_schema": [f"{reason}: {mesg}"[:300]]}
+            data = {"_schema": [f"{reason}: {mesg}"[:300]]}
         body = json.dumps(error_document(status, data)).encode()
         head = (
             f"HTTP/1.1 {status} {ERROR_MESSAGES[status]}\r\nConnection: close\r\n"

@@ -11,6 +11,7 @@ import sys
 from flask import g, has_request_context
 from gunicorn import glogging
 
+from stepd.envelope import unparsed_status
 from stepd.logs import ACCESS_LINE_FORMAT, install_handler, log_format_in_use, make_handler
 
 
@@ -43,7 +44,10 @@ class GunicornLogger(glogging.Logger):
     def access(self, resp, req, environ, request_time):
         if not self.access_log_enabled:
             return
-        atoms = self.atoms_wrapper_class(self.atoms(resp, req, environ, request_time))
+        status = _status_code(resp)
+        atoms = self.atoms(resp, req, environ, request_time)
+        atoms["s"] = str(status)  # the status the client got (see _status_code)
+        atoms = self.atoms_wrapper_class(atoms)
         headers = {name.lower(): value for name, value in resp.headers}
         fields = {
             "request_id": headers.get("x-request-id"),
@@ -51,7 +55,7 @@ class GunicornLogger(glogging.Logger):
             "method": environ.get("REQUEST_METHOD"),
             "route": environ.get("stepd.route"),
             "path": environ.get("PATH_INFO"),
-            "status": resp.status_code,
+            "status": status,
             "duration_ms": round(request_time.total_seconds() * 1000, 1),
         }
         fields = {key: value for key, value in fields.items() if value is not None or key == "route"}
@@ -59,3 +63,12 @@ class GunicornLogger(glogging.Logger):
             self.access_log.info(self.cfg.access_log_format, atoms, extra=fields)
         except Exception:
             self.exception("could not write an access log line")
+
+
+def _status_code(resp):
+    """The answer's status. gunicorn's answer to a request it could not parse (Worker.handle_error)
+    is a bare Response whose status_code was never set, only its status line (reading status_code
+    there raised inside gunicorn's error handler, which turned the client's 400 into a 500); what
+    the client gets is front.py's answer in the envelope, whose status this is."""
+    code = getattr(resp, "status_code", None)
+    return code if code is not None else unparsed_status(int(str(resp.status).split()[0]))
