@@ -423,6 +423,11 @@ class _Group:
         with writer.changed:
             while not self.failed and (not self.open or writer.conn_in_use):
                 writer.changed.wait()
+            if not self.failed and not writer.conn.in_transaction:
+                # SQLite rolled the group's transaction back under an earlier member (a full disk,
+                # an I/O error). A SAVEPOINT now would begin a transaction of its own, and its
+                # RELEASE would commit this member's write while the group reports failure.
+                self.failed = Unwritable("database or disk is full: the transaction was rolled back")
             if self.failed:
                 raise _copy(self.failed)
             writer.conn_in_use = True

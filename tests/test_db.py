@@ -277,6 +277,46 @@ def test_a_group_whose_transaction_sqlite_rolled_back_fails_and_the_next_one_wor
     assert committed_names(database) == {"after"}
 
 
+def test_members_after_sqlite_rolled_their_group_back_fail_and_leave_nothing_in_the_file(database):
+    """The defect of the group commit: once SQLite rolled the shared transaction back (a full
+    disk), the next member's SAVEPOINT started a transaction of its own and its RELEASE committed
+    it, while that member was told its write failed. Now every member of that group gets the
+    error, nothing of theirs is in the file, and the next group works."""
+    inside = threading.Barrier(3, timeout=5)
+    first_in = threading.Event()
+    outcomes = {}
+
+    def write(name):
+        inside.wait()  # all three join one group before any body runs
+        if name != "rolled-back":
+            first_in.wait(5)
+        try:
+            with database.transaction() as conn:
+                if name == "rolled-back":
+                    first_in.set()
+                    time.sleep(0.05)  # the others are queued behind this body
+                    insert_token(conn, name)
+                    conn.execute("ROLLBACK")  # as SQLite does by itself on a full disk
+                    return
+                insert_token(conn, name)
+            outcomes[name] = "ok"
+        except Unwritable:
+            outcomes[name] = "unwritable"
+        finally:
+            outcomes.setdefault(name, "returned")
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in ("rolled-back", "b", "c")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert outcomes == {"rolled-back": "unwritable", "b": "unwritable", "c": "unwritable"}, outcomes
+    assert committed_names(database) == set()
+    with database.transaction() as conn:
+        insert_token(conn, "next")
+    assert committed_names(database) == {"next"}
+
+
 def test_writers_waiting_behind_another_processs_lock_get_busy_and_change_nothing(database, monkeypatch):
     monkeypatch.setattr(db_module, "BUSY_TIMEOUT_MS", 200)
     other = os.open(f"{database.path}.lock", os.O_RDWR)  # as another process has it
