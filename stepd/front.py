@@ -8,6 +8,7 @@ queued and never call a delegate.
 
 import json
 import logging
+import signal
 import uuid
 
 from gunicorn import util
@@ -37,7 +38,15 @@ def options(settings):
         # The master's lines, and gunicorn's error and access logs, in STEPD_LOG_FORMAT; the
         # workers inherit the handler (create_app sets it up again, the same).
         "logger_class": GunicornLogger,
+        "post_worker_init": _ignore_sighup,
     }
+
+
+def _ignore_sighup(worker):
+    """A SIGHUP to the service's whole process group (a closing terminal) would kill each worker
+    mid-request (gunicorn's workers keep its default action); the master's HUP replaces them
+    gracefully instead."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 class Front(BaseApplication):

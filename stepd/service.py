@@ -155,16 +155,19 @@ def say(text, level=logging.INFO, logger="stepd.service", **fields):
 
 
 class Supervisor:
-    """Starts the children, starts a dead runner again, stops them all."""
+    """Starts the children, starts a dead runner again, replaces them on SIGHUP, stops them all."""
 
-    def __init__(self, runners, settings_env):
+    def __init__(self, runners, settings_env, delegates_path=None):
         self.runner_count = runners
         self.env = settings_env  # the environment of the children: the settings as this process read them
+        self.delegates_path = delegates_path  # STEPD_DELEGATES_PATH, loaded again at a reload
         self.http = None
         self.runners = {}  # slot -> Popen
         self.restart_at = {}  # slot -> when a dead runner starts again
         self.deaths = {}  # slot -> how many times in a row it died soon after starting
+        self.retiring = []  # (Popen, kill-after time) of runners a reload replaced, finishing their work
         self.stopping = False
+        self.reload_asked = False
 
     def _spawn(self, command, env):
         return subprocess.Popen([sys.executable, "-m", "stepd", command], env=env, preexec_fn=_die_with_supervisor)
@@ -176,7 +179,7 @@ class Supervisor:
     def run(self):
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._ask_to_stop)
-        signal.signal(signal.SIGHUP, self._no_reload)
+        signal.signal(signal.SIGHUP, self._ask_to_reload)
         # CHECKED tells the front that preflight ran just now, so it need not run it again.
         self.http = self._spawn("http", {**self.env, CHECKED: "1"})
         for slot in range(self.runner_count):
@@ -186,7 +189,11 @@ class Supervisor:
                 say(f"the HTTP front exited with code {self.http.returncode}; stopping the runners", logging.ERROR)
                 self.stop()
                 return self.http.returncode or 1
+            if self.reload_asked:
+                self.reload_asked = False
+                self.reload()
             self._look_after_runners()
+            self._look_after_retiring()
             time.sleep(CHECK_SECONDS)
         self.stop()
         return 0
@@ -194,10 +201,45 @@ class Supervisor:
     def _ask_to_stop(self, signum, frame):
         self.stopping = True
 
-    def _no_reload(self, signum, frame):
-        """SIGHUP (a closed terminal, `systemctl reload`) must not stop the service, as its default
-        action would. Reloading settings and delegates in place is not built yet: say so."""
-        say("SIGHUP: reloading is not supported yet, so nothing changed; restart the service to apply", logging.WARNING)
+    def _ask_to_reload(self, signum, frame):
+        self.reload_asked = True  # done by the loop: a signal handler only sets a flag
+
+    def reload(self):
+        """SIGHUP: load the delegate modules again. If they load, new runners take the new work,
+        the old ones finish what they run (STOP_GRACE_SECONDS; then it is Interrupted) and give
+        back what they had claimed but not begun, and gunicorn replaces its workers gracefully
+        (its own HUP), so no request is refused. If they do not load, nothing changes.
+
+        The settings are the environment this process was started with, which no running process
+        can see change: a reload applies new delegate code, not new STEPD_* values."""
+        from stepd.delegates import DelegateLoadError, load_registry
+
+        try:
+            registry = load_registry(self.delegates_path or None)
+        except DelegateLoadError as exc:
+            say(f"reload refused; the delegates loaded before stay in use: {exc}", logging.ERROR)
+            return
+        old = [proc for proc in self.runners.values() if proc is not None and proc.poll() is None]
+        for slot in range(self.runner_count):
+            self._start_runner(slot)
+        for proc in old:
+            proc.send_signal(signal.SIGTERM)  # it stops claiming now, and stops once its delegates are done
+            self.retiring.append((proc, time.monotonic() + STOP_SECONDS))
+        self.http.send_signal(signal.SIGHUP)
+        types = ", ".join(delegate.type for delegate in registry.all())
+        say(f"reloaded: delegates {types}; {len(old)} runner(s) replaced, gunicorn's workers replaced")
+
+    def _look_after_retiring(self):
+        """Runners a reload replaced: forget those that stopped; kill one that outlives its stop."""
+        now, still = time.monotonic(), []
+        for proc, kill_after in self.retiring:
+            if proc.poll() is not None:
+                continue
+            if now >= kill_after:
+                say(f"replaced runner {proc.pid} did not stop in {STOP_SECONDS:g} s; killing it", logging.WARNING)
+                proc.kill()
+            still.append((proc, kill_after))
+        self.retiring = still
 
     def _look_after_runners(self):
         now = time.monotonic()
@@ -218,7 +260,8 @@ class Supervisor:
 
     def stop(self):
         """SIGTERM to every child, then wait; SIGKILL what is left after STOP_SECONDS."""
-        children = [p for p in [self.http, *self.runners.values()] if p is not None and p.poll() is None]
+        everyone = [self.http, *self.runners.values(), *(proc for proc, _ in self.retiring)]
+        children = [p for p in everyone if p is not None and p.poll() is None]
         for proc in children:
             proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_SECONDS
@@ -267,7 +310,8 @@ def main():
         return 1
     announce(settings, registry)
     die_with_make()
-    return Supervisor(settings["STEPD_RUNNERS"], settings_env(settings)).run()
+    supervisor = Supervisor(settings["STEPD_RUNNERS"], settings_env(settings), settings["STEPD_DELEGATES_PATH"])
+    return supervisor.run()
 
 
 def runner_main():
