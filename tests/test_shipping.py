@@ -85,6 +85,7 @@ def test_the_systemd_unit_runs_the_service_as_its_own_user_hardened_and_stops_it
     assert one["Restart"] == "on-failure"
     assert one["EnvironmentFile"].lstrip("-") == "/etc/stepd/stepd.env"
     assert one["ExecStart"].split()[-1] == "serve" and one["ExecStart"].split()[0].endswith("/bin/stepd")
+    assert one["ExecReload"].split()[-2:] == ["-HUP", "$MAINPID"]  # a reload, not a restart
     assert one["NoNewPrivileges"] == "yes" and one["ProtectSystem"] == "strict" and one["ProtectHome"] == "yes"
 
     db = dict(value.split("=", 1) for value in settings["Environment"])["STEPD_DB"]
