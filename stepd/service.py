@@ -33,6 +33,7 @@ from pathlib import Path
 from stepd import config, logs
 from stepd.logs import configure_logging
 
+REFUSED = 2  # the exit code of a start refused for a bad setting, delegate or database (as cli.py's refusals)
 CHECK_SECONDS = 0.1  # how often the children are looked at
 RESTART_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)  # before starting a runner again, if it keeps dying at once
 STEADY_SECONDS = 10.0  # a runner that lived this long starts again after the shortest delay
@@ -302,12 +303,12 @@ def main():
     """`stepd serve`: check, announce, then supervise the front and the runners until a signal."""
     settings = start_settings("stepd.service")
     if settings is None:
-        return 1
+        return REFUSED
     try:
         registry = preflight(settings)
     except CannotStart as exc:
         say(f"cannot start: {exc}", logging.ERROR)
-        return 1
+        return REFUSED
     announce(settings, registry)
     die_with_make()
     supervisor = Supervisor(settings["STEPD_RUNNERS"], settings_env(settings), settings["STEPD_DELEGATES_PATH"])
@@ -323,13 +324,13 @@ def runner_main():
 
     settings = start_settings("stepd.runner")
     if settings is None:
-        return 1
+        return REFUSED
     try:
         registry = load_registry(settings["STEPD_DELEGATES_PATH"] or None)
         store = open_store(settings)
     except (DelegateLoadError, Unusable) as exc:
         say(f"runner cannot start: {exc}", logging.ERROR, logger="stepd.runner")
-        return 1
+        return REFUSED
     run_until_stopped(make_runner(store, registry, settings))
     return 0
 
@@ -341,12 +342,12 @@ def http_main():
 
     settings = start_settings("stepd.service")
     if settings is None:
-        return 1
+        return REFUSED
     if not os.environ.get(CHECKED):
         try:
             preflight(settings)
         except CannotStart as exc:
             say(f"cannot start: {exc}", logging.ERROR)
-            return 1
+            return REFUSED
     front.serve(settings)
     return 0

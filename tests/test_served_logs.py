@@ -117,5 +117,5 @@ def test_the_text_access_line_has_a_timestamp(server_factory):
 
 def test_a_bad_log_format_stops_the_start_with_one_line(server_factory):
     server = server_factory(extra_env={"STEPD_LOG_FORMAT": "yaml"}).start(wait=False)
-    assert server.proc.wait(timeout=20) != 0
+    assert server.proc.wait(timeout=20) == 2  # refused
     assert server.output().splitlines() == ["stepd: cannot start: STEPD_LOG_FORMAT must be one of text, json"]

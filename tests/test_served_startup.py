@@ -34,7 +34,7 @@ def test_start_is_refused_when_a_delegate_module_does_not_import(server_factory,
     server = server_factory(db_path=tmp_path / "broken.db", delegates=folder).start(wait=False)
     code = server.proc.wait(timeout=20)
     output = server.output()
-    assert code != 0, output
+    assert code == 2, output  # refused: exit code 2, as any refusal of the command
     assert str(folder / "boom.py") in output
     assert "boom at import time" in output
     assert str(folder / "typo.py") in output  # every module that does not import, in one start
@@ -68,7 +68,7 @@ def test_start_is_refused_when_two_delegates_claim_one_type(server_factory, tmp_
     server = server_factory(db_path=tmp_path / "twice.db", delegates=folder).start(wait=False)
     code = server.proc.wait(timeout=20)
     output = server.output()
-    assert code != 0, output
+    assert code == 2, output  # refused: exit code 2, as any refusal of the command
     assert str(folder / "first.py") in output and str(folder / "second.py") in output, output
     assert time.monotonic() - began < 10
 
@@ -79,7 +79,7 @@ def test_start_is_refused_when_two_delegates_claim_one_type(server_factory, tmp_
     server = server_factory(db_path=tmp_path / "shadow.db", delegates=shadow).start(wait=False)
     code = server.proc.wait(timeout=20)
     output = server.output()
-    assert code != 0, output
+    assert code == 2, output  # refused: exit code 2, as any refusal of the command
     assert str(shadow / "mine.py") in output and str(ROOT / "stepd" / "delegates" / "builtin.py") in output, output
 
 
@@ -89,7 +89,7 @@ def test_start_is_refused_when_two_delegates_claim_one_type(server_factory, tmp_
 )
 def test_start_is_refused_with_a_bad_setting(server_factory, tmp_path, key, value):
     server = server_factory(db_path=tmp_path / "bad.db", extra_env={key: value}).start(wait=False)
-    assert server.proc.wait(timeout=20) != 0
+    assert server.proc.wait(timeout=20) == 2  # refused
     output = server.output()
     assert f"stepd: cannot start: {key} must be" in output
     assert len(output.strip().splitlines()) == 1, output  # one clear line
@@ -103,7 +103,7 @@ def test_a_port_in_use_is_refused_at_once_naming_stepd_port(server_factory, tmp_
         port = taken.getsockname()[1]
         began = time.monotonic()
         server = server_factory(db_path=tmp_path / "busy.db", extra_env={"STEPD_PORT": str(port)}).start(wait=False)
-        assert server.proc.wait(timeout=20) != 0
+        assert server.proc.wait(timeout=20) == 2  # refused
         output = server.output()
     assert f"stepd: cannot start: 127.0.0.1:{port} is in use" in output and "STEPD_PORT" in output, output
     assert "Can't connect" not in output and "Traceback" not in output
@@ -112,7 +112,7 @@ def test_a_port_in_use_is_refused_at_once_naming_stepd_port(server_factory, tmp_
 
 def test_an_unusable_database_path_names_stepd_db(server_factory, tmp_path):
     server = server_factory(db_path=tmp_path / "x.db", extra_env={"STEPD_DB": "/proc/nope/x.db"}).start(wait=False)
-    assert server.proc.wait(timeout=20) != 0
+    assert server.proc.wait(timeout=20) == 2  # refused
     output = server.output()
     assert "stepd: cannot start: STEPD_DB=/proc/nope/x.db cannot be used:" in output, output
     assert "Traceback" not in output
@@ -123,7 +123,7 @@ def test_start_is_refused_when_the_database_is_not_sqlite(server_factory, tmp_pa
     not_a_db.write_text("these are my notes, not a database\n" * 100)
     server = server_factory(db_path=not_a_db)
     server.start(wait=False)
-    assert server.proc.wait(timeout=20) != 0
+    assert server.proc.wait(timeout=20) == 2  # refused
     assert "stepd: cannot start:" in server.output()
     assert not_a_db.read_text().startswith("these are my notes")
 
