@@ -13,7 +13,7 @@ import uuid
 from gunicorn import util
 from gunicorn.app.base import BaseApplication
 
-from stepd.envelope import ERROR_MESSAGES, error_document
+from stepd.errors import STATUSES, error_document
 from stepd.httplogs import GunicornLogger
 
 
@@ -80,7 +80,7 @@ def envelope_gunicorn_errors():
             status, data = 412, {"_schema": [f"{reason}: {mesg}"[:300]]}
         body = json.dumps(error_document(status, data)).encode()
         head = (
-            f"HTTP/1.1 {status} {ERROR_MESSAGES[status]}\r\nConnection: close\r\n"
+            f"HTTP/1.1 {status} {STATUSES[status].message}\r\nConnection: close\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             f"X-Request-Id: {uuid.uuid4().hex}\r\nX-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n\r\n"
         )
