@@ -1,11 +1,12 @@
 """Every error's answer, in one place: what each status means (STATUSES), how each error is
 answered (ERRORS), and the one handler that reads them (`answer`).
 
-A module of its own, beside envelope.py, because four readers need the same table: the app's
+A module of its own, beside envelope.py, because five readers need the same table: the app's
 error handler, auth's refusals (401, 403), gunicorn's own refusals written in the envelope
-(front.py) and the OpenAPI document (openapi.py), which describes each status as STATUSES says
-and documents Retry-After where a row sends it. envelope.py frames every answer; this module
-decides which answer an error gets. The domain's errors (model.py) know nothing of HTTP: this
+(front.py), idempotency.py (which answers an Idempotency-Key keeps) and the OpenAPI document
+(openapi.py), which describes each status as STATUSES says and lists Retry-After and
+Idempotent-Replayed where the rows say so. envelope.py frames every answer; this module decides
+which answer an error gets. The domain's errors (model.py) know nothing of HTTP: this
 table gives them their statuses.
 
 model.Unusable and model.Conflict have no row: they are the command's errors (a file this stepd
@@ -83,6 +84,9 @@ class Answer:
     log_line: str = ""
     traceback: bool = False  # the log line holds the error's traceback
     headers: Callable[[Exception], dict] | None = None  # more headers, made from the error
+    # An Idempotency-Key keeps the answer (idempotency.py): it decided something, as a check of
+    # the state does. Input that could not be read, or a server's fault, decided nothing.
+    kept: bool = False
 
     def data_of(self, exc):
         return self.data(exc) if callable(self.data) else self.data
@@ -129,7 +133,7 @@ _SHORT_BODY = {"_schema": ["The body ended before it was complete."]}
 # -- the table: each error's answer. The handler takes the row of the error's nearest class. --------
 ERRORS = {
     # the domain's (model.py)
-    model.PreconditionFailed: Answer(412, _wire_field_errors),
+    model.PreconditionFailed: Answer(412, _wire_field_errors, kept=True),
     model.NotFound: Answer(404, str),
     model.Busy: Answer(503, "The database is busy; retry shortly.", retry_after=1),
     # A full disk: reads go on, and writes work again once space is freed.

@@ -86,6 +86,8 @@ REPLAYED_HEADER = {
 }
 # The statuses of the errors answered with a Retry-After (errors.ERRORS): their documents list it.
 RETRY_STATUSES = {row.status for row in ERRORS.values() if row.retry_after is not None}
+# The error statuses an Idempotency-Key keeps (errors.ERRORS), and so may replay.
+KEPT_STATUSES = {row.status for row in ERRORS.values() if row.kept}
 _envelopes = {}  # one envelope class per data schema, so apispec names each once
 
 
@@ -249,7 +251,7 @@ def _operation(view):
     if meta["body"] is not None:
         errors |= {412, 413}
     for status in sorted(errors):  # a 412 from a check of the state is kept for the key too
-        responses[str(status)] = _error_response(status, idempotent and status == 412)
+        responses[str(status)] = _error_response(status, idempotent and status in KEPT_STATUSES)
     operation = {
         "operationId": view.__name__,
         "summary": (view.__doc__ or "").strip().splitlines()[0],

@@ -226,3 +226,12 @@ def test_the_document_describes_each_error_status_as_the_table_does(spec):
         sends_retry_after = any(r.retry_after is not None for r in errors.ERRORS.values() if r.status == status)
         assert ("Retry-After" in response["headers"]) == sends_retry_after, status
     assert documented == set(errors.STATUSES) == {row.status for row in errors.ERRORS.values()}
+
+
+def test_only_a_check_of_the_state_is_kept_for_an_idempotency_key_and_the_document_says_so(spec):
+    assert [cls for cls, row in errors.ERRORS.items() if row.kept] == [model.PreconditionFailed]
+    kept = {row.status for row in errors.ERRORS.values() if row.kept}
+    replayable = {
+        status for status, response in documented_errors(spec) if "Idempotent-Replayed" in response["headers"]
+    }
+    assert replayable == kept
