@@ -10,7 +10,7 @@ from flask import Blueprint, Flask, current_app
 from werkzeug.routing import BaseConverter
 from werkzeug.routing import ValidationError as RouteMismatch
 
-from stepd import auth, config, envelope, idempotency
+from stepd import auth, config, envelope, errors, idempotency
 from stepd import schemas as s
 from stepd.auth import current_principal, reads, writes
 from stepd.delegates import Registry, load_registry
@@ -227,6 +227,7 @@ def create_app(overrides=None):
     app.register_blueprint(api)
     app.register_blueprint(health)
     envelope.init_app(app)
+    errors.init_app(app)
     return app
 
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from flask import current_app, g
 from flask_httpauth import HTTPBasicAuth, HTTPTokenAuth, MultiAuth
+from werkzeug.exceptions import Forbidden, Unauthorized
 
-from stepd.envelope import ERROR_TEXT, error
+from stepd.errors import answer
 from stepd.tokens import ENV_TOKEN_NAME, OPERATOR, READER, hash_secret
 
 CHALLENGE = 'Bearer realm="stepd", Basic realm="stepd"'
@@ -89,9 +90,10 @@ basic.get_user_roles(roles_of)
 
 
 def _auth_error(status):
+    """A refusal, answered as errors.ERRORS says; the 401 also says how to send credentials."""
     if status == 403:
-        return error(403, ERROR_TEXT[403])
-    response = error(401, ERROR_TEXT[401])
+        return answer(Forbidden())
+    response = answer(Unauthorized())
     response.headers["WWW-Authenticate"] = CHALLENGE
     return response
 

@@ -1,5 +1,5 @@
 """The frame of every answer: the envelope, the request id, how a view's input is loaded and its
-data dumped (`@endpoint`), and every error's status, message and text.
+data dumped (`@endpoint`). Which answer an error gets is errors.py's to say.
 
 A view decorated with `@endpoint(data=..., body=..., query=...)` names each of its schemas
 once: they load its input (412 on any fault), dump its answer, and are recorded on the view
@@ -8,56 +8,18 @@ for the OpenAPI document (openapi.py), so the document cannot drift from validat
 
 import functools
 import json
-import logging
 import math
 import uuid
 
 from flask import current_app, g, jsonify, request
-from gunicorn.http.errors import NoMoreData, ParseException
 from marshmallow import ValidationError
-from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import RequestEntityTooLarge
 
-from stepd.model import VERSION, Busy, NoRunner, NotFound, PreconditionFailed, Unavailable, Unwritable, now_iso
+from stepd.model import VERSION, now_iso
 from stepd.schemas import NoQuerySchema, one
 
 MAX_BODY_BYTES = 1024 * 1024
 REQUEST_ID_HEADER = "X-Request-Id"
-
-# -- the error vocabulary: each status's message (SPEC section 1), its default text in `data`,
-# and what the OpenAPI document says of it --------------------------------------------------
-ERROR_MESSAGES = {
-    401: "Unauthorized request",
-    403: "Forbidden",
-    404: "Not found",
-    405: "Method not allowed",
-    412: "Precondition failed",
-    413: "Payload too large",
-    500: "Internal Server Error",
-    503: "Service unavailable",
-}
-ERROR_TEXT = {
-    401: "Missing or invalid credentials: send 'Authorization: Bearer <secret>' or Basic name:secret.",
-    403: "This token's role may not call this endpoint.",
-    404: "No endpoint at this path.",
-    413: f"The body is over {MAX_BODY_BYTES} bytes.",
-}
-BUSY_TEXT = "The database is busy; retry shortly."
-UNWRITABLE_TEXT = "The database cannot be written now (disk full or read-only); retry later."
-UNAVAILABLE_TEXT = "The database does not answer."
-ERROR_DESCRIPTIONS = {
-    401: "Missing or invalid credentials (a WWW-Authenticate header says how to send them).",
-    403: "The token's role may not call this endpoint (a reader calling a POST).",
-    404: "Nothing has this id.",
-    405: "The id is an action's name (e.g. restart-failed-step), whose path takes only POST.",
-    412: "A precondition failed: the body, query or state is not acceptable; data names each field.",
-    413: "The body is over 1 MiB.",
-    500: "An unexpected error; data is an error id that is also in the server log.",
-    503: "The database is busy or does not answer; retry (see Retry-After).",
-}
-# The domain names a field by its Python name; the wire by the schemas' data_key.
-WIRE_NAMES = {"step_id": "processStepId", "process_id": "processId"}
-
-log = logging.getLogger("stepd")
 
 
 # -- the envelope ---------------------------------------------------------------------------
@@ -71,22 +33,6 @@ def envelope(data, message="OK", status=200):
     response = jsonify(document(data, message))
     response.status_code = status
     return response
-
-
-def error(status, data):
-    """An error response; the message is fixed by the status code."""
-    return envelope(data, ERROR_MESSAGES.get(status, "Error"), status)
-
-
-def unparsed_status(status):
-    """The status stepd answers a request gunicorn could not parse with, for gunicorn's own: the
-    client's fault is a 412 like any other bad input, 403 and 500 stay (front.py, httplogs.py)."""
-    return status if status in (403, 500) else 412
-
-
-def error_document(status, data):
-    """An error's envelope as a dict, for answers written outside Flask (gunicorn's own)."""
-    return document(data, ERROR_MESSAGES[status])
 
 
 # -- a view's input and output --------------------------------------------------------------
@@ -173,73 +119,6 @@ def load_query(schema_class):
     return schema.load(given)
 
 
-# -- errors ---------------------------------------------------------------------------------
-def on_validation_error(exc):
-    messages = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
-    return error(412, messages)
-
-
-def on_unreadable_body(exc):
-    """A body gunicorn cannot read when the app reads it: a malformed chunked body (an invalid,
-    negative or unterminated chunk: InvalidChunkSize and the like), or one that ended before it
-    was complete. The client's fault, so a 412 like any other body that cannot be read."""
-    if isinstance(exc, NoMoreData | ClientDisconnected):  # gunicorn's, or Werkzeug's for a short read
-        text = "The body ended before it was complete."
-    else:
-        text = f"The body's chunked encoding cannot be read: {type(exc).__name__}: {exc}"
-    return error(412, {"_schema": [text[:300]]})
-
-
-def on_precondition_failed(exc):
-    return error(412, {WIRE_NAMES.get(field, field): messages for field, messages in exc.errors.items()})
-
-
-def on_not_found(exc):
-    return error(404, str(exc))
-
-
-def on_busy(exc):
-    response = error(503, BUSY_TEXT)
-    response.headers["Retry-After"] = "1"
-    return response
-
-
-def on_unwritable(exc):
-    """A full disk: reads go on, and writes work again once space is freed."""
-    log.error("database cannot be written on %s %s: %s", request.method, request.path, exc)
-    response = error(503, UNWRITABLE_TEXT)
-    response.headers["Retry-After"] = "5"
-    return response
-
-
-def on_unavailable(exc):
-    log.warning("database does not answer on %s %s: %s", request.method, request.path, exc)
-    return error(503, UNAVAILABLE_TEXT)
-
-
-def on_no_runner(exc):
-    log.warning("health check: %s", exc)
-    return error(503, str(exc))
-
-
-def on_http_error(exc):
-    if exc.code == 405:
-        response = error(405, f"This path does not accept {request.method}.")
-        response.headers["Allow"] = ", ".join(sorted(exc.valid_methods or ()))
-        return response
-    if exc.code in ERROR_TEXT:
-        return error(exc.code, ERROR_TEXT[exc.code])
-    if exc.code < 500:  # any other client error is bad input: a 412 like the rest
-        return error(412, {"_schema": [exc.description]})
-    return on_unexpected_error(exc)
-
-
-def on_unexpected_error(exc):
-    error_id = uuid.uuid4().hex
-    log.error("unexpected error %s on %s %s", error_id, request.method, request.path, exc_info=exc)
-    return error(500, error_id)
-
-
 # -- the request id, and the headers of every answer -------------------------------------------
 def _valid_request_id(value):
     return value and len(value) <= 128 and all(" " <= ch <= "~" for ch in value)
@@ -279,23 +158,9 @@ def finish_response(response):
 
 
 def init_app(app):
-    """Frame every answer of `app`: body limit, request ids, headers, and every error's handler."""
+    """Frame every answer of `app`: body limit, request ids, headers (errors.init_app adds the
+    error handler)."""
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
     app.before_request(assign_request_id)
     app.after_request(finish_response)
-    for exception, handler in (
-        (ValidationError, on_validation_error),
-        (ParseException, on_unreadable_body),  # raised by gunicorn's reader of the request body
-        (NoMoreData, on_unreadable_body),
-        (ClientDisconnected, on_unreadable_body),
-        (PreconditionFailed, on_precondition_failed),
-        (NotFound, on_not_found),
-        (Busy, on_busy),
-        (Unwritable, on_unwritable),
-        (Unavailable, on_unavailable),
-        (NoRunner, on_no_runner),
-        (HTTPException, on_http_error),
-        (Exception, on_unexpected_error),
-    ):
-        app.register_error_handler(exception, handler)

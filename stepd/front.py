@@ -14,7 +14,7 @@ import uuid
 from gunicorn import util
 from gunicorn.app.base import BaseApplication
 
-from stepd.envelope import ERROR_MESSAGES, error_document, unparsed_status
+from stepd.errors import STATUSES, error_document, unparsed_status
 from stepd.httplogs import GunicornLogger
 
 
@@ -90,7 +90,7 @@ def envelope_gunicorn_errors():
             data = {"_schema": [f"{reason}: {mesg}"[:300]]}
         body = json.dumps(error_document(status, data)).encode()
         head = (
-            f"HTTP/1.1 {status} {ERROR_MESSAGES[status]}\r\nConnection: close\r\n"
+            f"HTTP/1.1 {status} {STATUSES[status].message}\r\nConnection: close\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             f"X-Request-Id: {uuid.uuid4().hex}\r\nX-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n\r\n"
         )

@@ -11,7 +11,7 @@ import sys
 from flask import g, has_request_context
 from gunicorn import glogging
 
-from stepd.envelope import unparsed_status
+from stepd.errors import unparsed_status
 from stepd.logs import ACCESS_LINE_FORMAT, install_handler, log_format_in_use, make_handler
 
 

@@ -13,6 +13,7 @@ from flask import current_app, request
 from marshmallow import ValidationError
 
 from stepd.auth import current_principal
+from stepd.errors import answer_for
 from stepd.model import PreconditionFailed, now_iso
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -85,11 +86,12 @@ def request_fingerprint():
 
 def answer_of(view, args, kwargs):
     """(the view's response, whether it decided something): exceptions become their error
-    responses as Flask would make them; only a state check's 412 counts as a decision."""
+    responses as Flask would make them; those errors.ERRORS marks `kept` (a state check's 412)
+    count as a decision."""
     try:
         return current_app.make_response(view(*args, **kwargs)), True
     except Exception as exc:  # noqa: BLE001 - each error handler decides what the client sees
-        decided = isinstance(exc, PreconditionFailed)
+        decided = answer_for(exc).kept
         return current_app.make_response(current_app.handle_user_exception(exc)), decided
 
 

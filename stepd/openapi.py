@@ -27,19 +27,10 @@ from marshmallow import fields, validate
 from stepd import model
 from stepd import schemas as s
 from stepd.auth import CHALLENGE, OPERATOR
-from stepd.envelope import ERROR_DESCRIPTIONS, REQUEST_ID_HEADER
+from stepd.envelope import REQUEST_ID_HEADER
+from stepd.errors import ERRORS, STATUSES
 
 PATH_NAMES = {"process_id": "processId", "step_id": "processStepId"}
-ERROR_SCHEMAS = {
-    401: s.TextErrorEnvelope,
-    403: s.TextErrorEnvelope,
-    404: s.TextErrorEnvelope,
-    405: s.TextErrorEnvelope,
-    412: s.FieldErrorsEnvelope,
-    413: s.TextErrorEnvelope,
-    500: s.ServerErrorEnvelope,
-    503: s.TextErrorEnvelope,
-}
 TAGS = {
     "processes": "Start processes, read and find them, cancel them.",
     "steps": "Read steps; restart or skip failed ones; complete or fail the ones waiting on outside work.",
@@ -93,6 +84,10 @@ REPLAYED_HEADER = {
     "description": "`true` when this is the kept answer to an earlier request with the same Idempotency-Key.",
     "schema": {"type": "string", "enum": ["true"]},
 }
+# The statuses of the errors answered with a Retry-After (errors.ERRORS): their documents list it.
+RETRY_STATUSES = {row.status for row in ERRORS.values() if row.retry_after is not None}
+# The error statuses an Idempotency-Key keeps (errors.ERRORS), and so may replay.
+KEPT_STATUSES = {row.status for row in ERRORS.values() if row.kept}
 _envelopes = {}  # one envelope class per data schema, so apispec names each once
 
 
@@ -232,15 +227,16 @@ def _response(status, description, schema, idempotent=False):
     headers = {REQUEST_ID_HEADER: REQUEST_ID_RESPONSE_HEADER}
     if status == 401:
         headers["WWW-Authenticate"] = WWW_AUTHENTICATE_HEADER
-    if status == 503:
+    if status in RETRY_STATUSES:
         headers["Retry-After"] = RETRY_AFTER_HEADER
     if idempotent:  # the answers an Idempotency-Key keeps, and so may replay
         headers["Idempotent-Replayed"] = REPLAYED_HEADER
     return {"description": description, "headers": headers, "content": _json(schema)}
 
 
-def _error_response(status):
-    return _response(status, ERROR_DESCRIPTIONS[status], ERROR_SCHEMAS[status])
+def _error_response(status, idempotent=False):
+    """An error status's answer, as errors.STATUSES describes it."""
+    return _response(status, STATUSES[status].description, STATUSES[status].schema, idempotent)
 
 
 def _operation(view):
@@ -255,9 +251,7 @@ def _operation(view):
     if meta["body"] is not None:
         errors |= {412, 413}
     for status in sorted(errors):  # a 412 from a check of the state is kept for the key too
-        responses[str(status)] = _response(
-            status, ERROR_DESCRIPTIONS[status], ERROR_SCHEMAS[status], idempotent and status == 412
-        )
+        responses[str(status)] = _error_response(status, idempotent and status in KEPT_STATUSES)
     operation = {
         "operationId": view.__name__,
         "summary": (view.__doc__ or "").strip().splitlines()[0],
