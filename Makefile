@@ -1,6 +1,8 @@
 # Everyday commands. `make run` and `make test` set up .venv/ themselves on first use.
 # PYTHON makes .venv/: Python 3.11 or newer (another one: make run PYTHON=python3.12).
 PYTHON ?= python3
+# No "make[1]: Entering directory" lines (make -C, or make under make): `make run` prints only stepd's.
+MAKEFLAGS += --no-print-directory
 VENV := .venv
 BIN := $(VENV)/bin
 

@@ -377,7 +377,12 @@ def start_make_run(tmp_path):
     """`make run` in its own process group on a free port; returns (process, url, log path)."""
     port = free_port()
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("STEPD_") and k not in ("MAKEFLAGS", "MFLAGS")},
+        # as a user's shell runs it (not as a make under `make test`, which would say MAKELEVEL's lines)
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("STEPD_") and k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")
+        },
         "STEPD_PORT": str(port),
         "STEPD_DB": str(tmp_path / "made.db"),
         "STEPD_TOKEN": "make-run-token",

@@ -5,6 +5,7 @@ delegate that imports the user's own `config.py`, drives a process to COMPLETED 
 stops with one SIGTERM."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,12 +42,26 @@ def run(*args, **kwargs):
 def installed(tmp_path_factory):
     """(venv folder, wheel path): the wheel built from the checkout, installed into a fresh venv."""
     where = tmp_path_factory.mktemp("wheel")
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(where / "dist"), str(ROOT))
+    source = where / "source"  # the tracked files only: the wheel needs nothing else, and the build
+    for path in tracked_files():  # leaves its build/ folder there, not in the checkout
+        (source / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / path, source / path)
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(where / "dist"), str(source))
     [wheel] = (where / "dist").glob("stepd-*.whl")
     venv = where / "venv"
     run(sys.executable, "-m", "venv", str(venv))
     run(str(venv / "bin" / "pip"), "install", "--quiet", str(wheel))
     return venv, wheel
+
+
+def tracked_files():
+    """The checkout's files as git has them (what a fresh clone holds); without git, the ones a
+    build reads."""
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode == 0 and listed.stdout:
+        return [line for line in listed.stdout.splitlines() if (ROOT / line).is_file()]
+    stepd_files = [str(p.relative_to(ROOT)) for p in (ROOT / "stepd").rglob("*.py")]
+    return ["pyproject.toml", "README.md", "LICENSE", "requirements.txt", *stepd_files]
 
 
 def test_the_wheel_holds_only_the_stepd_package(installed):
