@@ -1,11 +1,11 @@
-"""Retention under load: purge 100,000 finished processes while writes go on (SPEC 10).
+"""Retention under load: purge 100,000 finished processes while writes go on.
 
     .venv/bin/python bench/purge.py [--processes 100000] [--steps 3] [--writers 2] [--interval 0.05]
 
 Seeds a fresh file with PROCESSES processes that COMPLETED 40 days ago (STEPS steps and attempts
 each) and 10,000 FAILED ones (never deleted), starts stepd as `make run` does, and lets WRITERS
 threads each start a one-step process every INTERVAL seconds. After a few seconds of that alone,
-it runs `flask --app app purge --older-than 30` beside the running service, as an operator would.
+it runs `stepd purge --older-than 30` beside the running service, as an operator would.
 Prints the purge's rows/s, the longest write (POST /api/v1/processes) during the purge against
 the longest before it, and the file's size before, after, and after as many processes are
 written again (freed pages are reused: the file does not grow). Not part of `make test`.
@@ -38,7 +38,6 @@ from stepd.model import iso  # noqa: E402
 from stepd.retention import BATCH_ROWS  # noqa: E402
 
 TOKEN = "purge-bench-token"
-FLASK = Path(sys.executable).parent / "flask"
 KEPT_FAILED = 10_000
 WARM_UP_SECONDS = 5.0  # the service's first seconds run slower: not measured
 QUIET_SECONDS = 5.0  # then writes alone, before the purge: what "normal" looks like
@@ -170,7 +169,7 @@ def main():
             purge_began = time.monotonic()
             env = {**server.env, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
             done = subprocess.run(
-                [str(FLASK), "--app", "app", "purge", "--older-than", "30"],
+                [sys.executable, "-m", "stepd", "purge", "--older-than", "30"],
                 cwd=ROOT,
                 env=env,
                 capture_output=True,

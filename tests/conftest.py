@@ -316,7 +316,8 @@ def contract_store(open_store):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The reliability figures of this run (README, section Reliability), if those tests ran."""
+    """The reliability figures of this run (docs/design.md says what each test checks; BENCHMARKS.md
+    keeps dated figures), if those tests ran."""
     if FIGURES:
         terminalreporter.section("reliability figures")
         for name, text in sorted(FIGURES.items()):

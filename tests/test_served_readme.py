@@ -1,10 +1,12 @@
-"""The README's shell recipes run, as written, against a real server: the curl walkthrough, and
-the recipe that keeps the first token's secret."""
+"""The README's shell recipes run, as written, against a real server: the two curl walkthroughs
+(also where a step never gets where they wait for it), and the recipe that keeps the first
+token's secret (in a file only its owner can read)."""
 
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import time
 
@@ -124,7 +126,11 @@ def stop_group(recipe):
 
 def test_the_token_recipe_keeps_this_starts_secret_after_a_fresh_start(tmp_path):
     """`tee -a` and `grep -m1` kept the first secret ever written: after `rm -rf var` and a new start,
-    a stale one (401)."""
+    a stale one (401). And stepd.err, which holds the secret, is readable by its owner alone (0600),
+    also where an earlier run of an older recipe left one that anyone could read."""
+    held = tmp_path / "stepd.err"
+    held.write_text("an older run's standard error\n")
+    held.chmod(0o644)
     secrets = []
     for _ in range(2):
         port = free_port()
@@ -133,6 +139,8 @@ def test_the_token_recipe_keeps_this_starts_secret_after_a_fresh_start(tmp_path)
             assert secret.startswith("stepd_"), secret
             answer = requests.get(f"http://127.0.0.1:{port}{P}", headers={"Authorization": f"Bearer {secret}"})
             assert answer.status_code == 200, answer.text
+            assert stat.S_IMODE(held.stat().st_mode) == 0o600, oct(held.stat().st_mode)
+            assert secret in held.read_text() and "an older run" not in held.read_text()
         finally:
             stop_group(recipe)
         secrets.append(secret)
@@ -149,12 +157,36 @@ def test_the_recipes_files_are_not_in_git_status():
     assert ignored.stdout.split() == files, ignored
 
 
-@NEEDS_CURL_AND_JQ
-def test_the_results_skip_and_cancel_walkthrough_runs_with_its_delegates(server_factory, tmp_path):
+def lifecycle_delegates(tmp_path):
+    """The README's delegate module of the lifecycle walkthrough, in a folder of its own."""
     folder = tmp_path / "my_delegates"
     folder.mkdir()
     (folder / "invoices.py").write_text(block("lifecycle", "python"))
-    server = server_factory(delegates=folder).start()
+    return folder
+
+
+def test_every_wait_of_the_walkthroughs_is_bounded():
+    """A bare `until`/`while` loop would poll forever when a step never gets where it waits for."""
+    for name in ("walkthrough", "lifecycle"):
+        assert not re.search(r"^\s*(until|while)\b", block(name), re.M), name
+    assert block("lifecycle").count("wait_until ") >= 4
+
+
+@NEEDS_CURL_AND_JQ
+def test_the_results_skip_and_cancel_walkthrough_gives_up_on_a_wait_that_never_ends(server_factory, tmp_path):
+    server = server_factory(delegates=lifecycle_delegates(tmp_path), runners=0).start()  # no runner: never COMPLETED
+    began = time.monotonic()
+    done = run_script(server, block("lifecycle"))
+    took = time.monotonic() - began
+    assert done.returncode != 0
+    assert took < 30, took  # each wait gives up after 10 s
+    assert "still RUNNING after 10 s, not COMPLETED" in done.stderr, done.stderr
+    assert done.stdout == ""  # it stopped at its first wait
+
+
+@NEEDS_CURL_AND_JQ
+def test_the_results_skip_and_cancel_walkthrough_runs_with_its_delegates(server_factory, tmp_path):
+    server = server_factory(delegates=lifecycle_delegates(tmp_path)).start()
     done = run_script(server, block("lifecycle"))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
