@@ -1,4 +1,4 @@
-"""Settings from STEPD_* environment variables, with the defaults of SPEC section 8."""
+"""Settings from STEPD_* environment variables, with their defaults (the README's Configuration)."""
 
 import math
 import os

@@ -133,6 +133,9 @@ class Database:
         temporary file first and renamed, so `target` is never half a copy. Returns its pages."""
         target = Path(target)
         partial = target.with_name(target.name + ".part")
+        partial.unlink(missing_ok=True)
+        # Readable by its owner only, as the database is: the copy holds every param and the tokens' hashes.
+        os.close(os.open(partial, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
         with sqlite_errors():
             source = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
             copy = sqlite3.connect(partial)

@@ -35,7 +35,7 @@ log = logging.getLogger("stepd")
 class Status:
     """What every error answer of one status shares."""
 
-    message: str  # the envelope's `message` (SPEC section 1)
+    message: str  # the envelope's `message`, fixed by the status
     description: str  # what the OpenAPI document says of it
     schema: type  # the envelope its `data` fits, for the document
 

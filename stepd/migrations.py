@@ -109,7 +109,7 @@ MIGRATIONS = [
     );
     CREATE INDEX idempotent_requests_by_age ON idempotent_requests (created_at);
     """,
-    # 3: process data and lifecycle (SPEC 10): the CANCELLED and SKIPPED statuses (a CANCELLED
+    # 3: process data and lifecycle: the CANCELLED and SKIPPED statuses (a CANCELLED
     # attempt too), who intervened, when and why, and the indexes of retention and the new list
     # filters. A CHECK constraint cannot be altered in SQLite, so the three tables are rebuilt:
     # each new table refers to the other new ones (processes_v3, steps_v3), so no old table is

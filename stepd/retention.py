@@ -1,5 +1,5 @@
 """Retention: deleting processes that finished (COMPLETED or CANCELLED) more than some days ago,
-with their steps and attempts, in small batches (SPEC 10).
+with their steps and attempts, in small batches (STEPD_RETENTION_DAYS, `stepd purge`).
 
 Each batch is one write transaction of at most BATCH_ROWS rows (whole processes: a process with
 more rows than that is a batch of its own), and after each one the purge waits PAUSE_FACTOR times
@@ -11,7 +11,7 @@ proportion to its rows: on the 2-core VM of BENCHMARKS.md, beside a service unde
 FAILED and RUNNING processes are never deleted. Freed pages go to SQLite's freelist and are
 reused by the rows written next: the file stops growing, it does not shrink (see the README).
 
-`purge` does it once (`flask --app app purge`); `Retention` is the runners' housekeeping chore
+`purge` does it once (`stepd purge`); `Retention` is the runners' housekeeping chore
 for STEPD_RETENTION_DAYS.
 """
 

@@ -122,7 +122,7 @@ def _intervention(row):
 
 
 def merged_results(results):
-    """Results merged in position order, a later step's name winning (SPEC 10's variables).
+    """Results merged in position order, a later step's name winning (a process's variables).
 
     `results`: {position: typed params} of the steps that have a result."""
     variables = {}
@@ -132,7 +132,7 @@ def merged_results(results):
 
 
 def _phase(row, now):
-    """Where a STARTED step is (SPEC section 9); None for every other status."""
+    """Where a STARTED step is (its phase); None for every other status."""
     if row["status"] != "STARTED":
         return None
     if row["deferred"]:
@@ -443,7 +443,7 @@ class Store:
 
     def earlier_results(self, step_id):
         """{position: result} of the steps before this one in its process that have a result
-        (SPEC 10's ctx.results, typed), as the database has them now."""
+        (ctx.results, typed), as the database has them now."""
         rows = self.db.rows(
             "SELECT e.position, e.result FROM steps s JOIN steps e ON e.process_id = s.process_id"
             " AND e.position < s.position WHERE s.id = ? AND e.result IS NOT NULL ORDER BY e.position",

@@ -156,6 +156,7 @@ def test_backup_copies_a_consistent_file_beside_writers(app, api, tmp_path):
             assert conn.execute("PRAGMA user_version").fetchone()[0] == db_module.SCHEMA_VERSION
         assert before <= ids
     assert not list(tmp_path.glob("*.part"))
+    assert {copy.stat().st_mode & 0o777 for copy in copies} == {0o600}  # private, as the database is
     assert api.get(P).status_code == 200  # the service went on
 
 
