@@ -460,9 +460,16 @@ class Server:
         )
         if wait:
             wait_for(self._healthy, timeout=20, interval=0.1, what="the service to answer /healthz")
-            wait_for(lambda: len(self.worker_pids()) == int(self.env["STEPD_WORKERS"]), timeout=20, what="workers")
+            wait_for(self._workers_booted, timeout=20, what="workers")
             wait_for(self._runners_alive, timeout=20, interval=0.1, what="the runners to register")
         return self
+
+    def _workers_booted(self):
+        """Every HTTP worker is forked and has booted. A worker's SIGTERM handler is only set once
+        it boots: a SIGTERM sent before then is lost, and the stop waits out gunicorn's
+        graceful_timeout (5 s) for that worker."""
+        pids = self.worker_pids()
+        return len(pids) == int(self.env["STEPD_WORKERS"]) and all(map(_worker_booted, pids))
 
     def _healthy(self):
         if self.proc.poll() is not None:
@@ -570,6 +577,20 @@ class Server:
     def walk(self, path, limit, cursor=None, **query):
         """Every page of a listing from `cursor` on, as lists of items."""
         return walk_pages(lambda params: self.get(path, params=params), limit, cursor, query)
+
+
+def _worker_booted(pid):
+    """True once a gunicorn worker runs: the heartbeat file gunicorn's master made for it (an
+    unlinked wgunicorn-* file) has been touched by the worker, which writes time.monotonic() as its
+    mtime, a time long before any real file's. Just after the fork the worker still holds its
+    siblings' heartbeat files too: every one it holds must have been touched."""
+    touched = []
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                if "/wgunicorn-" in os.readlink(fd):
+                    touched.append(os.stat(fd).st_mtime < 1e9)  # before 2001-09-09: a monotonic clock's time
+    return bool(touched) and all(touched)
 
 
 def _is_zombie(pid):

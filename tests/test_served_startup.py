@@ -410,7 +410,7 @@ def start_with_split_output(server):
             start_new_session=True,
         )
     wait_for(server._healthy, timeout=20, interval=0.1, what="the service to answer /healthz")
-    wait_for(lambda: len(server.worker_pids()) == int(server.env["STEPD_WORKERS"]), timeout=20, what="workers")
+    wait_for(server._workers_booted, timeout=20, what="workers")
     return stdout_path
 
 
