@@ -6,7 +6,9 @@ The test files are named by what they touch:
     test_<module>.py        one module alone, no app (test_config, test_delegates, test_runner,
                             test_store, test_invariants)
     test_api_<topic>.py     the app in this process: create_app and Flask's test client (fixture api)
-    test_served_<topic>.py  real gunicorn processes on loopback (fixture server_factory, class Server)
+    test_served_<topic>.py  real gunicorn processes on loopback (class Server): a service of the
+                            test's own (fixture server_factory), or the session's shared default
+                            one (fixture served)
 """
 
 import base64
@@ -269,6 +271,15 @@ def db_dump(db_path, skip=("runners",)):
         }
     finally:
         conn.close()
+
+
+def queued_steps(db_path):
+    """How many steps wait for a runner to claim them (STARTED, not deferred, no retry pending)."""
+    return db_rows(
+        db_path,
+        "SELECT COUNT(*) FROM steps"
+        " WHERE status = 'STARTED' AND deferred = 0 AND next_retry_at IS NULL AND runner_id IS NULL",
+    )[0][0]
 
 
 def insert_failed_steps(store, count, step_type="fail", start=None, params=None, process_id=None):
@@ -577,6 +588,11 @@ class Server:
     def walk(self, path, limit, cursor=None, **query):
         """Every page of a listing from `cursor` on, as lists of items."""
         return walk_pages(lambda params: self.get(path, params=params), limit, cursor, query)
+
+
+def process_ids(server):
+    """The id of every process the service lists, page by page."""
+    return {p["processId"] for page in server.walk(P, 500) for p in page}
 
 
 def _worker_booted(pid):

@@ -51,8 +51,8 @@ def test_readme_names_the_two_commands_near_the_top():
 
 
 @NEEDS_CURL_AND_JQ
-def test_walkthrough_runs_against_a_real_server(server_factory):
-    server = server_factory().start()
+def test_walkthrough_runs_against_a_real_server(served):
+    server = served
     done = walk(server, server.token)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -64,8 +64,8 @@ def test_walkthrough_runs_against_a_real_server(server_factory):
 
 
 @NEEDS_CURL_AND_JQ
-def test_walkthrough_with_a_bad_token_stops_at_once_and_shows_why(server_factory):
-    server = server_factory().start()
+def test_walkthrough_with_a_bad_token_stops_at_once_and_shows_why(served):
+    server = served
     for token in ("stepd_a-stale-or-wrong-secret", ""):
         began = time.monotonic()
         done = walk(server, token)

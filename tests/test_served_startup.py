@@ -253,13 +253,13 @@ def test_settings_workers_db_path_and_log_level(server_factory, tmp_path):
     assert "started with" not in output and "attempt 1 failed" not in output
 
 
-def test_log_level_info_and_request_ids(server_factory, tmp_path):
-    server = server_factory(db_path=tmp_path / "loud.db").start()
+def test_log_level_info_and_request_ids(served):
+    server = served
     # The defaults of the other side: INFO lines are written.
     process = server.start_process(("check", {"ok": 0}))
     step_id = process["steps"][0]["processStepId"]
     server.wait_step(step_id, "FAILED")
-    wait_for(lambda: "attempt 1 failed" in server.output(), what="the INFO line of the failed step")
+    wait_for(lambda: f"step {step_id} attempt 1 failed" in server.output(), what="the INFO line of the failed step")
     assert "stepd.runner: runner" in server.output()
 
     cases = [
