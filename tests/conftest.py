@@ -258,7 +258,7 @@ def served(default_service):
 
 @pytest.fixture
 def server_factory(tmp_path):
-    """Start real gunicorn servers; every one is stopped at the end of the test."""
+    """Start real gunicorn servers; every one still running is killed at the end of the test."""
     servers = []
 
     def make(**kwargs):
@@ -269,7 +269,7 @@ def server_factory(tmp_path):
 
     yield make
     for server in servers:
-        server.stop()
+        server.discard()
 
 
 @pytest.fixture
