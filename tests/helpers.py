@@ -503,11 +503,7 @@ class Server:
 
     def gunicorn_pid(self):
         """The gunicorn master's pid (`python -m stepd http`, a child of `stepd serve`), or None."""
-        for pid in self._children(self.proc.pid):
-            with contextlib.suppress(FileNotFoundError):
-                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2:] == [b"http", b""]:
-                    return pid
-        return None
+        return next((pid for pid in self._children(self.proc.pid) if _is_http_front(pid)), None)
 
     def worker_pids(self):
         """The HTTP workers' pids."""
@@ -596,6 +592,25 @@ class Server:
     def walk(self, path, limit, cursor=None, **query):
         """Every page of a listing from `cursor` on, as lists of items."""
         return walk_pages(lambda params: self.get(path, params=params), limit, cursor, query)
+
+
+def http_workers_booted(pgid, workers=2):
+    """For a service started otherwise than by Server (`make run`, an installed `stepd serve`) in
+    the process group `pgid`: True once its gunicorn master has `workers` workers and every one has
+    booted (see Server._workers_booted: a SIGTERM that reaches a worker still booting is lost)."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(ValueError, ProcessLookupError):
+            if os.getpgid(int(entry.name)) == pgid and _is_http_front(int(entry.name)):
+                pids = Server._children(int(entry.name))
+                return len(pids) == workers and all(map(_worker_booted, pids))
+    return False
+
+
+def _is_http_front(pid):
+    """Whether `pid` is the gunicorn master of a service (`python -m stepd http`)."""
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2:] == [b"http", b""]
+    return False
 
 
 def process_ids(server):

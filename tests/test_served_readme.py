@@ -10,7 +10,7 @@ import time
 
 import pytest
 import requests
-from helpers import ROOT, P, free_port, wait_for
+from helpers import ROOT, P, free_port, http_workers_booted, wait_for
 
 README = (ROOT / "README.md").read_text()
 NEEDS_CURL_AND_JQ = pytest.mark.skipif(
@@ -130,6 +130,7 @@ def test_the_token_recipe_keeps_this_starts_secret_after_a_fresh_start(tmp_path)
         port = free_port()
         secret, recipe = keep_secret(tmp_path, port)
         try:
+            wait_for(lambda r=recipe: http_workers_booted(r.pid), timeout=20, what="the workers to boot")
             assert secret.startswith("stepd_"), secret
             answer = requests.get(f"http://127.0.0.1:{port}{P}", headers={"Authorization": f"Bearer {secret}"})
             assert answer.status_code == 200, answer.text

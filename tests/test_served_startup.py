@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import RESTART, ROOT, STEPD, STEPS, P, calls, db_rows, free_port, wait_for
+from helpers import RESTART, ROOT, STEPD, STEPS, P, calls, db_rows, free_port, http_workers_booted, wait_for
 
 from stepd import migrations
 
@@ -332,6 +332,7 @@ def test_make_run_serves(tmp_path):
                 return False
 
         wait_for(healthy, timeout=30, interval=0.1, what="make run to answer /healthz")
+        wait_for(lambda: http_workers_booted(proc.pid), timeout=20, what="the workers to boot")
         response = requests.get(url + P, headers={"Authorization": "Bearer make-run-token"}, timeout=5)
         assert response.status_code == 200, response.text
         assert response.json()["data"] == {"items": [], "nextCursor": None}
@@ -357,6 +358,7 @@ def test_sigkill_of_make_run_stops_the_service_and_frees_the_port(tmp_path):
     headers = {"Authorization": "Bearer make-run-token"}
     try:
         wait_for(lambda: answers(url), timeout=30, interval=0.1, what="make run to answer /healthz")
+        wait_for(lambda: http_workers_booted(proc.pid), timeout=20, what="the workers to boot")
         body = {"steps": [{"type": "sleep", "params": {"seconds": {"type": "DOUBLE", "doubleValue": 60.0}}}]}
         step_id = requests.post(url + P, json=body, headers=headers, timeout=5).json()["data"]["steps"][0][
             "processStepId"
