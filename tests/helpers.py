@@ -350,6 +350,10 @@ def insert_finished_processes(db_path, count, status="COMPLETED", finished=None,
 
 
 # -- the app in this process: Flask's test client --------------------------------------------------
+# Seconds between two reads of a wait on the app in this process (a read takes about a millisecond).
+IN_PROCESS_POLL = 0.005
+
+
 class Api:
     """The Flask test client with credentials, and the calls most tests make."""
 
@@ -388,15 +392,22 @@ class Api:
 
     def wait_process(self, process_id, status, timeout=10.0):
         return wait_for(
-            lambda: (p := self.process(process_id))["status"] == status and p, timeout, what=f"process {status}"
+            lambda: (p := self.process(process_id))["status"] == status and p,
+            timeout,
+            IN_PROCESS_POLL,
+            what=f"process {status}",
         )
 
     def wait_step(self, step_id, status, timeout=10.0):
-        return wait_for(lambda: (s := self.step(step_id))["status"] == status and s, timeout, what=f"step {status}")
+        return wait_for(
+            lambda: (s := self.step(step_id))["status"] == status and s, timeout, IN_PROCESS_POLL, what=f"step {status}"
+        )
 
     def wait_deferred(self, step_id):
         """The step once its delegate has deferred it (STARTED, waiting for complete-step or fail-step)."""
-        return wait_for(lambda: (s := self.step(step_id))["deferred"] and s, what="deferred step")
+        return wait_for(
+            lambda: (s := self.step(step_id))["deferred"] and s, interval=IN_PROCESS_POLL, what="deferred step"
+        )
 
     def restart(self, step_id, **params):
         body = {"processStepId": step_id}
