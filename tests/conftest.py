@@ -20,6 +20,7 @@ from helpers import (
     Api,
     Server,
     basic,
+    queued_steps,
     wait_for,
 )
 
@@ -234,9 +235,30 @@ def scenario(api):
 
 
 # -- real gunicorn ---------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def default_service(tmp_path_factory):
+    """The service `served` hands out: started once, at its first use, and stopped at the end."""
+    server = Server(db_path=tmp_path_factory.mktemp("served") / "served.db").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def served(default_service):
+    """One real service with Server's defaults (2 HTTP workers, 1 runner of 4 threads, the delegates
+    of tests/plugins, STEPD_TOKEN: the principal 'env'), shared by every test of the session that
+    only uses it: such a test does not stop, kill, restart or reconfigure it, and keeps to its own
+    processes (never all of the database's) and to the log lines written while it ran
+    (`offset = len(served.output())` first). Each test leaves it idle: nothing it started queued."""
+    assert default_service.proc.poll() is None, f"the shared service stopped:\n{default_service.output()[-3000:]}"
+    yield default_service
+    assert default_service.proc.poll() is None, "a test stopped the shared service"
+    wait_for(lambda: not queued_steps(default_service.env["STEPD_DB"]), timeout=60, what="its queue to empty")
+
+
 @pytest.fixture
 def server_factory(tmp_path):
-    """Start real gunicorn servers; every one is stopped at the end of the test."""
+    """Start real gunicorn servers; every one still running is killed at the end of the test."""
     servers = []
 
     def make(**kwargs):
@@ -247,7 +269,7 @@ def server_factory(tmp_path):
 
     yield make
     for server in servers:
-        server.stop()
+        server.discard()
 
 
 @pytest.fixture

@@ -6,7 +6,9 @@ The test files are named by what they touch:
     test_<module>.py        one module alone, no app (test_config, test_delegates, test_runner,
                             test_store, test_invariants)
     test_api_<topic>.py     the app in this process: create_app and Flask's test client (fixture api)
-    test_served_<topic>.py  real gunicorn processes on loopback (fixture server_factory, class Server)
+    test_served_<topic>.py  real gunicorn processes on loopback (class Server): a service of the
+                            test's own (fixture server_factory), or the session's shared default
+                            one (fixture served)
 """
 
 import base64
@@ -271,6 +273,15 @@ def db_dump(db_path, skip=("runners",)):
         conn.close()
 
 
+def queued_steps(db_path):
+    """How many steps wait for a runner to claim them (STARTED, not deferred, no retry pending)."""
+    return db_rows(
+        db_path,
+        "SELECT COUNT(*) FROM steps"
+        " WHERE status = 'STARTED' AND deferred = 0 AND next_retry_at IS NULL AND runner_id IS NULL",
+    )[0][0]
+
+
 def insert_failed_steps(store, count, step_type="fail", start=None, params=None, process_id=None):
     """`count` FAILED one-step processes written straight into the file (much faster than running them);
     failure times are 1 ms apart from `start`, oldest first. Returns the step ids in that order."""
@@ -339,6 +350,10 @@ def insert_finished_processes(db_path, count, status="COMPLETED", finished=None,
 
 
 # -- the app in this process: Flask's test client --------------------------------------------------
+# Seconds between two reads of a wait on the app in this process (a read takes about a millisecond).
+IN_PROCESS_POLL = 0.005
+
+
 class Api:
     """The Flask test client with credentials, and the calls most tests make."""
 
@@ -377,15 +392,22 @@ class Api:
 
     def wait_process(self, process_id, status, timeout=10.0):
         return wait_for(
-            lambda: (p := self.process(process_id))["status"] == status and p, timeout, what=f"process {status}"
+            lambda: (p := self.process(process_id))["status"] == status and p,
+            timeout,
+            IN_PROCESS_POLL,
+            what=f"process {status}",
         )
 
     def wait_step(self, step_id, status, timeout=10.0):
-        return wait_for(lambda: (s := self.step(step_id))["status"] == status and s, timeout, what=f"step {status}")
+        return wait_for(
+            lambda: (s := self.step(step_id))["status"] == status and s, timeout, IN_PROCESS_POLL, what=f"step {status}"
+        )
 
     def wait_deferred(self, step_id):
         """The step once its delegate has deferred it (STARTED, waiting for complete-step or fail-step)."""
-        return wait_for(lambda: (s := self.step(step_id))["deferred"] and s, what="deferred step")
+        return wait_for(
+            lambda: (s := self.step(step_id))["deferred"] and s, interval=IN_PROCESS_POLL, what="deferred step"
+        )
 
     def restart(self, step_id, **params):
         body = {"processStepId": step_id}
@@ -460,9 +482,16 @@ class Server:
         )
         if wait:
             wait_for(self._healthy, timeout=20, interval=0.1, what="the service to answer /healthz")
-            wait_for(lambda: len(self.worker_pids()) == int(self.env["STEPD_WORKERS"]), timeout=20, what="workers")
+            wait_for(self._workers_booted, timeout=20, what="workers")
             wait_for(self._runners_alive, timeout=20, interval=0.1, what="the runners to register")
         return self
+
+    def _workers_booted(self):
+        """Every HTTP worker is forked and has booted. A worker's SIGTERM handler is only set once
+        it boots: a SIGTERM sent before then is lost, and the stop waits out gunicorn's
+        graceful_timeout (5 s) for that worker."""
+        pids = self.worker_pids()
+        return len(pids) == int(self.env["STEPD_WORKERS"]) and all(map(_worker_booted, pids))
 
     def _healthy(self):
         if self.proc.poll() is not None:
@@ -485,11 +514,7 @@ class Server:
 
     def gunicorn_pid(self):
         """The gunicorn master's pid (`python -m stepd http`, a child of `stepd serve`), or None."""
-        for pid in self._children(self.proc.pid):
-            with contextlib.suppress(FileNotFoundError):
-                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2:] == [b"http", b""]:
-                    return pid
-        return None
+        return next((pid for pid in self._children(self.proc.pid) if _is_http_front(pid)), None)
 
     def worker_pids(self):
         """The HTTP workers' pids."""
@@ -527,6 +552,14 @@ class Server:
         if getattr(self, "log", None):
             self.log.close()
         return self.proc.returncode if self.proc else None  # None: never started
+
+    def discard(self):
+        """End the service at the end of a test, if the test has not: SIGKILL, as kill() does, which
+        takes no time where a SIGTERM stop takes a second or two. (The tests of a stop call stop().)"""
+        if self.proc and self.proc.poll() is None:
+            self.kill()
+        if getattr(self, "log", None):
+            self.log.close()
 
     def headers(self, token=None):
         return {"Authorization": f"Bearer {token or self.token}"}
@@ -570,6 +603,44 @@ class Server:
     def walk(self, path, limit, cursor=None, **query):
         """Every page of a listing from `cursor` on, as lists of items."""
         return walk_pages(lambda params: self.get(path, params=params), limit, cursor, query)
+
+
+def http_workers_booted(pgid, workers=2):
+    """For a service started otherwise than by Server (`make run`, an installed `stepd serve`) in
+    the process group `pgid`: True once its gunicorn master has `workers` workers and every one has
+    booted (see Server._workers_booted: a SIGTERM that reaches a worker still booting is lost)."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(ValueError, ProcessLookupError):
+            if os.getpgid(int(entry.name)) == pgid and _is_http_front(int(entry.name)):
+                pids = Server._children(int(entry.name))
+                return len(pids) == workers and all(map(_worker_booted, pids))
+    return False
+
+
+def _is_http_front(pid):
+    """Whether `pid` is the gunicorn master of a service (`python -m stepd http`)."""
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2:] == [b"http", b""]
+    return False
+
+
+def process_ids(server):
+    """The id of every process the service lists, page by page."""
+    return {p["processId"] for page in server.walk(P, 500) for p in page}
+
+
+def _worker_booted(pid):
+    """True once a gunicorn worker runs: the heartbeat file gunicorn's master made for it (an
+    unlinked wgunicorn-* file) has been touched by the worker, which writes time.monotonic() as its
+    mtime, a time long before any real file's. Just after the fork the worker still holds its
+    siblings' heartbeat files too: every one it holds must have been touched."""
+    touched = []
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                if "/wgunicorn-" in os.readlink(fd):
+                    touched.append(os.stat(fd).st_mtime < 1e9)  # before 2001-09-09: a monotonic clock's time
+    return bool(touched) and all(touched)
 
 
 def _is_zombie(pid):

@@ -11,7 +11,20 @@ import unicodedata
 from collections import Counter
 
 import pytest
-from helpers import CANCEL, COMPLETE, ENV_HEADERS, ENVELOPE_KEYS, FAIL, RESTART, SKIP, STEPS, P, report_figure, wait_for
+from helpers import (
+    CANCEL,
+    COMPLETE,
+    ENV_HEADERS,
+    ENVELOPE_KEYS,
+    FAIL,
+    IN_PROCESS_POLL,
+    RESTART,
+    SKIP,
+    STEPS,
+    P,
+    report_figure,
+    wait_for,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from marshmallow import ValidationError
@@ -400,7 +413,10 @@ def get(client, path):
 def test_cancel_accepts_valid_bodies_and_refuses_the_rest_changing_nothing(module_client, body, use_real_id):
     step_id = started_step(module_client)
     # Once deferred, the process stays as it is (a queued or running step would move on by itself).
-    process_id = wait_for(lambda: (step := get(module_client, f"{STEPS}/{step_id}"))["deferred"] and step)["processId"]
+    deferred = wait_for(
+        lambda: (step := get(module_client, f"{STEPS}/{step_id}"))["deferred"] and step, interval=IN_PROCESS_POLL
+    )
+    process_id = deferred["processId"]
     if use_real_id and isinstance(body, dict) and isinstance(body.get("processId"), str):
         body = {**body, "processId": process_id}
     before = get(module_client, f"{P}/{process_id}")

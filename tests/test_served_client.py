@@ -51,8 +51,8 @@ def mypy(path, package, cache):
     )  # fmt: skip
 
 
-def test_a_generated_client_runs_the_whole_flow_and_type_checks(server_factory, tmp_path):
-    server = server_factory().start()
+def test_a_generated_client_runs_the_whole_flow_and_type_checks(served, tmp_path):
+    server = served
     package = generate_client(requests.get(server.url + OPENAPI, timeout=10).json(), tmp_path)
 
     checked = mypy(FLOW, package, tmp_path / "mypy")

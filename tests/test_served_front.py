@@ -31,8 +31,8 @@ def stall(server):
 
 
 @pytest.mark.timeout(120)
-def test_stalled_clients_take_no_place_of_a_normal_request(server_factory):
-    server = server_factory().start()
+def test_stalled_clients_take_no_place_of_a_normal_request(served):
+    server = served
     sockets = stall(server)
     try:
         time.sleep(0.5)

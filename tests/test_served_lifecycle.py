@@ -57,8 +57,8 @@ def failed_process(server, *more_steps):
 
 
 # -- one of many wins ------------------------------------------------------------------------------------
-def test_of_16_concurrent_cancels_across_workers_one_wins(server_factory, tmp_path):
-    server = server_factory(workers=2).start()
+def test_of_16_concurrent_cancels_across_workers_one_wins(served):
+    server = served
     acknowledged = Acknowledged()
     for _ in range(3):
         process_id, _ = failed_process(server, ("noop", {}))
@@ -88,8 +88,8 @@ def test_of_16_concurrent_skips_across_workers_one_wins_and_the_next_step_runs_o
 
 
 # -- a cancel racing the other changes of state --------------------------------------------------------------
-def test_a_cancel_racing_a_restart_or_a_skip_leaves_one_consistent_state(server_factory, tmp_path):
-    server = server_factory(workers=2).start()
+def test_a_cancel_racing_a_restart_or_a_skip_leaves_one_consistent_state(served):
+    server = served
     db = server.env["STEPD_DB"]
     acknowledged = Acknowledged()
     outcomes = Counter()
@@ -121,8 +121,8 @@ def test_a_cancel_racing_a_restart_or_a_skip_leaves_one_consistent_state(server_
     report_figure("cancel races", f"restart/skip vs cancel, {ROUNDS} rounds: {dict(outcomes)}")
 
 
-def test_a_cancel_racing_a_completion_leaves_one_consistent_state(server_factory, tmp_path):
-    server = server_factory(workers=2).start()
+def test_a_cancel_racing_a_completion_leaves_one_consistent_state(served):
+    server = served
     db = server.env["STEPD_DB"]
     acknowledged = Acknowledged()
     for _ in range(ROUNDS):
@@ -139,8 +139,8 @@ def test_a_cancel_racing_a_completion_leaves_one_consistent_state(server_factory
         assert_consistent(db, acknowledged)
 
 
-def test_a_cancel_racing_a_delegate_that_completes_leaves_one_consistent_state(server_factory, tmp_path):
-    server = server_factory(workers=2).start()
+def test_a_cancel_racing_a_delegate_that_completes_leaves_one_consistent_state(served):
+    server = served
     db = server.env["STEPD_DB"]
     acknowledged = Acknowledged()
     rng = random.Random(11)
@@ -158,8 +158,8 @@ def test_a_cancel_racing_a_delegate_that_completes_leaves_one_consistent_state(s
     report_figure("cancel vs running delegates", f"{ROUNDS} rounds, steps ended as {dict(seen)}")
 
 
-def test_a_cancel_racing_an_automatic_retry_stops_the_retries(server_factory, tmp_path):
-    server = server_factory(workers=2).start()
+def test_a_cancel_racing_an_automatic_retry_stops_the_retries(served, tmp_path):
+    server = served
     db = server.env["STEPD_DB"]
     acknowledged = Acknowledged()
     rng = random.Random(5)

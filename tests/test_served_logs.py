@@ -106,8 +106,8 @@ def test_a_restarted_runner_and_a_first_token_are_json_too(server_factory, tmp_p
     assert (news["logger"], news["level"]) == ("stepd.service", "WARNING")
 
 
-def test_the_text_access_line_has_a_timestamp(server_factory):
-    server = server_factory().start()
+def test_the_text_access_line_has_a_timestamp(served):
+    server = served
     assert server.get(P, headers={"X-Request-Id": "stamped"}).status_code == 200
     wait_for(lambda: "rid=stamped" in server.output(), what="the access line")
     line = next(x for x in server.output().splitlines() if "rid=stamped" in x)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import requests
-from helpers import ROOT, P, free_port, wait_for
+from helpers import ROOT, P, free_port, http_workers_booted, wait_for
 
 README = (ROOT / "README.md").read_text()
 NEEDS_CURL_AND_JQ = pytest.mark.skipif(
@@ -53,8 +53,8 @@ def test_readme_names_the_two_commands_near_the_top():
 
 
 @NEEDS_CURL_AND_JQ
-def test_walkthrough_runs_against_a_real_server(server_factory):
-    server = server_factory().start()
+def test_walkthrough_runs_against_a_real_server(served):
+    server = served
     done = walk(server, server.token)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -66,8 +66,8 @@ def test_walkthrough_runs_against_a_real_server(server_factory):
 
 
 @NEEDS_CURL_AND_JQ
-def test_walkthrough_with_a_bad_token_stops_at_once_and_shows_why(server_factory):
-    server = server_factory().start()
+def test_walkthrough_with_a_bad_token_stops_at_once_and_shows_why(served):
+    server = served
     for token in ("stepd_a-stale-or-wrong-secret", ""):
         began = time.monotonic()
         done = walk(server, token)
@@ -136,6 +136,7 @@ def test_the_token_recipe_keeps_this_starts_secret_after_a_fresh_start(tmp_path)
         port = free_port()
         secret, recipe = keep_secret(tmp_path, port)
         try:
+            wait_for(lambda r=recipe: http_workers_booted(r.pid), timeout=20, what="the workers to boot")
             assert secret.startswith("stepd_"), secret
             answer = requests.get(f"http://127.0.0.1:{port}{P}", headers={"Authorization": f"Bearer {secret}"})
             assert answer.status_code == 200, answer.text

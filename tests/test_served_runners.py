@@ -95,8 +95,8 @@ def test_a_delegate_that_kills_its_runner_takes_only_that_runner(server_factory,
 
 
 @pytest.mark.timeout(90)
-def test_a_delegate_holding_the_gil_does_not_slow_the_api(server_factory):
-    server = server_factory(runners=1).start()
+def test_a_delegate_holding_the_gil_does_not_slow_the_api(served):
+    server = served  # one runner
     with Prober(server) as prober:
         process = server.start_process(("hold_gil", {}))
         step_id = process["steps"][0]["processStepId"]

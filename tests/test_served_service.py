@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -35,9 +36,8 @@ from helpers import (
 GRACEFUL_TIMEOUT = 15  # gunicorn.conf.py graceful_timeout
 
 
-def test_gunicorn_serves(server_factory):
-    server = server_factory().start()
-    assert server.get(DELEGATES).status_code == 200
+def test_gunicorn_serves(served):
+    assert served.get(DELEGATES).status_code == 200
 
 
 # -- exactly once across worker processes ----------------------------------------------------------
@@ -347,16 +347,17 @@ def test_sigterm_and_start_again_keeps_every_process_step_and_attempt(server_fac
 
 
 # -- retries and Idempotency-Key: two workers on one file, a retry schedule that outlives a stop ------
-def test_idempotent_repeats_across_two_workers_do_the_work_once(server_factory, tmp_path):
-    server = server_factory(workers=2).start()
+def test_idempotent_repeats_across_two_workers_do_the_work_once(served, tmp_path):
+    server = served
     db = server.env["STEPD_DB"]
     counted = tmp_path / "calls.txt"
+    name = f"start-once-{uuid.uuid4().hex}"  # the shared service holds other tests' processes: count by name
 
-    started = race(server, 16, P, {"steps": [{"type": "noop"}]}, {"Idempotency-Key": "start-once"})
+    started = race(server, 16, P, {"name": name, "steps": [{"type": "noop"}]}, {"Idempotency-Key": "start-once"})
     assert [r.status_code for r in started] == [201] * 16
     assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in started) == 15
     assert len({str(without_timestamp(r)) for r in started}) == 1
-    assert db_rows(db, "SELECT COUNT(*) FROM processes") == [(1,)]
+    assert db_rows(db, "SELECT COUNT(*) FROM processes WHERE name = ?", name) == [(1,)]
 
     process = server.start_process(("count", {"file": str(counted), "fail": 1}))
     step_id = server.wait_step(process["steps"][0]["processStepId"], "FAILED")["processStepId"]
@@ -448,11 +449,12 @@ def test_retries_run_exactly_once_with_two_workers(server_factory, tmp_path):
         assert [a["trigger"] for a in step["attemptHistory"]] == ["start", "retry", "retry", "retry"]
 
 
-def test_bulk_restart_and_dry_run_answer_under_gunicorn(server_factory, tmp_path):
-    server = server_factory(workers=2).start()
+def test_bulk_restart_and_dry_run_answer_under_gunicorn(served):
+    server = served
     process = server.start_process(("check", {"ok": 0}))
     step_id = server.wait_step(process["steps"][0]["processStepId"], "FAILED")["processStepId"]
-    dry = ok(server.post(f"{BULK}?dryRun=true", {"filter": {"type": "check"}}))
+    # The shared service holds other tests' failed `check` steps: the filter names this process too.
+    dry = ok(server.post(f"{BULK}?dryRun=true", {"filter": {"type": "check", "processId": process["processId"]}}))
     assert [r["processStepId"] for r in dry["restarted"]] == [step_id]
     assert server.step(step_id)["attempts"] == 1
     real = server.post(BULK, {"processStepIds": [step_id], "params": {"ok": {"type": "LONG", "longValue": 1}}})

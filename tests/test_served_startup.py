@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import RESTART, ROOT, STEPD, STEPS, P, calls, db_rows, free_port, wait_for
+from helpers import RESTART, ROOT, STEPD, STEPS, P, calls, db_rows, free_port, http_workers_booted, wait_for
 
 from stepd import migrations
 
@@ -253,13 +253,13 @@ def test_settings_workers_db_path_and_log_level(server_factory, tmp_path):
     assert "started with" not in output and "attempt 1 failed" not in output
 
 
-def test_log_level_info_and_request_ids(server_factory, tmp_path):
-    server = server_factory(db_path=tmp_path / "loud.db").start()
+def test_log_level_info_and_request_ids(served):
+    server = served
     # The defaults of the other side: INFO lines are written.
     process = server.start_process(("check", {"ok": 0}))
     step_id = process["steps"][0]["processStepId"]
     server.wait_step(step_id, "FAILED")
-    wait_for(lambda: "attempt 1 failed" in server.output(), what="the INFO line of the failed step")
+    wait_for(lambda: f"step {step_id} attempt 1 failed" in server.output(), what="the INFO line of the failed step")
     assert "stepd.runner: runner" in server.output()
 
     cases = [
@@ -332,6 +332,7 @@ def test_make_run_serves(tmp_path):
                 return False
 
         wait_for(healthy, timeout=30, interval=0.1, what="make run to answer /healthz")
+        wait_for(lambda: http_workers_booted(proc.pid), timeout=20, what="the workers to boot")
         response = requests.get(url + P, headers={"Authorization": "Bearer make-run-token"}, timeout=5)
         assert response.status_code == 200, response.text
         assert response.json()["data"] == {"items": [], "nextCursor": None}
@@ -357,6 +358,7 @@ def test_sigkill_of_make_run_stops_the_service_and_frees_the_port(tmp_path):
     headers = {"Authorization": "Bearer make-run-token"}
     try:
         wait_for(lambda: answers(url), timeout=30, interval=0.1, what="make run to answer /healthz")
+        wait_for(lambda: http_workers_booted(proc.pid), timeout=20, what="the workers to boot")
         body = {"steps": [{"type": "sleep", "params": {"seconds": {"type": "DOUBLE", "doubleValue": 60.0}}}]}
         step_id = requests.post(url + P, json=body, headers=headers, timeout=5).json()["data"]["steps"][0][
             "processStepId"
@@ -415,7 +417,7 @@ def start_with_split_output(server):
             start_new_session=True,
         )
     wait_for(server._healthy, timeout=20, interval=0.1, what="the service to answer /healthz")
-    wait_for(lambda: len(server.worker_pids()) == int(server.env["STEPD_WORKERS"]), timeout=20, what="workers")
+    wait_for(server._workers_booted, timeout=20, what="workers")
     return stdout_path
 
 

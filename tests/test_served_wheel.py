@@ -14,7 +14,7 @@ import zipfile
 
 import pytest
 import requests
-from helpers import ROOT, P, free_port, wait_for
+from helpers import ROOT, P, free_port, http_workers_booted, wait_for
 
 from stepd.model import VERSION
 
@@ -112,6 +112,7 @@ def test_the_installed_command_serves_a_users_delegate_from_another_folder(insta
     headers = {"Authorization": f"Bearer {TOKEN}"}
     try:
         wait_for(lambda: healthy(url, service, log_path), timeout=30, interval=0.1, what="stepd serve to be healthy")
+        wait_for(lambda: http_workers_booted(service.pid), timeout=20, what="the workers to boot")
         body = {"steps": [{"type": "greet", "params": {"who": {"type": "STRING", "strValue": "Ada"}}}]}
         started = requests.post(url + P, json=body, headers=headers, timeout=5)
         assert started.status_code == 201, started.text
