@@ -210,6 +210,8 @@ def test_kill_of_one_runner_interrupts_only_its_steps(server_factory, tmp_path):
         steps += [p["steps"][0]["processStepId"] for p in batch]
         if len(steps) >= 8 and spread():
             break
+    # The last batch's steps may still be queued (claimed a moment later): wait for every one.
+    wait_for(lambda: set(holders()) == set(steps), what="every started step to be claimed")
     held = holders()
     assert set(held) == set(steps)
     assert set(held.values()) == set(server.runner_pids()), "both runners should hold steps"
