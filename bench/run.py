@@ -48,8 +48,12 @@ WRK_THREADS, CONNECTIONS = 2, 16
 FAIL_POOL = 20_000
 READ_POOL = 1000  # steps the GET row cycles through
 DEFER_POOL = 30_000  # each deferred step restarts once: more than one run's requests
-STORED = (1_000, 1_000_000)  # the "restart with N steps already stored" rows
-STORED_POOL = 1000  # the failing steps those rows restart (all of the 10^3 file)
+# The "restart cycles with N steps already stored" rows, over a pool of FAIL_POOL failing steps
+# each: the smaller file is the pool alone. Issue 18 says 10^3 steps against 10^6, but a pool of
+# 1,000 restarts steps that have not failed again yet as soon as the runner lags behind the API
+# (84% of the answers were such 412s in the first run): it measured the wait, not the restarts.
+STORED_POOL = FAIL_POOL
+STORED = (STORED_POOL, 1_000_000)
 WARM_UP = 5  # seconds of load before each server's first measured row: the first seconds run slower
 FIXED_RATE = 500  # restarts per second offered in the fixed-rate latency row
 # Connections of that row: enough that one is free at every send slot even when a few answers
@@ -748,7 +752,7 @@ def targets(rows, memory=None):
         "peers (huey, DBOS): `make bench-peers`, not built yet",
     ]
     if not any(r["key"] == "stored" for r in rows):
-        unmeasured.append("10^6 steps stored vs 10^3 (--no-stored)")
+        unmeasured.append("10^6 steps stored vs fewer (--no-stored)")
     if not memory:
         unmeasured.append("memory of each process after 100k restarts vs 10k (run with --memory, or BENCH_FULL=1)")
     return "\n".join(lines + ["", "Not measured by this run:"] + [f"- {text}" for text in unmeasured])
@@ -824,13 +828,14 @@ def latency_targets(by):
 
 
 def stored_target(rows):
-    """(text, met) of the restart cycle with 10^6 steps stored against 10^3."""
+    """(text, met) of the restart cycle with 10^6 steps stored against the pool alone (2 x 10^4)."""
     stored = [r for r in rows if r["key"] == "stored"]
     if len(stored) == 2:
         small, large = stored
         change = large["rps"] / small["rps"] - 1
         yield (
-            f"restart cycles/s, {large['stored']:,} vs {small['stored']:,} steps stored: {change:+.1%} (within 15%)",
+            f"restart cycles/s, {large['stored']:,} vs {small['stored']:,} steps stored: {change:+.1%}"
+            " (within 15%; the goal's 10^3 is too small a pool for the failing cycle: see STORED in bench/run.py)",
             abs(change) <= 0.15,
         )
 
@@ -894,7 +899,7 @@ def main():
     parser.add_argument(
         "--sync", default="normal,full", help="STEPD_SYNC modes to run (default normal,full; none: no table)"
     )
-    parser.add_argument("--no-stored", action="store_true", help="skip the 10^3 / 10^6 stored-steps rows")
+    parser.add_argument("--no-stored", action="store_true", help="skip the stored-steps rows (2 x 10^4 and 10^6)")
     parser.add_argument("--memory", action="store_true", help="also RSS over 200k restarts (~5 min)")
     parser.add_argument("--profile", type=int, metavar="SECONDS", help="only py-spy a worker under restart load")
     parser.add_argument("--spy-args", default="", help="more py-spy record options, e.g. --gil or --idle")
