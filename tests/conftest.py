@@ -1,5 +1,6 @@
 """Every fixture of the suite (test files define none); what they share besides lives in helpers.py."""
 
+import json
 import os
 import subprocess
 
@@ -40,6 +41,10 @@ def pytest_collection_modifyitems(items):
         served_module = item.path.name.startswith("test_served_")
         if served_module or SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+            # Under `make test` (pytest-xdist, --dist loadgroup) the tests that start services run in
+            # one process, one after the other, as without xdist: they share the session's service,
+            # and their timings hold; the in-process tests run in the other process meanwhile.
+            item.add_marker(pytest.mark.xdist_group("served"))
 
 
 @pytest.fixture(autouse=True)
@@ -335,6 +340,18 @@ def open_store(request, tmp_path):
 def contract_store(open_store):
     """A store of the contract suite, on a fresh database of each backend."""
     return open_store()
+
+
+def pytest_sessionfinish(session):
+    """In a test process of pytest-xdist: hand this process's reliability figures to the main one."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["stepd_figures"] = json.dumps(FIGURES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """In pytest-xdist's main process: gather the figures each test process reported."""
+    FIGURES.update(json.loads(getattr(node, "workeroutput", {}).get("stepd_figures", "{}")))
 
 
 def pytest_terminal_summary(terminalreporter):
