@@ -1,11 +1,11 @@
-"""How long a queued attempt waits for a runner on an idle service (SPEC 9: p99 <= 50 ms).
+"""How long a queued attempt waits for a runner on an idle service (issue 18: p99 <= 5 ms; SPEC 9: <= 50 ms).
 
     .venv/bin/python bench/queue_latency.py [--count 200]
 
 Starts stepd as `make run` does (`stepd serve`, a fresh SQLite file), then starts COUNT one-step
 processes one at a time, each after the last completed, so the service is idle at every start.
 The step's delegate (bench.clock) returns the moment it was called; the latency is that moment
-minus the step's `startedAt` (its commit, to the millisecond). Prints p50, p99 and max.
+minus the step's `startedAt` (its commit, to the millisecond). Prints p50, p99 and max, and MET or NOT MET.
 """
 
 import argparse
@@ -68,8 +68,10 @@ def main():
     p99 = ms[min(len(ms) - 1, int(0.99 * len(ms)))]
     print(
         f"queued -> running on an idle service, {len(ms)} steps: p50 {statistics.median(ms):.1f} ms,"
-        f" p99 {p99:.1f} ms, max {ms[-1]:.1f} ms ({'MET' if p99 <= 50 else 'NOT MET'}: p99 <= 50 ms)"
+        f" p99 {p99:.1f} ms, max {ms[-1]:.1f} ms"
     )
+    print(f"- {'MET' if p99 <= 5 else 'NOT MET'}: queued -> running, idle, p99 {p99:.1f} ms (issue 18's goal <= 5 ms)")
+    print(f"- {'MET' if p99 <= 50 else 'NOT MET'}: the same against SPEC 9's promise, p99 <= 50 ms")
     print(f"(startedAt has millisecond precision; workdir {workdir}, pid {os.getpid()})")
 
 

@@ -1,7 +1,11 @@
-"""`make bench`: stepd under gunicorn, as `make run` serves it, against a bare Flask JSON app
-under the same gunicorn settings, both driven by wrk on loopback; prints one markdown table.
+"""`make bench`: stepd as `make run` serves it, against a bare Flask JSON app under the same
+gunicorn front with the same number of HTTP processes, both driven by wrk on loopback; prints one
+markdown table, then issue 18's targets, each MET or NOT MET.
 
     .venv/bin/python bench/run.py [--duration 10] [--sync normal,full] [--memory] [--profile]
+
+Each row counts only the answers it is meant to measure (a restart row its 200s); any other answer
+is reported apart, in the row's answers and note, and not counted in its rate.
 
 Every server it starts is stopped by its pid on the way out, also on Ctrl-C or an error (and,
 through PR_SET_PDEATHSIG, if this driver itself is killed).
@@ -34,12 +38,38 @@ sys.path.insert(0, str(BENCH))
 import seed  # noqa: E402  (needs the paths above)
 
 GUNICORN = Path(sys.executable).parent / "gunicorn"
+# HTTP processes (gunicorn workers) of stepd and of the baseline alike, so that the ratios compare
+# the same front with the same number of cores' worth of parsing; STEPD_WORKERS's default.
+HTTP_WORKERS = 2
 WRK_THREADS, CONNECTIONS = 2, 16
-FAIL_POOL = 3000  # FAILED steps the failing-delegate row cycles through
+# FAILED steps the failing-delegate rows cycle through. Large enough that wrk comes back to a
+# step only long after its restart (about 10 s at 2,000 restarts/s), so the row measures how
+# fast restarts go round, not how long a restart waits for its step to fail again.
+FAIL_POOL = 20_000
 READ_POOL = 1000  # steps the GET row cycles through
 DEFER_POOL = 30_000  # each deferred step restarts once: more than one run's requests
-STORED = (1_000, 1_000_000)  # the "restart with N steps already stored" rows
+# The "restart cycles with N steps already stored" rows, over a pool of FAIL_POOL failing steps
+# each: the smaller file is the pool alone. Issue 18 says 10^3 steps against 10^6, but a pool of
+# 1,000 restarts steps that have not failed again yet as soon as the runner lags behind the API
+# (84% of the answers were such 412s in the first run): it measured the wait, not the restarts.
+STORED_POOL = FAIL_POOL
+STORED = (STORED_POOL, 1_000_000)
 WARM_UP = 5  # seconds of load before each server's first measured row: the first seconds run slower
+FIXED_RATE = 500  # restarts per second offered in the fixed-rate latency row
+# Connections of that row: enough that one is free at every send slot even when a few answers
+# take 100 ms (25 a thread, one slot every 4 ms a thread); idle ones cost a greenlet each.
+FIXED_RATE_CONNECTIONS = 50
+CHAIN_PROCESSES, CHAIN_STEPS = 100, 10  # the step-to-step row: 100 processes of 10 steps, 900 gaps
+
+# The one status each wrk mode is meant to measure; every other answer is excluded from its rate.
+COUNTED = {
+    "baseline": 200,
+    "restart-fail": 200,
+    "restart-defer": 200,
+    "get-step": 200,
+    "create3": 201,
+    "create10": 201,
+}
 
 
 # -- servers ---------------------------------------------------------------------------------
@@ -154,12 +184,15 @@ def stepd_server(db, sync, workdir, token):
         "STEPD_TOKEN": token,
         "STEPD_DELEGATES_PATH": str(BENCH / "delegates"),
         "STEPD_SYNC": sync,
+        "STEPD_WORKERS": str(HTTP_WORKERS),
     }
     return Server([sys.executable, "-m", "stepd", "serve"], workdir / f"stepd-{sync}.log", **settings).start("/healthz")
 
 
 def baseline_server(workdir):
-    return Server([str(GUNICORN), "-c", "bench/gunicorn_baseline.conf.py"], workdir / "baseline.log").start("/echo")
+    """The bare Flask app under stepd's gunicorn front (stepd.front.options), with stepd's HTTP_WORKERS."""
+    command = [str(GUNICORN), "-c", "bench/gunicorn_baseline.conf.py"]
+    return Server(command, workdir / "baseline.log", STEPD_WORKERS=str(HTTP_WORKERS)).start("/echo")
 
 
 def api(server, method, path, body=None, token=None):
@@ -176,12 +209,17 @@ def api(server, method, path, body=None, token=None):
 
 
 # -- wrk ---------------------------------------------------------------------------------------
-def wrk(server, mode, duration, ids_file=None, token=""):
-    """Run wrk with bench/load.lua; returns requests/s, p50/p99 (ms), the answers by status, and
-    how wrk's connections were spread over the workers halfway through (each keeps its worker)."""
-    command = ["wrk", f"-t{WRK_THREADS}", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency"]
+def wrk(server, mode, duration, ids_file=None, token="", rate=None, connections=CONNECTIONS):
+    """Run wrk with bench/load.lua; returns what parse_wrk reads, the server's CPU time per counted
+    answer, its HTTP processes, and how wrk's connections were spread over them halfway through
+    (each keeps its worker). With `rate`, wrk offers that many requests per second (load.lua's
+    send slots) instead of sending again as soon as each answer arrives."""
+    command = ["wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{duration}s", "--latency"]
     command += ["-s", str(BENCH / "load.lua"), server.url, "--", mode] + ([str(ids_file)] if ids_file else [])
     env = {**os.environ, "STEPD_TOKEN": token, "BENCH_WRK_THREADS": str(WRK_THREADS)}
+    env.pop("BENCH_RATE", None)
+    if rate:
+        env["BENCH_RATE"] = str(rate)
     split = {}
     probe = threading.Timer(duration / 2, lambda: split.update(connections_per_worker(server)))
     probe.start()
@@ -191,21 +229,38 @@ def wrk(server, mode, duration, ids_file=None, token=""):
     finally:
         probe.cancel()
         probe.join()
-    cpu = cpu_seconds(server) - cpu_before
+    result = parse_wrk(out, COUNTED[mode])
+    return result | {
+        "cpu_ms": 1000 * (cpu_seconds(server) - cpu_before) / max(1, result["counted"]),
+        "split": "/".join(str(n) for n in sorted(split.values(), reverse=True)),
+        "http_processes": len(server.worker_pids()),
+        "rate": rate,
+        "command": " ".join(command) + (f" (BENCH_RATE={rate})" if rate else ""),
+    }
+
+
+def parse_wrk(out, counted_status):
+    """wrk's output: the rate of the counted answers (`counted_status` only), p50/p99 in ms (of
+    every answer: wrk's histogram is not kept per status), and load.lua's counts."""
     statuses = dict(pair.split("=") for pair in _find(r"bench-statuses: (.*)", out, "").split())
-    socket_errors = _find(r"Socket errors: (.*)", out, "")
+    statuses = {int(status): int(count) for status, count in statuses.items()}
+    seconds = _ms(_find(r"\d+ requests in ([\d.]+\w+),", out)) / 1000  # wrk's own measured time
+    counted = statuses.get(counted_status, 0)
+    late = re.search(r"bench-late-sends: (\d+) max ([\d.]+) ms", out)
     return {
-        "rps": float(_find(r"Requests/sec:\s+([\d.]+)", out)),
+        "rps": counted / seconds,
+        "counted": counted,
+        "counted_status": counted_status,
+        "seconds": seconds,
         "requests": int(_find(r"(\d+) requests in", out)),
         "p50": _ms(_find(r"^\s+50%\s+(\S+)", out)),
         "p99": _ms(_find(r"^\s+99%\s+(\S+)", out)),
-        "non2xx": int(_find(r"Non-2xx or 3xx responses: (\d+)", out, "0")),
-        "statuses": {int(k): int(v) for k, v in statuses.items()},
+        "statuses": statuses,
+        "not_failed_yet": int(_find(r"bench-not-failed-yet: (\d+)", out, "0")),
         "wraps": int(_find(r"bench-pool-wraps: (\d+)", out, "0")),
-        "socket_errors": socket_errors,
-        "split": "/".join(str(n) for n in sorted(split.values(), reverse=True)),
-        "cpu_ms": 1000 * cpu / max(1, int(_find(r"(\d+) requests in", out))),
-        "command": " ".join(command),
+        "late_sends": int(late.group(1)) if late else 0,
+        "max_late_ms": float(late.group(2)) if late else 0.0,
+        "socket_errors": _find(r"Socket errors: (.*)", out, ""),
     }
 
 
@@ -257,6 +312,25 @@ def drain(db, timeout=300):
             raise RuntimeError(f"the engine did not drain within {timeout}s")
         time.sleep(0.05)
     return time.monotonic()
+
+
+def failed_restarts(db):
+    """Restart attempts that ended FAILED so far: each is one full cycle of the failing delegate."""
+    sql = "SELECT count(*) FROM attempts WHERE trigger = 'restart' AND status = 'FAILED'"
+    with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
+        return conn.execute(sql).fetchone()[0]
+
+
+def tick_times(conn, process_id, timeout=10):
+    """Once the process COMPLETED: the calledNs its bench.tick steps returned, in step order."""
+    deadline = time.monotonic() + timeout
+    status_sql = "SELECT status FROM processes WHERE id = ?"
+    while (status := conn.execute(status_sql, (process_id,)).fetchone()[0]) != "COMPLETED":
+        if status != "RUNNING" or time.monotonic() > deadline:
+            raise RuntimeError(f"process {process_id} is {status}, not COMPLETED")
+        time.sleep(0.005)
+    results = conn.execute("SELECT result FROM steps WHERE process_id = ? ORDER BY position", (process_id,))
+    return [json.loads(result)["calledNs"][1] for (result,) in results]  # stored as {name: [type, value]}
 
 
 def write_ids(path, ids):
@@ -318,29 +392,64 @@ def check_seed(server, db, step_id):
 
 
 # -- rows --------------------------------------------------------------------------------------
-def row(name, sync, result, note=""):
-    return {"row": name, "sync": sync, **result, "note": note}
+def row(key, name, sync, result, note=""):
+    """One line of the table. `key` names what the row measures, for targets(); the note ends with
+    what the row's rate counted and what it left out."""
+    if "counted_status" in result:
+        note = "; ".join(part for part in (note, counting_note(result)) if part)
+    return {"key": key, "row": name, "sync": sync, **result, "note": note}
+
+
+def counting_note(result):
+    """What the rate counts and every answer it leaves out, with their share of all answers."""
+    counted = result["counted_status"]
+    answers = sum(result["statuses"].values())
+    excluded = []
+    for status, count in sorted(result["statuses"].items()):
+        if status == counted:
+            continue
+        text = f"{count:,} × {status} ({count / answers:.1%} of answers)"
+        if status == 412 and result["not_failed_yet"]:
+            text += f", {result['not_failed_yet']:,} of them a restart of a step not FAILED again yet"
+        excluded.append(text)
+    if result["socket_errors"]:
+        excluded.append(f"socket errors {result['socket_errors']}")
+    return f"counts {result.get('counts', f'the {counted}s')}; excluded: {', '.join(excluded) or 'none'}"
+
+
+def fixed_rate_note(result):
+    """How well wrk held the offered rate (a late send hides part of a wait from wrk's latency)."""
+    return (
+        f"{result['rate']}/s offered over {FIXED_RATE_CONNECTIONS} connections, paced by load.lua's send slots;"
+        f" {result['requests'] / result['seconds']:,.0f}/s answered; sends later than their slot by > 1 ms:"
+        f" {result['late_sends']:,} (max {result['max_late_ms']:.1f} ms); p50/p99 of every answer"
+    )
 
 
 def run_baseline(workdir, duration, runs=3):
-    """The bare Flask app, measured `runs` times: the median run by requests/s is the row.
-    Its figures move by up to 2x from one wrk run to the next, with how wrk's 16 connections
-    fall on the two workers (16/0 is the slowest), so one run is not enough."""
+    """The bare Flask app: measured `runs` times flat out, the median run by requests/s being the
+    row (its figures move by up to 2x from one wrk run to the next, with how wrk's 16 connections
+    fall on the workers), then once at the fixed rate."""
     server = baseline_server(workdir)
     try:
         wrk(server, "baseline", WARM_UP)
         results = sorted((wrk(server, "baseline", duration) for _ in range(runs)), key=lambda r: r["rps"])
+        paced = wrk(server, "baseline", duration, rate=FIXED_RATE, connections=FIXED_RATE_CONNECTIONS)
     finally:
         server.stop()
     note = "median of " + ", ".join(f"{r['rps']:,.0f} ({r['split']})" for r in results) + " requests/s"
-    return row("baseline: bare Flask JSON POST", "-", results[len(results) // 2], note)
+    return [
+        row("baseline", "baseline: bare Flask JSON POST", "-", results[len(results) // 2], note),
+        row("baseline-fixed-rate", f"baseline at a fixed rate ({FIXED_RATE}/s)", "-", paced, fixed_rate_note(paced)),
+    ]
 
 
-def run_stepd(workdir, sync, duration, token, check):
-    """The per-sync-mode rows: restarts (failing, deferred), POST processes, GET step, engine.
+def run_stepd(workdir, sync, duration, token, check, baseline_p99):
+    """The per-sync-mode rows: restart cycles (failing delegate), restarts (deferred delegate),
+    restarts at a fixed rate, POST processes, GET step, step to step, engine.
 
     The deferred restart runs on a file of its own: its pool is tens of thousands of FAILED
-    steps, which would weigh on the other rows (see BENCHMARKS.md: the cost of a restart grows
+    steps, which would weigh on the other rows (see BENCHMARKS.md: the cost of a restart grew
     with the number of FAILED steps stored)."""
     db = workdir / f"stepd-{sync}.db"
     pools = seed_file(db, fail=FAIL_POOL, read=READ_POOL, verify=1)
@@ -351,27 +460,109 @@ def run_stepd(workdir, sync, duration, token, check):
         if check:
             check_seed(server, str(db), pools["verify"][0])
         wrk(server, "get-step", WARM_UP, files["read"], token)
-        result = wrk(server, "restart-fail", duration, files["fail"], token)
-        rows.append(row("restart-failed-step, failing delegate", sync, result, f"pool {FAIL_POOL}"))
-        drain(db)
+        rows.append(run_fail_cycle(server, db, sync, duration, files["fail"], token, FAIL_POOL))
+        rows.append(run_fixed_rate(server, db, sync, duration, files["fail"], token, baseline_p99))
         result = wrk(server, "create3", duration, None, token)
-        rows.append(row("POST /processes, 3 noop steps", sync, result))
+        rows.append(row("create3", "POST /processes, 3 noop steps", sync, result))
         drain(db)
         result = wrk(server, "get-step", duration, files["read"], token)
-        rows.append(row("GET /processes/steps/{id}", sync, result, f"pool {READ_POOL}"))
+        rows.append(row("get-step", "GET /processes/steps/{id}", sync, result, f"pool {READ_POOL}"))
+        rows.append(run_step_to_step(server, db, sync, token))
         rows.append(run_engine(server, db, sync, duration, token))
     finally:
         server.stop()
+    rows.insert(1, run_deferred(workdir, sync, duration, token))
+    return rows
+
+
+def run_fail_cycle(server, db, sync, duration, ids_file, token, pool, name=None):
+    """Restarts of steps whose delegate fails at once, measured over the full cycle: restart
+    (200), delegate called, step FAILED again. The rate is the restarts that came back FAILED,
+    over the time from the first request until the engine had nothing left to run: a runner
+    that falls behind the API lowers it, where the 200s alone would not show it."""
+    cycles_before = failed_restarts(db)
+    cpu_before, started = cpu_seconds(server), time.monotonic()
+    result = wrk(server, "restart-fail", duration, ids_file, token)
+    finished = drain(db)
+    failed_again = failed_restarts(db) - cycles_before
+    # A cycle is a restart answered 200 that came back FAILED. Restarts still in flight when wrk
+    # stopped come back FAILED too, but wrk counted no answer for them: they are left out.
+    cycles = min(failed_again, result["counted"])
+    seconds = finished - started
+    result |= {
+        "rps": cycles / seconds,
+        "cpu_ms": 1000 * (cpu_seconds(server) - cpu_before) / max(1, cycles),
+        "counts": "the 200s that came back FAILED",
+    }
+    note = (
+        f"**{cycles:,} full cycles** (restart 200 → delegate called → FAILED) in {seconds:.1f}s from the first"
+        f" request to the last FAILED (backlog {max(0.0, seconds - result['seconds']):.1f}s after the load);"
+        f" 200s during the load {result['counted'] / result['seconds']:,.0f}/s; pool {pool:,}"
+    )
+    if failed_again > cycles:
+        note += f"; {failed_again - cycles} restarts in flight when wrk stopped (no answer counted) left out"
+    elif failed_again < result["counted"]:
+        note += f"; {result['counted'] - failed_again:,} restarts answered 200 did NOT come back FAILED"
+    return row("restart-fail", name or "restart cycle, failing delegate", sync, result, note)
+
+
+def run_deferred(workdir, sync, duration, token):
+    """Restarts whose delegate defers (the step stays STARTED): the API's side of a restart, on a
+    file of its own. Each step of the pool is restarted once, so no 412 is expected."""
     db = workdir / f"stepd-{sync}-defer.db"
     ids = write_ids(workdir / f"defer-{sync}.ids", seed_file(db, defer=DEFER_POOL)["defer"])
     server = stepd_server(db, sync, workdir, token)
     try:
         wrk(server, "get-step", WARM_UP, ids, token)
         result = wrk(server, "restart-defer", duration, ids, token)
-        rows.insert(1, row("restart-failed-step, deferred delegate", sync, result, f"pool {DEFER_POOL}"))
+        load_ended = time.monotonic()
+        backlog = drain(db) - load_ended
     finally:
         server.stop()
-    return rows
+    note = (
+        f"pool {DEFER_POOL:,}; the runner's claims and deferrals drained {backlog:.1f}s after the load"
+        " (not in the rate)"
+    )
+    return row("restart-defer", "restart, deferred delegate", sync, result, note)
+
+
+def run_fixed_rate(server, db, sync, duration, ids_file, token, baseline_p99):
+    """Restarts of the failing delegate offered at FIXED_RATE per second, well below what the
+    service answers flat out: the latency a client sees at a steady, moderate load."""
+    result = wrk(server, "restart-fail", duration, ids_file, token, rate=FIXED_RATE, connections=FIXED_RATE_CONNECTIONS)
+    drain(db)
+    note = f"{fixed_rate_note(result)}; the baseline's p99 at the same rate: {baseline_p99:.2f} ms"
+    return row("fixed-rate", f"restart at a fixed rate ({FIXED_RATE}/s), failing delegate", sync, result, note)
+
+
+def run_step_to_step(server, db, sync, token, processes=CHAIN_PROCESSES, steps=CHAIN_STEPS):
+    """Processes of `steps` bench.tick steps, one at a time (each started once the last one has
+    COMPLETED, so the service is otherwise idle): from one step's delegate call to the next
+    step's, by the time.monotonic_ns() each delegate returns."""
+    body = {"name": "chain", "steps": [{"type": "bench.tick"}] * steps}
+    gaps_ms = []
+    with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
+        for _ in range(processes):
+            status, answer = api(server, "POST", "/api/v1/processes", body)
+            assert status == 201, answer
+            called = tick_times(conn, answer["data"]["processId"])
+            gaps_ms += [(later - earlier) / 1e6 for earlier, later in zip(called, called[1:], strict=False)]
+    gaps_ms.sort()
+    result = {
+        "p50": percentile(gaps_ms, 0.50),
+        "p99": percentile(gaps_ms, 0.99),
+        "http_processes": len(server.worker_pids()),
+    }
+    note = (
+        f"{len(gaps_ms)} gaps: {processes} processes of {steps} bench.tick steps, one process at a time;"
+        f" max {gaps_ms[-1]:.2f} ms; timed by the delegates (time.monotonic_ns), not by wrk"
+    )
+    return row("step-to-step", "step to step inside one process, idle", sync, result, note)
+
+
+def percentile(ordered, share):
+    """The nearest-rank percentile of an ordered list."""
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 def run_engine(server, db, sync, duration, token):
@@ -389,20 +580,23 @@ def run_engine(server, db, sync, duration, token):
         )
     completed = counts.get("COMPLETED", 0)
     steps_per_second = completed / (finished - started)
+    backlog = max(0.0, finished - started - result["seconds"])
     note = (
         f"**{steps_per_second:,.0f} noop steps/s** ({completed} steps in {finished - started:.1f}s"
-        f", backlog drained {finished - started - duration:.1f}s after the load; other states: "
+        f", backlog drained {backlog:.1f}s after the load; other states: "
         f"{ {k: v for k, v in counts.items() if k != 'COMPLETED'} or 'none' })"
     )
-    return row("engine: POST processes of 10 noop steps", sync, result, note) | {"steps_per_s": steps_per_second}
+    return row("engine", "engine: POST processes of 10 noop steps", sync, result, note) | {
+        "steps_per_s": steps_per_second,
+        "backlog_s": backlog,
+    }
 
 
 def run_stored(workdir, stored, duration, token, sync="normal"):
-    """Restart rate over a pool of 1,000 failing steps with `stored` steps in the file in all."""
-    pool = 1000
+    """The failing-delegate restart cycle over STORED_POOL steps with `stored` steps in the file in all."""
     db = workdir / f"stored-{stored}.db"
     started = time.monotonic()
-    pools = seed_file(db, fail=pool, filler_processes=(stored - pool) // 10)
+    pools = seed_file(db, fail=STORED_POOL, filler_processes=(stored - STORED_POOL) // 10)
     with contextlib.closing(sqlite3.connect(db)) as conn:
         count = conn.execute("SELECT count(*) FROM steps").fetchone()[0]
     print(f"  seeded {count:,} steps in {time.monotonic() - started:.1f}s", file=sys.stderr)
@@ -410,11 +604,12 @@ def run_stored(workdir, stored, duration, token, sync="normal"):
     server = stepd_server(db, sync, workdir, token)
     try:
         wrk(server, "get-step", WARM_UP, ids, token)
-        result = wrk(server, "restart-fail", duration, ids, token)
+        name = f"restart cycle, failing delegate, {count:,} steps stored"
+        result = run_fail_cycle(server, db, sync, duration, ids, token, STORED_POOL, name)
     finally:
         server.stop()
     db.unlink()
-    return row(f"restart, failing delegate, {count:,} steps stored", sync, result, f"pool {pool}") | {"stored": count}
+    return result | {"key": "stored", "stored": count}
 
 
 def rss_kib(pid):
@@ -499,56 +694,203 @@ def summarize_profile(text, top=30):
 # -- output ------------------------------------------------------------------------------------
 def table(rows):
     lines = [
-        "| row | STEPD_SYNC | requests/s | p50 ms | p99 ms | x baseline | server CPU ms/req | answers"
-        " | conns/worker | note |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|---|",
+        "| row | STEPD_SYNC | counted/s | p50 ms | p99 ms | x baseline | server CPU ms per counted"
+        " | HTTP processes | answers | conns/worker | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for r in rows:
-        answers = " ".join(f"{status}: {count}" for status, count in sorted(r["statuses"].items()))
-        if r["wraps"]:
-            answers += f"; pool wrapped {r['wraps']}x"
-        if r["socket_errors"]:
-            answers += f"; socket errors {r['socket_errors']}"
-        lines.append(
-            f"| {r['row']} | {r['sync']} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f}"
-            f" | {r['rps'] / r['base']:.2f} | {r['cpu_ms']:.2f} | {answers} | {r['split']} | {r['note']} |"
-        )
+        cells = [
+            r["row"],
+            r["sync"],
+            f"{r['rps']:,.0f}" if "rps" in r else "–",
+            f"{r['p50']:.2f}",
+            f"{r['p99']:.2f}",
+            f"{r['rps'] / r['base']:.2f}" if "rps" in r and not r.get("rate") else "–",
+            f"{r['cpu_ms']:.2f}" if "cpu_ms" in r else "–",
+            str(r.get("http_processes", "–")),
+            answers(r),
+            r.get("split") or "–",
+            r["note"],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def targets(rows):
-    """The targets of issue 10 (they took over those of the benchmark issue), each with what this run measured."""
-    by = {(r["row"], r["sync"]): r for r in rows}
-    out = []
+def answers(r):
+    """Every answer by status (counted or not), and how often wrk's threads went round their pool."""
+    if "statuses" not in r:
+        return "–"
+    text = " ".join(f"{status}: {count}" for status, count in sorted(r["statuses"].items()))
+    if r["wraps"]:
+        text += f"; pool wrapped {r['wraps']}x"
+    return text
 
-    def check(text, ok):
-        out.append(f"- {'MET' if ok else 'NOT MET'}: {text}")
 
-    for sync, name, minimum in (
-        ("normal", "restart-failed-step, deferred delegate", 0.6),
-        ("normal", "restart-failed-step, failing delegate", 0.45),
-        ("full", "restart-failed-step, deferred delegate", 0.35),
-    ):
-        r = by.get((name, sync))
-        if r:
-            ratio = r["rps"] / r["base"]
-            check(f"{name}, STEPD_SYNC={sync}: {ratio:.2f} x baseline (target >= {minimum})", ratio >= minimum)
-    worst = max(rows, key=lambda r: r["p99"])
-    check(
-        f"p99 <= 20 ms on every row: worst {worst['p99']:.1f} ms ({worst['row']}, {worst['sync']})", worst["p99"] <= 20
-    )
-    stored = [r for r in rows if "steps stored" in r["row"]]
+def http_processes_line(rows):
+    """Says whether every row ran behind the same number of HTTP processes, stepd and baseline alike."""
+    counts = {r["http_processes"] for r in rows if "http_processes" in r}
+    if counts == {HTTP_WORKERS}:
+        return (
+            f"HTTP processes: {HTTP_WORKERS} gunicorn gevent workers behind every row, the baseline's and"
+            f" stepd's alike (STEPD_WORKERS={HTTP_WORKERS} for both, one front: stepd.front.options;"
+            " counted under /proc during each row)."
+        )
+    by_row = ", ".join(f"{r['row']} ({r['sync']}): {r.get('http_processes', '?')}" for r in rows)
+    return f"HTTP processes DIFFER between rows (expected {HTTP_WORKERS} each): {by_row}"
+
+
+def targets(rows, memory=None):
+    """Issue 18's targets, each MET or NOT MET by this run (STEPD_SYNC=normal unless the target
+    names a mode; the `full` figure beside it where measured), then those it does not measure."""
+    by = {(r["key"], r["block"]): r for r in rows}  # a baseline row's sync is "-": its block says which
+    lines = []
+    for text, ok in [*throughput_targets(by), *latency_targets(by), *stored_target(rows), *memory_targets(memory)]:
+        lines.append(f"- {'MET' if ok else 'NOT MET'}: {text}")
+    unmeasured = [
+        "queued -> running, idle, p99 <= 5 ms: bench/queue_latency.py measures it next (`make bench`)",
+        "a runner that dies -> its steps Interrupted within 0.5 s: the served tests check it, not this benchmark",
+        "peers (huey, DBOS): `make bench-peers`, not built yet",
+    ]
+    if not any(r["key"] == "stored" for r in rows):
+        unmeasured.append("10^6 steps stored vs fewer (--no-stored)")
+    if not memory:
+        unmeasured.append("memory of each process after 100k restarts vs 10k (run with --memory, or BENCH_FULL=1)")
+    return "\n".join(lines + ["", "Not measured by this run:"] + [f"- {text}" for text in unmeasured])
+
+
+def full_beside(by, key, figure):
+    """The same figure of the `full` block, to print beside a target checked on `normal`."""
+    r = by.get((key, "full"))
+    return f"; full: {figure(r)}" if r else ""
+
+
+def throughput_targets(by):
+    """(text, met) of the engine's steps/s and backlog, and of the two restart ratios."""
+    for sync, goal in (("normal", 5000), ("full", 3000)):
+        if r := by.get(("engine", sync)):
+            steps = r["steps_per_s"]
+            yield f"engine, noop steps/s end to end, {sync}: {steps:,.0f} (goal >= {goal:,})", steps >= goal
+    engines = [r for (key, _), r in by.items() if key == "engine"]
+    if engines:
+        each = ", ".join(f"{r['block']} {r['backlog_s']:.1f} s" for r in engines)
+        yield (
+            f"backlog after the engine row's load stops: {each} (goal <= 1 s in each)",
+            all(r["backlog_s"] <= 1 for r in engines),
+        )
+
+    def to_baseline(r):
+        return r["rps"] / r["base"]
+
+    def to_deferred(r):
+        return r["rps"] / by[("restart-defer", r["block"])]["rps"]
+
+    deferred, cycle = by.get(("restart-defer", "normal")), by.get(("restart-fail", "normal"))
+    if deferred:
+        full = full_beside(by, "restart-defer", lambda r: f"{to_baseline(r):.2f}")
+        text = (
+            f"restart, deferred delegate, 200s/s ÷ baseline, normal: {to_baseline(deferred):.2f} (goal >= 0.45{full})"
+        )
+        yield text, to_baseline(deferred) >= 0.45
+    if deferred and cycle:
+        full = full_beside(by, "restart-fail", lambda r: f"{to_deferred(r):.2f}")
+        text = (
+            f"restart cycle, failing delegate, cycles/s ÷ the deferred row's 200s/s, normal: {to_deferred(cycle):.2f}"
+            f" (goal >= 0.8; 412s of a step not FAILED again yet, not counted: {refused_share(cycle)}{full})"
+        )
+        yield text, to_deferred(cycle) >= 0.8
+
+
+def refused_share(r):
+    """The 412s of a restart row whose step was not FAILED again yet, and their share of its answers."""
+    answers = sum(r.get("statuses", {}).values())
+    return f"{r['not_failed_yet']:,} ({r['not_failed_yet'] / max(1, answers):.1%} of answers)"
+
+
+def latency_targets(by):
+    """(text, met) of the fixed-rate restart latency and of step to step, both p99."""
+
+    def p99(r):
+        return f"{r['p99']:.2f} ms"
+
+    if fixed := by.get(("fixed-rate", "normal")):
+        base = by[("baseline-fixed-rate", "normal")]
+        text = (
+            f"latency at a fixed rate, {FIXED_RATE} restarts/s offered, p99, normal: {p99(fixed)} (goal <= 10 ms;"
+            f" the baseline's p99 at the same rate: {p99(base)}{full_beside(by, 'fixed-rate', p99)})"
+        )
+        yield text, fixed["p99"] <= 10
+    if chain := by.get(("step-to-step", "normal")):
+        text = (
+            f"step to step inside one process, idle, p99, normal: {p99(chain)} (p50 {chain['p50']:.2f} ms;"
+            f" goal <= 5 ms{full_beside(by, 'step-to-step', p99)})"
+        )
+        yield text, chain["p99"] <= 5
+
+
+def stored_target(rows):
+    """(text, met) of the restart cycle with 10^6 steps stored against the pool alone (2 x 10^4)."""
+    stored = [r for r in rows if r["key"] == "stored"]
     if len(stored) == 2:
         small, large = stored
         change = large["rps"] / small["rps"] - 1
-        check(
-            f"restart, {large['stored']:,} vs {small['stored']:,} steps stored: {change:+.1%} (within 15%)",
+        yield (
+            f"restart cycles/s, {large['stored']:,} vs {small['stored']:,} steps stored: {change:+.1%}"
+            " (within 15%; the goal's 10^3 is too small a pool for the failing cycle: see STORED in bench/run.py)",
             abs(change) <= 0.15,
         )
-    for r in rows:
-        if "steps_per_s" in r and r["sync"] == "normal":
-            check(f"engine, normal: {r['steps_per_s']:,.0f} noop steps/s (target >= 5,000)", r["steps_per_s"] >= 5000)
-    return "\n".join(out)
+
+
+def memory_targets(readings):
+    """(text, met) per process: its RSS after 100k restarts against after 10k (within 10%)."""
+    if not readings:
+        return
+    at_10k = next(r for r in readings if r["restarts"] >= 10_000)
+    at_100k = next(r for r in readings if r["restarts"] >= 100_000)
+    for pid, before in at_10k["rss"].items():
+        if pid in at_100k["rss"]:
+            change = at_100k["rss"][pid] / before - 1
+            yield (
+                f"memory of process {pid} after {at_100k['restarts']:,} restarts vs {at_10k['restarts']:,}:"
+                f" {before:,} -> {at_100k['rss'][pid]:,} KiB, {change:+.1%} (within 10%)",
+                change <= 0.10,
+            )
+
+
+def run_blocks(args, workdir, token):
+    """For each STEPD_SYNC mode: the baseline, then stepd's rows (and, in `normal`, the stored rows).
+    Each row carries its block's baseline requests/s ("base") and the block's mode."""
+    rows = []
+    for number, sync in enumerate(mode for mode in args.sync.split(",") if mode not in ("", "none")):
+        print(f"STEPD_SYNC={sync}: baseline, then stepd", file=sys.stderr)
+        base, base_paced = run_baseline(workdir, args.duration)
+        block = [base, base_paced, *run_stepd(workdir, sync, args.duration, token, number == 0, base_paced["p99"])]
+        if sync == "normal" and not args.no_stored:
+            for stored in STORED:
+                print(f"restart with {stored:,} steps stored", file=sys.stderr)
+                block.append(run_stored(workdir, stored, args.duration, token))
+        rows.extend(r | {"base": base["rps"], "block": sync} for r in block)
+    return rows
+
+
+def print_profile(workdir, token, args):
+    (total, frames, hot), result, command = profile(workdir, token, args.profile, args.spy_args.split())
+    print(f"py-spy: {command}\n{total} samples; restart load {result['rps']:.0f} 200s/s meanwhile\n")
+    print("| inclusive % | self % | function (file) |\n|---:|---:|---|")
+    for frame, incl, self_ in frames:
+        print(f"| {incl:.1f} | {self_:.1f} | `{frame}` |")
+    print("\n| self % | line where the samples were taken |\n|---:|---|")
+    for leaf, share in hot:
+        print(f"| {share:.1f} | `{leaf}` |")
+
+
+def print_memory(readings, seconds):
+    print(f"\nRSS (KiB) of the HTTP workers and the runners after N restarts, all workers together ({seconds:.0f}s):\n")
+    pids = list(readings[0]["rss"])
+    print("| restarts (200) | 412 so far | " + " | ".join(f"process {pid}" for pid in pids) + " |")
+    print("|---:|---:|" + "---:|" * len(pids))
+    for reading in readings:
+        cells = " | ".join(f"{reading['rss'].get(pid, 0):,}" for pid in pids)
+        print(f"| {reading['restarts']:,} | {reading['412']:,} | {cells} |")
 
 
 def main():
@@ -557,8 +899,8 @@ def main():
     parser.add_argument(
         "--sync", default="normal,full", help="STEPD_SYNC modes to run (default normal,full; none: no table)"
     )
-    parser.add_argument("--no-stored", action="store_true", help="skip the 10^3 / 10^6 stored-steps rows")
-    parser.add_argument("--memory", action="store_true", help="also worker RSS over 200k restarts (~5 min)")
+    parser.add_argument("--no-stored", action="store_true", help="skip the stored-steps rows (2 x 10^4 and 10^6)")
+    parser.add_argument("--memory", action="store_true", help="also RSS over 200k restarts (~5 min)")
     parser.add_argument("--profile", type=int, metavar="SECONDS", help="only py-spy a worker under restart load")
     parser.add_argument("--spy-args", default="", help="more py-spy record options, e.g. --gil or --idle")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (databases, logs)")
@@ -572,39 +914,20 @@ def main():
     print(f"workdir {workdir}; wrk -t{WRK_THREADS} -c{CONNECTIONS} -d{args.duration}s --latency", file=sys.stderr)
     try:
         if args.profile:
-            (total, frames, hot), result, command = profile(workdir, token, args.profile, args.spy_args.split())
-            print(f"py-spy: {command}\n{total} samples; restart load {result['rps']:.0f} requests/s meanwhile\n")
-            print("| inclusive % | self % | function (file) |\n|---:|---:|---|")
-            for frame, incl, self_ in frames:
-                print(f"| {incl:.1f} | {self_:.1f} | `{frame}` |")
-            print("\n| self % | line where the samples were taken |\n|---:|---|")
-            for leaf, share in hot:
-                print(f"| {share:.1f} | `{leaf}` |")
+            print_profile(workdir, token, args)
             return
-        rows = []
-        for number, sync in enumerate(mode for mode in args.sync.split(",") if mode not in ("", "none")):
-            print(f"STEPD_SYNC={sync}: baseline, then stepd", file=sys.stderr)
-            base = run_baseline(workdir, args.duration)
-            block = [base, *run_stepd(workdir, sync, args.duration, token, check=number == 0)]
-            if sync == "normal" and not args.no_stored:
-                for stored in STORED:
-                    print(f"restart with {stored:,} steps stored", file=sys.stderr)
-                    block.append(run_stored(workdir, stored, args.duration, token))
-            rows.extend(r | {"base": base["rps"], "block": sync} for r in block)
+        rows = run_blocks(args, workdir, token)
         if rows:
             print(table(rows))
             print()
-            print(targets(rows))
+            print(http_processes_line(rows))
+        readings = None
         if args.memory:
-            print("worker RSS under restart load (STEPD_SYNC=normal)", file=sys.stderr)
+            print("RSS under restart load (STEPD_SYNC=normal)", file=sys.stderr)
             readings, seconds = run_memory(workdir, token)
-            print(f"\nWorker RSS (KiB) after N restarts, both workers together ({seconds:.0f}s):\n")
-            pids = list(readings[0]["rss"])
-            print("| restarts (200) | 412 so far | " + " | ".join(f"worker {pid}" for pid in pids) + " |")
-            print("|---:|---:|" + "---:|" * len(pids))
-            for reading in readings:
-                cells = " | ".join(f"{reading['rss'].get(pid, 0):,}" for pid in pids)
-                print(f"| {reading['restarts']:,} | {reading['412']:,} | {cells} |")
+            print_memory(readings, seconds)
+        print("\nIssue 18's targets:\n")
+        print(targets(rows, readings))
     finally:
         stop_all()
         if args.keep:

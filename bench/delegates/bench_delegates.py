@@ -1,5 +1,7 @@
 """Delegates for `make bench`, loaded through STEPD_DELEGATES_PATH like a user's own folder."""
 
+import time
+
 from stepd.delegates import Abort, delegate
 
 
@@ -20,6 +22,11 @@ def defer_when_fixed(ctx):
 @delegate("bench.clock")
 def clock(ctx):
     """Complete with the moment it was called (`called`, seconds since the epoch), for queue latency."""
-    import time
-
     return {"called": time.time()}
+
+
+@delegate("bench.tick")
+def tick(ctx):
+    """Complete with the moment it was called (`calledNs`, time.monotonic_ns(): one clock for every
+    process of the machine), for the step-to-step row: one delegate's call to the next step's."""
+    return {"calledNs": time.monotonic_ns()}
