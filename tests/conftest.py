@@ -32,6 +32,9 @@ from stepd.store import Store
 
 # Fixtures that start real service processes: a test that uses one is slow.
 SERVICE_FIXTURES = {"server_factory", "served"}
+# Modules whose tests add up one figure between them (test_api_properties.py counts every example
+# of its tests in its "hypothesis" figure): under pytest-xdist they run in one process.
+ONE_PROCESS_MODULES = {"test_api_properties.py"}
 
 
 def pytest_collection_modifyitems(items):
@@ -45,6 +48,8 @@ def pytest_collection_modifyitems(items):
             # one process, one after the other, as without xdist: they share the session's service,
             # and their timings hold; the in-process tests run in the other process meanwhile.
             item.add_marker(pytest.mark.xdist_group("served"))
+        elif item.path.name in ONE_PROCESS_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 @pytest.fixture(autouse=True)
@@ -351,7 +356,8 @@ def pytest_sessionfinish(session):
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
     """In pytest-xdist's main process: gather the figures each test process reported."""
-    FIGURES.update(json.loads(getattr(node, "workeroutput", {}).get("stepd_figures", "{}")))
+    for name, text in json.loads(getattr(node, "workeroutput", {}).get("stepd_figures", "{}")).items():
+        FIGURES[name] = f"{FIGURES[name]} | {text}" if name in FIGURES else text  # both, never one lost
 
 
 def pytest_terminal_summary(terminalreporter):
