@@ -37,6 +37,7 @@ SERVICE_FIXTURES = {"server_factory", "served"}
 ONE_PROCESS_MODULES = {"test_api_properties.py"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups set here
 def pytest_collection_modifyitems(items):
     """Mark `slow` every test that starts a service (`make test-fast` leaves them out): those of the
     test_served_* modules, and any other that uses a fixture which starts one."""
