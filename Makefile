@@ -44,10 +44,9 @@ run: $(VENV)/.run-deps
 runner: $(VENV)/.run-deps
 	@$(BIN)/stepd runner
 
-# Two test processes (pytest-xdist): every test that starts a service runs in one of them, one
-# after the other as before (they are one group), while the other runs the in-process tests.
+# Two test processes (pytest-xdist), one a core: each takes the next test as it finishes one.
 test: $(VENV)/.dev-deps $(NODE_TOOLS)
-	$(BIN)/pytest -n 2 --dist loadgroup
+	$(BIN)/pytest -n 2
 
 # The inner loop: every test that starts no service process (tests/conftest.py marks those slow).
 test-fast: $(VENV)/.dev-deps

@@ -32,12 +32,8 @@ from stepd.store import Store
 
 # Fixtures that start real service processes: a test that uses one is slow.
 SERVICE_FIXTURES = {"server_factory", "served"}
-# Modules whose tests add up one figure between them (test_api_properties.py counts every example
-# of its tests in its "hypothesis" figure): under pytest-xdist they run in one process.
-ONE_PROCESS_MODULES = {"test_api_properties.py"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups set here
 def pytest_collection_modifyitems(items):
     """Mark `slow` every test that starts a service (`make test-fast` leaves them out): those of the
     test_served_* modules, and any other that uses a fixture which starts one."""
@@ -45,12 +41,6 @@ def pytest_collection_modifyitems(items):
         served_module = item.path.name.startswith("test_served_")
         if served_module or SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-            # Under `make test` (pytest-xdist, --dist loadgroup) the tests that start services run in
-            # one process, one after the other, as without xdist: they share the session's service,
-            # and their timings hold; the in-process tests run in the other process meanwhile.
-            item.add_marker(pytest.mark.xdist_group("served"))
-        elif item.path.name in ONE_PROCESS_MODULES:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 @pytest.fixture(autouse=True)
@@ -349,7 +339,8 @@ def contract_store(open_store):
 
 
 def pytest_sessionfinish(session):
-    """In a test process of pytest-xdist: hand this process's reliability figures to the main one."""
+    """In a test process of pytest-xdist (`make test` runs two): hand this process's reliability
+    figures to the main one."""
     if hasattr(session.config, "workeroutput"):
         session.config.workeroutput["stepd_figures"] = json.dumps(FIGURES)
 
