@@ -44,12 +44,13 @@ run: $(VENV)/.run-deps
 runner: $(VENV)/.run-deps
 	@$(BIN)/stepd runner
 
+# Two test processes (pytest-xdist), one a core: each takes the next test as it finishes one.
 test: $(VENV)/.dev-deps $(NODE_TOOLS)
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 # The inner loop: every test that starts no service process (tests/conftest.py marks those slow).
 test-fast: $(VENV)/.dev-deps
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" -n 2
 
 # The benchmark (bench/run.py, a few minutes; not part of `make test`). It needs wrk.
 # BENCH_FULL=1 adds worker memory over 200k restarts; BENCH_ARGS passes more options.

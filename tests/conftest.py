@@ -1,5 +1,6 @@
 """Every fixture of the suite (test files define none); what they share besides lives in helpers.py."""
 
+import json
 import os
 import subprocess
 
@@ -335,6 +336,20 @@ def open_store(request, tmp_path):
 def contract_store(open_store):
     """A store of the contract suite, on a fresh database of each backend."""
     return open_store()
+
+
+def pytest_sessionfinish(session):
+    """In a test process of pytest-xdist (`make test` runs two): hand this process's reliability
+    figures to the main one."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["stepd_figures"] = json.dumps(FIGURES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """In pytest-xdist's main process: gather the figures each test process reported."""
+    for name, text in json.loads(getattr(node, "workeroutput", {}).get("stepd_figures", "{}")).items():
+        FIGURES[name] = f"{FIGURES[name]} | {text}" if name in FIGURES else text  # both, never one lost
 
 
 def pytest_terminal_summary(terminalreporter):
