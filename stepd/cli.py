@@ -63,20 +63,30 @@ def settings():
         raise Refused(str(exc)) from None
 
 
-def existing_store(chosen):
-    """The store of STEPD_DB, which must exist (named on standard error, so the operator sees which
-    file a command acted on)."""
-    from stepd.model import Unusable
-    from stepd.wiring import open_store
-
+def existing_file(chosen):
+    """STEPD_DB's path, which must be a file: a command other than serve and migrate makes none."""
     path = Path(chosen["STEPD_DB"])
     if not path.is_file():
         raise Refused(f"no database at {path} (STEPD_DB); run where the service runs, or set STEPD_DB to its file")
-    click.echo(f"stepd: database {path}", err=True)
+    return path
+
+
+def opened_store(chosen):
+    """The store of STEPD_DB, made and migrated if need be; a file it cannot use is a refusal."""
+    from stepd.model import Unusable
+    from stepd.wiring import open_store
+
     try:
         return open_store(chosen)
     except Unusable as exc:
-        raise Refused(f"STEPD_DB={path} cannot be used: {exc}") from None
+        raise Refused(f"STEPD_DB={chosen['STEPD_DB']} cannot be used: {exc}") from None
+
+
+def existing_store(chosen):
+    """The store of STEPD_DB, which must exist (named on standard error, so the operator sees which
+    file a command acted on)."""
+    click.echo(f"stepd: database {existing_file(chosen)}", err=True)
+    return opened_store(chosen)
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -109,14 +119,9 @@ def http():
 def migrate():
     """Make STEPD_DB if need be and bring its schema to this stepd's (a start does it too)."""
     from stepd.db import SCHEMA_VERSION
-    from stepd.model import Unusable
-    from stepd.wiring import open_store
 
     chosen = settings()
-    try:
-        open_store(chosen)
-    except Unusable as exc:
-        raise Refused(f"STEPD_DB={chosen['STEPD_DB']} cannot be used: {exc}") from None
+    opened_store(chosen)
     click.echo(f"{chosen['STEPD_DB']}: schema version {SCHEMA_VERSION}")
 
 
@@ -125,9 +130,7 @@ def check():
     """Check the invariants of STEPD_DB (read only, beside a running service or not); exit 1 if broken."""
     from stepd.invariants import check as check_file
 
-    path = Path(settings()["STEPD_DB"])
-    if not path.is_file():
-        raise Refused(f"no database at {path} (STEPD_DB)")
+    path = existing_file(settings())
     report = check_file(path)
     click.echo(f"{path}: {report.processes} processes, {report.steps} steps, {report.attempts} attempts checked")
     for problem in report.problems:

@@ -19,7 +19,7 @@ from stepd.model import Busy, Conflict, Unavailable, Unusable, Unwritable
 
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT = 1024 * 1024
-# The runners copy the log into the file once a second (Runner._heartbeat_loop), off every
+# The runners copy the log into the file once a second (their checkpoint chore, wiring.py), off every
 # request's path. SQLite's own automatic checkpoint, run inside whichever COMMIT crosses its
 # threshold (1,000 pages), would put that copy and its fsync inside a request; it is kept only
 # as a bound on the log when no runner runs at all, at a size the runners' checkpoints never
@@ -137,7 +137,7 @@ class Database:
         # Readable by its owner only, as the database is: the copy holds every param and the tokens' hashes.
         os.close(os.open(partial, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
         with sqlite_errors():
-            source = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+            source = read_only(self.path)
             copy = sqlite3.connect(partial)
             try:
                 source.backup(copy)

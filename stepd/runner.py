@@ -58,7 +58,8 @@ def describe(exc):
 @dataclass
 class Chore:
     """Work a runner does every `period` seconds beside its delegates (wiring.chores): each in its
-    own try, so one that fails or is slow never skips another, nor the heartbeat."""
+    own try, so one that fails never skips another; they run on a thread of their own, so none
+    delays the heartbeat (a long one, retention, starts a thread of its own)."""
 
     name: str
     period: float

@@ -174,15 +174,14 @@ class Supervisor:
         return subprocess.Popen([sys.executable, "-m", "stepd", command], env=env, preexec_fn=_die_with_supervisor)
 
     def _start_runner(self, slot):
-        self.runners[slot] = self._spawn("runner", {**self.env, CHECKED: "1"})
+        self.runners[slot] = self._spawn("runner", self.env)
         self.runners[slot].started = time.monotonic()
 
     def run(self):
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._ask_to_stop)
         signal.signal(signal.SIGHUP, self._ask_to_reload)
-        # CHECKED tells the front that preflight ran just now, so it need not run it again.
-        self.http = self._spawn("http", {**self.env, CHECKED: "1"})
+        self.http = self._spawn("http", self.env)
         for slot in range(self.runner_count):
             self._start_runner(slot)
         while not self.stopping:
@@ -277,9 +276,10 @@ class Supervisor:
 
 def settings_env(settings):
     """The environment for the children: this one, with STEPD_DB and STEPD_DELEGATES_PATH as this
-    process resolved them (a relative path is resolved once, here)."""
+    process resolved them (a relative path is resolved once, here), and CHECKED: the front need not
+    make the start's checks again, and what they found was said."""
     resolved = {key: str(settings[key]) for key in ("STEPD_DB", "STEPD_DELEGATES_PATH") if settings[key]}
-    return {**os.environ, **resolved}
+    return {**os.environ, **resolved, CHECKED: "1"}
 
 
 def start_settings(logger):
@@ -299,15 +299,20 @@ def start_settings(logger):
     return settings
 
 
+def checked(settings):
+    """The delegates' registry once preflight passed; None once it said why the start is refused."""
+    try:
+        return preflight(settings)
+    except CannotStart as exc:
+        say(f"cannot start: {exc}", logging.ERROR)
+        return None
+
+
 def main():
     """`stepd serve`: check, announce, then supervise the front and the runners until a signal."""
     settings = start_settings("stepd.service")
-    if settings is None:
-        return REFUSED
-    try:
-        registry = preflight(settings)
-    except CannotStart as exc:
-        say(f"cannot start: {exc}", logging.ERROR)
+    registry = checked(settings) if settings is not None else None
+    if registry is None:
         return REFUSED
     announce(settings, registry)
     die_with_make()
@@ -341,13 +346,7 @@ def http_main():
     from stepd import front
 
     settings = start_settings("stepd.service")
-    if settings is None:
+    if settings is None or (not os.environ.get(CHECKED) and checked(settings) is None):
         return REFUSED
-    if not os.environ.get(CHECKED):
-        try:
-            preflight(settings)
-        except CannotStart as exc:
-            say(f"cannot start: {exc}", logging.ERROR)
-            return REFUSED
     front.serve(settings)
     return 0

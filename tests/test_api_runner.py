@@ -3,13 +3,18 @@ runner's steps reaped, clean stops."""
 
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 from helpers import FAIL, wait_for
 
+from stepd import runner as runner_module
 from stepd.app import stop_background
+from stepd.delegates import load_registry
 from stepd.liveness import HOST, process_start_time
+from stepd.runner import Chore, Runner
+from stepd.store import Store
 
 
 def test_bad_result_fails_the_step_not_the_request(api):
@@ -232,3 +237,38 @@ def test_an_attempt_queued_without_a_wake_up_is_claimed_by_the_poll_within_1_s(a
     began = time.monotonic()
     api.wait_process(process["id"], "COMPLETED", timeout=1.0)
     assert time.monotonic() - began < 1.0
+
+
+def test_a_failing_chore_skips_no_other_and_a_slow_one_delays_no_heartbeat(database, monkeypatch):
+    """The runner's chores (wiring.chores: checkpoint, orphan sweep, answers, retention) each run
+    in their own try, on a thread apart from the heartbeat."""
+    monkeypatch.setattr(runner_module, "CHORE_TICK_SECONDS", 0.01)
+    monkeypatch.setattr(runner_module, "HEARTBEAT_SECONDS", 0.05)
+    counted, slow_started, release = [], threading.Event(), threading.Event()
+
+    def failing():
+        raise RuntimeError("this chore always fails")
+
+    def slow():
+        slow_started.set()
+        release.wait(5)
+
+    chores = [
+        Chore("failing", 0.01, failing),
+        Chore("counting", 0.01, lambda: counted.append(1)),
+        Chore("slow", 60, slow),
+    ]
+    store = Store(database)
+    runner = Runner(store, load_registry(), threads=1, db_path=database.path, chores=chores)
+    runner.start()
+    try:
+        wait_for(slow_started.is_set, what="the slow chore to begin")
+        assert counted, "the chore after the failing one ran"
+        beat = store.runners()[0]["heartbeat_at"]
+        wait_for(lambda: store.runners()[0]["heartbeat_at"] > beat, what="a heartbeat while the slow chore runs")
+        release.set()
+        runs = len(counted)
+        wait_for(lambda: len(counted) > runs + 2, what="the counting chore again, after the slow one")
+    finally:
+        release.set()
+        runner.stop(grace=0)

@@ -301,14 +301,13 @@ class LegacyImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     named `delegates` anywhere on the path (the user's own) wins over it."""
 
     NAME = "delegates"
+    said_by_another = False  # under `stepd serve` its main process said it: its children stay quiet
 
     def find_spec(self, name, path=None, target=None):
         return importlib.util.spec_from_loader(name, self) if name == self.NAME else None
 
     def create_module(self, spec):
         return None  # the default module object
-
-    said_by_another = False  # under `stepd serve` its main process said it: its children stay quiet
 
     def exec_module(self, module):
         this = sys.modules[__name__]
