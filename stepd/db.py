@@ -5,7 +5,6 @@ The only module that imports sqlite3. SQLite's errors leave it as the domain's o
 SQLite's wording; any other sqlite3 error is unexpected and stays as it is (a 500).
 """
 
-import copy
 import fcntl
 import os
 import sqlite3
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from stepd.migrations import MIGRATIONS
 from stepd.model import Busy, Conflict, Unavailable, Unusable, Unwritable
+from stepd.writer import Writer, holding, savepoint
 
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT = 1024 * 1024
@@ -30,7 +30,6 @@ AUTOCHECKPOINT_PAGES = 20_000
 # (every request, with two workers and a runner writing), and a mapped page costs no copy.
 MMAP_BYTES = 1 << 30
 SCHEMA_VERSION = len(MIGRATIONS)
-MAX_GROUP = 64  # callers in one group transaction at most (the lock is held for one group only)
 
 # SQLite's words for a database that cannot take a write now but may later: the disk is full,
 # or the file was made read-only. Reads still work, and a retry may succeed once it clears.
@@ -81,7 +80,7 @@ class Database:
         self._threads_lock = threading.Lock()
         self._lock_owner = None
         self._lock_fd = None
-        self._writer_state = None  # a _Writer, made on the first write of each process
+        self._writer_state = None  # a writer.Writer, made on the first write of each process
 
     # -- the boot sequence -----------------------------------------------------------------
     def prepare(self):
@@ -158,7 +157,7 @@ class Database:
     # -- connections -----------------------------------------------------------------------
     def _connect(self, shared=False):
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit. `shared`: the
-        # process's write connection, used by one caller at a time (under the _Writer's condition).
+        # process's write connection, lent by the writer's loop to one caller at a time.
         conn = sqlite3.connect(
             self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=not shared
         )
@@ -190,9 +189,11 @@ class Database:
                 time.sleep(0.005)
 
     def connection(self):
-        """This caller's connection (made on first use); inside a write, the write connection."""
-        if getattr(self._local, "writing", False):
-            return self._writer_state.conn
+        """This caller's connection (made on first use); inside a write, the write connection, so
+        that a read there sees the write's own changes."""
+        member = self._holding()
+        if member is not None:
+            return member.writer.conn
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._connect()
@@ -204,10 +205,12 @@ class Database:
         if conn is not None:
             conn.close()
             self._local.conn = None
+        if self._holding() is not None:
+            return  # inside a write: its group still needs the write connection
         with self._threads_lock:
             writer, self._writer_state = self._writer_state, None
-        if writer is not None and writer.pid == os.getpid() and writer.group is None:
-            writer.conn.close()
+        if writer is not None and writer.pid == os.getpid():
+            writer.close()
 
     # -- reads -----------------------------------------------------------------------------
     def rows(self, sql, args=()):
@@ -238,74 +241,40 @@ class Database:
     # -- writes ----------------------------------------------------------------------------
     @contextmanager
     def transaction(self, rollback=False):
-        """A write transaction: takes the write lock, commits or rolls back.
+        """A write transaction: this caller's code gets the write connection in its turn and
+        returns once its group committed (writer.py). Each caller runs in a savepoint of its own
+        and keeps its own error; callers writing at the same moment share one commit.
 
         Inside another write transaction of this caller it is a savepoint of that one, so a
         request can wrap several changes in one atomic change (Idempotency-Key, dry run).
         `rollback=True` checks everything and then undoes it (dry run).
-
-        The callers of one process that write at the same moment share one SQLite transaction
-        (group commit, `_Group`): each runs in a savepoint of its own, on the process's one
-        write connection, one after the other; each gets its own error, and none returns before
-        the shared COMMIT succeeded. A batch costs one turn at the lock and one commit however
-        many requests it holds.
         """
-        conn = self.connection()  # inside a write: the process's write connection
-        if getattr(self._local, "writing", False):
-            with sqlite_errors(), self._savepoint(conn, rollback):
-                yield conn
+        member = self._holding()
+        if member is not None:
+            with sqlite_errors(), savepoint(member.writer.conn, "nested", member, rollback):
+                yield member.writer.conn
             return
-        if conn.in_transaction:
+        if self.connection().in_transaction:
             raise RuntimeError("a write transaction cannot start inside a read snapshot")
-        self._local.on_commit = []
-        with sqlite_errors():
-            group = self._writer().join()
-        try:
-            with sqlite_errors(), group.body() as conn:
-                self._local.writing = True
-                try:
-                    with self._savepoint(conn, rollback, name="member"):
-                        yield conn
-                    if not conn.in_transaction:  # SQLite rolled it back (a full disk) and someone caught that
-                        raise Unwritable("database or disk is full: the transaction was rolled back")
-                finally:
-                    self._local.writing = False
-        except BaseException:
-            group.leave()  # the others' writes still commit; this one's savepoint is undone
-            self._local.on_commit = []
-            raise
-        group.leave()
-        with sqlite_errors():
-            group.wait_committed()
-        callbacks, self._local.on_commit = self._local.on_commit, []
-        if not rollback:
-            for callback in callbacks:
-                callback()
+        with sqlite_errors(), self._writer().turn(rollback) as conn:
+            yield conn
 
-    @contextmanager
-    def _savepoint(self, conn, rollback, name="nested"):
-        callbacks_before = len(self._local.on_commit)
-        conn.execute(f"SAVEPOINT {name}")
-        try:
-            yield
-        except BaseException:
-            rollback = True
-            raise
-        finally:
-            if rollback:  # what was undone must not be acted on after the commit either
-                del self._local.on_commit[callbacks_before:]
-            # SQLite itself rolls the whole transaction back on some errors (a full disk): then
-            # there is no savepoint left, and the original error must be the one that surfaces.
-            if conn.in_transaction:
-                if rollback:
-                    conn.execute(f"ROLLBACK TO {name}")
-                conn.execute(f"RELEASE {name}")
+    def write(self, fn):
+        """`fn(conn)` as one write, run on the writer's loop (no switch to the caller's thread
+        and back); its result once its group committed."""
+        member = self._holding()
+        if member is not None:
+            with self.transaction() as conn:
+                return fn(conn)
+        with sqlite_errors():
+            return self._writer().run(fn)
 
     def on_commit(self, callback):
         """Call `callback` once this caller's write transaction commits (now, if none is open);
         never if it rolls back."""
-        if getattr(self._local, "writing", False):
-            self._local.on_commit.append(callback)
+        member = self._holding()
+        if member is not None:
+            member.after_commit.append(callback)
         else:
             callback()
 
@@ -319,12 +288,17 @@ class Database:
         writes were grouped."""
         return tuple(self._writer().committed)
 
+    def _holding(self):
+        """The writer's member whose code runs here now, if it is this database's."""
+        member = holding.get()
+        writer = self._writer_state
+        return member if member is not None and member.writer is writer else None
+
     def _writer(self):
-        """This process's writing side: its write connection and the group now open (one per
-        process: after a fork the child makes its own)."""
+        """This process's writer (one per process: after a fork the child makes its own)."""
         with self._threads_lock:
             if self._writer_state is None or self._writer_state.pid != os.getpid():
-                self._writer_state = _Writer(self._connect(shared=True), self._lock_file())
+                self._writer_state = Writer(lambda: self._connect(shared=True), self._take_lock, self._drop_lock)
             return self._writer_state
 
     def _lock_file(self):
@@ -334,64 +308,18 @@ class Database:
             self._lock_owner = os.getpid()
         return self._lock_fd
 
-
-class _Writer:
-    """A process's writing side: its one write connection, the lock file, and the group of
-    callers sharing a transaction on it now (group commit; see Database.transaction)."""
-
-    def __init__(self, conn, lock_fd):
-        self.pid = os.getpid()
-        self.conn = conn
-        self.lock_fd = lock_fd
-        self.changed = threading.Condition()  # guards everything below; waited on by every caller
-        self.group = None  # the _Group open now (taking members, or committing)
-        self.committed = [0, 0]  # groups committed, and the writes they held (tests, benchmark)
-        self.conn_in_use = False  # a member's body runs on conn: savepoints are a stack, one at a time
-
-    def join(self):
-        """Become a member of the group open now, or open one; returns it. Busy after the busy timeout."""
-        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-        with self.changed:
-            while self.group is not None and not self.group.accepting:  # committing: wait for the next
-                self._wait(deadline, "database is locked (by this process's other writers)")
-            if self.group is not None:
-                self.group.join()
-                return self.group
-            group = self.group = _Group(self)
-        try:  # the first member opens it: the file's lock, then BEGIN IMMEDIATE (both may wait)
-            self._take_lock(deadline)
-            try:
-                self.conn.execute("BEGIN IMMEDIATE")
-            except BaseException:
-                fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
-                raise
-        except BaseException as exc:
-            with self.changed:
-                group.failed, group.accepting, group.done, self.group = exc, False, True, None
-                self.changed.notify_all()
-            raise
-        with self.changed:
-            group.open = True
-            self.changed.notify_all()
-        return group
-
-    def _wait(self, deadline, busy_message):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise Busy(busy_message)
-        self.changed.wait(timeout=left)
-
-    def _take_lock(self, deadline):
+    def _take_lock(self):
         """The lock file, which every process's writer takes before BEGIN IMMEDIATE.
 
         SQLite alone would do, but its busy handler polls with sleeps growing to 100 ms, so
         under contention some writers wait far longer than others; here a process polls every
         millisecond or two (a sleep, so a gevent worker's other requests run meanwhile).
         """
-        delay = 0.0005
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        fd, delay = self._lock_file(), 0.0005
         while True:
             try:
-                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
                 if time.monotonic() > deadline:
@@ -399,101 +327,5 @@ class _Writer:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.002)
 
-
-class _Group:
-    """Callers of one process sharing one write transaction: each runs its body in a savepoint,
-    the last to leave commits, and each returns once that commit is done."""
-
-    def __init__(self, writer):
-        self.writer = writer
-        self.open = False  # BEGIN IMMEDIATE has run
-        self.accepting = True  # new callers may join (until the commit begins, or it is full)
-        self.members = 1  # callers in it whose body has not ended (its opener is the first)
-        self.size = 1
-        self.committing = False
-        self.done = False
-        self.failed = None  # what stopped the transaction, for every member
-
-    def join(self):  # under writer.changed
-        self.members += 1
-        self.size += 1
-        self.accepting = self.size < MAX_GROUP
-
-    @contextmanager
-    def body(self):
-        """The write connection, once the transaction is open and no other member's body runs."""
-        writer = self.writer
-        with writer.changed:
-            while not self.failed and (not self.open or writer.conn_in_use):
-                writer.changed.wait()
-            if not self.failed and not writer.conn.in_transaction:
-                # SQLite rolled the group's transaction back under an earlier member (a full disk,
-                # an I/O error). A SAVEPOINT now would begin a transaction of its own, and its
-                # RELEASE would commit this member's write while the group reports failure.
-                self.failed = Unwritable("database or disk is full: the transaction was rolled back")
-            if self.failed:
-                raise _copy(self.failed)
-            writer.conn_in_use = True
-        try:
-            yield writer.conn
-        finally:
-            with writer.changed:
-                writer.conn_in_use = False
-                writer.changed.notify_all()
-
-    def leave(self):
-        """This member's body has ended; the last one out commits.
-
-        In a gevent worker it first lets the requests that are ready run, so those that write
-        join this transaction instead of waiting for the next one."""
-        writer = self.writer
-        with writer.changed:
-            self.members -= 1
-            if self.members or not self.open:
-                return
-        _let_ready_callers_join()
-        with writer.changed:
-            if self.members or self.committing:
-                return  # someone joined meanwhile: the last of them commits
-            self.accepting, self.committing = False, True
-        self._commit()
-
-    def _commit(self):
-        conn = self.writer.conn
-        try:
-            if not conn.in_transaction:  # SQLite rolled it all back (a full disk)
-                raise Unwritable("database or disk is full: the transaction was rolled back")
-            conn.execute("COMMIT")
-            self.writer.committed[0] += 1
-            self.writer.committed[1] += self.size
-        except BaseException as exc:
-            self.failed = exc
-            if conn.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
-                conn.execute("ROLLBACK")
-        finally:
-            fcntl.flock(self.writer.lock_fd, fcntl.LOCK_UN)
-            with self.writer.changed:
-                self.done = True
-                self.writer.group = None
-                self.writer.changed.notify_all()
-
-    def wait_committed(self):
-        """Return once the group's transaction committed; raise what stopped it otherwise."""
-        with self.writer.changed:
-            while not self.done:
-                self.writer.changed.wait()
-        if self.failed:
-            raise _copy(self.failed)
-
-
-def _let_ready_callers_join():
-    """One turn of gevent's loop (a sleep(0)), when this process runs on gevent. Among OS threads
-    it is not done: there sleep(0) hands the GIL away for up to the switch interval (5 ms,
-    measured as a quarter of a runner's samples) while this process holds the write lock."""
-    if time.sleep.__module__.startswith("gevent"):
-        time.sleep(0)
-
-
-def _copy(exc):
-    """The same error for another member (an exception object is raised in one place only)."""
-    return copy.copy(exc)
+    def _drop_lock(self):
+        fcntl.flock(self._lock_file(), fcntl.LOCK_UN)

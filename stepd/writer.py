@@ -1,0 +1,290 @@
+"""The writer: one loop that owns a process's write connection and commits its writes in groups.
+
+Every write of the process is a member of a group. The loop takes whatever members are waiting,
+opens one `BEGIN IMMEDIATE`, serves them one after the other, each in a savepoint of its own (so
+each keeps its own error), and commits once for all of them; a member returns only after that
+COMMIT. This is datasette's writer thread (`datasette/database.py`, `_execute_writes`) with the
+batching inside the loop.
+
+A member is served in one of two ways:
+- a job, `run(fn)`: `fn(conn)` runs on the loop itself (the cheapest: no switch of thread);
+- a turn, `turn()`: a context manager in which the caller's own code uses the connection while
+  the loop waits for it (a request whose view, and its Idempotency-Key answer, are one change).
+
+Before each member the loop asks SQLite whether the transaction is still open. SQLite rolls it
+back by itself on some errors (a full disk, an I/O error): then every member of the group gets
+the error, and none of their writes is in the file (a SAVEPOINT on a rolled-back connection
+would begin a transaction of its own, whose RELEASE would commit a write reported as failed).
+
+Under gevent (the service's node) the loop is a greenlet and members are greenlets; among OS
+threads (the tests, the commands) it is a thread. The code is the same.
+"""
+
+import collections
+import contextvars
+import copy
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+
+from stepd.model import Unwritable
+
+log = logging.getLogger("stepd.writer")
+
+MAX_GROUP = 64  # members in one transaction at most: a group holds the lock for one group only
+ROLLED_BACK = "database or disk is full: the transaction was rolled back"
+
+# The member whose code holds a writer's connection now (in a turn or a job): a nested write is
+# then a savepoint of that member, and a read inside it sees the member's own changes. A context
+# variable is per thread and per greenlet, as a caller is.
+holding = contextvars.ContextVar("stepd_writer_holding", default=None)
+
+
+class _Member:
+    """One caller's write in a group: a job (`fn`) or a turn (its caller's own code)."""
+
+    def __init__(self, writer, fn=None):
+        self.writer = writer
+        self.fn = fn
+        self.result = None
+        self.error = None  # its own error, or the group's
+        self.turn = threading.Event()  # the loop lends the connection (turns only)
+        self.body_done = threading.Event()  # the caller gives it back
+        self.finished = threading.Event()  # the group committed, or failed
+        self.after_commit = []  # callbacks, called by the member once the group committed
+        self.own_failure = False  # its body raised: the group commits without it
+
+
+class Writer:
+    """The loop owning `connect()`'s connection; `take_lock()` / `drop_lock()` around each group
+    keep other processes' writers out (the file lock, db.py)."""
+
+    def __init__(self, connect, take_lock, drop_lock):
+        self.pid = os.getpid()
+        self._connect = connect
+        self._take_lock = take_lock  # () -> None once taken; raises model.Busy past its deadline
+        self._drop_lock = drop_lock
+        self.conn = None
+        self._waiting = collections.deque()
+        self._changed = threading.Condition()
+        self._closing = False
+        self.committed = [0, 0]  # groups committed, and the members they held (tests, benchmark)
+        # Hooks run last in every group, inside its transaction (the dispatcher's claims): each is
+        # (conn) -> None or a callable, called with whether the group committed once it is known.
+        self.ended_groups = []
+        self._thread = threading.Thread(target=self._loop, name="stepd-writer", daemon=True)
+        self._started = threading.Event()
+        self._thread.start()
+        self._started.wait()
+
+    # -- the callers' side -----------------------------------------------------------------
+    def run(self, fn):
+        """`fn(conn)` in a group, on the loop; its result once the group committed."""
+        member = self._submit(_Member(self, fn))
+        self._wait_finished(member)
+        return member.result
+
+    @contextmanager
+    def turn(self, rollback=False):
+        """The connection for the caller's own code, in a savepoint, in the next group; returns once
+        the group committed (raises the group's error if it did not). `rollback`: the savepoint is
+        undone even when the code succeeds (a dry run)."""
+        member = self._submit(_Member(self))
+        member.turn.wait()
+        if member.error is not None:  # the group failed before this member's turn
+            raise _copy(member.error)
+        token = holding.set(member)
+        try:
+            with savepoint(self.conn, "member", member, rollback):
+                yield self.conn
+        except BaseException:
+            member.own_failure = True
+            raise
+        finally:
+            holding.reset(token)
+            member.body_done.set()
+            if member.own_failure:
+                member.after_commit.clear()
+        self._wait_finished(member)
+
+    def _submit(self, member):
+        with self._changed:
+            if self._closing:
+                raise RuntimeError("the writer is closed")
+            self._waiting.append(member)
+            self._changed.notify()
+        return member
+
+    def _wait_finished(self, member):
+        member.finished.wait()
+        if member.error is not None:
+            raise _copy(member.error)
+        for callback in member.after_commit:
+            callback()
+
+    def close(self):
+        """Finish the groups waiting, close the connection and end the loop."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    # -- the loop --------------------------------------------------------------------------
+    def _loop(self):
+        self.conn = self._connect()
+        self._started.set()
+        try:
+            while True:
+                first = self._next(block=True)
+                if first is None:
+                    return
+                self._group(first)
+        finally:
+            self.conn.close()
+
+    def _next(self, block):
+        """The next waiting member (None: none, or closing and none left)."""
+        with self._changed:
+            while block and not self._waiting and not self._closing:
+                self._changed.wait()
+            return self._waiting.popleft() if self._waiting else None
+
+    def _group(self, first):
+        conn = self.conn
+        try:
+            self._begin()
+        except BaseException as exc:  # busy past the timeout: all who waited as long get it
+            self._finish([first, *self._drain()], exc)
+            return
+        members, member, afterwards = [], first, []
+        try:
+            while member is not None:
+                if not conn.in_transaction:  # SQLite rolled it back under an earlier member
+                    raise Unwritable(ROLLED_BACK)
+                self._serve(member)
+                members.append(member)
+                member = self._next_in_group(len(members))
+            if not conn.in_transaction:
+                raise Unwritable(ROLLED_BACK)
+            afterwards = [after for ended in self.ended_groups if (after := self._run_ended(ended))]
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if member is not None and member not in members:
+                members.append(member)
+            self._rollback()
+            self._drop_lock()
+            self._tell(afterwards, committed=False)
+            self._finish([*members, *self._drain()], exc)
+            return
+        self._drop_lock()
+        self.committed[0] += 1
+        self.committed[1] += len(members)
+        self._tell(afterwards, committed=True)
+        self._finish(members, None)
+
+    def _begin(self):
+        self._take_lock()
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._drop_lock()
+            raise
+
+    def _next_in_group(self, served):
+        if served >= MAX_GROUP:
+            return None
+        member = self._next(block=False)
+        if member is None:
+            _let_ready_callers_join()
+            member = self._next(block=False)
+        return member
+
+    def _serve(self, member):
+        """Give `member` the connection: run its job here, or lend it to its caller until done."""
+        if member.fn is None:
+            member.turn.set()
+            member.body_done.wait()
+            return
+        token = holding.set(member)
+        try:
+            with savepoint(self.conn, "job", member):
+                member.result = member.fn(self.conn)
+        except Exception as exc:  # the job's own error, for its caller; the group goes on
+            member.error, member.own_failure = exc, True
+        finally:
+            holding.reset(token)
+
+    def _run_ended(self, ended):
+        """A hook at the end of a group, in a savepoint: one that fails undoes only itself."""
+        member = _Member(self)
+        try:
+            with savepoint(self.conn, "ended", member):
+                return ended(self.conn)
+        except Exception:
+            if not self.conn.in_transaction:
+                raise Unwritable(ROLLED_BACK) from None
+            log.exception("a writer hook failed at the end of a group; the group commits without it")
+            return None
+
+    @staticmethod
+    def _tell(afterwards, committed):
+        for after in afterwards:
+            try:
+                after(committed)
+            except Exception:
+                log.exception("a writer hook failed after its group")
+
+    def _rollback(self):
+        if self.conn.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
+            self.conn.execute("ROLLBACK")
+
+    def _drain(self):
+        with self._changed:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        return waiting
+
+    @staticmethod
+    def _finish(members, error):
+        """Wake every member; `error`: the group's, for each that has none of its own."""
+        for member in members:
+            if error is not None and not member.own_failure:
+                member.error = error
+            member.turn.set()  # one still waiting for its turn learns the group failed
+            member.finished.set()
+
+
+@contextmanager
+def savepoint(conn, name, member, rollback=False):
+    """A savepoint on `conn`, undone if the body raises (or `rollback`): its on_commit callbacks
+    go with it. SQLite may have rolled the whole transaction back meanwhile (a full disk): then
+    there is no savepoint left, and the body's own error is the one that surfaces."""
+    callbacks_before = len(member.after_commit)
+    conn.execute(f"SAVEPOINT {name}")
+    try:
+        yield
+    except BaseException:
+        rollback = True
+        raise
+    finally:
+        if rollback:
+            del member.after_commit[callbacks_before:]
+        if conn.in_transaction:
+            if rollback:
+                conn.execute(f"ROLLBACK TO {name}")
+            conn.execute(f"RELEASE {name}")
+
+
+def _let_ready_callers_join():
+    """One turn of gevent's loop (a sleep(0)), when this process runs on gevent, so the requests
+    that are ready join this group rather than the next. Among OS threads it is not done: there
+    sleep(0) hands the GIL away for up to the switch interval while the group holds the lock."""
+    if time.sleep.__module__.startswith("gevent"):
+        time.sleep(0)
+
+
+def _copy(exc):
+    """The same error for another member (an exception object is raised in one place only)."""
+    return copy.copy(exc)
