@@ -338,13 +338,11 @@ def test_a_full_disk_refuses_writes_with_503_keeps_reads_and_recovers_without_a_
             written.add(f"small-{attempt}")
 
     filler.unlink()
-    # A normal start, not a 600 KB one: on a 4 MiB disk, a 600 KB start and then its step's
-    # outcome (which rewrites those 600 KB twice) can fill the disk with the write-ahead log
-    # again before any checkpoint may run, a deadlock of SQLite's own on a disk this small.
+    # The first write after the space is back is as big as those refused (issue 18: 600 KB), and
+    # its step's outcome rewrites those 600 KB twice: the write-ahead log must not fill the 4 MiB
+    # disk again before a checkpoint.
     after = wait_for(
-        lambda: (r := server.post(P, {"name": "after", "steps": [{"type": "noop"}]})).status_code == 201 and r,
-        timeout=10,
-        what="writes again",
+        lambda: (r := server.post(P, big_start("after"))).status_code == 201 and r, timeout=10, what="writes again"
     )
     process_id = after.json()["data"]["processId"]
     wait_for(lambda: server.get(f"{P}/{process_id}").json()["data"]["status"] == "COMPLETED", what="it to run")
