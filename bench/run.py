@@ -662,7 +662,7 @@ def profile(workdir, token, seconds, extra_args=(), sync="normal"):
         spy.wait()
     finally:
         server.stop()
-    return summarize_profile(raw.read_text()), result, " ".join(command)
+    return summarize_profile(raw.read_text(errors="replace")), result, " ".join(command)
 
 
 def summarize_profile(text, top=30):

@@ -57,6 +57,10 @@ class Dispatcher:
         self.current = current  # () -> whether this node still takes new work (not once a reload replaced it)
         self.links = []
         self._lock = threading.Lock()
+        # Whether an attempt may wait for a claim: set by a group that queued one, by the poll,
+        # by a claim that filled every place it asked for; without it a group's end claims nothing.
+        self.maybe_queued = True
+        store.on_queued = self.note_queued
         store.db.at_end_of_groups(self._claim)
 
     # -- a runner arrives, and leaves ----------------------------------------------------
@@ -111,6 +115,7 @@ class Dispatcher:
         def release(conn):
             for key in [*given_back, *link.unsent]:
                 self.store.unclaim_key(key, link.id)
+            self.maybe_queued = True
             return self.store.interrupt_runner(link.id, reason)
 
         def done(interrupted, error):
@@ -190,19 +195,23 @@ class Dispatcher:
     def _claim(self, conn):
         """At the end of a group: claim attempts for the runners' free places. Returns what to do
         once the group's fate is known (send them, or free the places again)."""
-        if self.stopping_reason() is not None or not self.current():
+        if self.stopping_reason() is not None or not self.current() or not self.maybe_queued:
             return None  # stopping (a reload: the new node takes the new work); its runners give back the rest
         with self._lock:
             wanting = [link for link in self.links if link.open and link.free > 0]
-        if not wanting or not self.store.has_claimable():
+        if not wanting:
             return None
+        self.maybe_queued = False
         claimed = []
         for link in wanting:
-            jobs = self.store.claim_due_retries(link.id, link.free)
-            if len(jobs) < link.free:
-                jobs += self.store.claim_queued(link.id, link.free - len(jobs))
+            wanted = link.free
+            jobs = self.store.claim_due_retries(link.id, wanted)
+            if len(jobs) < wanted:
+                jobs += self.store.claim_queued(link.id, wanted - len(jobs))
             if not jobs:
                 break  # nothing more is queued
+            if len(jobs) == wanted:
+                self.maybe_queued = True  # every place it asked for is filled: more may wait
             for job in jobs:
                 job.results = self.store.earlier_results(job.step_id)
             with self._lock:
@@ -232,8 +241,12 @@ class Dispatcher:
         if usable:
             link.channel.send("run", jobs)
 
+    def note_queued(self):
+        self.maybe_queued = True
+
     def wake(self):
         """A group now, so that its end claims what is queued (a runner came, a retry fell due)."""
+        self.maybe_queued = True
         self.store.db.submit(lambda conn: None, lambda result, error: None)
 
     # -- the watch: attempts ended from outside --------------------------------------------

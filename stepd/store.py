@@ -227,9 +227,10 @@ class Change:
     is written with it, and every process touched has its status refreshed once, at the end.
     """
 
-    def __init__(self, conn, now):
+    def __init__(self, conn, now, on_queued):
         self.conn = conn
         self.now = now
+        self.on_queued = on_queued
         self.touched = set()
 
     def _move(self, step_id, attempt, when, sets, values):
@@ -259,6 +260,8 @@ class Change:
             },
         )
         self.touched.add(step["process_id"])
+        if runner_id is None:
+            self.on_queued()
         retries_used = step["retries_used"] + 1 if trigger == "retry" else 0
         return Job(step["id"], step["process_id"], step["type"], params, attempt, retries_used)
 
@@ -328,11 +331,14 @@ class Store:
 
     def __init__(self, db):
         self.db = db
+        # Called inside the transaction that queues an attempt (no runner yet): the node's
+        # dispatcher then claims at the end of that group (a rolled-back one costs it one look).
+        self.on_queued = lambda: None
 
     @contextmanager
     def _change(self):
         with self.db.transaction() as conn:
-            change = Change(conn, now_iso())
+            change = Change(conn, now_iso(), self.on_queued)
             yield change
             change.refresh_processes()
 
