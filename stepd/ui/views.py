@@ -10,6 +10,7 @@ import base64
 import binascii
 import re
 from datetime import UTC, datetime
+from itertools import chain
 
 from flask import Blueprint, current_app, g, redirect, render_template, request, session, url_for
 from flask_wtf.csrf import CSRFError
@@ -181,10 +182,16 @@ def step_page(step_id, status=200, **states):
         **states,
     }
     results = {s["position"]: s["result"] for s in process["steps"] if s["position"] < step["position"] and s["result"]}
+    failed, cancellable = step["status"] == FAILED, process["status"] in CANCELLABLE
+    offered = {"restart": failed, "skip": failed, "cancel": cancellable}
+    # A refusal of a form the step no longer offers (it is not FAILED any more) is said above the page.
+    refused = [m for name, state in forms_shown.items() if not offered[name] for m in chain(*state.errors.values())]
+    # An answer to a POST (a dry run, a refusal) shows what was entered, at the form's action, a URL
+    # that takes only a POST: it does not refresh itself.
     return render_template(
         "step.html", step=step, process=process, history=history, changed=changed, results=results,
-        forms=forms_shown, failed=step["status"] == FAILED, cancellable=process["status"] in CANCELLABLE,
-        done=actions.kept(request.args.get("done")), refresh=REFRESH_SECONDS,
+        forms=forms_shown, failed=failed, cancellable=cancellable, refused=refused,
+        done=actions.kept(request.args.get("done")), refresh=REFRESH_SECONDS if request.method == "GET" else 0,
     ), status  # fmt: skip
 
 

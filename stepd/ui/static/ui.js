@@ -30,9 +30,9 @@
 
   function say() {
     var paused = pausedByUser || editing();
-    document.body.dataset.refreshState = pausedByUser ? "paused" : editing() ? "editing" : "on";
-    toggle.textContent = pausedByUser ? "Resume auto-refresh" : "Pause auto-refresh";
-    toggle.setAttribute("aria-pressed", String(pausedByUser));
+    document.body.dataset.refreshState = pausedByUser ? "paused" : paused ? "editing" : "on";
+    toggle.textContent = paused ? "Resume auto-refresh" : "Pause auto-refresh";
+    toggle.setAttribute("aria-pressed", String(paused));
     if (pausedByUser) {
       status.textContent = "Auto-refresh paused";
     } else if (paused) {
@@ -59,7 +59,14 @@
     }
   });
   toggle.addEventListener("click", function () {
-    pausedByUser = !pausedByUser;
+    if (pausedByUser || editing()) {
+      // Resume: what was typed into a form and not sent gives way to the fresh page.
+      pausedByUser = false;
+      changed.clear();
+      refresh();
+    } else {
+      pausedByUser = true;
+    }
     say();
   });
 
