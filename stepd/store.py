@@ -905,9 +905,11 @@ class Store:
         if before is not None:
             conditions.append("(finished_at, seq) < (?, ?)")
             args.extend(before)
+        # INDEXED BY: walked newest first, the FAILED steps' own index gives the order and stops at
+        # a page; left to itself, the planner sorts every FAILED step (or every one of a type).
         rows = self.db.rows(
             f"SELECT seq, {STEP_COLUMNS}, (SELECT name FROM processes p WHERE p.id = steps.process_id)"
-            f" AS process_name FROM steps WHERE {' AND '.join(conditions)}"
+            f" AS process_name FROM steps INDEXED BY steps_failed_oldest_first WHERE {' AND '.join(conditions)}"
             " ORDER BY finished_at DESC, seq DESC LIMIT ?",
             (*args, limit + 1),
         )
@@ -921,8 +923,8 @@ class Store:
         failure first (the order a bulk restart takes them in), and whether more match."""
         conditions, args = self._failed_matching(where)
         rows = self.db.rows(
-            f"SELECT id FROM steps WHERE {' AND '.join(conditions)} AND finished_at < ?"
-            " ORDER BY finished_at, seq LIMIT ?",
+            f"SELECT id FROM steps INDEXED BY steps_failed_oldest_first WHERE {' AND '.join(conditions)}"
+            " AND finished_at < ? ORDER BY finished_at, seq LIMIT ?",
             (*args, until, limit + 1),
         )
         return [row["id"] for row in rows[:limit]], len(rows) > limit
@@ -930,7 +932,10 @@ class Store:
     def count_failed_since(self, where, since, leaving_out=()):
         """How many FAILED steps matching `where` failed at or after `since`, but those in `leaving_out`."""
         conditions, args = self._failed_matching(where)
-        sql = f"SELECT id FROM steps WHERE {' AND '.join(conditions)} AND finished_at >= ?"
-        rows = self.db.rows(sql, (*args, since))
+        rows = self.db.rows(
+            f"SELECT id FROM steps INDEXED BY steps_failed_oldest_first WHERE {' AND '.join(conditions)}"
+            " AND finished_at >= ?",
+            (*args, since),
+        )
         leaving_out = set(leaving_out)
         return sum(1 for row in rows if row["id"] not in leaving_out)
