@@ -293,7 +293,7 @@ def chromium():
 
 
 @pytest.fixture
-def browse(served, chromium):
+def browse(chromium, served):
     """Opens pages of the shared service, each in a browser context of its own (its own cookies):
     browse() as the operator 'env' (HTTP Basic, answered as the browser's prompt would be),
     browse(None) with no credentials. Every request any of them makes is recorded
