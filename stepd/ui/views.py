@@ -182,15 +182,15 @@ def step_page(step_id, status=200, **states):
         **states,
     }
     results = {s["position"]: s["result"] for s in process["steps"] if s["position"] < step["position"] and s["result"]}
-    failed, cancellable = step["status"] == FAILED, process["status"] in CANCELLABLE
-    offered = {"restart": failed, "skip": failed, "cancel": cancellable}
+    restartable, cancellable = step["status"] == FAILED, process["status"] in CANCELLABLE
+    offered = {"restart": restartable, "skip": restartable, "cancel": cancellable}
     # A refusal of a form the step no longer offers (it is not FAILED any more) is said above the page.
     refused = [m for name, state in forms_shown.items() if not offered[name] for m in chain(*state.errors.values())]
     # An answer to a POST (a dry run, a refusal) shows what was entered, at the form's action, a URL
     # that takes only a POST: it does not refresh itself.
     return render_template(
         "step.html", step=step, process=process, history=history, changed=changed, results=results,
-        forms=forms_shown, failed=failed, cancellable=cancellable, refused=refused,
+        forms=forms_shown, failed=restartable, cancellable=cancellable, refused=refused,
         done=actions.kept(request.args.get("done")), refresh=REFRESH_SECONDS if request.method == "GET" else 0,
     ), status  # fmt: skip
 
