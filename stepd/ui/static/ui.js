@@ -75,7 +75,7 @@
       return;
     }
     busy = true;
-    fetch(window.location.href, { credentials: "same-origin", headers: { "X-Stepd-Refresh": "1" } })
+    fetch(window.location.href, { credentials: "same-origin" })
       .then(function (response) {
         if (!response.ok) {
           throw new Error("HTTP " + response.status);
