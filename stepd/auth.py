@@ -141,15 +141,14 @@ def _proof(name, secret_hash):
     return hmac.new(key, f"{name}\0{secret_hash}".encode(), "sha256").hexdigest()
 
 
-def session_proof(name):
-    """What a session signed in as the token `name` keeps (once its secret was checked), or None."""
-    found = _credentials().named(name)
-    return _proof(name, found[1]) if found is not None else None
+def session_proof(name, secret):
+    """What a session signed in as the token `name` with `secret` keeps (once the secret was checked)."""
+    return _proof(name, hash_secret(secret))
 
 
 def session_principal(name, proof):
     """The principal of a signed-in session, if its token still has the secret it was signed in with."""
-    found = _credentials().named(name) if name and proof else None
+    found = _credentials().named(name) if isinstance(name, str) and isinstance(proof, str) else None
     if found is None or not hmac.compare_digest(_proof(name, found[1]), proof):
         return None
     return _known(found[0])

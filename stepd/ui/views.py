@@ -305,7 +305,7 @@ def sign_in():
         error = "No token has this name and secret."
         return render_template("sign_in.html", next=where, error=error, name=name), 401
     session.clear()
-    session["principal"], session["proof"] = name, auth.session_proof(name)
+    session["principal"], session["proof"] = name, auth.session_proof(name, secret)
     return redirect(where, 303)
 
 
