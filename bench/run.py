@@ -39,8 +39,9 @@ import seed  # noqa: E402  (needs the paths above)
 
 GUNICORN = Path(sys.executable).parent / "gunicorn"
 # HTTP processes (gunicorn workers) of stepd and of the baseline alike, so that the ratios compare
-# the same front with the same number of cores' worth of parsing; STEPD_WORKERS's default.
-HTTP_WORKERS = 2
+# the same front with the same number of cores' worth of parsing: stepd.front.options says one (the
+# node, which serves HTTP and writes), for both.
+HTTP_WORKERS = 1
 WRK_THREADS, CONNECTIONS = 2, 16
 # FAILED steps the failing-delegate rows cycle through. Large enough that wrk comes back to a
 # step only long after its restart (about 10 s at 2,000 restarts/s), so the row measures how
@@ -109,8 +110,7 @@ class Server:
             )
         Server.running.append(self)
         deadline = time.monotonic() + 30
-        workers = int(self.env.get("STEPD_WORKERS", "2"))
-        while not (self._answers(health_path) and len(self.worker_pids()) == workers):
+        while not (self._answers(health_path) and len(self.worker_pids()) == HTTP_WORKERS):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{' '.join(self.command)} did not come up; see {self.log_path}")
             time.sleep(0.1)
@@ -146,8 +146,8 @@ class Server:
         return self._children(master) if master else []
 
     def runner_pids(self):
-        master = self._gunicorn_master()
-        return [pid for pid in self._children(self.proc.pid) if pid != master]
+        """The runners: the node's (the worker's) children."""
+        return [pid for worker in self.worker_pids() for pid in self._children(worker)]
 
     def all_pids(self):
         """Every process of the server: supervisor, gunicorn master, workers, runners."""
@@ -184,7 +184,6 @@ def stepd_server(db, sync, workdir, token):
         "STEPD_TOKEN": token,
         "STEPD_DELEGATES_PATH": str(BENCH / "delegates"),
         "STEPD_SYNC": sync,
-        "STEPD_WORKERS": str(HTTP_WORKERS),
     }
     return Server([sys.executable, "-m", "stepd", "serve"], workdir / f"stepd-{sync}.log", **settings).start("/healthz")
 
@@ -192,7 +191,7 @@ def stepd_server(db, sync, workdir, token):
 def baseline_server(workdir):
     """The bare Flask app under stepd's gunicorn front (stepd.front.options), with stepd's HTTP_WORKERS."""
     command = [str(GUNICORN), "-c", "bench/gunicorn_baseline.conf.py"]
-    return Server(command, workdir / "baseline.log", STEPD_WORKERS=str(HTTP_WORKERS)).start("/echo")
+    return Server(command, workdir / "baseline.log").start("/echo")
 
 
 def api(server, method, path, body=None, token=None):
@@ -731,8 +730,8 @@ def http_processes_line(rows):
     counts = {r["http_processes"] for r in rows if "http_processes" in r}
     if counts == {HTTP_WORKERS}:
         return (
-            f"HTTP processes: {HTTP_WORKERS} gunicorn gevent workers behind every row, the baseline's and"
-            f" stepd's alike (STEPD_WORKERS={HTTP_WORKERS} for both, one front: stepd.front.options;"
+            f"HTTP processes: {HTTP_WORKERS} gunicorn gevent worker(s) behind every row, the baseline's and"
+            " stepd's alike (one front: stepd.front.options; stepd's worker is its node;"
             " counted under /proc during each row)."
         )
     by_row = ", ".join(f"{r['row']} ({r['sync']}): {r.get('http_processes', '?')}" for r in rows)

@@ -20,10 +20,10 @@ from stepd.httplogs import ContextFilter
 from stepd.idempotency import idempotent
 from stepd.logs import add_filter, configure_logging
 from stepd.model import MAX_BULK
+from stepd.node import Node
 from stepd.runner import STOP_GRACE_SECONDS, Runner
 from stepd.store import Store
-from stepd.wake import Notifier
-from stepd.wiring import make_runner, open_store
+from stepd.wiring import make_node, open_store
 
 
 @dataclass
@@ -33,7 +33,8 @@ class Stepd:
     store: Store
     registry: Registry
     engine: Engine
-    runner: Runner | None = None  # one inside this process (start_background), if any
+    node: Node | None = None  # the node's dispatcher and chores, in the process that writes (start_node)
+    runner: Runner | None = None  # a runner on this process's threads (start_background), if any
 
 
 def engine():
@@ -217,8 +218,7 @@ def create_app(overrides=None):
 
     store = open_store(app.config)
     registry = load_registry(app.config["STEPD_DELEGATES_PATH"] or None)
-    notifier = Notifier(app.config["STEPD_DB"], store.runner_ids)
-    app.extensions["stepd"] = Stepd(store, registry, Engine(store, registry, notifier.notify))
+    app.extensions["stepd"] = Stepd(store, registry, Engine(store, registry))
     auth.init_app(app, store)
     idempotency.init_app(app, store)
 
@@ -232,17 +232,29 @@ def create_app(overrides=None):
     return app
 
 
+def start_node(app, runner_processes):
+    """Make this process the node: its dispatcher and chores, and `runner_processes` runner
+    processes (the service's HTTP worker does this; node.py)."""
+    stepd = app.extensions["stepd"]
+    if stepd.node is None:
+        stepd.node = make_node(stepd.store, stepd.registry, app.config)
+        stepd.node.start(runner_processes)
+    return stepd.node
+
+
 def start_background(app):
-    """Run a runner inside this process too (the tests do; the service runs them in processes
-    of their own, `stepd runner`): it claims what this app queues, as any runner would."""
+    """Make this process the node, with one runner on its threads (the tests): it runs what this
+    app queues, as a runner process would."""
     stepd = app.extensions["stepd"]
     if stepd.runner is None:
-        stepd.runner = make_runner(stepd.store, stepd.registry, app.config)
-        stepd.runner.start()
+        node = start_node(app, runner_processes=0)
+        (stepd.runner,) = node.start_runners_here(1)
 
 
 def stop_background(app, grace=STOP_GRACE_SECONDS):
-    """Stop that runner: running delegates get `grace` seconds, then their steps are Interrupted."""
-    runner = app.extensions["stepd"].runner
-    if runner is not None:
-        runner.stop(grace=grace)
+    """Stop the node and its runners: running delegates get `grace` seconds, then their steps are Interrupted."""
+    stepd = app.extensions["stepd"]
+    if stepd.node is not None:
+        stepd.node.stop(grace=grace)
+        stepd.node = None
+    stepd.runner = None

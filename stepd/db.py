@@ -50,6 +50,13 @@ def domain_error(exc):
     return None
 
 
+def _domain(error):
+    """The domain's error for `error` where it has one (else `error` itself; None stays None)."""
+    if isinstance(error, sqlite3.Error):
+        return domain_error(error) or error
+    return error
+
+
 @contextmanager
 def sqlite_errors():
     """Raise SQLite's errors inside as the domain's (those it has a name for)."""
@@ -268,6 +275,25 @@ class Database:
                 return fn(conn)
         with sqlite_errors():
             return self._writer().run(fn)
+
+    def submit(self, fn, done):
+        """`fn(conn)` as one write on the writer's loop, without waiting: `done(result, error)` is
+        called on the loop once its group committed (error None) or failed (the domain's error)."""
+
+        def finished(result, error):
+            done(result, _domain(error))
+
+        self._writer().submit(fn, finished)
+
+    def at_end_of_groups(self, hook):
+        """Run `hook(conn)` last in every group of this process's writer, inside its transaction;
+        it returns None or a callable, called with whether the group committed (the node's claims)."""
+        self._writer().ended_groups.append(hook)
+
+    def not_at_end_of_groups(self, hook):
+        writer = self._writer()
+        if hook in writer.ended_groups:
+            writer.ended_groups.remove(hook)
 
     def on_commit(self, callback):
         """Call `callback` once this caller's write transaction commits (now, if none is open);

@@ -2,10 +2,8 @@
 complete, fail, cancel, skip, and the reads. The API's views call only this.
 
 Every change goes through the store, in one transaction. Each attempt a caller begins here
-is committed as queued (no runner has it yet), and the runners are poked once that
-transaction commits (`_hand_on`), here and nowhere else: a view cannot forget it. The
-attempts a runner begins itself (the next step after one it completed, a due retry) stay
-with that runner.
+is committed as queued (no runner has it yet); the node's dispatcher claims it for a runner at
+the end of the same group transaction, and sends it once that commits (dispatch.py).
 """
 
 import time
@@ -19,22 +17,12 @@ NO_RUNNER_GRACE_SECONDS = 10.0  # how long after start /healthz forgives that no
 
 
 class Engine:
-    """The domain's operations over a store and a delegate registry.
+    """The domain's operations over a store and a delegate registry."""
 
-    `notify()` pokes the runners (wake.Notifier.notify): called after each commit that queued an attempt.
-    """
-
-    def __init__(self, store, registry, notify):
+    def __init__(self, store, registry):
         self.store = store
         self.registry = registry
-        self.notify = notify
         self.started = time.monotonic()
-
-    def _hand_on(self, job):
-        """Poke the runners once the new attempt is committed: one poked before its row is
-        committed would find nothing to claim, and one rolled back must not run."""
-        if job is not None:
-            self.store.after_commit(self.notify)
 
     # -- processes -------------------------------------------------------------------------
     def start_process(self, name, steps, principal):
@@ -46,8 +34,7 @@ class Engine:
         }
         if unknown:
             raise PreconditionFailed({"steps": unknown})
-        process, job = self.store.create_process(name, steps, principal, None)
-        self._hand_on(job)
+        process, _job = self.store.create_process(name, steps, principal, None)
         return process
 
     def process(self, process_id):
@@ -64,8 +51,8 @@ class Engine:
     def cancel(self, process_id, reason, principal):
         """A RUNNING or FAILED process, and each of its steps not yet done, becomes CANCELLED.
 
-        A delegate still running for it sees ctx.cancelled within a second: its runner's watch
-        finds the attempt no longer executing (runner.Runner._let_go_of_ended)."""
+        A delegate still running for it sees ctx.cancelled within a second: the node's watch
+        finds the attempt no longer executing and tells its runner (dispatch.Dispatcher.let_go_of_ended)."""
         return self.store.cancel_process(process_id, reason, principal)
 
     # -- steps -----------------------------------------------------------------------------
@@ -84,10 +71,7 @@ class Engine:
         """Restart one FAILED step in its own compare-and-set, with `params` laid over its last
         ones; a dry run checks the same and rolls back. Returns the attempt's Job."""
         with self.store.atomic(rollback=True) if dry_run else nullcontext():
-            job = self.store.restart_failed_step(step_id, params, principal, None, self.registry.__contains__)
-        if not dry_run:
-            self._hand_on(job)
-        return job
+            return self.store.restart_failed_step(step_id, params, principal, None, self.registry.__contains__)
 
     def restart_many(self, request, principal, dry_run=False):
         """Restart the steps a bulk request names or its filter matches, each as `restart` does.
@@ -119,14 +103,12 @@ class Engine:
 
     def complete(self, step_id, result):
         """A STARTED step becomes COMPLETED from outside; the process carries on."""
-        step, next_job = self.store.complete_step(step_id, result, None)
-        self._hand_on(next_job)
+        step, _next_job = self.store.complete_step(step_id, result, None)
         return step
 
     def skip(self, step_id, result, reason, principal):
         """A FAILED step becomes SKIPPED with `result` (which later steps see); the process carries on."""
-        step, next_job = self.store.skip_step(step_id, result, reason, principal, None)
-        self._hand_on(next_job)
+        step, _next_job = self.store.skip_step(step_id, result, reason, principal, None)
         return step
 
     def fail(self, step_id, message, principal):
@@ -145,7 +127,7 @@ class Engine:
         self.store.ping()
         alive = sum(1 for row in self.store.runners() if runner_is_alive(row))
         if not alive and time.monotonic() - self.started > NO_RUNNER_GRACE_SECONDS:
-            raise NoRunner("No runner is alive: queued steps would not run. Start one (STEPD_RUNNERS, make runner).")
+            raise NoRunner("No runner is alive: queued steps would not run. Start one (STEPD_RUNNERS, stepd runner).")
         return {"database": "ok", "runners": alive}
 
 

@@ -2,13 +2,20 @@
 
 gunicorn runs as a library here (its documented custom application), so no settings file and
 no `module:callable` string is looked up on a path: the app is stepd.app's, wherever the
-command was started from. The HTTP workers only serve the API: they commit new attempts as
-queued and never call a delegate.
+command was started from.
+
+It has one worker, and that worker is the node (node.py): the one process that writes the
+database, serving the API on gevent with no hand-off between a request and its write, and
+feeding the runner processes it starts. gunicorn's master stays for what it does well: it
+parses nothing, holds the listening socket, and on SIGHUP starts a new worker (a new node, with
+new runners on the new delegates) before the old one finishes its requests and its runners
+their delegates.
 """
 
 import json
 import logging
 import signal
+import time
 import uuid
 
 from gunicorn import util
@@ -16,13 +23,14 @@ from gunicorn.app.base import BaseApplication
 
 from stepd.errors import STATUSES, error_document, unparsed_status
 from stepd.httplogs import GunicornLogger
+from stepd.runner import STOP_GRACE_SECONDS
 
 
 def options(settings):
     """gunicorn's settings for these STEPD_* settings (the benchmark's baseline uses them too)."""
     return {
         "bind": f"{settings['STEPD_HOST']}:{settings['STEPD_PORT']}",
-        "workers": settings["STEPD_WORKERS"],
+        "workers": 1,  # the node: one process writes (STEPD_WORKERS no longer applies; service.py says so)
         # gevent: each connection is a greenlet, so idle keep-alive connections and clients that
         # stall halfway through a request cost a little memory, not a request's place (gthread's 4
         # threads a worker were taken by 8 stalled clients). No delegate runs here, and SQLite's
@@ -30,7 +38,8 @@ def options(settings):
         # request never blocks the others for longer than its own statement.
         "worker_class": "gevent",
         "worker_connections": 1000,
-        "graceful_timeout": 5,  # requests in flight get this long at a stop; no delegate runs here
+        # Requests in flight, then the runners' delegates (STOP_GRACE_SECONDS) get this long at a stop.
+        "graceful_timeout": int(STOP_GRACE_SECONDS) + 5,
         "control_socket_disable": True,  # gunicorn 27 would share one socket path among all instances
         "loglevel": settings["STEPD_LOG_LEVEL"].lower(),
         "accesslog": "-",  # standard output; GunicornLogger writes it with a timestamp (text) or as JSON
@@ -38,15 +47,44 @@ def options(settings):
         # The master's lines, and gunicorn's error and access logs, in STEPD_LOG_FORMAT; the
         # workers inherit the handler (create_app sets it up again, the same).
         "logger_class": GunicornLogger,
-        "post_worker_init": _ignore_sighup,
     }
 
 
-def _ignore_sighup(worker):
-    """A SIGHUP to the service's whole process group (a closing terminal) would kill each worker
-    mid-request (gunicorn's workers keep its default action); the master's HUP replaces them
+def _become_the_node(worker):
+    """The worker is the node: its dispatcher, chores and STEPD_RUNNERS runner processes.
+
+    A SIGHUP to the service's whole process group (a closing terminal) would kill the worker
+    mid-request (gunicorn's workers keep its default action); the master's HUP replaces it
     gracefully instead."""
+    import threading
+
+    from stepd.app import start_node
+
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    app = worker.wsgi
+    node = start_node(app, app.config["STEPD_RUNNERS"])
+    node.current = lambda: worker.alive
+    threading.Thread(target=_stop_the_node_with, args=(worker,), daemon=True).start()
+
+
+def _stop_the_node_with(worker):
+    """Once the worker is told to stop (SIGTERM; a reload replaces it), the node stops claiming
+    and its runners finish their delegates at once, while gunicorn answers the requests in
+    flight: a new worker's node takes the new work, and what was claimed here but never begun
+    is queued again for it."""
+    from stepd.app import stop_background
+
+    while worker.alive:  # a greenlet: 50 looks a second cost nothing, and a claim after the stop is rare
+        time.sleep(0.02)
+    stop_background(worker.wsgi)
+
+
+def _stop_the_node(arbiter, worker):
+    """The worker stops (its requests are answered): its runners get STOP_GRACE_SECONDS for their
+    delegates; what still runs then is Interrupted, what never began is queued again."""
+    from stepd.app import stop_background
+
+    stop_background(worker.wsgi)
 
 
 class Front(BaseApplication):
@@ -60,6 +98,9 @@ class Front(BaseApplication):
     def load_config(self):
         for key, value in options(self.settings).items():
             self.cfg.set(key, value)
+        # The hooks that make the worker the node (not in `options`: the baseline serves a bare app).
+        self.cfg.set("post_worker_init", _become_the_node)
+        self.cfg.set("worker_exit", _stop_the_node)
 
     def load(self):
         return self.load_app()

@@ -103,9 +103,27 @@ class Job:
     params: dict
     attempt: int
     retries_used: int = 0  # automatic retries since the last start or manual restart
+    results: dict | None = None  # ctx.results: {position: typed result} of the steps before, read at the claim
 
     def __repr__(self):
         return f"Job({self.step_id!r}, attempt={self.attempt})"
+
+    @property
+    def key(self):
+        """(step id, attempt): which attempt this is, wherever it travels."""
+        return self.step_id, self.attempt
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a runner reports of one attempt: `kind` COMPLETED (with `result`), FAILED (with
+    `error`, and `retry_at` when its retry policy retries it), or DEFERRED."""
+
+    job: Job
+    kind: str
+    result: dict | None = None
+    error: dict | None = None
+    retry_at: str | None = None
 
 
 # -- errors ---------------------------------------------------------------------------------

@@ -1,22 +1,23 @@
 """`stepd serve` (`make run`): stepd as one service, the HTTP front and the runners, under one command.
 
 It checks what it can once (settings, the address to listen on, delegates, the database, the
-first token), then starts the HTTP front (`python -m stepd http`: gunicorn, front.py, whose
-workers only commit) and STEPD_RUNNERS runner processes (`python -m stepd runner`: they claim
-queued attempts and call the delegates), and watches them:
+first token), then starts the HTTP front (`python -m stepd http`: gunicorn, front.py), whose one worker is the
+node: it serves the API, writes the database, and starts STEPD_RUNNERS runner processes
+(`python -m stepd runner`), which call the delegates:
 
     stepd serve                           this supervisor
-    ├── python -m stepd http              the HTTP front (gunicorn's master)
-    │   └── STEPD_WORKERS workers
-    └── STEPD_RUNNERS × python -m stepd runner   the delegates run here, never in an HTTP worker
+    └── python -m stepd http              the HTTP front (gunicorn's master)
+        └── its worker: the node          HTTP on gevent, the one writer, the dispatcher (node.py)
+            └── STEPD_RUNNERS × python -m stepd runner   the delegates run here, and only here
 
 The children run in the supervisor's working directory, with the settings it read (STEPD_DB and
 STEPD_DELEGATES_PATH already made absolute by config.from_env), so all use one database.
 
-A runner that dies (a delegate called os._exit, a segfault, an OOM kill) is started again
-within a second or two; its running steps become Interrupted by the next runner's sweep.
-If the HTTP front exits, everything stops. SIGTERM or SIGINT to this process (or to its
-process group) stops all cleanly: the runners give their delegates STOP_GRACE_SECONDS.
+The node (the front's worker) starts the runners, and starts one again within a second or two
+when it dies (a delegate called os._exit, a segfault, an OOM kill); its running steps become
+Interrupted as soon as the node reads the end of its connection. If the HTTP front exits,
+everything stops. SIGTERM or SIGINT to this process (or to its process group) stops all
+cleanly: the runners give their delegates STOP_GRACE_SECONDS.
 """
 
 import ctypes
@@ -35,9 +36,8 @@ from stepd.logs import configure_logging
 
 REFUSED = 2  # the exit code of a start refused for a bad setting, delegate or database (as cli.py's refusals)
 CHECK_SECONDS = 0.1  # how often the children are looked at
-RESTART_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)  # before starting a runner again, if it keeps dying at once
-STEADY_SECONDS = 10.0  # a runner that lived this long starts again after the shortest delay
 STOP_SECONDS = 20.0  # how long a stop waits for the children before it kills them
+RELOAD_SECONDS = 10.0  # how long a reload waits for gunicorn to fork the new node
 PR_SET_PDEATHSIG = 1
 # Set for the children of `stepd serve`: its checks have run, and what they found was said once.
 CHECKED = "STEPD_PREFLIGHT_DONE"
@@ -115,13 +115,13 @@ def announce(settings, registry):
     loaded = "; ".join(f"{', '.join(types)} from {folder}" for folder, types in by_folder.items())
     say(
         f"version {VERSION}, serving {url}: database {settings['STEPD_DB']} (sync {settings['STEPD_SYNC']}), "
-        f"{settings['STEPD_WORKERS']} HTTP worker(s), {settings['STEPD_RUNNERS']} runner(s) of "
+        f"1 HTTP process (the node), {settings['STEPD_RUNNERS']} runner(s) of "
         f"{settings['STEPD_THREADS']} place(s); delegates {loaded}",
         version=VERSION,
         url=url,
         database=settings["STEPD_DB"],
         sync=settings["STEPD_SYNC"],
-        workers=settings["STEPD_WORKERS"],
+        workers=1,
         runners=settings["STEPD_RUNNERS"],
         threads=settings["STEPD_THREADS"],
         delegates=by_folder,
@@ -133,7 +133,7 @@ def _prctl_parent_death(signum):
 
 
 def _die_with_supervisor():
-    """In a child, before exec: get SIGTERM when the supervisor dies, even by SIGKILL."""
+    """In the front, before exec: get SIGTERM when the supervisor dies, even by SIGKILL."""
     _prctl_parent_death(signal.SIGTERM)
 
 
@@ -156,44 +156,33 @@ def say(text, level=logging.INFO, logger="stepd.service", **fields):
 
 
 class Supervisor:
-    """Starts the children, starts a dead runner again, replaces them on SIGHUP, stops them all."""
+    """Starts the HTTP front (whose worker is the node, and starts the runners), checks the
+    delegates before a reload, stops it all."""
 
-    def __init__(self, runners, settings_env, delegates_path=None):
-        self.runner_count = runners
+    def __init__(self, settings_env, delegates_path=None):
         self.env = settings_env  # the environment of the children: the settings as this process read them
         self.delegates_path = delegates_path  # STEPD_DELEGATES_PATH, loaded again at a reload
         self.http = None
-        self.runners = {}  # slot -> Popen
-        self.restart_at = {}  # slot -> when a dead runner starts again
-        self.deaths = {}  # slot -> how many times in a row it died soon after starting
-        self.retiring = []  # (Popen, kill-after time) of runners a reload replaced, finishing their work
         self.stopping = False
         self.reload_asked = False
-
-    def _spawn(self, command, env):
-        return subprocess.Popen([sys.executable, "-m", "stepd", command], env=env, preexec_fn=_die_with_supervisor)
-
-    def _start_runner(self, slot):
-        self.runners[slot] = self._spawn("runner", self.env)
-        self.runners[slot].started = time.monotonic()
 
     def run(self):
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._ask_to_stop)
         signal.signal(signal.SIGHUP, self._ask_to_reload)
-        self.http = self._spawn("http", self.env)
-        for slot in range(self.runner_count):
-            self._start_runner(slot)
+        # Its own process group: a SIGHUP to this service's group (a closing terminal) must not
+        # reach gunicorn's master, which would replace the node whatever this process decides
+        # (reload); this process passes on what it means to (a HUP after the delegates load, the stop).
+        self.http = subprocess.Popen(
+            [sys.executable, "-m", "stepd", "http"], env=self.env, preexec_fn=_die_with_supervisor, process_group=0
+        )
         while not self.stopping:
             if self.http.poll() is not None:
-                say(f"the HTTP front exited with code {self.http.returncode}; stopping the runners", logging.ERROR)
-                self.stop()
+                say(f"the HTTP front exited with code {self.http.returncode}", logging.ERROR)
                 return self.http.returncode or 1
             if self.reload_asked:
                 self.reload_asked = False
                 self.reload()
-            self._look_after_runners()
-            self._look_after_retiring()
             time.sleep(CHECK_SECONDS)
         self.stop()
         return 0
@@ -205,10 +194,11 @@ class Supervisor:
         self.reload_asked = True  # done by the loop: a signal handler only sets a flag
 
     def reload(self):
-        """SIGHUP: load the delegate modules again. If they load, new runners take the new work,
-        the old ones finish what they run (STOP_GRACE_SECONDS; then it is Interrupted) and give
-        back what they had claimed but not begun, and gunicorn replaces its workers gracefully
-        (its own HUP), so no request is refused. If they do not load, nothing changes.
+        """SIGHUP: load the delegate modules again. If they load, gunicorn replaces its worker
+        gracefully (its own HUP): the new node starts new runners on the new delegates and takes
+        the new requests; the old one answers what it has, its runners finish what they run
+        (STOP_GRACE_SECONDS; then it is Interrupted) and give back what they never began. If
+        they do not load, nothing changes.
 
         The settings are the environment this process was started with, which no running process
         can see change: a reload applies new delegate code, not new STEPD_* values."""
@@ -219,59 +209,41 @@ class Supervisor:
         except DelegateLoadError as exc:
             say(f"reload refused; the delegates loaded before stay in use: {exc}", logging.ERROR)
             return
-        old = [proc for proc in self.runners.values() if proc is not None and proc.poll() is None]
-        for slot in range(self.runner_count):
-            self._start_runner(slot)
-        for proc in old:
-            proc.send_signal(signal.SIGTERM)  # it stops claiming now, and stops once its delegates are done
-            self.retiring.append((proc, time.monotonic() + STOP_SECONDS))
+        before = _children(self.http.pid)
         self.http.send_signal(signal.SIGHUP)
+        self._wait_for_a_new_node(before)
         types = ", ".join(delegate.type for delegate in registry.all())
-        say(f"reloaded: delegates {types}; {len(old)} runner(s) replaced, gunicorn's workers replaced")
+        say(f"reloaded: delegates {types}; the node and its runners replaced")
 
-    def _look_after_retiring(self):
-        """Runners a reload replaced: forget those that stopped; kill one that outlives its stop."""
-        now, still = time.monotonic(), []
-        for proc, kill_after in self.retiring:
-            if proc.poll() is not None:
-                continue
-            if now >= kill_after:
-                say(f"replaced runner {proc.pid} did not stop in {STOP_SECONDS:g} s; killing it", logging.WARNING)
-                proc.kill()
-            still.append((proc, kill_after))
-        self.retiring = still
-
-    def _look_after_runners(self):
-        now = time.monotonic()
-        for slot, proc in list(self.runners.items()):
-            if proc is None:
-                if now >= self.restart_at[slot]:
-                    self._start_runner(slot)
-                continue
-            if proc.poll() is None:
-                continue
-            lived = now - proc.started
-            self.deaths[slot] = 0 if lived >= STEADY_SECONDS else self.deaths.get(slot, 0) + 1
-            delay = RESTART_DELAYS[min(self.deaths[slot], len(RESTART_DELAYS)) - 1] if self.deaths[slot] else 0.0
-            news = f"runner {proc.pid} exited with code {proc.returncode}; starting another in {delay:g} s"
-            say(news, logging.WARNING)
-            self.runners[slot] = None
-            self.restart_at[slot] = now + delay
+    def _wait_for_a_new_node(self, before):
+        """Until gunicorn has forked the new worker (and so told the old one to go: it does both at
+        once), so that what this process says next is true; at most RELOAD_SECONDS."""
+        deadline = time.monotonic() + RELOAD_SECONDS
+        while time.monotonic() < deadline and self.http.poll() is None:
+            if _children(self.http.pid) - before:
+                time.sleep(CHECK_SECONDS)  # the old worker's SIGTERM follows its successor's fork
+                return
+            time.sleep(0.01)
 
     def stop(self):
-        """SIGTERM to every child, then wait; SIGKILL what is left after STOP_SECONDS."""
-        everyone = [self.http, *self.runners.values(), *(proc for proc, _ in self.retiring)]
-        children = [p for p in everyone if p is not None and p.poll() is None]
-        for proc in children:
-            proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_SECONDS
-        for proc in children:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                say(f"process {proc.pid} did not stop in {STOP_SECONDS:g} s; killing it", logging.WARNING)
-                proc.kill()
-                proc.wait()
+        """SIGTERM to the front, then wait; SIGKILL it if it is still there after STOP_SECONDS."""
+        if self.http.poll() is not None:
+            return
+        self.http.send_signal(signal.SIGTERM)
+        try:
+            self.http.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            say(f"process {self.http.pid} did not stop in {STOP_SECONDS:g} s; killing it", logging.WARNING)
+            self.http.kill()
+            self.http.wait()
+
+
+def _children(pid):
+    """The pids of a process's children (Linux's /proc; an empty set elsewhere)."""
+    try:
+        return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:
+        return set()
 
 
 def settings_env(settings):
@@ -315,28 +287,55 @@ def main():
     if registry is None:
         return REFUSED
     announce(settings, registry)
+    if os.environ.get("STEPD_WORKERS"):
+        say(
+            f"STEPD_WORKERS={os.environ['STEPD_WORKERS']} no longer applies and is ignored: one process, the node, "
+            "serves HTTP on gevent and writes the database; STEPD_RUNNERS sets the processes that run delegates",
+            logging.WARNING,
+        )
     die_with_make()
-    supervisor = Supervisor(settings["STEPD_RUNNERS"], settings_env(settings), settings["STEPD_DELEGATES_PATH"])
+    supervisor = Supervisor(settings_env(settings), settings["STEPD_DELEGATES_PATH"])
     return supervisor.run()
 
 
 def runner_main():
-    """`stepd runner`: one runner process, until SIGTERM or SIGINT."""
+    """`stepd runner`: one runner process, until SIGTERM or SIGINT, or until its node is gone.
+    Started by a node, it has its end of a socketpair (RUNNER_FD); started by hand, it attaches
+    to the node serving STEPD_DB on this machine. It never opens the database."""
+    import socket
+
+    from stepd.channel import Channel, node_address
     from stepd.delegates import DelegateLoadError, load_registry
-    from stepd.model import Unusable
-    from stepd.runner import run_until_stopped
-    from stepd.wiring import make_runner, open_store
+    from stepd.node import RUNNER_FD
+    from stepd.runner import Runner, run_until_stopped
 
     settings = start_settings("stepd.runner")
     if settings is None:
         return REFUSED
     try:
         registry = load_registry(settings["STEPD_DELEGATES_PATH"] or None)
-        store = open_store(settings)
-    except (DelegateLoadError, Unusable) as exc:
+    except DelegateLoadError as exc:
         say(f"runner cannot start: {exc}", logging.ERROR, logger="stepd.runner")
         return REFUSED
-    run_until_stopped(make_runner(store, registry, settings))
+    if os.environ.get(RUNNER_FD):
+        sock = socket.socket(fileno=int(os.environ.pop(RUNNER_FD)))
+        sock.setblocking(True)  # the node's end was made by gevent, which makes its sockets non-blocking
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(node_address(settings["STEPD_DB"]))
+        except OSError:
+            sock.close()
+            say(
+                f"runner cannot start: no stepd serves {settings['STEPD_DB']} on this machine",
+                logging.ERROR,
+                "stepd.runner",
+            )
+            return REFUSED
+    runner = Runner(registry, settings["STEPD_THREADS"], settings["STEPD_STEP_TIMEOUT"])
+    if run_until_stopped(runner, Channel(sock)):
+        say("the node closed the connection; this runner stops", logging.WARNING, "stepd.runner")
+        return 1
     return 0
 
 

@@ -526,12 +526,17 @@ class Store:
                     jobs.append(Job(row["id"], row["process_id"], row["type"], params, attempt, retries_used))
         return jobs
 
-    def unclaim(self, job, runner_id):
-        """Give back a claimed attempt whose delegate was never called: it is QUEUED again."""
+    def has_claimable(self):
+        """Whether an attempt is queued or a retry is due (a cheap look before claiming)."""
+        return self.db.row(QUEUED_STEPS, (1,)) is not None or self.db.row(DUE_RETRIES, (now_iso(), 1)) is not None
+
+    def unclaim_key(self, key, runner_id):
+        """Give back a claimed attempt, (step id, attempt), whose delegate was never called: it is
+        QUEUED again."""
         with self.db.transaction() as conn:
             conn.execute(
                 f"UPDATE steps SET runner_id = NULL WHERE id = ? AND attempts = ? AND runner_id = ? AND {EXECUTING}",
-                (job.step_id, job.attempt, runner_id),
+                (*key, runner_id),
             )
 
     def running_attempts(self, runner_id):
@@ -719,6 +724,12 @@ class Store:
                 " ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
                 {**runner, "now": now_iso(), "beat": time.time()},
             )
+
+    def beat(self, runner_ids):
+        """A heartbeat for each of these runners at once."""
+        marks = ",".join("?" * len(runner_ids))
+        with self.db.transaction() as conn:
+            conn.execute(f"UPDATE runners SET heartbeat_at = ? WHERE id IN ({marks})", (time.time(), *runner_ids))
 
     def runners(self):
         """Every registered runner's row: id, host, pid, pid_started, started_at, heartbeat_at."""

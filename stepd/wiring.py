@@ -1,7 +1,7 @@
-"""The wiring, written once: how the settings become an open store, a runner and its chores.
+"""The wiring, written once: how the settings become an open store, and a node with its chores.
 
-`stepd serve`, `stepd runner`, the other commands, the app factory and the tests all call these,
-so "open the database" and "make a runner" mean the same thing everywhere.
+`stepd serve`, the other commands, the app factory and the tests all call these, so "open the
+database" and "make a node" mean the same thing everywhere.
 """
 
 import contextlib
@@ -11,15 +11,15 @@ import logging
 from stepd.db import Database
 from stepd.liveness import runner_is_alive
 from stepd.model import Unwritable
+from stepd.node import Chore, Node
 from stepd.retention import Retention
-from stepd.runner import Chore, Runner
 from stepd.store import Store
 
 CHECKPOINT_SECONDS = 1.0  # the log is copied back into the file off every request's path
-ORPHAN_SECONDS = 1.0  # a runner that died has its running steps Interrupted within about this
+ORPHAN_SECONDS = 1.0  # a node that died has its running steps Interrupted within about this of the next start
 HOUSEKEEPING_SECONDS = 30.0  # twice a minute: a process due for retention is deleted within a minute
 
-log = logging.getLogger("stepd.runner")
+log = logging.getLogger("stepd.node")
 
 
 def open_store(settings, prepare=True):
@@ -32,8 +32,8 @@ def open_store(settings, prepare=True):
 
 
 def chores(store, settings):
-    """A runner's chores, each on its own period: copy the log into the file, interrupt the running
-    steps of runners that are gone, forget old Idempotency-Key answers and, with
+    """A node's chores, each on its own period: copy the log into the file, interrupt the running
+    steps of runners whose node is gone, forget old Idempotency-Key answers and, with
     STEPD_RETENTION_DAYS, delete processes finished longer ago (on a thread of its own)."""
     jobs = [
         Chore("checkpoint", CHECKPOINT_SECONDS, functools.partial(checkpoint, store)),
@@ -57,13 +57,6 @@ def sweep_orphans(store):
         log.warning("marked %d step(s) of vanished runners Interrupted", len(orphans))
 
 
-def make_runner(store, registry, settings):
-    """A runner (not started) of STEPD_THREADS places, with its chores."""
-    return Runner(
-        store,
-        registry,
-        threads=settings["STEPD_THREADS"],
-        db_path=settings["STEPD_DB"],
-        step_timeout=settings["STEPD_STEP_TIMEOUT"],
-        chores=chores(store, settings),
-    )
+def make_node(store, registry, settings):
+    """A node (not started) with its chores."""
+    return Node(store, registry, settings, chores=chores(store, settings))

@@ -45,9 +45,10 @@ holding = contextvars.ContextVar("stepd_writer_holding", default=None)
 class _Member:
     """One caller's write in a group: a job (`fn`) or a turn (its caller's own code)."""
 
-    def __init__(self, writer, fn=None):
+    def __init__(self, writer, fn=None, done=None):
         self.writer = writer
         self.fn = fn
+        self.done = done  # (result, error) -> None, called on the loop once the group ended (`submit`)
         self.result = None
         self.error = None  # its own error, or the group's
         self.turn = threading.Event()  # the loop lends the connection (turns only)
@@ -85,6 +86,12 @@ class Writer:
         member = self._submit(_Member(self, fn))
         self._wait_finished(member)
         return member.result
+
+    def submit(self, fn, done):
+        """`fn(conn)` in a group, on the loop, without waiting: `done(result, error)` is called on
+        the loop once its group committed (error None) or failed (a runner's outcomes: the node's
+        reader goes on reading meanwhile)."""
+        self._submit(_Member(self, fn, done))
 
     @contextmanager
     def turn(self, rollback=False):
@@ -208,21 +215,23 @@ class Writer:
             member.turn.set()
             member.body_done.wait()
             return
-        token = holding.set(member)
         try:
-            with savepoint(self.conn, "job", member):
-                member.result = member.fn(self.conn)
+            member.result = self._run_job(member, "job")
         except Exception as exc:  # the job's own error, for its caller; the group goes on
             member.error, member.own_failure = exc, True
+
+    def _run_job(self, member, name):
+        token = holding.set(member)
+        try:
+            with savepoint(self.conn, name, member):
+                return member.fn(self.conn)
         finally:
             holding.reset(token)
 
     def _run_ended(self, ended):
         """A hook at the end of a group, in a savepoint: one that fails undoes only itself."""
-        member = _Member(self)
         try:
-            with savepoint(self.conn, "ended", member):
-                return ended(self.conn)
+            return self._run_job(_Member(self, ended), "ended")
         except Exception:
             if not self.conn.in_transaction:
                 raise Unwritable(ROLLED_BACK) from None
@@ -254,6 +263,11 @@ class Writer:
                 member.error = error
             member.turn.set()  # one still waiting for its turn learns the group failed
             member.finished.set()
+            if member.done is not None:
+                try:
+                    member.done(member.result, member.error)
+                except Exception:
+                    log.exception("what follows a write failed")
 
 
 @contextmanager

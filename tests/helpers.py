@@ -446,8 +446,8 @@ def free_port():
 
 
 class Server:
-    """stepd as `make run` serves it (`stepd serve`: gunicorn and its workers, and runner
-    processes), on loopback, in a process group of its own."""
+    """stepd as `make run` serves it (`stepd serve`: gunicorn, its one worker (the node), and the
+    runner processes the node starts), on loopback, in a process group of its own."""
 
     def __init__(
         self, db_path, token="test-operator-token", workers=2, threads=4, delegates=PLUGINS, extra_env=None, runners=1
@@ -489,11 +489,11 @@ class Server:
         return self
 
     def _workers_booted(self):
-        """Every HTTP worker is forked and has booted. A worker's SIGTERM handler is only set once
-        it boots: a SIGTERM sent before then is lost, and the stop waits out gunicorn's
-        graceful_timeout (5 s) for that worker."""
+        """The HTTP worker (the node: one, whatever STEPD_WORKERS says) is forked and has booted.
+        A worker's SIGTERM handler is only set once it boots: a SIGTERM sent before then is lost,
+        and the stop waits out gunicorn's graceful_timeout for it."""
         pids = self.worker_pids()
-        return len(pids) == int(self.env["STEPD_WORKERS"]) and all(map(_worker_booted, pids))
+        return len(pids) == 1 and all(map(_worker_booted, pids))
 
     def _healthy(self):
         if self.proc.poll() is not None:
@@ -519,14 +519,13 @@ class Server:
         return next((pid for pid in self._children(self.proc.pid) if _is_http_front(pid)), None)
 
     def worker_pids(self):
-        """The HTTP workers' pids."""
+        """The HTTP worker's pid (the node), in a list."""
         master = self.gunicorn_pid()
         return self._children(master) if master else []
 
     def runner_pids(self):
-        """The runner processes' pids."""
-        master = self.gunicorn_pid()
-        return [pid for pid in self._children(self.proc.pid) if pid != master]
+        """The runner processes' pids (the node's children)."""
+        return [pid for worker in self.worker_pids() for pid in self._children(worker)]
 
     def output(self):
         return self.log_path.read_text(errors="replace")
@@ -607,16 +606,22 @@ class Server:
         return walk_pages(lambda params: self.get(path, params=params), limit, cursor, query)
 
 
-def http_workers_booted(pgid, workers=2):
+def http_workers_booted(pgid, workers=1):
     """For a service started otherwise than by Server (`make run`, an installed `stepd serve`) in
-    the process group `pgid`: True once its gunicorn master has `workers` workers and every one has
-    booted (see Server._workers_booted: a SIGTERM that reaches a worker still booting is lost)."""
+    the process group `pgid`: True once its gunicorn master (a child of a process of that group;
+    the master has a group of its own) has `workers` workers and every one has booted (see
+    Server._workers_booted: a SIGTERM that reaches a worker still booting is lost)."""
     for entry in Path("/proc").iterdir():
-        with contextlib.suppress(ValueError, ProcessLookupError):
-            if os.getpgid(int(entry.name)) == pgid and _is_http_front(int(entry.name)):
-                pids = Server._children(int(entry.name))
+        with contextlib.suppress(ValueError, ProcessLookupError, FileNotFoundError):
+            pid = int(entry.name)
+            if _is_http_front(pid) and os.getpgid(_parent(pid)) == pgid:
+                pids = Server._children(pid)
                 return len(pids) == workers and all(map(_worker_booted, pids))
     return False
+
+
+def _parent(pid):
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def _is_http_front(pid):

@@ -9,11 +9,12 @@ import time
 import pytest
 from helpers import FAIL, wait_for
 
-from stepd import runner as runner_module
+from stepd import config
+from stepd import node as node_module
 from stepd.app import stop_background
 from stepd.delegates import load_registry
 from stepd.liveness import HOST, process_start_time
-from stepd.runner import Chore, Runner
+from stepd.node import Chore, Node
 from stepd.store import Store
 
 
@@ -42,8 +43,8 @@ def test_stop_interrupts_what_is_still_running(app, api, store, tmp_path):
     began = time.monotonic()
     runner.stop(grace=0.3)
     assert time.monotonic() - began < 3
-    step = api.step(step_id)
-    assert step["status"] == "FAILED" and step["error"]["type"] == "Interrupted"
+    step = api.wait_step(step_id, "FAILED", timeout=2)  # SPEC 9: the node sees the runner's end within 2 s
+    assert step["error"]["type"] == "Interrupted"
     assert api.process(process["processId"])["status"] == "FAILED"
 
 
@@ -240,10 +241,10 @@ def test_an_attempt_queued_without_a_wake_up_is_claimed_by_the_poll_within_1_s(a
 
 
 def test_a_failing_chore_skips_no_other_and_a_slow_one_delays_no_heartbeat(database, monkeypatch):
-    """The runner's chores (wiring.chores: checkpoint, orphan sweep, answers, retention) each run
-    in their own try, on a thread apart from the heartbeat."""
-    monkeypatch.setattr(runner_module, "CHORE_TICK_SECONDS", 0.01)
-    monkeypatch.setattr(runner_module, "HEARTBEAT_SECONDS", 0.05)
+    """The node's chores (wiring.chores: checkpoint, orphan sweep, answers, retention) each run
+    in their own try, on a thread apart from the dispatcher's heartbeat and watch."""
+    monkeypatch.setattr(node_module, "CHORE_TICK_SECONDS", 0.01)
+    monkeypatch.setattr(node_module, "HEARTBEAT_SECONDS", 0.05)
     counted, slow_started, release = [], threading.Event(), threading.Event()
 
     def failing():
@@ -259,11 +260,14 @@ def test_a_failing_chore_skips_no_other_and_a_slow_one_delays_no_heartbeat(datab
         Chore("slow", 60, slow),
     ]
     store = Store(database)
-    runner = Runner(store, load_registry(), threads=1, db_path=database.path, chores=chores)
-    runner.start()
+    settings = {**config.from_env({}), "STEPD_DB": database.path, "STEPD_THREADS": 1}
+    node = Node(store, load_registry(), settings, chores=chores)
+    node.start()
+    node.start_runners_here(1)
     try:
         wait_for(slow_started.is_set, what="the slow chore to begin")
         assert counted, "the chore after the failing one ran"
+        wait_for(lambda: store.runners(), what="the runner to register")
         beat = store.runners()[0]["heartbeat_at"]
         wait_for(lambda: store.runners()[0]["heartbeat_at"] > beat, what="a heartbeat while the slow chore runs")
         release.set()
@@ -271,4 +275,4 @@ def test_a_failing_chore_skips_no_other_and_a_slow_one_delays_no_heartbeat(datab
         wait_for(lambda: len(counted) > runs + 2, what="the counting chore again, after the slow one")
     finally:
         release.set()
-        runner.stop(grace=0)
+        node.stop(grace=0)

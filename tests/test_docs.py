@@ -212,9 +212,10 @@ def test_each_module_imports_only_modules_above_it_in_the_table():
 def test_the_import_reader_counts_every_form():
     source = (
         "import stepd.db\nfrom stepd import config, delegate\nfrom stepd.model import VERSION\n"
-        "from . import wake\n\n\ndef later():\n    from stepd.store import Store\n    import stepd.delegates.builtin\n"
+        "from . import channel\n\n\ndef later():\n"
+        "    from stepd.store import Store\n    import stepd.delegates.builtin\n"
     )
     found = Imports(PACKAGE / "cli.py")
     found.visit(ast.parse(source))
-    assert found.top == {"db.py", "config.py", "__init__.py", "model.py", "wake.py"}
+    assert found.top == {"db.py", "config.py", "__init__.py", "model.py", "channel.py"}
     assert found.local == {"store.py", "delegates/"}

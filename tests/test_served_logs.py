@@ -60,7 +60,7 @@ def test_every_line_of_a_full_run_is_json_with_the_documented_fields(server_fact
 
     start = next(e for e in lines if e["logger"] == "stepd.service" and "serving" in e["msg"])
     assert start["url"] == server.url and start["database"] == server.env["STEPD_DB"]
-    assert (start["sync"], start["workers"], start["runners"]) == ("full", 2, 1)
+    assert (start["sync"], start["workers"], start["runners"]) == ("full", 1, 1)  # one HTTP process: the node
     assert "check" in start["delegates"][server.env["STEPD_DELEGATES_PATH"]]
 
     access = {e["request_id"]: e for e in lines if e["logger"] == "gunicorn.access" and "request_id" in e}
@@ -99,11 +99,11 @@ def test_a_restarted_runner_and_a_first_token_are_json_too(server_factory, tmp_p
 
     [runner] = server.runner_pids()
     os.kill(runner, signal.SIGKILL)
-    wait_for(lambda: "starting another" in server.output(), what="the supervisor's line")
+    wait_for(lambda: "starting another" in server.output(), what="the node's line")
     wait_for(lambda: server.runner_pids() and server.runner_pids() != [runner], what="a new runner")
     assert server.stop() == 0
     news = next(e for e in json_lines(server.output()) if "starting another" in e["msg"])
-    assert (news["logger"], news["level"]) == ("stepd.service", "WARNING")
+    assert (news["logger"], news["level"]) == ("stepd.node", "WARNING")  # the node starts the runners now
 
 
 def test_the_text_access_line_has_a_timestamp(served):

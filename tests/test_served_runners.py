@@ -122,3 +122,76 @@ def test_no_runners_serves_the_api_and_a_runner_started_apart_does_the_work(serv
         runner.send_signal(signal.SIGTERM)
         assert runner.wait(timeout=15) == 0
     assert not os.path.exists(f"/proc/{runner.pid}")
+
+
+class Load:
+    """Starts processes of three `count` steps on 4 threads until stopped: every delegate call
+    appends `step attempt` to one file, so an attempt called twice shows as a repeated line. Keeps
+    every answer that is not a 201 (the API must answer throughout)."""
+
+    def __init__(self, server, calls):
+        self.server, self.calls, self.bad, self.started = server, calls, [], 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(4)]
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def _run(self):
+        step = {"type": "count", "params": {"file": {"type": "STRING", "strValue": str(self.calls)}}}
+        while not self._stop.is_set():
+            try:
+                status = self.server.post(P, {"steps": [step] * 3}, timeout=5).status_code
+            except Exception as exc:  # collected, asserted by the test
+                self.bad.append(repr(exc))
+                continue
+            if status == 201:
+                self.started += 1
+            else:
+                self.bad.append(status)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["exit1", "exit3", "sigkill", "segfault"])
+def test_a_runner_killed_under_load_has_its_steps_interrupted_within_half_a_second(server_factory, tmp_path, how):
+    """Issue 18: the node reads the end of a dead runner's connection and Interrupts its running
+    steps in its next group, under load as when idle; no attempt is called twice, the API answers
+    throughout, and the file's invariants hold afterwards."""
+    from stepd.invariants import check
+
+    server = server_factory(runners=2, threads=4).start()
+    db, calls = server.env["STEPD_DB"], tmp_path / "calls.txt"
+    with Load(server, calls) as load:
+        wait_for(lambda: load.started >= 50, what="the load to run")
+        pids = dict(db_rows(db, "SELECT id, pid FROM runners"))  # before the dead one's row is forgotten
+        crashing = server.start_process(("crash", {"how": how}))["steps"][0]["processStepId"]
+        victim = pids[wait_for(lambda: claimer(server, crashing), interval=0.002, what="a runner to claim the crash")]
+        wait_for(lambda: not os.path.exists(f"/proc/{victim}") or _is_zombie(victim), interval=0.002, what="death")
+        died = time.monotonic()
+        wait_for(lambda: server.step(crashing)["status"] == "FAILED", interval=0.005, timeout=5, what="Interrupted")
+        seen = time.monotonic() - died
+        wait_for(lambda: len(server.runner_pids()) == 2, timeout=10, what="the runner to be started again")
+        wait_for(lambda: load.started >= 150, timeout=30, what="the load to go on after the crash")
+    assert seen < 0.5, f"Interrupted {seen:.3f} s after the runner died"
+    assert server.step(crashing)["error"]["type"] == "Interrupted"
+    assert load.bad == [], load.bad[:5]
+    lines = calls.read_text().splitlines()
+    assert len(lines) == len(set(lines)), "an attempt's delegate was called twice"
+    wait_for(lambda: not db_rows(db, "SELECT 1 FROM steps WHERE status = 'STARTED' AND deferred = 0"), timeout=30,
+             what="the load's steps to finish")  # fmt: skip
+    assert check(db).problems == []
+
+
+def _is_zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

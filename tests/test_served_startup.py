@@ -230,8 +230,11 @@ def test_settings_workers_db_path_and_log_level(server_factory, tmp_path):
         extra_env={"STEPD_DB": str(nested), "STEPD_LOG_LEVEL": "WARNING"},
     ).start()
 
-    assert len(server.worker_pids()) == 3
-    pids = server.runner_pids()  # STEPD_RUNNERS runner processes, apart from the HTTP workers
+    # SPEC 9 (new): how many HTTP processes serve is the service's choice; STEPD_WORKERS is
+    # accepted, and a start with it set says once, in one line, that it no longer applies.
+    assert len(server.worker_pids()) == 1
+    assert server.output().count("STEPD_WORKERS=3 no longer applies") == 1, server.output()
+    pids = server.runner_pids()  # STEPD_RUNNERS runner processes, apart from the HTTP worker (the node)
     assert len(pids) == 2 and not set(pids) & set(server.worker_pids())
     wait_for(lambda: {p for (p,) in db_rows(nested, "SELECT pid FROM runners")} == set(pids), what="2 runners")
     assert nested.is_file()
@@ -363,6 +366,11 @@ def test_sigkill_of_make_run_stops_the_service_and_frees_the_port(tmp_path):
         step_id = requests.post(url + P, json=body, headers=headers, timeout=5).json()["data"]["steps"][0][
             "processStepId"
         ]
+
+        def phase():
+            return requests.get(f"{url}{P}/steps/{step_id}", headers=headers, timeout=5).json()["data"]["phase"]
+
+        wait_for(lambda: phase() == "RUNNING", what="a runner to call the delegate")  # QUEUED would stay so
         os.kill(proc.pid, signal.SIGKILL)  # only make itself, as a careless supervisor would
         proc.wait(timeout=10)
         wait_for(lambda: not answers(url), timeout=10, what="the service to stop with make")

@@ -1,0 +1,271 @@
+"""The node's side of its runners: hand them attempts, record what they did, notice when one dies.
+
+Every write of the node goes through its writer (writer.py), in groups. At the end of each group,
+inside its transaction, the dispatcher claims queued attempts (due retries first) for each runner
+with free places (`_claim`), and sends them once that transaction committed: an attempt reaches
+a runner only when its claim is in the file. A restart's attempt is thus claimed in the restart's
+own group, with no poll and no wake-up between.
+
+A runner's outcomes are recorded in the next group, together with the start of its process's
+next step, which goes back to the same runner (one transaction per group, shared by many steps).
+`ctx.results` travels with each attempt.
+
+A runner that dies closes its connection: its running attempts become Interrupted in the next
+group, and what was claimed for it but never sent is queued again (`_lost`).
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from stepd.liveness import HOST, process_start_time
+from stepd.model import COMPLETED, FAILED, Busy, Unwritable, new_id
+
+log = logging.getLogger("stepd.node")
+
+REGISTER_RETRY_SECONDS = 1.0
+RETRY_RECORD_SECONDS = 0.5  # a group that failed (busy, a full disk): its outcomes are written again after this
+GONE = "The runner running this step (runner {id}, process {pid}) is gone."
+
+
+@dataclass(eq=False)
+class Link:
+    """One runner's connection, as the node sees it."""
+
+    channel: object
+    places: int
+    pid: int
+    id: str = field(default_factory=new_id)  # its row in `runners`; steps.runner_id of its attempts
+    sent: set = field(default_factory=set)  # (step id, attempt) sent to it and not ended
+    unsent: list = field(default_factory=list)  # claimed for it once it was gone: never sent, so queued again
+    reserved: int = 0  # claimed in the group open now, not yet committed
+    open: bool = True
+    closed: threading.Event = field(default_factory=threading.Event)  # its end was recorded
+
+    @property
+    def free(self):
+        return self.places - len(self.sent) - self.reserved
+
+
+class Dispatcher:
+    """The runners connected to this node, and the attempts each has."""
+
+    def __init__(self, store, stopping_reason, current):
+        self.store = store
+        self.stopping_reason = stopping_reason  # () -> the Interrupted message when the node stops, or None
+        self.current = current  # () -> whether this node still takes new work (not once a reload replaced it)
+        self.links = []
+        self._lock = threading.Lock()
+        store.db.at_end_of_groups(self._claim)
+
+    # -- a runner arrives, and leaves ----------------------------------------------------
+    def attach(self, channel):
+        """Take a runner on `channel`: read its hello, register it, start reading it. The Link,
+        or None if it closed before saying hello."""
+        hello = channel.receive()
+        if hello is None or hello[0] != "hello":
+            channel.close()
+            return None
+        link = Link(channel, places=hello[1]["places"], pid=hello[1]["pid"])
+        if not self._register(link):
+            channel.close()
+            return None
+        with self._lock:
+            self.links.append(link)
+        threading.Thread(target=self._read, args=(link,), name="stepd-link", daemon=True).start()
+        self.wake()
+        return link
+
+    def _register(self, link):
+        """Its row in `runners`: the runner's process (on this host: a runner attaches over a local
+        socket), which ends when its connection does, and when this node dies (runner.py). A busy
+        or full database is waited out (a node that starts then must not fail, nor its runner die
+        again and again); False if the node stops meanwhile."""
+        row = {"id": link.id, "host": HOST, "pid": link.pid, "pid_started": process_start_time(link.pid)}
+        while self.stopping_reason() is None:
+            try:
+                self.store.heartbeat(row)
+                return True
+            except (Busy, Unwritable) as exc:
+                log.warning("runner %d cannot register yet (%s); retrying", link.pid, exc)
+                time.sleep(REGISTER_RETRY_SECONDS)
+        return False
+
+    def _read(self, link):
+        given_back = []
+        while (message := link.channel.receive()) is not None:
+            kind, payload = message
+            if kind == "outcomes":
+                self._record(link, payload)
+            elif kind == "unstarted":
+                given_back = payload
+        self._lost(link, given_back)
+
+    def _lost(self, link, given_back):
+        """The connection closed: queue again what the runner never began, Interrupt the rest."""
+        with self._lock:
+            link.open = False
+        reason = self.stopping_reason() or GONE.format(id=link.id, pid=link.pid)
+
+        def release(conn):
+            for key in [*given_back, *link.unsent]:
+                self.store.unclaim_key(key, link.id)
+            return self.store.interrupt_runner(link.id, reason)
+
+        def done(interrupted, error):
+            if error is not None:
+                log.error("runner %s's end could not be recorded (%s); the orphan sweep will", link.id, error)
+            elif interrupted:
+                log.warning("runner %d is gone; %d running step(s) marked Interrupted", link.pid, len(interrupted))
+            with self._lock:
+                self.links.remove(link)
+            link.channel.close()
+            link.closed.set()
+
+        self.store.db.submit(release, done)
+
+    # -- outcomes ---------------------------------------------------------------------------
+    def _record(self, link, outcomes):
+        """Record `outcomes` in the next group; then send the next steps they began to `link`.
+
+        Their places are free within the group (the same group's claims may fill them) and taken
+        by the next steps begun; if the group fails, both are undone with it."""
+        keys = [outcome.job.key for outcome in outcomes]
+
+        def record(conn):
+            begun = []
+            for outcome in outcomes:
+                job = self._record_one(outcome, link)
+                if job is not None:
+                    job.results = self.store.earlier_results(job.step_id)
+                    begun.append(job)
+            with self._lock:
+                link.sent.difference_update(keys)
+                link.reserved += len(begun)
+            return begun
+
+        def done(begun, error):
+            with self._lock:
+                link.reserved -= len(begun or ())  # a job that failed itself returns nothing
+            if error is not None:
+                self._record_failed(link, outcomes, error)
+                return
+            self._send(link, begun)
+
+        self.store.db.submit(record, done)
+
+    def _record_one(self, outcome, link):
+        job = outcome.job
+        if outcome.kind == COMPLETED:
+            return self.store.finish_attempt(job, COMPLETED, result=outcome.result, runner_id=link.id)
+        if outcome.kind == FAILED and outcome.retry_at is not None:
+            self.store.schedule_retry(job, outcome.error, outcome.retry_at)
+        elif outcome.kind == FAILED:
+            self.store.finish_attempt(job, FAILED, error=outcome.error, runner_id=link.id)
+        else:
+            self.store.defer_attempt(job)
+        return None
+
+    def _record_failed(self, link, outcomes, error):
+        """A busy or full database: write them again soon (an outcome exists only here). Any
+        other error: fail the attempts, so no step stays STARTED under a live runner for ever."""
+        with self._lock:  # the group that freed their places failed: they are the runner's again
+            link.sent.update(outcome.job.key for outcome in outcomes)
+        if isinstance(error, Busy | Unwritable):
+            log.warning("could not record %d outcome(s) (%s); retrying", len(outcomes), error)
+            threading.Timer(RETRY_RECORD_SECONDS, self._record, (link, outcomes)).start()
+            return
+        log.error("could not record %d outcome(s): %r", len(outcomes), error)
+        message = f"stepd could not record this attempt's outcome: {error}"
+        failed = [
+            type(o)(o.job, FAILED, error={"type": "InternalError", "message": message})
+            for o in outcomes
+            if o.kind != FAILED or o.error.get("type") != "InternalError"
+        ]
+        if failed:
+            self._record(link, failed)
+
+    # -- claims -------------------------------------------------------------------------------
+    def _claim(self, conn):
+        """At the end of a group: claim attempts for the runners' free places. Returns what to do
+        once the group's fate is known (send them, or free the places again)."""
+        if self.stopping_reason() is not None or not self.current():
+            return None  # stopping (a reload: the new node takes the new work); its runners give back the rest
+        with self._lock:
+            wanting = [link for link in self.links if link.open and link.free > 0]
+        if not wanting or not self.store.has_claimable():
+            return None
+        claimed = []
+        for link in wanting:
+            jobs = self.store.claim_due_retries(link.id, link.free)
+            if len(jobs) < link.free:
+                jobs += self.store.claim_queued(link.id, link.free - len(jobs))
+            if not jobs:
+                break  # nothing more is queued
+            for job in jobs:
+                job.results = self.store.earlier_results(job.step_id)
+            with self._lock:
+                link.reserved += len(jobs)
+            claimed.append((link, jobs))
+
+        def after(committed):
+            for link, jobs in claimed:
+                with self._lock:
+                    link.reserved -= len(jobs)
+                if committed:
+                    self._send(link, jobs)
+
+        return after
+
+    def _send(self, link, jobs):
+        """Send committed attempts to `link` (on the writer's loop, after their group). A runner
+        that is gone gets nothing, and its end (`_lost`, later on the same loop) queues them again."""
+        if not jobs:
+            return
+        with self._lock:
+            usable = link.open
+            if usable:
+                link.sent.update(job.key for job in jobs)
+            else:  # its end is recorded after this (on the same loop): queued again there
+                link.unsent.extend(job.key for job in jobs)
+        if usable:
+            link.channel.send("run", jobs)
+
+    def wake(self):
+        """A group now, so that its end claims what is queued (a runner came, a retry fell due)."""
+        self.store.db.submit(lambda conn: None, lambda result, error: None)
+
+    # -- the watch: attempts ended from outside --------------------------------------------
+    def let_go_of_ended(self):
+        """Attempts the database no longer has as running on their runner (fail-step, a cancel,
+        an orphan sweep): tell the runner (it sets ctx.cancelled), and free their places."""
+        with self._lock:
+            watched = [(link, set(link.sent)) for link in self.links if link.open and link.sent]
+        for link, sent in watched:
+            ended = sent - self.store.running_attempts(link.id)
+            if ended:
+                with self._lock:
+                    link.sent.difference_update(ended)
+                link.channel.send("cancel", sorted(ended))
+                self.wake()  # the places are free again
+
+    def free_places(self):
+        with self._lock:
+            return sum(link.free for link in self.links if link.open)
+
+    def beat(self):
+        """Keep this node's rows in `runners` fresh (read only for a node on another host)."""
+        with self._lock:
+            ids = [link.id for link in self.links if link.open]
+        if ids:
+            self.store.beat(ids)
+
+    def stop(self, timeout):
+        """Wait until every runner's end is recorded (they were asked to stop)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            links = list(self.links)
+        for link in links:
+            link.closed.wait(max(0.0, deadline - time.monotonic()))
+        self.store.db.not_at_end_of_groups(self._claim)

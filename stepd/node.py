@@ -1,0 +1,223 @@
+"""The node: the one process of a service that writes the database, and feeds its runners.
+
+It holds the writer (writer.py: every write of the node, in groups), the dispatcher
+(dispatch.py: attempts out to the runners, outcomes back), the runners' processes (started,
+watched, started again when one dies), the chores, and the socket where `stepd runner`
+processes started by hand attach. The HTTP front serves the API from the same process (front.py:
+no hand-off between a request and its write).
+
+    node                       HTTP (gevent), the writer, the dispatcher, the chores
+    └── STEPD_RUNNERS × python -m stepd runner     delegates run here, and only here
+
+The tests run a node inside their own process, with its runners on threads (`start_background`).
+"""
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from stepd.channel import Channel, node_address
+from stepd.dispatch import Dispatcher
+from stepd.runner import STOP_GRACE_SECONDS, Runner
+
+log = logging.getLogger("stepd.node")
+
+WATCH_SECONDS = 0.2  # how often attempts ended from outside are looked for (ctx.cancelled within 1 s)
+POLL_SECONDS = 0.25  # queued work from elsewhere (another node on the file, a due retry) waits at most this
+HEARTBEAT_SECONDS = 1.0
+LISTEN_AGAIN_SECONDS = 1.0  # how often a node without the socket for `stepd runner` tries to take it
+CHORE_TICK_SECONDS = 0.1
+RESTART_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)  # before starting a runner again, if it keeps dying at once
+STEADY_SECONDS = 10.0  # a runner that lived this long starts again after the shortest delay
+PR_SET_PDEATHSIG = 1
+RUNNER_FD = "STEPD_RUNNER_FD"  # the environment variable giving a started runner its end of the socketpair
+
+
+@dataclass
+class Chore:
+    """Work the node does every `period` seconds: each in its own try, so one that fails never
+    skips another (a long one, retention, starts a thread of its own)."""
+
+    name: str
+    period: float
+    run: object  # () -> anything
+    due: float = 0.0  # time.monotonic() at which it runs next
+
+    def run_if_due(self, now):
+        if now < self.due:
+            return
+        self.due = now + self.period
+        try:
+            self.run()
+        except Exception:  # a busy database now and then: the next period tries again
+            log.exception("chore %s failed; trying again in %g s", self.name, self.period)
+
+
+def _die_with_parent():
+    """In a runner, before exec: SIGTERM when the node dies, even by SIGKILL."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Node:
+    """A node over `store`: its dispatcher, runners and chores."""
+
+    def __init__(self, store, registry, settings, chores=()):
+        self.store = store
+        self.registry = registry
+        self.settings = settings
+        self.stopping = threading.Event()
+        self.stopped = threading.Event()
+        # Whether this node still takes new work: the front sets it to its worker's own flag, which
+        # gunicorn clears the moment a reload (or a stop) tells the worker to go.
+        self.current = lambda: True
+        self.dispatcher = Dispatcher(store, self._stopping_reason, lambda: self.current())
+        # The dispatcher's own work, on a thread of its own: no housekeeping chore may delay it.
+        self.ticks = [
+            Chore("watch", WATCH_SECONDS, self.dispatcher.let_go_of_ended),
+            Chore("poll", POLL_SECONDS, self._poll),
+            Chore("heartbeat", HEARTBEAT_SECONDS, self.dispatcher.beat),
+        ]
+        self.chores = list(chores)  # housekeeping (wiring.chores): checkpoint, orphan sweep, answers, retention
+        self.processes = {}  # slot -> Popen of a runner process, or None while it waits to start again
+        self.restart_at = {}  # slot -> when a dead runner starts again
+        self.deaths = {}  # slot -> how many times in a row it died soon after starting
+        self.runners_here = []  # Runner objects on this process's threads (the tests)
+        self._listener = None
+        self._listen_again_at = 0.0
+
+    def _stopping_reason(self):
+        return "The service stopped before this step's delegate finished." if self.stopping.is_set() else None
+
+    # -- start -------------------------------------------------------------------------------
+    def start(self, runner_processes=0):
+        """Start the chores, the socket for `stepd runner`, and `runner_processes` runners."""
+        for slot in range(runner_processes):
+            self._start_process(slot)
+        threading.Thread(target=self._loop, args=(self._tick,), name="stepd-ticks", daemon=True).start()
+        threading.Thread(target=self._loop, args=(self._housekeeping,), name="stepd-chores", daemon=True).start()
+        self._listen()
+
+    def start_runners_here(self, count=1):
+        """`count` runners on threads of this process, each over a socketpair (the tests)."""
+        for _ in range(count):
+            ours, theirs = socket.socketpair()
+            runner = Runner(self.registry, self.settings["STEPD_THREADS"], self.settings["STEPD_STEP_TIMEOUT"])
+            runner.start(Channel(theirs))
+            self.dispatcher.attach(Channel(ours))  # registered when this returns (as /healthz counts it)
+            self.runners_here.append(runner)
+        return self.runners_here[-count:]
+
+    def _start_process(self, slot):
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, RUNNER_FD: str(theirs.fileno())}
+        command = [sys.executable, "-m", "stepd", "runner"]
+        proc = subprocess.Popen(command, env=env, pass_fds=(theirs.fileno(),), preexec_fn=_die_with_parent)
+        theirs.close()
+        proc.started = time.monotonic()
+        self.processes[slot] = proc
+        threading.Thread(target=self.dispatcher.attach, args=(Channel(ours),), daemon=True).start()
+
+    def _listen(self):
+        """Accept `stepd runner` processes on the database's abstract socket. Another node on the
+        same file (an overlapping restart, the node a reload replaces) may hold it: then runners
+        started by hand go to that one until it lets go."""
+        if self.stopping.is_set():
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(node_address(self.settings["STEPD_DB"]))
+        except OSError:  # tried again every LISTEN_AGAIN_SECONDS: the other one may be a node a reload replaces
+            sock.close()
+            return
+        sock.listen(16)
+        self._listener = sock
+        threading.Thread(target=self._accept, name="stepd-accept", daemon=True).start()
+
+    def _accept(self):
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed by stop()
+            threading.Thread(target=self.dispatcher.attach, args=(Channel(conn),), daemon=True).start()
+
+    # -- while it runs ----------------------------------------------------------------------
+    def _loop(self, tick):
+        while not self.stopping.wait(CHORE_TICK_SECONDS):
+            tick(time.monotonic())
+
+    def _tick(self, now):
+        for chore in self.ticks:
+            chore.run_if_due(now)
+        self._look_after_processes(now)
+        if self._listener is None and now >= self._listen_again_at:
+            self._listen_again_at = now + LISTEN_AGAIN_SECONDS
+            self._listen()
+
+    def _housekeeping(self, now):
+        for chore in self.chores:
+            chore.run_if_due(now)
+
+    def _poll(self):
+        """The backstop for work no group of this node queued (a due retry, another node's
+        attempt): a group now claims it."""
+        if self.dispatcher.free_places() and self.store.has_claimable():
+            self.dispatcher.wake()
+
+    def _look_after_processes(self, now):
+        for slot, proc in list(self.processes.items()):
+            if proc is None:
+                if now >= self.restart_at[slot] and not self.stopping.is_set():
+                    self._start_process(slot)
+                continue
+            if proc.poll() is None:
+                continue
+            lived = now - proc.started
+            self.deaths[slot] = 0 if lived >= STEADY_SECONDS else self.deaths.get(slot, 0) + 1
+            delay = RESTART_DELAYS[min(self.deaths[slot], len(RESTART_DELAYS)) - 1] if self.deaths[slot] else 0.0
+            log.warning("runner %d exited with code %s; starting another in %g s", proc.pid, proc.returncode, delay)
+            self.processes[slot] = None
+            self.restart_at[slot] = now + delay
+
+    # -- stop --------------------------------------------------------------------------------
+    def stop(self, grace=STOP_GRACE_SECONDS):
+        """Stop the runners (their delegates get `grace` seconds; what still runs then is
+        Interrupted, what was never begun is queued again), then the chores. A second call waits
+        for the first to finish."""
+        if self.stopping.is_set():
+            self.stopped.wait()
+            return
+        self.stopping.set()
+        try:
+            self._stop(grace)
+        finally:
+            self.stopped.set()
+
+    def _stop(self, grace):
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (a close alone would not)
+            self._listener.close()
+            self._listener = None
+        procs = [proc for proc in self.processes.values() if proc is not None and proc.poll() is None]
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for runner in self.runners_here:
+            runner.stop(grace)
+        deadline = time.monotonic() + grace + 2.0
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("runner %d did not stop in %g s; killing it", proc.pid, grace)
+                proc.kill()
+                proc.wait()
+        self.dispatcher.stop(timeout=max(1.0, deadline - time.monotonic()))
