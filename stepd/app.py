@@ -10,7 +10,7 @@ from flask import Blueprint, Flask, current_app
 from werkzeug.routing import BaseConverter
 from werkzeug.routing import ValidationError as RouteMismatch
 
-from stepd import auth, config, envelope, errors, idempotency
+from stepd import auth, config, envelope, errors, idempotency, ui
 from stepd import schemas as s
 from stepd.auth import current_principal, reads, writes
 from stepd.delegates import Registry, load_registry
@@ -226,6 +226,7 @@ def create_app(overrides=None):
     app.url_map.merge_slashes = False  # `//` would be a 308 redirect outside the envelope; now a 404
     app.register_blueprint(api)
     app.register_blueprint(health)
+    ui.init_app(app, store, exempt=(api,))  # the operator page, /ui/; the JSON API takes no CSRF token
     envelope.init_app(app)
     errors.init_app(app)
     return app

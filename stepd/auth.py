@@ -54,6 +54,13 @@ class Credentials:
             return Principal(row["name"], row["role"])
         return None
 
+    def named(self, name):
+        """(the principal of the token `name`, its secret's hash), or None if there is none."""
+        if name == ENV_TOKEN_NAME:
+            return (Principal(ENV_TOKEN_NAME, OPERATOR), hash_secret(self.env_token)) if self.env_token else None
+        row = self.store.token_by_name(name)
+        return (Principal(row["name"], row["role"]), row["secret_hash"]) if row is not None else None
+
 
 def init_app(app, store):
     """Check `app`'s requests against the tokens of `store` and the app's STEPD_TOKEN."""
@@ -123,3 +130,25 @@ writes = _requiring(OPERATOR)
 
 def current_principal():
     return auth.current_user()
+
+
+# -- a session signed in on the operator page (stepd/ui) -----------------------------------------
+# The session keeps the token's name and this proof, never the secret. The proof is made from the
+# hash the token has now, keyed by the app's secret key: a revoked or replaced token ends the session.
+def _proof(name, secret_hash):
+    key = current_app.secret_key
+    key = key.encode() if isinstance(key, str) else key
+    return hmac.new(key, f"{name}\0{secret_hash}".encode(), "sha256").hexdigest()
+
+
+def session_proof(name, secret):
+    """What a session signed in as the token `name` with `secret` keeps (once the secret was checked)."""
+    return _proof(name, hash_secret(secret))
+
+
+def session_principal(name, proof):
+    """The principal of a signed-in session, if its token still has the secret it was signed in with."""
+    found = _credentials().named(name) if isinstance(name, str) and isinstance(proof, str) else None
+    if found is None or not hmac.compare_digest(_proof(name, found[1]), proof):
+        return None
+    return _known(found[0])

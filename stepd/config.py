@@ -17,6 +17,7 @@ DEFAULTS = {
     "STEPD_STEP_TIMEOUT": "",
     "STEPD_LOG_FORMAT": "text",
     "STEPD_RETENTION_DAYS": "",
+    "STEPD_SECRET_KEY": "",  # signs the operator page's cookies; unset: the one kept in the database
 }
 INTEGERS = {"STEPD_PORT": (1, 65535), "STEPD_WORKERS": (1, 64), "STEPD_THREADS": (1, 256), "STEPD_RUNNERS": (0, 64)}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

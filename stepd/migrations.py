@@ -202,4 +202,15 @@ MIGRATIONS = [
     CREATE INDEX processes_finished_oldest_first ON processes (updated_at)
         WHERE status IN ('COMPLETED', 'CANCELLED');
     """,
+    # 4: a secret the service keeps in its own file, made once, with the file's fourth schema: it
+    # signs the operator page's session cookies and CSRF tokens (stepd/ui), so every process of the
+    # service signs alike and a restart keeps the signed-in sessions. STEPD_SECRET_KEY, when set, is
+    # used instead.
+    """
+    CREATE TABLE secrets (
+        name   TEXT PRIMARY KEY,
+        value  TEXT NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO secrets (name, value) VALUES ('session', lower(hex(randomblob(32))))
+    """,
 ]

@@ -855,3 +855,104 @@ class Store:
     def revoke_token(self, name):
         with self.db.transaction() as conn:
             return conn.execute("DELETE FROM tokens WHERE name = ?", (name,)).rowcount == 1
+
+    # == the operator page's reads (stepd/ui) ===================================================
+    # Read-only, each one query or one snapshot; nothing above calls them.
+    def secret(self, name):
+        """A secret the service keeps in its file (migration 4 makes 'session'), or None."""
+        row = self.db.row("SELECT value FROM secrets WHERE name = ?", (name,))
+        return row["value"] if row else None
+
+    def status_counts(self):
+        """({step status: how many}, {process status: how many}), as one snapshot has them."""
+        with self.db.snapshot() as conn:
+            steps = dict(conn.execute("SELECT status, COUNT(*) FROM steps GROUP BY status").fetchall())
+            processes = dict(conn.execute("SELECT status, COUNT(*) FROM processes GROUP BY status").fetchall())
+        return steps, processes
+
+    def outcomes_by_minute(self, since):
+        """{(minute, outcome): how many} of the attempts that ended at or after `since` (stepd's UTC
+        text). minute: 'YYYY-MM-DDTHH:MM'; outcome: 'completed', 'interrupted' (failed because its
+        runner went away or stopped) or 'failed' (any other failure)."""
+        # No index on attempts.finished_at: this reads every attempt (about 0.1 s at 10^6 of them).
+        rows = self.db.rows(
+            "SELECT substr(finished_at, 1, 16) AS minute,"
+            " CASE WHEN status = 'COMPLETED' THEN 'completed'"
+            " WHEN error_type = 'Interrupted' THEN 'interrupted' ELSE 'failed' END AS outcome,"
+            " COUNT(*) AS count FROM attempts"
+            " WHERE finished_at >= ? AND status IN ('COMPLETED', 'FAILED') GROUP BY minute, outcome",
+            (since,),
+        )
+        return {(row["minute"], row["outcome"]): row["count"] for row in rows}
+
+    def oldest_queued_at(self, now):
+        """Since when the attempt that has waited longest for a runner has been waiting (a queued
+        attempt's start, a due retry's due time), or None when none waits."""
+        with self.db.snapshot() as conn:
+            queued = conn.execute(f"SELECT MIN(started_at) FROM steps INDEXED BY steps_running WHERE {QUEUED}")
+            queued = queued.fetchone()[0]
+            due = conn.execute(
+                "SELECT MIN(next_retry_at) FROM steps INDEXED BY steps_due_retries"
+                " WHERE next_retry_at <= ? AND status = 'STARTED'",
+                (now,),
+            ).fetchone()[0]
+        waiting = [moment for moment in (queued, due) if moment is not None]
+        return min(waiting) if waiting else None
+
+    @staticmethod
+    def _failed_matching(where):
+        """The (sql, args) conditions on FAILED steps matching `where`: type, error_type, process_name
+        (exact; None: any)."""
+        conditions, args = [IS_FAILED], []
+        for sql, key in (
+            ("type = ?", "type"),
+            ("error_type = ?", "error_type"),
+            ("process_id IN (SELECT id FROM processes WHERE name = ?)", "process_name"),
+        ):
+            if where.get(key) is not None:
+                conditions.append(sql)
+                args.append(where[key])
+        return conditions, args
+
+    def failed_page(self, where, before=None, limit=50):
+        """A page of FAILED steps matching `where` (see _failed_matching), newest failure first, each
+        with its process's name (`process_name`), before the (finished_at, seq) position `before`.
+        Returns (steps, the position to continue before, or None on the last page)."""
+        conditions, args = self._failed_matching(where)
+        if before is not None:
+            conditions.append("(finished_at, seq) < (?, ?)")
+            args.extend(before)
+        # INDEXED BY: walked newest first, the FAILED steps' own index gives the order and stops at
+        # a page; left to itself, the planner sorts every FAILED step (or every one of a type).
+        rows = self.db.rows(
+            f"SELECT seq, {STEP_COLUMNS}, (SELECT name FROM processes p WHERE p.id = steps.process_id)"
+            f" AS process_name FROM steps INDEXED BY steps_failed_oldest_first WHERE {' AND '.join(conditions)}"
+            " ORDER BY finished_at DESC, seq DESC LIMIT ?",
+            (*args, limit + 1),
+        )
+        now = now_iso()
+        steps = [{**_step(row, now), "process_name": row["process_name"]} for row in rows[:limit]]
+        last = rows[limit - 1] if len(rows) > limit else None
+        return steps, (last["finished_at"], last["seq"]) if last is not None else None
+
+    def failed_ids(self, where, until, limit):
+        """The ids of up to `limit` FAILED steps matching `where` that failed before `until`, oldest
+        failure first (the order a bulk restart takes them in), and whether more match."""
+        conditions, args = self._failed_matching(where)
+        rows = self.db.rows(
+            f"SELECT id FROM steps INDEXED BY steps_failed_oldest_first WHERE {' AND '.join(conditions)}"
+            " AND finished_at < ? ORDER BY finished_at, seq LIMIT ?",
+            (*args, until, limit + 1),
+        )
+        return [row["id"] for row in rows[:limit]], len(rows) > limit
+
+    def count_failed_since(self, where, since, leaving_out=()):
+        """How many FAILED steps matching `where` failed at or after `since`, but those in `leaving_out`."""
+        conditions, args = self._failed_matching(where)
+        rows = self.db.rows(
+            f"SELECT id FROM steps INDEXED BY steps_failed_oldest_first WHERE {' AND '.join(conditions)}"
+            " AND finished_at >= ?",
+            (*args, since),
+        )
+        leaving_out = set(leaving_out)
+        return sum(1 for row in rows if row["id"] not in leaving_out)

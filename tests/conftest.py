@@ -3,9 +3,12 @@
 import json
 import os
 import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from helpers import (
+    CHROMIUM,
     COMPLETE,
     ENV_SECRET,
     FAIL,
@@ -19,6 +22,7 @@ from helpers import (
     SECOND_SECRET,
     SKIP,
     Api,
+    Page,
     Server,
     basic,
     queued_steps,
@@ -90,6 +94,18 @@ def api(client):
 @pytest.fixture
 def reader_api(client):
     return Api(client, {"Authorization": f"Bearer {READER_SECRET}"})
+
+
+@pytest.fixture
+def page(client):
+    """The operator page as the operator 'ops', with HTTP Basic (a browser's own prompt)."""
+    return Page(client, {"Authorization": basic("ops", OPERATOR_SECRET)})
+
+
+@pytest.fixture
+def reader_page(app):
+    """The operator page as the reader 'viewer', with HTTP Basic, on a test client of its own."""
+    return Page(app.test_client(), {"Authorization": basic("viewer", READER_SECRET)})
 
 
 @pytest.fixture
@@ -255,6 +271,59 @@ def served(default_service):
     yield default_service
     assert default_service.proc.poll() is None, "a test stopped the shared service"
     wait_for(lambda: not queued_steps(default_service.env["STEPD_DB"]), timeout=60, what="its queue to empty")
+
+
+# -- a real browser: Playwright driving Debian's chromium ------------------------------------------------
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's chromium (/usr/bin/chromium), driven by Playwright (no `playwright install`). Where it
+    is not installed the browser tests are skipped, saying so; under CI (which installs it, .ci/run)
+    they fail instead."""
+    if not Path(CHROMIUM).exists():
+        why = f"{CHROMIUM} is not installed: sudo apt-get install -y chromium (.ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs the browser tests: {why}")
+        pytest.skip(why)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def browse(chromium, served):
+    """Opens pages of the shared service, each in a browser context of its own (its own cookies):
+    browse() as the operator 'env' (HTTP Basic, answered as the browser's prompt would be),
+    browse(None) with no credentials. Every request any of them makes is recorded
+    (`browse.requests`), and one to any host but 127.0.0.1 is refused; at the end none may have
+    been made."""
+    contexts, seen, outside = [], [], []
+
+    def guard(route):
+        if urlsplit(route.request.url).hostname == "127.0.0.1":
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    def open_page(credentials=("env", served.token)):
+        login = {"username": credentials[0], "password": credentials[1]} if credentials else None
+        context = chromium.new_context(base_url=served.url, http_credentials=login)
+        context.on("request", lambda request: seen.append(request))
+        context.route("**/*", guard)
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        return page
+
+    open_page.requests = seen
+    yield open_page
+    for context in contexts:
+        context.close()
+    assert not outside, f"requests to another host than 127.0.0.1: {outside}"
+    assert all(urlsplit(request.url).hostname == "127.0.0.1" for request in seen)
 
 
 @pytest.fixture

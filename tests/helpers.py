@@ -24,6 +24,8 @@ import textwrap
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from html import unescape
+from html.parser import HTMLParser
 from pathlib import Path
 
 import requests
@@ -678,3 +680,107 @@ def gated_count(ctx):
     if ctx.params.get("fail") == 1:
         raise RuntimeError("gated_count failed on purpose")
 '''
+
+
+# -- the operator page, /ui/ -----------------------------------------------------------------------
+UI = "/ui/"
+CHROMIUM = "/usr/bin/chromium"  # Debian's, which Playwright drives (no `playwright install`)
+
+
+class _Forms(HTMLParser):
+    """The forms of a page as a browser would send them: each input's, checked box's, selected
+    option's and text area's name and value, and its submit buttons (name, value, text)."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.forms = []
+        self.form = self.select = self.textarea = self.button = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "form":
+            self.form = {"id": a.get("id"), "action": a.get("action"), "method": (a.get("method") or "get").lower()}
+            self.form.update(fields=[], buttons=[])
+            self.forms.append(self.form)
+        elif self.form is None:
+            return
+        elif tag == "input" and a.get("type") in ("submit", "button"):
+            self.form["buttons"].append((a.get("name"), a.get("value"), a.get("value")))
+        elif tag == "input" and a.get("type") == "checkbox":
+            if "checked" in a:
+                self.form["fields"].append((a["name"], a.get("value") or "on"))
+        elif tag == "input" and a.get("name"):
+            self.form["fields"].append((a["name"], a.get("value") or ""))
+        elif tag == "textarea":
+            self.textarea = [a["name"], ""]
+        elif tag == "select":
+            self.select = [a["name"], None]
+        elif tag == "option" and self.select is not None and (self.select[1] is None or "selected" in a):
+            self.select[1] = a.get("value")
+        elif tag == "button":
+            self.button = [a.get("name"), a.get("value"), ""]
+
+    def handle_data(self, data):
+        if self.textarea is not None:
+            self.textarea[1] += data
+        if self.button is not None:
+            self.button[2] += data
+
+    def handle_endtag(self, tag):
+        if tag == "form":
+            self.form = None
+        elif tag == "textarea" and self.textarea is not None:
+            self.form["fields"].append(tuple(self.textarea))
+            self.textarea = None
+        elif tag == "select" and self.select is not None:
+            self.form["fields"].append(tuple(self.select))
+            self.select = None
+        elif tag == "button" and self.button is not None:
+            self.form["buttons"].append((self.button[0], self.button[1], self.button[2].strip()))
+            self.button = None
+
+
+def forms_of(html):
+    """Every form of a page: [{id, action, method, fields: [(name, value)], buttons: [(name, value, text)]}]."""
+    reader = _Forms()
+    reader.feed(html)
+    return reader.forms
+
+
+class Page:
+    """The operator page through Flask's test client, as a browser uses it: credentials on every
+    request (HTTP Basic, or none once signed in), its cookie, and forms sent with what the page
+    put in them."""
+
+    def __init__(self, client, headers=None):
+        self.client = client
+        self.headers = headers or {}
+
+    def get(self, path, **kwargs):
+        return self.client.get(path, headers={**self.headers, **kwargs.pop("headers", {})}, **kwargs)
+
+    def html(self, path):
+        response = self.get(path)
+        assert response.status_code == 200, response.get_data(as_text=True)[:800]
+        return response.get_data(as_text=True)
+
+    def form(self, path, form_id):
+        """(action, {name: value}) of the form `form_id` on the page at `path`."""
+        [form] = [f for f in forms_of(self.html(path)) if f["id"] == form_id]
+        return form["action"], dict(form["fields"])
+
+    def post(self, path, fields, **kwargs):
+        return self.client.post(path, data=fields, headers={**self.headers, **kwargs.pop("headers", {})}, **kwargs)
+
+    def submit(self, path, form_id, changes=None, intent=None, **kwargs):
+        """Send the form `form_id` of the page at `path` with `changes` made to its fields."""
+        action, fields = self.form(path, form_id)
+        fields.update(changes or {})
+        if intent is not None:
+            fields["intent"] = intent
+        return self.post(action, fields, **kwargs)
+
+
+def text_of(html):
+    """A page's text without its tags (entities decoded), whitespace collapsed."""
+    return " ".join(unescape(re.sub(r"<[^>]+>", " ", html)).split())

@@ -22,6 +22,7 @@ def test_defaults_are_those_of_the_spec():
         "STEPD_LOG_LEVEL": "INFO",
         "STEPD_SYNC": "full",
         "STEPD_LOG_FORMAT": "text",
+        "STEPD_SECRET_KEY": "",
     }
 
 

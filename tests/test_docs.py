@@ -84,9 +84,10 @@ def test_every_relative_link_leads_somewhere(doc):
 
 # -- the module table ---------------------------------------------------------------------------
 def module_name(path):
-    """A module of the package as the table names it: `model.py`; the delegates package is one row."""
+    """A module of the package as the table names it: `model.py`; a subpackage (`delegates/`, `ui/`)
+    is one row."""
     relative = path.relative_to(PACKAGE)
-    return "delegates/" if relative.parts[0] == "delegates" else relative.name
+    return f"{relative.parts[0]}/" if len(relative.parts) > 1 else relative.name
 
 
 MODULES = {}
@@ -101,7 +102,7 @@ def imported(dotted):
         return None
     if len(parts) == 1:
         return "__init__.py"
-    return "delegates/" if parts[1] == "delegates" else f"{parts[1]}.py"
+    return f"{parts[1]}/" if (PACKAGE / parts[1]).is_dir() else f"{parts[1]}.py"
 
 
 def from_the_package(name):

@@ -50,7 +50,7 @@ def migrated(tmp_path):
 
 
 def test_a_version_2_file_is_migrated_keeping_every_row(migrated):
-    assert migrated.execute("PRAGMA user_version").fetchone()[0] == len(migrations.MIGRATIONS) == 3
+    assert migrated.execute("PRAGMA user_version").fetchone()[0] == len(migrations.MIGRATIONS) == 4
     assert migrated.execute("SELECT seq, id, name, status, intervened_by FROM processes ORDER BY seq").fetchall() == [
         (1, "p1", "old", "FAILED", None),
         (2, "p2", None, "RUNNING", None),
@@ -126,3 +126,15 @@ def test_a_fresh_file_gets_the_same_schema_as_a_migrated_one(migrated, tmp_path)
         return sorted(rows.fetchall(), key=lambda row: row[1])
 
     assert schema(sqlite3.connect(fresh)) == schema(migrated)
+
+
+def test_each_file_gets_a_secret_of_its_own_once(migrated, tmp_path):
+    """Migration 4 makes the secret that signs the operator page's cookies: 256 random bits, one per
+    file, kept as it is by every later start (so every process of a service, and a restart, sign alike)."""
+    [(secret,)] = migrated.execute("SELECT value FROM secrets WHERE name = 'session'").fetchall()
+    assert len(secret) == 64 and int(secret, 16)
+    other = tmp_path / "other.db"
+    Database(other).prepare()
+    Database(other).prepare()  # a second start migrates nothing
+    assert sqlite3.connect(other).execute("SELECT value FROM secrets").fetchall() != [(secret,)]
+    assert len(sqlite3.connect(other).execute("SELECT value FROM secrets").fetchall()) == 1

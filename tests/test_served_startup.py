@@ -331,7 +331,7 @@ def test_make_run_serves(tmp_path):
                 raise AssertionError(f"make run exited with {proc.returncode}:\n{log_path.read_text()}")
             try:
                 return requests.get(url + "/healthz", timeout=1).status_code == 200
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a slow first answer
                 return False
 
         wait_for(healthy, timeout=30, interval=0.1, what="make run to answer /healthz")

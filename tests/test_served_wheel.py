@@ -1,8 +1,8 @@
 """The wheel works alone (SPEC 11): built from the checkout, installed into a fresh venv with only
 its pinned dependencies, it installs nothing but `stepd/` (and its dist-info and the `stepd`
 script), and `stepd serve`, started from a folder that is not the checkout, runs a user's
-delegate that imports the user's own `config.py`, drives a process to COMPLETED over HTTP, and
-stops with one SIGTERM."""
+delegate that imports the user's own `config.py`, drives a process to COMPLETED over HTTP, shows
+it on the operator page, and stops with one SIGTERM."""
 
 import os
 import shutil
@@ -70,6 +70,8 @@ def test_the_wheel_holds_only_the_stepd_package(installed):
     tops = {name.split("/")[0] for name in names}
     assert tops == {"stepd", f"stepd-{VERSION}.dist-info"}, tops
     assert "stepd/delegates/builtin.py" in names and "stepd/app.py" in names
+    # the operator page's templates and static files, which are not Python modules
+    assert {"stepd/ui/templates/base.html", "stepd/ui/static/ui.js", "stepd/ui/static/ui.css"} <= set(names)
 
 
 def test_installed_files_are_stepd_its_dist_info_and_its_script(installed):
@@ -125,6 +127,10 @@ def test_the_installed_command_serves_a_users_delegate_from_another_folder(insta
         result = completed()["steps"][0]["result"]["text"]["strValue"]
         assert result == "hello from the user config, Ada"
         assert (elsewhere / "data" / "stepd.db").is_file()
+        step_page = f"{url}/ui/steps/{completed()['steps'][0]['processStepId']}"
+        page = requests.get(step_page, auth=("env", TOKEN), timeout=5)
+        assert page.status_code == 200 and "hello from the user config, Ada" in page.text  # the operator page
+        assert requests.get(f"{url}/ui/static/ui.css", timeout=5).status_code == 200
         assert not (ROOT / "data").exists()
 
         service.send_signal(signal.SIGTERM)  # one SIGTERM, to the command only

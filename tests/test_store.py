@@ -551,6 +551,87 @@ def test_atomic_makes_several_changes_one(contract_store):
     assert store.list_tokens() == []
 
 
+# -- the operator page's reads -------------------------------------------------------------------
+def failed_in(store, name, step_type="a", message="boom"):
+    """A one-step process named `name` whose step failed (ValueError); its step id."""
+    process, job = store.create_process(name, [(step_type, {})], "alice", "r1")
+    fail(store, job, message)
+    return process["steps"][0]["id"]
+
+
+def test_the_page_reads_counts_by_status(contract_store):
+    store = contract_store
+    failed_in(store, "x")
+    started_process(store, "a", "b")
+    steps, processes = store.status_counts()
+    assert steps == {"FAILED": 1, "STARTED": 1, "PENDING": 1}
+    assert processes == {"FAILED": 1, "RUNNING": 1}
+
+
+def test_outcomes_by_minute_tell_completed_failed_and_interrupted_apart(contract_store):
+    store = contract_store
+    before = st.now_iso()
+    _, done = started_process(store, "a")
+    store.finish_attempt(done, COMPLETED, runner_id="r1")
+    failed_in(store, "x")
+    started_process(store, "b")  # its runner r1 stops: the attempt is Interrupted
+    store.interrupt_runner("r1", "stopping")
+    outcomes = store.outcomes_by_minute(before)
+    totals = {}
+    for (minute, outcome), count in outcomes.items():
+        assert len(minute) == 16 and minute >= before[:16]
+        totals[outcome] = totals.get(outcome, 0) + count
+    assert totals == {"completed": 1, "failed": 1, "interrupted": 1}
+    assert store.outcomes_by_minute(st.now_iso()[:10] + "T23:59:59.999Z") == {}
+
+
+def test_the_oldest_queued_attempt_is_the_oldest_one_no_runner_has(contract_store):
+    store = contract_store
+    assert store.oldest_queued_at(st.now_iso()) is None
+    started_process(store, "a")  # claimed by r1 as it began: not waiting
+    assert store.oldest_queued_at(st.now_iso()) is None
+    first, _ = store.create_process("q", [("a", {})], "alice", None)
+    store.create_process("q", [("a", {})], "alice", None)
+    assert store.oldest_queued_at(st.now_iso()) == first["steps"][0]["started_at"]
+    store.claim_queued("r2", 10)
+    assert store.oldest_queued_at(st.now_iso()) is None
+
+
+def test_failed_steps_newest_first_by_type_error_type_and_process_name(contract_store):
+    store = contract_store
+    ids = [failed_in(store, "nightly" if n % 2 else "weekly", "a" if n < 4 else "b") for n in range(6)]
+    page, position = store.failed_page({}, None, 4)
+    assert [s["id"] for s in page] == ids[::-1][:4]
+    assert [s["process_name"] for s in page] == ["nightly", "weekly", "nightly", "weekly"]
+    assert page[0]["error"] == {"type": "ValueError", "message": "boom"}
+    rest, last = store.failed_page({}, position, 4)
+    assert [s["id"] for s in rest] == ids[::-1][4:] and last is None
+    nightly_a, _ = store.failed_page({"process_name": "nightly", "type": "a"}, None, 10)
+    assert [s["id"] for s in nightly_a] == [ids[3], ids[1]]
+    assert store.failed_page({"error_type": "ValueError"}, None, 10)[0] == page + rest
+    assert store.failed_page({"error_type": "Interrupted"}, None, 10) == ([], None)
+
+
+def test_failed_ids_oldest_first_until_a_time_and_the_count_of_later_ones(contract_store):
+    store = contract_store
+    early = [failed_in(store, "n") for _ in range(3)]
+    time.sleep(0.002)
+    until = st.now_iso()
+    time.sleep(0.002)
+    later = failed_in(store, "n")
+    assert store.failed_ids({"process_name": "n"}, until, 10) == (early, False)
+    assert store.failed_ids({"process_name": "n"}, until, 2) == (early[:2], True)
+    assert store.failed_ids({"process_name": "other"}, until, 10) == ([], False)
+    assert store.count_failed_since({"process_name": "n"}, until) == 1
+    assert store.count_failed_since({"process_name": "n"}, until, leaving_out=[later]) == 0
+
+
+def test_each_database_has_its_own_session_secret(open_store):
+    secret = open_store().secret("session")
+    assert len(secret) == 64 and int(secret, 16) and open_store().secret("session") == secret
+    assert open_store().secret("nothing") is None
+
+
 # -- SQLite's plans of the store's queries (not part of the contract) --------------------------
 def sqlite_store(tmp_path):
     database = Database(tmp_path / "plans.db")
@@ -608,3 +689,22 @@ def test_the_new_list_filters_read_through_their_indexes(tmp_path):
     of_a_process = st.step_filters({"process_id": "p", "status": "FAILED", "type": "t", "error_type": "E"})
     plan = _page_plan(sqlite, "steps", of_a_process)
     assert "(process_id=?)" in plan and "steps_by_status" not in plan and "steps_by_error_type" not in plan, plan
+
+
+def test_the_failed_list_walks_the_failed_steps_index_and_never_sorts(tmp_path, monkeypatch):
+    sqlite = sqlite_store(tmp_path)
+    plans, rows = [], sqlite.db.rows
+
+    def planned(sql, args=()):
+        plans.append(" | ".join(row[3] for row in rows("EXPLAIN QUERY PLAN " + sql, args)))
+        return rows(sql, args)
+
+    monkeypatch.setattr(sqlite.db, "rows", planned)
+    for where in ({}, {"type": "t", "error_type": "E"}, {"process_name": "n"}):
+        sqlite.failed_page(where, None, 50)
+        sqlite.failed_page(where, ("2020-01-01T00:00:00.000Z", 5), 50)
+        sqlite.failed_ids(where, "2030-01-01T00:00:00.000Z", 1000)
+        sqlite.count_failed_since(where, "2020-01-01T00:00:00.000Z")
+    assert len(plans) == 12
+    for plan in plans:
+        assert "steps_failed_oldest_first" in plan and "TEMP B-TREE" not in plan, plan
