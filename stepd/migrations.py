@@ -213,4 +213,12 @@ MIGRATIONS = [
     ) WITHOUT ROWID;
     INSERT INTO secrets (name, value) VALUES ('session', lower(hex(randomblob(32))))
     """,
+    # 5: the index of running and queued steps also orders the queued ones by when they were
+    # queued, so the node's claim (the oldest first, store.QUEUED_STEPS) reads them in order
+    # instead of sorting every queued step at each claim (40,000 of them behind a burst of starts).
+    """
+    DROP INDEX steps_running;
+    CREATE INDEX steps_running ON steps (runner_id, started_at)
+        WHERE status = 'STARTED' AND deferred = 0 AND next_retry_at IS NULL
+    """,
 ]

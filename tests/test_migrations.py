@@ -49,8 +49,16 @@ def migrated(tmp_path):
     conn.close()
 
 
+def test_the_claim_reads_queued_steps_in_order_without_sorting(migrated):
+    """Schema 5: the oldest queued attempts come straight from the index (no sort of them all)."""
+    from stepd.store import QUEUED_STEPS
+
+    plan = " ".join(row[3] for row in migrated.execute(f"EXPLAIN QUERY PLAN {QUEUED_STEPS}", (5,)))
+    assert "steps_running" in plan and "TEMP B-TREE" not in plan, plan
+
+
 def test_a_version_2_file_is_migrated_keeping_every_row(migrated):
-    assert migrated.execute("PRAGMA user_version").fetchone()[0] == len(migrations.MIGRATIONS) == 4
+    assert migrated.execute("PRAGMA user_version").fetchone()[0] == len(migrations.MIGRATIONS) == 5
     assert migrated.execute("SELECT seq, id, name, status, intervened_by FROM processes ORDER BY seq").fetchall() == [
         (1, "p1", "old", "FAILED", None),
         (2, "p2", None, "RUNNING", None),
