@@ -38,6 +38,7 @@ def options(settings):
         # request never blocks the others for longer than its own statement.
         "worker_class": "gevent",
         "worker_connections": 1000,
+        "post_request": _let_other_connections_run,
         # Requests in flight, then the runners' delegates (STOP_GRACE_SECONDS) get this long at a stop.
         "graceful_timeout": int(STOP_GRACE_SECONDS) + 5,
         "control_socket_disable": True,  # gunicorn 27 would share one socket path among all instances
@@ -48,6 +49,14 @@ def options(settings):
         # workers inherit the handler (create_app sets it up again, the same).
         "logger_class": GunicornLogger,
     }
+
+
+def _let_other_connections_run(worker, req, environ, resp):
+    """One turn of gevent's loop after each request. A keep-alive client that sends its next
+    request at once would otherwise be read again without a switch (the data is there), and be
+    served back to back while other connections wait: with one HTTP process, 16 busy connections
+    measured a p99 of 0.8 s on a bare Flask app."""
+    time.sleep(0)
 
 
 def _become_the_node(worker):

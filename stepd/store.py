@@ -9,7 +9,6 @@ the file can never both win. Beginning or ending an attempt is always the same t
 
 import functools
 import time
-from contextlib import contextmanager
 
 from stepd.model import (
     COMPLETED,
@@ -335,12 +334,19 @@ class Store:
         # dispatcher then claims at the end of that group (a rolled-back one costs it one look).
         self.on_queued = lambda: None
 
-    @contextmanager
-    def _change(self):
-        with self.db.transaction() as conn:
+    def _apply(self, change_it):
+        """`change_it(change)` as one write, run on the writer's loop (a job: no switch to the
+        caller's greenlet or thread while the group holds the lock), every process it touched
+        refreshed at the end; its result once its group committed. Inside another write of this
+        caller it is a savepoint of that one."""
+
+        def job(conn):
             change = Change(conn, now_iso(), self.on_queued)
-            yield change
+            result = change_it(change)
             change.refresh_processes()
+            return result
+
+        return self.db.write(job)
 
     def atomic(self, rollback=False):
         """Everything inside is one transaction (nested calls become savepoints); `rollback=True`
@@ -362,7 +368,8 @@ class Store:
     def create_process(self, name, steps, principal, runner_id):
         """Insert a process and its PENDING steps and begin step 0; returns (process, job)."""
         process_id = new_id()
-        with self._change() as change:
+
+        def change_it(change):
             change.conn.execute(
                 "INSERT INTO processes (id, name, status, principal, created_at, updated_at)"
                 " VALUES (?, ?, 'RUNNING', ?, ?, ?)",
@@ -387,7 +394,9 @@ class Store:
             job = change.begin(step_rows[0], "start", principal, IS_PENDING, runner_id=runner_id)
             change.touched.discard(process_id)  # a new process is RUNNING as inserted: nothing to refresh
             process = self._load_process(change.conn, process_id)
-        return process, job
+            return process, job
+
+        return self._apply(change_it)
 
     def get_process(self, process_id):
         with self.db.snapshot() as conn:
@@ -493,7 +502,8 @@ class Store:
     def restart_failed_step(self, step_id, overrides, principal, runner_id, has_delegate):
         """FAILED -> STARTED for one step, with the given params laid over the failed ones (a name
         given as None is removed); its Job."""
-        with self._change() as change:
+
+        def change_it(change):
             row = change.conn.execute(
                 f"SELECT {BEGIN_COLUMNS}, s.status FROM steps s WHERE s.id = ?", (step_id,)
             ).fetchone()
@@ -511,7 +521,9 @@ class Store:
             job = change.begin(row, "restart", principal, IS_FAILED, AFTER_RESTART, params, runner_id)
             if job is None:  # cannot happen under BEGIN IMMEDIATE; kept as the compare-and-set's check
                 raise PreconditionFailed.on("status", "Step changed while it was being restarted.")
-        return job
+            return job
+
+        return self._apply(change_it)
 
     def claim_queued(self, runner_id, limit):
         """Take up to `limit` queued attempts, oldest first, for this runner; their Jobs.
@@ -558,13 +570,16 @@ class Store:
         """
         if not self.db.row(DUE_RETRIES, (now_iso(), 1)):
             return []  # polled often by every runner: look first, take the write lock only for work
-        with self._change() as change:
+
+        def change_it(change):
             rows = change.conn.execute(DUE_RETRIES, (change.now, limit)).fetchall()
             jobs = [
                 change.begin(row, "retry", row["principal"], WAITING_FOR_RETRY, AFTER_RETRY, runner_id=runner_id)
                 for row in rows
             ]
-        return [job for job in jobs if job is not None]
+            return [job for job in jobs if job is not None]
+
+        return self._apply(change_it)
 
     # -- ending attempts ---------------------------------------------------------------
     def finish_attempt(self, job, status, result=None, error=None, runner_id=None):
@@ -573,26 +588,32 @@ class Store:
         A stale outcome (the step was failed, completed or interrupted meanwhile) changes
         nothing and returns None.
         """
-        with self._change() as change:
-            result = None if result is None else params_to_json(result)
+        stored_result = None if result is None else params_to_json(result)
+
+        def change_it(change):
             ended = change.end(
                 job.step_id, job.process_id, job.attempt, status=status, when=EXECUTING, also=OUTCOME, error=error,
-                result=result,
+                result=stored_result,
             )  # fmt: skip
             if not ended:
                 return None
             return change.begin_next(job.step_id, runner_id) if status == COMPLETED else None
+
+        return self._apply(change_it)
 
     def schedule_retry(self, job, error, retry_at):
         """Close a failed attempt and leave the step STARTED until `retry_at` (ISO time).
 
         Any runner may begin it then (claim_due_retries); returns whether the attempt was still current.
         """
-        with self._change() as change:
+
+        def change_it(change):
             return change.end(
                 job.step_id, job.process_id, job.attempt, status=FAILED, when=EXECUTING,
                 also="next_retry_at = :retry_at, runner_id = NULL", error=error, retry_at=retry_at,
             )  # fmt: skip
+
+        return self._apply(change_it)
 
     def defer_attempt(self, job):
         """Mark a running attempt as waiting for complete-step or fail-step."""
@@ -612,7 +633,7 @@ class Store:
         return step
 
     def _end_started_step(self, step_id, status, result, error, runner_id):
-        with self._change() as change:
+        def change_it(change):
             row = change.conn.execute(
                 "SELECT process_id, status, attempts, next_retry_at FROM steps WHERE id = ?", (step_id,)
             ).fetchone()
@@ -631,7 +652,9 @@ class Store:
                 raise PreconditionFailed.on("status", message)
             next_job = change.begin_next(step_id, runner_id) if status == COMPLETED else None
             step = self._read_step(change.conn, step_id, change.now)
-        return step, next_job
+            return step, next_job
+
+        return self._apply(change_it)
 
     # -- an operator's interventions: cancel a process, skip a failed step ----------------
     def cancel_process(self, process_id, reason, principal):
@@ -640,7 +663,8 @@ class Store:
         One transaction: the compare-and-set on the process's status makes one of any number of
         concurrent cancels win; a delegate's late outcome, a restart or a retry of its steps then
         finds them CANCELLED and changes nothing."""
-        with self._change() as change:
+
+        def change_it(change):
             row = change.conn.execute("SELECT status FROM processes WHERE id = ?", (process_id,)).fetchone()
             if row is None:
                 raise PreconditionFailed.on("process_id", "No process has this id.")
@@ -654,11 +678,14 @@ class Store:
                 raise PreconditionFailed.on("status", message)
             change.cancel_steps(process_id, principal, reason)
             process = self._load_process(change.conn, process_id)
-        return process
+            return process
+
+        return self._apply(change_it)
 
     def skip_step(self, step_id, result, reason, principal, runner_id):
         """FAILED -> SKIPPED with `result`, and the process carries on; returns (step, next job or None)."""
-        with self._change() as change:
+
+        def change_it(change):
             row = change.conn.execute(
                 "SELECT process_id, status, attempts FROM steps WHERE id = ?", (step_id,)
             ).fetchone()
@@ -668,7 +695,9 @@ class Store:
                 raise PreconditionFailed.on("status", f"Step is {row['status']}; only a FAILED step can be skipped.")
             next_job = change.begin_next(step_id, runner_id)
             step = self._read_step(change.conn, step_id, change.now)
-        return step, next_job
+            return step, next_job
+
+        return self._apply(change_it)
 
     # -- retention: deleting finished processes ------------------------------------------
     def finished_before(self, before, limit):
@@ -756,12 +785,15 @@ class Store:
             orphans, gone = self._find_orphans(conn, is_alive)
         if not orphans and not gone:
             return []
-        with self._change() as change:
+
+        def change_it(change):
             orphans, gone = self._find_orphans(change.conn, is_alive)  # again: another sweep may have been first
             for row in orphans:
                 self._interrupt(change, row, f"The worker running this step (runner {row['runner_id']}) is gone.")
             change.conn.executemany("DELETE FROM runners WHERE id = ?", [(runner_id,) for runner_id in gone])
-        return [row["id"] for row in orphans]
+            return [row["id"] for row in orphans]
+
+        return self._apply(change_it)
 
     @staticmethod
     def _find_orphans(conn, is_alive):
@@ -776,12 +808,15 @@ class Store:
 
     def interrupt_runner(self, runner_id, reason):
         """Fail the executing steps of one runner that is stopping, and forget it."""
-        with self._change() as change:
+
+        def change_it(change):
             rows = change.conn.execute(EXECUTING_STEPS + " AND runner_id = ?", (runner_id,)).fetchall()
             for row in rows:
                 self._interrupt(change, row, reason)
             change.conn.execute("DELETE FROM runners WHERE id = ?", (runner_id,))
-        return [row["id"] for row in rows]
+            return [row["id"] for row in rows]
+
+        return self._apply(change_it)
 
     @staticmethod
     def _interrupt(change, row, message):

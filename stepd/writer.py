@@ -126,8 +126,8 @@ class Writer:
 
     def _wait_finished(self, member):
         member.finished.wait()
-        if member.error is not None:
-            raise _copy(member.error)
+        if member.error is not None:  # its own (raised once, here), or the group's (one per member)
+            raise member.error if member.own_failure else _copy(member.error)
         for callback in member.after_commit:
             callback()
 
