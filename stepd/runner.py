@@ -14,9 +14,9 @@ delegate that never returns holds its own thread, not one of the runner's places
 `node.Node.start_runners_here` runs them on threads inside a process (the tests do).
 """
 
+import collections
 import logging
 import os
-import queue
 import signal
 import threading
 import time
@@ -65,7 +65,10 @@ class Runner:
         self.threads = threads
         self.step_timeout = step_timeout  # STEPD_STEP_TIMEOUT: for delegates that set no timeout
         self.channel = None
-        self._jobs = queue.Queue()  # sent by the node, waiting for a thread (never more than the places)
+        # Sent by the node, waiting for a thread (never more than the places). A thread takes one
+        # and enters it in _running under the same lock, so a stop sees every job in one place or
+        # the other, never between (and gives back exactly those no delegate was called for).
+        self._waiting = collections.deque()
         self._running = {}  # (step id, attempt) -> Running
         self._lock = threading.Condition()
         self._stopping = threading.Event()
@@ -77,7 +80,7 @@ class Runner:
         """Places taken: attempts sent and not yet ended."""
         with self._lock:
             running = sum(1 for entry in self._running.values() if not entry.abandoned)
-        return running + self._jobs.qsize()
+            return running + len(self._waiting)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, channel):
@@ -100,38 +103,30 @@ class Runner:
         sent but never called, and close the connection (the node then fails what still runs as
         Interrupted)."""
         deadline = time.monotonic() + grace
-        self._stopping.set()
-        if self.channel is None:
-            return
         with self._lock:
+            self._stopping.set()  # from here on no delegate is called for a job still waiting
+            self._lock.notify_all()  # the idle delegate threads end
+            if self.channel is None:
+                return
             while self._delegates_running() and time.monotonic() < deadline and not self.node_gone.is_set():
                 self._lock.wait(timeout=0.05)
-            self._closed = True  # from here on no delegate is called
-        self.channel.send("unstarted", self._drain())
-        for _ in range(self.threads):
-            self._jobs.put(None)  # ends the idle delegate threads
+            self._closed = True
+            unstarted = [job.key for job in self._waiting]
+            self._waiting.clear()
+        self.channel.send("unstarted", unstarted)
         self.channel.close()
 
     def _delegates_running(self):
         return any(not entry.abandoned for entry in self._running.values())
-
-    def _drain(self):
-        keys = []
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return keys
-            if job is not None:
-                keys.append(job.key)
 
     # -- what the node sends ---------------------------------------------------------------
     def _read(self):
         while (message := self.channel.receive()) is not None:
             kind, payload = message
             if kind == "run":
-                for job in payload:
-                    self._jobs.put(job)
+                with self._lock:
+                    self._waiting.extend(payload)
+                    self._lock.notify_all()
             elif kind == "cancel":
                 self._cancel(set(payload))
         # The node is gone: nothing more can be recorded. Call no more delegates; the next node
@@ -150,13 +145,12 @@ class Runner:
     # -- delegate threads ------------------------------------------------------------------
     def _work(self):
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
             with self._lock:
-                if self._closed:  # stopping: stop() gives the job back to the node
-                    self._jobs.put(job)
-                    return
+                while not self._waiting and not self._stopping.is_set() and not self._closed:
+                    self._lock.wait()
+                if self._stopping.is_set() or self._closed:
+                    return  # what still waits is given back by stop()
+                job = self._waiting.popleft()
                 entry = Running(job, self._deadline_of(job))
                 self._running[job.key] = entry
             self._run(entry)
