@@ -32,7 +32,7 @@ endif
 # npm it is not installed, and that test is skipped (under CI it fails: there the lint must run).
 NODE_TOOLS := $(if $(shell command -v npm 2>/dev/null),node_modules/.installed)
 
-.PHONY: run runner test test-fast lint fix clean bench
+.PHONY: run runner test test-fast lint fix clean bench bench-peers
 
 # `stepd serve` from .venv/ (stepd installed there, editable, with its pinned dependencies). Silent
 # itself (@, and pip's output only when it fails), so with STEPD_LOG_FORMAT=json every line is JSON.
@@ -58,6 +58,13 @@ bench: $(VENV)/.run-deps
 	@command -v wrk >/dev/null 2>&1 || { echo "make bench needs wrk, the HTTP load generator: sudo apt-get install wrk" >&2; exit 1; }
 	$(BIN)/python bench/run.py $(if $(BENCH_FULL),--memory) $(BENCH_ARGS)
 	$(BIN)/python bench/queue_latency.py
+
+# stepd beside huey and DBOS (bench/peers.py, issue 18's peers; optional, in no other target), in a
+# venv of its own, .venv-peers/: stepd (editable) with the peers' pins of bench/requirements-peers.txt,
+# which stay out of requirements*.txt. BENCH_ARGS passes more options (--quick: a smoke run).
+PEERS_VENV := .venv-peers
+bench-peers: $(PEERS_VENV)/.installed
+	$(PEERS_VENV)/bin/python bench/peers.py $(BENCH_ARGS)
 
 lint: $(VENV)/.dev-deps
 	$(BIN)/ruff check .
@@ -87,9 +94,17 @@ $(VENV)/.dev-deps: requirements.txt requirements-dev.txt pyproject.toml $(VENV)/
 	@$(BIN)/pip install --quiet --no-deps --editable . $(QUIETLY)
 	@touch $@ $(VENV)/.run-deps
 
+$(PEERS_VENV)/.installed: requirements.txt bench/requirements-peers.txt pyproject.toml
+	@test -x $(PEERS_VENV)/bin/python || { echo "stepd: setting up $(PEERS_VENV)/ for make bench-peers" >&2; $(PYTHON) -m venv $(PEERS_VENV); }
+	@$(PEERS_VENV)/bin/pip install --quiet -r requirements.txt -r bench/requirements-peers.txt >$(PEERS_VENV)/pip.log 2>&1 \
+		|| { cat $(PEERS_VENV)/pip.log >&2; exit 1; }
+	@$(PEERS_VENV)/bin/pip install --quiet --no-deps --editable . >$(PEERS_VENV)/pip.log 2>&1 \
+		|| { cat $(PEERS_VENV)/pip.log >&2; exit 1; }
+	@touch $@
+
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --ignore-scripts
 	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache node_modules
+	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache node_modules
