@@ -748,7 +748,7 @@ def targets(rows, memory=None):
     unmeasured = [
         "queued -> running, idle, p99 <= 5 ms: bench/queue_latency.py measures it next (`make bench`)",
         "a runner that dies -> its steps Interrupted within 0.5 s: the served tests check it, not this benchmark",
-        "peers (huey, DBOS): `make bench-peers`, not built yet",
+        "peers (huey, DBOS): `make bench-peers` measures them (optional, in a venv of its own)",
     ]
     if not any(r["key"] == "stored" for r in rows):
         unmeasured.append("10^6 steps stored vs fewer (--no-stored)")

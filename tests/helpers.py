@@ -229,6 +229,27 @@ def all_at_once(count, call, timeout=60):
 
 
 # -- files and the database file -------------------------------------------------------------------
+class ClientThreads:
+    """Client threads running `self._client(n)` until the `with` block ends (a test's load)."""
+
+    def __init__(self, threads):
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(threads)]
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def _client(self, number):
+        raise NotImplementedError
+
+
 def write_file(folder, name, source):
     """A file `name` in `folder` holding `source` (dedented); returns its path."""
     path = folder / name

@@ -16,7 +16,7 @@ from collections import Counter
 
 import pytest
 import requests
-from helpers import CANCEL, RESTART, SKIP, STEPS, P, process_ids, report_figure, typed, wait_for
+from helpers import CANCEL, RESTART, SKIP, STEPS, ClientThreads, P, process_ids, report_figure, typed, wait_for
 
 from stepd.invariants import Acknowledged, check, read_only
 
@@ -26,7 +26,7 @@ LOAD_SECONDS = (1.0, 2.0)  # how long each round runs before the kill: a random 
 
 
 # -- load: process starts, restarts, skips and cancels from several client threads ------------
-class Load:
+class Load(ClientThreads):
     """Client threads that start processes, restart or skip failed steps and cancel processes,
     recording what was acknowledged."""
 
@@ -36,18 +36,7 @@ class Load:
         self.statuses = Counter()
         self.unanswered = 0  # requests cut off by the kill: never acknowledged, so free to be lost
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(threads)]
-
-    def __enter__(self):
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=30)
+        super().__init__(threads)
 
     @property
     def requests(self):

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from helpers import P, db_rows, wait_for
+from helpers import ClientThreads, P, db_rows, wait_for
 
 
 def holder_pid(server, step_id):
@@ -124,27 +124,16 @@ def test_no_runners_serves_the_api_and_a_runner_started_apart_does_the_work(serv
     assert not os.path.exists(f"/proc/{runner.pid}")
 
 
-class Load:
+class Load(ClientThreads):
     """Starts processes of three `count` steps on 4 threads until stopped: every delegate call
     appends `step attempt` to one file, so an attempt called twice shows as a repeated line. Keeps
     every answer that is not a 201 (the API must answer throughout)."""
 
     def __init__(self, server, calls):
         self.server, self.calls, self.bad, self.started = server, calls, [], 0
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run) for _ in range(4)]
+        super().__init__(4)
 
-    def __enter__(self):
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
-
-    def _run(self):
+    def _client(self, number):
         step = {"type": "count", "params": {"file": {"type": "STRING", "strValue": str(self.calls)}}}
         while not self._stop.is_set():
             try:
