@@ -20,9 +20,17 @@ MAKE_FILES += ("package-lock.json",)
 
 @pytest.fixture(scope="module")
 def peers():
+    """bench/peers.py, imported as its command line does. It puts bench/ first on the import path
+    (to import bench/run.py); that is undone here, or bench/delegates/ would be the `delegates` that
+    a later test in this process imports (the old import's test, tests/test_delegates.py)."""
+    saved = list(sys.path)
     spec = importlib.util.spec_from_file_location("peers", PEERS)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+        importlib.invalidate_caches()
     return module
 
 
