@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import secrets
-import shutil
 import signal
 import sqlite3
 import statistics
@@ -458,11 +457,8 @@ def main(argv=None):
         rates, pragmas = run_rounds(args.workloads, args.rounds, workdir)
         report(rates, pragmas, args.workloads, args.rounds)
     finally:
-        stop_all()
-        if args.keep:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        stop_all()  # the peers' consumers first; finish() stops stepd's servers and the folder
+        run.finish(workdir, args.keep)
 
 
 if __name__ == "__main__":

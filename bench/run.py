@@ -177,6 +177,15 @@ def stop_all():
         server.stop()
 
 
+def finish(workdir, keep):
+    """Stop every server started, and delete the temporary folder unless asked to keep it."""
+    stop_all()
+    if keep:
+        print(f"kept {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def stepd_server(db, sync, workdir, token):
     """stepd exactly as `make run` serves it: `stepd serve` (gunicorn, workers, a runner), STEPD_* variables."""
     settings = {
@@ -928,11 +937,7 @@ def main():
         print("\nIssue 18's targets:\n")
         print(targets(rows, readings))
     finally:
-        stop_all()
-        if args.keep:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        finish(workdir, args.keep)
 
 
 if __name__ == "__main__":

@@ -258,7 +258,7 @@ class Database:
         """
         member = self._holding()
         if member is not None:
-            with sqlite_errors(), savepoint(member.writer.conn, "nested", member, rollback):
+            with sqlite_errors(), savepoint(member.writer.conn, "nested", rollback):
                 yield member.writer.conn
             return
         if self.connection().in_transaction:
@@ -294,15 +294,6 @@ class Database:
         writer = self._writer()
         if hook in writer.ended_groups:
             writer.ended_groups.remove(hook)
-
-    def on_commit(self, callback):
-        """Call `callback` once this caller's write transaction commits (now, if none is open);
-        never if it rolls back."""
-        member = self._holding()
-        if member is not None:
-            member.after_commit.append(callback)
-        else:
-            callback()
 
     def write_connection(self):
         """This process's write connection, on which every write transaction runs (a test that

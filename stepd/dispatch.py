@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from stepd.liveness import HOST, process_start_time
-from stepd.model import COMPLETED, FAILED, Busy, Unwritable, new_id
+from stepd.model import COMPLETED, FAILED, Busy, Outcome, Unwritable, new_id
 
 log = logging.getLogger("stepd.node")
 
@@ -184,7 +184,7 @@ class Dispatcher:
         log.error("could not record %d outcome(s): %r", len(outcomes), error)
         message = f"stepd could not record this attempt's outcome: {error}"
         failed = [
-            type(o)(o.job, FAILED, error={"type": "InternalError", "message": message})
+            Outcome(o.job, FAILED, error={"type": "InternalError", "message": message})
             for o in outcomes
             if o.kind != FAILED or o.error.get("type") != "InternalError"
         ]

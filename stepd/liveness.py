@@ -5,11 +5,14 @@ pid does not count): a delegate holding the GIL for minutes cannot make it look 
 runner on another host is judged by its heartbeat.
 """
 
+import ctypes
+import signal
 import socket
 import time
 from pathlib import Path
 
 HOST = socket.gethostname()
+PR_SET_PDEATHSIG = 1
 STALE_AFTER_SECONDS = 5.0  # only for a runner on another host, whose process we cannot see
 
 
@@ -28,3 +31,9 @@ def runner_is_alive(row):
     if row["host"] == HOST and row["pid_started"]:
         return process_start_time(row["pid"]) == row["pid_started"]
     return row["heartbeat_at"] >= time.time() - STALE_AFTER_SECONDS
+
+
+def die_with_parent():
+    """In a child (before exec, or at once): SIGTERM when its parent dies, even by SIGKILL (Linux's
+    prctl): the supervisor's HTTP front, `stepd serve` under make, a node's runners."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -13,7 +13,6 @@ The tests run a node inside their own process, with its runners on threads (`sta
 """
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 
 from stepd.channel import Channel, node_address
 from stepd.dispatch import Dispatcher
+from stepd.liveness import die_with_parent
 from stepd.runner import STOP_GRACE_SECONDS, Runner
 
 log = logging.getLogger("stepd.node")
@@ -37,7 +37,6 @@ LISTEN_AGAIN_SECONDS = 1.0  # how often a node without the socket for `stepd run
 CHORE_TICK_SECONDS = 0.1
 RESTART_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)  # before starting a runner again, if it keeps dying at once
 STEADY_SECONDS = 10.0  # a runner that lived this long starts again after the shortest delay
-PR_SET_PDEATHSIG = 1
 RUNNER_FD = "STEPD_RUNNER_FD"  # the environment variable giving a started runner its end of the socketpair
 
 
@@ -59,11 +58,6 @@ class Chore:
             self.run()
         except Exception:  # a busy database now and then: the next period tries again
             log.exception("chore %s failed; trying again in %g s", self.name, self.period)
-
-
-def _die_with_parent():
-    """In a runner, before exec: SIGTERM when the node dies, even by SIGKILL."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Node:
@@ -119,7 +113,7 @@ class Node:
         ours, theirs = socket.socketpair()
         env = {**os.environ, RUNNER_FD: str(theirs.fileno())}
         command = [sys.executable, "-m", "stepd", "runner"]
-        proc = subprocess.Popen(command, env=env, pass_fds=(theirs.fileno(),), preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(command, env=env, pass_fds=(theirs.fileno(),), preexec_fn=die_with_parent)
         theirs.close()
         proc.started = time.monotonic()
         self.processes[slot] = proc

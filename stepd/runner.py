@@ -71,8 +71,7 @@ class Runner:
         self._waiting = collections.deque()
         self._running = {}  # (step id, attempt) -> Running
         self._lock = threading.Condition()
-        self._stopping = threading.Event()
-        self._closed = False  # no delegate is called any more
+        self._stopping = threading.Event()  # no delegate is called any more (a stop, or the node is gone)
         self.node_gone = threading.Event()  # the node closed the connection
 
     @property
@@ -110,7 +109,6 @@ class Runner:
                 return
             while self._delegates_running() and time.monotonic() < deadline and not self.node_gone.is_set():
                 self._lock.wait(timeout=0.05)
-            self._closed = True
             unstarted = [job.key for job in self._waiting]
             self._waiting.clear()
         self.channel.send("unstarted", unstarted)
@@ -132,7 +130,7 @@ class Runner:
         # The node is gone: nothing more can be recorded. Call no more delegates; the next node
         # fails what ran here as Interrupted.
         with self._lock:
-            self._closed = True
+            self._stopping.set()
             self._lock.notify_all()
         self.node_gone.set()
 
@@ -146,9 +144,9 @@ class Runner:
     def _work(self):
         while True:
             with self._lock:
-                while not self._waiting and not self._stopping.is_set() and not self._closed:
+                while not self._waiting and not self._stopping.is_set():
                     self._lock.wait()
-                if self._stopping.is_set() or self._closed:
+                if self._stopping.is_set():
                     return  # what still waits is given back by stop()
                 job = self._waiting.popleft()
                 entry = Running(job, self._deadline_of(job))

@@ -20,7 +20,6 @@ everything stops. SIGTERM or SIGINT to this process (or to its process group) st
 cleanly: the runners give their delegates STOP_GRACE_SECONDS.
 """
 
-import ctypes
 import errno
 import logging
 import os
@@ -32,13 +31,13 @@ import time
 from pathlib import Path
 
 from stepd import config, logs
+from stepd.liveness import die_with_parent
 from stepd.logs import configure_logging
 
 REFUSED = 2  # the exit code of a start refused for a bad setting, delegate or database (as cli.py's refusals)
 CHECK_SECONDS = 0.1  # how often the children are looked at
 STOP_SECONDS = 20.0  # how long a stop waits for the children before it kills them
 RELOAD_SECONDS = 10.0  # how long a reload waits for gunicorn to fork the new node
-PR_SET_PDEATHSIG = 1
 # Set for the children of `stepd serve`: its checks have run, and what they found was said once.
 CHECKED = "STEPD_PREFLIGHT_DONE"
 
@@ -128,15 +127,6 @@ def announce(settings, registry):
     )
 
 
-def _prctl_parent_death(signum):
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
-
-
-def _die_with_supervisor():
-    """In the front, before exec: get SIGTERM when the supervisor dies, even by SIGKILL."""
-    _prctl_parent_death(signal.SIGTERM)
-
-
 def die_with_make():
     """Under `make run`, end when make ends, even by SIGKILL: a sidecar must not outlive the
     command that started it and keep holding its port. (make passes a SIGTERM on by itself.)"""
@@ -146,7 +136,7 @@ def die_with_make():
     except OSError:
         return  # no /proc: not Linux, so no prctl either
     if started_by_make:
-        _prctl_parent_death(signal.SIGTERM)
+        die_with_parent()
         if os.getppid() != parent:  # make died before the call took effect
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -174,7 +164,7 @@ class Supervisor:
         # reach gunicorn's master, which would replace the node whatever this process decides
         # (reload); this process passes on what it means to (a HUP after the delegates load, the stop).
         self.http = subprocess.Popen(
-            [sys.executable, "-m", "stepd", "http"], env=self.env, preexec_fn=_die_with_supervisor, process_group=0
+            [sys.executable, "-m", "stepd", "http"], env=self.env, preexec_fn=die_with_parent, process_group=0
         )
         while not self.stopping:
             if self.http.poll() is not None:

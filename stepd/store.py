@@ -353,10 +353,6 @@ class Store:
         checks it all and undoes it (a dry run)."""
         return self.db.transaction(rollback)
 
-    def after_commit(self, callback):
-        """Call `callback` once the current transaction commits (now, if none is open)."""
-        self.db.on_commit(callback)
-
     def ping(self):
         self.db.ping()
 
@@ -769,10 +765,6 @@ class Store:
     def runners(self):
         """Every registered runner's row: id, host, pid, pid_started, started_at, heartbeat_at."""
         return [dict(row) for row in self.db.rows("SELECT * FROM runners ORDER BY started_at")]
-
-    def runner_ids(self):
-        """The ids of the runners registered (alive or not yet found gone)."""
-        return [row["id"] for row in self.runners()]
 
     def interrupt_orphans(self, is_alive):
         """Fail every executing step whose runner is gone; forget gone runners.

@@ -54,7 +54,6 @@ class _Member:
         self.turn = threading.Event()  # the loop lends the connection (turns only)
         self.body_done = threading.Event()  # the caller gives it back
         self.finished = threading.Event()  # the group committed, or failed
-        self.after_commit = []  # callbacks, called by the member once the group committed
         self.own_failure = False  # its body raised: the group commits without it
 
 
@@ -104,7 +103,7 @@ class Writer:
             raise _copy(member.error)
         token = holding.set(member)
         try:
-            with savepoint(self.conn, "member", member, rollback):
+            with savepoint(self.conn, "member", rollback):
                 yield self.conn
         except BaseException:
             member.own_failure = True
@@ -112,8 +111,6 @@ class Writer:
         finally:
             holding.reset(token)
             member.body_done.set()
-            if member.own_failure:
-                member.after_commit.clear()
         self._wait_finished(member)
 
     def _submit(self, member):
@@ -128,8 +125,6 @@ class Writer:
         member.finished.wait()
         if member.error is not None:  # its own (raised once, here), or the group's (one per member)
             raise member.error if member.own_failure else _copy(member.error)
-        for callback in member.after_commit:
-            callback()
 
     def close(self):
         """Finish the groups waiting, close the connection and end the loop."""
@@ -223,7 +218,7 @@ class Writer:
     def _run_job(self, member, name):
         token = holding.set(member)
         try:
-            with savepoint(self.conn, name, member):
+            with savepoint(self.conn, name):
                 return member.fn(self.conn)
         finally:
             holding.reset(token)
@@ -271,11 +266,10 @@ class Writer:
 
 
 @contextmanager
-def savepoint(conn, name, member, rollback=False):
-    """A savepoint on `conn`, undone if the body raises (or `rollback`): its on_commit callbacks
-    go with it. SQLite may have rolled the whole transaction back meanwhile (a full disk): then
-    there is no savepoint left, and the body's own error is the one that surfaces."""
-    callbacks_before = len(member.after_commit)
+def savepoint(conn, name, rollback=False):
+    """A savepoint on `conn`, undone if the body raises (or `rollback`). SQLite may have rolled
+    the whole transaction back meanwhile (a full disk): then there is no savepoint left, and the
+    body's own error is the one that surfaces."""
     conn.execute(f"SAVEPOINT {name}")
     try:
         yield
@@ -283,8 +277,6 @@ def savepoint(conn, name, member, rollback=False):
         rollback = True
         raise
     finally:
-        if rollback:
-            del member.after_commit[callbacks_before:]
         if conn.in_transaction:
             if rollback:
                 conn.execute(f"ROLLBACK TO {name}")

@@ -250,6 +250,19 @@ class ClientThreads:
         raise NotImplementedError
 
 
+def make_dry_run(folder, *args, python=sys.executable):
+    """`make -n ARGS` in `folder` (a copy of the Makefile and what it reads), with only the system's
+    PATH: the commands a target would run, run by none."""
+    return subprocess.run(
+        ["make", "-n", *args, f"PYTHON={python}"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+
+
 def write_file(folder, name, source):
     """A file `name` in `folder` holding `source` (dedented); returns its path."""
     path = folder / name

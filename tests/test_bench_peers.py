@@ -6,11 +6,10 @@ requirements file of the benchmark's own, in no other target."""
 import ast
 import importlib.util
 import shutil
-import subprocess
 import sys
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, make_dry_run
 
 PEERS = ROOT / "bench" / "peers.py"
 # What the Makefile's targets depend on (as tests/test_makefile.py copies them), and the peers' pins.
@@ -115,14 +114,7 @@ def test_make_bench_peers_uses_its_own_venv_and_no_other_target_runs_it(tmp_path
         shutil.copy(ROOT / name, tmp_path / name)
 
     def make(*args):
-        done = subprocess.run(
-            ["make", "-n", *args, f"PYTHON={sys.executable}"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={"PATH": "/usr/bin:/bin"},
-        )
+        done = make_dry_run(tmp_path, *args)
         assert done.returncode == 0, done.stderr
         return done.stdout
 

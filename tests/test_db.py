@@ -82,33 +82,20 @@ def test_transaction_rolls_back_on_error(database):
     assert database.row("SELECT count(*) FROM tokens")[0] == 0
 
 
-def test_a_savepoint_undoes_only_its_own_part_and_its_callbacks(database):
-    called = []
+def test_a_savepoint_undoes_only_its_own_part(database):
     insert = "INSERT INTO tokens (name, role, secret_hash, created_at) VALUES (?, 'reader', ?, 'now')"
     with database.transaction() as conn:
         conn.execute(insert, ("kept", "h1"))
-        database.on_commit(lambda: called.append("kept"))
         with pytest.raises(RuntimeError), database.transaction():
             conn.execute(insert, ("undone", "h2"))
-            database.on_commit(lambda: called.append("undone"))
             raise RuntimeError("abort the inner part")
-        assert called == []  # nothing is called before the commit
     assert [row[0] for row in database.rows("SELECT name FROM tokens")] == ["kept"]
-    assert called == ["kept"]
 
 
-def test_a_rolled_back_transaction_calls_no_callback(database):
-    called = []
+def test_a_rolled_back_transaction_leaves_nothing(database):
     with database.transaction(rollback=True) as conn:
         conn.execute("INSERT INTO tokens (name, role, secret_hash, created_at) VALUES ('x', 'reader', 'h', 'now')")
-        database.on_commit(lambda: called.append("x"))
-    assert called == [] and database.row("SELECT count(*) FROM tokens")[0] == 0
-
-
-def test_on_commit_outside_a_transaction_calls_at_once(database):
-    called = []
-    database.on_commit(lambda: called.append(1))
-    assert called == [1]
+    assert database.row("SELECT count(*) FROM tokens")[0] == 0
 
 
 def test_a_write_inside_a_read_snapshot_is_refused(database):

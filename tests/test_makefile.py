@@ -7,11 +7,10 @@ is 3.10 (a sitecustomize module that rewrites sys.version_info, as no other Pyth
 """
 
 import shutil
-import subprocess
 import sys
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, make_dry_run
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 
@@ -47,17 +46,6 @@ def interpreter(path, pretend_3_10=False):
     return path
 
 
-def make(folder, *args, python=sys.executable):
-    return subprocess.run(
-        ["make", "-n", *args, f"PYTHON={python}"],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin"},
-    )
-
-
 def a_venv(folder, python):
     """A .venv/ whose interpreter is `python`, with its stamps newer than the requirements."""
     venv_python = interpreter(folder / ".venv" / "bin" / "python", pretend_3_10=python == "3.10")
@@ -69,7 +57,7 @@ def a_venv(folder, python):
 @pytest.mark.parametrize("target", ["run", "test"])
 def test_an_older_python_is_refused_in_one_line_naming_3_11(checkout, tmp_path, target):
     old = interpreter(tmp_path / "bin" / "python3", pretend_3_10=True)
-    done = make(checkout, target, python=old)
+    done = make_dry_run(checkout, target, python=old)
     assert done.returncode != 0
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert len(lines) == 1, lines
@@ -78,14 +66,14 @@ def test_an_older_python_is_refused_in_one_line_naming_3_11(checkout, tmp_path, 
 
 
 def test_a_missing_python_is_refused_in_one_line(checkout):
-    done = make(checkout, "run", python="no-such-python3")
+    done = make_dry_run(checkout, "run", python="no-such-python3")
     assert done.returncode != 0
     assert "3.11 or newer" in done.stderr and "not found" in done.stderr, done.stderr
 
 
 def test_a_venv_made_by_another_python_is_made_again(checkout):
     a_venv(checkout, "3.10")
-    done = make(checkout, "run")
+    done = make_dry_run(checkout, "run")
     assert done.returncode == 0, done.stderr
     assert ".venv/ was made by another Python (3.10.13" in done.stdout, done.stdout
     assert "rm -rf .venv" in done.stdout and f"{sys.executable} -m venv .venv" in done.stdout
@@ -94,11 +82,11 @@ def test_a_venv_made_by_another_python_is_made_again(checkout):
 
 def test_a_venv_made_by_this_python_is_kept(checkout):
     a_venv(checkout, "this one")
-    done = make(checkout, "run")
+    done = make_dry_run(checkout, "run")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [".venv/bin/stepd serve"], done.stdout
 
 
 def test_make_clean_needs_no_python(checkout, tmp_path):
-    done = make(checkout, "clean", python=interpreter(tmp_path / "bin" / "python3", pretend_3_10=True))
+    done = make_dry_run(checkout, "clean", python=interpreter(tmp_path / "bin" / "python3", pretend_3_10=True))
     assert done.returncode == 0 and "rm -rf .venv" in done.stdout, done.stdout + done.stderr
