@@ -19,10 +19,10 @@ from stepd.writer import Writer, holding, savepoint
 
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT = 1024 * 1024
-# The runners copy the log into the file once a second (their checkpoint chore, wiring.py), off every
+# The node copies the log into the file once a second (its checkpoint chore, wiring.py), off every
 # request's path. SQLite's own automatic checkpoint, run inside whichever COMMIT crosses its
 # threshold (1,000 pages), would put that copy and its fsync inside a request; it is kept only
-# as a bound on the log when no runner runs at all, at a size the runners' checkpoints never
+# as a bound on the log when no node runs (the commands), at a size the node's checkpoints never
 # let the log reach.
 AUTOCHECKPOINT_PAGES = 20_000
 # Reads of the file through a memory map, not read() into each connection's own cache: a
@@ -77,6 +77,15 @@ def read_only(path):
     return conn
 
 
+def _off_the_loop(fn):
+    """`fn()` on a native thread (gevent's pool) when this process runs on gevent, else here."""
+    if time.sleep.__module__.startswith("gevent"):
+        import gevent  # noqa: PLC0415 - only a process on gevent gets here
+
+        return gevent.get_hub().threadpool.apply(fn)
+    return fn()
+
+
 class Database:
     """One SQLite file; one connection per thread; explicit transactions."""
 
@@ -129,9 +138,16 @@ class Database:
 
     def checkpoint(self):
         """Copy the write-ahead log back into the file where no reader needs it (never waits on
-        a writer); the runners do it once a second, so the log stays short."""
-        with sqlite_errors():
-            self.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        a writer); the node does it once a second, so the log stays short. On gevent (the node
+        serving HTTP) it runs on a native thread: SQLite lets go of the GIL while it copies pages
+        and syncs, so the loop's requests and writes go on meanwhile, where in a greenlet the copy
+        (tens of milliseconds under load) would stop them all."""
+
+        def copy_back():
+            with sqlite_errors():
+                self.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+        _off_the_loop(copy_back)
 
     def backup(self, target):
         """Copy the database to `target` with SQLite's online backup, in one step: one consistent

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from stepd.liveness import HOST, process_start_time
-from stepd.model import COMPLETED, FAILED, Busy, Outcome, Unwritable, new_id
+from stepd.model import FAILED, Busy, Outcome, Unwritable, new_id
 
 log = logging.getLogger("stepd.node")
 
@@ -60,8 +60,12 @@ class Dispatcher:
         # Whether an attempt may wait for a claim: set by a group that queued one, by the poll,
         # by a claim that filled every place it asked for; without it a group's end claims nothing.
         self.maybe_queued = True
+        # Attempts claimed or begun for each runner in the group open now (only the writer's loop
+        # touches it): sent once that group committed, one message a runner a group.
+        self._to_send = {}
         store.on_queued = self.note_queued
         store.db.at_end_of_groups(self._claim)
+        store.db.at_end_of_groups(self._take_what_to_send)
 
     # -- a runner arrives, and leaves ----------------------------------------------------
     def attach(self, channel):
@@ -132,45 +136,27 @@ class Dispatcher:
 
     # -- outcomes ---------------------------------------------------------------------------
     def _record(self, link, outcomes):
-        """Record `outcomes` in the next group; then send the next steps they began to `link`.
+        """Record `outcomes` in the next group (one change for all); the next steps they began
+        go to `link` once that group committed, with its claims (`_take_what_to_send`).
 
         Their places are free within the group (the same group's claims may fill them) and taken
         by the next steps begun; if the group fails, both are undone with it."""
         keys = [outcome.job.key for outcome in outcomes]
+        record_them = self.store.outcomes_job(outcomes, link.id)
 
         def record(conn):
-            begun = []
-            for outcome in outcomes:
-                job = self._record_one(outcome, link)
-                if job is not None:
-                    job.results = self.store.earlier_results(job.step_id)
-                    begun.append(job)
+            begun = record_them(conn)
             with self._lock:
                 link.sent.difference_update(keys)
-                link.reserved += len(begun)
+            self._will_send(link, begun)
             return begun
 
         def done(begun, error):
-            with self._lock:
-                link.reserved -= len(begun or ())  # a job that failed itself returns nothing
             if error is not None:
+                self._will_not_send(link, begun or ())  # their group failed before its end
                 self._record_failed(link, outcomes, error)
-                return
-            self._send(link, begun)
 
         self.store.db.submit(record, done)
-
-    def _record_one(self, outcome, link):
-        job = outcome.job
-        if outcome.kind == COMPLETED:
-            return self.store.finish_attempt(job, COMPLETED, result=outcome.result, runner_id=link.id)
-        if outcome.kind == FAILED and outcome.retry_at is not None:
-            self.store.schedule_retry(job, outcome.error, outcome.retry_at)
-        elif outcome.kind == FAILED:
-            self.store.finish_attempt(job, FAILED, error=outcome.error, runner_id=link.id)
-        else:
-            self.store.defer_attempt(job)
-        return None
 
     def _record_failed(self, link, outcomes, error):
         """A busy or full database: write them again soon (an outcome exists only here). Any
@@ -193,8 +179,8 @@ class Dispatcher:
 
     # -- claims -------------------------------------------------------------------------------
     def _claim(self, conn):
-        """At the end of a group: claim attempts for the runners' free places. Returns what to do
-        once the group's fate is known (send them, or free the places again)."""
+        """At the end of a group: claim attempts for the runners' free places (sent with what the
+        group's outcomes began, once it committed)."""
         if self.stopping_reason() is not None or not self.current() or not self.maybe_queued:
             return None  # stopping (a reload: the new node takes the new work); its runners give back the rest
         with self._lock:
@@ -214,12 +200,36 @@ class Dispatcher:
                 self.maybe_queued = True  # every place it asked for is filled: more may wait
             for job in jobs:
                 job.results = self.store.earlier_results(job.step_id)
+            claimed.append((link, jobs))
+        for link, jobs in claimed:  # only now: a claim that failed half way is undone, and sends nothing
+            self._will_send(link, jobs)
+        return None
+
+    def _will_send(self, link, jobs):
+        """`jobs` claimed or begun for `link` in the group open now: their places are taken."""
+        if jobs:
             with self._lock:
                 link.reserved += len(jobs)
-            claimed.append((link, jobs))
+            self._to_send.setdefault(link, []).extend(jobs)
+
+    def _will_not_send(self, link, jobs):
+        """`jobs` were begun in a group that failed before its end took them: their places are free."""
+        waiting = self._to_send.get(link, [])
+        dropped = [job for job in jobs if any(job is other for other in waiting)]
+        if dropped:
+            self._to_send[link] = [job for job in waiting if all(job is not other for other in dropped)]
+            with self._lock:
+                link.reserved -= len(dropped)
+
+    def _take_what_to_send(self, conn):
+        """Last at the end of a group: what it claimed and began, to send once it committed (or
+        to let go of, its places freed, if it failed)."""
+        to_send, self._to_send = self._to_send, {}
+        if not to_send:
+            return None
 
         def after(committed):
-            for link, jobs in claimed:
+            for link, jobs in to_send.items():
                 with self._lock:
                     link.reserved -= len(jobs)
                 if committed:
@@ -282,3 +292,4 @@ class Dispatcher:
         for link in links:
             link.closed.wait(max(0.0, deadline - time.monotonic()))
         self.store.db.not_at_end_of_groups(self._claim)
+        self.store.db.not_at_end_of_groups(self._take_what_to_send)

@@ -73,6 +73,12 @@ class Runner:
         self._lock = threading.Condition()
         self._stopping = threading.Event()  # no delegate is called any more (a stop, or the node is gone)
         self.node_gone = threading.Event()  # the node closed the connection
+        # Outcomes not yet sent. The thread that finds no send under way sends them all in one
+        # message, and so do its next turns while others queue more: the node records each
+        # message in one change, so outcomes that end together cost one write between them.
+        self._outbox = []
+        self._outbox_lock = threading.Lock()
+        self._sending = False
 
     @property
     def _busy(self):
@@ -222,7 +228,21 @@ class Runner:
             if entry.abandoned:  # ended already (a timeout, fail-step): the outcome is stale
                 return
             entry.reported = True
-        self.channel.send("outcomes", [outcome])
+        self._send_outcome(outcome)
+
+    def _send_outcome(self, outcome):
+        with self._outbox_lock:
+            self._outbox.append(outcome)
+            if self._sending:
+                return  # the thread sending now sends this one too, in its next turn
+            self._sending = True
+        while True:
+            with self._outbox_lock:
+                batch, self._outbox = self._outbox, []
+                if not batch:
+                    self._sending = False
+                    return
+            self.channel.send("outcomes", batch)
 
     # -- the watch: timeouts -------------------------------------------------------------
     def _watch(self):
@@ -233,7 +253,7 @@ class Runner:
             for entry in overdue:
                 if self._abandon(entry):  # from here on the delegate's own outcome is ignored
                     message = f"The delegate ran past its timeout of {self._timeout_of(entry.job):g} s."
-                    self.channel.send("outcomes", [self._failure(entry.job, Timeout(message))])
+                    self._send_outcome(self._failure(entry.job, Timeout(message)))
 
     def _abandon(self, entry):
         """The attempt ends without its delegate: set ctx.cancelled, and give its place to a new

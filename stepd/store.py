@@ -278,17 +278,67 @@ class Change:
         self.touched.add(process_id)
         return True
 
-    def begin_next(self, step_id, runner_id):
-        """The step after `step_id` begins its first attempt (after a completion); its Job or None."""
+    def begin_next(self, step_id, runner_id, results=None, result=None):
+        """The step after `step_id` begins its first attempt (after a completion); its Job or None.
+
+        `results`: the finished step's own ctx.results, when known (a runner's outcome): the next
+        step's are those plus the finished step's `result`, with no read (the steps before a
+        running one are done, and a done step's result never changes)."""
         row = self.conn.execute(
-            f"SELECT {BEGIN_COLUMNS}, p.principal FROM steps s JOIN steps done ON done.id = ?"
-            " AND s.process_id = done.process_id AND s.position = done.position + 1"
+            f"SELECT {BEGIN_COLUMNS}, p.principal, done.position AS done_position FROM steps s"
+            " JOIN steps done ON done.id = ? AND s.process_id = done.process_id AND s.position = done.position + 1"
             " JOIN processes p ON p.id = s.process_id",
             (step_id,),
         ).fetchone()
         if row is None:
             return None
-        return self.begin(row, "start", row["principal"], IS_PENDING, runner_id=runner_id)
+        job = self.begin(row, "start", row["principal"], IS_PENDING, runner_id=runner_id)
+        if job is not None and results is not None:
+            job.results = results if result is None else {**results, row["done_position"]: result}
+        return job
+
+    # -- what a runner reports of an attempt (dispatch.py records a batch in one change) -----
+    def finish(self, job, status, result=None, error=None, runner_id=None):
+        """End a running attempt COMPLETED or FAILED; COMPLETED begins the next step, for
+        `runner_id`. Returns the next step's Job, or None (also for a stale outcome: the step was
+        failed, completed or interrupted meanwhile, and nothing changes)."""
+        stored_result = None if result is None else params_to_json(result)
+        ended = self.end(
+            job.step_id, job.process_id, job.attempt, status=status, when=EXECUTING, also=OUTCOME, error=error,
+            result=stored_result,
+        )  # fmt: skip
+        if not ended or status != COMPLETED:
+            return None
+        return self.begin_next(job.step_id, runner_id, results=job.results or {}, result=result)
+
+    def retry_later(self, job, error, retry_at):
+        """Close a failed attempt and leave the step STARTED until `retry_at` (ISO time), when
+        any runner may begin it (claim_due_retries). Returns whether the attempt was current."""
+        return self.end(
+            job.step_id, job.process_id, job.attempt, status=FAILED, when=EXECUTING,
+            also="next_retry_at = :retry_at, runner_id = NULL", error=error, retry_at=retry_at,
+        )  # fmt: skip
+
+    def defer(self, job):
+        """Mark a running attempt as waiting for complete-step or fail-step."""
+        self.conn.execute(
+            f"UPDATE steps SET deferred = 1 WHERE id = ? AND attempts = ? AND {STARTED_ANYHOW}",
+            (job.step_id, job.attempt),
+        )
+
+    def record(self, outcome, runner_id):
+        """Record one Outcome of `runner_id`'s; returns the next step's Job, begun for the same
+        runner, or None."""
+        job = outcome.job
+        if outcome.kind == COMPLETED:
+            return self.finish(job, COMPLETED, result=outcome.result, runner_id=runner_id)
+        if outcome.kind == FAILED and outcome.retry_at is not None:
+            self.retry_later(job, outcome.error, outcome.retry_at)
+        elif outcome.kind == FAILED:
+            self.finish(job, FAILED, error=outcome.error, runner_id=runner_id)
+        else:
+            self.defer(job)
+        return None
 
     def skip(self, step_id, process_id, attempt, result, principal, reason):
         """FAILED -> SKIPPED with `result` (typed params or None), if the step is still FAILED at
@@ -340,13 +390,18 @@ class Store:
         refreshed at the end; its result once its group committed. Inside another write of this
         caller it is a savepoint of that one."""
 
+        return self.db.write(self._job(change_it))
+
+    def _job(self, change_it):
+        """`change_it(change)` as a writer's job: `job(conn)`."""
+
         def job(conn):
             change = Change(conn, now_iso(), self.on_queued)
             result = change_it(change)
             change.refresh_processes()
             return result
 
-        return self.db.write(job)
+        return job
 
     def atomic(self, rollback=False):
         """Everything inside is one transaction (nested calls become savepoints); `rollback=True`
@@ -584,40 +639,26 @@ class Store:
         A stale outcome (the step was failed, completed or interrupted meanwhile) changes
         nothing and returns None.
         """
-        stored_result = None if result is None else params_to_json(result)
-
-        def change_it(change):
-            ended = change.end(
-                job.step_id, job.process_id, job.attempt, status=status, when=EXECUTING, also=OUTCOME, error=error,
-                result=stored_result,
-            )  # fmt: skip
-            if not ended:
-                return None
-            return change.begin_next(job.step_id, runner_id) if status == COMPLETED else None
-
-        return self._apply(change_it)
+        return self._apply(lambda change: change.finish(job, status, result, error, runner_id))
 
     def schedule_retry(self, job, error, retry_at):
-        """Close a failed attempt and leave the step STARTED until `retry_at` (ISO time).
-
-        Any runner may begin it then (claim_due_retries); returns whether the attempt was still current.
-        """
-
-        def change_it(change):
-            return change.end(
-                job.step_id, job.process_id, job.attempt, status=FAILED, when=EXECUTING,
-                also="next_retry_at = :retry_at, runner_id = NULL", error=error, retry_at=retry_at,
-            )  # fmt: skip
-
-        return self._apply(change_it)
+        """Close a failed attempt and leave the step STARTED until `retry_at` (ISO time); returns
+        whether the attempt was still current."""
+        return self._apply(lambda change: change.retry_later(job, error, retry_at))
 
     def defer_attempt(self, job):
         """Mark a running attempt as waiting for complete-step or fail-step."""
-        with self.db.transaction() as conn:
-            conn.execute(
-                f"UPDATE steps SET deferred = 1 WHERE id = ? AND attempts = ? AND {STARTED_ANYHOW}",
-                (job.step_id, job.attempt),
-            )
+        self._apply(lambda change: change.defer(job))
+
+    def outcomes_job(self, outcomes, runner_id):
+        """A writer's job recording a runner's `outcomes` in one change (dispatch.py submits
+        it); it returns the Jobs of the next steps they began, for the same runner."""
+
+        def change_it(change):
+            begun = (change.record(outcome, runner_id) for outcome in outcomes)
+            return [job for job in begun if job is not None]
+
+        return self._job(change_it)
 
     def complete_step(self, step_id, result, runner_id):
         """STARTED -> COMPLETED from outside; returns (step, next job or None)."""
