@@ -15,7 +15,7 @@ from flask import current_app, g, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from stepd.model import VERSION, now_iso
+from stepd.model import VERSION, current_request_id, now_iso
 from stepd.schemas import NoQuerySchema, one
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -127,6 +127,7 @@ def _valid_request_id(value):
 def assign_request_id():
     given = request.headers.get(REQUEST_ID_HEADER, "")
     g.request_id = given if _valid_request_id(given) else uuid.uuid4().hex
+    current_request_id.set(g.request_id)
     if request.method == "OPTIONS" and request.url_rule is not None:
         return answer_options()
     return None
@@ -163,4 +164,7 @@ def init_app(app):
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
     app.before_request(assign_request_id)
+    # A keep-alive connection's greenlet (or a test's thread) serves its next request, or other
+    # work, with no request id left over from this one.
+    app.teardown_request(lambda _exc: current_request_id.set(None))
     app.after_request(finish_response)

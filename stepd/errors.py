@@ -79,7 +79,7 @@ class Answer:
     status: int
     data: object  # the `data` as it is, or a function making it from the error
     retry_after: int | None = None  # seconds, sent as Retry-After
-    log_level: int | None = None  # None: not logged (the client's doing, or an everyday refusal)
+    log_level: int | None = None  # None: not logged (the client's doing, or an everyday answer)
     # %-style, with method, path, error (the error's text) and data (what the answer carries)
     log_line: str = ""
     traceback: bool = False  # the log line holds the error's traceback
@@ -130,12 +130,22 @@ def _error_id(_exc):
 
 _SHORT_BODY = {"_schema": ["The body ended before it was complete."]}
 
+# A refusal is the client's doing: logged at DEBUG only, with its reason (and, as every line written
+# while serving a request, its request id).
+REFUSED = "refused %(method)s %(path)s: %(data)s"
+
 # -- the table: each error's answer. The handler takes the row of the error's nearest class. --------
 ERRORS = {
     # the domain's (model.py)
-    model.PreconditionFailed: Answer(412, _wire_field_errors, kept=True),
+    model.PreconditionFailed: Answer(412, _wire_field_errors, kept=True, log_level=logging.DEBUG, log_line=REFUSED),
     model.NotFound: Answer(404, str),
-    model.Busy: Answer(503, "The database is busy; retry shortly.", retry_after=1),
+    model.Busy: Answer(
+        503,
+        "The database is busy; retry shortly.",
+        retry_after=1,
+        log_level=logging.INFO,
+        log_line="database busy on %(method)s %(path)s: %(error)s",
+    ),
     # A full disk: reads go on, and writes work again once space is freed.
     model.Unwritable: Answer(
         503,
@@ -152,7 +162,7 @@ ERRORS = {
     ),
     model.NoRunner: Answer(503, str, log_level=logging.WARNING, log_line="health check: %(error)s"),
     # input that cannot be read: the client's fault, a 412 like any other bad input
-    ValidationError: Answer(412, _field_errors),
+    ValidationError: Answer(412, _field_errors, log_level=logging.DEBUG, log_line=REFUSED),
     ParseException: Answer(412, _unreadable_chunks),  # raised by gunicorn's reader of the body
     NoMoreData: Answer(412, _SHORT_BODY),  # gunicorn's short read
     http.ClientDisconnected: Answer(412, _SHORT_BODY),  # Werkzeug's short read

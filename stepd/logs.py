@@ -35,7 +35,10 @@ JSON_NAMES = {"levelname": "level", "name": "logger", "message": "msg"}
 
 def step_fields(job):
     """What a log line about one attempt of a step carries (pass as `extra=`)."""
-    return {"process_id": job.process_id, "step_id": job.step_id, "attempt": job.attempt, "type": job.type}
+    fields = {"process_id": job.process_id, "step_id": job.step_id, "attempt": job.attempt, "type": job.type}
+    if job.request_id:
+        fields["request_id"] = job.request_id
+    return fields
 
 
 class TextFormatter(logging.Formatter):

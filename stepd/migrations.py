@@ -221,4 +221,11 @@ MIGRATIONS = [
     CREATE INDEX steps_running ON steps (runner_id, started_at)
         WHERE status = 'STARTED' AND deferred = 0 AND next_retry_at IS NULL
     """,
+    # 6: the X-Request-Id of the request that began each attempt (a start, a restart, a
+    # complete-step or skip that began the next step; the next steps a completion begins, and
+    # automatic retries, keep their attempt's), shown in the attempt history and put on every
+    # line about the attempt. Attempts from before have none.
+    """
+    ALTER TABLE attempts ADD COLUMN request_id TEXT
+    """,
 ]

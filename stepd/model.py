@@ -4,6 +4,7 @@ record of one attempt, and the domain's errors.
 It imports nothing of stepd, so any module may import it.
 """
 
+import contextvars
 import json
 import math
 import secrets
@@ -40,6 +41,11 @@ VALUE_TYPES = ("STRING", "LONG", "DOUBLE")
 
 
 # -- ids and times --------------------------------------------------------------------------
+# The X-Request-Id of the request this code serves (envelope.py sets it), or None: the attempts a
+# request begins record it (store.Change), so every line about them can name it.
+current_request_id = contextvars.ContextVar("stepd_request_id", default=None)
+
+
 def new_id():
     """An opaque URL-safe id (22 characters, 128 random bits)."""
     return secrets.token_urlsafe(16)
@@ -104,6 +110,7 @@ class Job:
     attempt: int
     retries_used: int = 0  # automatic retries since the last start or manual restart
     results: dict | None = None  # ctx.results: {position: typed result} of the steps before, read at the claim
+    request_id: str | None = None  # the X-Request-Id of the request that began it (a retry keeps its attempt's)
 
     def __repr__(self):
         return f"Job({self.step_id!r}, attempt={self.attempt})"

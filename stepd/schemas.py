@@ -507,6 +507,14 @@ class AttemptSchema(Schema):
     error = fields.Nested(ErrorSchema, allow_none=True, required=True)
     startedAt = timestamp(attribute="started_at", required=True)
     finishedAt = timestamp(attribute="finished_at", allow_none=True, required=True)
+    requestId = fields.String(
+        attribute="request_id",
+        allow_none=True,
+        required=True,
+        metadata={
+            "description": "The X-Request-Id of the request that began it (null: from before stepd recorded it)."
+        },
+    )
 
 
 class StepDetailSchema(StepSchema):

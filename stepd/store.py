@@ -19,6 +19,7 @@ from stepd.model import (
     Conflict,
     Job,
     PreconditionFailed,
+    current_request_id,
     new_id,
     now_iso,
     params_from_json,
@@ -80,17 +81,18 @@ BEGIN_COLUMNS = "s.id, s.process_id, s.type, s.params, s.attempts, s.retries_use
 # which holds every STARTED step, deferred ones and those waiting for a retry included).
 EXECUTING_STEPS = f"SELECT id, process_id, attempts, runner_id FROM steps INDEXED BY steps_running WHERE {EXECUTING}"
 QUEUED_STEPS = (
-    "SELECT id, process_id, type, params, attempts, retries_used FROM steps INDEXED BY steps_running"
-    f" WHERE {QUEUED} ORDER BY started_at LIMIT ?"
+    "SELECT id, process_id, type, params, attempts, retries_used,"
+    " (SELECT request_id FROM attempts WHERE step_id = steps.id AND attempt = steps.attempts) AS request_id"
+    f" FROM steps INDEXED BY steps_running WHERE {QUEUED} ORDER BY started_at LIMIT ?"
 )
 DUE_RETRIES = (
-    f"SELECT {BEGIN_COLUMNS}, a.principal"
+    f"SELECT {BEGIN_COLUMNS}, a.principal, a.request_id"
     " FROM steps s INDEXED BY steps_due_retries JOIN attempts a ON a.step_id = s.id AND a.attempt = s.attempts"
     " WHERE s.next_retry_at <= ? AND s.status = 'STARTED' ORDER BY s.next_retry_at LIMIT ?"
 )
 INSERT_ATTEMPT = (
-    "INSERT INTO attempts (step_id, attempt, trigger, principal, params, status, started_at)"
-    " VALUES (:step_id, :attempt, :trigger, :principal, :params, 'STARTED', :now)"
+    "INSERT INTO attempts (step_id, attempt, trigger, principal, params, status, started_at, request_id)"
+    " VALUES (:step_id, :attempt, :trigger, :principal, :params, 'STARTED', :now, :request_id)"
 )
 # Finished processes old enough for retention, oldest first (INDEXED BY: the status index would
 # read every COMPLETED process and sort them).
@@ -173,6 +175,7 @@ def _attempt(row):
         "error": _error(row["error_type"], row["error_message"]),
         "started_at": row["started_at"],
         "finished_at": row["finished_at"],
+        "request_id": row["request_id"],
     }
 
 
@@ -226,10 +229,11 @@ class Change:
     is written with it, and every process touched has its status refreshed once, at the end.
     """
 
-    def __init__(self, conn, now, on_queued):
+    def __init__(self, conn, now, on_queued, request_id=None):
         self.conn = conn
         self.now = now
         self.on_queued = on_queued
+        self.request_id = request_id  # of the request making this change: its attempts record it
         self.touched = set()
 
     def _move(self, step_id, attempt, when, sets, values):
@@ -237,10 +241,13 @@ class Change:
         sql = f"UPDATE steps SET {sets} WHERE id = :step_id AND attempts = :attempt AND {when}"
         return self.conn.execute(sql, {**values, "step_id": step_id, "attempt": attempt, "now": self.now}).rowcount == 1
 
-    def begin(self, step, trigger, principal, when, also=None, params=None, runner_id=None):
+    def begin(self, step, trigger, principal, when, also=None, params=None, runner_id=None, request_id=None):
         """Begin `step`'s next attempt if `when` still holds; returns its Job, or None.
 
-        `step` is a row of BEGIN_COLUMNS; `params` replaces the step's own (a restart's overlay)."""
+        `step` is a row of BEGIN_COLUMNS; `params` replaces the step's own (a restart's overlay);
+        `request_id` is the one the attempt keeps when it is not this change's request's (a
+        retry keeps its attempt's, the next step a completion begins its process's)."""
+        request_id = request_id or self.request_id
         params = params_from_json(step["params"]) if params is None else params
         sets = BEGIN_ATTEMPT + (f", {also}" if also else "")
         values = {"runner_id": runner_id, "params": params_to_json(params)}
@@ -256,13 +263,14 @@ class Change:
                 "trigger": trigger,
                 "principal": principal,
                 "now": self.now,
+                "request_id": request_id,
             },
         )
         self.touched.add(step["process_id"])
         if runner_id is None:
             self.on_queued()
         retries_used = step["retries_used"] + 1 if trigger == "retry" else 0
-        return Job(step["id"], step["process_id"], step["type"], params, attempt, retries_used)
+        return Job(step["id"], step["process_id"], step["type"], params, attempt, retries_used, request_id=request_id)
 
     def end(self, step_id, process_id, attempt, *, status, when, also, error=None, **values):
         """End the attempt if `when` still holds; the attempt's row gets `status`. Returns whether it did.
@@ -278,7 +286,7 @@ class Change:
         self.touched.add(process_id)
         return True
 
-    def begin_next(self, step_id, runner_id, results=None, result=None):
+    def begin_next(self, step_id, runner_id, results=None, result=None, request_id=None):
         """The step after `step_id` begins its first attempt (after a completion); its Job or None.
 
         `results`: the finished step's own ctx.results, when known (a runner's outcome): the next
@@ -292,7 +300,7 @@ class Change:
         ).fetchone()
         if row is None:
             return None
-        job = self.begin(row, "start", row["principal"], IS_PENDING, runner_id=runner_id)
+        job = self.begin(row, "start", row["principal"], IS_PENDING, runner_id=runner_id, request_id=request_id)
         if job is not None and results is not None:
             job.results = results if result is None else {**results, row["done_position"]: result}
         return job
@@ -309,7 +317,7 @@ class Change:
         )  # fmt: skip
         if not ended or status != COMPLETED:
             return None
-        return self.begin_next(job.step_id, runner_id, results=job.results or {}, result=result)
+        return self.begin_next(job.step_id, runner_id, job.results or {}, result, job.request_id)
 
     def retry_later(self, job, error, retry_at):
         """Close a failed attempt and leave the step STARTED until `retry_at` (ISO time), when
@@ -395,8 +403,10 @@ class Store:
     def _job(self, change_it):
         """`change_it(change)` as a writer's job: `job(conn)`."""
 
+        request_id = current_request_id.get()  # the caller's: the job runs on the writer's loop
+
         def job(conn):
-            change = Change(conn, now_iso(), self.on_queued)
+            change = Change(conn, now_iso(), self.on_queued, request_id)
             result = change_it(change)
             change.refresh_processes()
             return result
@@ -592,7 +602,16 @@ class Store:
                 if claimed == 1:
                     params = params_from_json(row["params"])
                     attempt, retries_used = row["attempts"], row["retries_used"]
-                    jobs.append(Job(row["id"], row["process_id"], row["type"], params, attempt, retries_used))
+                    job = Job(
+                        row["id"],
+                        row["process_id"],
+                        row["type"],
+                        params,
+                        attempt,
+                        retries_used,
+                        request_id=row["request_id"],
+                    )
+                    jobs.append(job)
         return jobs
 
     def has_claimable(self):
@@ -625,7 +644,15 @@ class Store:
         def change_it(change):
             rows = change.conn.execute(DUE_RETRIES, (change.now, limit)).fetchall()
             jobs = [
-                change.begin(row, "retry", row["principal"], WAITING_FOR_RETRY, AFTER_RETRY, runner_id=runner_id)
+                change.begin(
+                    row,
+                    "retry",
+                    row["principal"],
+                    WAITING_FOR_RETRY,
+                    AFTER_RETRY,
+                    runner_id=runner_id,
+                    request_id=row["request_id"],
+                )  # fmt: skip
                 for row in rows
             ]
             return [job for job in jobs if job is not None]

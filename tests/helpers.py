@@ -132,7 +132,7 @@ STEP_KEYS = {
     "attempts", "error", "createdAt", "startedAt", "finishedAt", "deferred", "nextRetryAt", "phase", "intervention",
 }  # fmt: skip
 INTERVENTION_KEYS = {"action", "principal", "at", "reason"}
-ATTEMPT_KEYS = {"attempt", "trigger", "principal", "params", "status", "error", "startedAt", "finishedAt"}
+ATTEMPT_KEYS = {"attempt", "trigger", "principal", "params", "status", "error", "startedAt", "finishedAt", "requestId"}
 
 
 def assert_step_shape(step):

@@ -15,6 +15,7 @@ from marshmallow import ValidationError
 from werkzeug import exceptions as http
 
 from stepd import errors, front, model
+from stepd.httplogs import ContextFilter
 
 PATH = "/api/v1/raise"
 ERROR_ID = re.compile(r"[0-9a-f]{32}")
@@ -29,10 +30,18 @@ DOMAIN = {
         model.PreconditionFailed({"step_id": ["Step is COMPLETED."], "params": ["Too many."]}),
         412,
         {"processStepId": ["Step is COMPLETED."], "params": ["Too many."]},
+        {},
+        logging.DEBUG,  # a refusal's reason, at DEBUG only (with the request's id, as every line of a request)
+        f"refused GET {PATH}: {{data}}",
     ),
     model.NotFound: Wire(model.NotFound("No step has this id."), 404, "No step has this id."),
     model.Busy: Wire(
-        model.Busy("database is locked"), 503, "The database is busy; retry shortly.", {"Retry-After": "1"}
+        model.Busy("database is locked"),
+        503,
+        "The database is busy; retry shortly.",
+        {"Retry-After": "1"},
+        logging.INFO,
+        f"database busy on GET {PATH}: database is locked",
     ),
     model.Unwritable: Wire(
         model.Unwritable("database or disk is full"),
@@ -61,7 +70,14 @@ DOMAIN = {
 }
 SHORT_BODY = {"_schema": ["The body ended before it was complete."]}
 HTTP_LAYER = {
-    ValidationError: Wire(ValidationError(["Not an object."]), 412, {"_schema": ["Not an object."]}),
+    ValidationError: Wire(
+        ValidationError(["Not an object."]),
+        412,
+        {"_schema": ["Not an object."]},
+        {},
+        logging.DEBUG,
+        f"refused GET {PATH}: {{data}}",
+    ),
     ParseException: Wire(
         InvalidChunkSize("zz"),
         412,
@@ -235,3 +251,21 @@ def test_only_a_check_of_the_state_is_kept_for_an_idempotency_key_and_the_docume
         status for status, response in documented_errors(spec) if "Idempotent-Replayed" in response["headers"]
     }
     assert replayable == kept
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), model.Busy("database is locked"), model.Unavailable("gone")])
+def test_a_line_written_while_answering_names_the_request_id(fresh_app, error):
+    """Issue 19 part 3: a 500's traceback and a 503's line carry the id of the request they answer
+    (the root handler's ContextFilter, as `stepd serve` installs it), as the access line does."""
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    handler.addFilter(ContextFilter())
+    logger = logging.getLogger("stepd")
+    logger.addHandler(handler)
+    try:
+        response = raise_on_get(fresh_app, error).test_client().get(PATH, headers={"X-Request-Id": "rid-500"})
+    finally:
+        logger.removeHandler(handler)
+    assert response.status_code in (500, 503) and response.headers["X-Request-Id"] == "rid-500"
+    assert records and all(getattr(record, "request_id", None) == "rid-500" for record in records)

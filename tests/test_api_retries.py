@@ -94,6 +94,18 @@ def test_a_failing_step_is_retried_until_its_budget_is_spent_then_failed(api, co
     assert api.step(step_id)["attempts"] == 4
 
 
+def test_a_retry_keeps_the_request_id_of_the_attempt_it_retries(api, counted):
+    body = {"steps": [{"type": "retry_count", "params": typed(file=str(counted), pass_at=2)}, {"type": "noop"}]}
+    started = api.post("/api/v1/processes", body, headers={"X-Request-Id": "begun-by-me"})
+    assert started.status_code == 201
+    process = api.wait_process(started.json["data"]["processId"], "COMPLETED")
+    for step in process["steps"]:  # the retry keeps it, and so does the next step it began
+        history = api.step(step["processStepId"])["attemptHistory"]
+        assert {a["requestId"] for a in history} == {"begun-by-me"}
+    history = api.step(process["steps"][0]["processStepId"])["attemptHistory"]
+    assert [a["trigger"] for a in history] == ["start", "retry"]
+
+
 def test_a_retry_that_succeeds_carries_the_process_on(api, counted):
     process_id, step_id = start_one(api, "retry_count", file=str(counted), pass_at=3)
     done = api.wait_process(process_id, "COMPLETED")

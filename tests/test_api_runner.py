@@ -48,10 +48,13 @@ def test_stop_interrupts_what_is_still_running(app, api, store, tmp_path):
     assert api.process(process["processId"])["status"] == "FAILED"
 
 
-def test_stop_waits_for_short_delegates(app, api):
-    process = api.start(("sleep", {"seconds": 0.3}))
-    step_id = process["steps"][0]["processStepId"]
-    wait_for(lambda: api.step(step_id)["phase"] == "RUNNING", what="the runner to claim it")
+def test_stop_waits_for_short_delegates(app, api, tmp_path):
+    # Wait until the delegate is really called: a claimed attempt is RUNNING in the database a
+    # moment before a thread calls it, and a stop gives back an attempt never called (queued again).
+    started, done = tmp_path / "started", tmp_path / "done"
+    process = api.start(("wait", {"file": str(done), "seconds": 30.0, "started": str(started)}))
+    wait_for(started.exists, what="the delegate to be called")
+    threading.Timer(0.3, done.touch).start()  # it completes 0.3 s into the stop
     stop_background(app, grace=5)
     assert api.process(process["processId"])["status"] == "COMPLETED"
 
@@ -123,8 +126,9 @@ def test_a_step_failed_while_queued_is_never_called(app, api, tmp_path):
 
 def test_stop_calls_no_queued_delegate(app, api, tmp_path):
     gate, calls = tmp_path / "gate", tmp_path / "calls.txt"
-    busy = [api.start(("wait", {"file": str(gate), "seconds": 10.0})) for _ in range(4)]  # all 4 threads
-    wait_for(lambda: app.extensions["stepd"].runner._busy == 4, what="4 delegates running")
+    started = [tmp_path / f"started-{n}" for n in range(4)]
+    busy = [api.start(("wait", {"file": str(gate), "seconds": 10.0, "started": str(s)})) for s in started]
+    wait_for(lambda: all(s.exists() for s in started), what="4 delegates called")  # all 4 threads
     queued = api.start(("count", {"file": str(calls)}))
     stop_background(app, grace=0.2)
     gate.touch()  # let the blocked delegates return; their outcomes are stale now

@@ -2,7 +2,21 @@
 listing, its filters and paging, and a step's detail with its attempt history."""
 
 import pytest
-from helpers import ATTEMPT_KEYS, RESTART, STEP_KEYS, STEPS, assert_step_shape, b64, ok, out, parse_time, refused, typed
+from helpers import (
+    ATTEMPT_KEYS,
+    RESTART,
+    STEP_KEYS,
+    STEPS,
+    P,
+    assert_step_shape,
+    b64,
+    ok,
+    out,
+    parse_time,
+    refused,
+    typed,
+    wait_for,
+)
 
 
 # -- GET /api/v1/processes/steps -------------------------------------------------------------------
@@ -116,3 +130,27 @@ def test_a_pending_step_has_no_attempts(api, gate):
 def test_step_detail_of_an_unknown_id_is_404(api):
     response = api.get(f"{STEPS}/NoSuchStep_0123")
     assert response.status_code == 404 and response.json["message"] == "Not found"
+
+
+def test_each_attempt_keeps_the_id_of_the_request_that_began_it(api):
+    """Issue 19 part 3: a start, a restart, a complete-step and a skip record their X-Request-Id on
+    the attempts they begin; the next step a runner's completion begins keeps its process's."""
+    started = api.post(P, {"steps": [{"type": "check", "params": typed(ok=0)}, {"type": "external"}, {"type": "noop"}]},
+                       headers={"X-Request-Id": "start-1"})  # fmt: skip
+    assert started.status_code == 201 and started.headers["X-Request-Id"] == "start-1"
+    process_id = started.json["data"]["processId"]
+    first, second, third = (s["processStepId"] for s in started.json["data"]["steps"])
+    api.wait_process(process_id, "FAILED")
+    ok(api.post(RESTART, {"processStepId": first, "params": typed(ok=1)}, headers={"X-Request-Id": "restart-1"}))
+    api.wait_step(second, "STARTED")
+    wait_for(lambda: api.step(second)["phase"] == "DEFERRED", what="the external step to defer")
+    completed = api.post(f"{P}/complete-step", {"processStepId": second}, headers={"X-Request-Id": "complete-1"})
+    ok(completed)
+    api.wait_process(process_id, "COMPLETED")
+
+    def ids(step_id):
+        return [(a["trigger"], a["requestId"]) for a in api.step(step_id)["attemptHistory"]]
+
+    assert ids(first) == [("start", "start-1"), ("restart", "restart-1")]
+    assert ids(second) == [("start", "restart-1")]  # begun by the restarted step's completion
+    assert ids(third) == [("start", "complete-1")]  # begun by complete-step

@@ -364,6 +364,11 @@ def test_restart_with_a_value_changed_a_type_changed_a_param_added_and_one_remov
     for said in ("added added: LONG -7", "drop removed (was STRING me", "ok changed: LONG 0 → LONG 1"):
         assert said in history
     assert "ratio changed: STRING 0.5 → DOUBLE 0.5" in history
+    # and which request began each attempt: the page's own restart has the id it answered with
+    assert response.headers["X-Request-Id"] in re.findall(
+        r'<td class="request-id"><code>([^<]+)</code>', page.html(step_url(step["processStepId"]))
+    )
+    assert detail["attemptHistory"][1]["requestId"] == response.headers["X-Request-Id"]
 
 
 def test_each_params_input_is_labelled_with_its_name_and_the_button_reads_restart(api, page):

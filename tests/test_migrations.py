@@ -58,7 +58,7 @@ def test_the_claim_reads_queued_steps_in_order_without_sorting(migrated):
 
 
 def test_a_version_2_file_is_migrated_keeping_every_row(migrated):
-    assert migrated.execute("PRAGMA user_version").fetchone()[0] == len(migrations.MIGRATIONS) == 5
+    assert migrated.execute("PRAGMA user_version").fetchone()[0] == len(migrations.MIGRATIONS) == 6
     assert migrated.execute("SELECT seq, id, name, status, intervened_by FROM processes ORDER BY seq").fetchall() == [
         (1, "p1", "old", "FAILED", None),
         (2, "p2", None, "RUNNING", None),
@@ -67,10 +67,9 @@ def test_a_version_2_file_is_migrated_keeping_every_row(migrated):
         "SELECT id, status, error_type, next_retry_at, retries_used, intervened_by FROM steps ORDER BY seq"
     ).fetchall()
     assert steps == [("s1", "FAILED", "ValueError", None, 0, None), ("s2", "STARTED", "E", "t9", 1, None)]
-    assert migrated.execute("SELECT step_id, attempt, trigger, status FROM attempts ORDER BY step_id").fetchall() == [
-        ("s1", 1, "start", "FAILED"),
-        ("s2", 1, "retry", "FAILED"),
-    ]
+    assert migrated.execute(
+        "SELECT step_id, attempt, trigger, status, request_id FROM attempts ORDER BY step_id"
+    ).fetchall() == [("s1", 1, "start", "FAILED", None), ("s2", 1, "retry", "FAILED", None)]  # schema 6: no id before
     assert migrated.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     assert migrated.execute("PRAGMA foreign_key_check").fetchall() == []
 

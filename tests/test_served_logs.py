@@ -86,6 +86,17 @@ def test_every_line_of_a_full_run_is_json_with_the_documented_fields(server_fact
 
     delegate_line = next(e for e in lines if e["logger"] == "stepd.delegate.external")
     assert delegate_line["step_id"] == deferred_step and delegate_line["type"] == "external"
+
+    # Issue 19 part 3: one request id from the HTTP line to the delegate's log. The start's id is
+    # on the runner's line and the delegate's ctx.log line of attempt 1, the restart's on attempt
+    # 2's; a refusal's reason is logged (DEBUG) with its request's id.
+    assert failed[0]["request_id"] == "rid-a" and traceback["request_id"] == "rid-a"
+    said = {e["attempt"]: e for e in lines if e["logger"] == "stepd.delegate.check"}
+    assert (said[1]["request_id"], said[1]["msg"]) == ("rid-a", "checking ok=0")
+    assert (said[2]["request_id"], said[2]["msg"]) == ("c", "checking ok=1")
+    assert access["c"]["route"] == RESTART and access["c"]["status"] == 200
+    refusal = next(e for e in lines if e["logger"] != "gunicorn.access" and e.get("request_id") == "rid-b")
+    assert refusal["level"] == "DEBUG" and "refused POST" in refusal["msg"] and "params" in refusal["msg"]
     assert any(e["logger"] == "gunicorn.error" and "Shutting down" in e["msg"] for e in lines)
 
 

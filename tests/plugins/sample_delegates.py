@@ -10,6 +10,7 @@ from stepd.delegates import delegate
 @delegate("check")
 def check(ctx):
     """Fail unless param `ok` is 1; the fix a restart can bring."""
+    ctx.log.info("checking ok=%r", ctx.params.get("ok"))
     if ctx.params.get("ok") != 1:
         raise ValueError(f"ok is {ctx.params.get('ok')!r}, not 1")
     return {"checked": 1}
