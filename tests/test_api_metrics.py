@@ -225,8 +225,14 @@ def test_a_step_whose_runner_stops_is_counted_interrupted(app, api, client, tmp_
     step_id = process["steps"][0]["processStepId"]
     wait_for(lambda: api.step(step_id)["phase"] == "RUNNING", what="the delegate to run")
     stop_background(app, grace=0.1)
-    assert api.step(step_id)["error"]["type"] == "Interrupted"
-    after = scrape(client)
+    step = api.wait_step(step_id, "FAILED")  # its end is recorded by the stop, or just after under load
+    assert step["error"]["type"] == "Interrupted"
+    interrupted = {"type": "hang", "outcome": "interrupted"}
+    counted = metric(before, "stepd_step_duration_seconds_count", **interrupted)
+    after = wait_for(
+        lambda: (s := scrape(client)) and metric(s, "stepd_step_duration_seconds_count", **interrupted) > counted and s,
+        what="the interrupted attempt's duration",
+    )
     for name in ("stepd_step_outcomes_total", "stepd_step_duration_seconds_count"):
         moved = metric(after, name, type="hang", outcome="interrupted") - metric(
             before, name, type="hang", outcome="interrupted"
