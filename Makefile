@@ -58,6 +58,7 @@ bench: $(VENV)/.run-deps
 	@command -v wrk >/dev/null 2>&1 || { echo "make bench needs wrk, the HTTP load generator: sudo apt-get install wrk" >&2; exit 1; }
 	$(BIN)/python bench/run.py $(if $(BENCH_FULL),--memory) $(BENCH_ARGS)
 	$(BIN)/python bench/queue_latency.py
+	$(BIN)/python bench/metrics_cost.py
 
 # stepd beside huey and DBOS (bench/peers.py, issue 18's peers; optional, in no other target), in a
 # venv of its own, .venv-peers/: stepd (editable) with the peers' pins of bench/requirements-peers.txt,

@@ -10,7 +10,7 @@ from flask import Blueprint, Flask, current_app
 from werkzeug.routing import BaseConverter
 from werkzeug.routing import ValidationError as RouteMismatch
 
-from stepd import auth, config, envelope, errors, idempotency, ui
+from stepd import auth, config, envelope, errors, idempotency, metrics, ui
 from stepd import schemas as s
 from stepd.auth import current_principal, reads, writes
 from stepd.delegates import Registry, load_registry
@@ -207,6 +207,13 @@ def healthz():
     return engine().health()
 
 
+@health.get("/metrics")
+@reads
+def metrics_page():
+    """The Prometheus metrics, in its text format (not in the envelope, so a scraper reads it)."""
+    return metrics.exposition(current_app.extensions["stepd"].store), {"Content-Type": metrics.CONTENT_TYPE}
+
+
 # -- the factory -----------------------------------------------------------------------------
 def create_app(overrides=None):
     """Build the app: settings, database (made and migrated), delegates, routes. Starts no threads."""
@@ -229,6 +236,7 @@ def create_app(overrides=None):
     ui.init_app(app, store, exempt=(api,))  # the operator page, /ui/; the JSON API takes no CSRF token
     envelope.init_app(app)
     errors.init_app(app)
+    metrics.init_app(app)  # every request counted and timed, by its route
     return app
 
 

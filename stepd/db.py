@@ -36,6 +36,18 @@ SCHEMA_VERSION = len(MIGRATIONS)
 UNWRITABLE = ("database or disk is full", "attempt to write a readonly database")
 
 
+def statements(script):
+    """The statements of one migration, split on ';' where SQLite says one is complete (a
+    trigger's body keeps its own)."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""
+
+
 def domain_error(exc):
     """The domain's error for a sqlite3 error, or None when it is an unexpected one."""
     if isinstance(exc, sqlite3.IntegrityError):
@@ -130,9 +142,8 @@ class Database:
             if version > SCHEMA_VERSION:
                 raise Unusable(f"{self.path} has schema version {version}; this stepd knows up to {SCHEMA_VERSION}")
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in script.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                for statement in statements(script):
+                    conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {number}")
         return SCHEMA_VERSION
 
@@ -194,6 +205,10 @@ class Database:
         conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         conn.execute(f"PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES}")
         conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
+        # Statement and savepoint journals in memory, not in a temporary file: every write is a
+        # savepoint of its group, and every statement that fires the tallies' triggers (migration 7)
+        # keeps a statement journal (measured: +31 us a step transition in temporary files, +9 in memory).
+        conn.execute("PRAGMA temp_store = MEMORY")
         return conn
 
     @staticmethod

@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from stepd import metrics
 from stepd.liveness import HOST, process_start_time
 from stepd.model import FAILED, Busy, Outcome, Unwritable, new_id
 
@@ -127,6 +128,7 @@ class Dispatcher:
                 log.error("runner %s's end could not be recorded (%s); the orphan sweep will", link.id, error)
             elif interrupted:
                 log.warning("runner %d is gone; %d running step(s) marked Interrupted", link.pid, len(interrupted))
+            metrics.lost(link.sent, interrupted or ())
             with self._lock:
                 self.links.remove(link)
             link.channel.close()
@@ -155,6 +157,8 @@ class Dispatcher:
             if error is not None:
                 self._will_not_send(link, begun or ())  # their group failed before its end
                 self._record_failed(link, outcomes, error)
+                return
+            metrics.ended(outcomes)  # the next steps they began go out with the group's claims
 
         self.store.db.submit(record, done)
 
@@ -249,6 +253,7 @@ class Dispatcher:
             else:  # its end is recorded after this (on the same loop): queued again there
                 link.unsent.extend(job.key for job in jobs)
         if usable:
+            metrics.sent(jobs)  # before the runner has them: its outcome may come back at once
             link.channel.send("run", jobs)
 
     def note_queued(self):
@@ -270,6 +275,7 @@ class Dispatcher:
             if ended:
                 with self._lock:
                     link.sent.difference_update(ended)
+                metrics.let_go(ended)
                 link.channel.send("cancel", sorted(ended))
                 self.wake()  # the places are free again
 

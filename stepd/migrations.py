@@ -2,7 +2,8 @@
 
 db.py applies them at start (`PRAGMA user_version` holds the version). A migration is
 never edited once released: a change of the schema is a new one at the end. Statements
-are split on ';', so none may contain one inside.
+are split on ';' where SQLite says a statement is complete (`db.statements`), so a trigger's
+body keeps its own; no string literal may hold a ';'.
 """
 
 MIGRATIONS = [
@@ -227,5 +228,82 @@ MIGRATIONS = [
     # line about the attempt. Attempts from before have none.
     """
     ALTER TABLE attempts ADD COLUMN request_id TEXT
+    """,
+    # 7: tallies for GET /metrics (metrics.py), kept by triggers in the transaction of every write, so a
+    # scrape reads a few rows instead of counting 10^6: steps and processes by status (exact, as a
+    # count(*) would say), and the attempts begun and ended by type (counters that only go up: retention
+    # deleting attempts takes nothing off). One small table, so a commit writes one more page, not four.
+    # Each status has its row from here, so the triggers of statuses only UPDATE (a later status needs
+    # its row made by the migration that adds it). A file migrated here starts with the tallies of what
+    # it holds; an attempt inserted already ended (a seeded file) counts its outcome too.
+    """
+    CREATE TABLE tally (
+        series  TEXT NOT NULL CHECK (series IN ('steps', 'processes', 'attempts', 'outcomes')),
+        a       TEXT NOT NULL,
+        b       TEXT NOT NULL,
+        n       INTEGER NOT NULL,
+        PRIMARY KEY (series, a, b)
+    ) WITHOUT ROWID;
+    INSERT INTO tally (series, a, b, n)
+        SELECT 'steps', s.status, '', (SELECT COUNT(*) FROM steps WHERE steps.status = s.status)
+        FROM (SELECT 'PENDING' AS status UNION ALL SELECT 'STARTED' UNION ALL SELECT 'COMPLETED'
+              UNION ALL SELECT 'FAILED' UNION ALL SELECT 'SKIPPED' UNION ALL SELECT 'CANCELLED') s;
+    INSERT INTO tally (series, a, b, n)
+        SELECT 'processes', s.status, '', (SELECT COUNT(*) FROM processes WHERE processes.status = s.status)
+        FROM (SELECT 'RUNNING' AS status UNION ALL SELECT 'COMPLETED' UNION ALL SELECT 'FAILED'
+              UNION ALL SELECT 'CANCELLED') s;
+    INSERT INTO tally (series, a, b, n)
+        SELECT 'attempts', s.type, a.trigger, COUNT(*) FROM attempts a JOIN steps s ON s.id = a.step_id
+        GROUP BY s.type, a.trigger;
+    INSERT INTO tally (series, a, b, n)
+        SELECT 'outcomes', s.type, CASE WHEN a.status = 'COMPLETED' THEN 'completed'
+                                       WHEN a.error_type = 'Interrupted' THEN 'interrupted'
+                                       WHEN a.error_type = 'Timeout' THEN 'timeout' ELSE 'failed' END AS outcome,
+               COUNT(*)
+        FROM attempts a JOIN steps s ON s.id = a.step_id WHERE a.status IN ('COMPLETED', 'FAILED')
+        GROUP BY s.type, outcome;
+
+    CREATE TRIGGER tally_step_insert AFTER INSERT ON steps BEGIN
+        UPDATE tally SET n = n + 1 WHERE series = 'steps' AND a = NEW.status AND b = '';
+    END;
+    CREATE TRIGGER tally_step_update AFTER UPDATE OF status ON steps WHEN OLD.status != NEW.status BEGIN
+        UPDATE tally SET n = n + (CASE a WHEN NEW.status THEN 1 ELSE -1 END)
+            WHERE series = 'steps' AND a IN (OLD.status, NEW.status) AND b = '';
+    END;
+    CREATE TRIGGER tally_step_delete AFTER DELETE ON steps BEGIN
+        UPDATE tally SET n = n - 1 WHERE series = 'steps' AND a = OLD.status AND b = '';
+    END;
+    CREATE TRIGGER tally_process_insert AFTER INSERT ON processes BEGIN
+        UPDATE tally SET n = n + 1 WHERE series = 'processes' AND a = NEW.status AND b = '';
+    END;
+    CREATE TRIGGER tally_process_update AFTER UPDATE OF status ON processes WHEN OLD.status != NEW.status BEGIN
+        UPDATE tally SET n = n + (CASE a WHEN NEW.status THEN 1 ELSE -1 END)
+            WHERE series = 'processes' AND a IN (OLD.status, NEW.status) AND b = '';
+    END;
+    CREATE TRIGGER tally_process_delete AFTER DELETE ON processes BEGIN
+        UPDATE tally SET n = n - 1 WHERE series = 'processes' AND a = OLD.status AND b = '';
+    END;
+    CREATE TRIGGER tally_attempt_insert AFTER INSERT ON attempts BEGIN
+        INSERT INTO tally (series, a, b, n)
+            VALUES ('attempts', (SELECT type FROM steps WHERE id = NEW.step_id), NEW.trigger, 1)
+            ON CONFLICT (series, a, b) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER tally_outcome_insert AFTER INSERT ON attempts WHEN NEW.status IN ('COMPLETED', 'FAILED') BEGIN
+        INSERT INTO tally (series, a, b, n)
+            VALUES ('outcomes', (SELECT type FROM steps WHERE id = NEW.step_id),
+                    CASE WHEN NEW.status = 'COMPLETED' THEN 'completed'
+                         WHEN NEW.error_type = 'Interrupted' THEN 'interrupted'
+                         WHEN NEW.error_type = 'Timeout' THEN 'timeout' ELSE 'failed' END, 1)
+            ON CONFLICT (series, a, b) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER tally_outcome_update AFTER UPDATE OF status ON attempts
+        WHEN OLD.status = 'STARTED' AND NEW.status IN ('COMPLETED', 'FAILED') BEGIN
+        INSERT INTO tally (series, a, b, n)
+            VALUES ('outcomes', (SELECT type FROM steps WHERE id = NEW.step_id),
+                    CASE WHEN NEW.status = 'COMPLETED' THEN 'completed'
+                         WHEN NEW.error_type = 'Interrupted' THEN 'interrupted'
+                         WHEN NEW.error_type = 'Timeout' THEN 'timeout' ELSE 'failed' END, 1)
+            ON CONFLICT (series, a, b) DO UPDATE SET n = n + 1;
+    END
     """,
 ]

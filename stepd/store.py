@@ -10,6 +10,7 @@ the file can never both win. Beginning or ending an attempt is always the same t
 import functools
 import time
 
+from stepd import metrics
 from stepd.model import (
     COMPLETED,
     FAILED,
@@ -270,6 +271,7 @@ class Change:
         if runner_id is None:
             self.on_queued()
         retries_used = step["retries_used"] + 1 if trigger == "retry" else 0
+        metrics.begun((step["id"], attempt))
         return Job(step["id"], step["process_id"], step["type"], params, attempt, retries_used, request_id=request_id)
 
     def end(self, step_id, process_id, attempt, *, status, when, also, error=None, **values):
@@ -964,6 +966,32 @@ class Store:
             steps = dict(conn.execute("SELECT status, COUNT(*) FROM steps GROUP BY status").fetchall())
             processes = dict(conn.execute("SELECT status, COUNT(*) FROM processes GROUP BY status").fetchall())
         return steps, processes
+
+    def metric_tallies(self):
+        """The tallies GET /metrics reads (kept by migration 7's triggers), and the runners' rows, as one
+        snapshot has them: {"steps": [(status, n)], "processes": [(status, n)], "attempts": [(type,
+        trigger, n)], "outcomes": [(type, outcome, n)], "runners": [row]}, with the attempts waiting for a
+        runner (queued, or a retry due): "queued" (how many), "queued_since" (the oldest one's time, or
+        None) and "now"."""
+        with self.db.snapshot() as conn:
+            tallies = {"steps": [], "processes": [], "attempts": [], "outcomes": []}
+            for series, a, b, n in conn.execute("SELECT series, a, b, n FROM tally ORDER BY series, a, b"):
+                tallies[series].append((a, n) if series in ("steps", "processes") else (a, b, n))
+            tallies["runners"] = conn.execute("SELECT host, pid, pid_started, heartbeat_at FROM runners").fetchall()
+            now = now_iso()
+            queued = conn.execute(
+                f"SELECT COUNT(*), MIN(started_at) FROM steps INDEXED BY steps_running WHERE {QUEUED}"
+            )
+            due = conn.execute(
+                "SELECT COUNT(*), MIN(next_retry_at) FROM steps INDEXED BY steps_due_retries"
+                " WHERE next_retry_at <= ? AND status = 'STARTED'",
+                (now,),
+            )
+            (queued, queued_since), (due, due_since) = queued.fetchone(), due.fetchone()
+        tallies["queued"] = queued + due
+        tallies["queued_since"] = min((t for t in (queued_since, due_since) if t is not None), default=None)
+        tallies["now"] = now
+        return tallies
 
     def outcomes_by_minute(self, since):
         """{(minute, outcome): how many} of the attempts that ended at or after `since` (stepd's UTC

@@ -62,6 +62,7 @@ CANCEL = f"{P}/cancel"
 SKIP = f"{P}/skip-step"
 DELEGATES = "/api/v1/delegates"
 OPENAPI = "/api/v1/openapi.json"
+METRICS = "/metrics"
 
 
 # -- secrets ---------------------------------------------------------------------------------------
@@ -383,6 +384,31 @@ def insert_finished_processes(db_path, count, status="COMPLETED", finished=None,
     finally:
         conn.close()
     return process_ids
+
+
+# -- GET /metrics ------------------------------------------------------------------------------------
+def metric_samples(text):
+    """A scrape's samples, {(sample name, ((label, value), ...) sorted): value}, parsed by the
+    official client's parser; also checks the whole scrape parses."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def metric(samples, name, **labels):
+    """One sample's value (0 when the scrape has no such sample: a counter not yet counted)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def metric_families(text):
+    """{family name: its type} of a scrape (a counter's family is named without `_total`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {family.name: family.type for family in text_string_to_metric_families(text)}
 
 
 # -- the app in this process: Flask's test client --------------------------------------------------

@@ -58,7 +58,7 @@ def test_the_claim_reads_queued_steps_in_order_without_sorting(migrated):
 
 
 def test_a_version_2_file_is_migrated_keeping_every_row(migrated):
-    assert migrated.execute("PRAGMA user_version").fetchone()[0] == len(migrations.MIGRATIONS) == 6
+    assert migrated.execute("PRAGMA user_version").fetchone()[0] == len(migrations.MIGRATIONS) == 7
     assert migrated.execute("SELECT seq, id, name, status, intervened_by FROM processes ORDER BY seq").fetchall() == [
         (1, "p1", "old", "FAILED", None),
         (2, "p2", None, "RUNNING", None),

@@ -1,0 +1,81 @@
+"""GET /metrics on a real service (`stepd serve`): a scraper's HTTP Basic, and counters that never go
+backwards when a runner process is killed and replaced, nor when a reload replaces the node."""
+
+import os
+import signal
+
+import requests
+from helpers import METRICS, basic, metric, metric_samples, wait_for
+
+
+def scrape(server):
+    response = requests.get(server.url + METRICS, headers={"Authorization": basic("env", server.token)}, timeout=10)
+    assert response.status_code == 200, response.text[:500]
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return metric_samples(response.text)
+
+
+def kinds(server):
+    """{sample name: the family's type} of one scrape, to find every counter's and histogram's samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = requests.get(server.url + METRICS, headers=server.headers(), timeout=10)
+    return {s.name: f.type for f in text_string_to_metric_families(response.text) for s in f.samples}
+
+
+def went_back(before, after, types, keep=lambda name: True):
+    """Every counter sample, and every histogram bucket, count and sum, that is lower after than before."""
+    return {
+        key: (value, after.get(key, 0.0))
+        for key, value in before.items()
+        if types.get(key[0]) in ("counter", "histogram") and keep(key[0]) and after.get(key, 0.0) < value
+    }
+
+
+def test_no_counter_goes_backwards_when_a_runner_is_killed(server_factory, tmp_path):
+    server = server_factory(db_path=tmp_path / "metrics.db", runners=1).start()
+    for _ in range(3):
+        server.wait_process(server.start_process(("noop", {}), ("noop", {}))["processId"], "COMPLETED")
+    server.wait_process(server.start_process(("check", {"ok": 0}))["processId"], "FAILED")
+    hung = server.start_process(("hang", {"file": str(tmp_path / "x"), "seconds": 30.0}))["steps"][0]["processStepId"]
+    wait_for(lambda: server.step(hung)["phase"] == "RUNNING", what="the hang delegate to run")
+    before = scrape(server)
+    assert metric(before, "stepd_runners_alive") == 1
+
+    (runner,) = server.runner_pids()
+    os.kill(runner, signal.SIGKILL)
+    wait_for(lambda: server.step(hung)["status"] == "FAILED", what="the step to be Interrupted")
+    assert server.step(hung)["error"]["type"] == "Interrupted"
+    wait_for(lambda: len(server.runner_pids()) == 1 and server.runner_pids() != [runner], what="a new runner")
+    wait_for(lambda: metric(scrape(server), "stepd_runners_alive") == 1, what="the new runner to register")
+    server.wait_process(server.start_process(("noop", {}))["processId"], "COMPLETED")  # run by the new runner
+    after = scrape(server)
+
+    assert not went_back(before, after, kinds(server))
+    interrupted = {"type": "hang", "outcome": "interrupted"}
+    assert (
+        metric(after, "stepd_step_outcomes_total", **interrupted)
+        - metric(before, "stepd_step_outcomes_total", **interrupted)
+        == 1
+    )
+    assert metric(after, "stepd_step_duration_seconds_count", **interrupted) == 1
+    done = {"type": "noop", "outcome": "completed"}
+    assert metric(after, "stepd_step_outcomes_total", **done) == metric(before, "stepd_step_outcomes_total", **done) + 1
+    assert metric(after, "stepd_step_duration_seconds_count", **done) == 7  # all 7, by both runners
+
+
+def test_a_reload_keeps_the_counters_of_the_database(server_factory, tmp_path):
+    """A reload replaces the node process: what the database keeps (attempts, outcomes) carries on; the
+    node's own series (histograms, HTTP) start again from zero, a counter reset (README: Metrics)."""
+    server = server_factory(db_path=tmp_path / "reload.db", runners=1).start()
+    server.wait_process(server.start_process(("noop", {}), ("noop", {}))["processId"], "COMPLETED")
+    before = scrape(server)
+    (node,) = server.worker_pids()
+    os.kill(server.proc.pid, signal.SIGHUP)
+    wait_for(lambda: server.worker_pids() and server.worker_pids() != [node], timeout=20, what="a new node")
+    wait_for(lambda: metric(scrape(server), "stepd_runners_alive") == 1, timeout=20, what="its runner")
+    after = scrape(server)
+    from_database = ("stepd_step_attempts_total", "stepd_step_outcomes_total")
+    assert not went_back(before, after, kinds(server), keep=lambda name: name in from_database)
+    assert metric(after, "stepd_step_attempts_total", type="noop", trigger="start") == 2
+    assert metric(after, "stepd_step_outcomes_total", type="noop", outcome="completed") == 2
