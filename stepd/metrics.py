@@ -79,6 +79,20 @@ http_duration = Histogram(
 )
 
 
+_children = {}  # (metric, label values) -> its child: found once, not looked up (and checked) on every request
+
+
+def child(metric, *values):
+    """`metric.labels(*values)`, remembered: prometheus-client's lookup costs tens of microseconds,
+    paid on every request and every step otherwise. The label values are bounded (routes,
+    statuses, step types), so is this."""
+    key = (metric, values)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*values)
+    return found
+
+
 class _Times:
     """What is known of each attempt, (step id, attempt), since it reached a point (its time.monotonic()
     first), until it is taken."""
@@ -115,7 +129,7 @@ def sent(jobs):
     for job in jobs:
         queued = _begun.take(job.key)
         if queued is not None:  # begun by another process (the node a reload replaced): not seen here
-            step_queue.labels(job.type).observe(now - queued)
+            child(step_queue, job.type).observe(now - queued)
         _sent.put(job.key, (now, job.type))
 
 
@@ -126,7 +140,7 @@ def ended(outcomes):
         taken = _sent.take(outcome.job.key)
         label = _outcome_label(outcome)
         if taken is not None and label is not None:
-            step_duration.labels(outcome.job.type, label).observe(now - taken[0])
+            child(step_duration, outcome.job.type, label).observe(now - taken[0])
 
 
 def lost(keys, interrupted):
@@ -136,7 +150,7 @@ def lost(keys, interrupted):
     for step_id, attempt in list(keys):
         taken = _sent.take((step_id, attempt))
         if taken is not None and step_id in interrupted:
-            step_duration.labels(taken[1], "interrupted").observe(now - taken[0])
+            child(step_duration, taken[1], "interrupted").observe(now - taken[0])
 
 
 def let_go(keys):
@@ -167,9 +181,9 @@ def init_app(app):
         started = g.get("metrics_started")
         method = request.method if request.method in HTTP_METHODS else "other"
         route = request.url_rule.rule if request.url_rule is not None else UNMATCHED
-        http_requests.labels(method, route, str(response.status_code)).inc()
+        child(http_requests, method, route, str(response.status_code)).inc()
         if started is not None:
-            http_duration.labels(method, route).observe(time.monotonic() - started)
+            child(http_duration, method, route).observe(time.monotonic() - started)
         return response
 
 
