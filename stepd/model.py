@@ -8,6 +8,7 @@ import contextvars
 import json
 import math
 import secrets
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -37,6 +38,9 @@ MAX_BULK = 1000  # steps one bulk restart takes
 MAX_REASON = 1024  # characters of a cancel's or skip's reason
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# A param name has no control characters: Unicode's category Cc is exactly U+0000-U+001F and U+007F-U+009F.
+NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+MAX_DOUBLE = sys.float_info.max  # a DOUBLE is finite: within the largest finite double either way
 VALUE_TYPES = ("STRING", "LONG", "DOUBLE")
 
 

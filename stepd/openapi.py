@@ -5,15 +5,20 @@ schemas, its success status, its tag and the errors it can answer; `view.role` (
 `auth.reads` / `auth.writes`: no role, no credentials) and `view.idempotent` (set by
 `idempotency.idempotent`). Nothing here is written by hand twice.
 
+The document is OpenAPI 3.1 (its schemas are JSON Schema 2020-12) and says what validation checks
+wherever JSON Schema can (the README lists what it cannot): the limits, patterns and ranges come
+from the validators of schemas.py themselves (apispec reads Length, Range, OneOf and Regexp), and
+a param name's rules from schemas.ParamName, as `propertyNames`.
+
 The shapes are those a generated client can type (tests/test_served_client.py generates one
 with openapi-python-client and checks a script with mypy --strict):
-- a nullable reference is `anyOf: [the reference, a typed null]`: OpenAPI 3.0 has no null type,
-  `nullable` beside a `$ref` is ignored, and apispec's own `{"type": "object", "nullable": true}`
-  branch matches any object, so `step.error.message` could not be typed;
+- a nullable reference is `anyOf: [the reference, {"type": "null"}]`, a nullable plain value
+  `"type": [its type, "null"]`;
 - an enum of the vocabulary (a status, the phase, the trigger) is one component, wherever it is used;
 - params are one `Params` component (and a restart's, where null removes a name, `RestartParams`);
 - a typed value is a `oneOf` of its three forms discriminated by `type` (the server's rule, in
-  schemas.TypedValueSchema, is the same: the field of the type, the two others null or absent);
+  schemas.TypedValueSchema, is the same: the field of the type, the two others null or absent,
+  which a form says as `{"type": "null"}`: no `not`, which generators cannot draw from);
 - a query parameter is a plain optional value: no null, no default of null.
 """
 
@@ -29,6 +34,7 @@ from stepd import schemas as s
 from stepd.auth import CHALLENGE, OPERATOR
 from stepd.envelope import REQUEST_ID_HEADER
 from stepd.errors import ERRORS, STATUSES
+from stepd.idempotency import IDEMPOTENCY_HEADER, KEY_PATTERN, MAX_KEY
 
 PATH_NAMES = {"process_id": "processId", "step_id": "processStepId"}
 TAGS = {
@@ -55,11 +61,11 @@ VALUE_FORMS = {"STRING": "StringValue", "LONG": "LongValue", "DOUBLE": "DoubleVa
 
 IDEMPOTENCY_PARAMETER = {
     "in": "header",
-    "name": "Idempotency-Key",
+    "name": IDEMPOTENCY_HEADER,
     "required": False,
     "description": "Send a POST again with the same key (and body) within 24 hours: the first answer"
     " comes back and nothing is done twice.",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY, "pattern": KEY_PATTERN},
 }
 REQUEST_ID_PARAMETER = {
     "in": "header",
@@ -95,10 +101,12 @@ def ref(name):
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def nullable(reference, json_type, description=None):
-    """A reference or null: anyOf the reference and a null of the reference's JSON type (a `nullable`
-    needs a `type` beside it, and an `enum` of null alone lets nothing else through)."""
-    node = {"anyOf": [reference, {"type": json_type, "nullable": True, "enum": [None]}]}
+NULL = {"type": "null"}
+
+
+def nullable(reference, description=None):
+    """A reference or null."""
+    node = {"anyOf": [reference, NULL]}
     return node | ({"description": description} if description else {})
 
 
@@ -110,20 +118,20 @@ class Converter(OpenAPIConverter):
         description = field.metadata.get("description")
         if isinstance(field, s.Params):
             name = "RestartParams" if isinstance(field, s.RestartParams) else "Params"
-            return nullable(ref(name), "object", description) if field.allow_none else ref(name)
+            return nullable(ref(name), description) if field.allow_none else ref(name)
         if isinstance(field, s.Variables):
             return ref("Variables")
         enum = self._enum_component(field)
         if enum is not None:
-            return nullable(ref(enum), "string", description) if field.allow_none else ref(enum)
+            return nullable(ref(enum), description) if field.allow_none else ref(enum)
         return super().field2property(field)
 
     def field2nullable(self, field, ret):
-        """A nullable nested schema: the reference or a typed null (apispec's own would match any object).
-        apispec writes the reference as `allOf: [reference]` when the field has other keywords too."""
+        """A nullable nested schema: the reference or null. apispec writes the reference as
+        `allOf: [reference]` when the field has other keywords too."""
         if field.allow_none and ("$ref" in ret or len(ret.get("allOf", ())) == 1):
             reference = {"$ref": ret.pop("$ref")} if "$ref" in ret else ret.pop("allOf")[0]
-            return nullable(reference, "object")
+            return nullable(reference)
         return super().field2nullable(field, ret)
 
     def _field2parameter(self, field, *, name, location):
@@ -135,7 +143,8 @@ class Converter(OpenAPIConverter):
         schema = parameter["schema"]
         if "anyOf" in schema:  # a nullable enum's reference: the reference alone
             schema = parameter["schema"] = schema["anyOf"][0]
-        schema.pop("nullable", None)
+        if isinstance(schema.get("type"), list):  # a nullable value: the value alone
+            [schema["type"]] = [kind for kind in schema["type"] if kind != "null"]
         if "default" in schema and schema["default"] is None:
             del schema["default"]
         return parameter
@@ -163,9 +172,9 @@ def _add_value_components(spec, converter):
         for name in s.VALUE_FIELD.values():
             prop = converter.field2property(value_fields[name])
             if name == wanted:
-                prop.pop("nullable")
+                [prop["type"]] = [json_type for json_type in prop["type"] if json_type != "null"]
             else:
-                prop = {"type": prop["type"], "nullable": True, "enum": [None], "description": f"null for {kind}"}
+                prop = NULL | {"description": f"null or absent for {kind}"}
             properties[name] = prop
         properties["type"] = {"type": "string", "enum": [kind]}
         spec.components.schema(
@@ -183,7 +192,9 @@ def _add_value_components(spec, converter):
             },
         },
     )
-    limits = {"type": "object", "maxProperties": model.MAX_PARAMS}
+    # A name's rules are schemas.ParamName's validators, as JSON Schema sees them.
+    name_schema = converter.field2property(s.Params().key_field)
+    limits = {"type": "object", "maxProperties": model.MAX_PARAMS, "propertyNames": name_schema}
     names = f"a name (1-{model.MAX_NAME} characters, no control characters), at most {model.MAX_PARAMS} names"
     spec.components.schema(
         "Params",
@@ -193,7 +204,7 @@ def _add_value_components(spec, converter):
         "RestartParams",
         {
             **limits,
-            "additionalProperties": nullable(ref("TypedValue"), "object"),
+            "additionalProperties": nullable(ref("TypedValue")),
             "description": "A restart's params, laid over the failed attempt's: a name given a typed value"
             f" takes it, a name given null is removed, the others stay as they were. As Params: {names}.",
         },
@@ -284,12 +295,12 @@ def _openapi_path(rule):
 
 
 def build_spec(app):
-    """The whole API as an OpenAPI 3.0 document (a dict)."""
+    """The whole API as an OpenAPI 3.1 document (a dict)."""
     plugin = Plugin()
     spec = APISpec(
         title="stepd",
         version=model.VERSION,
-        openapi_version="3.0.3",
+        openapi_version="3.1.0",
         plugins=[plugin],
         info=INFO,
         servers=SERVERS,
@@ -305,7 +316,15 @@ def build_spec(app):
         operations = {method.lower(): _operation(view) for method in sorted(rule.methods - {"HEAD", "OPTIONS"})}
         spec.path(path=_openapi_path(rule), operations=operations, parameters=_path_parameters(rule))
     _add_document_path(spec)
+    _add_bulk_rules(spec.components.schemas["RestartMany"])
     return spec.to_dict()
+
+
+def _add_bulk_rules(body):
+    """Each id once (schemas.RestartManySchema.ids_or_filter). Its other rules (step ids or a filter, not
+    both; a cursor only with a filter) are a `oneOf` of two forms in JSON Schema, which
+    openapi-python-client drops the operation for: the README lists them with what it cannot say."""
+    body["properties"]["processStepIds"]["uniqueItems"] = True
 
 
 def _add_document_path(spec):

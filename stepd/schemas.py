@@ -10,7 +10,6 @@ import functools
 import json
 import math
 import re
-import unicodedata
 from datetime import datetime
 
 from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validate, validates_schema
@@ -22,11 +21,13 @@ from stepd.model import (
     INT64_MIN,
     INTERVENTIONS,
     MAX_BULK,
+    MAX_DOUBLE,
     MAX_NAME,
     MAX_PARAMS,
     MAX_REASON,
     MAX_STEPS,
     MAX_STRING,
+    NAME_PATTERN,
     PHASES,
     PROCESS_STATUSES,
     STEP_STATUSES,
@@ -58,7 +59,8 @@ class FiniteFloat(fields.Float):
     """A finite JSON number (an integer is read as a double); strings and booleans are refused."""
 
     def __init__(self, **kwargs):
-        super().__init__(allow_nan=False, **kwargs)
+        # The range only says, for the OpenAPI document, what the finite check below keeps out.
+        super().__init__(allow_nan=False, validate=validate.Range(-MAX_DOUBLE, MAX_DOUBLE), **kwargs)
 
     def _validated(self, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -87,13 +89,22 @@ class Text(fields.String):
         super().__init__(validate=[validate.Length(max=max_length), encodable], **kwargs)
 
 
-def no_control_characters(name):
-    if any(unicodedata.category(ch) == "Cc" for ch in name):
-        raise ValidationError("Must not contain control characters.")
+class Pattern(validate.Regexp):
+    """The whole value matches `regex`, as a JSON Schema `pattern` of `^…$` means (ECMA-262), so the
+    OpenAPI document can state it as is: re.match would take "abc\n" for `^[a-z]+$`, since Python's
+    `$` also matches before a final newline."""
+
+    def __call__(self, value):
+        if self.regex.fullmatch(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
 
 
 class ParamName(fields.String):
+    """A param name: 1-128 characters, no control characters (model.NAME_PATTERN)."""
+
     def __init__(self, **kwargs):
+        no_control_characters = Pattern(NAME_PATTERN, error="Must not contain control characters.")
         super().__init__(validate=[validate.Length(1, MAX_NAME), no_control_characters], **kwargs)
 
 
@@ -306,11 +317,11 @@ def encode_cursor(prefix, seq):
 
 
 def step_id_field(**kwargs):
-    return fields.String(required=True, validate=validate.Regexp(ID_PATTERN, error="Not a valid step id."), **kwargs)
+    return fields.String(required=True, validate=Pattern(ID_PATTERN, error="Not a valid step id."), **kwargs)
 
 
 def process_id_field(**kwargs):
-    return fields.String(validate=validate.Regexp(ID_PATTERN, error="Not a valid process id."), **kwargs)
+    return fields.String(validate=Pattern(ID_PATTERN, error="Not a valid process id."), **kwargs)
 
 
 def reason_field():

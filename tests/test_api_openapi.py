@@ -22,7 +22,7 @@ from helpers import (
     typed,
     wait_for,
 )
-from openapi_schema_validator import OAS30Validator, oas30_format_checker
+from openapi_schema_validator import OAS31Validator, oas31_format_checker
 from openapi_spec_validator import validate
 
 from stepd import model
@@ -74,11 +74,11 @@ def request_schema(spec, path):
 
 
 def assert_valid(schema, instance):
-    OAS30Validator(schema, format_checker=oas30_format_checker).validate(instance)
+    OAS31Validator(schema, format_checker=oas31_format_checker).validate(instance)
 
 
 def is_valid(schema, instance):
-    return OAS30Validator(schema, format_checker=oas30_format_checker).is_valid(instance)
+    return OAS31Validator(schema, format_checker=oas31_format_checker).is_valid(instance)
 
 
 # -- the document --------------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def test_the_restart_body_is_the_seed_shape(spec):
     assert double["doubleValue"]["type"] == "number"
     for form, wanted in zip(forms, ("strValue", "longValue", "doubleValue"), strict=True):
         for field in {"strValue", "longValue", "doubleValue"} - {wanted}:
-            assert form["properties"][field]["nullable"] is True and form["properties"][field]["enum"] == [None]
+            assert form["properties"][field]["type"] == "null"
 
 
 def test_the_documented_restart_body_accepts_and_refuses_what_the_service_does(spec):
@@ -356,7 +356,7 @@ def test_the_bulk_endpoint_is_documented_with_its_answers(spec):
     assert set(data["required"]) == {"restarted", "skipped", "nextCursor"}
     assert set(data["properties"]["restarted"]["items"]["properties"]) == {"processId", "processStepId", "params"}
     assert set(data["properties"]["skipped"]["items"]["properties"]) == {"processStepId", "reason"}
-    assert data["properties"]["nextCursor"]["nullable"] is True
+    assert data["properties"]["nextCursor"]["type"] == ["string", "null"]
 
 
 def test_the_bulk_body_is_the_marshmallow_schema(spec):
@@ -374,8 +374,8 @@ def test_the_bulk_body_is_the_marshmallow_schema(spec):
     )
     assert body.get("additionalProperties") is False
     ids = body["properties"]["processStepIds"]
-    assert (ids["type"], ids["minItems"], ids["maxItems"]) == ("array", 1, 1000)
-    # a nullable nested schema: apispec writes anyOf [the object, {"type": "object", "nullable": true}]
+    assert (ids["type"], ids["minItems"], ids["maxItems"]) == (["array", "null"], 1, 1000)
+    # a nullable nested schema: anyOf [the object, {"type": "null"}]
     [where] = [b for b in body["properties"]["filter"]["anyOf"] if "properties" in b]
     assert set(where["properties"]) == {"type", "processId", "failedBefore", "failedAfter"}
     assert where["properties"]["failedBefore"]["format"] == "date-time"
@@ -428,7 +428,7 @@ def test_next_retry_at_retry_trigger_and_policies_are_documented(spec):
     step = response_schema(spec, f"{STEPS}/{{processStepId}}", "get", 200)["properties"]["data"]
     assert "nextRetryAt" in step["required"]
     assert step["properties"]["nextRetryAt"]["format"] == "date-time"
-    assert step["properties"]["nextRetryAt"]["nullable"] is True
+    assert step["properties"]["nextRetryAt"]["type"] == ["string", "null"]
     trigger = step["properties"]["attemptHistory"]["items"]["properties"]["trigger"]
     assert set(trigger["enum"]) == {"start", "restart", "retry"}
     delegates = response_schema(spec, DELEGATES, "get", 200)["properties"]["data"]["items"]
@@ -509,20 +509,19 @@ def nodes(node, where="#"):
 
 
 def typed_null(node):
-    return set(node) == {"type", "nullable", "enum"} and node["nullable"] is True and node["enum"] == [None]
+    return node == {"type": "null"}
 
 
 def test_a_nullable_reference_is_the_reference_or_a_typed_null(spec):
-    """`anyOf: [{"type": "object", "nullable": true}, {"$ref": ...}]` lets any object through: a client
-    cannot type `step.error`; `nullable` beside a `$ref` is ignored in OpenAPI 3.0."""
+    """`anyOf: [{"type": "object"}, {"$ref": ...}]` would let any object through, and a client could not
+    type `step.error`. OpenAPI 3.1 has no `nullable`: null is a type of its own."""
+    assert spec["openapi"] == "3.1.0"
     for where, node in nodes(spec):
         assert not ("$ref" in node and len(node) > 1), where
-        assert node.get("nullable") is not True or "type" in node, where
+        assert "nullable" not in node, where
         if "anyOf" in node:
             reference, null = node["anyOf"]
             assert set(reference) == {"$ref"} and typed_null(null), where
-        if node.get("type") == "object" and node.get("nullable") is True:
-            assert typed_null(node), f"{where}: a nullable object that is not a typed null matches any object"
     schemas = spec["components"]["schemas"]
     for component, prop, target in [
         ("Step", "error", "Error"),
@@ -557,7 +556,7 @@ def test_a_query_parameter_is_a_plain_optional_value(spec, path, method):
         assert parameter.get("required", False) is False
         assert parameter["allowEmptyValue"] is True  # an empty value means absent (envelope.load_query)
         schema = parameter["schema"]
-        assert "nullable" not in schema and "anyOf" not in schema, parameter
+        assert "anyOf" not in schema and isinstance(schema.get("type", ""), str), parameter
         assert schema.get("default", "unset") is not None, parameter
         assert None not in resolve(spec, schema).get("enum", []), parameter
 
@@ -607,7 +606,7 @@ def test_a_typed_value_is_a_one_of_discriminated_by_type(spec):
         assert form["properties"]["type"] == {"type": "string", "enum": [kind]}
         assert sorted(form["required"]) == sorted([wanted, "type"])
         assert form["additionalProperties"] is False
-        assert "nullable" not in form["properties"][wanted]
+        assert "null" not in form["properties"][wanted]["type"]
         for other in set(s.VALUE_FIELD.values()) - {wanted}:
             assert typed_null({k: v for k, v in form["properties"][other].items() if k != "description"})
     value = resolve(spec, {"$ref": "#/components/schemas/TypedValue"})
