@@ -23,8 +23,10 @@ from helpers import (
     SKIP,
     Api,
     Page,
+    PostgresCluster,
     Server,
     basic,
+    postgres_missing,
     queued_steps,
     wait_for,
 )
@@ -386,6 +388,33 @@ def app_with(tmp_path):
     yield make
     for made in apps:
         stop_background(made, grace=0.5)
+
+
+# -- PostgreSQL: a server of the tests' own ------------------------------------------------------
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A PostgreSQL 15 cluster for this test process (helpers.PostgresCluster), started at its first
+    use and stopped at the end. Where Debian's postgresql-15 is not installed the tests that need it
+    are skipped, saying so; under CI (which installs it, .ci/run) they fail instead."""
+    why = postgres_missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs the PostgreSQL tests: {why}")
+        pytest.skip(why)
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster):
+    """The URL of a fresh, empty database of the session's cluster, dropped after the test."""
+    url = postgres_cluster.new_database()
+    yield url
+    postgres_cluster.drop_database(url)
 
 
 # Every backend the store's contract suite (test_store.py) runs against.
