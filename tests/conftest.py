@@ -417,17 +417,27 @@ def postgres_url(postgres_cluster):
     postgres_cluster.drop_database(url)
 
 
-# Every backend the store's contract suite (test_store.py) runs against.
-STORE_BACKENDS = ["sqlite"]
-
-
-@pytest.fixture(params=STORE_BACKENDS)
-def open_store(request, tmp_path):
-    """Opens stores on one fresh, migrated database of each backend; each call is another
-    connection to it, as another worker process would have."""
-    path = tmp_path / "contract.db"
+# -- the store's contract suite: one factory per backend ----------------------------------------
+def sqlite_backend(request):
+    """SQLite: a file of the test's own, migrated; each store opened on it has a Database (so a
+    connection, and a writer) of its own."""
+    path = request.getfixturevalue("tmp_path") / "contract.db"
     Database(path).prepare()
     return lambda: Store(Database(path))
+
+
+# Every backend the store's contract suite (test_store.py) runs against: a factory each, called with
+# the test's request (to ask for the fixtures it needs, as a PostgreSQL backend will ask for
+# postgres_url), returning what opens stores on one fresh, migrated database of its own. A backend
+# joins the suite by its factory's being added here; the tests' ids name it (`[sqlite]`).
+STORE_BACKENDS = [sqlite_backend]
+
+
+@pytest.fixture(params=STORE_BACKENDS, ids=lambda backend: backend.__name__.removesuffix("_backend"))
+def open_store(request):
+    """Opens stores on one fresh, migrated database of each backend; each call is another
+    connection to it, as another worker process would have."""
+    return request.param(request)
 
 
 @pytest.fixture
