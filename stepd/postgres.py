@@ -145,6 +145,86 @@ MIGRATIONS = [
     INSERT INTO secrets (name, value)
         VALUES ('session', replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''));
     """,
+    # 2: SQLite's 7, the tallies of GET /metrics, kept by triggers in the transaction of every write
+    # (the same series, rows and trigger names; PostgreSQL's triggers call a function each). A database
+    # migrated here starts with the tallies of what it holds. Every step's or process's change of status
+    # updates one row of `tally`, so writers on several nodes queue on it: how that row is split, if
+    # it must be, is for the store's port to PostgreSQL (issue 20) to measure.
+    """
+    CREATE TABLE tally (
+        series  text NOT NULL CHECK (series IN ('steps', 'processes', 'attempts', 'outcomes')),
+        a       text NOT NULL,
+        b       text NOT NULL,
+        n       bigint NOT NULL,
+        PRIMARY KEY (series, a, b)
+    );
+    INSERT INTO tally (series, a, b, n)
+        SELECT 'steps', s.status, '', (SELECT count(*) FROM steps WHERE steps.status = s.status)
+        FROM (VALUES ('PENDING'), ('STARTED'), ('COMPLETED'), ('FAILED'), ('SKIPPED'), ('CANCELLED')) s (status);
+    INSERT INTO tally (series, a, b, n)
+        SELECT 'processes', s.status, '', (SELECT count(*) FROM processes WHERE processes.status = s.status)
+        FROM (VALUES ('RUNNING'), ('COMPLETED'), ('FAILED'), ('CANCELLED')) s (status);
+    INSERT INTO tally (series, a, b, n)
+        SELECT 'attempts', s.type, a.trigger, count(*) FROM attempts a JOIN steps s ON s.id = a.step_id
+        GROUP BY s.type, a.trigger;
+    INSERT INTO tally (series, a, b, n)
+        SELECT 'outcomes', s.type, CASE WHEN a.status = 'COMPLETED' THEN 'completed'
+                                       WHEN a.error_type = 'Interrupted' THEN 'interrupted'
+                                       WHEN a.error_type = 'Timeout' THEN 'timeout' ELSE 'failed' END AS outcome,
+               count(*)
+        FROM attempts a JOIN steps s ON s.id = a.step_id WHERE a.status IN ('COMPLETED', 'FAILED')
+        GROUP BY s.type, outcome;
+
+    CREATE FUNCTION tally_status() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            UPDATE tally SET n = n + 1 WHERE series = TG_ARGV[0] AND a = NEW.status AND b = '';
+        ELSIF TG_OP = 'UPDATE' THEN
+            UPDATE tally SET n = n + (CASE a WHEN NEW.status THEN 1 ELSE -1 END)
+                WHERE series = TG_ARGV[0] AND a IN (OLD.status, NEW.status) AND b = '';
+        ELSE
+            UPDATE tally SET n = n - 1 WHERE series = TG_ARGV[0] AND a = OLD.status AND b = '';
+        END IF;
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER tally_step_insert AFTER INSERT ON steps FOR EACH ROW EXECUTE FUNCTION tally_status('steps');
+    CREATE TRIGGER tally_step_update AFTER UPDATE OF status ON steps
+        FOR EACH ROW WHEN (OLD.status <> NEW.status) EXECUTE FUNCTION tally_status('steps');
+    CREATE TRIGGER tally_step_delete AFTER DELETE ON steps FOR EACH ROW EXECUTE FUNCTION tally_status('steps');
+    CREATE TRIGGER tally_process_insert AFTER INSERT ON processes
+        FOR EACH ROW EXECUTE FUNCTION tally_status('processes');
+    CREATE TRIGGER tally_process_update AFTER UPDATE OF status ON processes
+        FOR EACH ROW WHEN (OLD.status <> NEW.status) EXECUTE FUNCTION tally_status('processes');
+    CREATE TRIGGER tally_process_delete AFTER DELETE ON processes
+        FOR EACH ROW EXECUTE FUNCTION tally_status('processes');
+
+    CREATE FUNCTION tally_attempt() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO tally (series, a, b, n)
+            VALUES ('attempts', (SELECT type FROM steps WHERE id = NEW.step_id), NEW.trigger, 1)
+            ON CONFLICT (series, a, b) DO UPDATE SET n = tally.n + 1;
+        RETURN NULL;
+    END
+    $$;
+    CREATE FUNCTION tally_outcome() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO tally (series, a, b, n)
+            VALUES ('outcomes', (SELECT type FROM steps WHERE id = NEW.step_id),
+                    CASE WHEN NEW.status = 'COMPLETED' THEN 'completed'
+                         WHEN NEW.error_type = 'Interrupted' THEN 'interrupted'
+                         WHEN NEW.error_type = 'Timeout' THEN 'timeout' ELSE 'failed' END, 1)
+            ON CONFLICT (series, a, b) DO UPDATE SET n = tally.n + 1;
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER tally_attempt_insert AFTER INSERT ON attempts FOR EACH ROW EXECUTE FUNCTION tally_attempt();
+    CREATE TRIGGER tally_outcome_insert AFTER INSERT ON attempts
+        FOR EACH ROW WHEN (NEW.status IN ('COMPLETED', 'FAILED')) EXECUTE FUNCTION tally_outcome();
+    CREATE TRIGGER tally_outcome_update AFTER UPDATE OF status ON attempts
+        FOR EACH ROW WHEN (OLD.status = 'STARTED' AND NEW.status IN ('COMPLETED', 'FAILED'))
+        EXECUTE FUNCTION tally_outcome();
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

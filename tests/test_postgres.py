@@ -29,8 +29,8 @@ TYPES = {
 
 
 def sqlite_schema(tmp_path):
-    """{table: [(column, declared type, not null)]} and the names of the indexes made by a migration,
-    of a SQLite file at the newest schema."""
+    """{table: [(column, declared type, not null)]} and the names of the indexes and triggers made by a
+    migration, of a SQLite file at the newest schema."""
     Database(tmp_path / "s.db").prepare()
     conn = sqlite3.connect(tmp_path / "s.db")
     try:
@@ -40,7 +40,7 @@ def sqlite_schema(tmp_path):
             for table in tables
             if table != "sqlite_sequence"
         }
-        made = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")
+        made = conn.execute("SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger') AND sql IS NOT NULL")
         indexes = {r[0] for r in made}
     finally:
         conn.close()
@@ -57,6 +57,7 @@ def postgres_schema(url):
         indexes = conn.execute(
             "SELECT indexname FROM pg_indexes i WHERE schemaname = 'public' AND tablename <> 'stepd_schema'"
             " AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname)"
+            " UNION SELECT tgname FROM pg_trigger WHERE NOT tgisinternal"
         ).fetchall()
     columns = {}
     for table, column, kind, nullable in rows:
@@ -70,9 +71,9 @@ def versions(url):
 
 
 # -- the schema --------------------------------------------------------------------------------------
-def test_the_schema_has_sqlites_tables_columns_and_indexes_in_postgresqls_types(tmp_path, postgres_url):
-    """The same tables, columns (in order, with the same NOT NULL) and indexes as SQLite's newest
-    schema: a SQLite migration without its PostgreSQL twin fails here."""
+def test_the_schema_has_sqlites_tables_columns_indexes_and_triggers_in_postgresqls_types(tmp_path, postgres_url):
+    """The same tables, columns (in order, with the same NOT NULL), indexes and triggers as SQLite's
+    newest schema: a SQLite migration without its PostgreSQL twin fails here."""
     assert postgres.PostgresDatabase(postgres_url).prepare() == postgres.SCHEMA_VERSION
     sqlite_columns, sqlite_indexes = sqlite_schema(tmp_path)
     pg_columns, pg_indexes = postgres_schema(postgres_url)
@@ -242,3 +243,71 @@ def test_a_migration_that_fails_leaves_nothing_half_done(postgres_url, monkeypat
     with psycopg.connect(postgres_url) as conn:
         tables = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()[0]
     assert tables == 0
+
+
+# -- the tallies of GET /metrics --------------------------------------------------------------------------
+TALLY_WRITES = [
+    "INSERT INTO processes (id, status, principal, created_at, updated_at) VALUES ('p', 'RUNNING', 'a', now(), now())",
+    "INSERT INTO steps (id, process_id, position, type, status, params, created_at)"
+    " VALUES ('s0', 'p', 0, 'check', 'STARTED', '{}', now()), ('s1', 'p', 1, 'noop', 'PENDING', '{}', now())",
+    "INSERT INTO attempts (step_id, attempt, trigger, principal, params, status, started_at)"
+    " VALUES ('s0', 1, 'start', 'a', '{}', 'STARTED', now())",
+    "UPDATE attempts SET status = 'FAILED', error_type = 'Timeout' WHERE step_id = 's0'",
+    "UPDATE steps SET status = 'FAILED' WHERE id = 's0'",
+    "UPDATE processes SET status = 'FAILED'",
+    "INSERT INTO attempts (step_id, attempt, trigger, principal, params, status, started_at)"
+    " VALUES ('s0', 2, 'restart', 'a', '{}', 'COMPLETED', now())",  # inserted already ended: its outcome counts
+    "UPDATE steps SET status = 'COMPLETED' WHERE id = 's0'",
+    "UPDATE steps SET status = 'COMPLETED' WHERE id = 's0'",  # no change of status: no change of tally
+    "UPDATE steps SET status = 'CANCELLED' WHERE id = 's1'",
+    "UPDATE processes SET status = 'CANCELLED'",
+    "DELETE FROM attempts",
+    "DELETE FROM steps WHERE id = 's1'",
+]
+
+
+def test_the_tallies_follow_every_write_as_sqlites_triggers_keep_them(tmp_path, postgres_url):
+    """The same writes on both backends leave the same tallies (steps and processes exact, attempts and
+    outcomes counters that deletes take nothing off), and a database migrated with rows counts them."""
+    sqlite_path = tmp_path / "t.db"
+    Database(sqlite_path).prepare()
+    postgres.PostgresDatabase(postgres_url).prepare()
+    lite = sqlite3.connect(sqlite_path, isolation_level=None)
+    read = "SELECT series, a, b, n FROM tally WHERE n <> 0 ORDER BY series, a, b"
+    try:
+        with psycopg.connect(postgres_url, autocommit=True) as pg:
+            for sql in TALLY_WRITES:
+                lite.execute(sql.replace("now()", "'2026-01-01T00:00:00.000Z'"))
+                pg.execute(sql)
+                assert pg.execute(read).fetchall() == lite.execute(read).fetchall(), sql
+            tallies = pg.execute(read).fetchall()
+    finally:
+        lite.close()
+    assert tallies == [
+        ("attempts", "check", "restart", 1),
+        ("attempts", "check", "start", 1),
+        ("outcomes", "check", "completed", 1),
+        ("outcomes", "check", "timeout", 1),
+        ("processes", "CANCELLED", "", 1),
+        ("steps", "COMPLETED", "", 1),
+    ]
+
+
+def test_a_database_migrated_with_rows_starts_with_their_tallies(postgres_url, monkeypatch):
+    with monkeypatch.context() as older:  # a database left at schema 1 by a stepd before the tallies
+        older.setattr(postgres, "MIGRATIONS", postgres.MIGRATIONS[:1])
+        older.setattr(postgres, "SCHEMA_VERSION", 1)
+        postgres.PostgresDatabase(postgres_url).prepare()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        for sql in TALLY_WRITES[:4]:
+            conn.execute(sql)
+    assert postgres.PostgresDatabase(postgres_url).prepare() == postgres.SCHEMA_VERSION - 1
+    with psycopg.connect(postgres_url) as conn:
+        tallies = conn.execute("SELECT series, a, b, n FROM tally WHERE n <> 0 ORDER BY series, a, b").fetchall()
+    assert tallies == [
+        ("attempts", "check", "start", 1),
+        ("outcomes", "check", "timeout", 1),
+        ("processes", "RUNNING", "", 1),
+        ("steps", "PENDING", "", 1),
+        ("steps", "STARTED", "", 1),
+    ]
