@@ -64,7 +64,13 @@ def settings():
 
 
 def existing_file(chosen):
-    """STEPD_DB's path, which must be a file: a command other than serve and migrate makes none."""
+    """STEPD_DB's path, which must be a file: a command other than serve and migrate makes none.
+    On PostgreSQL, only `stepd migrate` works yet (issue 20)."""
+    if config.is_postgres(chosen["STEPD_DB"]):
+        raise Refused(
+            f"STEPD_DB={config.shown_database(chosen['STEPD_DB'])} is a PostgreSQL database: "
+            "stepd's PostgreSQL backend is not complete yet, and only `stepd migrate` works on it"
+        )
     path = Path(chosen["STEPD_DB"])
     if not path.is_file():
         raise Refused(f"no database at {path} (STEPD_DB); run where the service runs, or set STEPD_DB to its file")
@@ -118,11 +124,28 @@ def http():
 @stepd.command()
 def migrate():
     """Make STEPD_DB if need be and bring its schema to this stepd's (a start does it too)."""
+    chosen = settings()
+    if config.is_postgres(chosen["STEPD_DB"]):
+        return migrate_postgres(chosen["STEPD_DB"])
     from stepd.db import SCHEMA_VERSION
 
-    chosen = settings()
     opened_store(chosen)
     click.echo(f"{chosen['STEPD_DB']}: schema version {SCHEMA_VERSION}")
+    return 0
+
+
+def migrate_postgres(url):
+    """`stepd migrate` on PostgreSQL: connect, and migrate under the advisory lock (postgres.py)."""
+    from stepd.model import Unusable
+    from stepd.postgres import SCHEMA_VERSION, PostgresDatabase
+
+    try:
+        applied = PostgresDatabase(url).prepare()
+    except Unusable as exc:
+        raise Refused(str(exc)) from None
+    shown = config.shown_database(url)
+    click.echo(f"{shown}: PostgreSQL schema version {SCHEMA_VERSION} ({applied} migration(s) applied now)")
+    return 0
 
 
 @stepd.command()
@@ -146,9 +169,12 @@ def check():
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 def backup(file):
     """Copy STEPD_DB to FILE, consistently, beside a running service (replaces FILE if it exists)."""
+    chosen = settings()
+    if config.is_postgres(chosen["STEPD_DB"]):
+        raise Refused("STEPD_DB is a PostgreSQL database: back it up with pg_dump (PostgreSQL's own tool)")
     if not file.parent.is_dir():
         raise Refused(f"no folder {file.parent} for the copy")
-    store = existing_store(settings())
+    store = existing_store(chosen)
     pages = store.db.backup(file)
     click.echo(f"Copied {pages} page(s) to {file}.")
 

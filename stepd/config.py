@@ -2,6 +2,8 @@
 
 import math
 import os
+import re
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 DEFAULTS = {
     "STEPD_DB": "var/stepd.db",
@@ -27,6 +29,10 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SYNC_MODES = ("full", "normal")
 # text: lines for people; json: one JSON object a line, for a log collector (logs.py).
 LOG_FORMATS = ("text", "json")
+# STEPD_DB: a path (or sqlite:///path) is an SQLite file; a URL of these schemes is a PostgreSQL
+# database (SPEC 12), as libpq spells it (postgresql://user:password@host:5432/name?options).
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 class ConfigError(ValueError):
@@ -57,10 +63,55 @@ def from_env(environ=None):
         raise ConfigError(f"STEPD_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
     # A relative path means one in the folder of the process that reads it; `stepd serve` passes
     # its children the absolute path, so the service started from any folder uses one database.
-    for key in ("STEPD_DB", "STEPD_DELEGATES_PATH"):
-        if settings[key]:
-            settings[key] = os.path.abspath(settings[key])
+    settings["STEPD_DB"] = database(settings["STEPD_DB"])
+    if settings["STEPD_DELEGATES_PATH"]:
+        settings["STEPD_DELEGATES_PATH"] = os.path.abspath(settings["STEPD_DELEGATES_PATH"])
     return settings
+
+
+def database(text):
+    """STEPD_DB as the rest of stepd reads it: an SQLite file's absolute path (from a path or from
+    sqlite:///path, where a fourth slash starts an absolute path, as SQLAlchemy reads it), or a
+    PostgreSQL URL as it was given. Any other URL is refused."""
+    match = URL_SCHEME.match(text)
+    if match is None:
+        return os.path.abspath(text)
+    scheme = match.group(1).lower()
+    if scheme in POSTGRES_SCHEMES:
+        return text
+    rest = text[match.end() :]  # after "sqlite://": an empty host, then the path
+    if scheme == "sqlite" and rest.startswith("/") and len(rest) > 1:
+        return os.path.abspath(rest[1:])
+    if scheme == "sqlite":
+        raise ConfigError(f"STEPD_DB={text} names no file: sqlite:///relative/path or sqlite:////absolute/path")
+    raise ConfigError(
+        f"STEPD_DB must be a file path, sqlite:///path or postgresql://user:password@host/db, not a {scheme}:// URL"
+    )
+
+
+def is_postgres(db):
+    """Whether STEPD_DB (as from_env left it) names a PostgreSQL database rather than an SQLite file."""
+    match = URL_SCHEME.match(db)
+    return match is not None and match.group(1).lower() in POSTGRES_SCHEMES
+
+
+def shown_database(db):
+    """STEPD_DB as it may be said in a line or a log: a PostgreSQL URL's password (in its user part or
+    as a password= option) replaced by ***; a path as it is."""
+    if not is_postgres(db):
+        return db
+    parts = urlsplit(db)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        if ":" in user:
+            user = user.split(":", 1)[0] + ":***"
+        netloc = f"{user}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def log_format(environ=None):

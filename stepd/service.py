@@ -92,7 +92,7 @@ def prepare_database(settings):
         ensure_first_token(store, settings["STEPD_TOKEN"], new_database)
         store.db.close()  # no open SQLite connection may cross a fork
     except (OSError, Unusable, Busy, Unwritable) as exc:
-        raise CannotStart(f"STEPD_DB={path} cannot be used: {exc}") from exc
+        raise CannotStart(f"STEPD_DB={config.shown_database(path)} cannot be used: {exc}") from exc
 
 
 def database_is_new(path):

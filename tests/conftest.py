@@ -23,8 +23,10 @@ from helpers import (
     SKIP,
     Api,
     Page,
+    PostgresCluster,
     Server,
     basic,
+    postgres_missing,
     queued_steps,
     wait_for,
 )
@@ -388,17 +390,54 @@ def app_with(tmp_path):
         stop_background(made, grace=0.5)
 
 
-# Every backend the store's contract suite (test_store.py) runs against.
-STORE_BACKENDS = ["sqlite"]
+# -- PostgreSQL: a server of the tests' own ------------------------------------------------------
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A PostgreSQL 15 cluster for this test process (helpers.PostgresCluster), started at its first
+    use and stopped at the end. Where Debian's postgresql-15 is not installed the tests that need it
+    are skipped, saying so; under CI (which installs it, .ci/run) they fail instead."""
+    why = postgres_missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs the PostgreSQL tests: {why}")
+        pytest.skip(why)
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
-@pytest.fixture(params=STORE_BACKENDS)
-def open_store(request, tmp_path):
-    """Opens stores on one fresh, migrated database of each backend; each call is another
-    connection to it, as another worker process would have."""
-    path = tmp_path / "contract.db"
+@pytest.fixture
+def postgres_url(postgres_cluster):
+    """The URL of a fresh, empty database of the session's cluster, dropped after the test."""
+    url = postgres_cluster.new_database()
+    yield url
+    postgres_cluster.drop_database(url)
+
+
+# -- the store's contract suite: one factory per backend ----------------------------------------
+def sqlite_backend(request):
+    """SQLite: a file of the test's own, migrated; each store opened on it has a Database (so a
+    connection, and a writer) of its own."""
+    path = request.getfixturevalue("tmp_path") / "contract.db"
     Database(path).prepare()
     return lambda: Store(Database(path))
+
+
+# Every backend the store's contract suite (test_store.py) runs against: a factory each, called with
+# the test's request (to ask for the fixtures it needs, as a PostgreSQL backend will ask for
+# postgres_url), returning what opens stores on one fresh, migrated database of its own. A backend
+# joins the suite by its factory's being added here; the tests' ids name it (`[sqlite]`).
+STORE_BACKENDS = [sqlite_backend]
+
+
+@pytest.fixture(params=STORE_BACKENDS, ids=lambda backend: backend.__name__.removesuffix("_backend"))
+def open_store(request):
+    """Opens stores on one fresh, migrated database of each backend; each call is another
+    connection to it, as another worker process would have."""
+    return request.param(request)
 
 
 @pytest.fixture

@@ -90,3 +90,58 @@ def test_sync_setting_reaches_sqlite(tmp_path, value, pragma):
     settings = config.from_env({"STEPD_SYNC": value})
     database = Database(tmp_path / "s.db", settings["STEPD_SYNC"])
     assert database.connection().execute("PRAGMA synchronous").fetchone()[0] == pragma
+
+
+# -- STEPD_DB: a path, sqlite:///path or a PostgreSQL URL --------------------------------------------
+@pytest.mark.parametrize(
+    ("value", "path"),
+    [
+        ("data/s.db", "data/s.db"),  # a relative path, as ever
+        ("sqlite:///data/s.db", "data/s.db"),  # three slashes: relative (SQLAlchemy's reading)
+        ("sqlite:////abs/s.db", "/abs/s.db"),  # a fourth: absolute
+        ("SQLite:////abs/s.db", "/abs/s.db"),
+    ],
+)
+def test_a_path_or_an_sqlite_url_is_an_sqlite_file(tmp_path, monkeypatch, value, path):
+    monkeypatch.chdir(tmp_path)
+    db = config.from_env({"STEPD_DB": value})["STEPD_DB"]
+    assert db == str(tmp_path / path) if not path.startswith("/") else db == path
+    assert not config.is_postgres(db)
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://stepd:pw@db.example:5432/stepd", "postgres://db/stepd", "POSTGRESQL://u@h/d?sslmode=require"]
+)
+def test_a_postgresql_url_is_kept_as_given_and_selects_postgresql(url):
+    db = config.from_env({"STEPD_DB": url})["STEPD_DB"]
+    assert db == url and config.is_postgres(db)
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("mysql://u@h/d", "not a mysql:// URL"),
+        ("postgresql+psycopg://u@h/d", "not a postgresql+psycopg:// URL"),
+        ("sqlite://", "names no file"),
+        ("sqlite:///", "names no file"),
+        ("sqlite://host/s.db", "names no file"),
+    ],
+)
+def test_any_other_database_url_is_refused_in_one_line(value, why):
+    with pytest.raises(config.ConfigError, match="STEPD_DB") as refused:
+        config.from_env({"STEPD_DB": value})
+    assert why in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://stepd:s3cret@db:5432/stepd", "postgresql://stepd:***@db:5432/stepd"),
+        ("postgresql://stepd@db/stepd", "postgresql://stepd@db/stepd"),
+        ("postgres://db/stepd?password=s3cret&sslmode=require", "postgres://db/stepd?password=***&sslmode=require"),
+        ("postgresql://u:p%40ss@db/d", "postgresql://u:***@db/d"),
+        ("/var/lib/stepd/stepd.db", "/var/lib/stepd/stepd.db"),
+    ],
+)
+def test_a_database_is_said_without_its_password(url, shown):
+    assert config.shown_database(url) == shown

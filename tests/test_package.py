@@ -1,5 +1,6 @@
-"""What the package promises of its processes: a runner loads neither Flask nor gunicorn, and a
-process that used stepd leaves no unclosed socket behind at its exit."""
+"""What the package promises of its processes: a runner loads neither Flask nor gunicorn, a node on
+an SQLite file loads no PostgreSQL driver, and a process that used stepd leaves no unclosed socket
+behind at its exit."""
 
 import subprocess
 import sys
@@ -15,6 +16,20 @@ def test_a_runner_process_imports_no_http_framework():
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_node_on_an_sqlite_file_imports_no_postgresql_driver(tmp_path):
+    """psycopg (postgres.py) is loaded for a postgresql:// STEPD_DB only: an app built on a file,
+    and every module a start imports, leave it out."""
+    code = (
+        f"{RUNNER_IMPORTS}, stepd.app, stepd.front, stepd.invariants\n"
+        "from stepd.app import create_app\n"
+        f"create_app({{'STEPD_DB': {str(tmp_path / 'n.db')!r}}})\n"
+        "import sys; print(sorted(m for m in sys.modules if m.startswith(('psycopg', 'stepd.postgres'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_no_resource_warning_at_a_process_exit(tmp_path):

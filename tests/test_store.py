@@ -1,8 +1,8 @@
 """The store's contract: transitions, compare-and-set under threads, runners, answers, tokens.
 
 Every test of the contract speaks only the store's own verbs, never SQL, through the
-`open_store` fixture (conftest.py), which runs it against each backend in STORE_BACKENDS;
-a second backend passes by being added there. The query plans at the end are SQLite's own.
+`open_store` fixture (conftest.py), which runs it against each backend factory in STORE_BACKENDS;
+a second backend passes by its factory's being added there. The query plans at the end are SQLite's own.
 """
 
 import threading
