@@ -365,6 +365,26 @@ def seed_file(db, fail=0, defer=0, read=0, verify=0, filler_processes=0):
 SAME_VALUE = {"status", "params", "attempts", "error_type", "error_message", "deferred", "trigger", "principal"}
 
 
+def seeded_differences(db, made_id, seeded_id):
+    """How the rows of the seeded FAILED step `seeded_id` (its step, attempt and process) differ from
+    those of `made_id`, a step the service failed itself: a column of SAME_VALUE with another value,
+    any other column (ids, times, the request id) with another type. [] when none does."""
+    differences = []
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.row_factory = sqlite3.Row
+        for sql in (
+            "SELECT * FROM steps WHERE id = ?",
+            "SELECT * FROM attempts WHERE step_id = ?",
+            "SELECT p.* FROM processes p JOIN steps s ON s.process_id = p.id WHERE s.id = ?",
+        ):
+            made, seeded = (dict(conn.execute(sql, (key,)).fetchone()) for key in (made_id, seeded_id))
+            for column, value in made.items():
+                same = value == seeded[column] if column in SAME_VALUE else type(value) is type(seeded[column])
+                if not same and column != "name":
+                    differences.append(f"seeded {column} is {seeded[column]!r}; the service wrote {value!r}")
+    return differences
+
+
 def check_seed(server, db, step_id):
     """A seeded step looks like one the service failed itself, and restarts through the API."""
     status, body = api(server, "POST", "/api/v1/processes", {"steps": [{"type": "bench.fail"}]})
@@ -374,21 +394,8 @@ def check_seed(server, db, step_id):
     while api(server, "GET", f"/api/v1/processes/steps/{real}")[1]["data"]["status"] != "FAILED":
         assert time.monotonic() < deadline, "the service's own bench.fail step did not fail"
         time.sleep(0.05)
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        conn.row_factory = sqlite3.Row
-
-        def one(sql, key):
-            return dict(conn.execute(sql, (key,)).fetchone())
-
-        for sql in (
-            "SELECT * FROM steps WHERE id = ?",
-            "SELECT * FROM attempts WHERE step_id = ?",
-            "SELECT p.* FROM processes p JOIN steps s ON s.process_id = p.id WHERE s.id = ?",
-        ):
-            made, seeded = one(sql, real), one(sql, step_id)
-            for column, value in made.items():
-                same = value == seeded[column] if column in SAME_VALUE else type(value) is type(seeded[column])
-                assert same or column == "name", f"seeded {column} is {seeded[column]!r}; the service wrote {value!r}"
+    differences = seeded_differences(db, real, step_id)
+    assert not differences, "; ".join(differences)
     status, body = api(server, "POST", "/api/v1/processes/restart-failed-step", {"processStepId": step_id})
     assert status == 200, body
     deadline = time.monotonic() + 10

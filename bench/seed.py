@@ -10,6 +10,7 @@ from stepd.model import new_id, now_iso, params_to_json
 
 PRINCIPAL = "env"  # the name of the STEPD_TOKEN operator, which the benchmark uses
 BATCH = 20_000  # processes per transaction
+REQUEST_ID = "bench-seed"  # the X-Request-Id the seeded attempts were begun by (one made-up request)
 
 
 def open_db(path):
@@ -85,7 +86,7 @@ def _insert(db, processes, steps, attempts):
     )
     db.executemany(
         "INSERT INTO attempts (step_id, attempt, trigger, principal, params, status, error_type, error_message,"
-        " started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        attempts,
+        " started_at, finished_at, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(*attempt, REQUEST_ID) for attempt in attempts],
     )
     db.execute("COMMIT")

@@ -44,6 +44,11 @@ def test_every_line_of_a_full_run_is_json_with_the_documented_fields(server_fact
     server.wait_step(step_id, "FAILED")
     bad = server.post(RESTART, {"processStepId": step_id, "params": {"ok": "one"}}, headers={"X-Request-Id": "rid-b"})
     assert bad.status_code == 412
+    failing_again = server.post(
+        RESTART, {"processStepId": step_id, "params": typed(ok=2)}, headers={"X-Request-Id": "r"}
+    )
+    assert failing_again.status_code == 200
+    wait_for(lambda: server.step(step_id)["attempts"] == 2 and server.step(step_id)["status"] == "FAILED")
     restarted = server.post(RESTART, {"processStepId": step_id, "params": typed(ok=1)}, headers={"X-Request-Id": "c"})
     assert restarted.status_code == 200
     server.wait_step(step_id, "COMPLETED")
@@ -93,7 +98,12 @@ def test_every_line_of_a_full_run_is_json_with_the_documented_fields(server_fact
     assert failed[0]["request_id"] == "rid-a" and traceback["request_id"] == "rid-a"
     said = {e["attempt"]: e for e in lines if e["logger"] == "stepd.delegate.check"}
     assert (said[1]["request_id"], said[1]["msg"]) == ("rid-a", "checking ok=0")
-    assert (said[2]["request_id"], said[2]["msg"]) == ("c", "checking ok=1")
+    assert (said[2]["request_id"], said[2]["msg"]) == ("r", "checking ok=2")
+    assert (said[3]["request_id"], said[3]["msg"]) == ("c", "checking ok=1")
+    # a restart's id: on its access line, the runner's line for its attempt, its delegate's line
+    assert access["r"]["route"] == RESTART and access["r"]["status"] == 200
+    [runner_line] = [e for e in lines if e["logger"] == "stepd.runner" and "attempt 2 failed" in e["msg"]]
+    assert (runner_line["request_id"], runner_line["step_id"]) == ("r", step_id)
     assert access["c"]["route"] == RESTART and access["c"]["status"] == 200
     refusal = next(e for e in lines if e["logger"] != "gunicorn.access" and e.get("request_id") == "rid-b")
     assert refusal["level"] == "DEBUG" and "refused POST" in refusal["msg"] and "params" in refusal["msg"]
