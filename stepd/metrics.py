@@ -11,26 +11,35 @@ Two kinds of series, by where their truth is kept:
   few rows on a read connection, never the write lock, and the counters count the work of every
   process that writes the file, never going backwards when a runner, the node or the whole
   service is replaced (nor when retention deletes what they counted).
-- **In this process's memory**: the histograms of step durations and queue times, which need the
-  node's clock (the database keeps milliseconds; a queue time is often less than one), and the
-  HTTP series. The node sends every attempt and receives every outcome, so these count every
-  runner's work, and a runner's death takes nothing from them; a reload (a new node process)
-  starts them again from zero, a counter reset that Prometheus's `rate()` and `increase()` take
-  in their stride.
+- **In the node's memory, kept across its replacement**: the histograms of step durations and queue
+  times, which need the node's clock (the database keeps milliseconds; a queue time is often less
+  than one), and the HTTP series. The node sends every attempt and receives every outcome, so
+  these count every runner's work, and a runner's death takes nothing from them. Under `stepd
+  serve` (or `stepd http`) they are prometheus-client's multiprocess values: each node writes
+  them to files in a folder that the HTTP front's master makes for the service's run
+  (`service.metrics_folder`), and a scrape sums the files of every node the run had. So a reload,
+  which replaces the node, takes nothing from them either; a restart of the service starts them
+  from zero (a counter reset, which Prometheus's `rate()` and `increase()` take in their stride).
+  In a process without that folder (the tests' app) they are this process's own.
 """
 
+import os
 import threading
 import time
 from collections import OrderedDict
 from datetime import datetime
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client import disable_created_metrics as _disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from stepd.liveness import runner_is_alive
 from stepd.model import COMPLETED, FAILED, VERSION
+
+# Whether prometheus-client keeps the values below in its multiprocess files: it decides when it is
+# imported, by this variable, which `stepd http` sets for its workers (service.metrics_folder).
+MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
 
 # The text format's version 0.0.4, which every Prometheus reads (the body is the same in 1.0.0 with these names).
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -237,14 +246,18 @@ def _seconds(text):
 
 
 class _Scrape:
-    """What one scrape exposes: the database's series, then this process's."""
+    """What one scrape exposes: the database's series, then the node's (summed over the files of
+    every node of this run, in the multiprocess folder; else this process's)."""
 
     def __init__(self, store):
         self.store = store
 
     def collect(self):
         yield from collect_from(self.store)
-        yield from registry.collect()
+        if MULTIPROCESS:
+            yield from multiprocess.MultiProcessCollector(CollectorRegistry()).collect()
+        else:
+            yield from registry.collect()
 
 
 def exposition(store):

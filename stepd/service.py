@@ -20,13 +20,16 @@ everything stops. SIGTERM or SIGINT to this process (or to its process group) st
 cleanly: the runners give their delegates STOP_GRACE_SECONDS.
 """
 
+import contextlib
 import errno
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +43,7 @@ STOP_SECONDS = 20.0  # how long a stop waits for the children before it kills th
 RELOAD_SECONDS = 10.0  # how long a reload waits for gunicorn to fork the new node
 # Set for the children of `stepd serve`: its checks have run, and what they found was said once.
 CHECKED = "STEPD_PREFLIGHT_DONE"
+PROMETHEUS_FOLDER = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's variable for its multiprocess files
 
 
 class CannotStart(Exception):
@@ -332,10 +336,26 @@ def runner_main():
 def http_main():
     """`stepd http`: the HTTP front alone (serve starts it). Started by hand, it makes the same
     checks as serve first; under serve (CHECKED set) they were just made."""
-    from stepd import front
-
     settings = start_settings("stepd.service")
     if settings is None or (not os.environ.get(CHECKED) and checked(settings) is None):
         return REFUSED
-    front.serve(settings)
+    with metrics_folder():
+        from stepd import front  # after the folder is in the environment: prometheus-client reads it on import
+
+        front.serve(settings)
     return 0
+
+
+@contextlib.contextmanager
+def metrics_folder():
+    """A folder for the node's metrics (metrics.py) that outlives each node: gunicorn's master makes
+    it before anything imports prometheus-client, so its workers (each a node; a reload replaces
+    it) write their values there as files, and a scrape sums them all. Deleted when the master
+    stops: a restart of the service starts those series from zero."""
+    folder = tempfile.mkdtemp(prefix="stepd-metrics-")
+    os.environ[PROMETHEUS_FOLDER] = folder
+    try:
+        yield folder
+    finally:
+        os.environ.pop(PROMETHEUS_FOLDER, None)
+        shutil.rmtree(folder, ignore_errors=True)
