@@ -44,6 +44,7 @@ RELOAD_SECONDS = 10.0  # how long a reload waits for gunicorn to fork the new no
 # Set for the children of `stepd serve`: its checks have run, and what they found was said once.
 CHECKED = "STEPD_PREFLIGHT_DONE"
 PROMETHEUS_FOLDER = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's variable for its multiprocess files
+METRICS_FOLDER_PREFIX = "stepd-metrics-"  # then the HTTP front's pid, a dash, random letters
 
 
 class CannotStart(Exception):
@@ -346,13 +347,33 @@ def http_main():
     return 0
 
 
+def remove_folders_of_gone_fronts(root):
+    """Delete the metrics folders under `root` whose HTTP front (the pid in the name) is gone."""
+    for folder in root.glob(f"{METRICS_FOLDER_PREFIX}*-*"):
+        pid = folder.name[len(METRICS_FOLDER_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)  # another user's stays: not ours to delete
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def metrics_folder():
     """A folder for the node's metrics (metrics.py) that outlives each node: gunicorn's master makes
     it before anything imports prometheus-client, so its workers (each a node; a reload replaces
     it) write their values there as files, and a scrape sums them all. Deleted when the master
-    stops: a restart of the service starts those series from zero."""
-    folder = tempfile.mkdtemp(prefix="stepd-metrics-")
+    stops: a restart of the service starts those series from zero. A master that was killed
+    (SIGKILL) cannot delete its own: the next one to start deletes those whose master is gone."""
+    remove_folders_of_gone_fronts(Path(tempfile.gettempdir()))
+    folder = tempfile.mkdtemp(prefix=f"{METRICS_FOLDER_PREFIX}{os.getpid()}-")
     os.environ[PROMETHEUS_FOLDER] = folder
     try:
         yield folder

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -34,6 +35,7 @@ from helpers import (
 from stepd.app import create_app, start_background, stop_background
 from stepd.auth import hash_secret
 from stepd.db import Database
+from stepd.service import remove_folders_of_gone_fronts
 from stepd.store import Store
 
 # Fixtures that start real service processes: a test that uses one is slow.
@@ -448,9 +450,11 @@ def contract_store(open_store):
 
 def pytest_sessionfinish(session):
     """In a test process of pytest-xdist (`make test` runs two): hand this process's reliability
-    figures to the main one."""
+    figures to the main one. Then delete the metrics folders of the services the tests killed
+    (SIGKILL leaves them in the temporary folder; the next `stepd serve` would delete them too)."""
     if hasattr(session.config, "workeroutput"):
         session.config.workeroutput["stepd_figures"] = json.dumps(FIGURES)
+    remove_folders_of_gone_fronts(Path(tempfile.gettempdir()))
 
 
 @pytest.hookimpl(optionalhook=True)

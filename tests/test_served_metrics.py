@@ -90,16 +90,24 @@ def test_a_reload_takes_nothing_from_any_counter(server_factory, tmp_path):
 
 
 def test_the_metrics_folder_goes_with_the_service(server_factory, tmp_path):
-    """The node writes its series into the folder of the service's run, which a stop deletes."""
-    server = server_factory(db_path=tmp_path / "folder.db", runners=1).start()
+    """The node writes its series into the folder of the service's run, which a stop deletes; the
+    folder a killed service left is deleted by the next start, another live one's is not."""
+    temporary = tmp_path / "tmp"  # the service's temporary folder (TMPDIR), where it makes the run's
+    killed = temporary / "stepd-metrics-999999999-abc"  # no process has this pid (above pid_max)
+    alive = temporary / f"stepd-metrics-{os.getpid()}-abc"
+    for folder in (killed, alive):
+        folder.mkdir(parents=True)
+        (folder / "counter_1.db").write_bytes(b"")
+    server = server_factory(db_path=tmp_path / "folder.db", runners=1, extra_env={"TMPDIR": str(temporary)}).start()
+    assert not killed.exists() and alive.exists()
     scrape(server)
-    (runner,) = (
-        server.runner_pids()
-    )  # exec'd by the node with its environment (the node is forked: /proc shows its master's first one)
+    # A runner is exec'd by the node with its environment (the node itself is forked: its /proc
+    # environ is its master's first one).
+    (runner,) = server.runner_pids()
     environment = Path(f"/proc/{runner}/environ").read_bytes().split(b"\0")
     [folder] = [
         entry.split(b"=", 1)[1].decode() for entry in environment if entry.startswith(b"PROMETHEUS_MULTIPROC_DIR=")
     ]
-    assert any(Path(folder).glob("*.db")), "the node wrote no value there"
+    assert Path(folder).parent == temporary and any(Path(folder).glob("*.db")), "the node wrote no value there"
     assert server.stop() == 0
     assert not Path(folder).exists()
