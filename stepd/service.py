@@ -373,10 +373,14 @@ def metrics_folder():
     stops: a restart of the service starts those series from zero. A master that was killed
     (SIGKILL) cannot delete its own: the next one to start deletes those whose master is gone."""
     remove_folders_of_gone_fronts(Path(tempfile.gettempdir()))
-    folder = tempfile.mkdtemp(prefix=f"{METRICS_FOLDER_PREFIX}{os.getpid()}-")
+    master = os.getpid()
+    folder = tempfile.mkdtemp(prefix=f"{METRICS_FOLDER_PREFIX}{master}-")
     os.environ[PROMETHEUS_FOLDER] = folder
     try:
         yield folder
     finally:
-        os.environ.pop(PROMETHEUS_FOLDER, None)
-        shutil.rmtree(folder, ignore_errors=True)
+        # The workers are forked inside this block, and one that exits (a reload replaces it)
+        # unwinds through it too: only the master deletes the folder, at its own end.
+        if os.getpid() == master:
+            os.environ.pop(PROMETHEUS_FOLDER, None)
+            shutil.rmtree(folder, ignore_errors=True)

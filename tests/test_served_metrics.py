@@ -78,6 +78,8 @@ def test_a_reload_takes_nothing_from_any_counter(server_factory, tmp_path):
     wait_for(lambda: server.worker_pids() and server.worker_pids() != [node], timeout=20, what="a new node")
     wait_for(lambda: metric(scrape(server), "stepd_runners_alive") == 1, timeout=20, what="its runner")
     server.wait_process(server.start_process(("noop", {}))["processId"], "COMPLETED")  # run by the new node
+    # The old node has exited (its series, in the run's folder, still count; its exit deletes nothing).
+    wait_for(lambda: not Path(f"/proc/{node}").exists(), timeout=20, what="the old node to exit")
     after = scrape(server)
     assert not went_back(before, after, kinds(server))
     assert metric(after, "stepd_step_attempts_total", type="noop", trigger="start") == 3
