@@ -119,10 +119,13 @@ class Converter(OpenAPIConverter):
         if isinstance(field, s.Params):
             if isinstance(field, s.RestartParams):
                 return nullable(ref("RestartParams"), description) if field.allow_none else ref("RestartParams")
-            # Params or null in one schema ("type": ["object", "null"]), not `anyOf` [Params, null]: with
-            # the latter, schemathesis's fuzzing fails on some seeds ("a `not` whose complement is not
-            # spelled out", skip-step's result, seed 65754218390759485662110192263885010472).
-            return ref("NullableParams" if field.allow_none else "Params")
+            # skip-step's result: Params or null in one schema ("type": ["object", "null"]), not `anyOf`
+            # [Params, null], with which schemathesis's fuzzing failed on some seeds ("a `not` whose
+            # complement is not spelled out", seed 65754218390759485662110192263885010472). The other
+            # nullable Params keep anyOf: a generated client then takes a Params for them, as before.
+            if field.allow_none and field.metadata.get("one_nullable_component"):
+                return ref("NullableParams")
+            return nullable(ref("Params"), description) if field.allow_none else ref("Params")
         if isinstance(field, s.Variables):
             return ref("Variables")
         enum = self._enum_component(field)
