@@ -218,12 +218,13 @@ class Dispatcher:
 
     def _will_not_send(self, link, jobs):
         """`jobs` were begun in a group that failed before its end took them: their places are free."""
+        dropped = {id(job) for job in jobs}
         waiting = self._to_send.get(link, [])
-        dropped = [job for job in jobs if any(job is other for other in waiting)]
-        if dropped:
-            self._to_send[link] = [job for job in waiting if all(job is not other for other in dropped)]
+        kept = [job for job in waiting if id(job) not in dropped]
+        if len(kept) < len(waiting):
+            self._to_send[link] = kept
             with self._lock:
-                link.reserved -= len(dropped)
+                link.reserved -= len(waiting) - len(kept)
 
     def _take_what_to_send(self, conn):
         """Last at the end of a group: what it claimed and began, to send once it committed (or
