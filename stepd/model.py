@@ -4,11 +4,13 @@ record of one attempt, and the domain's errors.
 It imports nothing of stepd, so any module may import it.
 """
 
+import base64
 import contextvars
 import json
 import math
 import secrets
 import sys
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -50,9 +52,27 @@ VALUE_TYPES = ("STRING", "LONG", "DOUBLE")
 current_request_id = contextvars.ContextVar("stepd_request_id", default=None)
 
 
+# Ids are 22 URL-safe characters: 42 bits of the time in milliseconds (until 2109), then 90 random
+# bits, in an alphabet whose ASCII order is its value order, so ids sort by the millisecond they
+# were made.
+# Why: rows made together then sit together in every index keyed by an id (steps.id, attempts'
+# (step_id, attempt), processes.id). With random ids each step's transition wrote a random page of
+# each such index: 98 KiB written per group of 4 steps against 69 KiB, and 25-40% more steps/s,
+# measured over 10^5 stored steps. 90 random bits keep an id unguessable, and unique: two ids of
+# the same millisecond collide with a chance of 2^-90. An id never starts with "-" (that would be
+# before 1972), so a command line never takes one for an option.
+ID_ALPHABET = b"-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
+_BASE64URL = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_TO_SORTED = bytes.maketrans(_BASE64URL, ID_ALPHABET)
+ID_RANDOM_BITS = 90
+
+
 def new_id():
-    """An opaque URL-safe id (22 characters, 128 random bits)."""
-    return secrets.token_urlsafe(16)
+    """An opaque URL-safe id (22 characters) that sorts by the millisecond it was made."""
+    bits = (time.time_ns() // 1_000_000) << ID_RANDOM_BITS | secrets.randbits(ID_RANDOM_BITS)  # 132 bits
+    # 132 bits are 22 base64 digits: as 18 bytes (shifted to their top), the first 22 of 24 digits.
+    digits = base64.urlsafe_b64encode((bits << 12).to_bytes(18, "big"))[:22]
+    return digits.translate(_TO_SORTED).decode("ascii")
 
 
 def iso(moment):

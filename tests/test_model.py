@@ -2,6 +2,7 @@
 
 import math
 import re
+import time
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -44,6 +45,20 @@ def test_untyped_results_are_refused(outcome):
 def test_ids_are_url_safe_and_distinct():
     ids = {new_id() for _ in range(1000)}
     assert len(ids) == 1000 and all(re.fullmatch(ID_PATTERN, i) for i in ids)
+
+
+def test_ids_sort_by_the_millisecond_they_were_made():
+    earlier = [new_id() for _ in range(100)]
+    time.sleep(0.002)
+    later = new_id()
+    assert all(len(i) == 22 and not i.startswith("-") for i in [*earlier, later])
+    assert max(earlier) < later  # ASCII order: the alphabet is in its value order
+
+
+def test_ids_of_one_millisecond_differ_in_their_random_part():
+    ids = [new_id() for _ in range(2000)]
+    assert len(set(ids)) == 2000
+    assert len({i[7:] for i in ids}) == 2000  # the 42 bits of time are the first 7 characters
 
 
 def test_times_are_utc_with_milliseconds_and_sort_as_text():

@@ -20,7 +20,7 @@ expect.set_options(timeout=10_000)  # a loaded machine (two test processes, a se
 
 
 def unique(prefix):
-    return f"{prefix}-{new_id()[:10]}"
+    return f"{prefix}-{new_id()[-10:]}"  # the random end (an id starts with its time)
 
 
 def failed_step(served, *steps, name=None):
