@@ -247,6 +247,7 @@ def start_node(app, runner_processes):
     if stepd.node is None:
         stepd.node = make_node(stepd.store, stepd.registry, app.config)
         stepd.node.start(runner_processes)
+        stepd.engine.admission = stepd.node.admission
     return stepd.node
 
 
@@ -265,4 +266,5 @@ def stop_background(app, grace=STOP_GRACE_SECONDS):
     if stepd.node is not None:
         stepd.node.stop(grace=grace)
         stepd.node = None
+        stepd.engine.admission = None
     stepd.runner = None

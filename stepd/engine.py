@@ -23,6 +23,9 @@ class Engine:
         self.store = store
         self.registry = registry
         self.started = time.monotonic()
+        # The node's (start_node): new processes wait while it is crowded (admission.py). A process
+        # with no node (the commands, a second app in the tests) has nothing to wait for.
+        self.admission = None
 
     # -- processes -------------------------------------------------------------------------
     def start_process(self, name, steps, principal):
@@ -34,6 +37,8 @@ class Engine:
         }
         if unknown:
             raise PreconditionFailed({"steps": unknown})
+        if self.admission is not None:
+            self.admission.wait()
         process, _job = self.store.create_process(name, steps, principal, None)
         return process
 

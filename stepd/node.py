@@ -6,7 +6,7 @@ watched, started again when one dies), the chores, and the socket where `stepd r
 processes started by hand attach. The HTTP front serves the API from the same process (front.py:
 no hand-off between a request and its write).
 
-    node                       HTTP (gevent), the writer, the dispatcher, the chores
+    node                       HTTP (gevent), the writer, the dispatcher, admission, the chores
     └── STEPD_RUNNERS × python -m stepd runner     delegates run here, and only here
 
 The tests run a node inside their own process, with its runners on threads (`start_background`).
@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from stepd.admission import MEASURE_SECONDS, Admission
 from stepd.channel import Channel, node_address
 from stepd.dispatch import Dispatcher
 from stepd.liveness import die_with_parent
@@ -73,11 +74,13 @@ class Node:
         # gunicorn clears the moment a reload (or a stop) tells the worker to go.
         self.current = lambda: True
         self.dispatcher = Dispatcher(store, self._stopping_reason, lambda: self.current())
+        self.admission = Admission(store)  # whether new processes wait: the engine asks it
         # The dispatcher's own work, on a thread of its own: no housekeeping chore may delay it.
         self.ticks = [
             Chore("watch", WATCH_SECONDS, self.dispatcher.let_go_of_ended),
             Chore("poll", POLL_SECONDS, self._poll),
             Chore("heartbeat", HEARTBEAT_SECONDS, self.dispatcher.beat),
+            Chore("admission", MEASURE_SECONDS, self.admission.measure),
         ]
         self.chores = list(chores)  # housekeeping (wiring.chores): checkpoint, orphan sweep, answers, retention
         self.processes = {}  # slot -> Popen of a runner process, or None while it waits to start again
