@@ -687,8 +687,8 @@ def summarize_profile(text, top=30):
     inclusive, own, lines, total = {}, {}, {}, 0
     for line in text.splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
+        if not stack or not count.isdigit():
+            continue  # a docstring's lines, where py-spy names a frame by one (a module's, say)
         count = int(count)
         total += count
         frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]

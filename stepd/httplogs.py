@@ -45,10 +45,8 @@ class GunicornLogger(glogging.Logger):
         if not self.access_log_enabled:
             return
         status = _status_code(resp)
-        atoms = self.atoms(resp, req, environ, request_time)
-        atoms["s"] = str(status)  # the status the client got (see _status_code)
-        atoms = self.atoms_wrapper_class(atoms)
         headers = {name.lower(): value for name, value in resp.headers}
+        atoms = self.atoms_wrapper_class(_atoms(resp, environ, request_time, status, headers))
         fields = {
             "request_id": headers.get("x-request-id"),
             "principal": environ.get("stepd.principal"),
@@ -63,6 +61,21 @@ class GunicornLogger(glogging.Logger):
             self.access_log.info(self.cfg.access_log_format, atoms, extra=fields)
         except Exception:
             self.exception("could not write an access log line")
+
+
+def _atoms(resp, environ, request_time, status, headers):
+    """The atoms front.py's access_log_format uses, and only those: gunicorn's own `atoms` also
+    formats the time and copies every request and response header (3-5% of a request's CPU), for
+    atoms this format never names. An atom missing here is printed "-" (the wrapper's default)."""
+    atoms = {
+        "h": environ.get("REMOTE_ADDR", "-"),
+        "r": f"{environ['REQUEST_METHOD']} {environ['RAW_URI']} {environ['SERVER_PROTOCOL']}",
+        "s": str(status),  # the status the client got (see _status_code)
+        "B": getattr(resp, "sent", None),
+        "M": request_time.seconds * 1000 + request_time.microseconds // 1000,
+    }
+    atoms.update({f"{{{name}}}o": value for name, value in headers.items()})
+    return atoms
 
 
 def _status_code(resp):
