@@ -658,6 +658,32 @@ def test_finding_running_steps_reads_only_running_steps(tmp_path):
     assert "steps_running" in _plan(sqlite, st.EXECUTING_STEPS + " AND runner_id = ?", ("r",))
 
 
+def test_the_orphan_sweep_reads_no_queued_attempt(tmp_path):
+    sqlite = sqlite_store(tmp_path)
+    # Under a backlog the queue is most of steps_running; the sweep runs every second.
+    plan = _plan(sqlite, st.EXECUTING_STEPS + " AND runner_id IS NOT NULL")
+    assert "steps_running (runner_id>?)" in plan, plan
+
+
+def test_a_completion_that_begins_the_next_step_only_touches_its_running_process(tmp_path):
+    sqlite = sqlite_store(tmp_path)
+    process, job = started_process(sqlite, "a", "b")
+    time.sleep(0.002)  # a later millisecond: updated_at must move
+    next_job = sqlite.finish_attempt(job, COMPLETED, runner_id="r1")
+    after = sqlite.get_process(process["id"])
+    assert next_job is not None and after["status"] == "RUNNING"
+    assert after["updated_at"] > process["updated_at"]
+
+
+def test_a_process_that_was_not_running_gets_the_full_refresh(tmp_path):
+    sqlite = sqlite_store(tmp_path)
+    process, job = started_process(sqlite, "a", "b")
+    with sqlite.db.transaction() as conn:  # a status no store verb leaves here: the refresh puts it right
+        conn.execute("UPDATE processes SET status = 'FAILED' WHERE id = ?", (process["id"],))
+    sqlite.finish_attempt(job, COMPLETED, runner_id="r1")
+    assert sqlite.get_process(process["id"])["status"] == "RUNNING"
+
+
 def test_looking_for_due_retries_reads_only_waiting_steps(tmp_path):
     sqlite = sqlite_store(tmp_path)
     plan = _plan(sqlite, st.DUE_RETRIES, ("t", 1))
