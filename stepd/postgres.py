@@ -370,9 +370,10 @@ def migrate(conn, url):
 # -- the store's SQL, as psycopg takes it ------------------------------------------------------------
 # The store writes each statement once, as sqlite3 takes it: `?` and `:name` marks, and two hints
 # that only SQLite's planner reads (`INDEXED BY index`, and `+column`, which keeps SQLite off that
-# column's index). psycopg's marks are `%s` and `%(name)s` (so a literal `%` is written `%%`), and
-# PostgreSQL's planner needs neither hint. Quoted text and `::` casts are left as they are. The
-# store writes arithmetic with a space after `+`, so a `+` stuck to a name is always the hint.
+# column's index). psycopg's marks are `%s` and `%(name)s`, and it reads a `%` anywhere, quoted text
+# included, so every other `%` is written `%%`; PostgreSQL's planner needs neither hint. In quoted
+# text nothing else changes, nor in `::` casts. The store writes arithmetic with a space after `+`,
+# so a `+` stuck to a name is always the hint.
 SQLITE_SPELLINGS = re.compile(r"'(?:[^']|'')*'|::|\?|:(\w+)|%|\s+INDEXED BY \w+|\+(?=[A-Za-z_])")
 
 
@@ -384,7 +385,9 @@ def _respelt(match):
         return "%s"
     if token == "%":
         return "%%"
-    if token.startswith("'") or token == "::":
+    if token.startswith("'"):
+        return token.replace("%", "%%")
+    if token == "::":
         return token
     return ""  # a hint for SQLite's planner
 
