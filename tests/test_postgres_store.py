@@ -1,6 +1,6 @@
 """PostgreSQL under the store (postgres.py): the store's SQL respelt for psycopg, rows read as
 sqlite3.Row is, PostgreSQL's errors as the domain's, the writer's transactions and the read
-snapshots, the claims that skip what another holds, and the tallies' log of changes.
+snapshots, the claims that skip what another holds, and `stepd check` on a PostgreSQL URL.
 
 What every backend must do is test_store.py's contract; these are what PostgreSQL adds to get there.
 Each test gets a fresh database of the test process's own cluster (fixture postgres_url).
@@ -12,7 +12,7 @@ import time
 
 import psycopg
 import pytest
-from helpers import all_at_once
+from helpers import all_at_once, run_cli
 
 from stepd import postgres
 from stepd.model import Busy, Conflict, Unavailable, Unwritable
@@ -332,3 +332,27 @@ def test_a_checkpoint_folds_the_tallies_into_a_row_each_keeping_their_sums(store
     assert after["outcomes"] == [("a", "completed", 5)]
     count, keys = admin.execute("SELECT count(*), count(DISTINCT (series, a, b)) FROM tally").fetchone()
     assert count == keys < rows
+
+
+# -- stepd check --------------------------------------------------------------------------------------------
+def test_stepd_check_reads_a_postgresql_database_and_finds_what_is_broken(stores, postgres_url, admin):
+    store = stores()
+    process, job = store.create_process("p", [("a", {}), ("b", {})], "alice", None)
+    store.finish_attempt(job, "COMPLETED", runner_id=None)
+    result = run_cli(postgres_url, "check")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("postgresql://stepd:***@") and "1 processes, 2 steps, 2 attempts checked" in lines[0]
+    assert lines[-1] == "ok" and postgres_url.split(":")[2].split("@")[0] not in result.output
+    admin.execute("UPDATE processes SET status = 'COMPLETED' WHERE id = %s", (process["id"],))
+    broken = run_cli(postgres_url, "check")
+    assert broken.exit_code == 1
+    said = f"BROKEN: process {process['id']} is COMPLETED, its steps ['COMPLETED', 'STARTED'] say RUNNING"
+    assert said in broken.stdout
+
+
+def test_stepd_check_refuses_a_database_without_stepds_schema_or_server(postgres_url, postgres_cluster):
+    empty = run_cli(postgres_url, "check")
+    assert empty.exit_code == 2 and "has no stepd schema yet" in empty.stderr and "***" in empty.stderr
+    gone = run_cli(postgres_cluster.url("no_such_database"), "check")
+    assert gone.exit_code == 2 and "cannot connect to" in gone.stderr
