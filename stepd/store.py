@@ -165,10 +165,14 @@ def _queued_job(row):
     )  # fmt: skip
 
 
-def _status_now(conn, table, row_id):
-    """The status a row has now (after a compare-and-set another writer won: its 412 says so)."""
-    row = conn.execute(f"SELECT status FROM {table} WHERE id = ?", (row_id,)).fetchone()
-    return "deleted" if row is None else row["status"]  # retention deleted its process meanwhile
+def _refused_status(conn, table, row_id, read, allowed):
+    """The status a 412 names after a compare-and-set on a row changed nothing: the one `read` before
+    it, unless that one was `allowed` (on PostgreSQL, another node's writer won between the read and
+    the compare-and-set), and then the one it has now. SQLite's refusals read nothing more."""
+    if read not in allowed:
+        return read
+    now = conn.execute(f"SELECT status FROM {table} WHERE id = ?", (row_id,)).fetchone()
+    return "deleted" if now is None else now["status"]  # retention deleted its process meanwhile
 
 
 def _error(error_type, message):
@@ -647,7 +651,7 @@ class Store:
                 raise PreconditionFailed.on("params", message)
             job = change.begin(row, "restart", principal, IS_FAILED, AFTER_RESTART, params, runner_id)
             if job is None:  # another restart (on PostgreSQL, another node's) won meanwhile
-                status = _status_now(change.conn, "steps", step_id)
+                status = _refused_status(change.conn, "steps", step_id, row["status"], (FAILED,))
                 raise PreconditionFailed.on("status", f"Step is {status}; only a FAILED step can be restarted.")
             return job
 
@@ -771,7 +775,7 @@ class Store:
                 result=None if result is None else params_to_json(result),
             )  # fmt: skip
             if not ended:  # not STARTED, or (on PostgreSQL) another node ended it meanwhile
-                now_status = _status_now(change.conn, "steps", step_id)
+                now_status = _refused_status(change.conn, "steps", step_id, row["status"], ("STARTED",))
                 message = f"Step is {now_status}; only a STARTED step can be {status.lower()}."
                 raise PreconditionFailed.on("status", message)
             next_job = change.begin_next(step_id, runner_id) if status == COMPLETED else None
@@ -800,7 +804,7 @@ class Store:
                 {"pid": process_id, "now": change.now, "principal": principal, "reason": reason},
             ).rowcount
             if not cancelled:  # on PostgreSQL, maybe cancelled by another node meanwhile: said as it is now
-                status = _status_now(change.conn, "processes", process_id)
+                status = _refused_status(change.conn, "processes", process_id, row["status"], ("RUNNING", "FAILED"))
                 message = f"Process is {status}; only a RUNNING or FAILED process can be cancelled."
                 raise PreconditionFailed.on("status", message)
             change.cancel_steps(process_id, principal, reason)
@@ -819,7 +823,7 @@ class Store:
             if row is None:
                 raise PreconditionFailed.on("step_id", "No step has this id.")
             if not change.skip(step_id, row["process_id"], row["attempts"], result, principal, reason):
-                status = _status_now(change.conn, "steps", step_id)  # on PostgreSQL, maybe another node's doing
+                status = _refused_status(change.conn, "steps", step_id, row["status"], (FAILED,))
                 raise PreconditionFailed.on("status", f"Step is {status}; only a FAILED step can be skipped.")
             next_job = change.begin_next(step_id, runner_id)
             step = self._read_step(change.conn, step_id, change.now)

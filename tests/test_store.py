@@ -137,6 +137,9 @@ def test_concurrent_restarts_from_threads_have_one_winner(open_store):
 
     outcomes = race(16, restart)
     assert sorted(type(o).__name__ for o in outcomes) == ["Job"] + ["PreconditionFailed"] * 15
+    # each loser is told the status the winner left (on PostgreSQL it read FAILED, then lost the compare-and-set)
+    refusals = {str(o.errors) for o in outcomes if isinstance(o, PreconditionFailed)}
+    assert refusals == {str({"status": ["Step is STARTED; only a FAILED step can be restarted."]})}
     step = setup.get_step(job.step_id, with_history=True)
     assert step["attempts"] == 2 and len(step["attempt_history"]) == 2
 
@@ -295,6 +298,11 @@ def test_of_16_concurrent_cancels_or_skips_from_threads_one_wins(open_store, act
         outcomes = race(16, lambda n: stores[n].skip_step(job.step_id, {"n": ("LONG", n)}, None, f"t{n}", "r1"))
     winners = [o for o in outcomes if not isinstance(o, Exception)]
     assert len(winners) == 1 and all(isinstance(o, PreconditionFailed) for o in outcomes if o not in winners)
+    said = {
+        "cancel": "Process is CANCELLED; only a RUNNING or FAILED process can be cancelled.",
+        "skip": "Step is SKIPPED; only a FAILED step can be skipped.",
+    }[action]
+    assert {o.errors["status"][0] for o in outcomes if o not in winners} == {said}  # the status as the winner left it
     steps = setup.get_process(process["id"])["steps"]
     if action == "skip":
         assert [(s["status"], s["attempts"]) for s in steps] == [("SKIPPED", 1), ("STARTED", 1)]
