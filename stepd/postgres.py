@@ -1,4 +1,5 @@
-"""PostgreSQL (SPEC 12, issue 20): the connection and the schema's own migrations.
+"""PostgreSQL (SPEC 12, issue 20): the connection, the schema's own migrations, and
+`PostgresDatabase`, what the store runs on when STEPD_DB is a PostgreSQL URL (db.Database's twin).
 
 The only module that imports psycopg, and only a STEPD_DB of postgresql:// (or postgres://) loads
 it (wiring.py and cli.py import it inside functions), so an SQLite user never pays for it.
