@@ -65,16 +65,31 @@ def settings():
 
 def existing_file(chosen):
     """STEPD_DB's path, which must be a file: a command other than serve and migrate makes none.
-    On PostgreSQL, only `stepd migrate` works yet (issue 20)."""
+    On PostgreSQL, only `stepd migrate` and `stepd check` work yet (issue 20)."""
     if config.is_postgres(chosen["STEPD_DB"]):
         raise Refused(
             f"STEPD_DB={config.shown_database(chosen['STEPD_DB'])} is a PostgreSQL database: "
-            "stepd's PostgreSQL backend is not complete yet, and only `stepd migrate` works on it"
+            "stepd's PostgreSQL backend is not complete yet, and only `stepd migrate` and `stepd check` work on it"
         )
     path = Path(chosen["STEPD_DB"])
     if not path.is_file():
         raise Refused(f"no database at {path} (STEPD_DB); run where the service runs, or set STEPD_DB to its file")
     return path
+
+
+def existing_postgres(url):
+    """STEPD_DB's PostgreSQL URL, whose database must answer and hold stepd's schema (a command other
+    than serve and migrate makes none); a refusal names it without its password."""
+    from stepd.model import Unusable
+    from stepd.postgres import PostgresDatabase
+
+    try:
+        version = PostgresDatabase(url).schema_version()
+    except Unusable as exc:
+        raise Refused(str(exc)) from None
+    if version == 0:
+        raise Refused(f"{config.shown_database(url)} has no stepd schema yet; run `stepd migrate` (or start stepd)")
+    return url
 
 
 def opened_store(chosen):
@@ -151,11 +166,15 @@ def migrate_postgres(url):
 @stepd.command()
 def check():
     """Check the invariants of STEPD_DB (read only, beside a running service or not); exit 1 if broken."""
-    from stepd.invariants import check as check_file
+    from stepd.invariants import check as check_database
 
-    path = existing_file(settings())
-    report = check_file(path)
-    click.echo(f"{path}: {report.processes} processes, {report.steps} steps, {report.attempts} attempts checked")
+    chosen = settings()
+    if config.is_postgres(chosen["STEPD_DB"]):
+        where, shown = existing_postgres(chosen["STEPD_DB"]), config.shown_database(chosen["STEPD_DB"])
+    else:
+        where = shown = existing_file(chosen)
+    report = check_database(where)
+    click.echo(f"{shown}: {report.processes} processes, {report.steps} steps, {report.attempts} attempts checked")
     for problem in report.problems:
         click.echo(f"BROKEN: {problem}")
     if report.problems:

@@ -101,6 +101,8 @@ def _off_the_loop(fn):
 class Database:
     """One SQLite file; one connection per thread; explicit transactions."""
 
+    dialect = "sqlite"  # the store's spelling where a statement must differ (store.py)
+
     def __init__(self, path, sync="full"):
         self.path = str(path)
         self.sync = sync.upper()  # STEPD_SYNC: FULL or NORMAL, checked by config.py

@@ -1,11 +1,13 @@
-"""Invariants of a stepd database file, checked by reading the file directly (read-only):
-`stepd check` prints what it checked and exits 1 if one is broken; the fault tests run it after
-each crash, with what their clients were told was done (`Acknowledged`).
+"""Invariants of a stepd database, checked by reading it directly (read-only): an SQLite file, or
+a PostgreSQL database (STEPD_DB's URL). `stepd check` prints what it checked and exits 1 if one is
+broken; the fault tests run it after each crash, with what their clients were told was done
+(`Acknowledged`).
 """
 
 import json
 from dataclasses import dataclass, field
 
+from stepd.config import is_postgres
 from stepd.db import read_only
 from stepd.liveness import runner_is_alive
 
@@ -13,6 +15,13 @@ __all__ = ["Acknowledged", "Report", "check", "read_only"]
 
 DONE = ("COMPLETED", "SKIPPED")  # steps a process has got past
 NOT_DONE = ("PENDING", "STARTED", "FAILED")  # steps a cancel of their process cancels
+# What the checks read, in this order, in one snapshot.
+EVERYTHING = (
+    "SELECT * FROM processes",
+    "SELECT * FROM steps ORDER BY process_id, position",
+    "SELECT * FROM attempts ORDER BY step_id, attempt",
+    "SELECT * FROM runners",
+)
 
 
 @dataclass
@@ -43,23 +52,16 @@ class Report:
         self.problems.append(text)
 
 
-def check(path, acknowledged=None):
-    """Check every invariant in one consistent read of the file; returns a Report."""
+def check(where, acknowledged=None):
+    """Check every invariant in one consistent read of the database (an SQLite file's path, or a
+    PostgreSQL URL); returns a Report."""
     report = Report()
-    conn = read_only(path)
-    try:
-        conn.execute("BEGIN")  # one snapshot for every query below
-        processes = {r["id"]: dict(r) for r in conn.execute("SELECT * FROM processes")}
-        steps = [dict(r) for r in conn.execute("SELECT * FROM steps ORDER BY process_id, position")]
-        attempts = [dict(r) for r in conn.execute("SELECT * FROM attempts ORDER BY step_id, attempt")]
-        runners = conn.execute("SELECT * FROM runners").fetchall()
-        integrity = conn.execute("PRAGMA integrity_check").fetchall()
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
+    (processes, steps, attempts, runners), integrity = _read(where)
+    processes = {r["id"]: dict(r) for r in processes}
+    steps, attempts = [dict(r) for r in steps], [dict(r) for r in attempts]
     report.processes, report.steps, report.attempts = len(processes), len(steps), len(attempts)
 
-    if [tuple(r) for r in integrity] != [("ok",)]:
+    if integrity is not None and [tuple(r) for r in integrity] != [("ok",)]:
         report.fail(f"integrity_check: {[tuple(r) for r in integrity]}")
     by_step = {}
     for row in attempts:
@@ -70,6 +72,25 @@ def check(path, acknowledged=None):
     if acknowledged is not None:
         _check_acknowledged(report, acknowledged, processes, steps, by_step)
     return report
+
+
+def _read(where):
+    """(the rows of EVERYTHING, SQLite's integrity_check) in one snapshot. PostgreSQL has no check of
+    its files to ask for (its own pages carry checksums, when the cluster has them on): None."""
+    if is_postgres(str(where)):
+        from stepd import postgres  # psycopg: for PostgreSQL only
+
+        conn, begin, integrity = postgres.read_only(where), postgres.BEGIN_SNAPSHOT, None
+    else:
+        conn, begin, integrity = read_only(where), "BEGIN", "PRAGMA integrity_check"
+    try:
+        conn.execute(begin)
+        rows = [conn.execute(sql).fetchall() for sql in EVERYTHING]
+        checked = conn.execute(integrity).fetchall() if integrity else None
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return rows, checked
 
 
 def _last_attempt_may_be(step):

@@ -1,4 +1,5 @@
-"""PostgreSQL (SPEC 12, issue 20): the connection and the schema's own migrations.
+"""PostgreSQL (SPEC 12, issue 20): the connection, the schema's own migrations, and
+`PostgresDatabase`, what the store runs on when STEPD_DB is a PostgreSQL URL (db.Database's twin).
 
 The only module that imports psycopg, and only a STEPD_DB of postgresql:// (or postgres://) loads
 it (wiring.py and cli.py import it inside functions), so an SQLite user never pays for it.
@@ -26,12 +27,20 @@ The types, and why:
 - a stored answer's body is `text`: it is replayed as it was sent.
 """
 
+import functools
+import os
+import re
+import threading
+import weakref
+from contextlib import contextmanager
+
 import psycopg
 from psycopg.types.datetime import TimestamptzBinaryLoader, TimestamptzLoader
 from psycopg.types.string import TextBinaryLoader, TextLoader
 
 from stepd.config import shown_database
-from stepd.model import VERSION, Unusable, iso
+from stepd.model import VERSION, Busy, Conflict, Unavailable, Unusable, Unwritable, iso
+from stepd.writer import Writer, holding, savepoint
 
 # pg_advisory_xact_lock's key for migrating: any number, the same in every stepd ("stepdmig" in
 # ASCII). Advisory locks are per database, so stepd databases on one server do not wait on each other.
@@ -225,8 +234,60 @@ MIGRATIONS = [
         FOR EACH ROW WHEN (OLD.status = 'STARTED' AND NEW.status IN ('COMPLETED', 'FAILED'))
         EXECUTE FUNCTION tally_outcome();
     """,
+    # 3: the tallies as a log of changes, not counters updated in place. With 2's counters, every
+    # change of status updated a shared row and held its lock until its group committed, so two
+    # writers (two nodes) changing the statuses of different processes each held a row the other
+    # waited for: measured, 2 stores x 4 threads starting, completing, failing, restarting and
+    # cancelling processes of their own, a deadlock (broken by PostgreSQL after its 1 s
+    # deadlock_timeout, the loser Busy) for 4 operations in 10, 480 operations in about 500 s
+    # (3 s without the tallies' triggers). Now each change inserts its +1 and -1 rows, which lock
+    # nothing another writer waits for; a tally is the sum of its rows (store.py reads it so), and
+    # FOLD_TALLIES makes each one row again (the node's checkpoint chore, every second). The key is
+    # no longer unique, so it is no longer the primary key.
+    """
+    ALTER TABLE tally DROP CONSTRAINT tally_pkey;
+    CREATE OR REPLACE FUNCTION tally_status() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP IN ('UPDATE', 'DELETE') THEN
+            INSERT INTO tally (series, a, b, n) VALUES (TG_ARGV[0], OLD.status, '', -1);
+        END IF;
+        IF TG_OP IN ('INSERT', 'UPDATE') THEN
+            INSERT INTO tally (series, a, b, n) VALUES (TG_ARGV[0], NEW.status, '', 1);
+        END IF;
+        RETURN NULL;
+    END
+    $$;
+    CREATE OR REPLACE FUNCTION tally_attempt() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO tally (series, a, b, n)
+            VALUES ('attempts', (SELECT type FROM steps WHERE id = NEW.step_id), NEW.trigger, 1);
+        RETURN NULL;
+    END
+    $$;
+    CREATE OR REPLACE FUNCTION tally_outcome() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO tally (series, a, b, n)
+            VALUES ('outcomes', (SELECT type FROM steps WHERE id = NEW.step_id),
+                    CASE WHEN NEW.status = 'COMPLETED' THEN 'completed'
+                         WHEN NEW.error_type = 'Interrupted' THEN 'interrupted'
+                         WHEN NEW.error_type = 'Timeout' THEN 'timeout' ELSE 'failed' END, 1);
+        RETURN NULL;
+    END
+    $$;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+# Each tally's rows (migration 3) summed into one, for the keys that have several. One statement,
+# safe on several nodes at once: a row another fold deleted first is passed over (it is in that
+# fold's sum), and the rows committed after this statement began stay for the next fold.
+FOLD_TALLIES = """
+WITH folded AS (
+    DELETE FROM tally WHERE (series, a, b) IN (SELECT series, a, b FROM tally GROUP BY series, a, b HAVING count(*) > 1)
+    RETURNING series, a, b, n
+)
+INSERT INTO tally (series, a, b, n) SELECT series, a, b, sum(n) FROM folded GROUP BY series, a, b
+"""
 
 VERSIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS stepd_schema (
@@ -307,17 +368,218 @@ def migrate(conn, url):
     return SCHEMA_VERSION - version
 
 
-class PostgresDatabase:
-    """One PostgreSQL database, named by its URL (STEPD_DB). For now, what a start needs of it:
-    connect, migrate (the store's verbs on PostgreSQL are the issue's next step)."""
+# -- the store's SQL, as psycopg takes it ------------------------------------------------------------
+# The store writes each statement once, as sqlite3 takes it: `?` and `:name` marks, and two hints
+# that only SQLite's planner reads (`INDEXED BY index`, and `+column`, which keeps SQLite off that
+# column's index). psycopg's marks are `%s` and `%(name)s`, and it reads a `%` anywhere, quoted text
+# included, so every other `%` is written `%%`; PostgreSQL's planner needs neither hint. In quoted
+# text nothing else changes, nor in `::` casts. The store writes arithmetic with a space after `+`,
+# so a `+` stuck to a name is always the hint.
+SQLITE_SPELLINGS = re.compile(r"'(?:[^']|'')*'|::|\?|:(\w+)|%|\s+INDEXED BY \w+|\+(?=[A-Za-z_])")
+
+
+def _respelt(match):
+    token, name = match.group(0), match.group(1)
+    if name is not None:
+        return f"%({name})s"
+    if token == "?":
+        return "%s"
+    if token == "%":
+        return "%%"
+    if token.startswith("'"):
+        return token.replace("%", "%%")
+    if token == "::":
+        return token
+    return ""  # a hint for SQLite's planner
+
+
+@functools.lru_cache(maxsize=4096)
+def postgres_sql(sql):
+    """The store's `sql` in psycopg's spelling; worked out once per distinct statement (the store's
+    statements are a few hundred strings, the IN lists of each length included)."""
+    return SQLITE_SPELLINGS.sub(_respelt, sql)
+
+
+# -- rows ------------------------------------------------------------------------------------------
+class Row(tuple):
+    """A row read by position (`row[0]`, unpacking, tuple(row)) or by column name (`row["id"]`,
+    dict(row)), as the store reads sqlite3.Row. psycopg's own factories do one or the other
+    (dict_row has no positions, tuple_row no names). Each set of column names has a subclass
+    (`_row_class`) holding its names once, so a row is a bare tuple."""
+
+    __slots__ = ()
+    names = ()
+    positions = {}
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            key = self.positions[key]
+        return tuple.__getitem__(self, key)
+
+    def keys(self):
+        return list(self.names)
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_class(names):
+    positions = {name: position for position, name in enumerate(names)}
+    return type("Row", (Row,), {"__slots__": (), "names": names, "positions": positions})
+
+
+def rows_by_name_and_position(cursor):
+    """psycopg's row factory making Rows (a statement without a result has no columns)."""
+    if cursor.description is None:
+        return tuple
+    return _row_class(tuple(column.name for column in cursor.description))
+
+
+# -- errors ------------------------------------------------------------------------------------------
+# PostgreSQL's error codes (SQLSTATE) the domain has a name for (model.py), as db.domain_error
+# names SQLite's. Busy: retry shortly (a serialization failure, a deadlock PostgreSQL broke by failing
+# one statement, a lock or statement timeout). Unwritable: reads work, writes do not (a full disk, a
+# read-only server such as a standby). Unavailable: the server does not answer (the connection is gone,
+# the server is shutting down or starting).
+BUSY_STATES = {"40001", "40P01", "55P03", "57014"}
+UNWRITABLE_STATES = {"53100", "25006"}
+UNAVAILABLE_STATES = {"57P01", "57P02", "57P03"}
+
+
+def domain_error(exc):
+    """The domain's error for a psycopg error, or None when it is an unexpected one."""
+    state = exc.sqlstate or ""
+    text = one_line(exc)
+    if state.startswith("23"):  # a unique key, a foreign key, a CHECK: sqlite3's IntegrityError
+        return Conflict(text)
+    if state in BUSY_STATES:
+        return Busy(text)
+    if state in UNWRITABLE_STATES:
+        return Unwritable(text)
+    if _lost(exc):
+        return Unavailable(text)
+    return None
+
+
+def _lost(exc):
+    """Whether the connection is gone: ended by the server (a shutdown, pg_terminate_backend), or
+    found broken by psycopg (whose own errors have no SQLSTATE)."""
+    state = exc.sqlstate
+    if state is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return state in UNAVAILABLE_STATES or state.startswith("08")
+
+
+# -- connections ---------------------------------------------------------------------------------
+LOCK_TIMEOUT = "5s"  # a write waiting this long on another's row lock is Busy (db.BUSY_TIMEOUT_MS)
+# The writer's transaction is open, or failed and not yet rolled back (a statement that failed in a
+# member's savepoint leaves it INERROR until writer.savepoint's ROLLBACK TO): open either way.
+OPEN = (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR, psycopg.pq.TransactionStatus.ACTIVE)
+# A read snapshot: every query inside sees the same state, as a read transaction does in SQLite's WAL.
+BEGIN_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+
+
+class Connection:
+    """One psycopg connection, used as the store and the writer use a sqlite3 one: `execute` and
+    `executemany` take the store's SQL (postgres_sql) and raise the domain's errors, rows are Rows,
+    and `in_transaction` says whether a transaction is open. Autocommit: the writer and `snapshot`
+    say BEGIN and COMMIT themselves, as with SQLite, and a read alone is a transaction of its own.
+
+    It connects at its first statement, and again at the first one after the server closed it (a
+    restart, pg_terminate_backend), so that a writer or a thread outlives a lost connection: the
+    statement that finds it lost raises Unavailable, the next one reconnects."""
 
     def __init__(self, url):
         self.url = url
+        self.raw = None
 
+    def _open(self):
+        if self.raw is None or self.raw.closed:
+            try:
+                raw = connect(self.url, autocommit=True)
+            except Unusable as exc:  # unreachable now; for a request, the database does not answer
+                raise Unavailable(str(exc)) from None
+            raw.row_factory = rows_by_name_and_position
+            raw.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
+            self.raw = raw
+        return self.raw
+
+    def execute(self, sql, args=()):
+        between_transactions = not self.in_transaction
+        try:
+            return self._open().execute(postgres_sql(sql), args)
+        except psycopg.Error as exc:
+            if not (between_transactions and _lost(exc)):
+                _raise_domain(exc)
+        # The connection was found lost by a statement outside any transaction (a read, a BEGIN):
+        # nothing of a transaction was lost with it, so the statement is sent again, once, on a new one.
+        try:
+            return self._open().execute(postgres_sql(sql), args)
+        except psycopg.Error as exc:
+            _raise_domain(exc)
+
+    def executemany(self, sql, args):
+        raw = self._open()
+        try:
+            with raw.cursor() as cursor:
+                cursor.executemany(postgres_sql(sql), args)
+        except psycopg.Error as exc:
+            _raise_domain(exc)
+        return cursor
+
+    @property
+    def in_transaction(self):
+        return self.raw is not None and self.raw.info.transaction_status in OPEN
+
+    def close(self):
+        if self.raw is not None:
+            self.raw.close()
+
+    def __del__(self):
+        # A thread's read connection, once the thread ended (threading.local lets go of it): closed
+        # here, not left to psycopg, which warns of a connection deleted while open.
+        self.close()
+
+
+def _raise_domain(exc):
+    translated = domain_error(exc)
+    if translated is None:
+        raise exc
+    raise translated from exc
+
+
+def _no_lock():
+    """PostgreSQL needs no lock around a group: its row locks order the writers of every node."""
+
+
+class PostgresDatabase:
+    """One PostgreSQL database, named by its URL (STEPD_DB), with db.Database's interface (what the
+    store, the node and the commands call): reads on a connection per thread, writes in groups on
+    this process's writer (writer.py), one transaction a group and a savepoint a member.
+
+    Where SQLite's writers take turns (one holds the file's write lock), the writers of several
+    processes or nodes here run at once, each in a READ COMMITTED transaction: each compare-and-set
+    of the store is one UPDATE whose WHERE PostgreSQL checks again on the row's newest version once
+    the writer ahead of it committed, so it holds across connections; the claims skip rows another
+    holds (store.py)."""
+
+    dialect = "postgresql"  # the store's spelling where a statement must differ (store.py)
+
+    def __init__(self, url):
+        self.url = url
+        self._local = threading.local()
+        self._threads_lock = threading.Lock()
+        self._opened = weakref.WeakSet()  # every thread's read connection, for close()
+        self._writer_state = None  # a writer.Writer, made on the first write of each process
+
+    # -- the boot sequence -----------------------------------------------------------------
     def prepare(self):
         """Connect and migrate (several nodes at once: one migrates, the others wait for it), and
         close. Raises Unusable, in one line, if the database cannot be used; returns how many
         migrations this call applied."""
+        return self.migrate()
+
+    def migrate(self):
+        """Bring the schema to SCHEMA_VERSION under the advisory lock (`migrate`), on a connection of
+        its own; returns how many migrations this call applied. Raises Unusable, in one line."""
         conn = connect(self.url, autocommit=True)
         try:
             return migrate(conn, self.url)
@@ -330,3 +592,131 @@ class PostgresDatabase:
         """The database's PostgreSQL schema version (0 before the first migration)."""
         with connect(self.url, autocommit=True) as conn:
             return schema_version(conn)[0]
+
+    def checkpoint(self):
+        """PostgreSQL checkpoints its own log; what the node's checkpoint chore keeps short here
+        (every second, on every node) is the tallies' log of changes (migration 3): FOLD_TALLIES."""
+        self.connection().execute(FOLD_TALLIES)
+
+    def ping(self):
+        """Raise Unavailable unless the database answers a read."""
+        try:
+            self.connection().execute("SELECT 1 FROM processes LIMIT 1").fetchall()
+        except (Busy, Unwritable, Conflict, psycopg.Error) as exc:
+            raise Unavailable(str(exc)) from exc
+
+    # -- connections -----------------------------------------------------------------------
+    def connection(self):
+        """This caller's connection (made on first use); inside a write, the write connection, so
+        that a read there sees the write's own changes."""
+        member = self._holding()
+        if member is not None:
+            return member.writer.conn
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = Connection(self.url)
+            with self._threads_lock:
+                self._opened.add(conn)
+        return conn
+
+    def close(self):
+        """Close the read connections of every thread (one that reads again gets a new one), and this
+        process's writer with its connection: at the end of a process, or of a test."""
+        with self._threads_lock:
+            opened = list(self._opened)
+        for conn in opened:
+            conn.close()
+        if self._holding() is not None:
+            return  # inside a write: its group still needs the write connection
+        with self._threads_lock:
+            writer, self._writer_state = self._writer_state, None
+        if writer is not None and writer.pid == os.getpid():
+            writer.close()
+
+    # -- reads -----------------------------------------------------------------------------
+    def rows(self, sql, args=()):
+        """All rows of one query, on this thread's connection (inside its transaction, if one is open)."""
+        return self.connection().execute(sql, args).fetchall()
+
+    def row(self, sql, args=()):
+        """The first row of one query, or None."""
+        return self.connection().execute(sql, args).fetchone()
+
+    @contextmanager
+    def snapshot(self):
+        """A read transaction: every query inside sees the same state (REPEATABLE READ)."""
+        conn = self.connection()
+        if conn.in_transaction:  # inside a write transaction: it reads its own changes
+            yield conn
+            return
+        conn.execute(BEGIN_SNAPSHOT)
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+
+    # -- writes ----------------------------------------------------------------------------
+    @contextmanager
+    def transaction(self, rollback=False):
+        """A write transaction in this process's writer, as db.Database.transaction: a savepoint of
+        the caller's own write when it is inside one; `rollback=True` undoes it (a dry run)."""
+        member = self._holding()
+        if member is not None:
+            with savepoint(member.writer.conn, "nested", rollback):
+                yield member.writer.conn
+            return
+        if self.connection().in_transaction:
+            raise RuntimeError("a write transaction cannot start inside a read snapshot")
+        with self._writer().turn(rollback) as conn:
+            yield conn
+
+    def write(self, fn):
+        """`fn(conn)` as one write, run on the writer's loop; its result once its group committed."""
+        member = self._holding()
+        if member is not None:
+            with self.transaction() as conn:
+                return fn(conn)
+        return self._writer().run(fn)
+
+    def submit(self, fn, done):
+        """`fn(conn)` as one write on the writer's loop, without waiting: `done(result, error)` once
+        its group committed (error None) or failed (the domain's error: Connection raised it so)."""
+        self._writer().submit(fn, done)
+
+    def at_end_of_groups(self, hook):
+        """Run `hook(conn)` last in every group of this process's writer (db.Database.at_end_of_groups)."""
+        self._writer().ended_groups.append(hook)
+
+    def not_at_end_of_groups(self, hook):
+        writer = self._writer()
+        if hook in writer.ended_groups:
+            writer.ended_groups.remove(hook)
+
+    def write_connection(self):
+        """This process's write connection (a Connection), on which every write transaction runs."""
+        return self._writer().conn
+
+    def group_commits(self):
+        """(write transactions this process committed, the writes they held)."""
+        return tuple(self._writer().committed)
+
+    def _holding(self):
+        """The writer's member whose code runs here now, if it is this database's."""
+        member = holding.get()
+        writer = self._writer_state
+        return member if member is not None and member.writer is writer else None
+
+    def _writer(self):
+        """This process's writer (one per process: after a fork the child makes its own)."""
+        with self._threads_lock:
+            if self._writer_state is None or self._writer_state.pid != os.getpid():
+                self._writer_state = Writer(lambda: Connection(self.url), _no_lock, _no_lock, begin="BEGIN")
+            return self._writer_state
+
+
+def read_only(url):
+    """A Connection whose transactions cannot write, for readers outside the service (`stepd check`)."""
+    conn = Connection(url)
+    conn.execute("SET default_transaction_read_only = on")
+    return conn

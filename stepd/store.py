@@ -5,6 +5,12 @@ Each change is one write transaction whose UPDATE is a compare-and-set on the st
 (a named condition below) and attempt number, so concurrent requests and processes sharing
 the file can never both win. Beginning or ending an attempt is always the same three moves
 (`Change`): the step's compare-and-set, its row in `attempts`, and its process's status.
+
+The SQL is written once, as sqlite3 takes it; on PostgreSQL (postgres.PostgresDatabase) the
+database respells it (its marks, SQLite's planner hints). The few statements that must differ are
+kept side by side here, and `db.dialect` chooses (SQLITE or POSTGRES): PostgreSQL's writers of
+several nodes run at once, where SQLite's take turns, so its claims skip the rows another holds,
+and a change that reads before it writes locks what it reads first.
 """
 
 import functools
@@ -28,6 +34,7 @@ from stepd.model import (
 )
 
 ANSWER_KEPT_SECONDS = 24 * 3600  # how long the answer to a request with an Idempotency-Key counts
+SQLITE, POSTGRES = "sqlite", "postgresql"  # the values of db.dialect
 
 # -- what a step's row says about it (each condition is spelt here only) ----------------------
 # A runner is calling, or about to call, its delegate: the attempt a delegate's outcome may end,
@@ -106,6 +113,67 @@ CLOSE_ATTEMPT = (
     "UPDATE attempts SET status = :status, error_type = :error_type, error_message = :error_message,"
     " finished_at = :now WHERE step_id = :step_id AND attempt = :attempt AND status = 'STARTED'"
 )
+
+# -- the statements PostgreSQL spells its own way ------------------------------------------------
+# Claims. SQLite's writers take turns, so a claim looks, then sets each row by compare-and-set. On
+# PostgreSQL the nodes claim at once: one statement takes the oldest queued attempts that no other
+# transaction has locked (FOR UPDATE SKIP LOCKED passes over them rather than waiting), and the
+# UPDATE checks QUEUED again on the rows it locked. Two claimers never get one attempt, nor wait on
+# each other. Returned oldest first, as SQLite's claim returns them.
+CLAIM_QUEUED_SKIPPING_LOCKED = (
+    f"WITH picked AS (SELECT id FROM steps WHERE {QUEUED} ORDER BY started_at LIMIT ? FOR UPDATE SKIP LOCKED),"
+    f" claimed AS (UPDATE steps SET runner_id = ? FROM picked WHERE steps.id = picked.id AND {QUEUED}"
+    " RETURNING steps.id, process_id, type, params, attempts, retries_used, started_at)"
+    " SELECT id, process_id, type, params, attempts, retries_used,"
+    " (SELECT request_id FROM attempts WHERE step_id = claimed.id AND attempt = claimed.attempts) AS request_id"
+    " FROM claimed ORDER BY started_at"
+)
+# Due retries to begin: on PostgreSQL the steps are locked as they are read, skipping those another
+# claim holds (each then begins by its compare-and-set, which a lock held here cannot lose).
+DUE_RETRIES_TO_BEGIN = {SQLITE: DUE_RETRIES, POSTGRES: DUE_RETRIES + " FOR UPDATE OF s SKIP LOCKED"}
+# A cancel locks its process's steps first, on PostgreSQL: every other change of a step locks the
+# step before its process (the compare-and-set, then the process's refresh), so taking them in that
+# order too, a cancel and a restart (or a completion) of the same process queue one behind the other
+# instead of each holding what the other waits for (a deadlock, which PostgreSQL breaks by failing one).
+LOCK_STEPS_BEFORE_CANCEL = {
+    SQLITE: None,
+    POSTGRES: "SELECT id FROM steps WHERE process_id = ? ORDER BY position FOR NO KEY UPDATE",
+}
+# The first token: "no token yet" must still hold when it is inserted. SQLite's writer holds the
+# file's lock; on PostgreSQL another node may be checking at the same moment, so the table is locked
+# first (against other inserts; reads go on).
+LOCK_TOKENS = {SQLITE: None, POSTGRES: "LOCK TABLE tokens IN SHARE ROW EXCLUSIVE MODE"}
+# GET /metrics' tallies: SQLite keeps one row each; PostgreSQL a row per change, summed here and
+# folded into one now and then (postgres.py's migration 3 says why).
+TALLIES = {
+    SQLITE: "SELECT series, a, b, n FROM tally ORDER BY series, a, b",
+    POSTGRES: "SELECT series, a, b, sum(n)::bigint FROM tally GROUP BY series, a, b ORDER BY series, a, b",
+}
+# The minute an attempt ended in ('YYYY-MM-DDTHH:MM'): SQLite keeps times as stepd's ISO text,
+# PostgreSQL as timestamptz.
+FINISHED_MINUTE = {
+    SQLITE: "substr(finished_at, 1, 16)",
+    POSTGRES: """to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI')""",
+}
+
+
+def _queued_job(row):
+    """The Job of a claimed queued attempt, from its row (QUEUED_STEPS' columns)."""
+    params = params_from_json(row["params"])
+    return Job(
+        row["id"], row["process_id"], row["type"], params, row["attempts"], row["retries_used"],
+        request_id=row["request_id"],
+    )  # fmt: skip
+
+
+def _refused_status(conn, table, row_id, read, allowed):
+    """The status a 412 names after a compare-and-set on a row changed nothing: the one `read` before
+    it, unless that one was `allowed` (on PostgreSQL, another node's writer won between the read and
+    the compare-and-set), and then the one it has now. SQLite's refusals read nothing more."""
+    if read not in allowed:
+        return read
+    now = conn.execute(f"SELECT status FROM {table} WHERE id = ?", (row_id,)).fetchone()
+    return "deleted" if now is None else now["status"]  # retention deleted its process meanwhile
 
 
 def _error(error_type, message):
@@ -594,8 +662,9 @@ class Store:
                 message = f"The merged params have {len(params)} names; at most {MAX_PARAMS} are allowed."
                 raise PreconditionFailed.on("params", message)
             job = change.begin(row, "restart", principal, IS_FAILED, AFTER_RESTART, params, runner_id)
-            if job is None:  # cannot happen under BEGIN IMMEDIATE; kept as the compare-and-set's check
-                raise PreconditionFailed.on("status", "Step changed while it was being restarted.")
+            if job is None:  # another restart (on PostgreSQL, another node's) won meanwhile
+                status = _refused_status(change.conn, "steps", step_id, row["status"], (FAILED,))
+                raise PreconditionFailed.on("status", f"Step is {status}; only a FAILED step can be restarted.")
             return job
 
         return self._apply(change_it)
@@ -606,6 +675,9 @@ class Store:
         The compare-and-set on `runner_id IS NULL` gives each attempt to exactly one runner."""
         if not self.db.row(QUEUED_STEPS, (1,)):
             return []  # polled by every runner: look first, take the write lock only for work
+        if self.db.dialect == POSTGRES:
+            with self.db.transaction() as conn:
+                return [_queued_job(row) for row in conn.execute(CLAIM_QUEUED_SKIPPING_LOCKED, (limit, runner_id))]
         jobs = []
         with self.db.transaction() as conn:
             for row in conn.execute(QUEUED_STEPS, (limit,)).fetchall():
@@ -614,18 +686,7 @@ class Store:
                     (runner_id, row["id"], row["attempts"]),
                 ).rowcount
                 if claimed == 1:
-                    params = params_from_json(row["params"])
-                    attempt, retries_used = row["attempts"], row["retries_used"]
-                    job = Job(
-                        row["id"],
-                        row["process_id"],
-                        row["type"],
-                        params,
-                        attempt,
-                        retries_used,
-                        request_id=row["request_id"],
-                    )
-                    jobs.append(job)
+                    jobs.append(_queued_job(row))
         return jobs
 
     def has_claimable(self):
@@ -656,7 +717,7 @@ class Store:
             return []  # polled often by every runner: look first, take the write lock only for work
 
         def change_it(change):
-            rows = change.conn.execute(DUE_RETRIES, (change.now, limit)).fetchall()
+            rows = change.conn.execute(DUE_RETRIES_TO_BEGIN[self.db.dialect], (change.now, limit)).fetchall()
             jobs = [
                 change.begin(
                     row,
@@ -725,8 +786,9 @@ class Store:
                 also=f"{OUTCOME}, deferred = 0, next_retry_at = NULL", error=error,
                 result=None if result is None else params_to_json(result),
             )  # fmt: skip
-            if not ended:
-                message = f"Step is {row['status']}; only a STARTED step can be {status.lower()}."
+            if not ended:  # not STARTED, or (on PostgreSQL) another node ended it meanwhile
+                now_status = _refused_status(change.conn, "steps", step_id, row["status"], ("STARTED",))
+                message = f"Step is {now_status}; only a STARTED step can be {status.lower()}."
                 raise PreconditionFailed.on("status", message)
             next_job = change.begin_next(step_id, runner_id) if status == COMPLETED else None
             step = self._read_step(change.conn, step_id, change.now)
@@ -746,13 +808,16 @@ class Store:
             row = change.conn.execute("SELECT status FROM processes WHERE id = ?", (process_id,)).fetchone()
             if row is None:
                 raise PreconditionFailed.on("process_id", "No process has this id.")
+            if LOCK_STEPS_BEFORE_CANCEL[self.db.dialect]:
+                change.conn.execute(LOCK_STEPS_BEFORE_CANCEL[self.db.dialect], (process_id,))
             cancelled = change.conn.execute(
                 f"UPDATE processes SET status = 'CANCELLED', updated_at = :now, {INTERVENED}"
                 f" WHERE id = :pid AND {PROCESS_CANCELLABLE}",
                 {"pid": process_id, "now": change.now, "principal": principal, "reason": reason},
             ).rowcount
-            if not cancelled:
-                message = f"Process is {row['status']}; only a RUNNING or FAILED process can be cancelled."
+            if not cancelled:  # on PostgreSQL, maybe cancelled by another node meanwhile: said as it is now
+                status = _refused_status(change.conn, "processes", process_id, row["status"], ("RUNNING", "FAILED"))
+                message = f"Process is {status}; only a RUNNING or FAILED process can be cancelled."
                 raise PreconditionFailed.on("status", message)
             change.cancel_steps(process_id, principal, reason)
             process = self._load_process(change.conn, process_id)
@@ -770,7 +835,8 @@ class Store:
             if row is None:
                 raise PreconditionFailed.on("step_id", "No step has this id.")
             if not change.skip(step_id, row["process_id"], row["attempts"], result, principal, reason):
-                raise PreconditionFailed.on("status", f"Step is {row['status']}; only a FAILED step can be skipped.")
+                status = _refused_status(change.conn, "steps", step_id, row["status"], (FAILED,))
+                raise PreconditionFailed.on("status", f"Step is {status}; only a FAILED step can be skipped.")
             next_job = change.begin_next(step_id, runner_id)
             step = self._read_step(change.conn, step_id, change.now)
             return step, next_job
@@ -862,10 +928,14 @@ class Store:
 
         def change_it(change):
             orphans, gone = self._find_orphans(change.conn, is_alive)  # again: another sweep may have been first
-            for row in orphans:
-                self._interrupt(change, row, f"The worker running this step (runner {row['runner_id']}) is gone.")
+            # Only those this sweep ended: on PostgreSQL another node's sweep may end some first (its
+            # compare-and-set wins, and this one's finds them ended).
+            gone_message = "The worker running this step (runner {}) is gone."
+            interrupted = [
+                row["id"] for row in orphans if self._interrupt(change, row, gone_message.format(row["runner_id"]))
+            ]
             change.conn.executemany("DELETE FROM runners WHERE id = ?", [(runner_id,) for runner_id in gone])
-            return [row["id"] for row in orphans]
+            return interrupted
 
         return self._apply(change_it)
 
@@ -886,16 +956,16 @@ class Store:
 
         def change_it(change):
             rows = change.conn.execute(EXECUTING_STEPS + " AND runner_id = ?", (runner_id,)).fetchall()
-            for row in rows:
-                self._interrupt(change, row, reason)
+            interrupted = [row["id"] for row in rows if self._interrupt(change, row, reason)]
             change.conn.execute("DELETE FROM runners WHERE id = ?", (runner_id,))
-            return [row["id"] for row in rows]
+            return interrupted
 
         return self._apply(change_it)
 
     @staticmethod
     def _interrupt(change, row, message):
-        change.end(
+        """End an executing attempt FAILED/Interrupted; returns whether it was still executing."""
+        return change.end(
             row["id"], row["process_id"], row["attempts"], status=FAILED, when=EXECUTING,
             also="status = 'FAILED', finished_at = :now", error={"type": "Interrupted", "message": message},
         )  # fmt: skip
@@ -913,8 +983,10 @@ class Store:
     def store_answer(self, principal, key, fingerprint, status, body):
         with self.db.transaction() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO idempotent_requests (principal, key, fingerprint, status, body, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO idempotent_requests (principal, key, fingerprint, status, body, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (principal, key) DO UPDATE SET"
+                " fingerprint = excluded.fingerprint, status = excluded.status, body = excluded.body,"
+                " created_at = excluded.created_at",
                 (principal, key, fingerprint, status, body, time.time()),
             )
 
@@ -939,6 +1011,8 @@ class Store:
     def add_first_token(self, name, role, secret_hash):
         """Insert a token only if no token exists at all; returns whether it did."""
         with self.db.transaction() as conn:
+            if LOCK_TOKENS[self.db.dialect]:
+                conn.execute(LOCK_TOKENS[self.db.dialect])
             if conn.execute("SELECT 1 FROM tokens LIMIT 1").fetchone():
                 return False
             self._insert_token(conn, name, role, secret_hash)
@@ -988,7 +1062,7 @@ class Store:
         None) and "now"."""
         with self.db.snapshot() as conn:
             tallies = {"steps": [], "processes": [], "attempts": [], "outcomes": []}
-            for series, a, b, n in conn.execute("SELECT series, a, b, n FROM tally ORDER BY series, a, b"):
+            for series, a, b, n in conn.execute(TALLIES[self.db.dialect]):
                 tallies[series].append((a, n) if series in ("steps", "processes") else (a, b, n))
             tallies["runners"] = conn.execute("SELECT host, pid, pid_started, heartbeat_at FROM runners").fetchall()
             now = now_iso()
@@ -1012,7 +1086,7 @@ class Store:
         runner went away or stopped) or 'failed' (any other failure)."""
         # No index on attempts.finished_at: this reads every attempt (about 0.1 s at 10^6 of them).
         rows = self.db.rows(
-            "SELECT substr(finished_at, 1, 16) AS minute,"
+            f"SELECT {FINISHED_MINUTE[self.db.dialect]} AS minute,"
             " CASE WHEN status = 'COMPLETED' THEN 'completed'"
             " WHEN error_type = 'Interrupted' THEN 'interrupted' ELSE 'failed' END AS outcome,"
             " COUNT(*) AS count FROM attempts"

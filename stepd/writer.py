@@ -59,13 +59,15 @@ class _Member:
 
 class Writer:
     """The loop owning `connect()`'s connection; `take_lock()` / `drop_lock()` around each group
-    keep other processes' writers out (the file lock, db.py)."""
+    keep other processes' writers out (the file lock, db.py). `begin`: the statement that opens a
+    group (SQLite's BEGIN IMMEDIATE takes the write lock at once; PostgreSQL's is a plain BEGIN)."""
 
-    def __init__(self, connect, take_lock, drop_lock):
+    def __init__(self, connect, take_lock, drop_lock, begin="BEGIN IMMEDIATE"):
         self.pid = os.getpid()
         self._connect = connect
         self._take_lock = take_lock  # () -> None once taken; raises model.Busy past its deadline
         self._drop_lock = drop_lock
+        self._begin_sql = begin
         self.conn = None
         self._waiting = collections.deque()
         self._changed = threading.Condition()
@@ -190,7 +192,7 @@ class Writer:
     def _begin(self):
         self._take_lock()
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute(self._begin_sql)
         except BaseException:
             self._drop_lock()
             raise

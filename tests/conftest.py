@@ -428,11 +428,30 @@ def sqlite_backend(request):
     return lambda: Store(Database(path))
 
 
+def postgres_backend(request):
+    """PostgreSQL: a fresh database of the test process's cluster, migrated; each store opened on it
+    has a PostgresDatabase (so connections, and a writer) of its own, as another node would. Each is
+    closed at the end of the test, before the database is dropped."""
+    from stepd.postgres import PostgresDatabase  # psycopg: for the PostgreSQL tests only
+
+    url = request.getfixturevalue("postgres_url")
+    PostgresDatabase(url).prepare()
+    opened = []
+
+    def open_one():
+        database = PostgresDatabase(url)
+        opened.append(database)
+        return Store(database)
+
+    request.addfinalizer(lambda: [database.close() for database in opened])
+    return open_one
+
+
 # Every backend the store's contract suite (test_store.py) runs against: a factory each, called with
-# the test's request (to ask for the fixtures it needs, as a PostgreSQL backend will ask for
-# postgres_url), returning what opens stores on one fresh, migrated database of its own. A backend
-# joins the suite by its factory's being added here; the tests' ids name it (`[sqlite]`).
-STORE_BACKENDS = [sqlite_backend]
+# the test's request (to ask for the fixtures it needs: postgres_backend asks for postgres_url),
+# returning what opens stores on one fresh, migrated database of its own. A backend joins the suite
+# by its factory's being added here; the tests' ids name it (`[sqlite]`, `[postgres]`).
+STORE_BACKENDS = [sqlite_backend, postgres_backend]
 
 
 @pytest.fixture(params=STORE_BACKENDS, ids=lambda backend: backend.__name__.removesuffix("_backend"))

@@ -137,6 +137,9 @@ def test_concurrent_restarts_from_threads_have_one_winner(open_store):
 
     outcomes = race(16, restart)
     assert sorted(type(o).__name__ for o in outcomes) == ["Job"] + ["PreconditionFailed"] * 15
+    # each loser is told the status the winner left (on PostgreSQL it read FAILED, then lost the compare-and-set)
+    refusals = {str(o.errors) for o in outcomes if isinstance(o, PreconditionFailed)}
+    assert refusals == {str({"status": ["Step is STARTED; only a FAILED step can be restarted."]})}
     step = setup.get_step(job.step_id, with_history=True)
     assert step["attempts"] == 2 and len(step["attempt_history"]) == 2
 
@@ -295,6 +298,11 @@ def test_of_16_concurrent_cancels_or_skips_from_threads_one_wins(open_store, act
         outcomes = race(16, lambda n: stores[n].skip_step(job.step_id, {"n": ("LONG", n)}, None, f"t{n}", "r1"))
     winners = [o for o in outcomes if not isinstance(o, Exception)]
     assert len(winners) == 1 and all(isinstance(o, PreconditionFailed) for o in outcomes if o not in winners)
+    said = {
+        "cancel": "Process is CANCELLED; only a RUNNING or FAILED process can be cancelled.",
+        "skip": "Step is SKIPPED; only a FAILED step can be skipped.",
+    }[action]
+    assert {o.errors["status"][0] for o in outcomes if o not in winners} == {said}  # the status as the winner left it
     steps = setup.get_process(process["id"])["steps"]
     if action == "skip":
         assert [(s["status"], s["attempts"]) for s in steps] == [("SKIPPED", 1), ("STARTED", 1)]
@@ -429,6 +437,31 @@ def test_only_completed_and_cancelled_processes_finished_before_the_time_are_del
     assert store.finished_before(later, 10) == [] and store.delete_finished([], later) == (0, 0)
 
 
+def test_writers_changing_different_processes_at_once_never_wait_on_each_other_into_busy(open_store):
+    """Two stores (two nodes' writers), four threads each, start, complete, fail, restart and cancel
+    processes of their own at once: none is refused Busy. (PostgreSQL's first tallies were counters
+    updated in place, which every change of status locked until its group committed: two writers
+    then deadlocked on them, for 4 operations in 10.)"""
+    stores = [open_store(), open_store()]
+
+    def lifecycles(n):
+        store, refused = stores[n % 2], []
+        for _ in range(6):
+            try:
+                process, job = started_process(store, "a", "b", "c")
+                job = store.finish_attempt(job, COMPLETED, runner_id="r1")
+                fail(store, job)
+                store.restart_failed_step(job.step_id, {}, "bob", "r1", has_delegate)
+                store.cancel_process(process["id"], None, "carol")
+            except Exception as exc:  # returned, asserted below
+                refused.append(exc)
+        return refused
+
+    assert [exc for refused in race(8, lifecycles) for exc in refused] == []
+    steps, processes = stores[0].status_counts()
+    assert processes == {"CANCELLED": 48} and steps == {"COMPLETED": 48, "CANCELLED": 96}
+
+
 def test_racing_deletes_delete_each_process_once(open_store):
     setup = open_store()
     ids = [_finished_process(setup, "COMPLETED") for _ in range(20)]
@@ -530,6 +563,14 @@ def test_first_token_only_once(contract_store):
     assert [t["name"] for t in store.list_tokens()] == ["admin"]
 
 
+def test_of_concurrent_first_tokens_one_is_made(open_store):
+    """The first token of a database is made once, however many starts (nodes) make it at once."""
+    stores = [open_store() for _ in range(8)]
+    made = race(8, lambda n: stores[n].add_first_token(f"first{n}", "operator", f"h{n}"))
+    assert sorted(made) == [False] * 7 + [True]
+    assert len(stores[0].list_tokens()) == 1
+
+
 def test_tokens_by_hash_and_name_and_revoke(contract_store):
     store = contract_store
     assert store.add_token("ops", "operator", "h1") and store.add_token("viewer", "reader", "h2")
@@ -566,6 +607,28 @@ def test_the_page_reads_counts_by_status(contract_store):
     steps, processes = store.status_counts()
     assert steps == {"FAILED": 1, "STARTED": 1, "PENDING": 1}
     assert processes == {"FAILED": 1, "RUNNING": 1}
+
+
+def test_the_metrics_tallies_count_what_the_store_holds(contract_store):
+    """GET /metrics' tallies (kept by the schema's triggers) agree with the rows, before the node's
+    checkpoint and after it (PostgreSQL folds its tallies' rows there)."""
+    store = contract_store
+    _, job = started_process(store, "a", "b")
+    fail(store, job)
+    store.restart_failed_step(job.step_id, {}, "bob", "r1", has_delegate)
+    _, other = started_process(store, "c")
+    store.finish_attempt(other, COMPLETED, runner_id="r1")
+    store.create_process("q", [("a", {})], "alice", None)  # queued: no runner has it
+    for _ in range(2):
+        tallies = store.metric_tallies()
+        steps, processes = store.status_counts()
+        assert {status: n for status, n in tallies["steps"] if n} == steps
+        assert steps == {"STARTED": 2, "PENDING": 1, "COMPLETED": 1}
+        assert {status: n for status, n in tallies["processes"] if n} == processes == {"RUNNING": 2, "COMPLETED": 1}
+        assert tallies["attempts"] == [("a", "restart", 1), ("a", "start", 2), ("c", "start", 1)]
+        assert tallies["outcomes"] == [("a", "failed", 1), ("c", "completed", 1)]
+        assert tallies["queued"] == 1
+        store.checkpoint()
 
 
 def test_outcomes_by_minute_tell_completed_failed_and_interrupted_apart(contract_store):

@@ -1,0 +1,358 @@
+"""PostgreSQL under the store (postgres.py): the store's SQL respelt for psycopg, rows read as
+sqlite3.Row is, PostgreSQL's errors as the domain's, the writer's transactions and the read
+snapshots, the claims that skip what another holds, and `stepd check` on a PostgreSQL URL.
+
+What every backend must do is test_store.py's contract; these are what PostgreSQL adds to get there.
+Each test gets a fresh database of the test process's own cluster (fixture postgres_url).
+"""
+
+import gc
+import threading
+import time
+
+import psycopg
+import pytest
+from helpers import all_at_once, run_cli
+
+from stepd import postgres
+from stepd.model import Busy, Conflict, Unavailable, Unwritable
+from stepd.postgres import PostgresDatabase, Row, postgres_sql
+from stepd.store import Store
+
+
+@pytest.fixture
+def database(postgres_url):
+    """A migrated PostgresDatabase, closed at the end."""
+    database = PostgresDatabase(postgres_url)
+    database.prepare()
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def stores(postgres_url):
+    """Opens stores on one migrated database, each with its own PostgresDatabase (as nodes have)."""
+    PostgresDatabase(postgres_url).prepare()
+    opened = []
+
+    def open_one():
+        opened.append(Store(PostgresDatabase(postgres_url)))
+        return opened[-1]
+
+    yield open_one
+    for store in opened:
+        store.db.close()
+
+
+@pytest.fixture
+def admin(postgres_url):
+    """A plain psycopg connection of the test's own (autocommit), to hold locks and look around."""
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        yield conn
+
+
+def queued(store, count):
+    """`count` processes whose one step is queued (no runner has it), oldest first: their step ids."""
+    return [store.create_process(None, [("a", {})], "alice", None)[0]["steps"][0]["id"] for _ in range(count)]
+
+
+# -- the store's SQL, respelt --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("sqlite", "psycopg_spelling"),
+    [
+        ("SELECT * FROM t WHERE id = ? AND attempts = ?", "SELECT * FROM t WHERE id = %s AND attempts = %s"),
+        ("UPDATE t SET r = :runner_id WHERE id = :id", "UPDATE t SET r = %(runner_id)s WHERE id = %(id)s"),
+        ("SELECT id FROM steps INDEXED BY steps_running WHERE x", "SELECT id FROM steps WHERE x"),
+        ("SELECT 1 WHERE pid = :pid AND +status = 'FAILED'", "SELECT 1 WHERE pid = %(pid)s AND status = 'FAILED'"),
+        ("SET attempts = attempts + 1", "SET attempts = attempts + 1"),
+        ("SELECT 'what? :no' || ?", "SELECT 'what? :no' || %s"),  # quoted text: no marks in it
+        ("SELECT 'it''s ?', ?", "SELECT 'it''s ?', %s"),
+        ("SELECT '50%' LIKE ? || '%'", "SELECT '50%%' LIKE %s || '%%'"),  # psycopg reads % even there
+        ("SELECT x % 2, ?::text", "SELECT x %% 2, %s::text"),
+    ],
+)  # fmt: skip
+def test_the_stores_sql_is_respelt_for_psycopg(sqlite, psycopg_spelling):
+    assert postgres_sql(sqlite) == psycopg_spelling
+    assert postgres_sql(sqlite) is postgres_sql(sqlite)  # worked out once per statement
+
+
+def test_respelt_statements_run_with_their_marks_and_literals(database):
+    conn = database.connection()
+    assert conn.execute("SELECT ? || '%?', 7 % 4", ("x",)).fetchone() == ("x%?", 3)
+    assert conn.execute("SELECT :a::int + 1, :b || ':c'", {"a": "41", "b": "q", "unused": 0}).fetchone() == (42, "q:c")
+
+
+# -- rows ------------------------------------------------------------------------------------------------
+def test_a_row_reads_by_position_and_by_name_as_sqlite3_row_does(database):
+    row = database.row("SELECT 'p1' AS id, 2 AS attempts, NULL AS result")
+    assert isinstance(row, Row)
+    assert (row[0], row[1], row[-1], row["id"], row["attempts"], row["result"]) == ("p1", 2, None, "p1", 2, None)
+    assert tuple(row) == ("p1", 2, None) and row[:2] == ("p1", 2)
+    assert dict(row) == {"id": "p1", "attempts": 2, "result": None} and row.keys() == ["id", "attempts", "result"]
+    identifier, attempts, _ = row
+    assert (identifier, attempts) == ("p1", 2)
+    with pytest.raises(KeyError):
+        row["nothing"]
+    other = database.row("SELECT 1 AS a, 2 AS b")  # another shape, another class: its own names
+    assert dict(other) == {"a": 1, "b": 2} and dict(row)["id"] == "p1"
+    assert dict(database.rows("SELECT 'x', 1 UNION ALL SELECT 'y', 2")) == {"x": 1, "y": 2}
+
+
+# -- errors --------------------------------------------------------------------------------------------------
+def test_a_duplicate_key_is_a_conflict_and_the_group_goes_on(database):
+    """A unique violation inside a nested write is Conflict; its savepoint is undone (the transaction,
+    INERROR meanwhile, is open again) and the outer write commits the rest."""
+    insert = "INSERT INTO tokens (name, role, secret_hash, created_at) VALUES (?, 'reader', ?, now())"
+    with database.transaction() as conn:
+        conn.execute(insert, ("a", "h1"))
+        with pytest.raises(Conflict, match="duplicate key"), database.transaction() as inner:
+            inner.execute(insert, ("a", "h2"))
+        conn.execute(insert, ("b", "h3"))
+    assert [row["name"] for row in database.rows("SELECT name FROM tokens ORDER BY name")] == ["a", "b"]
+
+
+def test_a_write_waiting_on_anothers_row_lock_past_the_lock_timeout_is_busy(database, admin, monkeypatch):
+    monkeypatch.setattr(postgres, "LOCK_TIMEOUT", "200ms")
+    store = Store(database)
+    [step_id] = queued(store, 1)
+    with admin.transaction():
+        admin.execute("SELECT 1 FROM steps WHERE id = %s FOR UPDATE", (step_id,))
+        started = time.monotonic()
+        with pytest.raises(Busy, match="lock timeout"):
+            store.fail_step(step_id, "gave up")
+        assert time.monotonic() - started < 3
+    assert store.fail_step(step_id, "gave up")["status"] == "FAILED"  # the lock gone, it goes through
+
+
+def test_a_deadlock_is_busy_for_the_one_postgresql_fails(stores, admin):
+    """Two writers each holding a row the other wants: PostgreSQL fails one statement (Busy), the other
+    commits. Neither store would do this; two raw turns do."""
+    first, second = stores(), stores()
+    admin.execute("INSERT INTO secrets (name, value) VALUES ('x', '0'), ('y', '0')")
+    both_hold = threading.Barrier(2)
+
+    def cross(n):
+        own, other = ("x", "y") if n == 0 else ("y", "x")
+        store = (first, second)[n]
+        try:
+            with store.atomic() as conn:
+                conn.execute("SET LOCAL deadlock_timeout = '50ms'")
+                conn.execute("UPDATE secrets SET value = ? WHERE name = ?", (str(n), own))
+                both_hold.wait(10)
+                conn.execute("UPDATE secrets SET value = ? WHERE name = ?", (str(n), other))
+        except Busy as exc:
+            return exc
+        return None
+
+    outcomes = all_at_once(2, cross)
+    assert sum(isinstance(outcome, Busy) for outcome in outcomes) == 1, outcomes
+    assert "deadlock detected" in str(next(o for o in outcomes if o is not None))
+
+
+def test_a_serialization_failure_is_busy(database, admin):
+    admin.execute("INSERT INTO secrets (name, value) VALUES ('x', '0')")
+    conn = database.connection()
+    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    conn.execute("SELECT value FROM secrets WHERE name = 'x'").fetchall()
+    admin.execute("UPDATE secrets SET value = '1' WHERE name = 'x'")
+    with pytest.raises(Busy, match="could not serialize"):
+        conn.execute("UPDATE secrets SET value = '2' WHERE name = 'x'")
+    conn.execute("ROLLBACK")
+
+
+def test_a_read_only_database_is_unwritable_and_reads_go_on(postgres_url, admin):
+    PostgresDatabase(postgres_url).prepare()
+    admin.execute(f"ALTER DATABASE {postgres_url.rsplit('/', 1)[1]} SET default_transaction_read_only = on")
+    store = Store(PostgresDatabase(postgres_url))  # its connections are made now: read only
+    try:
+        with pytest.raises(Unwritable, match="read-only transaction"):
+            store.add_token("t", "reader", "h")
+        assert store.list_tokens() == []
+    finally:
+        store.db.close()
+
+
+@pytest.mark.parametrize(
+    ("state", "kind"),
+    [("23505", Conflict), ("23503", Conflict), ("40001", Busy), ("40P01", Busy), ("55P03", Busy), ("57014", Busy),
+     ("53100", Unwritable), ("25006", Unwritable), ("57P01", Unavailable), ("08006", Unavailable)],
+)  # fmt: skip
+def test_postgresqls_error_codes_become_the_domains(state, kind):
+    """The table itself, for the codes a test cannot make the server send (a full disk)."""
+    assert isinstance(postgres.domain_error(psycopg.errors.lookup(state)("text")), kind)
+
+
+def test_other_postgresql_errors_stay_unexpected(database):
+    with pytest.raises(psycopg.errors.UndefinedTable):
+        database.rows("SELECT * FROM nothing_here")
+    assert postgres.domain_error(psycopg.errors.lookup("22012")("division by zero")) is None
+
+
+def test_a_connection_the_server_ended_is_made_again_for_reads_and_writes(database, admin):
+    """pg_terminate_backend (as a server restart would): the next read, and the next group of the
+    writer, find the connection gone before any transaction began, and go on on a new one."""
+    store = Store(database)
+    store.add_token("a", "reader", "h1")
+    assert store.list_tokens()
+    pids = [database.connection().raw.info.backend_pid, database.write_connection().raw.info.backend_pid]
+    admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+    assert [t["name"] for t in store.list_tokens()] == ["a"]
+    assert store.add_token("b", "reader", "h2")
+    assert database.connection().raw.info.backend_pid not in pids
+    assert database.write_connection().raw.info.backend_pid not in pids
+
+
+def test_a_transaction_the_server_ended_is_unavailable_and_not_sent_again(database, admin):
+    conn = database.connection()
+    conn.execute("BEGIN")
+    admin.execute("SELECT pg_terminate_backend(%s)", (conn.raw.info.backend_pid,))
+    with pytest.raises(Unavailable):
+        conn.execute("SELECT 1")
+    assert conn.execute("SELECT 1").fetchone() == (1,)  # outside the lost transaction: a new connection
+
+
+def test_an_unreachable_server_is_unavailable_for_a_request_and_ping(postgres_cluster):
+    database = PostgresDatabase(postgres_cluster.url("no_such_database"))
+    with pytest.raises(Unavailable, match="no_such_database"):
+        database.rows("SELECT 1")
+    with pytest.raises(Unavailable):
+        database.ping()
+    with pytest.raises(Unavailable):  # a write too: its group fails, the writer stays for the next
+        Store(database).add_token("t", "reader", "h")
+    database.close()
+
+
+# -- reads, writes and connections --------------------------------------------------------------------
+def test_a_snapshot_sees_one_state_while_another_node_commits(stores):
+    reader, writer = stores(), stores()
+    queued(writer, 1)
+    with reader.db.snapshot() as conn:
+        before = conn.execute("SELECT count(*) FROM processes").fetchone()[0]
+        queued(writer, 2)
+        assert conn.execute("SELECT count(*) FROM processes").fetchone()[0] == before == 1
+    assert reader.db.row("SELECT count(*) FROM processes")[0] == 3
+
+
+def test_concurrent_writers_of_one_database_share_transactions(database):
+    """The writer's groups on PostgreSQL: callers writing at once share commits, each returns once
+    its group committed, and a read inside a write sees that write's own changes."""
+    store = Store(database)
+    groups, writes = database.group_commits()
+
+    def add(n):
+        with store.atomic() as conn:
+            conn.execute("INSERT INTO secrets (name, value) VALUES (?, ?)", (f"k{n}", str(n)))
+            return conn.execute("SELECT value FROM secrets WHERE name = ?", (f"k{n}",)).fetchone()[0]
+
+    assert all_at_once(16, add) == [str(n) for n in range(16)]
+    groups_after, writes_after = database.group_commits()
+    assert writes_after - writes == 16 and groups_after - groups <= 16
+    assert database.row("SELECT count(*) FROM secrets WHERE name LIKE 'k%'")[0] == 16
+
+
+def test_a_threads_connection_is_closed_when_the_thread_ends(database, admin):
+    def connections():
+        return admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()[0]
+
+    database.rows("SELECT 1")
+    before = connections()
+    threads = [threading.Thread(target=database.rows, args=("SELECT 1",)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    gc.collect()
+    time.sleep(0.2)  # the server notices the client's goodbye
+    assert connections() == before
+
+
+# -- claims -------------------------------------------------------------------------------------------------
+def test_a_claim_skips_the_attempts_another_transaction_holds_without_waiting(stores, admin):
+    store = stores()
+    oldest, *others = queued(store, 3)
+    with admin.transaction():
+        admin.execute("SELECT 1 FROM steps WHERE id = %s FOR UPDATE", (oldest,))
+        started = time.monotonic()
+        jobs = store.claim_queued("r1", 10)
+        assert time.monotonic() - started < 1  # never the lock timeout's 5 s
+    assert [job.step_id for job in jobs] == others  # oldest first, the held one left
+    assert [job.step_id for job in store.claim_queued("r2", 10)] == [oldest]
+
+
+def test_two_claimers_at_once_each_get_different_attempts_and_together_all(stores):
+    setup, claimers = stores(), [stores(), stores()]
+    for _round in range(5):
+        ids = queued(setup, 12)
+        claimed = all_at_once(2, lambda n: [job.step_id for job in claimers[n].claim_queued(f"r{n}", 8)])
+        assert not set(claimed[0]) & set(claimed[1])  # never one attempt to both
+        assert sorted(claimed[0] + claimed[1]) == sorted(ids)  # 16 places for 12: every one is taken
+        assert claimers[0].claim_queued("r0", 100) == []
+        runners = dict(setup.db.rows("SELECT id, runner_id FROM steps WHERE id = ANY(?)", (ids,)))
+        assert [runners[step_id] for step_id in claimed[0]] == ["r0"] * len(claimed[0])
+        assert [runners[step_id] for step_id in claimed[1]] == ["r1"] * len(claimed[1])
+
+
+def test_a_due_retry_another_transaction_holds_is_skipped_then_begun_once(stores, admin):
+    store = stores()
+    _, job = store.create_process(None, [("a", {})], "alice", "r1")
+    store.schedule_retry(job, {"type": "E", "message": "later"}, "2000-01-01T00:00:00.000Z")
+    with admin.transaction():
+        admin.execute("SELECT 1 FROM steps WHERE id = %s FOR UPDATE", (job.step_id,))
+        started = time.monotonic()
+        assert store.claim_due_retries("r2", 10) == []
+        assert time.monotonic() - started < 1
+    [retry] = store.claim_due_retries("r2", 10)
+    assert (retry.step_id, retry.attempt) == (job.step_id, 2)
+    assert store.claim_due_retries("r2", 10) == []
+
+
+# -- the tallies' log of changes ------------------------------------------------------------------------------
+def test_a_checkpoint_folds_the_tallies_into_a_row_each_keeping_their_sums(stores, admin):
+    """Folds running at once on two nodes, beside writers, keep every sum (each row in one fold)."""
+    first, second = stores(), stores()
+    for _ in range(5):
+        _, job = first.create_process(None, [("a", {}), ("b", {})], "alice", "r1")
+        first.finish_attempt(job, "COMPLETED", runner_id="r1")
+    rows = admin.execute("SELECT count(*) FROM tally").fetchone()[0]
+
+    def fold_or_write(n):
+        if n < 2:
+            (first, second)[n].checkpoint()
+        else:
+            queued(second, 1)  # one more step STARTED, process RUNNING, attempt of `a` begun
+
+    all_at_once(3, fold_or_write)
+    first.checkpoint()
+    after = first.metric_tallies()
+    assert {status: n for status, n in after["steps"] if n} == {"COMPLETED": 5, "STARTED": 6}
+    assert {status: n for status, n in after["processes"] if n} == {"RUNNING": 6}
+    assert after["attempts"] == [("a", "start", 6), ("b", "start", 5)]
+    assert after["outcomes"] == [("a", "completed", 5)]
+    count, keys = admin.execute("SELECT count(*), count(DISTINCT (series, a, b)) FROM tally").fetchone()
+    assert count == keys < rows
+
+
+# -- stepd check --------------------------------------------------------------------------------------------
+def test_stepd_check_reads_a_postgresql_database_and_finds_what_is_broken(stores, postgres_url, admin):
+    store = stores()
+    process, job = store.create_process("p", [("a", {}), ("b", {})], "alice", None)
+    store.finish_attempt(job, "COMPLETED", runner_id=None)
+    result = run_cli(postgres_url, "check")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("postgresql://stepd:***@") and "1 processes, 2 steps, 2 attempts checked" in lines[0]
+    assert lines[-1] == "ok" and postgres_url.split(":")[2].split("@")[0] not in result.output
+    admin.execute("UPDATE processes SET status = 'COMPLETED' WHERE id = %s", (process["id"],))
+    broken = run_cli(postgres_url, "check")
+    assert broken.exit_code == 1
+    said = f"BROKEN: process {process['id']} is COMPLETED, its steps ['COMPLETED', 'STARTED'] say RUNNING"
+    assert said in broken.stdout
+
+
+def test_stepd_check_refuses_a_database_without_stepds_schema_or_server(postgres_url, postgres_cluster):
+    empty = run_cli(postgres_url, "check")
+    assert empty.exit_code == 2 and "has no stepd schema yet" in empty.stderr and "***" in empty.stderr
+    gone = run_cli(postgres_cluster.url("no_such_database"), "check")
+    assert gone.exit_code == 2 and "cannot connect to" in gone.stderr
