@@ -11,9 +11,9 @@ its tallies costs the write path.
    same file takes (what the tallies of migration 6 spare a scrape).
 2. The write path: in this process, on two fresh files, TRANSITIONS one-step processes started and
    their attempts finished (store.create_process, store.finish_attempt: two write transactions, four
-   step transitions each), with the tallies' triggers and metrics' hook, and without them (triggers
-   dropped, the hook a no-op). Rounds alternate between the two; prints CPU microseconds per
-   transition, the fastest round of each.
+   step transitions each), with the tallies and metrics' hook, and without them (the store's
+   `add_to_tally` and the hook no-ops). Rounds alternate between the two; prints CPU microseconds
+   per transition, the fastest round of each.
 """
 
 import argparse
@@ -37,10 +37,6 @@ from run import Server  # noqa: E402
 
 TOKEN = "metrics-cost-token"
 TARGET_MS = 20.0
-TRIGGERS = (
-    "tally_step_insert", "tally_step_update", "tally_step_delete", "tally_process_insert", "tally_process_update",
-    "tally_process_delete", "tally_attempt_insert", "tally_outcome_insert", "tally_outcome_update",
-)  # fmt: skip
 
 
 def percentile(ordered, share):
@@ -130,20 +126,17 @@ def run_write_path(workdir, count, rounds=7):
     for name in ("with", "without"):
         db = Database(workdir / f"write-{name}.db", sync="normal")
         db.prepare()
-        if name == "without":
-            with db.transaction() as conn:
-                for trigger in TRIGGERS:
-                    conn.execute(f"DROP TRIGGER {trigger}")
         stores[name] = Store(db)
-    hook = metrics.begun
+    hook, tally = metrics.begun, store_module.add_to_tally
     results = {"with": [], "without": []}
     try:
         for _ in range(rounds):
             for name, store in stores.items():
                 store_module.metrics.begun = hook if name == "with" else (lambda key: None)
+                store_module.add_to_tally = tally if name == "with" else (lambda conn, counts: None)
                 results[name].append(transitions(store, count) / (count * 4) * 1e6)
     finally:
-        store_module.metrics.begun = hook
+        store_module.metrics.begun, store_module.add_to_tally = hook, tally
         for store in stores.values():
             store.db.close()
     return {name: min(values) for name, values in results.items()}

@@ -4,9 +4,11 @@ attempt row, and its process is FAILED; a completed process has every step and a
 COMPLETED. `run.py` checks a seeded row against one the service made, and restarts one."""
 
 import sqlite3
+from collections import Counter
 
 from stepd.db import Database
 from stepd.model import new_id, now_iso, params_to_json
+from stepd.store import add_to_tally, outcome_name
 
 PRINCIPAL = "env"  # the name of the STEPD_TOKEN operator, which the benchmark uses
 BATCH = 20_000  # processes per transaction
@@ -89,4 +91,18 @@ def _insert(db, processes, steps, attempts):
         " started_at, finished_at, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [(*attempt, REQUEST_ID) for attempt in attempts],
     )
+    add_to_tally(db, _tallies(processes, steps, attempts))
     db.execute("COMMIT")
+
+
+def _tallies(processes, steps, attempts):
+    """What these rows add to the tallies GET /metrics reads, as the store counts its own writes."""
+    counts = Counter(("processes", process[2], "") for process in processes)
+    counts.update(("steps", step[4], "") for step in steps)
+    type_of = {step[0]: step[3] for step in steps}
+    for step_id, _attempt, trigger, _principal, _params, status, error_type, error_message, *_ in attempts:
+        counts[("attempts", type_of[step_id], trigger)] += 1
+        if status in ("COMPLETED", "FAILED"):
+            error = error_type and {"type": error_type, "message": error_message}
+            counts[("outcomes", type_of[step_id], outcome_name(status, error))] += 1
+    return counts

@@ -56,7 +56,7 @@ def check(where, acknowledged=None):
     """Check every invariant in one consistent read of the database (an SQLite file's path, or a
     PostgreSQL URL); returns a Report."""
     report = Report()
-    (processes, steps, attempts, runners), integrity = _read(where)
+    (processes, steps, attempts, runners, tallies), integrity = _read(where)
     processes = {r["id"]: dict(r) for r in processes}
     steps, attempts = [dict(r) for r in steps], [dict(r) for r in attempts]
     report.processes, report.steps, report.attempts = len(processes), len(steps), len(attempts)
@@ -69,13 +69,15 @@ def check(where, acknowledged=None):
     _check_attempts(report, steps, by_step)
     _check_runners(report, steps, {r["id"] for r in runners if runner_is_alive(r)})
     _check_processes(report, processes, steps)
+    if tallies is not None:
+        _check_tallies(report, tallies, processes, steps, attempts)
     if acknowledged is not None:
         _check_acknowledged(report, acknowledged, processes, steps, by_step)
     return report
 
 
 def _read(where):
-    """(the rows of EVERYTHING, SQLite's integrity_check) in one snapshot. PostgreSQL has no check of
+    """(the rows of EVERYTHING and the tallies, SQLite's integrity_check) in one snapshot. PostgreSQL has no check of
     its files to ask for (its own pages carry checksums, when the cluster has them on): None."""
     if is_postgres(str(where)):
         from stepd import postgres  # psycopg: for PostgreSQL only
@@ -86,11 +88,44 @@ def _read(where):
     try:
         conn.execute(begin)
         rows = [conn.execute(sql).fetchall() for sql in EVERYTHING]
+        rows.append(_tallies(conn, postgres_url=integrity is None))
         checked = conn.execute(integrity).fetchall() if integrity else None
         conn.execute("COMMIT")
     finally:
         conn.close()
     return rows, checked
+
+
+def _tallies(conn, postgres_url):
+    """{(series, a, b): n} of the tallies GET /metrics reads (PostgreSQL's a sum of its log's rows),
+    or None in an SQLite file of a schema before them."""
+    if not postgres_url and not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'tally'").fetchone():
+        return None
+    rows = conn.execute("SELECT series, a, b, sum(n) FROM tally GROUP BY series, a, b").fetchall()
+    return {(series, a, b): int(n) for series, a, b, n in rows}
+
+
+def _check_tallies(report, tallies, processes, steps, attempts):
+    """The counts by status are what the file holds; the counters of attempts and outcomes never
+    count fewer than the file holds (retention deletes rows, never a counter's past)."""
+    held = {}
+    for series, rows in (("processes", processes.values()), ("steps", steps)):
+        for row in rows:
+            held[(series, row["status"], "")] = held.get((series, row["status"], ""), 0) + 1
+    for key in {k for k in tallies if k[0] in ("processes", "steps")} | set(held):
+        if tallies.get(key, 0) != held.get(key, 0):
+            report.fail(f"the tally of {key[0]} {key[1]} says {tallies.get(key, 0)}; the file holds {held.get(key, 0)}")
+    type_of = {step["id"]: step["type"] for step in steps}
+    made = {}
+    for row in attempts:
+        made[("attempts", type_of[row["step_id"]], row["trigger"])] = (
+            made.get(("attempts", type_of[row["step_id"]], row["trigger"]), 0) + 1
+        )
+    for key, count in made.items():
+        if tallies.get(key, 0) < count:
+            report.fail(
+                f"the counter of {key[1]} attempts by {key[2]} says {tallies.get(key, 0)}; the file holds {count}"
+            )
 
 
 def _last_attempt_may_be(step):

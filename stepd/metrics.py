@@ -7,7 +7,8 @@ Two kinds of series, by where their truth is kept:
   `stepd_processes{status}`, `stepd_step_attempts_total{type,trigger}`,
   `stepd_step_outcomes_total{type,outcome}`, `stepd_queued_attempts`, `stepd_queue_oldest_seconds`,
   `stepd_runners_alive`. The counts and counters are
-  tallies that triggers keep in the transaction of every write (migration 7), so a scrape reads a
+  tallies that every write of the store adds to in its own transaction (store.Change.tally; the
+  table is migration 7's), so a scrape reads a
   few rows on a read connection, never the write lock, and the counters count the work of every
   process that writes the file, never going backwards when a runner, the node or the whole
   service is replaced (nor when retention deletes what they counted).

@@ -144,6 +144,11 @@ class Job:
         """(step id, attempt): which attempt this is, wherever it travels."""
         return self.step_id, self.attempt
 
+    @property
+    def step(self):
+        """(step id, process id, type): the step this attempt is of, as the store's Change.end takes it."""
+        return self.step_id, self.process_id, self.type
+
 
 @dataclass(slots=True)
 class Outcome:

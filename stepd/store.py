@@ -13,6 +13,7 @@ several nodes run at once, where SQLite's take turns, so its claims skip the row
 and a change that reads before it writes locks what it reads first.
 """
 
+import collections
 import functools
 import time
 
@@ -85,10 +86,12 @@ PROCESS_COLUMNS = (
     "seq, id, name, status, principal, created_at, updated_at, intervened_by, intervened_at, intervention_reason"
 )
 # What beginning a step's next attempt needs to know of it (Change.begin).
-BEGIN_COLUMNS = "s.id, s.process_id, s.type, s.params, s.attempts, s.retries_used"
+BEGIN_COLUMNS = "s.id, s.process_id, s.type, s.status, s.params, s.attempts, s.retries_used"
 # Steps a runner is executing (INDEXED BY: left to itself the planner prefers the status index,
 # which holds every STARTED step, deferred ones and those waiting for a retry included).
-EXECUTING_STEPS = f"SELECT id, process_id, attempts, runner_id FROM steps INDEXED BY steps_running WHERE {EXECUTING}"
+EXECUTING_STEPS = (
+    f"SELECT id, process_id, type, attempts, runner_id FROM steps INDEXED BY steps_running WHERE {EXECUTING}"
+)
 QUEUED_STEPS = (
     "SELECT id, process_id, type, params, attempts, retries_used,"
     " (SELECT request_id FROM attempts WHERE step_id = steps.id AND attempt = steps.attempts) AS request_id"
@@ -174,6 +177,43 @@ def _refused_status(conn, table, row_id, read, allowed):
         return read
     now = conn.execute(f"SELECT status FROM {table} WHERE id = ?", (row_id,)).fetchone()
     return "deleted" if now is None else now["status"]  # retention deleted its process meanwhile
+
+
+# The tallies GET /metrics reads (migration 7's table): each change adds what it changed, once, at
+# its end (`Change.tally`, `add_to_tally`). Until migration 8 triggers kept them, per row: a fifth of
+# a step's cost in the store (measured, 136-164 us a step without them against 203-223 with).
+# On SQLite a key's row is made by the first change that counts it (a step type's first attempt),
+# and an UPDATE alone is half the cost of an upsert, so it goes first. On PostgreSQL each change
+# inserts its own rows (a log of changes: no shared row for the nodes' writers to wait on; postgres.py).
+ADD_TO_TALLY = "UPDATE tally SET n = n + ? WHERE series = ? AND a = ? AND b = ?"
+NEW_TALLY = "INSERT INTO tally (series, a, b, n) VALUES (?, ?, ?, ?)"
+
+
+def add_to_tally(conn, counts, dialect=SQLITE):
+    """Add `counts` ({(series, a, b): n}) to the tallies, in the caller's transaction."""
+    for key, n in counts.items():
+        if n and (dialect == POSTGRES or not conn.execute(ADD_TO_TALLY, (n, *key)).rowcount):
+            conn.execute(NEW_TALLY, (*key, n))
+
+
+def outcome_name(status, error):
+    """The `outcome` label of an ended attempt (COMPLETED or FAILED), as stepd_step_outcomes_total says it."""
+    if status == COMPLETED:
+        return "completed"
+    return {"Interrupted": "interrupted", "Timeout": "timeout"}.get(error and error["type"], "failed")
+
+
+def _untally(conn, process_ids, marks, dialect):
+    """Take these processes and their steps, about to be deleted, out of the status tallies (the
+    counters of attempts and outcomes keep them: a counter never goes back)."""
+    counts = collections.Counter()
+    for table, series, where in (("processes", "processes", "id"), ("steps", "steps", "process_id")):
+        rows = conn.execute(
+            f"SELECT status, COUNT(*) FROM {table} WHERE {where} IN ({marks}) GROUP BY status", process_ids
+        )
+        for status, count in rows:
+            counts[(series, status, "")] -= count
+    add_to_tally(conn, counts, dialect)
 
 
 def _error(error_type, message):
@@ -308,6 +348,13 @@ class Change:
         # Touched processes whose status this change cannot have changed: a completion that began
         # the next step leaves its process RUNNING (the runner's hot path; refreshed more cheaply).
         self.still_running = set()
+        self.tally = collections.Counter()  # what this change adds to the tallies, at its end
+
+    def moved(self, series, old, new, count=1):
+        """`count` steps or processes went from status `old` to `new` (a tally each)."""
+        if old != new:
+            self.tally[(series, old, "")] -= count
+            self.tally[(series, new, "")] += count
 
     def _move(self, step_id, attempt, when, sets, values):
         """The compare-and-set: SET `sets` on the step iff it is still at `attempt` and `when` holds."""
@@ -326,6 +373,8 @@ class Change:
         values = {"runner_id": runner_id, "params": params_to_json(params)}
         if not self._move(step["id"], step["attempts"], when, sets, values):
             return None
+        self.moved("steps", step["status"], "STARTED")
+        self.tally[("attempts", step["type"], trigger)] += 1
         attempt = step["attempts"] + 1
         self.conn.execute(
             INSERT_ATTEMPT,
@@ -346,17 +395,23 @@ class Change:
         metrics.begun((step["id"], attempt))
         return Job(step["id"], step["process_id"], step["type"], params, attempt, retries_used, request_id=request_id)
 
-    def end(self, step_id, process_id, attempt, *, status, when, also, error=None, **values):
+    def end(self, step, attempt, *, status, when, also, step_status, error=None, **values):
         """End the attempt if `when` still holds; the attempt's row gets `status`. Returns whether it did.
 
-        `also`: what this kind of ending sets on the step besides its error (`:status` there is `status`)."""
+        `step`: (id, process id, type). `also`: what this kind of ending sets on the step besides its
+        error (`:status` there is `status`); `step_status`: the step's status after it (it was
+        STARTED), which `also` sets."""
+        step_id, process_id, step_type = step
         error_values = {"error_type": error and error["type"], "error_message": error and error["message"]}
         values = {**values, **error_values, "status": status}
         if not self._move(step_id, attempt, when, f"{END_ATTEMPT}, {also}", values):
             return False
-        self.conn.execute(
+        closed = self.conn.execute(
             CLOSE_ATTEMPT, {**error_values, "status": status, "now": self.now, "step_id": step_id, "attempt": attempt}
-        )
+        ).rowcount
+        self.moved("steps", "STARTED", step_status)
+        if closed:
+            self.tally[("outcomes", step_type, outcome_name(status, error))] += 1
         self.touched.add(process_id)
         return True
 
@@ -386,7 +441,7 @@ class Change:
         failed, completed or interrupted meanwhile, and nothing changes)."""
         stored_result = None if result is None else params_to_json(result)
         ended = self.end(
-            job.step_id, job.process_id, job.attempt, status=status, when=EXECUTING, also=OUTCOME, error=error,
+            job.step, job.attempt, status=status, when=EXECUTING, also=OUTCOME, step_status=status, error=error,
             result=stored_result,
         )  # fmt: skip
         if not ended or status != COMPLETED:
@@ -400,8 +455,8 @@ class Change:
         """Close a failed attempt and leave the step STARTED until `retry_at` (ISO time), when
         any runner may begin it (claim_due_retries). Returns whether the attempt was current."""
         return self.end(
-            job.step_id, job.process_id, job.attempt, status=FAILED, when=EXECUTING,
-            also="next_retry_at = :retry_at, runner_id = NULL", error=error, retry_at=retry_at,
+            job.step, job.attempt, status=FAILED, when=EXECUTING, also="next_retry_at = :retry_at, runner_id = NULL",
+            step_status="STARTED", error=error, retry_at=retry_at,
         )  # fmt: skip
 
     def defer(self, job):
@@ -433,6 +488,7 @@ class Change:
         values = {"result": result, "principal": principal, "reason": reason}
         if not self._move(step_id, attempt, IS_FAILED, sets, values):
             return False
+        self.moved("steps", FAILED, SKIPPED)
         self.touched.add(process_id)
         return True
 
@@ -446,6 +502,11 @@ class Change:
             f" AND step_id IN (SELECT id FROM steps WHERE process_id = :pid AND {STARTED_ANYHOW})",
             values,
         )
+        cancelled = self.conn.execute(
+            f"SELECT status, COUNT(*) FROM steps WHERE process_id = :pid AND {NOT_DONE} GROUP BY status", values
+        ).fetchall()
+        for old, count in cancelled:
+            self.moved("steps", old, "CANCELLED", count)
         # runner_id stays: the runner that has the attempt sees it is no longer executing there,
         # and sets ctx.cancelled (Runner._let_go_of_ended).
         self.conn.execute(
@@ -462,7 +523,10 @@ class Change:
             values = {"pid": process_id, "now": self.now}
             if process_id in self.still_running and self.conn.execute(TOUCH_RUNNING_PROCESS, values).rowcount:
                 continue
-            self.conn.execute(REFRESH_PROCESS, values)
+            old = self.conn.execute("SELECT status FROM processes WHERE id = :pid", values).fetchone()
+            new = self.conn.execute(REFRESH_PROCESS + " RETURNING status", values).fetchone()
+            if old is not None and new is not None:
+                self.moved("processes", old[0], new[0])
 
 
 class Store:
@@ -491,6 +555,7 @@ class Store:
             change = Change(conn, now_iso(), self.on_queued, request_id)
             result = change_it(change)
             change.refresh_processes()
+            add_to_tally(conn, change.tally, self.db.dialect)
             return result
 
         return job
@@ -523,6 +588,7 @@ class Store:
                     "id": new_id(),
                     "process_id": process_id,
                     "type": step_type,
+                    "status": "PENDING",
                     "attempts": 0,
                     "retries_used": 0,
                     "params": params_to_json(params),
@@ -534,6 +600,8 @@ class Store:
                 " VALUES (?, ?, ?, ?, 'PENDING', ?, ?)",
                 [(r["id"], process_id, n, r["type"], r["params"], change.now) for n, r in enumerate(step_rows)],
             )
+            change.tally[("processes", "RUNNING", "")] += 1
+            change.tally[("steps", "PENDING", "")] += len(step_rows)
             job = change.begin(step_rows[0], "start", principal, IS_PENDING, runner_id=runner_id)
             change.touched.discard(process_id)  # a new process is RUNNING as inserted: nothing to refresh
             process = self._load_process(change.conn, process_id)
@@ -647,9 +715,7 @@ class Store:
         given as None is removed); its Job."""
 
         def change_it(change):
-            row = change.conn.execute(
-                f"SELECT {BEGIN_COLUMNS}, s.status FROM steps s WHERE s.id = ?", (step_id,)
-            ).fetchone()
+            row = change.conn.execute(f"SELECT {BEGIN_COLUMNS} FROM steps s WHERE s.id = ?", (step_id,)).fetchone()
             if row is None:
                 raise PreconditionFailed.on("step_id", "No step has this id.")
             if row["status"] != FAILED:
@@ -774,7 +840,7 @@ class Store:
     def _end_started_step(self, step_id, status, result, error, runner_id):
         def change_it(change):
             row = change.conn.execute(
-                "SELECT process_id, status, attempts, next_retry_at FROM steps WHERE id = ?", (step_id,)
+                "SELECT process_id, type, status, attempts, next_retry_at FROM steps WHERE id = ?", (step_id,)
             ).fetchone()
             if row is None:
                 raise PreconditionFailed.on("step_id", "No step has this id.")
@@ -782,8 +848,8 @@ class Store:
                 message = "Step is waiting for an automatic retry; fail it to stop the retries."
                 raise PreconditionFailed.on("status", message)
             ended = change.end(
-                step_id, row["process_id"], row["attempts"], status=status, when=STARTED_ANYHOW,
-                also=f"{OUTCOME}, deferred = 0, next_retry_at = NULL", error=error,
+                (step_id, row["process_id"], row["type"]), row["attempts"], status=status, when=STARTED_ANYHOW,
+                also=f"{OUTCOME}, deferred = 0, next_retry_at = NULL", step_status=status, error=error,
                 result=None if result is None else params_to_json(result),
             )  # fmt: skip
             if not ended:  # not STARTED, or (on PostgreSQL) another node ended it meanwhile
@@ -819,6 +885,7 @@ class Store:
                 status = _refused_status(change.conn, "processes", process_id, row["status"], ("RUNNING", "FAILED"))
                 message = f"Process is {status}; only a RUNNING or FAILED process can be cancelled."
                 raise PreconditionFailed.on("status", message)
+            change.moved("processes", row["status"], "CANCELLED")
             change.cancel_steps(process_id, principal, reason)
             process = self._load_process(change.conn, process_id)
             return process
@@ -887,6 +954,7 @@ class Store:
             if not ids:
                 return 0, 0
             marks = ",".join("?" * len(ids))
+            _untally(conn, ids, marks, self.db.dialect)
             steps = f"SELECT id FROM steps WHERE process_id IN ({marks})"
             rows = conn.execute(f"DELETE FROM attempts WHERE step_id IN ({steps})", ids).rowcount
             rows += conn.execute(f"DELETE FROM steps WHERE process_id IN ({marks})", ids).rowcount
@@ -966,8 +1034,9 @@ class Store:
     def _interrupt(change, row, message):
         """End an executing attempt FAILED/Interrupted; returns whether it was still executing."""
         return change.end(
-            row["id"], row["process_id"], row["attempts"], status=FAILED, when=EXECUTING,
-            also="status = 'FAILED', finished_at = :now", error={"type": "Interrupted", "message": message},
+            (row["id"], row["process_id"], row["type"]), row["attempts"], status=FAILED, when=EXECUTING,
+            also="status = 'FAILED', finished_at = :now", step_status=FAILED,
+            error={"type": "Interrupted", "message": message},
         )  # fmt: skip
 
     # -- answers to requests with an Idempotency-Key ----------------------------------------
@@ -1055,7 +1124,7 @@ class Store:
         return steps, processes
 
     def metric_tallies(self):
-        """The tallies GET /metrics reads (kept by migration 7's triggers), and the runners' rows, as one
+        """The tallies GET /metrics reads (each change adds to them: Change.tally), and the runners' rows, as one
         snapshot has them: {"steps": [(status, n)], "processes": [(status, n)], "attempts": [(type,
         trigger, n)], "outcomes": [(type, outcome, n)], "runners": [row]}, with the attempts waiting for a
         runner (queued, or a retry due): "queued" (how many), "queued_since" (the oldest one's time, or

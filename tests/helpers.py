@@ -34,6 +34,7 @@ from pathlib import Path
 import requests
 
 from stepd.model import new_id, params_to_json
+from stepd.store import add_to_tally
 
 # -- paths -----------------------------------------------------------------------------------------
 ROOT = Path(__file__).resolve().parent.parent
@@ -322,6 +323,37 @@ def queued_steps(db_path):
     )[0][0]
 
 
+# What the rows of these processes add to the tallies GET /metrics reads: the store adds what each of
+# its changes writes (store.Change.tally); rows written straight into the file, as the store would
+# leave them, are added to the tallies with them here.
+TALLIES_OF_PROCESSES = """
+    SELECT 'processes', status, '', COUNT(*) FROM processes WHERE id IN ({marks}) GROUP BY status
+    UNION ALL SELECT 'steps', status, '', COUNT(*) FROM steps WHERE process_id IN ({marks}) GROUP BY status
+    UNION ALL SELECT 'attempts', s.type, a.trigger, COUNT(*) FROM attempts a JOIN steps s ON s.id = a.step_id
+        WHERE s.process_id IN ({marks}) GROUP BY s.type, a.trigger
+    UNION ALL SELECT 'outcomes', s.type, CASE WHEN a.status = 'COMPLETED' THEN 'completed'
+                                         WHEN a.error_type = 'Interrupted' THEN 'interrupted'
+                                         WHEN a.error_type = 'Timeout' THEN 'timeout' ELSE 'failed' END, COUNT(*)
+        FROM attempts a JOIN steps s ON s.id = a.step_id
+        WHERE s.process_id IN ({marks}) AND a.status IN ('COMPLETED', 'FAILED') GROUP BY 2, 3
+"""
+
+
+def add_to_tallies(conn, process_ids):
+    """Add the rows of `process_ids` (the processes, their steps and attempts) to the tallies, in
+    `conn`'s transaction. A file of a schema before the tallies has none to add to: its migration
+    counts what it holds."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'tally'").fetchone():
+        return
+    counts = {}
+    for start in range(0, len(process_ids), 300):  # SQLite's limit of parameters, 4 uses each
+        chunk = list(process_ids[start : start + 300])
+        marks = ",".join("?" * len(chunk))
+        for series, a, b, n in conn.execute(TALLIES_OF_PROCESSES.format(marks=marks), chunk * 4).fetchall():
+            counts[(series, a, b)] = counts.get((series, a, b), 0) + n
+    add_to_tally(conn, counts)
+
+
 def insert_failed_steps(store, count, step_type="fail", start=None, params=None, process_id=None):
     """`count` FAILED one-step processes written straight into the file (much faster than running them);
     failure times are 1 ms apart from `start`, oldest first. Returns the step ids in that order."""
@@ -352,6 +384,10 @@ def insert_failed_steps(store, count, step_type="fail", start=None, params=None,
                 (sid, params_to_json(params), finished, finished),
             )
             step_ids.append(sid)
+        # in the tallies, as the store would have counted them: each step FAILED after one attempt
+        counts = {("steps", "FAILED", ""): count, ("attempts", step_type, "start"): count}
+        counts |= {("outcomes", step_type, "failed"): count, ("processes", "FAILED", ""): 0 if process_id else count}
+        add_to_tally(db, counts)
     return step_ids
 
 
@@ -384,6 +420,7 @@ def insert_finished_processes(db_path, count, status="COMPLETED", finished=None,
                 " VALUES (?, 1, 'start', 'ops', '{}', ?, ?, ?)",
                 [(sid, attempt_status, finished, finished) for sid, _, _ in rows],
             )
+            add_to_tallies(conn, process_ids)
     finally:
         conn.close()
     return process_ids

@@ -70,6 +70,10 @@ BROKEN = [
     ("UPDATE processes SET intervened_by = NULL WHERE status = 'CANCELLED'", "is CANCELLED but intervened_by=None"),
     ("UPDATE attempts SET status = 'COMPLETED' WHERE status = 'CANCELLED'", "but its last attempt is COMPLETED"),
     ("UPDATE steps SET status = 'FAILED' WHERE status = 'SKIPPED'", "is FAILED but intervened_by='ops'"),
+    # the tallies GET /metrics reads, kept by the store's changes (migration 8)
+    ("UPDATE tally SET n = n + 1 WHERE series = 'steps' AND a = 'COMPLETED'", "the tally of steps COMPLETED says"),
+    ("UPDATE tally SET n = n - 1 WHERE series = 'processes' AND a = 'CANCELLED'", "the tally of processes CANCELLED"),
+    ("UPDATE tally SET n = 0 WHERE series = 'attempts' AND a = 'noop'", "the counter of noop attempts by start says 0"),
 ]
 
 

@@ -58,7 +58,7 @@ def test_the_claim_reads_queued_steps_in_order_without_sorting(migrated):
 
 
 def test_a_version_2_file_is_migrated_keeping_every_row(migrated):
-    assert migrated.execute("PRAGMA user_version").fetchone()[0] == len(migrations.MIGRATIONS) == 7
+    assert migrated.execute("PRAGMA user_version").fetchone()[0] == len(migrations.MIGRATIONS) == 8
     assert migrated.execute("SELECT seq, id, name, status, intervened_by FROM processes ORDER BY seq").fetchall() == [
         (1, "p1", "old", "FAILED", None),
         (2, "p2", None, "RUNNING", None),
@@ -145,3 +145,14 @@ def test_each_file_gets_a_secret_of_its_own_once(migrated, tmp_path):
     Database(other).prepare()  # a second start migrates nothing
     assert sqlite3.connect(other).execute("SELECT value FROM secrets").fetchall() != [(secret,)]
     assert len(sqlite3.connect(other).execute("SELECT value FROM secrets").fetchall()) == 1
+
+
+def test_schema_8_keeps_the_tallies_without_triggers(migrated, tmp_path):
+    """Migration 7 counted what the file held; 8 drops its triggers (the store adds what each of its
+    changes writes), keeping those counts."""
+    from stepd.invariants import check
+
+    assert migrated.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall() == []
+    tally = dict(migrated.execute("SELECT a, n FROM tally WHERE series = 'steps' AND n != 0").fetchall())
+    assert tally == {"FAILED": 1, "STARTED": 1}
+    assert check(tmp_path / "old.db").problems == []

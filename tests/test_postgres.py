@@ -17,7 +17,8 @@ from helpers import ROOT, all_at_once, free_port, run_cli, wait_for
 
 from stepd import postgres
 from stepd.db import Database
-from stepd.model import VERSION, Unusable, now_iso
+from stepd.model import COMPLETED, FAILED, VERSION, Unusable, now_iso
+from stepd.store import Store
 from stepd.wiring import open_store
 
 # SQLite's declared type of a column -> the PostgreSQL types it may have (postgres.py says why each).
@@ -272,35 +273,51 @@ SUMMED_TALLIES = (
 )
 
 
-def test_the_tallies_follow_every_write_as_sqlites_triggers_keep_them(tmp_path, postgres_url):
-    """The same writes on both backends leave the same tallies (steps and processes exact, attempts and
-    outcomes counters that deletes take nothing off), and a database migrated with rows counts them."""
-    sqlite_path = tmp_path / "t.db"
-    Database(sqlite_path).prepare()
+def tallies_after_a_lifecycle(store):
+    """The store's verbs, as the API calls them: a start, a timeout, a restart, a completion that begins
+    the next step, a cancel; then the tallies GET /metrics reads (non-zero ones)."""
+    process, job = store.create_process("p", [("check", {}), ("noop", {})], "a", "r1")
+    timeout = {"type": "Timeout", "message": "too long"}
+    store.finish_attempt(job, FAILED, error=timeout, runner_id="r1")
+    job = store.restart_failed_step(job.step_id, {}, "a", "r1", lambda step_type: True)
+    store.finish_attempt(job, COMPLETED, runner_id="r1")
+    store.cancel_process(process["id"], "enough", "a")
+    tallies = store.metric_tallies()
+    return sorted(
+        [(series, *row[:-1], row[-1]) for series in ("attempts", "outcomes") for row in tallies[series] if row[-1]]
+        + [(series, status, "", n) for series in ("processes", "steps") for status, n in tallies[series] if n]
+    )
+
+
+def test_the_store_keeps_the_same_tallies_on_both_backends(tmp_path, postgres_url):
+    """The tallies are the store's (each change adds what it changed, at its end; SQLite's migration 8,
+    PostgreSQL's 4): the same verbs leave the same tallies on both, and PostgreSQL's fold of its log
+    keeps their sums with one row a key."""
+    Database(tmp_path / "t.db").prepare()
     postgres.PostgresDatabase(postgres_url).prepare()
-    lite = sqlite3.connect(sqlite_path, isolation_level=None)
-    read = "SELECT series, a, b, n FROM tally WHERE n <> 0 ORDER BY series, a, b"
-    try:
-        with psycopg.connect(postgres_url, autocommit=True) as pg:
-            for sql in TALLY_WRITES:
-                lite.execute(sql.replace("now()", "'2026-01-01T00:00:00.000Z'"))
-                pg.execute(sql)
-                assert pg.execute(SUMMED_TALLIES).fetchall() == lite.execute(read).fetchall(), sql
-            tallies = pg.execute(SUMMED_TALLIES).fetchall()
-            pg.execute(postgres.FOLD_TALLIES)  # one row a tally again, with the same sums
-            assert pg.execute(SUMMED_TALLIES).fetchall() == tallies
-            keys = pg.execute("SELECT count(*), count(DISTINCT (series, a, b)) FROM tally").fetchone()
-    finally:
-        lite.close()
+    on_sqlite = tallies_after_a_lifecycle(Store(Database(tmp_path / "t.db")))
+    on_postgres = tallies_after_a_lifecycle(Store(postgres.PostgresDatabase(postgres_url)))
+    assert (
+        on_postgres
+        == on_sqlite
+        == [
+            ("attempts", "check", "restart", 1),
+            ("attempts", "check", "start", 1),
+            ("attempts", "noop", "start", 1),
+            ("outcomes", "check", "completed", 1),
+            ("outcomes", "check", "timeout", 1),
+            ("processes", "CANCELLED", "", 1),
+            ("steps", "CANCELLED", "", 1),
+            ("steps", "COMPLETED", "", 1),
+        ]
+    )
+    with psycopg.connect(postgres_url, autocommit=True) as pg:
+        assert pg.execute("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal").fetchone()[0] == 0
+        summed = pg.execute(SUMMED_TALLIES).fetchall()
+        pg.execute(postgres.FOLD_TALLIES)
+        assert pg.execute(SUMMED_TALLIES).fetchall() == summed
+        keys = pg.execute("SELECT count(*), count(DISTINCT (series, a, b)) FROM tally").fetchone()
     assert keys[0] == keys[1]
-    assert tallies == [
-        ("attempts", "check", "restart", 1),
-        ("attempts", "check", "start", 1),
-        ("outcomes", "check", "completed", 1),
-        ("outcomes", "check", "timeout", 1),
-        ("processes", "CANCELLED", "", 1),
-        ("steps", "COMPLETED", "", 1),
-    ]
 
 
 def test_a_database_migrated_with_rows_starts_with_their_tallies(postgres_url, monkeypatch):
