@@ -64,6 +64,7 @@ class Dispatcher:
         # Attempts claimed or begun for each runner in the group open now (only the writer's loop
         # touches it): sent once that group committed, one message a runner a group.
         self._to_send = {}
+        self.recorded = 0  # outcomes recorded since the node started (admission.py reads how fast)
         store.on_queued = self.note_queued
         store.db.at_end_of_groups(self._claim)
         store.db.at_end_of_groups(self._take_what_to_send)
@@ -159,6 +160,7 @@ class Dispatcher:
                 self._record_failed(link, outcomes, error)
                 return
             metrics.ended(outcomes)  # the next steps they began go out with the group's claims
+            self.recorded += len(outcomes)
 
         self.store.db.submit(record, done)
 
@@ -279,6 +281,12 @@ class Dispatcher:
                 metrics.let_go(ended)
                 link.channel.send("cancel", sorted(ended))
                 self.wake()  # the places are free again
+
+    def turnover(self):
+        """(outcomes recorded so far, places of the runners connected now): admission.py's measure."""
+        with self._lock:
+            places = sum(link.places for link in self.links if link.open)
+        return self.recorded, places
 
     def free_places(self):
         with self._lock:

@@ -74,7 +74,7 @@ class Node:
         # gunicorn clears the moment a reload (or a stop) tells the worker to go.
         self.current = lambda: True
         self.dispatcher = Dispatcher(store, self._stopping_reason, lambda: self.current())
-        self.admission = Admission(store)  # whether new processes wait: the engine asks it
+        self.admission = Admission(store, self.dispatcher.turnover)  # whether new processes wait: the engine asks it
         # The dispatcher's own work, on a thread of its own: no housekeeping chore may delay it.
         self.ticks = [
             Chore("watch", WATCH_SECONDS, self.dispatcher.let_go_of_ended),

@@ -1,8 +1,9 @@
-"""Admission (admission.py): new processes wait while the node is busy and its queue is old.
+"""Admission (admission.py): new processes wait while quick work has been queued for a while.
 
-A real store on a real file; only the CPU clock is the test's own, so that "busy" does not depend
-on how loaded the machine running the tests is. The queue's age is real: a process started with
-no runner to claim its first step leaves that step queued, and the test waits for it to age."""
+A real store on a real file; only the runners' turnover (attempts ended, places) is the test's own,
+so that "quick" does not depend on how loaded the machine running the tests is. The queue's age is
+real: a process started with no runner to claim its first step leaves that step queued, and the
+test waits for it to age."""
 
 import threading
 import time
@@ -16,18 +17,22 @@ from stepd.engine import Engine
 from stepd.store import Store
 
 
-class CpuClock:
-    """CPU seconds that grow by `share` of each wall second (a process that busy)."""
+class Turnover:
+    """Runners with `places` that end `per_second` attempts a second: (ended so far, places)."""
 
-    def __init__(self, share):
-        self.share = share
-        self._at, self._used = time.monotonic(), 0.0
+    def __init__(self, per_second, places=4):
+        self.per_second, self.places = per_second, places
+        self._at, self._ended = time.monotonic(), 0.0
 
     def __call__(self):
         now = time.monotonic()
-        self._used += (now - self._at) * self.share
+        self._ended += (now - self._at) * self.per_second
         self._at = now
-        return self._used
+        return self._ended, self.places
+
+
+QUICK = 4 / admission.QUICK_SECONDS * 2  # attempts a second: twice what 4 places must end to be quick
+SLOW = 4 / admission.QUICK_SECONDS / 4
 
 
 @pytest.fixture
@@ -41,32 +46,38 @@ def queue_one(store, age):
     time.sleep(age)
 
 
-def measured(store, share):
-    gate = Admission(store, cpu=CpuClock(share))
+def measured(store, per_second, places=4):
+    gate = Admission(store, Turnover(per_second, places))
     time.sleep(0.02)
     gate.measure()
     return gate
 
 
-def test_a_busy_node_with_an_old_queue_is_crowded(store):
+def test_quick_work_queued_for_a_while_is_crowded(store):
     queue_one(store, admission.QUEUE_AGE + 0.05)
-    assert measured(store, share=0.95).crowded
+    assert measured(store, QUICK).crowded
 
 
-def test_an_idle_node_is_not_crowded_however_old_its_queue(store):
+def test_slow_delegates_never_crowd_however_old_the_queue(store):
     queue_one(store, admission.QUEUE_AGE + 0.05)
-    assert not measured(store, share=0.3).crowded
+    assert not measured(store, SLOW).crowded
+    assert not measured(store, 0).crowded
 
 
-def test_a_busy_node_with_a_young_queue_or_none_is_not_crowded(store):
-    assert not measured(store, share=0.95).crowded  # nothing queued
+def test_without_runners_nothing_is_crowded(store):
+    queue_one(store, admission.QUEUE_AGE + 0.05)
+    assert not measured(store, QUICK, places=0).crowded
+
+
+def test_quick_work_with_a_young_queue_or_none_is_not_crowded(store):
+    assert not measured(store, QUICK).crowded  # nothing queued
     queue_one(store, 0)
-    assert not measured(store, share=0.95).crowded
+    assert not measured(store, QUICK).crowded
 
 
 def test_crowding_ends_when_the_queue_is_claimed(store):
     queue_one(store, admission.QUEUE_AGE + 0.05)
-    gate = measured(store, share=0.95)
+    gate = measured(store, QUICK)
     assert gate.crowded
     assert store.claim_queued("R1", 10)
     time.sleep(0.02)
@@ -75,13 +86,13 @@ def test_crowding_ends_when_the_queue_is_claimed(store):
 
 
 def test_wait_returns_at_once_when_not_crowded(store):
-    gate = measured(store, share=0.95)
+    gate = measured(store, QUICK)
     assert gate.wait() < 0.05
 
 
 def test_wait_returns_when_crowding_ends(store):
     queue_one(store, admission.QUEUE_AGE + 0.05)
-    gate = measured(store, share=0.95)
+    gate = measured(store, QUICK)
     threading.Timer(0.2, lambda: setattr(gate, "crowded", False)).start()
     assert 0.15 < gate.wait() < admission.WAIT_LIMIT
 
@@ -89,7 +100,7 @@ def test_wait_returns_when_crowding_ends(store):
 def test_wait_gives_up_after_its_limit(store, monkeypatch):
     monkeypatch.setattr(admission, "WAIT_LIMIT", 0.3)
     queue_one(store, admission.QUEUE_AGE + 0.05)
-    gate = measured(store, share=0.95)
+    gate = measured(store, QUICK)
     assert 0.3 <= gate.wait() < 0.6
 
 
@@ -99,7 +110,7 @@ def test_starting_a_process_waits_while_crowded_and_then_starts_it(store, monkey
     registry.add("noop", lambda ctx: None, "test")
     engine = Engine(store, registry)
     queue_one(store, admission.QUEUE_AGE + 0.05)
-    engine.admission = measured(store, share=0.95)
+    engine.admission = measured(store, QUICK)
     started = time.monotonic()
     process = engine.start_process("late", [("noop", {})], "op")
     assert time.monotonic() - started >= 0.3
@@ -110,3 +121,11 @@ def test_the_node_gives_the_engine_its_admission(app):
     stepd = app.extensions["stepd"]
     assert stepd.engine.admission is stepd.node.admission
     assert any(chore.run == stepd.node.admission.measure for chore in stepd.node.ticks)
+
+
+def test_the_dispatcher_counts_the_attempts_its_runners_end(app, api):
+    dispatcher = app.extensions["stepd"].node.dispatcher
+    before, places = dispatcher.turnover()
+    api.wait_process(api.start(("noop", {}), ("noop", {}), ("noop", {}))["processId"], "COMPLETED")
+    ended, places = dispatcher.turnover()
+    assert (ended - before, places) == (3, 4)  # the app's one runner on threads: STEPD_THREADS=4
