@@ -6,16 +6,18 @@ cluster keeps PostgreSQL's durability and is gone after it stops, stepd's hook r
 schema, and (where .venv-peers/ has procrastinate) a tiny procrastinate run end to end."""
 
 import ast
+import contextlib
 import importlib.util
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, make_dry_run, postgres_missing
+from helpers import ROOT, make_dry_run, postgres_missing, wait_for
 
 PEERS = ROOT / "bench" / "peers.py"
 # What the Makefile's targets depend on (as tests/test_makefile.py copies them), and the peers' pins.
@@ -286,14 +288,19 @@ def test_stepds_hook_reads_its_steps_finished_on_postgresql(peers, postgres_url)
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 
 
-def test_procrastinate_runs_three_sequences_of_three_steps_on_a_real_postgresql(tmp_path):
-    """bench/peers.py itself, in .venv-peers/ (where make bench-peers installs procrastinate): its own
-    cluster, 3 sequences of 3 chained jobs with 1 and then 2 workers, the figures in the table, the
-    durability read back, stepd's rows said not yet, and the cluster gone afterwards."""
+def need_procrastinate():
+    """Skip where .venv-peers/ (made by make bench-peers, not by make test) has no procrastinate."""
     if not PEERS_PYTHON.exists():
         pytest.skip(f"{PEERS_PYTHON} is not there: make bench-peers makes it")
     if subprocess.run([PEERS_PYTHON, "-c", "import procrastinate"], capture_output=True).returncode != 0:
         pytest.skip(f"procrastinate is not installed in {PEERS_PYTHON}: make bench-peers installs it")
+
+
+def test_procrastinate_runs_three_sequences_of_three_steps_on_a_real_postgresql(tmp_path):
+    """bench/peers.py itself, in .venv-peers/ (where make bench-peers installs procrastinate): its own
+    cluster, 3 sequences of 3 chained jobs with 1 and then 2 workers, the figures in the table, the
+    durability read back, stepd's rows said not yet, and the cluster gone afterwards."""
+    need_procrastinate()
     need_postgres()
     command = [PEERS_PYTHON, "bench/peers.py", "--engines", "procrastinate,stepd-pg", "--workloads", "3x3"]
     done = subprocess.run([*command, "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=180)
@@ -319,3 +326,42 @@ def test_processes_are_posted_over_every_node_in_turn(peers, server_factory, tmp
         assert peers.stepd_finished(file, "spread", 3 * 2) > 0  # each node ran its 3 processes' 2 steps
         with sqlite3.connect(file) as conn:
             assert conn.execute("SELECT count(*) FROM processes WHERE name = 'spread'").fetchone()[0] == 3
+
+
+def test_ctrl_c_in_a_procrastinate_row_stops_its_workers_and_the_cluster(tmp_path):
+    """SIGINT to the driver while a row runs (as Ctrl-C sends it): it says so and exits, leaving no
+    worker, no PostgreSQL server and no cluster folder behind."""
+    need_procrastinate()
+    need_postgres()
+    command = [PEERS_PYTHON, "bench/peers.py", "--engines", "procrastinate", "--workloads", "2000x10", "--rounds", "1"]
+    err = tmp_path / "stderr"
+    with open(err, "wb") as out:
+        driver = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal's job has it
+        )
+    try:
+        wait_for(lambda: workers_of(driver.pid), timeout=60, what="procrastinate's worker under the driver")
+        workers = workers_of(driver.pid)
+        [folder] = [line.split(", in ")[1] for line in err.read_text().splitlines() if line.startswith("PostgreSQL on")]
+        driver.send_signal(signal.SIGINT)
+        assert driver.wait(timeout=60) != 0
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert "interrupted; every server, consumer, worker and PostgreSQL cluster it started is stopped" in err.read_text()
+    assert not Path(folder).exists() and processes_holding(folder) == []
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+
+
+def workers_of(pid):
+    """The procrastinate worker processes among `pid`'s children."""
+    found = []
+    with contextlib.suppress(OSError):  # the driver, or a child, gone meanwhile
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            if b"procrastinate-worker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(int(child))
+    return found
