@@ -21,8 +21,10 @@ The engines, each on a fresh temporary folder for every measurement:
   from PostgreSQL (STEPD_ON_POSTGRES_MISSING; measure_stepd_postgres is ready for it).
 
 steps/s = steps completed / (last completion - first submit). Each engine first runs one warm-up
-sequence of one step, outside the timing, so start-up is not measured. Every server and consumer
-it starts is stopped by its pid on the way out (and through PR_SET_PDEATHSIG if this driver dies).
+sequence of one step, outside the timing, so start-up is not measured. Every server, consumer and
+worker it starts is stopped by its pid on the way out (and through PR_SET_PDEATHSIG if this driver
+dies); the PostgreSQL cluster by `pg_ctl stop`, also on an error or Ctrl-C (and by its watchdog if
+this driver is killed).
 The work per step differs between the engines: docs/contributing.md#peers-make-bench-peers.
 """
 
@@ -607,15 +609,16 @@ def not_measured(why_not):
     return lines
 
 
-def compare(medians, workload, ours, theirs, factor):
+def compare(medians, workload, ours, theirs, factor, whom=""):
     """(line, verdict) of one comparison: `ours` >= factor x the best of `theirs` (ahead of it for a
-    factor of 1); verdict True, False, or None where a row was not measured."""
+    factor of 1; `whom` names that best in the goal's words); verdict True, False, or None where a
+    row was not measured."""
     best = max(theirs, key=lambda v: medians.get((v.label, workload), -1))
     if (ours.label, workload) not in medians or (best.label, workload) not in medians:
         return f"{size(workload)}: {ours.label} against {best.label}: not measured", None
     mine, other = medians[ours.label, workload], medians[best.label, workload]
     ok = mine > other if factor == 1 else mine >= factor * other
-    aim = "ahead of" if factor == 1 else f">= {factor}x"
+    aim = ("ahead of" if factor == 1 else f">= {factor}x") + (f" {whom}" if whom else "")
     line = f"{size(workload)}: {ours.label} {mine:,.0f} against {best.label} {other:,.0f}"
     return f"{line} ({mine / other:.2f}x; goal {aim}): {'MET' if ok else 'NOT MET'}", ok
 
@@ -633,7 +636,7 @@ def goal(medians, workloads):
         stepd = next(v for v in VARIANTS if v.engine == "stepd" and v.durability == durability)
         peers = [v for v in VARIANTS if v.engine != "stepd" and v.durability == durability]
         for workload in workloads:
-            line, ok = compare(medians, workload, stepd, peers, factor)
+            line, ok = compare(medians, workload, stepd, peers, factor, "the best peer")
             lines.append(f"- {durability}, {line}")
             verdicts.append(ok)
     return lines, overall(verdicts)

@@ -118,6 +118,11 @@ def test_the_goal_is_ahead_at_normal_and_twice_at_full(peers):
     rates, workloads = figures(peers, stepd_normal=1001, stepd_full=2000, peer=1000)
     lines, met = peers.goal(peers.table(rates, workloads)[1], workloads)
     assert met and len(lines) == 4 and all(line.endswith(": MET") for line in lines), lines
+    assert lines[0] == (
+        "- normal, 10 × 10: stepd `normal` 1,001 against huey NORMAL, chains, 4 threads 1,000"
+        " (1.00x; goal ahead of the best peer): MET"
+    )
+    assert lines[2].endswith("(2.00x; goal >= 2x the best peer): MET"), lines
     rates, workloads = figures(peers, stepd_normal=5000, stepd_full=1999, peer=1000)
     lines, met = peers.goal(peers.table(rates, workloads)[1], workloads)
     assert met is False and [line.endswith("NOT MET") for line in lines] == [False, False, True, True], lines
