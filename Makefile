@@ -60,9 +60,11 @@ bench: $(VENV)/.run-deps
 	$(BIN)/python bench/queue_latency.py
 	$(BIN)/python bench/metrics_cost.py
 
-# stepd beside huey and DBOS (bench/peers.py, issue 18's peers; optional, in no other target), in a
-# venv of its own, .venv-peers/: stepd (editable) with the peers' pins of bench/requirements-peers.txt,
-# which stay out of requirements*.txt. BENCH_ARGS passes more options (--quick: a smoke run).
+# stepd beside huey and DBOS (bench/peers.py, issue 18's peers) and procrastinate (issue 20's, on a
+# PostgreSQL 15 cluster the script starts and stops; its rows are skipped without postgresql-15).
+# Optional, in no other target, in a venv of its own, .venv-peers/: stepd (editable) with the peers'
+# pins of bench/requirements-peers.txt, which stay out of requirements*.txt. BENCH_ARGS passes more
+# options (--quick: a smoke run; --engines procrastinate: its rows only).
 PEERS_VENV := .venv-peers
 bench-peers: $(PEERS_VENV)/.installed
 	$(PEERS_VENV)/bin/python bench/peers.py $(BENCH_ARGS)

@@ -1,8 +1,9 @@
-"""`make bench-peers` (issue 18, "Peers"): stepd beside two peers, on the same box and in the same
-run, on the same two workloads of sequences of no-op steps; prints one markdown table of steps/s
-(the median of interleaved rounds), then the issue's goal, MET or NOT MET.
+"""`make bench-peers` (issue 18, "Peers"; issue 20, "Peer in the same run"): stepd beside its peers,
+on the same box and in the same run, on the same two workloads of sequences of no-op steps; prints
+one markdown table of steps/s (the median of interleaved rounds), then the issues' goals, MET or NOT
+MET.
 
-    .venv-peers/bin/python bench/peers.py [--quick] [--rounds 3] [--keep]
+    .venv-peers/bin/python bench/peers.py [--quick] [--rounds 3] [--keep] [--engines ...] [--workloads ...]
 
 The engines, each on a fresh temporary folder for every measurement:
 
@@ -12,16 +13,25 @@ The engines, each on a fresh temporary folder for every measurement:
   each no-op task enqueueing the next; the driver enqueues every chain's first task in-process.
 - DBOS 3 with a SQLite system database: a sequence is one workflow of N no-op @DBOS.step()s, run by
   4 threads in a process of its own.
+- procrastinate 3 on a PostgreSQL 15 cluster this driver starts for the run (bench/pgcluster.py,
+  PostgreSQL's default durability), a fresh database for every measurement: a sequence is a chain,
+  each no-op job deferring the next, as huey's; 1 or 2 worker processes of 4 concurrent jobs each.
+  Without PostgreSQL these rows are left out, saying why, and the rest runs.
+- stepd on the same cluster, one node and two (issue 20): left out, saying so, until stepd serves
+  from PostgreSQL (STEPD_ON_POSTGRES_MISSING; measure_stepd_postgres is ready for it).
 
 steps/s = steps completed / (last completion - first submit). Each engine first runs one warm-up
-sequence of one step, outside the timing, so start-up is not measured. Every server and consumer
-it starts is stopped by its pid on the way out (and through PR_SET_PDEATHSIG if this driver dies).
+sequence of one step, outside the timing, so start-up is not measured. Every server, consumer and
+worker it starts is stopped by its pid on the way out (and through PR_SET_PDEATHSIG if this driver
+dies); the PostgreSQL cluster by `pg_ctl stop`, also on an error or Ctrl-C (and by its watchdog if
+this driver is killed).
 The work per step differs between the engines: docs/contributing.md#peers-make-bench-peers.
 """
 
 import argparse
 import contextlib
 import http.client
+import importlib.util
 import json
 import os
 import platform
@@ -41,6 +51,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import pgcluster  # noqa: E402  (the PostgreSQL cluster of the tests too)
 import run  # noqa: E402  (make bench's driver: stepd started as `make run` serves it, and stopped)
 
 WORKLOADS = ((100, 100), (1000, 10))  # (sequences, steps in each), the issue's two
@@ -49,10 +60,20 @@ ROUNDS = 3
 SUBMITTERS = 4  # HTTP clients POSTing stepd's processes at once, each on a keep-alive connection
 HUEY_WORKERS = {"thread": 4, "process": 2}  # the issue's two huey consumers
 DBOS_THREADS = 4  # workflows DBOS runs at once: as many as huey's threads and a stepd runner's places
+# Jobs each procrastinate worker runs at once (its own default is 1): as many as huey's threads, DBOS's
+# and a stepd runner's places. Its jobs are async no-ops, so the 4 share one event loop.
+PROCRASTINATE_CONCURRENCY = 4
+DATABASE_URL = "PEERS_DATABASE_URL"  # the variable a procrastinate worker gets its database's URL in
+# stepd's own PostgreSQL rows (issue 20). Its store is being ported to PostgreSQL on another branch;
+# until `stepd serve` runs on a postgresql:// STEPD_DB, these rows are left out with this line. Set
+# it to None then, and measure_stepd_postgres measures them on the same cluster as procrastinate.
+STEPD_ON_POSTGRES_MISSING = "stepd on PostgreSQL: not yet (issue 20)"
 POLL = 0.05  # seconds between two looks at whether an engine is done (the end time is its own)
 TIMEOUT = 600  # seconds one measurement may take before it counts as hung
 RESULT = "peers-result: "  # the line a DBOS child prints its figures on, among DBOS's own output
 GOAL = "ahead of the best peer on every row at the same durability, and >= 2x the best peer at full"
+GOAL_20 = "stepd's two nodes >= 2x procrastinate's two workers, on the same PostgreSQL"
+ON_POSTGRES = ("stepd-pg", "procrastinate")  # the engines measured on the run's PostgreSQL cluster
 
 
 @dataclass(frozen=True)
@@ -60,10 +81,12 @@ class Variant:
     """One row of the table."""
 
     label: str
-    durability: str  # "normal" or "full": which rows the goal compares
-    engine: str  # "stepd", "huey" or "dbos"
-    setting: str  # STEPD_SYNC; huey's synchronous; DBOS's journal and synchronous ("shipped": DBOS's own)
+    durability: str  # "normal" or "full": which rows issue 18's goal compares; "postgresql": issue 20's
+    engine: str  # "stepd", "huey", "dbos", "procrastinate" or "stepd-pg" (stepd on PostgreSQL)
+    setting: str  # STEPD_SYNC; huey's synchronous; DBOS's journal and synchronous ("shipped": DBOS's own);
+    # PostgreSQL's synchronous_commit (its default, "on")
     workers: str = ""  # huey's consumer: "thread" or "process"
+    processes: int = 1  # procrastinate's worker processes; stepd's nodes on PostgreSQL
 
 
 VARIANTS = (
@@ -76,20 +99,26 @@ VARIANTS = (
     Variant("huey FULL, chains, 2 processes", "full", "huey", "full", "process"),
     Variant("DBOS, as shipped", "full", "dbos", "shipped"),
     Variant("DBOS, WAL + FULL", "full", "dbos", "wal-full"),
+    Variant("stepd on PostgreSQL, 1 node", "postgresql", "stepd-pg", "on", processes=1),
+    Variant("stepd on PostgreSQL, 2 nodes", "postgresql", "stepd-pg", "on", processes=2),
+    Variant("procrastinate, 1 worker", "postgresql", "procrastinate", "on", processes=1),
+    Variant("procrastinate, 2 workers", "postgresql", "procrastinate", "on", processes=2),
 )
 
 
-# -- children: huey's consumer and DBOS runs, stopped by their pid ------------------------------
+# -- children: huey's consumer, DBOS runs, procrastinate's workers, stopped by their pid ---------
 class Child:
-    """This script run again as a child (`huey-consumer` or `dbos-run`), its output in `log`."""
+    """This script run again as a child (`huey-consumer`, `dbos-run` or `procrastinate-worker`), its
+    output in `log`; `env` adds variables (a database's URL, kept off the command line: ps shows it)."""
 
     running = []  # started and not yet stopped, for the cleanup on the way out
 
-    def __init__(self, role_args, log):
+    def __init__(self, role_args, log, env=None):
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, str(Path(__file__).resolve()), *role_args],
                 cwd=run.ROOT,
+                env={**os.environ, **(env or {})},
                 stdout=out,
                 stderr=out,
                 preexec_fn=run._die_with_parent,
@@ -142,23 +171,24 @@ def measure_stepd(variant, sequences, steps, folder):
     db, token = folder / "stepd.db", "peers_" + secrets.token_urlsafe(24)
     server = run.stepd_server(db, variant.setting, folder, token)
     try:
-        post_processes(server, token, "warm-up", 1, 1)
+        post_processes([server], token, "warm-up", 1, 1)
         stepd_finished(db, "warm-up", 1)
         first = time.time()
-        post_processes(server, token, "peers", sequences, steps)
+        post_processes([server], token, "peers", sequences, steps)
         last = stepd_finished(db, "peers", sequences * steps)
     finally:
         server.stop()
     return {"steps": sequences * steps, "seconds": last - first}
 
 
-def post_processes(server, token, name, sequences, steps):
+def post_processes(servers, token, name, sequences, steps):
     """POST /api/v1/processes `sequences` times from SUBMITTERS threads, each on one keep-alive
-    connection (as a client that starts many processes would), each answer a 201."""
+    connection (as a client that starts many processes would), each answer a 201. The threads are
+    spread over `servers` in turn (several nodes of one database: as a load balancer would)."""
     body = json.dumps({"name": name, "steps": [{"type": "noop"}] * steps})
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
 
-    def submit(count):
+    def submit(count, server):
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
         try:
             for _ in range(count):
@@ -170,9 +200,9 @@ def post_processes(server, token, name, sequences, steps):
         finally:
             conn.close()
 
-    shares = [len(range(n, sequences, SUBMITTERS)) for n in range(SUBMITTERS)]
+    shares = [(len(range(n, sequences, SUBMITTERS)), servers[n % len(servers)]) for n in range(SUBMITTERS)]
     with ThreadPoolExecutor(SUBMITTERS) as pool:
-        list(pool.map(submit, [share for share in shares if share]))
+        list(pool.map(lambda share: submit(*share), [share for share in shares if share[0]]))
 
 
 def stepd_finished(db, name, expected):
@@ -191,6 +221,68 @@ def stepd_finished(db, name, expected):
             return datetime.fromisoformat(last).timestamp() if count >= expected else None
 
         return wait_for(done, f"stepd's {name} processes")
+
+
+# -- stepd on PostgreSQL (issue 20) ---------------------------------------------------------------
+def measure_stepd_postgres(variant, sequences, steps, folder, url):
+    """`variant.processes` nodes, each `stepd serve` as make run serves it, on one fresh database
+    of the run's cluster; the processes are POSTed over all of them in turn (as a load balancer
+    would spread them); the end is the last step's finishedAt in the database. Not called while
+    STEPD_ON_POSTGRES_MISSING says why not: stepd cannot serve from PostgreSQL yet."""
+    token = "peers_" + secrets.token_urlsafe(24)
+    nodes = []
+    try:
+        for number in range(variant.processes):
+            node_folder = folder / f"node-{number}"  # each node's log of its own
+            node_folder.mkdir()
+            nodes.append(run.stepd_server(url, "full", node_folder, token))
+        post_processes(nodes, token, "warm-up", len(nodes), 1)
+        stepd_finished_postgres(url, "warm-up", len(nodes))
+        first = time.time()
+        post_processes(nodes, token, "peers", sequences, steps)
+        last = stepd_finished_postgres(url, "peers", sequences * steps)
+    finally:
+        for node in nodes:
+            node.stop()
+    return {"steps": sequences * steps, "seconds": last - first, "read_back": postgres_settings(url)}
+
+
+def stepd_finished_postgres(url, name, expected):
+    """stepd_finished, on a PostgreSQL database of stepd's schema (stepd/postgres.py)."""
+    import psycopg
+
+    done_sql = (
+        "SELECT count(*), extract(epoch FROM max(s.finished_at))::float FROM steps s"
+        " JOIN processes p ON p.id = s.process_id WHERE p.name = %s AND s.status = 'COMPLETED'"
+    )
+    with psycopg.connect(url, autocommit=True) as conn:
+
+        def done():
+            count, last = conn.execute(done_sql, (name,)).fetchone()
+            if conn.execute("SELECT count(*) FROM steps WHERE status = 'FAILED'").fetchone()[0]:
+                raise RuntimeError("a noop step FAILED on PostgreSQL")
+            return last if count >= expected else None
+
+        return wait_for(done, f"stepd's {name} processes on PostgreSQL")
+
+
+def postgres_settings(url):
+    """The durability a PostgreSQL database really ran with, read back from the server, as words."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        read = [f"{name} {conn.execute(f'SHOW {name}').fetchone()[0]}" for name in POSTGRES_DURABILITY]
+    return ", ".join(read)
+
+
+POSTGRES_DURABILITY = ("synchronous_commit", "fsync", "full_page_writes")
+
+
+def postgres_version(url):
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return conn.execute("SHOW server_version").fetchone()[0]
 
 
 # -- huey ----------------------------------------------------------------------------------------
@@ -253,7 +345,7 @@ def measure_huey(variant, sequences, steps, folder):
     finally:
         consumer.stop()
         huey.storage.close()
-    return {"steps": sequences * steps, "seconds": last - first, "pragmas": pragmas}
+    return {"steps": sequences * steps, "seconds": last - first, "read_back": pragmas}
 
 
 def huey_consumer(args):
@@ -324,8 +416,98 @@ def dbos_run(args):
             pragmas = read_pragmas(conn.connection.dbapi_connection)
     finally:
         DBOS.destroy()
-    result = {"steps": args.sequences * args.steps, "seconds": last - first, "pragmas": pragmas}
+    result = {"steps": args.sequences * args.steps, "seconds": last - first, "read_back": pragmas}
     print(RESULT + json.dumps(result), flush=True)
+
+
+# -- procrastinate ---------------------------------------------------------------------------------
+def procrastinate_app(url):
+    """procrastinate's App on `url` (its PsycopgConnector, with psycopg's pool as procrastinate
+    ships it) and its one task: step(sequence, position, steps), an async no-op that defers the
+    next step of its sequence before it returns, as huey's chains do. Each job is a row of
+    procrastinate_jobs; the worker marks it succeeded after the task returns."""
+    import logging
+
+    import procrastinate
+
+    # Its warning that the App is made in __main__ (this script) is about finding tasks by their
+    # module; here the one task is registered by name in the driver and in every worker alike.
+    logging.getLogger("procrastinate.blueprints").setLevel(logging.ERROR)
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=url))
+
+    @app.task(name="step")
+    async def step(sequence, position, steps):
+        if position + 1 < steps:
+            await step.defer_async(sequence=sequence, position=position + 1, steps=steps)
+
+    return app, step
+
+
+def measure_procrastinate(variant, sequences, steps, folder, url):
+    """Chains deferred in-process by this driver (as huey's are enqueued), run by `variant.processes`
+    worker processes of their own; the end is the last `succeeded` event's time, which procrastinate
+    records in the transaction that marks a job done."""
+    import psycopg
+
+    app, step = procrastinate_app(url)
+    with app.open(), psycopg.connect(url, autocommit=True) as conn:
+        app.schema_manager.apply_schema()
+        role = ["procrastinate-worker", str(PROCRASTINATE_CONCURRENCY)]
+        workers = [Child(role, folder / f"worker-{n}.log", {DATABASE_URL: url}) for n in range(variant.processes)]
+        try:
+            # every worker registered, then a warm-up job done: start-up is not measured
+            wait_for(lambda: procrastinate_workers(conn, workers), "procrastinate's workers", timeout=60)
+            step.defer(sequence=-1, position=0, steps=1)
+            wait_for(lambda: procrastinate_done(conn, workers, 1), "procrastinate's warm-up", timeout=60)
+            first = time.time()
+            for sequence in range(sequences):
+                step.defer(sequence=sequence, position=0, steps=steps)
+            last = wait_for(lambda: procrastinate_done(conn, workers, 1 + sequences * steps), "procrastinate's chains")
+        finally:
+            for worker in workers:
+                worker.stop()
+    return {"steps": sequences * steps, "seconds": last - first, "read_back": postgres_settings(url)}
+
+
+def procrastinate_alive(workers):
+    """Raise if a worker process has exited: a run would otherwise wait out its timeout."""
+    for worker in workers:
+        if worker.proc.poll() is not None:
+            raise RuntimeError(f"a procrastinate worker exited with {worker.proc.returncode}; see {worker.log}")
+
+
+def procrastinate_workers(conn, workers):
+    """True once every worker process has registered itself in procrastinate_workers (None before)."""
+    procrastinate_alive(workers)
+    return True if conn.execute("SELECT count(*) FROM procrastinate_workers").fetchone()[0] >= len(workers) else None
+
+
+def procrastinate_done(conn, workers, expected):
+    """Once `expected` jobs have succeeded: the last one's end, in seconds since the epoch (None
+    before). A job that failed, or was cancelled or aborted, stops the run."""
+    procrastinate_alive(workers)
+    succeeded, other = conn.execute(
+        "SELECT count(*) FILTER (WHERE status = 'succeeded'), count(*) FILTER (WHERE status NOT IN"
+        " ('todo', 'doing', 'succeeded')) FROM procrastinate_jobs"
+    ).fetchone()
+    if other:
+        raise RuntimeError(f"{other} procrastinate job(s) failed; see the workers' logs")
+    if succeeded < expected:
+        return None
+    return conn.execute(
+        "SELECT extract(epoch FROM max(at))::float FROM procrastinate_events WHERE type = 'succeeded'"
+    ).fetchone()[0]
+
+
+def procrastinate_worker(args):
+    """The child: one procrastinate worker, as `procrastinate worker` runs it (App.run_worker), with
+    PROCRASTINATE_CONCURRENCY jobs at once and its other settings as shipped (LISTEN/NOTIFY, a poll
+    every 5 s); SIGTERM stops it gracefully."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app, _ = procrastinate_app(os.environ[DATABASE_URL])
+    app.run_worker(concurrency=args.concurrency)
 
 
 def read_pragmas(conn):
@@ -335,27 +517,72 @@ def read_pragmas(conn):
     return f"{journal}, synchronous {['OFF', 'NORMAL', 'FULL', 'EXTRA'][synchronous]}"
 
 
-# -- rounds, table, goal -------------------------------------------------------------------------
-MEASURE = {"stepd": measure_stepd, "huey": measure_huey, "dbos": measure_dbos}
+# -- rounds, table, goals ------------------------------------------------------------------------
+MEASURE = {
+    "stepd": measure_stepd,
+    "huey": measure_huey,
+    "dbos": measure_dbos,
+    "procrastinate": measure_procrastinate,
+    "stepd-pg": measure_stepd_postgres,
+}
+ENGINES = tuple(MEASURE)
 
 
-def run_rounds(workloads, rounds, workdir):
+def left_out(engines):
+    """{engine: why its rows are not measured} for the engines asked for, before any cluster starts:
+    stepd on PostgreSQL not yet, procrastinate not installed (outside .venv-peers/)."""
+    why_not = {}
+    if "stepd-pg" in engines and STEPD_ON_POSTGRES_MISSING:
+        why_not["stepd-pg"] = STEPD_ON_POSTGRES_MISSING
+    if "procrastinate" in engines and importlib.util.find_spec("procrastinate") is None:
+        why_not["procrastinate"] = "procrastinate is not installed: make bench-peers installs it in .venv-peers/"
+    return why_not
+
+
+def start_cluster():
+    """(the run's PostgreSQL cluster, None), or (None, why not) where PostgreSQL is missing or does not
+    start: the PostgreSQL rows are then left out and the rest runs. PostgreSQL's default durability
+    (bench/pgcluster.py's LOOPBACK_SETTINGS: synchronous_commit, fsync and full_page_writes on)."""
+    missing = pgcluster.postgres_missing()
+    if missing:
+        return None, f"PostgreSQL rows skipped: {missing}"
+    cluster = pgcluster.PostgresCluster(prefix="stepd-pg-peers-")
+    try:
+        return cluster.start(), None
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        cluster.stop()
+        return None, f"PostgreSQL rows skipped: it did not start ({str(exc).splitlines()[0]})"
+
+
+def measure(variant, workload, folder, cluster):
+    """One measurement on fresh storage: `folder`, and for an engine ON_POSTGRES a fresh database of
+    the run's cluster, dropped afterwards (as every other engine gets a fresh file)."""
+    if variant.engine not in ON_POSTGRES:
+        return MEASURE[variant.engine](variant, *workload, folder)
+    url = cluster.new_database("peers")
+    try:
+        return MEASURE[variant.engine](variant, *workload, folder, url)
+    finally:
+        cluster.drop_database(url)
+
+
+def run_rounds(variants, workloads, rounds, workdir, cluster=None):
     """Every variant on every workload, round after round, the variants' order turned by one each
     round so that none always runs first or right after another; returns {(label, workload):
-    [steps/s of each round]} and {label: pragmas read back}."""
-    rates, pragmas = {}, {}
+    [steps/s of each round]} and {label: the durability settings read back}."""
+    rates, read_back = {}, {}
     for number in range(rounds):
-        order = VARIANTS[number % len(VARIANTS) :] + VARIANTS[: number % len(VARIANTS)]
+        order = variants[number % len(variants) :] + variants[: number % len(variants)]
         for workload in workloads:
             for variant in order:
                 folder = Path(tempfile.mkdtemp(prefix=f"{variant.engine}-", dir=workdir))
-                result = MEASURE[variant.engine](variant, *workload, folder)
+                result = measure(variant, workload, folder, cluster)
                 rate = result["steps"] / result["seconds"]
                 rates.setdefault((variant.label, workload), []).append(rate)
-                if "pragmas" in result:
-                    pragmas[variant.label] = result["pragmas"]
+                if "read_back" in result:
+                    read_back[variant.label] = result["read_back"]
                 print(f"round {number + 1}, {size(workload)}: {variant.label}: {rate:,.0f} steps/s", file=sys.stderr)
-    return rates, pragmas
+    return rates, read_back
 
 
 def size(workload):
@@ -363,70 +590,150 @@ def size(workload):
 
 
 def table(rates, workloads):
+    """The markdown table: a row per variant measured (in VARIANTS' order), a column per workload."""
     medians = {key: statistics.median(values) for key, values in rates.items()}
     lines = ["| | " + " | ".join(size(w) for w in workloads) + " |", "|---|" + "---:|" * len(workloads)]
     for variant in VARIANTS:
-        cells = " | ".join(f"{medians[variant.label, w]:,.0f}" for w in workloads)
-        lines.append(f"| {variant.label} | {cells} |")
+        if (variant.label, workloads[0]) in medians:
+            cells = " | ".join(f"{medians[variant.label, w]:,.0f}" for w in workloads)
+            lines.append(f"| {variant.label} | {cells} |")
     return "\n".join(lines), medians
 
 
+def not_measured(why_not):
+    """A line per reason, naming the rows it leaves out."""
+    lines = []
+    for why in dict.fromkeys(why_not.values()):
+        labels = [v.label for v in VARIANTS if why_not.get(v.engine) == why]
+        lines.append(f"{why} (not measured: {'; '.join(labels)})")
+    return lines
+
+
+def compare(medians, workload, ours, theirs, factor, whom=""):
+    """(line, verdict) of one comparison: `ours` >= factor x the best of `theirs` (ahead of it for a
+    factor of 1; `whom` names that best in the goal's words); verdict True, False, or None where a
+    row was not measured."""
+    best = max(theirs, key=lambda v: medians.get((v.label, workload), -1))
+    if (ours.label, workload) not in medians or (best.label, workload) not in medians:
+        return f"{size(workload)}: {ours.label} against {best.label}: not measured", None
+    mine, other = medians[ours.label, workload], medians[best.label, workload]
+    ok = mine > other if factor == 1 else mine >= factor * other
+    aim = ("ahead of" if factor == 1 else f">= {factor}x") + (f" {whom}" if whom else "")
+    line = f"{size(workload)}: {ours.label} {mine:,.0f} against {best.label} {other:,.0f}"
+    return f"{line} ({mine / other:.2f}x; goal {aim}): {'MET' if ok else 'NOT MET'}", ok
+
+
+def overall(verdicts):
+    """False if any comparison failed, else None if any was not measured, else True."""
+    return False if False in verdicts else None if None in verdicts else True
+
+
 def goal(medians, workloads):
-    """(lines, met) of the issue's goal: ahead of the best peer on every workload at the same
-    durability, and at least twice the best peer at full."""
-    lines, met = [], True
+    """(lines, met) of issue 18's goal: stepd ahead of the best peer on every workload at the same
+    durability, and at least twice the best peer at full; met is None where rows were not measured."""
+    lines, verdicts = [], []
     for durability, factor in (("normal", 1), ("full", 2)):
         stepd = next(v for v in VARIANTS if v.engine == "stepd" and v.durability == durability)
         peers = [v for v in VARIANTS if v.engine != "stepd" and v.durability == durability]
         for workload in workloads:
-            best = max(peers, key=lambda v: medians[v.label, workload])
-            ours, theirs = medians[stepd.label, workload], medians[best.label, workload]
-            ok = ours > theirs if factor == 1 else ours >= factor * theirs
-            met = met and ok
-            aim = "ahead of" if factor == 1 else f">= {factor}x"
-            lines.append(
-                f"- {durability}, {size(workload)}: stepd {ours:,.0f} against {best.label} {theirs:,.0f}"
-                f" ({ours / theirs:.2f}x; goal {aim} the best peer): {'MET' if ok else 'NOT MET'}"
-            )
-    return lines, met
+            line, ok = compare(medians, workload, stepd, peers, factor, "the best peer")
+            lines.append(f"- {durability}, {line}")
+            verdicts.append(ok)
+    return lines, overall(verdicts)
+
+
+def goal_20(medians, workloads, why_not):
+    """(lines, met) of issue 20's peer goal: stepd's two nodes >= 2x procrastinate's two workers on
+    every workload; a row left out is said with its reason, and met is then None."""
+    ours = next(v for v in VARIANTS if v.engine == "stepd-pg" and v.processes == 2)
+    theirs = next(v for v in VARIANTS if v.engine == "procrastinate" and v.processes == 2)
+    lines, verdicts = [], []
+    for workload in workloads:
+        line, ok = compare(medians, workload, ours, [theirs], 2)
+        missing = [v for v in (ours, theirs) if (v.label, workload) not in medians]
+        reasons = [why_not[v.engine] for v in missing if v.engine in why_not]
+        lines.append(f"- {line}" + (f" ({'; '.join(dict.fromkeys(reasons))})" if reasons else ""))
+        verdicts.append(ok)
+    return lines, overall(verdicts)
 
 
 def versions():
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    names = ("stepd", "huey", "dbos", "SQLAlchemy")
-    return ", ".join(f"{name} {version(name)}" for name in names) + (
+    found = []
+    for name in ("stepd", "huey", "dbos", "SQLAlchemy", "procrastinate", "psycopg"):
+        with contextlib.suppress(PackageNotFoundError):
+            found.append(f"{name} {version(name)}")
+    return ", ".join(found) + (
         f"; Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}; {os.cpu_count()} CPUs"
     )
 
 
-def report(rates, pragmas, workloads, rounds):
+def verdict(met):
+    return {True: "MET", False: "NOT MET", None: "not measured in full"}[met]
+
+
+def report(rates, read_back, workloads, rounds, why_not=None, cluster=None):
+    why_not = why_not or {}
     text, medians = table(rates, workloads)
     print(f"steps/s, medians of {rounds} interleaved round{'s' * (rounds > 1)}:\n")
     print(text)
-    print(f"\n{versions()}")
+    for line in not_measured(why_not):
+        print(f"\n{line}")
+    server = f"; PostgreSQL {postgres_version(cluster.url())}" if cluster is not None else ""
+    print(f"\n{versions()}{server}")
     print("\nEach round (steps/s):\n")
     for variant in VARIANTS:
+        if (variant.label, workloads[0]) not in rates:
+            continue
         each = "; ".join(f"{size(w)}: " + ", ".join(f"{r:,.0f}" for r in rates[variant.label, w]) for w in workloads)
-        read = f" (read back: {pragmas[variant.label]})" if variant.label in pragmas else ""
+        read = f" (read back: {read_back[variant.label]})" if variant.label in read_back else ""
         print(f"- {variant.label}{read}: {each}")
     print(
         "\nhuey's SqliteHuey offers synchronous FULL (fsync=True) or OFF (fsync=False), not NORMAL:"
         " its NORMAL rows set it with a subclass of SqliteStorage. DBOS sets neither journal mode nor"
-        " synchronous on SQLite: its WAL rows set both on each connection of its engine."
+        " synchronous on SQLite: its WAL rows set both on each connection of its engine. procrastinate"
+        f" runs on a PostgreSQL cluster of the run's own at PostgreSQL's default durability"
+        f" (synchronous_commit on), {PROCRASTINATE_CONCURRENCY} concurrent jobs a worker process (its own"
+        " default is 1: huey's thread consumer's 4 here), async no-op jobs, each deferring the next."
     )
     lines, met = goal(medians, workloads)
     print(f"\nIssue 18's goal: {GOAL}\n")
     print("\n".join(lines))
-    print(f"\nGoal: {'MET' if met else 'NOT MET'}")
+    print(f"\nGoal: {verdict(met)}")
+    lines, met = goal_20(medians, workloads, why_not)
+    print(f"\nIssue 20's goal: {GOAL_20}\n")
+    print("\n".join(lines))
+    print(f"\nGoal: {verdict(met)}")
 
 
 # -- command line --------------------------------------------------------------------------------
+def workloads_arg(text):
+    """--workloads: "100x100,1000x10" -> ((100, 100), (1000, 10))."""
+    try:
+        pairs = tuple(tuple(int(n) for n in item.lower().split("x")) for item in text.split(","))
+    except ValueError:
+        pairs = ()
+    if not pairs or any(len(pair) != 2 or min(pair) < 1 for pair in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: say SEQUENCESxSTEPS[,SEQUENCESxSTEPS...], e.g. 100x100,1000x10")
+    return pairs
+
+
+def engines_arg(text):
+    """--engines: a comma-separated subset of ENGINES, kept in ENGINES' order."""
+    asked = {name.strip() for name in text.split(",")}
+    if not asked or asked - set(ENGINES):
+        raise argparse.ArgumentTypeError(f"{text!r}: say some of {','.join(ENGINES)}")
+    return tuple(engine for engine in ENGINES if engine in asked)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 10 x 10 and 50 x 10, one round")
     parser.add_argument("--rounds", type=int, help=f"interleaved rounds (default {ROUNDS}; 1 with --quick)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (databases, logs)")
+    parser.add_argument("--engines", type=engines_arg, default=ENGINES, help=f"some of {','.join(ENGINES)} (all)")
+    parser.add_argument("--workloads", type=workloads_arg, help="e.g. 3x3,5x2: sequences x steps (the issue's)")
     roles = parser.add_subparsers(dest="role", title="the children this driver starts (not for a person)")
     consumer = roles.add_parser("huey-consumer", help="huey's consumer on a file")
     consumer.add_argument("db")
@@ -438,8 +745,10 @@ def parse_args(argv=None):
     dbos.add_argument("mode", choices=("wal-normal", "shipped", "wal-full"))
     dbos.add_argument("sequences", type=int)
     dbos.add_argument("steps", type=int)
+    worker = roles.add_parser("procrastinate-worker", help=f"a procrastinate worker on ${DATABASE_URL}")
+    worker.add_argument("concurrency", type=int)
     args = parser.parse_args(argv)
-    args.workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
+    args.workloads = args.workloads or (QUICK_WORKLOADS if args.quick else WORKLOADS)
     args.rounds = args.rounds or (1 if args.quick else ROUNDS)
     return args
 
@@ -450,19 +759,35 @@ def main(argv=None):
         return huey_consumer(args)
     if args.role == "dbos-run":
         return dbos_run(args)
+    if args.role == "procrastinate-worker":
+        return procrastinate_worker(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below runs
     workdir = Path(tempfile.mkdtemp(prefix="stepd-peers-"))
     print(f"workdir {workdir}; workloads {', '.join(map(size, args.workloads))}", file=sys.stderr)
+    cluster = None
     try:
-        rates, pragmas = run_rounds(args.workloads, args.rounds, workdir)
-        report(rates, pragmas, args.workloads, args.rounds)
+        why_not = left_out(args.engines)
+        if any(engine in ON_POSTGRES and engine not in why_not for engine in args.engines):
+            cluster, missing = start_cluster()
+            if cluster is not None:
+                print(f"PostgreSQL on 127.0.0.1:{cluster.port}, in {cluster.folder}", file=sys.stderr)
+            why_not.update({engine: missing for engine in ON_POSTGRES if missing and engine not in why_not})
+        for line in not_measured(why_not):
+            print(line, file=sys.stderr)
+        variants = [v for v in VARIANTS if v.engine in args.engines and v.engine not in why_not]
+        rates, read_back = run_rounds(variants, args.workloads, args.rounds, workdir, cluster)
+        report(rates, read_back, args.workloads, args.rounds, why_not, cluster)
     finally:
-        stop_all()  # the peers' consumers first; finish() stops stepd's servers and the folder
-        run.finish(workdir, args.keep)
+        stop_all()  # the peers' consumers and workers first; finish() stops stepd's servers and the folder
+        try:
+            if cluster is not None:
+                cluster.stop()  # pg_ctl stop, and its folder removed
+        finally:
+            run.finish(workdir, args.keep)
 
 
 if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit("interrupted; every server and consumer it started is stopped")
+        sys.exit("interrupted; every server, consumer, worker and PostgreSQL cluster it started is stopped")

@@ -15,14 +15,11 @@ import base64
 import contextlib
 import os
 import re
-import secrets
-import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -887,120 +884,29 @@ def text_of(html):
 
 
 # -- a PostgreSQL server of the tests' own ---------------------------------------------------------
-POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15 (.ci/run installs it)
-# Settings for a throwaway server: nothing is synced to disk (a crash of the machine loses a test
-# cluster, nothing else), TCP on loopback only, no Unix socket (no shared folder to write into).
-POSTGRES_SETTINGS = """
-listen_addresses = '127.0.0.1'
-unix_socket_directories = ''
-fsync = off
-synchronous_commit = off
-full_page_writes = off
-max_connections = 200
-shared_buffers = 32MB
-"""
+def _load_pgcluster():
+    """bench/pgcluster.py, the cluster class that make bench-peers uses too, loaded by its path: bench/
+    is not put on the import path, where bench/delegates/ would shadow the `delegates` that a test
+    imports (tests/test_delegates.py). bench/peers.py finds this same module under the same name."""
+    import importlib.util
+
+    if "pgcluster" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("pgcluster", ROOT / "bench" / "pgcluster.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["pgcluster"] = module
+    return sys.modules["pgcluster"]
 
 
-def postgres_missing():
-    """Why this machine cannot run the tests' PostgreSQL, or None when it can."""
-    if not (POSTGRES_BIN / "initdb").exists():
-        return f"{POSTGRES_BIN}/initdb is not installed: sudo apt-get install -y postgresql-15 (.ci/run installs it)"
-    if os.geteuid() == 0:
-        import pwd
-
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            return "the tests run as root and there is no `postgres` user to run PostgreSQL as"
-    return None
+pgcluster = _load_pgcluster()
+POSTGRES_BIN = pgcluster.POSTGRES_BIN
+# A throwaway server: PostgreSQL on loopback only, nothing synced to disk (pgcluster says why each).
+POSTGRES_SETTINGS = pgcluster.LOOPBACK_SETTINGS + pgcluster.THROWAWAY_SETTINGS
+postgres_missing = pgcluster.postgres_missing
 
 
-class PostgresCluster:
-    """One PostgreSQL 15 cluster for one test process: `initdb` into a folder of /tmp, `pg_ctl start`
-    on a free port of 127.0.0.1, password authentication (scram) for its one superuser `stepd`.
-    PostgreSQL refuses to run as root, so under root every server command runs as the `postgres`
-    user (`runuser`), in a folder that user owns; otherwise as this user. `stop()` stops it with
-    pg_ctl and removes the folder; a watchdog process does both if this test process dies first."""
+class PostgresCluster(pgcluster.PostgresCluster):
+    """One PostgreSQL 15 cluster for one test process (bench/pgcluster.py), with POSTGRES_SETTINGS."""
 
     def __init__(self):
-        self.folder = Path(tempfile.mkdtemp(prefix="stepd-pg-"))
-        self.data = self.folder / "data"
-        self.log = self.folder / "server.log"
-        self.password = secrets.token_urlsafe(18)
-        self.port = None
-        self.watchdog = None
-        self.databases = 0
-        self.as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-
-    def _run(self, *args, timeout=60):
-        done = subprocess.run([*self.as_owner, *map(str, args)], capture_output=True, text=True, timeout=timeout)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(map(str, args))} failed ({done.returncode}): {done.stdout}{done.stderr}")
-        return done
-
-    def start(self):
-        started = time.monotonic()
-        if self.as_owner:
-            import pwd
-
-            owner = pwd.getpwnam("postgres")
-            os.chown(self.folder, owner.pw_uid, owner.pw_gid)
-        password_file = self.folder / "password"
-        password_file.write_text(self.password + "\n")
-        if self.as_owner:
-            os.chown(password_file, owner.pw_uid, owner.pw_gid)
-        self._run(
-            POSTGRES_BIN / "initdb", "-D", self.data, "-U", "stepd", "--auth=scram-sha-256",
-            f"--pwfile={password_file}", "--encoding=UTF8", "--locale=C", "--no-sync", "--no-instructions",
-        )  # fmt: skip
-        password_file.unlink()
-        with open(self.data / "postgresql.conf", "a") as conf:
-            conf.write(POSTGRES_SETTINGS)
-        for tries_left in reversed(range(3)):  # a port found free may be taken before the server binds it
-            self.port = free_port()
-            try:
-                options = f"-p {self.port}"
-                self._run(POSTGRES_BIN / "pg_ctl", "-D", self.data, "-l", self.log, "-o", options, "-w", "start")
-                break
-            except RuntimeError:
-                if tries_left == 0 or "could not bind" not in self.log.read_text(errors="replace"):
-                    raise RuntimeError(f"PostgreSQL did not start:\n{self.log.read_text(errors='replace')}") from None
-        stop = " ".join([*self.as_owner, str(POSTGRES_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"])
-        self.watchdog = subprocess.Popen(
-            ["sh", "-c", f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 1; done; {stop}; rm -rf {self.folder}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        self.started_in = time.monotonic() - started
-        return self
-
-    def url(self, database="postgres"):
-        return f"postgresql://stepd:{self.password}@127.0.0.1:{self.port}/{database}"
-
-    def admin(self):
-        """A connection to the cluster's `postgres` database, in autocommit (CREATE DATABASE needs it)."""
-        import psycopg
-
-        return psycopg.connect(self.url(), autocommit=True)
-
-    def new_database(self):
-        """A fresh, empty database of this cluster: its URL."""
-        self.databases += 1
-        name = f"test_{self.databases}"
-        with self.admin() as conn:
-            conn.execute(f"CREATE DATABASE {name}")
-        return self.url(name)
-
-    def drop_database(self, url):
-        """Drop it, ending any connection a test left open to it."""
-        with self.admin() as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")
-
-    def stop(self):
-        try:
-            if (self.data / "postmaster.pid").exists():
-                self._run(POSTGRES_BIN / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
-        finally:
-            if self.watchdog is not None:
-                self.watchdog.kill()
-                self.watchdog.wait()
-            shutil.rmtree(self.folder, ignore_errors=True)
+        super().__init__(settings=POSTGRES_SETTINGS)
