@@ -15,7 +15,7 @@ from pathlib import Path
 
 from stepd.migrations import MIGRATIONS
 from stepd.model import Busy, Conflict, Unavailable, Unusable, Unwritable
-from stepd.writer import Writer, holding, savepoint
+from stepd.writer import Writer, WritesInGroups, savepoint
 
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT = 1024 * 1024
@@ -98,7 +98,7 @@ def _off_the_loop(fn):
     return fn()
 
 
-class Database:
+class Database(WritesInGroups):
     """One SQLite file; one connection per thread; explicit transactions."""
 
     dialect = "sqlite"  # the store's spelling where a statement must differ (store.py)
@@ -318,38 +318,8 @@ class Database:
 
         self._writer().submit(fn, finished)
 
-    def at_end_of_groups(self, hook):
-        """Run `hook(conn)` last in every group of this process's writer, inside its transaction;
-        it returns None or a callable, called with whether the group committed (the node's claims)."""
-        self._writer().ended_groups.append(hook)
-
-    def not_at_end_of_groups(self, hook):
-        writer = self._writer()
-        if hook in writer.ended_groups:
-            writer.ended_groups.remove(hook)
-
-    def write_connection(self):
-        """This process's write connection, on which every write transaction runs (a test that
-        sets a pragma on the writes, such as max_page_count to fill the disk, uses this)."""
-        return self._writer().conn
-
-    def group_commits(self):
-        """(write transactions this process committed, the writes they held): how well concurrent
-        writes were grouped."""
-        return tuple(self._writer().committed)
-
-    def _holding(self):
-        """The writer's member whose code runs here now, if it is this database's."""
-        member = holding.get()
-        writer = self._writer_state
-        return member if member is not None and member.writer is writer else None
-
-    def _writer(self):
-        """This process's writer (one per process: after a fork the child makes its own)."""
-        with self._threads_lock:
-            if self._writer_state is None or self._writer_state.pid != os.getpid():
-                self._writer_state = Writer(lambda: self._connect(shared=True), self._take_lock, self._drop_lock)
-            return self._writer_state
+    def _new_writer(self):
+        return Writer(lambda: self._connect(shared=True), self._take_lock, self._drop_lock)
 
     def _lock_file(self):
         # One descriptor per process: a descriptor inherited across fork would share the lock.

@@ -40,7 +40,7 @@ from psycopg.types.string import TextBinaryLoader, TextLoader
 
 from stepd.config import shown_database
 from stepd.model import VERSION, Busy, Conflict, Unavailable, Unusable, Unwritable, iso
-from stepd.writer import Writer, holding, savepoint
+from stepd.writer import Writer, WritesInGroups, savepoint
 
 # pg_advisory_xact_lock's key for migrating: any number, the same in every stepd ("stepdmig" in
 # ASCII). Advisory locks are per database, so stepd databases on one server do not wait on each other.
@@ -567,7 +567,7 @@ def _no_lock():
     """PostgreSQL needs no lock around a group: its row locks order the writers of every node."""
 
 
-class PostgresDatabase:
+class PostgresDatabase(WritesInGroups):
     """One PostgreSQL database, named by its URL (STEPD_DB), with db.Database's interface (what the
     store, the node and the commands call): reads on a connection per thread, writes in groups on
     this process's writer (writer.py), one transaction a group and a savepoint a member.
@@ -701,35 +701,8 @@ class PostgresDatabase:
         its group committed (error None) or failed (the domain's error: Connection raised it so)."""
         self._writer().submit(fn, done)
 
-    def at_end_of_groups(self, hook):
-        """Run `hook(conn)` last in every group of this process's writer (db.Database.at_end_of_groups)."""
-        self._writer().ended_groups.append(hook)
-
-    def not_at_end_of_groups(self, hook):
-        writer = self._writer()
-        if hook in writer.ended_groups:
-            writer.ended_groups.remove(hook)
-
-    def write_connection(self):
-        """This process's write connection (a Connection), on which every write transaction runs."""
-        return self._writer().conn
-
-    def group_commits(self):
-        """(write transactions this process committed, the writes they held)."""
-        return tuple(self._writer().committed)
-
-    def _holding(self):
-        """The writer's member whose code runs here now, if it is this database's."""
-        member = holding.get()
-        writer = self._writer_state
-        return member if member is not None and member.writer is writer else None
-
-    def _writer(self):
-        """This process's writer (one per process: after a fork the child makes its own)."""
-        with self._threads_lock:
-            if self._writer_state is None or self._writer_state.pid != os.getpid():
-                self._writer_state = Writer(lambda: Connection(self.url), _no_lock, _no_lock, begin="BEGIN")
-            return self._writer_state
+    def _new_writer(self):
+        return Writer(lambda: Connection(self.url), _no_lock, _no_lock, begin="BEGIN")
 
 
 def read_only(url):

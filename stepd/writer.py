@@ -267,6 +267,44 @@ class Writer:
                     log.exception("what follows a write failed")
 
 
+class WritesInGroups:
+    """What a database (db.Database, postgres.PostgresDatabase) does with its process's writer, written
+    once: each makes its Writer (`_new_writer`) and keeps `_threads_lock` and `_writer_state`."""
+
+    def at_end_of_groups(self, hook):
+        """Run `hook(conn)` last in every group of this process's writer, inside its transaction;
+        it returns None or a callable, called with whether the group committed (the node's claims)."""
+        self._writer().ended_groups.append(hook)
+
+    def not_at_end_of_groups(self, hook):
+        writer = self._writer()
+        if hook in writer.ended_groups:
+            writer.ended_groups.remove(hook)
+
+    def write_connection(self):
+        """This process's write connection, on which every write transaction runs (a test that
+        sets a pragma on the writes, such as max_page_count to fill the disk, uses this)."""
+        return self._writer().conn
+
+    def group_commits(self):
+        """(write transactions this process committed, the writes they held): how well concurrent
+        writes were grouped."""
+        return tuple(self._writer().committed)
+
+    def _holding(self):
+        """The writer's member whose code runs here now, if it is this database's."""
+        member = holding.get()
+        writer = self._writer_state
+        return member if member is not None and member.writer is writer else None
+
+    def _writer(self):
+        """This process's writer (one per process: after a fork the child makes its own)."""
+        with self._threads_lock:
+            if self._writer_state is None or self._writer_state.pid != os.getpid():
+                self._writer_state = self._new_writer()
+            return self._writer_state
+
+
 @contextmanager
 def savepoint(conn, name, rollback=False):
     """A savepoint on `conn`, undone if the body raises (or `rollback`). SQLite may have rolled
