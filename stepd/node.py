@@ -150,6 +150,7 @@ class Node:
     def _loop(self, tick):
         while not self.stopping.wait(CHORE_TICK_SECONDS):
             tick(time.monotonic())
+            self.store.db.release()  # PostgreSQL: its read connection back to the pool between ticks
 
     def _tick(self, now):
         for chore in self.ticks:

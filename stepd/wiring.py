@@ -11,7 +11,7 @@ import logging
 from stepd.config import is_postgres
 from stepd.db import Database
 from stepd.liveness import runner_is_alive
-from stepd.model import Unusable, Unwritable
+from stepd.model import Unwritable
 from stepd.node import Chore, Node
 from stepd.retention import Retention
 from stepd.store import Store
@@ -24,21 +24,14 @@ log = logging.getLogger("stepd.node")
 
 
 def open_store(settings, prepare=True):
-    """The store of STEPD_DB: made and migrated first when `prepare` (raises model.Unusable, with
-    one line saying why, when the file cannot be used).
-
-    A PostgreSQL URL is connected to and migrated (as every node will), and then refused: the
-    store's verbs do not run on PostgreSQL yet (issue 20)."""
+    """The store of STEPD_DB, a file or a PostgreSQL URL: made and migrated first when `prepare`
+    (raises model.Unusable, with one line saying why, when it cannot be used)."""
     if is_postgres(settings["STEPD_DB"]):
-        from stepd.postgres import SCHEMA_VERSION, PostgresDatabase  # psycopg: for PostgreSQL only
+        from stepd.postgres import PostgresDatabase  # psycopg: for PostgreSQL only
 
-        if prepare:
-            PostgresDatabase(settings["STEPD_DB"]).prepare()
-        raise Unusable(
-            f"stepd cannot serve from PostgreSQL yet: its schema is ready (PostgreSQL schema version "
-            f"{SCHEMA_VERSION}), the store is not (issue 20); set STEPD_DB to an SQLite file for now"
-        )
-    database = Database(settings["STEPD_DB"], settings["STEPD_SYNC"])
+        database = PostgresDatabase(settings["STEPD_DB"])
+    else:
+        database = Database(settings["STEPD_DB"], settings["STEPD_SYNC"])
     if prepare:
         database.prepare()
     return Store(database)

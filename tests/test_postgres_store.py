@@ -250,22 +250,32 @@ def test_concurrent_writers_of_one_database_share_transactions(database):
     assert database.row("SELECT count(*) FROM secrets WHERE name LIKE 'k%'")[0] == 16
 
 
-def test_a_threads_connection_is_closed_when_the_thread_ends(database, admin):
+def test_a_threads_connection_goes_back_to_the_pool_when_the_thread_ends(database, admin):
+    """Threads (greenlets, in the node) come and go; their connections do not: each one's goes back to
+    the pool as it ends, and the next thread's read takes it again, so the count stays put."""
+
     def connections():
         return admin.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
         ).fetchone()[0]
 
-    database.rows("SELECT 1")
-    before = connections()
-    threads = [threading.Thread(target=database.rows, args=("SELECT 1",)) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    gc.collect()
+    def four_threads_reading():
+        threads = [threading.Thread(target=database.rows, args=("SELECT pg_sleep(0.05)",)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        gc.collect()
+
+    four_threads_reading()
+    after_one_round = connections()
+    assert 1 <= after_one_round <= 4
+    for _ in range(3):
+        four_threads_reading()
+    assert connections() == after_one_round, "the later threads took the connections given back"
+    database.close()
     time.sleep(0.2)  # the server notices the client's goodbye
-    assert connections() == before
+    assert connections() == 0
 
 
 # -- claims -------------------------------------------------------------------------------------------------
