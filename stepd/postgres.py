@@ -4,7 +4,8 @@
 The only module that imports psycopg, and only a STEPD_DB of postgresql:// (or postgres://) loads
 it (wiring.py and cli.py import it inside functions), so an SQLite user never pays for it.
 
-The schema is SQLite's newest (migrations.py) in PostgreSQL's types, with a history of its own:
+The schema is SQLite's newest (migrations.py) in PostgreSQL's types, plus what only several nodes
+need (migration 5: `nodes`, and the node of each runner), with a history of its own:
 migration N brings a database from PostgreSQL schema version N-1 to N, and `stepd_schema` keeps
 one row per migration applied (its version, when, and by which stepd). Nodes that start at once
 migrate once: each takes a transaction-level advisory lock first, so the others wait, then find
@@ -294,6 +295,21 @@ MIGRATIONS = [
     DROP FUNCTION tally_status();
     DROP FUNCTION tally_attempt();
     DROP FUNCTION tally_outcome();
+    """,
+    # 5: the nodes (SPEC 12): each `stepd serve` keeps a row, its heartbeat set from the server's
+    # clock (now(), so the nodes' own clocks never disagree about who is late), and each runner's
+    # row names its node. A node whose heartbeat is older than the limit is dead: another node
+    # Interrupts its runners' running attempts (store.interrupt_dead_nodes).
+    """
+    CREATE TABLE nodes (
+        id            text PRIMARY KEY,
+        host          text NOT NULL,
+        pid           integer NOT NULL,
+        started_at    timestamptz NOT NULL DEFAULT now(),
+        heartbeat_at  timestamptz NOT NULL DEFAULT now()
+    );
+    ALTER TABLE runners ADD COLUMN node_id text;
+    CREATE INDEX runners_by_node ON runners (node_id);
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -647,6 +663,7 @@ class PostgresDatabase:
         self._threads_lock = threading.Lock()
         self._opened = weakref.WeakSet()  # every read connection made, lent or idle, for close()
         self._pool = _Pool(self._new_connection, READ_CONNECTIONS)
+        self._beat_conn = None  # the node's heartbeat's own (beat_connection)
         self._writer_state = None  # a writer.Writer, made on the first write of each process
 
     # -- the boot sequence -----------------------------------------------------------------
@@ -696,6 +713,13 @@ class PostgresDatabase:
             lease = self._local.lease = _Lease(self._pool, self._pool.take())
         return lease.conn
 
+    def beat_connection(self):
+        """The connection of the node's heartbeat (one thread uses it, and only it): never one of
+        the pool's, so a heartbeat never waits for a request's connection."""
+        if self._beat_conn is None:  # no lock: on gevent it would be the loop's, which a native thread must not take
+            self._beat_conn = Connection(self.url)
+        return self._beat_conn
+
     def release(self):
         """Give this caller's read connection back to the pool (the end of a request, of a chore's
         tick): under gevent every request is a greenlet, and one connection each would be a new
@@ -715,7 +739,7 @@ class PostgresDatabase:
         process's writer with its connection: at the end of a process, or of a test."""
         with self._threads_lock:
             opened = list(self._opened)
-        for conn in opened:
+        for conn in [*opened, *([self._beat_conn] if self._beat_conn else [])]:
             conn.close()
         if self._holding() is not None:
             return  # inside a write: its group still needs the write connection

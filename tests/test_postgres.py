@@ -48,8 +48,15 @@ def sqlite_schema(tmp_path):
     return columns, indexes
 
 
+# What only PostgreSQL has (migration 5): several nodes share a database there, and only there.
+POSTGRES_ONLY_TABLES = {"nodes"}
+POSTGRES_ONLY_COLUMNS = {("runners", "node_id")}
+POSTGRES_ONLY_INDEXES = {"runners_by_node"}
+
+
 def postgres_schema(url):
-    """The same of a PostgreSQL database (stepd_schema, the versions table, left out)."""
+    """The same of a PostgreSQL database (stepd_schema, the versions table, and what only PostgreSQL
+    has, left out)."""
     with psycopg.connect(url) as conn:
         rows = conn.execute(
             "SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns"
@@ -62,8 +69,9 @@ def postgres_schema(url):
         ).fetchall()
     columns = {}
     for table, column, kind, nullable in rows:
-        columns.setdefault(table, []).append((column, kind, nullable == "NO"))
-    return columns, {name for (name,) in indexes}
+        if table not in POSTGRES_ONLY_TABLES and (table, column) not in POSTGRES_ONLY_COLUMNS:
+            columns.setdefault(table, []).append((column, kind, nullable == "NO"))
+    return columns, {name for (name,) in indexes} - POSTGRES_ONLY_INDEXES
 
 
 def versions(url):

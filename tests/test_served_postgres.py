@@ -177,3 +177,53 @@ def test_a_psycopg_that_would_block_the_node_is_refused(pg_server):
     server = pg_server(extra_env={"PSYCOPG_WAIT_FUNC": "wait_c"})
     with pytest.raises(AssertionError, match="imported before gevent patched select"):
         server.start()
+
+
+# -- two nodes on one database -------------------------------------------------------------------------
+def node_of_step(url, step_id):
+    """(node id, node pid) of the runner holding the step, or None."""
+    rows = pg_rows(
+        url,
+        "SELECT n.id, n.pid FROM steps s JOIN runners r ON r.id = s.runner_id JOIN nodes n ON n.id = r.node_id"
+        " WHERE s.id = %s",
+        step_id,
+    )
+    return rows[0] if rows else None
+
+
+@pytest.mark.timeout(120)
+def test_a_node_sigkilled_has_its_running_step_interrupted_by_the_other_within_10_s(pg_server, postgres_url, tmp_path):
+    """SPEC 12: the other node sees the dead one's heartbeat stop and Interrupts its running attempt
+    (by a compare-and-set naming the dead node), never runs it again, and leaves queued work for
+    itself. Both nodes are on this host, so only the node's heartbeat can tell: a node judges by pid
+    only its own runners."""
+    first = pg_server(runners=1, threads=2).start()
+    second = pg_server(runners=1, threads=2).start()
+    beats = "SELECT id, pid, heartbeat_at FROM nodes ORDER BY pid"
+    wait_for(lambda: len(pg_rows(postgres_url, beats)) == 2, what="both nodes' rows")
+    calls, gate = tmp_path / "calls.txt", tmp_path / "never"
+    process = first.start_process(("retry_gate", {"file": str(calls), "gate": str(gate)}))
+    step_id = process["steps"][0]["processStepId"]
+    wait_for(calls.exists, what="the delegate to be called")
+    _, holder_pid = node_of_step(postgres_url, step_id)
+    dying, living = (first, second) if holder_pid in first.worker_pids() else (second, first)
+    dying.kill()
+    killed = time.monotonic()
+    ended = lambda: (s := living.step(step_id))["status"] == "FAILED" and s  # noqa: E731
+    failed = wait_for(ended, timeout=15, interval=0.1, what="Interrupted by the living node")
+    took = time.monotonic() - killed
+    assert took < 10.0, f"Interrupted {took:.1f} s after the node died"
+    assert took > 3.0, "only the heartbeat's limit (5 s) may judge a node dead, not its runners' pids"
+    assert failed["error"]["type"] == "Interrupted" and "stopped beating" in failed["error"]["message"]
+    assert failed["attempts"] == 1
+    time.sleep(1.0)  # retry_gate has retries: an Interrupted attempt is not one of them
+    assert living.step(step_id)["attempts"] == 1
+    assert calls.read_text().splitlines() == [f"{step_id} 1"], "the delegate was called once"
+    (row,) = pg_rows(postgres_url, beats)  # the dead node's row is forgotten; the living one beats
+    beat = row[2]
+    wait_for(lambda: pg_rows(postgres_url, beats)[0][2] > beat, timeout=3, what="the living node's next beat")
+    after = living.start_process(("noop", {}))
+    living.wait_process(after["processId"], "COMPLETED")
+    assert living.stop() == 0
+    checked = stepd_check(postgres_url)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
