@@ -13,7 +13,19 @@ import time
 
 import psycopg
 import pytest
-from helpers import STEPD, P, metric, metric_samples, ok, wait_for, walk_readme
+from helpers import (
+    RESTART,
+    STEPD,
+    P,
+    all_at_once,
+    metric,
+    metric_samples,
+    ok,
+    report_figure,
+    typed,
+    wait_for,
+    walk_readme,
+)
 
 NEEDS_CURL_AND_JQ = pytest.mark.skipif(
     not (shutil.which("curl") and shutil.which("jq")), reason="the walkthrough needs curl and jq"
@@ -212,6 +224,7 @@ def test_a_node_sigkilled_has_its_running_step_interrupted_by_the_other_within_1
     ended = lambda: (s := living.step(step_id))["status"] == "FAILED" and s  # noqa: E731
     failed = wait_for(ended, timeout=15, interval=0.1, what="Interrupted by the living node")
     took = time.monotonic() - killed
+    report_figure("node death (PostgreSQL)", f"a node SIGKILLed: its running step Interrupted {took:.1f} s later")
     assert took < 10.0, f"Interrupted {took:.1f} s after the node died"
     assert took > 3.0, "only the heartbeat's limit (5 s) may judge a node dead, not its runners' pids"
     assert failed["error"]["type"] == "Interrupted" and "stopped beating" in failed["error"]["message"]
@@ -225,5 +238,29 @@ def test_a_node_sigkilled_has_its_running_step_interrupted_by_the_other_within_1
     after = living.start_process(("noop", {}))
     living.wait_process(after["processId"], "COMPLETED")
     assert living.stop() == 0
+    checked = stepd_check(postgres_url)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.timeout(90)
+def test_16_restarts_of_one_step_over_two_nodes_one_wins(pg_server, postgres_url):
+    """SPEC 12: every compare-and-set holds across nodes. 16 restarts of one failed step at once, half
+    to each node: one 200, fifteen 412, one attempt begun, its delegate called once."""
+    nodes = [pg_server(runners=1, threads=2).start(), pg_server(runners=1, threads=2).start()]
+    step_id = nodes[0].start_process(("check", {"ok": 0}))["steps"][0]["processStepId"]
+    nodes[1].wait_step(step_id, "FAILED")
+    body = {"processStepId": step_id, "params": typed(ok=1)}
+    answers = all_at_once(16, lambda n: nodes[n % 2].post(RESTART, body).status_code)
+    assert sorted(answers) == [200] + [412] * 15, answers
+    done = nodes[1].wait_step(step_id, "COMPLETED")
+    assert done["attempts"] == 2
+    assert pg_rows(
+        postgres_url, "SELECT attempt, trigger FROM attempts WHERE step_id = %s ORDER BY attempt", step_id
+    ) == [
+        (1, "start"),
+        (2, "restart"),
+    ]
+    for node in nodes:
+        assert node.stop() == 0
     checked = stepd_check(postgres_url)
     assert checked.returncode == 0, checked.stdout + checked.stderr
