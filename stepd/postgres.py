@@ -781,7 +781,8 @@ class PostgresDatabase:
             with savepoint(member.writer.conn, "nested", rollback):
                 yield member.writer.conn
             return
-        if self.connection().in_transaction:
+        lease = getattr(self._local, "lease", None)  # looked at, not taken: a writer alone holds no read connection
+        if lease is not None and lease.conn.in_transaction:
             raise RuntimeError("a write transaction cannot start inside a read snapshot")
         with self._writer().turn(rollback) as conn:
             yield conn

@@ -414,3 +414,11 @@ def test_a_node_that_beats_again_after_the_look_keeps_its_attempt(stores, admin,
     monkeypatch.setattr(store_module, "DEAD_NODES_RUNNING", beat_then_look(stale_look))
     assert store.interrupt_dead_nodes(5.0) == []
     assert store.get_step(step_id)["phase"] == "RUNNING" and store.get_step(step_id)["error"] is None
+
+
+def test_a_write_alone_takes_no_read_connection(database):
+    """A thread that only writes (a runner's link in the node, registering it) holds no read
+    connection of the pool for as long as it lives: only the writer's."""
+    with database.transaction() as conn:
+        conn.execute("SELECT 1")
+    assert getattr(database._local, "lease", None) is None
