@@ -237,6 +237,7 @@ def create_app(overrides=None):
     envelope.init_app(app)
     errors.init_app(app)
     metrics.init_app(app)  # every request counted and timed, by its route
+    app.teardown_appcontext(lambda _exc: store.db.release())  # PostgreSQL: its read connection back to the pool
     return app
 
 

@@ -112,6 +112,10 @@ class Database(WritesInGroups):
         self._lock_fd = None
         self._writer_state = None  # a writer.Writer, made on the first write of each process
 
+    def release(self):
+        """Nothing to give back: an SQLite connection per thread costs no server process
+        (postgres.PostgresDatabase.release lends its connections from a pool)."""
+
     # -- the boot sequence -----------------------------------------------------------------
     def prepare(self):
         """Make the file if needed, migrate it, and close this thread's connection (so none is

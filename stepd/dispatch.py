@@ -52,8 +52,9 @@ class Link:
 class Dispatcher:
     """The runners connected to this node, and the attempts each has."""
 
-    def __init__(self, store, stopping_reason, current):
+    def __init__(self, store, stopping_reason, current, node_id=None):
         self.store = store
+        self.node_id = node_id  # PostgreSQL: each runner's row names its node (None: SQLite's have no column)
         self.stopping_reason = stopping_reason  # () -> the Interrupted message when the node stops, or None
         self.current = current  # () -> whether this node still takes new work (not once a reload replaced it)
         self.links = []
@@ -93,6 +94,8 @@ class Dispatcher:
         or full database is waited out (a node that starts then must not fail, nor its runner die
         again and again); False if the node stops meanwhile."""
         row = {"id": link.id, "host": HOST, "pid": link.pid, "pid_started": process_start_time(link.pid)}
+        if self.node_id is not None:
+            row["node_id"] = self.node_id
         while self.stopping_reason() is None:
             try:
                 self.store.heartbeat(row)

@@ -26,10 +26,29 @@ from dataclasses import dataclass
 from stepd.admission import MEASURE_SECONDS, Admission
 from stepd.channel import Channel, node_address
 from stepd.dispatch import Dispatcher
-from stepd.liveness import die_with_parent
+from stepd.liveness import HOST, die_with_parent
+from stepd.model import new_id
 from stepd.runner import STOP_GRACE_SECONDS, Runner
 
 log = logging.getLogger("stepd.node")
+
+
+def start_native_thread(fn):
+    """`fn()` on an OS thread of its own, also under gevent (the node), where threading's threads
+    are greenlets of the one loop: gevent's saved start_new_thread makes a real one."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        monkey.get_original("_thread", "start_new_thread")(fn, ())
+    else:
+        threading.Thread(target=fn, name="stepd-node-heartbeat", daemon=True).start()
+
+
+def native_sleep(seconds):
+    """time.sleep itself, not gevent's (on a native thread there is no loop to wait in)."""
+    monkey = sys.modules.get("gevent.monkey")
+    sleep = monkey.get_original("time", "sleep") if monkey is not None and monkey.is_module_patched("time") else None
+    (sleep or time.sleep)(seconds)
+
 
 WATCH_SECONDS = 0.2  # how often attempts ended from outside are looked for (ctx.cancelled within 1 s)
 POLL_SECONDS = 0.25  # queued work from elsewhere (another node on the file, a due retry) waits at most this
@@ -64,7 +83,10 @@ class Chore:
 class Node:
     """A node over `store`: its dispatcher, runners and chores."""
 
-    def __init__(self, store, registry, settings, chores=()):
+    def __init__(self, store, registry, settings, chores=(), node_id=None):
+        self.id = node_id or new_id()
+        # PostgreSQL: the node keeps a row of its own, beaten on a thread of its own (_beat_forever).
+        self.has_row = store.db.dialect == "postgresql"
         self.store = store
         self.registry = registry
         self.settings = settings
@@ -73,7 +95,8 @@ class Node:
         # Whether this node still takes new work: the front sets it to its worker's own flag, which
         # gunicorn clears the moment a reload (or a stop) tells the worker to go.
         self.current = lambda: True
-        self.dispatcher = Dispatcher(store, self._stopping_reason, lambda: self.current())
+        node_id = self.id if self.has_row else None  # SQLite's runners have no node column
+        self.dispatcher = Dispatcher(store, self._stopping_reason, lambda: self.current(), node_id)
         self.admission = Admission(store, self.dispatcher.turnover)  # whether new processes wait: the engine asks it
         # The dispatcher's own work, on a thread of its own: no housekeeping chore may delay it.
         self.ticks = [
@@ -90,12 +113,28 @@ class Node:
         self._listener = None
         self._listen_again_at = 0.0
 
+    def _beat(self):
+        self.store.beat_node({"id": self.id, "host": HOST, "pid": os.getpid()})
+
+    def _beat_forever(self):
+        """The node's heartbeat, every HEARTBEAT_SECONDS, on a native thread with a connection of its
+        own: under gevent a greenlet would beat only when the loop comes round to it, and a node
+        whose loop is busy for seconds is busy, not dead. A failed beat is tried at the next one."""
+        while not self.stopping.is_set():
+            try:
+                self._beat()  # the first at once: the node's row soon exists for its runners' to name
+            except Exception:
+                log.exception("the node's heartbeat failed; trying again in %g s", HEARTBEAT_SECONDS)
+            native_sleep(HEARTBEAT_SECONDS)
+
     def _stopping_reason(self):
         return "The service stopped before this step's delegate finished." if self.stopping.is_set() else None
 
     # -- start -------------------------------------------------------------------------------
     def start(self, runner_processes=0):
         """Start the chores, the socket for `stepd runner`, and `runner_processes` runners."""
+        if self.has_row:
+            start_native_thread(self._beat_forever)
         for slot in range(runner_processes):
             self._start_process(slot)
         threading.Thread(target=self._loop, args=(self._tick,), name="stepd-ticks", daemon=True).start()
@@ -150,6 +189,7 @@ class Node:
     def _loop(self, tick):
         while not self.stopping.wait(CHORE_TICK_SECONDS):
             tick(time.monotonic())
+            self.store.db.release()  # PostgreSQL: its read connection back to the pool between ticks
 
     def _tick(self, now):
         for chore in self.ticks:
@@ -218,3 +258,6 @@ class Node:
                 proc.kill()
                 proc.wait()
         self.dispatcher.stop(timeout=max(1.0, deadline - time.monotonic()))
+        if self.has_row:
+            with contextlib.suppress(Exception):  # a node that cannot say so is judged dead by its heartbeat
+                self.store.forget_node(self.id)

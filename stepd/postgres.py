@@ -4,7 +4,8 @@
 The only module that imports psycopg, and only a STEPD_DB of postgresql:// (or postgres://) loads
 it (wiring.py and cli.py import it inside functions), so an SQLite user never pays for it.
 
-The schema is SQLite's newest (migrations.py) in PostgreSQL's types, with a history of its own:
+The schema is SQLite's newest (migrations.py) in PostgreSQL's types, plus what only several nodes
+need (migration 5: `nodes`, and the node of each runner), with a history of its own:
 migration N brings a database from PostgreSQL schema version N-1 to N, and `stepd_schema` keeps
 one row per migration applied (its version, when, and by which stepd). Nodes that start at once
 migrate once: each takes a transaction-level advisory lock first, so the others wait, then find
@@ -27,9 +28,12 @@ The types, and why:
 - a stored answer's body is `text`: it is replayed as it was sent.
 """
 
+import collections
 import functools
 import os
 import re
+import selectors
+import sys
 import threading
 import weakref
 from contextlib import contextmanager
@@ -291,6 +295,21 @@ MIGRATIONS = [
     DROP FUNCTION tally_status();
     DROP FUNCTION tally_attempt();
     DROP FUNCTION tally_outcome();
+    """,
+    # 5: the nodes (SPEC 12): each `stepd serve` keeps a row, its heartbeat set from the server's
+    # clock (now(), so the nodes' own clocks never disagree about who is late), and each runner's
+    # row names its node. A node whose heartbeat is older than the limit is dead: another node
+    # Interrupts its runners' running attempts (store.interrupt_dead_nodes).
+    """
+    CREATE TABLE nodes (
+        id            text PRIMARY KEY,
+        host          text NOT NULL,
+        pid           integer NOT NULL,
+        started_at    timestamptz NOT NULL DEFAULT now(),
+        heartbeat_at  timestamptz NOT NULL DEFAULT now()
+    );
+    ALTER TABLE runners ADD COLUMN node_id text;
+    CREATE INDEX runners_by_node ON runners (node_id);
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -556,6 +575,63 @@ class Connection:
         self.close()
 
 
+READ_CONNECTIONS = 16  # read connections of a process at most (the writer has its own); more callers wait
+POOL_WAIT_SECONDS = 5.0  # a caller waiting this long for one is answered Busy (the API's 503)
+
+
+class _Pool:
+    """The read connections a process lends its callers (threads, or gevent's greenlets), at most
+    `size` lent at once; given back ones are kept open for the next caller."""
+
+    def __init__(self, make, size):
+        self._make = make
+        self._idle = collections.deque()  # append and pop need no lock, so a Lease's __del__ takes none
+        self._free = threading.BoundedSemaphore(size)
+        self.size = size
+
+    def take(self):
+        if not self._free.acquire(timeout=POOL_WAIT_SECONDS):
+            raise Busy(f"all {self.size} PostgreSQL read connections of this process are in use")
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return self._make()
+
+    def give_back(self, conn):
+        if conn.in_transaction:  # its caller ended inside a snapshot: nothing may run on in its transaction
+            conn.close()
+        self._idle.append(conn)  # a closed one reconnects at its next statement
+        self._free.release()
+
+
+class _Lease:
+    """One caller's connection from a _Pool, given back when the caller lets go of it (release(),
+    or its thread or greenlet ending: threading.local drops it then)."""
+
+    __slots__ = ("conn", "pool")
+
+    def __init__(self, pool, conn):
+        self.pool = pool
+        self.conn = conn  # taken before: a Lease exists only with its connection (its __del__ gives it back)
+
+    def __del__(self):
+        self.pool.give_back(self.conn)
+
+
+def refuse_a_blocking_wait():
+    """Under gevent (the node), psycopg must wait for the server through gevent's select, or every
+    query stops the whole loop, every other request with it. psycopg chooses once, when it is
+    imported (psycopg/waiting.py: its C wait unless gevent has patched `select` by then), so a
+    psycopg imported before gevent patched would block: refuse to run so, rather than stall."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("select"):
+        return
+    from psycopg import waiting  # noqa: PLC0415 - psycopg's own choice, read only here
+
+    if waiting.wait is getattr(waiting, "wait_c", None) or waiting.DefaultSelector is not selectors.DefaultSelector:
+        raise RuntimeError("psycopg was imported before gevent patched select: its waits would block the node")
+
+
 def _raise_domain(exc):
     translated = domain_error(exc)
     if translated is None:
@@ -581,10 +657,13 @@ class PostgresDatabase(WritesInGroups):
     dialect = "postgresql"  # the store's spelling where a statement must differ (store.py)
 
     def __init__(self, url):
+        refuse_a_blocking_wait()
         self.url = url
-        self._local = threading.local()
+        self._local = threading.local()  # per thread, and per greenlet on gevent: the caller's Lease
         self._threads_lock = threading.Lock()
-        self._opened = weakref.WeakSet()  # every thread's read connection, for close()
+        self._opened = weakref.WeakSet()  # every read connection made, lent or idle, for close()
+        self._pool = _Pool(self._new_connection, READ_CONNECTIONS)
+        self._beat_conn = None  # the node's heartbeat's own (beat_connection)
         self._writer_state = None  # a writer.Writer, made on the first write of each process
 
     # -- the boot sequence -----------------------------------------------------------------
@@ -629,11 +708,30 @@ class PostgresDatabase(WritesInGroups):
         member = self._holding()
         if member is not None:
             return member.writer.conn
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = Connection(self.url)
-            with self._threads_lock:
-                self._opened.add(conn)
+        lease = getattr(self._local, "lease", None)
+        if lease is None:
+            lease = self._local.lease = _Lease(self._pool, self._pool.take())
+        return lease.conn
+
+    def beat_connection(self):
+        """The connection of the node's heartbeat (one thread uses it, and only it): never one of
+        the pool's, so a heartbeat never waits for a request's connection."""
+        if self._beat_conn is None:  # no lock: on gevent it would be the loop's, which a native thread must not take
+            self._beat_conn = Connection(self.url)
+        return self._beat_conn
+
+    def release(self):
+        """Give this caller's read connection back to the pool (the end of a request, of a chore's
+        tick): under gevent every request is a greenlet, and one connection each would be a new
+        server process per request, as many as there are clients. Kept while a snapshot is open."""
+        lease = getattr(self._local, "lease", None)
+        if lease is not None and not lease.conn.in_transaction:
+            self._local.lease = None  # the Lease gives it back as it goes
+
+    def _new_connection(self):
+        conn = Connection(self.url)
+        with self._threads_lock:
+            self._opened.add(conn)
         return conn
 
     def close(self):
@@ -641,7 +739,7 @@ class PostgresDatabase(WritesInGroups):
         process's writer with its connection: at the end of a process, or of a test."""
         with self._threads_lock:
             opened = list(self._opened)
-        for conn in opened:
+        for conn in [*opened, *([self._beat_conn] if self._beat_conn else [])]:
             conn.close()
         if self._holding() is not None:
             return  # inside a write: its group still needs the write connection
@@ -683,7 +781,8 @@ class PostgresDatabase(WritesInGroups):
             with savepoint(member.writer.conn, "nested", rollback):
                 yield member.writer.conn
             return
-        if self.connection().in_transaction:
+        lease = getattr(self._local, "lease", None)  # looked at, not taken: a writer alone holds no read connection
+        if lease is not None and lease.conn.in_transaction:
             raise RuntimeError("a write transaction cannot start inside a read snapshot")
         with self._writer().turn(rollback) as conn:
             yield conn

@@ -101,7 +101,12 @@ def prepare_database(settings):
 
 
 def database_is_new(path):
-    """No file yet, or an empty one (made, never written): only then is a first token made."""
+    """No file yet, or an empty one (made, never written): only then is a first token made. A
+    PostgreSQL database is new before its first migration (stepd's schema version 0)."""
+    if config.is_postgres(path):
+        from stepd.postgres import PostgresDatabase  # psycopg: for PostgreSQL only
+
+        return PostgresDatabase(path).schema_version() == 0
     try:
         return Path(path).stat().st_size == 0
     except FileNotFoundError:

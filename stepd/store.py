@@ -92,6 +92,20 @@ BEGIN_COLUMNS = "s.id, s.process_id, s.type, s.status, s.params, s.attempts, s.r
 EXECUTING_STEPS = (
     f"SELECT id, process_id, type, attempts, runner_id FROM steps INDEXED BY steps_running WHERE {EXECUTING}"
 )
+# Nodes (PostgreSQL) whose heartbeat, by the server's clock, is older than `?` seconds.
+DEAD_NODES_IDS = "SELECT id FROM nodes WHERE heartbeat_at < now() - make_interval(secs => ?)"
+DEAD_NODES = DEAD_NODES_IDS + " LIMIT 1"
+DEAD_NODES_RUNNING = (
+    "SELECT s.id, s.process_id, s.type, s.attempts, s.runner_id, n.id AS node_id, n.pid AS node_pid,"
+    " n.host AS node_host FROM steps s JOIN runners r ON r.id = s.runner_id JOIN nodes n ON n.id = r.node_id"
+    " WHERE s.status = 'STARTED' AND s.deferred = 0 AND s.next_retry_at IS NULL"
+    " AND n.heartbeat_at < now() - make_interval(secs => ?)"
+)
+# The compare-and-set's own condition for one of them: this runner, of this node, still dead now.
+ON_A_DEAD_NODE = (
+    "runner_id = :runner_id AND EXISTS (SELECT 1 FROM runners r JOIN nodes n ON n.id = r.node_id"
+    " WHERE r.id = :runner_id AND n.id = :node_id AND n.heartbeat_at < now() - make_interval(secs => :stale))"
+)
 QUEUED_STEPS = (
     "SELECT id, process_id, type, params, attempts, retries_used,"
     " (SELECT request_id FROM attempts WHERE step_id = steps.id AND attempt = steps.attempts) AS request_id"
@@ -963,14 +977,65 @@ class Store:
 
     # -- runners: who is executing which step ------------------------------------------
     def heartbeat(self, runner):
-        """Say this runner is alive (registering it if needed). `runner`: id, host, pid, pid_started."""
+        """Say this runner is alive (registering it if needed). `runner`: id, host, pid, pid_started,
+        and on PostgreSQL node_id, the node it works for (SQLite's runners have no such column)."""
+        node = (", node_id", ", :node_id") if "node_id" in runner else ("", "")
         with self.db.transaction() as conn:
             conn.execute(
-                "INSERT INTO runners (id, host, pid, pid_started, started_at, heartbeat_at)"
-                " VALUES (:id, :host, :pid, :pid_started, :now, :beat)"
+                f"INSERT INTO runners (id, host, pid, pid_started, started_at, heartbeat_at{node[0]})"
+                f" VALUES (:id, :host, :pid, :pid_started, :now, :beat{node[1]})"
                 " ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
                 {**runner, "now": now_iso(), "beat": time.time()},
             )
+
+    # -- nodes (PostgreSQL only: SPEC 12) --------------------------------------------------
+    def beat_node(self, node):
+        """The node's heartbeat (registering it if needed), on the heartbeat's own connection, by the
+        server's clock. `node`: id, host, pid."""
+        self.db.beat_connection().execute(
+            "INSERT INTO nodes (id, host, pid) VALUES (:id, :host, :pid)"
+            " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
+            node,
+        )
+
+    def forget_node(self, node_id):
+        """A node that stopped cleanly: its row goes (its runners' ended with them)."""
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
+
+    def interrupt_dead_nodes(self, stale_seconds):
+        """Interrupt the running attempts of the runners of every node whose heartbeat is older than
+        `stale_seconds`, and forget those nodes and runners; returns the steps' ids. Queued attempts
+        (no runner) are left for any node to claim.
+
+        Each attempt ends by a compare-and-set naming its attempt, its runner and the dead node,
+        still dead as the UPDATE reads it: a node that beat again meanwhile (only slow, not dead)
+        keeps its attempts, which a node judged dead once and for all could not (river#1302)."""
+        with self.db.snapshot() as conn:  # every node, every second: look first, write only for work
+            if conn.execute(DEAD_NODES, (stale_seconds,)).fetchone() is None:
+                return []
+
+        def change_it(change):
+            rows = change.conn.execute(DEAD_NODES_RUNNING, (stale_seconds,)).fetchall()
+            gone = "The node running this step (node {}, process {} on {}) stopped beating: it is gone."
+            interrupted = [
+                row["id"]
+                for row in rows
+                if self._interrupt(
+                    change,
+                    row,
+                    gone.format(row["node_id"], row["node_pid"], row["node_host"]),
+                    when=f"{EXECUTING} AND {ON_A_DEAD_NODE}",
+                    runner_id=row["runner_id"],
+                    node_id=row["node_id"],
+                    stale=stale_seconds,
+                )  # fmt: skip
+            ]
+            change.conn.execute(f"DELETE FROM runners WHERE node_id IN ({DEAD_NODES_IDS})", (stale_seconds,))
+            change.conn.execute(f"DELETE FROM nodes WHERE id IN ({DEAD_NODES_IDS})", (stale_seconds,))
+            return interrupted
+
+        return self._apply(change_it)
 
     def beat(self, runner_ids):
         """A heartbeat for each of these runners at once."""
@@ -1031,12 +1096,13 @@ class Store:
         return self._apply(change_it)
 
     @staticmethod
-    def _interrupt(change, row, message):
-        """End an executing attempt FAILED/Interrupted; returns whether it was still executing."""
+    def _interrupt(change, row, message, when=EXECUTING, **values):
+        """End an executing attempt FAILED/Interrupted; returns whether it was still executing (and
+        `when` held: `values` fill its marks)."""
         return change.end(
-            (row["id"], row["process_id"], row["type"]), row["attempts"], status=FAILED, when=EXECUTING,
+            (row["id"], row["process_id"], row["type"]), row["attempts"], status=FAILED, when=when,
             also="status = 'FAILED', finished_at = :now", step_status=FAILED,
-            error={"type": "Interrupted", "message": message},
+            error={"type": "Interrupted", "message": message}, **values,
         )  # fmt: skip
 
     # -- answers to requests with an Idempotency-Key ----------------------------------------

@@ -52,6 +52,23 @@ def run_cli(db_path, *args):
     return result
 
 
+# -- the README's walkthrough ------------------------------------------------------------------------
+README = (ROOT / "README.md").read_text()
+
+
+def readme_block(name, language="bash"):
+    """The ```language block between <!-- name:start --> and <!-- name:end --> in the README."""
+    marked = README.split(f"<!-- {name}:start -->")[1].split(f"<!-- {name}:end -->")[0]
+    return re.search(rf"```{language}\n(.*?)```", marked, re.S).group(1)
+
+
+def walk_readme(server, token):
+    """The README's curl walkthrough, as written, against `server` (a Server) with TOKEN=`token`."""
+    script = readme_block("walkthrough").replace("http://127.0.0.1:8080", server.url)
+    env = {"PATH": "/usr/bin:/bin", "TOKEN": token}
+    return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+
+
 # The API's paths, defined here only.
 P = "/api/v1/processes"
 STEPS = f"{P}/steps"
@@ -547,7 +564,15 @@ class Server:
     runner processes the node starts), on loopback, in a process group of its own."""
 
     def __init__(
-        self, db_path, token="test-operator-token", workers=2, threads=4, delegates=PLUGINS, extra_env=None, runners=1
+        self,
+        db_path,
+        token="test-operator-token",
+        workers=2,
+        threads=4,
+        delegates=PLUGINS,
+        extra_env=None,
+        runners=1,
+        folder=None,
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -566,8 +591,9 @@ class Server:
             **(extra_env or {}),
         }
         self.proc = None
-        self.cwd = Path(db_path).parent  # any folder: the service never looks at its own files by path
-        self.log_path = Path(db_path).with_suffix(".log")
+        # Any folder: the service never looks at its own files by path. A PostgreSQL URL has none: `folder`.
+        self.cwd = Path(folder) if folder else Path(db_path).parent
+        self.log_path = self.cwd / "served.log" if folder else Path(db_path).with_suffix(".log")
 
     def start(self, wait=True):
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop(), it outlives this call

@@ -48,8 +48,15 @@ def sqlite_schema(tmp_path):
     return columns, indexes
 
 
+# What only PostgreSQL has (migration 5): several nodes share a database there, and only there.
+POSTGRES_ONLY_TABLES = {"nodes"}
+POSTGRES_ONLY_COLUMNS = {("runners", "node_id")}
+POSTGRES_ONLY_INDEXES = {"runners_by_node"}
+
+
 def postgres_schema(url):
-    """The same of a PostgreSQL database (stepd_schema, the versions table, left out)."""
+    """The same of a PostgreSQL database (stepd_schema, the versions table, and what only PostgreSQL
+    has, left out)."""
     with psycopg.connect(url) as conn:
         rows = conn.execute(
             "SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns"
@@ -62,8 +69,9 @@ def postgres_schema(url):
         ).fetchall()
     columns = {}
     for table, column, kind, nullable in rows:
-        columns.setdefault(table, []).append((column, kind, nullable == "NO"))
-    return columns, {name for (name,) in indexes}
+        if table not in POSTGRES_ONLY_TABLES and (table, column) not in POSTGRES_ONLY_COLUMNS:
+            columns.setdefault(table, []).append((column, kind, nullable == "NO"))
+    return columns, {name for (name,) in indexes} - POSTGRES_ONLY_INDEXES
 
 
 def versions(url):
@@ -199,11 +207,64 @@ def test_a_node_starting_on_a_newer_schema_refuses_naming_both_versions(postgres
 
 
 # -- what a postgresql:// STEPD_DB does today ------------------------------------------------------------
-def test_a_start_on_postgresql_migrates_then_says_the_backend_is_not_complete(postgres_url):
-    with pytest.raises(Unusable, match="cannot serve from PostgreSQL yet") as refused:
-        open_store({"STEPD_DB": postgres_url, "STEPD_SYNC": "full"})
-    assert f"schema version {postgres.SCHEMA_VERSION}" in str(refused.value)
-    assert postgres.PostgresDatabase(postgres_url).schema_version() == postgres.SCHEMA_VERSION
+def test_opening_the_store_of_a_postgresql_url_migrates_it_and_serves_from_it(postgres_url):
+    store = open_store({"STEPD_DB": postgres_url, "STEPD_SYNC": "full"})
+    try:
+        assert postgres.PostgresDatabase(postgres_url).schema_version() == postgres.SCHEMA_VERSION
+        assert isinstance(store.db, postgres.PostgresDatabase)
+        process, _job = store.create_process("one", [("noop", {})], "ops", None)
+        assert store.get_process(process["id"])["name"] == "one"
+    finally:
+        store.db.close()
+
+
+def test_read_connections_are_lent_from_a_bounded_pool_and_given_back(postgres_url, monkeypatch):
+    """At most READ_CONNECTIONS callers hold one at once (a further one waits, then is Busy), and one
+    given back (release(), or its thread's end) serves the next caller without a new connection."""
+    import threading
+
+    from stepd.model import Busy
+
+    monkeypatch.setattr(postgres, "READ_CONNECTIONS", 2)
+    monkeypatch.setattr(postgres, "POOL_WAIT_SECONDS", 0.2)
+    database = postgres.PostgresDatabase(postgres_url)
+    database.prepare()
+    try:
+        first = database.connection()
+        database.rows("SELECT 1")
+        database.release()
+        assert database.connection() is first  # given back, lent again: no new connection
+        held, go = threading.Event(), threading.Event()
+
+        def hold():
+            database.rows("SELECT 1")
+            held.set()
+            go.wait(5)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait(5)
+        outcome = []
+        third = threading.Thread(target=lambda: outcome.append(_try_read(database, Busy)))
+        third.start()
+        third.join()
+        assert outcome == ["Busy"], "a third caller waits for one of the two, then is Busy"
+        go.set()
+        holder.join()  # its thread ended: its connection is back
+        fourth = threading.Thread(target=lambda: outcome.append(_try_read(database, Busy)))
+        fourth.start()
+        fourth.join()
+        assert outcome == ["Busy", "read"]
+    finally:
+        database.close()
+
+
+def _try_read(database, busy):
+    try:
+        database.rows("SELECT 1")
+    except busy:
+        return "Busy"
+    return "read"
 
 
 def test_the_commands_that_need_the_store_refuse_postgresql_and_backup_names_pg_dump(postgres_url):

@@ -250,22 +250,32 @@ def test_concurrent_writers_of_one_database_share_transactions(database):
     assert database.row("SELECT count(*) FROM secrets WHERE name LIKE 'k%'")[0] == 16
 
 
-def test_a_threads_connection_is_closed_when_the_thread_ends(database, admin):
+def test_a_threads_connection_goes_back_to_the_pool_when_the_thread_ends(database, admin):
+    """Threads (greenlets, in the node) come and go; their connections do not: each one's goes back to
+    the pool as it ends, and the next thread's read takes it again, so the count stays put."""
+
     def connections():
         return admin.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
         ).fetchone()[0]
 
-    database.rows("SELECT 1")
-    before = connections()
-    threads = [threading.Thread(target=database.rows, args=("SELECT 1",)) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    gc.collect()
+    def four_threads_reading():
+        threads = [threading.Thread(target=database.rows, args=("SELECT pg_sleep(0.05)",)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        gc.collect()
+
+    four_threads_reading()
+    after_one_round = connections()
+    assert 1 <= after_one_round <= 4
+    for _ in range(3):
+        four_threads_reading()
+    assert connections() == after_one_round, "the later threads took the connections given back"
+    database.close()
     time.sleep(0.2)  # the server notices the client's goodbye
-    assert connections() == before
+    assert connections() == 0
 
 
 # -- claims -------------------------------------------------------------------------------------------------
@@ -356,3 +366,59 @@ def test_stepd_check_refuses_a_database_without_stepds_schema_or_server(postgres
     assert empty.exit_code == 2 and "has no stepd schema yet" in empty.stderr and "***" in empty.stderr
     gone = run_cli(postgres_cluster.url("no_such_database"), "check")
     assert gone.exit_code == 2 and "cannot connect to" in gone.stderr
+
+
+# -- nodes: a dead one's running attempts, never a live one's -----------------------------------------------
+def running_on(store, admin, node_id, beat_seconds_ago):
+    """A node beating `beat_seconds_ago`, a runner of it, and one attempt running there: the step's id."""
+    admin.execute(
+        "INSERT INTO nodes (id, host, pid, heartbeat_at) VALUES (%s, 'h', 1, now() - make_interval(secs => %s))",
+        (node_id, beat_seconds_ago),
+    )
+    store.heartbeat({"id": f"runner-{node_id}", "host": "h", "pid": 1, "pid_started": None, "node_id": node_id})
+    (step_id,) = queued(store, 1)
+    assert [job.step_id for job in store.claim_queued(f"runner-{node_id}", 1)] == [step_id]
+    return step_id
+
+
+def test_a_dead_nodes_running_attempts_are_interrupted_and_a_live_ones_kept(stores, admin):
+    store = stores()
+    dead = running_on(store, admin, "dead", 30)
+    live = running_on(store, admin, "live", 0)
+    (waiting,) = queued(store, 1)
+    assert store.interrupt_dead_nodes(5.0) == [dead]
+    step = store.get_step(dead)
+    assert (step["status"], step["error"]["type"]) == ("FAILED", "Interrupted")
+    assert "node dead" in step["error"]["message"] and step["attempts"] == 1
+    assert store.get_step(live)["phase"] == "RUNNING"
+    assert store.get_step(waiting)["phase"] == "QUEUED", "queued work stays queued, for any node"
+    assert [row[0] for row in admin.execute("SELECT id FROM nodes").fetchall()] == ["live"]
+    assert [row[0] for row in admin.execute("SELECT id FROM runners").fetchall()] == ["runner-live"]
+    assert store.interrupt_dead_nodes(5.0) == [], "a second sweep (another node's) finds nothing to do"
+
+
+def test_a_node_that_beats_again_after_the_look_keeps_its_attempt(stores, admin, monkeypatch):
+    """river#1302: the look saw the node late, the node beat again before the write. The write's own
+    compare-and-set reads the node's heartbeat afresh, and leaves its attempt running."""
+    from stepd import store as store_module
+
+    store = stores()
+    step_id = running_on(store, admin, "slow", 30)
+    stale_look = store_module.DEAD_NODES_RUNNING.replace("n.heartbeat_at <", "now() - interval '1 hour' <")
+
+    def beat_then_look(sql, *args):
+        admin.execute("UPDATE nodes SET heartbeat_at = now() WHERE id = 'slow'")  # between the look and the write
+        return sql
+
+    monkeypatch.setattr(store_module, "DEAD_NODES", "SELECT id FROM nodes WHERE ? > 0 LIMIT 1")  # sees it late
+    monkeypatch.setattr(store_module, "DEAD_NODES_RUNNING", beat_then_look(stale_look))
+    assert store.interrupt_dead_nodes(5.0) == []
+    assert store.get_step(step_id)["phase"] == "RUNNING" and store.get_step(step_id)["error"] is None
+
+
+def test_a_write_alone_takes_no_read_connection(database):
+    """A thread that only writes (a runner's link in the node, registering it) holds no read
+    connection of the pool for as long as it lives: only the writer's."""
+    with database.transaction() as conn:
+        conn.execute("SELECT 1")
+    assert getattr(database._local, "lease", None) is None

@@ -12,35 +12,19 @@ import time
 
 import pytest
 import requests
-from helpers import ROOT, P, free_port, http_workers_booted, wait_for
+from helpers import README, ROOT, P, free_port, http_workers_booted, wait_for
+from helpers import readme_block as block
+from helpers import walk_readme as walk
 
-README = (ROOT / "README.md").read_text()
 NEEDS_CURL_AND_JQ = pytest.mark.skipif(
     not (shutil.which("curl") and shutil.which("jq")), reason="the walkthrough needs curl and jq"
 )
-
-
-def block(name, language="bash"):
-    """The ```language block between <!-- name:start --> and <!-- name:end --> in the README."""
-    marked = README.split(f"<!-- {name}:start -->")[1].split(f"<!-- {name}:end -->")[0]
-    return re.search(rf"```{language}\n(.*?)```", marked, re.S).group(1)
 
 
 def run_script(server, script):
     return subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script.replace("http://127.0.0.1:8080", server.url)],
         env={"PATH": "/usr/bin:/bin", "TOKEN": server.token},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def walk(server, token):
-    script = block("walkthrough").replace("http://127.0.0.1:8080", server.url)
-    return subprocess.run(
-        ["bash", "-c", script],
-        env={"PATH": "/usr/bin:/bin", "TOKEN": token},
         capture_output=True,
         text=True,
         timeout=60,
