@@ -249,12 +249,7 @@ class Database(WritesInGroups):
         if conn is not None:
             conn.close()
             self._local.conn = None
-        if self._holding() is not None:
-            return  # inside a write: its group still needs the write connection
-        with self._threads_lock:
-            writer, self._writer_state = self._writer_state, None
-        if writer is not None and writer.pid == os.getpid():
-            writer.close()
+        self._close_writer()
 
     # -- reads -----------------------------------------------------------------------------
     def rows(self, sql, args=()):

@@ -30,7 +30,6 @@ The types, and why:
 
 import collections
 import functools
-import os
 import re
 import selectors
 import sys
@@ -741,12 +740,7 @@ class PostgresDatabase(WritesInGroups):
             opened = list(self._opened)
         for conn in [*opened, *([self._beat_conn] if self._beat_conn else [])]:
             conn.close()
-        if self._holding() is not None:
-            return  # inside a write: its group still needs the write connection
-        with self._threads_lock:
-            writer, self._writer_state = self._writer_state, None
-        if writer is not None and writer.pid == os.getpid():
-            writer.close()
+        self._close_writer()
 
     # -- reads -----------------------------------------------------------------------------
     def rows(self, sql, args=()):

@@ -297,6 +297,16 @@ class WritesInGroups:
         writer = self._writer_state
         return member if member is not None and member.writer is writer else None
 
+    def _close_writer(self):
+        """Close this process's writer and its connection, unless the caller is inside one of its
+        writes (its group still needs the connection)."""
+        if self._holding() is not None:
+            return
+        with self._threads_lock:
+            writer, self._writer_state = self._writer_state, None
+        if writer is not None and writer.pid == os.getpid():
+            writer.close()
+
     def _writer(self):
         """This process's writer (one per process: after a fork the child makes its own)."""
         with self._threads_lock:

@@ -48,6 +48,23 @@ def stepd_check(url):
 
 
 @NEEDS_CURL_AND_JQ
+def assert_called_once_never_retried(server, step_id, calls):
+    """An Interrupted step of retry_gate (a delegate with retries) keeps its one attempt: its delegate
+    was called once, and an Interrupted attempt is not retried."""
+    time.sleep(1.0)
+    assert server.step(step_id)["attempts"] == 1
+    assert calls.read_text().splitlines() == [f"{step_id} 1"], "the delegate was called once"
+
+
+def assert_carries_on_and_checks(server, postgres_url):
+    """The node runs a new process to the end, stops cleanly, and `stepd check` finds the database sound."""
+    after = server.start_process(("noop", {}))
+    server.wait_process(after["processId"], "COMPLETED")
+    assert server.stop() == 0
+    checked = stepd_check(postgres_url)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 @pytest.mark.timeout(90)
 def test_the_readme_walkthrough_runs_on_postgres(pg_server, postgres_url):
     server = pg_server().start()
@@ -84,15 +101,9 @@ def test_a_runner_sigkilled_has_its_step_interrupted_within_2_s_and_never_run_ag
     failed = wait_for(ended, interval=0.02, what="Interrupted")
     assert time.monotonic() - killed < 2.0
     assert failed["error"]["type"] == "Interrupted" and failed["attempts"] == 1
-    time.sleep(1.0)  # retry_gate has retries: an Interrupted attempt is not one of them
-    assert server.step(step_id)["attempts"] == 1
-    assert calls.read_text().splitlines() == [f"{step_id} 1"], "the delegate was called once"
+    assert_called_once_never_retried(server, step_id, calls)
     wait_for(lambda: len(server.runner_pids()) == 2, timeout=10, what="the runner to be started again")
-    after = server.start_process(("noop", {}))
-    server.wait_process(after["processId"], "COMPLETED")
-    assert server.stop() == 0
-    checked = stepd_check(postgres_url)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert_carries_on_and_checks(server, postgres_url)
 
 
 @pytest.mark.timeout(90)
@@ -229,17 +240,11 @@ def test_a_node_sigkilled_has_its_running_step_interrupted_by_the_other_within_1
     assert took > 3.0, "only the heartbeat's limit (5 s) may judge a node dead, not its runners' pids"
     assert failed["error"]["type"] == "Interrupted" and "stopped beating" in failed["error"]["message"]
     assert failed["attempts"] == 1
-    time.sleep(1.0)  # retry_gate has retries: an Interrupted attempt is not one of them
-    assert living.step(step_id)["attempts"] == 1
-    assert calls.read_text().splitlines() == [f"{step_id} 1"], "the delegate was called once"
+    assert_called_once_never_retried(living, step_id, calls)
     (row,) = pg_rows(postgres_url, beats)  # the dead node's row is forgotten; the living one beats
     beat = row[2]
     wait_for(lambda: pg_rows(postgres_url, beats)[0][2] > beat, timeout=3, what="the living node's next beat")
-    after = living.start_process(("noop", {}))
-    living.wait_process(after["processId"], "COMPLETED")
-    assert living.stop() == 0
-    checked = stepd_check(postgres_url)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert_carries_on_and_checks(living, postgres_url)
 
 
 @pytest.mark.timeout(90)
