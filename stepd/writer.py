@@ -45,9 +45,10 @@ holding = contextvars.ContextVar("stepd_writer_holding", default=None)
 class _Member:
     """One caller's write in a group: a job (`fn`) or a turn (its caller's own code)."""
 
-    def __init__(self, writer, fn=None, done=None):
+    def __init__(self, writer, fn=None, done=None, between=False):
         self.writer = writer
         self.fn = fn
+        self.between = between  # run between two groups, outside any transaction (`between`)
         self.done = done  # (result, error) -> None, called on the loop once the group ended (`submit`)
         self.result = None
         self.error = None  # its own error, or the group's
@@ -93,6 +94,13 @@ class Writer:
         the loop once its group committed (error None) or failed (a runner's outcomes: the node's
         reader goes on reading meanwhile)."""
         self._submit(_Member(self, fn, done))
+
+    def between(self, fn):
+        """`fn(conn)` on the loop between two groups, outside any transaction (what SQLite will
+        not do inside one: a checkpoint that lets the log start again); its result."""
+        member = self._submit(_Member(self, fn, between=True))
+        self._wait_finished(member)
+        return member.result
 
     @contextmanager
     def turn(self, rollback=False):
@@ -145,16 +153,12 @@ class Writer:
                 first = self._next(block=True)
                 if first is None:
                     return
-                self._group(first)
+                if first.between:
+                    self._run_between(first)
+                else:
+                    self._group(first)
         finally:
             self.conn.close()
-
-    def _next(self, block):
-        """The next waiting member (None: none, or closing and none left)."""
-        with self._changed:
-            while block and not self._waiting and not self._closing:
-                self._changed.wait()
-            return self._waiting.popleft() if self._waiting else None
 
     def _group(self, first):
         conn = self.conn
@@ -206,6 +210,23 @@ class Writer:
             member = self._next(block=False)
         return member
 
+    def _next(self, block):
+        """The next waiting member (None: none, or closing and none left). Not a `between` member
+        while a group is open (block=False): it ends the group, and runs after its COMMIT."""
+        with self._changed:
+            while block and not self._waiting and not self._closing:
+                self._changed.wait()
+            if not self._waiting or (not block and self._waiting[0].between):
+                return None
+            return self._waiting.popleft()
+
+    def _run_between(self, member):
+        try:
+            member.result = member.fn(self.conn)
+        except Exception as exc:
+            member.error, member.own_failure = exc, True
+        self._finish([member], None)
+
     def _serve(self, member):
         """Give `member` the connection: run its job here, or lend it to its caller until done."""
         if member.fn is None:
@@ -248,8 +269,11 @@ class Writer:
             self.conn.execute("ROLLBACK")
 
     def _drain(self):
+        """The members waiting, who share a failed group's error; `between` members stay (they
+        are not part of a group, and run once the loop comes round to them)."""
         with self._changed:
-            waiting, self._waiting = list(self._waiting), collections.deque()
+            waiting = [member for member in self._waiting if not member.between]
+            self._waiting = collections.deque(member for member in self._waiting if member.between)
         return waiting
 
     @staticmethod
@@ -280,6 +304,11 @@ class WritesInGroups:
         writer = self._writer()
         if hook in writer.ended_groups:
             writer.ended_groups.remove(hook)
+
+    def between_groups(self, fn):
+        """`fn(conn)` on this process's write connection between two of its groups, outside any
+        transaction (Writer.between); its result."""
+        return self._writer().between(fn)
 
     def write_connection(self):
         """This process's write connection, on which every write transaction runs (a test that

@@ -325,3 +325,110 @@ def test_writers_waiting_behind_another_processs_lock_get_busy_and_change_nothin
         os.close(other)
     assert answers == ["busy"] * 4
     assert committed_names(database) == set()
+
+
+def wal_restarts(database):
+    """The log's checkpoint sequence number (bytes 12-15 of its header): SQLite adds one each time
+    the log starts again from its beginning."""
+    with open(f"{database.path}-wal", "rb") as wal:
+        return int.from_bytes(wal.read(16)[12:16], "big")
+
+
+def test_a_write_between_groups_runs_outside_any_transaction_after_the_open_group_commits(database):
+    """A `between` member queued while a group is open ends that group: it runs once its COMMIT is
+    done, outside any transaction, and the members queued after it form the next group."""
+    inside, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def hold_a_group_open():
+        with database.transaction() as conn:
+            insert_token(conn, "held")
+            inside.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold_a_group_open)
+    holder.start()
+    assert inside.wait(5)
+
+    def between(conn):
+        seen["in_transaction"] = conn.in_transaction
+        seen["held_committed"] = "held" in committed_names(database)
+        return "done"
+
+    result = {}
+    asker = threading.Thread(target=lambda: result.update(value=database.between_groups(between)))
+    asker.start()
+    time.sleep(0.05)  # the between member is queued behind the open group
+    release.set()
+    holder.join(5)
+    asker.join(5)
+    assert result == {"value": "done"}
+    assert seen == {"in_transaction": False, "held_committed": True}
+
+
+def test_a_write_between_groups_keeps_its_own_error_and_the_writer_goes_on(database):
+    def fails(conn):
+        raise ValueError("its own")
+
+    with pytest.raises(ValueError, match="its own"):
+        database.between_groups(fails)
+    with database.transaction() as conn:
+        insert_token(conn, "after")
+    assert committed_names(database) == {"after"}
+
+
+def test_a_failed_group_does_not_fail_a_write_waiting_between_groups(database):
+    """The members waiting when a group fails share its error; one waiting between groups is not
+    part of any group, and runs afterwards."""
+    inside, release = threading.Event(), threading.Event()
+
+    def fail_a_group():
+        with pytest.raises(Unwritable), database.transaction() as conn:
+            insert_token(conn, "lost")
+            inside.set()
+            release.wait(5)
+            conn.execute("ROLLBACK")  # as SQLite does by itself on a full disk
+
+    failer = threading.Thread(target=fail_a_group)
+    failer.start()
+    assert inside.wait(5)
+    result = {}
+    asker = threading.Thread(target=lambda: result.update(value=database.between_groups(lambda conn: "ran")))
+    asker.start()
+    time.sleep(0.05)
+    release.set()
+    failer.join(5)
+    asker.join(5)
+    assert result == {"value": "ran"}
+
+
+def test_the_checkpoint_lets_the_log_start_again_when_a_group_committed_during_its_copy(database):
+    """The log starts again only if, when a write begins, all of it is in the file. A group that
+    commits while the checkpoint's first copy runs (here: held open across it) leaves frames that
+    copy never saw; the checkpoint's second step, between groups on the writer's connection, copies
+    them, so the next write starts the log again. Without it the log only grows under steady writes
+    (to 80 MB, where a COMMIT ran SQLite's own checkpoint and cut the file back)."""
+    with database.transaction() as conn:
+        insert_token(conn, "first")
+    inside, release = threading.Event(), threading.Event()
+
+    def hold_a_group_open():
+        with database.transaction() as conn:
+            insert_token(conn, "during")
+            inside.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold_a_group_open)
+    holder.start()
+    assert inside.wait(5)
+    before = wal_restarts(database)
+    checkpointer = threading.Thread(target=database.checkpoint)
+    checkpointer.start()
+    time.sleep(0.1)  # its first copy is done; its second waits behind the open group
+    release.set()
+    holder.join(5)
+    checkpointer.join(5)
+    with database.transaction() as conn:
+        insert_token(conn, "next")
+    assert wal_restarts(database) == before + 1
+    assert committed_names(database) == {"first", "during", "next"}
