@@ -23,6 +23,7 @@ from gunicorn.app.base import BaseApplication
 
 from stepd.errors import STATUSES, error_document, unparsed_status
 from stepd.httplogs import GunicornLogger
+from stepd.liveness import freeze_startup_objects
 from stepd.runner import STOP_GRACE_SECONDS
 
 
@@ -74,6 +75,7 @@ def _become_the_node(worker):
     node = start_node(app, app.config["STEPD_RUNNERS"])
     node.current = lambda: worker.alive
     threading.Thread(target=_stop_the_node_with, args=(worker,), daemon=True).start()
+    freeze_startup_objects()
 
 
 def _stop_the_node_with(worker):

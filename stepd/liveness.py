@@ -3,9 +3,13 @@
 On this host a runner lives exactly as long as its process (pid and start time, so a reused
 pid does not count): a delegate holding the GIL for minutes cannot make it look dead. A
 runner on another host is judged by its heartbeat.
+
+Also what a long-lived process of the service does once it has started (`die_with_parent`,
+`freeze_startup_objects`).
 """
 
 import ctypes
+import gc
 import signal
 import socket
 import time
@@ -37,3 +41,14 @@ def die_with_parent():
     """In a child (before exec, or at once): SIGTERM when its parent dies, even by SIGKILL (Linux's
     prctl): the supervisor's HTTP front, `stepd serve` under make, a node's runners."""
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def freeze_startup_objects():
+    """Keep what start-up made (modules, the app, its routes and schemas, the delegates: ~50,000
+    objects in the node) out of the garbage collector's full passes, which otherwise walk all of
+    it every few seconds under load: 30 ms of CPU each in the node, inside whichever request or
+    group was running (measured at 500 restarts/s: the fixed-rate row's p99), ~1 ms once frozen.
+    What start-up left as garbage is collected first; nothing frozen is ever freed, and start-up
+    objects live as long as the process anyway."""
+    gc.collect()
+    gc.freeze()

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from stepd import config, logs
-from stepd.liveness import die_with_parent
+from stepd.liveness import die_with_parent, freeze_startup_objects
 from stepd.logs import configure_logging
 
 REFUSED = 2  # the exit code of a start refused for a bad setting, delegate or database (as cli.py's refusals)
@@ -333,6 +333,7 @@ def runner_main():
             )
             return REFUSED
     runner = Runner(registry, settings["STEPD_THREADS"], settings["STEPD_STEP_TIMEOUT"])
+    freeze_startup_objects()
     if run_until_stopped(runner, Channel(sock)):
         say("the node closed the connection; this runner stops", logging.WARNING, "stepd.runner")
         return 1

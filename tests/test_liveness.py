@@ -27,3 +27,20 @@ def test_liveness_on_this_host_is_the_process_not_the_heartbeat():
     elsewhere = {"host": "other-host", "pid": 1, "pid_started": "1"}
     assert runner_is_alive({**elsewhere, "heartbeat_at": time.time()})
     assert not runner_is_alive({**elsewhere, "heartbeat_at": time.time() - 60})
+
+
+def test_what_start_up_made_is_frozen_and_its_garbage_collected_first():
+    """In a process of its own (freezing is for the rest of a process's life): after the call
+    the collector's full passes skip start-up's objects, and a cycle left as garbage before it
+    was freed, not frozen."""
+    code = """
+import gc, weakref
+from stepd.liveness import freeze_startup_objects
+class Cycle: pass
+garbage = Cycle(); garbage.me = garbage
+gone = weakref.ref(garbage); del garbage
+freeze_startup_objects()
+print(gc.get_freeze_count() > 1000, gone() is None)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "True"]
