@@ -12,7 +12,7 @@ import time
 
 import psycopg
 import pytest
-from helpers import all_at_once, run_cli
+from helpers import all_at_once, run_cli, wait_for
 
 from stepd import postgres
 from stepd.model import Busy, Conflict, Unavailable, Unwritable
@@ -414,6 +414,71 @@ def test_a_node_that_beats_again_after_the_look_keeps_its_attempt(stores, admin,
     monkeypatch.setattr(store_module, "DEAD_NODES_RUNNING", beat_then_look(stale_look))
     assert store.interrupt_dead_nodes(5.0) == []
     assert store.get_step(step_id)["phase"] == "RUNNING" and store.get_step(step_id)["error"] is None
+
+
+def test_a_node_that_died_before_its_first_beat_has_its_running_attempt_interrupted(stores):
+    """A runner's registration writes its node's row (with its heartbeat at that moment): a node that
+    dies before it ever beat has a row that ages like any other, and its runner's attempt ends. Without
+    that row the runner named a node no sweep could judge, and its attempt stayed running for ever."""
+    store = stores()
+    store.heartbeat({"id": "runner-early", "host": "h", "pid": 1, "pid_started": None, "node_id": "early"})
+    (step_id,) = queued(store, 1)
+    assert [job.step_id for job in store.claim_queued("runner-early", 1)] == [step_id]
+    assert wait_for(lambda: stores().interrupt_dead_nodes(0.2), timeout=5, what="the node judged dead") == [step_id]
+    assert "node early" in store.get_step(step_id)["error"]["message"]
+
+
+def test_a_runner_left_by_a_node_whose_row_is_gone_has_its_attempt_interrupted(stores, admin):
+    """A node that stopped and deleted its row while one of its runners was still registered (its end
+    not recorded in time): that runner's attempt is Interrupted by any node's sweep, at once."""
+    store = stores()
+    step_id = running_on(store, admin, "stopped", 0)
+    admin.execute("DELETE FROM nodes WHERE id = 'stopped'")
+    assert store.interrupt_dead_nodes(5.0) == [step_id]
+    assert "node stopped) is gone" in store.get_step(step_id)["error"]["message"]
+    assert admin.execute("SELECT count(*) FROM runners").fetchone()[0] == 0
+    assert store.interrupt_dead_nodes(5.0) == []
+
+
+def test_a_runner_registered_during_an_orphan_sweep_keeps_its_claim(stores):
+    """The sweep's write reads the running steps, then the runners: a runner that registers and claims
+    between two of its statements (each its own snapshot on PostgreSQL) is not taken for gone."""
+    sweeper, other = stores(), stores()
+    sweeper.heartbeat({"id": "gone", "host": "h", "pid": 1, "pid_started": None})  # something for the sweep to do
+    (step_id,) = queued(other, 1)
+    looks = []
+
+    def is_alive(row):
+        looks.append(row["id"])
+        if looks.count("gone") == 2:  # inside the sweep's write, after its first read
+            other.heartbeat({"id": "new", "host": "h", "pid": 2, "pid_started": None})
+            assert [job.step_id for job in other.claim_queued("new", 1)] == [step_id]
+        return row["id"] != "gone"
+
+    assert sweeper.interrupt_orphans(is_alive) == []
+    assert sweeper.get_step(step_id)["phase"] == "RUNNING"
+
+
+def test_two_nodes_deleting_the_same_finished_processes_take_them_out_of_the_tallies_once(stores, admin):
+    """Retention runs on every node: a batch locks the processes it deletes, and another node's batch
+    of the same processes passes them over, rather than taking them out of the tallies a second time."""
+    first, second = stores(), stores()
+    ids = []
+    for _ in range(3):
+        process, job = first.create_process(None, [("a", {})], "alice", "r1")
+        first.finish_attempt(job, "COMPLETED", runner_id="r1")
+        ids.append(process["id"])
+    later = "9999-01-01T00:00:00.000Z"
+    with first.atomic():
+        assert first.delete_finished(ids, later) == (3, 9)
+        racing = threading.Thread(target=lambda: ids.append(second.delete_finished(ids[:3], later)))
+        racing.start()
+        racing.join(timeout=2)  # passes the locked rows over at once (without the lock: it waits for them)
+    racing.join()
+    assert ids[3] == (0, 0)
+    tallies = admin.execute("SELECT a, sum(n) FROM tally WHERE series = 'processes' GROUP BY a").fetchall()
+    assert {status: n for status, n in tallies if n} == {}
+    assert run_cli(first.db.url, "check").exit_code == 0
 
 
 def test_a_write_alone_takes_no_read_connection(database):
