@@ -913,11 +913,14 @@ class Store:
         finds them CANCELLED and changes nothing."""
 
         def change_it(change):
+            if LOCK_STEPS_BEFORE_CANCEL[self.db.dialect]:
+                change.conn.execute(LOCK_STEPS_BEFORE_CANCEL[self.db.dialect], (process_id,))
+            # Read once its steps are locked: a change of one of them (another node's restart) that
+            # committed meanwhile has refreshed the process, and its status now is what the cancel
+            # moves from (the tallies count it out of that one; read before, it could be stale).
             row = change.conn.execute("SELECT status FROM processes WHERE id = ?", (process_id,)).fetchone()
             if row is None:
                 raise PreconditionFailed.on("process_id", "No process has this id.")
-            if LOCK_STEPS_BEFORE_CANCEL[self.db.dialect]:
-                change.conn.execute(LOCK_STEPS_BEFORE_CANCEL[self.db.dialect], (process_id,))
             cancelled = change.conn.execute(
                 f"UPDATE processes SET status = 'CANCELLED', updated_at = :now, {INTERVENED}"
                 f" WHERE id = :pid AND {PROCESS_CANCELLABLE}",

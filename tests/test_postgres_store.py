@@ -481,6 +481,27 @@ def test_two_nodes_deleting_the_same_finished_processes_take_them_out_of_the_tal
     assert run_cli(first.db.url, "check").exit_code == 0
 
 
+def test_a_cancel_waiting_for_another_nodes_restart_tallies_the_process_from_its_new_status(stores, admin):
+    """A restart (one node) and a cancel (another) of one FAILED process: the cancel waits for the
+    restart's locks, then moves the process from RUNNING, as the restart left it, not from the FAILED
+    it would have read before waiting (counting it out of FAILED twice and never out of RUNNING)."""
+    first, second = stores(), stores()
+    process, job = first.create_process(None, [("a", {}), ("b", {})], "alice", "r1")
+    first.finish_attempt(job, "FAILED", error={"type": "E", "message": "no"}, runner_id="r1")
+    cancelled = []
+    with first.atomic():
+        first.restart_failed_step(job.step_id, {}, "alice", None, lambda _type: True)
+        cancel = lambda: cancelled.append(second.cancel_process(process["id"], None, "bob"))  # noqa: E731
+        cancelling = threading.Thread(target=cancel)
+        cancelling.start()
+        wait_for(lambda: admin.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0], timeout=5,
+                 what="the cancel to wait for the restart's locks")  # fmt: skip
+    cancelling.join()
+    assert cancelled[0]["status"] == "CANCELLED"
+    tallies = admin.execute("SELECT a, sum(n) FROM tally WHERE series = 'processes' GROUP BY a").fetchall()
+    assert {status: n for status, n in tallies if n} == {"CANCELLED": 1}
+
+
 def test_a_write_alone_takes_no_read_connection(database):
     """A thread that only writes (a runner's link in the node, registering it) holds no read
     connection of the pool for as long as it lives: only the writer's."""
