@@ -176,6 +176,12 @@ LOCK_STEPS_BEFORE_CANCEL = {
 # them, skipping those another node's batch holds. Without the lock two nodes read the same processes,
 # both took them out of the tallies, and one deleted them: the tallies counted them out twice.
 LOCK_TO_DELETE = {SQLITE: "", POSTGRES: " FOR UPDATE SKIP LOCKED"}
+# An Idempotency-Key's look-up (idempotency.py, in the transaction that stores its answer): SQLite's
+# writer holds the file's lock from the look-up on, so a repeat sent at once waits and finds the first
+# answer. On PostgreSQL a repeat sent to another node at the same moment found no answer and acted
+# again (two processes for one key): the key is locked first (an advisory lock until the transaction
+# ends; two keys sharing a hash only wait for each other).
+LOCK_ANSWER = {SQLITE: None, POSTGRES: "SELECT pg_advisory_xact_lock(hashtext(?), hashtext(?))"}
 # The first token: "no token yet" must still hold when it is inserted. SQLite's writer holds the
 # file's lock; on PostgreSQL another node may be checking at the same moment, so the table is locked
 # first (against other inserts; reads go on).
@@ -1153,7 +1159,10 @@ class Store:
 
     # -- answers to requests with an Idempotency-Key ----------------------------------------
     def stored_answer(self, principal, key):
-        """The answer stored for this principal's key in the last ANSWER_KEPT_SECONDS, or None."""
+        """The answer stored for this principal's key in the last ANSWER_KEPT_SECONDS, or None. Inside
+        a write transaction on PostgreSQL the key is locked first, until that transaction ends."""
+        if LOCK_ANSWER[self.db.dialect]:
+            self.db.row(LOCK_ANSWER[self.db.dialect], (principal, key))
         row = self.db.row(
             "SELECT fingerprint, status, body FROM idempotent_requests"
             " WHERE principal = ? AND key = ? AND created_at >= ?",

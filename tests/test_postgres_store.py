@@ -502,6 +502,28 @@ def test_a_cancel_waiting_for_another_nodes_restart_tallies_the_process_from_its
     assert {status: n for status, n in tallies if n} == {"CANCELLED": 1}
 
 
+def test_a_repeat_of_an_idempotency_key_on_another_node_waits_for_the_first_answer(stores, admin):
+    """idempotency.py looks the key up and stores its answer in one write transaction: on another
+    node, the same key's look-up waits for that transaction, then finds the answer (it does not act
+    a second time, as it would if it found none)."""
+    first, second = stores(), stores()
+    seen = []
+
+    def repeat():
+        with second.atomic():
+            seen.append(second.stored_answer("alice", "key-1"))
+
+    with first.atomic():
+        assert first.stored_answer("alice", "key-1") is None
+        repeating = threading.Thread(target=repeat)
+        repeating.start()
+        waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted"
+        wait_for(lambda: seen or admin.execute(waiting).fetchone()[0], timeout=5, what="the repeat to look")
+        first.store_answer("alice", "key-1", "fingerprint", 201, "{}")
+    repeating.join()
+    assert seen[0] is not None and seen[0]["status"] == 201
+
+
 def test_a_write_alone_takes_no_read_connection(database):
     """A thread that only writes (a runner's link in the node, registering it) holds no read
     connection of the pool for as long as it lives: only the writer's."""
