@@ -554,3 +554,28 @@ def test_the_readme_walkthrough_runs_with_its_requests_alternating_between_two_n
         assert node.stop() == 0
     checked = stepd_check(postgres_url)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.timeout(90)
+def test_a_node_taken_for_dead_while_only_stopped_comes_back_and_runs_work_again(pg_server, postgres_url, tmp_path):
+    """A node whose heartbeat stopped for longer than the limit (here: SIGSTOPped, as a paused VM) is
+    taken for dead by the other: its running attempt Interrupted, its rows deleted. Once it goes on it
+    writes its rows again and the attempts it claims from then on run to their end; without its
+    runners' rows, every node's orphan sweep would take each of its claims for an orphan."""
+    nodes = two_nodes(pg_server, threads=2)
+    calls, gate = tmp_path / "calls.txt", tmp_path / "never"
+    held = nodes[0].start_process(("retry_gate", {"file": str(calls), "gate": str(gate)}))["steps"][0]["processStepId"]
+    _, paused = wait_for(lambda: node_of_step(postgres_url, held), what="a claim")
+    stopped, other = nodes if nodes[0].worker_pids() == [paused] else reversed(nodes)
+    os.kill(paused, signal.SIGSTOP)
+    try:
+        other.wait_step(held, "FAILED", timeout=15)
+    finally:
+        os.kill(paused, signal.SIGCONT)
+    assert other.step(held)["error"]["type"] == "Interrupted"
+    rows_of = "SELECT count(*) FROM runners r JOIN nodes n ON n.id = r.node_id WHERE n.pid = %s"
+    wait_for(lambda: pg_rows(postgres_url, rows_of, paused)[0][0] == 1, timeout=5, what="its runner's row again")
+    processes = [stopped.start_process(("nap", {"seconds": 1.0}))["processId"] for _ in range(4)]
+    done = [stopped.wait_process(process_id, "COMPLETED", timeout=15) for process_id in processes]
+    assert [process["steps"][0]["attempts"] for process in done] == [1, 1, 1, 1]
+    assert_called_once_never_retried(stopped, held, calls)
