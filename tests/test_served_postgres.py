@@ -549,7 +549,7 @@ def test_the_readme_walkthrough_runs_with_its_requests_alternating_between_two_n
         assert_walked(walk_readme(balancer, nodes[0].token), nodes[0])
     finally:
         balancer.close()
-    assert min(balancer.counts) >= 4, balancer.counts
+    assert min(balancer.counts) >= 3, balancer.counts  # 7 requests at least: 4 and 3
     for node in nodes:
         assert node.stop() == 0
     checked = stepd_check(postgres_url)
