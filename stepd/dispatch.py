@@ -43,6 +43,7 @@ class Link:
     reserved: int = 0  # claimed in the group open now, not yet committed
     open: bool = True
     closed: threading.Event = field(default_factory=threading.Event)  # its end was recorded
+    row: dict = None  # its row in `runners`, once registered
 
     @property
     def free(self):
@@ -93,12 +94,12 @@ class Dispatcher:
         socket), which ends when its connection does, and when this node dies (runner.py). A busy
         or full database is waited out (a node that starts then must not fail, nor its runner die
         again and again); False if the node stops meanwhile."""
-        row = {"id": link.id, "host": HOST, "pid": link.pid, "pid_started": process_start_time(link.pid)}
+        link.row = {"id": link.id, "host": HOST, "pid": link.pid, "pid_started": process_start_time(link.pid)}
         if self.node_id is not None:
-            row["node_id"] = self.node_id
+            link.row["node_id"] = self.node_id
         while self.stopping_reason() is None:
             try:
-                self.store.heartbeat(row)
+                self.store.heartbeat(link.row)
                 return True
             except (Busy, Unwritable) as exc:
                 log.warning("runner %d cannot register yet (%s); retrying", link.pid, exc)
@@ -296,11 +297,17 @@ class Dispatcher:
             return sum(link.free for link in self.links if link.open)
 
     def beat(self):
-        """Keep this node's rows in `runners` fresh (read only for a node on another host)."""
+        """Keep this node's rows in `runners` fresh (read only for a node on another host). On
+        PostgreSQL each is written again if it is gone: another node that took this one for dead
+        (its heartbeat late, store.interrupt_dead_nodes) deleted them, and a claim of a runner
+        without a row looks orphaned to every node's sweep."""
         with self._lock:
-            ids = [link.id for link in self.links if link.open]
-        if ids:
-            self.store.beat(ids)
+            links = [link for link in self.links if link.open and link.row is not None]
+        if self.node_id is not None:
+            for link in links:
+                self.store.heartbeat(link.row)
+        elif links:
+            self.store.beat([link.id for link in links])
 
     def stop(self, timeout):
         """Wait until every runner's end is recorded (they were asked to stop)."""

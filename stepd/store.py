@@ -15,6 +15,7 @@ and a change that reads before it writes locks what it reads first.
 
 import collections
 import functools
+import os
 import time
 
 from stepd import metrics
@@ -94,17 +95,32 @@ EXECUTING_STEPS = (
 )
 # Nodes (PostgreSQL) whose heartbeat, by the server's clock, is older than `?` seconds.
 DEAD_NODES_IDS = "SELECT id FROM nodes WHERE heartbeat_at < now() - make_interval(secs => ?)"
-DEAD_NODES = DEAD_NODES_IDS + " LIMIT 1"
-DEAD_NODES_RUNNING = (
-    "SELECT s.id, s.process_id, s.type, s.attempts, s.runner_id, n.id AS node_id, n.pid AS node_pid,"
-    " n.host AS node_host FROM steps s JOIN runners r ON r.id = s.runner_id JOIN nodes n ON n.id = r.node_id"
-    " WHERE s.status = 'STARTED' AND s.deferred = 0 AND s.next_retry_at IS NULL"
-    " AND n.heartbeat_at < now() - make_interval(secs => ?)"
+# Runners whose node has no row: it is gone (its row was deleted by its own clean stop, with a runner
+# it could not see end, or by another node's sweep). A runner's registration writes its node's row in
+# its own transaction (Store.heartbeat), so a node that died before its first beat is not one of these:
+# its row ages like any other's.
+NODELESS_RUNNERS = (
+    "SELECT id FROM runners WHERE node_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = node_id)"
 )
-# The compare-and-set's own condition for one of them: this runner, of this node, still dead now.
+DEAD_NODES = f"{DEAD_NODES_IDS} UNION ALL {NODELESS_RUNNERS} LIMIT 1"
+DEAD_NODES_RUNNING = (
+    "SELECT s.id, s.process_id, s.type, s.attempts, s.runner_id, r.node_id, n.pid AS node_pid,"
+    " n.host AS node_host FROM steps s JOIN runners r ON r.id = s.runner_id LEFT JOIN nodes n ON n.id = r.node_id"
+    " WHERE s.status = 'STARTED' AND s.deferred = 0 AND s.next_retry_at IS NULL AND r.node_id IS NOT NULL"
+    " AND (n.id IS NULL OR n.heartbeat_at < now() - make_interval(secs => ?))"
+)
+# The compare-and-set's own condition for one of them: this runner, of this node, which has still no
+# fresh heartbeat now (stale, or its row gone).
 ON_A_DEAD_NODE = (
-    "runner_id = :runner_id AND EXISTS (SELECT 1 FROM runners r JOIN nodes n ON n.id = r.node_id"
-    " WHERE r.id = :runner_id AND n.id = :node_id AND n.heartbeat_at < now() - make_interval(secs => :stale))"
+    "runner_id = :runner_id AND EXISTS (SELECT 1 FROM runners r WHERE r.id = :runner_id AND r.node_id = :node_id)"
+    " AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = :node_id"
+    " AND n.heartbeat_at >= now() - make_interval(secs => :stale))"
+)
+# The dead nodes' rows and their runners', in one statement: one snapshot, and a node that beats
+# meanwhile keeps its row (the DELETE checks its heartbeat again on the newest row) and its runners.
+FORGET_DEAD_NODES = (
+    "WITH dead AS (DELETE FROM nodes WHERE heartbeat_at < now() - make_interval(secs => ?) RETURNING id)"
+    f" DELETE FROM runners WHERE node_id IN (SELECT id FROM dead) OR id IN ({NODELESS_RUNNERS})"
 )
 QUEUED_STEPS = (
     "SELECT id, process_id, type, params, attempts, retries_used,"
@@ -156,6 +172,16 @@ LOCK_STEPS_BEFORE_CANCEL = {
     SQLITE: None,
     POSTGRES: "SELECT id FROM steps WHERE process_id = ? ORDER BY position FOR NO KEY UPDATE",
 }
+# Retention on PostgreSQL: every node purges, so each batch locks the processes it deletes as it reads
+# them, skipping those another node's batch holds. Without the lock two nodes read the same processes,
+# both took them out of the tallies, and one deleted them: the tallies counted them out twice.
+LOCK_TO_DELETE = {SQLITE: "", POSTGRES: " FOR UPDATE SKIP LOCKED"}
+# An Idempotency-Key's look-up (idempotency.py, in the transaction that stores its answer): SQLite's
+# writer holds the file's lock from the look-up on, so a repeat sent at once waits and finds the first
+# answer. On PostgreSQL a repeat sent to another node at the same moment found no answer and acted
+# again (two processes for one key): the key is locked first (an advisory lock until the transaction
+# ends; two keys sharing a hash only wait for each other).
+LOCK_ANSWER = {SQLITE: None, POSTGRES: "SELECT pg_advisory_xact_lock(hashtext(?), hashtext(?))"}
 # The first token: "no token yet" must still hold when it is inserted. SQLite's writer holds the
 # file's lock; on PostgreSQL another node may be checking at the same moment, so the table is locked
 # first (against other inserts; reads go on).
@@ -228,6 +254,14 @@ def _untally(conn, process_ids, marks, dialect):
         for status, count in rows:
             counts[(series, status, "")] -= count
     add_to_tally(conn, counts, dialect)
+
+
+def _dead_node_message(row):
+    """The Interrupted message of a step whose node is dead (a row of DEAD_NODES_RUNNING)."""
+    if row["node_pid"] is None:
+        return f"The node running this step (node {row['node_id']}) is gone: it has no row left."
+    node = f"node {row['node_id']}, process {row['node_pid']} on {row['node_host']}"
+    return f"The node running this step ({node}) stopped beating: it is gone."
 
 
 def _error(error_type, message):
@@ -885,11 +919,14 @@ class Store:
         finds them CANCELLED and changes nothing."""
 
         def change_it(change):
+            if LOCK_STEPS_BEFORE_CANCEL[self.db.dialect]:
+                change.conn.execute(LOCK_STEPS_BEFORE_CANCEL[self.db.dialect], (process_id,))
+            # Read once its steps are locked: a change of one of them (another node's restart) that
+            # committed meanwhile has refreshed the process, and its status now is what the cancel
+            # moves from (the tallies count it out of that one; read before, it could be stale).
             row = change.conn.execute("SELECT status FROM processes WHERE id = ?", (process_id,)).fetchone()
             if row is None:
                 raise PreconditionFailed.on("process_id", "No process has this id.")
-            if LOCK_STEPS_BEFORE_CANCEL[self.db.dialect]:
-                change.conn.execute(LOCK_STEPS_BEFORE_CANCEL[self.db.dialect], (process_id,))
             cancelled = change.conn.execute(
                 f"UPDATE processes SET status = 'CANCELLED', updated_at = :now, {INTERVENED}"
                 f" WHERE id = :pid AND {PROCESS_CANCELLABLE}",
@@ -961,7 +998,10 @@ class Store:
         with self.db.transaction() as conn:
             # Checked here, not in the WHERE: given the status, SQLite would walk its index (every
             # COMPLETED process) instead of looking these few up by id.
-            rows = conn.execute(f"SELECT id, status, updated_at FROM processes WHERE id IN ({marks})", process_ids)
+            rows = conn.execute(
+                f"SELECT id, status, updated_at FROM processes WHERE id IN ({marks}){LOCK_TO_DELETE[self.db.dialect]}",
+                process_ids,
+            )
             ids = [
                 row["id"] for row in rows if row["status"] in FINISHED_PROCESS_STATUSES and row["updated_at"] < before
             ]
@@ -981,6 +1021,11 @@ class Store:
         and on PostgreSQL node_id, the node it works for (SQLite's runners have no such column)."""
         node = (", node_id", ", :node_id") if "node_id" in runner else ("", "")
         with self.db.transaction() as conn:
+            if "node_id" in runner:  # its node's row first (NODELESS_RUNNERS), from this process: the node's
+                conn.execute(
+                    "INSERT INTO nodes (id, host, pid) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                    (runner["node_id"], runner["host"], os.getpid()),
+                )
             conn.execute(
                 f"INSERT INTO runners (id, host, pid, pid_started, started_at, heartbeat_at{node[0]})"
                 f" VALUES (:id, :host, :pid, :pid_started, :now, :beat{node[1]})"
@@ -1005,8 +1050,13 @@ class Store:
 
     def interrupt_dead_nodes(self, stale_seconds):
         """Interrupt the running attempts of the runners of every node whose heartbeat is older than
-        `stale_seconds`, and forget those nodes and runners; returns the steps' ids. Queued attempts
-        (no runner) are left for any node to claim.
+        `stale_seconds` (or whose row is gone), and forget those nodes and runners; returns the steps'
+        ids. Queued attempts (no runner) are left for any node to claim.
+
+        Running means claimed: an attempt the dead node claimed but may never have sent to its runner
+        is Interrupted too, never queued again. Nobody can know whether it was sent (the node died
+        between its claim's commit and the send, or after), and a delegate is called at most once
+        per attempt: an operator restarts it (SPEC 12).
 
         Each attempt ends by a compare-and-set naming its attempt, its runner and the dead node,
         still dead as the UPDATE reads it: a node that beat again meanwhile (only slow, not dead)
@@ -1017,22 +1067,20 @@ class Store:
 
         def change_it(change):
             rows = change.conn.execute(DEAD_NODES_RUNNING, (stale_seconds,)).fetchall()
-            gone = "The node running this step (node {}, process {} on {}) stopped beating: it is gone."
             interrupted = [
                 row["id"]
                 for row in rows
                 if self._interrupt(
                     change,
                     row,
-                    gone.format(row["node_id"], row["node_pid"], row["node_host"]),
+                    _dead_node_message(row),
                     when=f"{EXECUTING} AND {ON_A_DEAD_NODE}",
                     runner_id=row["runner_id"],
                     node_id=row["node_id"],
                     stale=stale_seconds,
                 )  # fmt: skip
             ]
-            change.conn.execute(f"DELETE FROM runners WHERE node_id IN ({DEAD_NODES_IDS})", (stale_seconds,))
-            change.conn.execute(f"DELETE FROM nodes WHERE id IN ({DEAD_NODES_IDS})", (stale_seconds,))
+            change.conn.execute(FORGET_DEAD_NODES, (stale_seconds,))
             return interrupted
 
         return self._apply(change_it)
@@ -1075,12 +1123,16 @@ class Store:
     @staticmethod
     def _find_orphans(conn, is_alive):
         """(executing step rows whose runner is gone, ids of gone runners)."""
+        # A queued attempt (no runner yet) was never handed to a delegate: it waits for a claim. Left
+        # out in SQL, not here: under a backlog the queue is most of the index (this runs every second).
+        # The steps are read before the runners: a runner registers before its first claim, so every
+        # runner a step read here names is in the runners read next, unless it is gone. In the other
+        # order, on PostgreSQL (each statement its own snapshot), a runner registered and given a claim
+        # between the two reads made its step look orphaned.
+        executing = conn.execute(EXECUTING_STEPS + " AND runner_id IS NOT NULL").fetchall()
         runners = conn.execute("SELECT * FROM runners").fetchall()
         alive = {r["id"] for r in runners if is_alive(r)}
         gone = [r["id"] for r in runners if r["id"] not in alive]
-        # A queued attempt (no runner yet) was never handed to a delegate: it waits for a claim. Left
-        # out in SQL, not here: under a backlog the queue is most of the index (this runs every second).
-        executing = conn.execute(EXECUTING_STEPS + " AND runner_id IS NOT NULL").fetchall()
         orphans = [row for row in executing if row["runner_id"] not in alive]
         return orphans, gone
 
@@ -1107,7 +1159,10 @@ class Store:
 
     # -- answers to requests with an Idempotency-Key ----------------------------------------
     def stored_answer(self, principal, key):
-        """The answer stored for this principal's key in the last ANSWER_KEPT_SECONDS, or None."""
+        """The answer stored for this principal's key in the last ANSWER_KEPT_SECONDS, or None. Inside
+        a write transaction on PostgreSQL the key is locked first, until that transaction ends."""
+        if LOCK_ANSWER[self.db.dialect]:
+            self.db.row(LOCK_ANSWER[self.db.dialect], (principal, key))
         row = self.db.row(
             "SELECT fingerprint, status, body FROM idempotent_requests"
             " WHERE principal = ? AND key = ? AND created_at >= ?",

@@ -12,8 +12,10 @@ The test files are named by what they touch:
 """
 
 import base64
+import collections
 import contextlib
 import os
+import random
 import re
 import signal
 import socket
@@ -23,6 +25,7 @@ import sys
 import textwrap
 import threading
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from html import unescape
 from html.parser import HTMLParser
@@ -267,6 +270,97 @@ class ClientThreads:
 
     def _client(self, number):
         raise NotImplementedError
+
+
+class MixedLoad(ClientThreads):
+    """Client threads that start processes, restart or skip failed steps and cancel processes,
+    each request to one of `servers` (Server, or any object with `url` and `headers()`) picked at
+    random, recording what was acknowledged. With `calls` (a file), each `nap` step records there
+    each call of its delegate (helpers.calls reads them)."""
+
+    def __init__(self, servers, acknowledged, threads=6, calls=None):
+        self.servers = servers
+        self.acknowledged = acknowledged
+        self.calls = {"file": str(calls)} if calls else {}
+        self.statuses = collections.Counter()
+        self.unanswered = 0  # requests cut off by a kill: never acknowledged, so free to be lost
+        self._lock = threading.Lock()
+        super().__init__(threads)
+
+    @property
+    def requests(self):
+        with self._lock:
+            return sum(self.statuses.values()) + self.unanswered
+
+    def _client(self, seed):
+        rng = random.Random(seed)
+        session = requests.Session()
+        session.headers.update(self.servers[0].headers())  # one token for every node: one database
+        while not self._stop.is_set():
+            url = rng.choice(self.servers).url
+            try:
+                roll = rng.random()
+                if roll < 0.45:
+                    self._start(session, url, rng)
+                elif roll < 0.9:
+                    self._act_on_a_failed_step(session, url, rng, "skip" if roll >= 0.78 else "restart")
+                else:
+                    self._cancel_one(session, url, rng)
+            except requests.RequestException:
+                with self._lock:
+                    self.unanswered += 1
+                time.sleep(0.05)  # that service is down: do not spin
+
+    def _post(self, session, url, body):
+        response = session.post(url, json=body, timeout=10)
+        with self._lock:
+            self.statuses[response.status_code] += 1
+        return response
+
+    def _start(self, session, url, rng):
+        steps = [self._nap(rng, failing=0.5), self._nap(rng, failing=0.3), {"type": "noop"}]
+        response = self._post(session, url + P, {"steps": steps})
+        if response.status_code == 201:
+            with self._lock:
+                self.acknowledged.processes.add(response.json()["data"]["processId"])
+
+    def _nap(self, rng, failing):
+        """A `nap` step of 0.05-0.3 s that fails with the chance `failing`."""
+        params = typed(seconds=rng.uniform(0.05, 0.3), fail=int(rng.random() < failing), **self.calls)
+        return {"type": "nap", "params": params}
+
+    def _act_on_a_failed_step(self, session, url, rng, action):
+        listed = session.get(f"{url}{STEPS}?status=FAILED&limit=20", timeout=10)
+        with self._lock:
+            self.statuses[listed.status_code] += 1
+        failed = listed.json()["data"]["items"] if listed.status_code == 200 else []
+        if not failed:
+            return
+        step_id = rng.choice(failed)["processStepId"]
+        if action == "skip":
+            response = self._post(session, url + SKIP, {"processStepId": step_id, "result": typed(skipped=1)})
+            if response.status_code == 200:
+                with self._lock:
+                    self.acknowledged.skips.add(step_id)
+            return
+        ack = uuid.uuid4().hex  # the attempt row of this restart will hold it in its params
+        params = typed(ack=ack, fail=int(rng.random() < 0.3), seconds=rng.uniform(0.05, 0.3))
+        response = self._post(session, url + RESTART, {"processStepId": step_id, "params": params})
+        if response.status_code == 200:
+            with self._lock:
+                self.acknowledged.restarts[ack] = step_id
+
+    def _cancel_one(self, session, url, rng):
+        """Cancel one of the processes started lately (running, failed, or already completed: 412)."""
+        with self._lock:
+            started = sorted(self.acknowledged.processes)
+        if not started:
+            return
+        process_id = rng.choice(started)
+        response = self._post(session, url + CANCEL, {"processId": process_id, "reason": "load"})
+        if response.status_code == 200:
+            with self._lock:
+                self.acknowledged.cancels.add(process_id)
 
 
 def make_dry_run(folder, *args, python=sys.executable):
@@ -605,10 +699,16 @@ class Server:
             stderr=self.log,
             start_new_session=True,  # its own process group, as a service manager would start it
         )
-        if wait:
-            wait_for(self._healthy, timeout=20, interval=0.1, what="the service to answer /healthz")
-            wait_for(self._workers_booted, timeout=20, what="workers")
-            wait_for(self._runners_alive, timeout=20, interval=0.1, what="the runners to register")
+        return self.wait_started() if wait else self
+
+    def wait_started(self, runners_in_all=None):
+        """Wait until the service answers, its node has booted and its runners have registered: until
+        /healthz counts `runners_in_all` live runners, when other nodes share its database (/healthz
+        counts theirs too), else STEPD_RUNNERS."""
+        wait_for(self._healthy, timeout=20, interval=0.1, what="the service to answer /healthz")
+        wait_for(self._workers_booted, timeout=20, what="workers")
+        wanted = int(self.env["STEPD_RUNNERS"]) if runners_in_all is None else runners_in_all
+        wait_for(lambda: self._runners_alive(wanted), timeout=20, interval=0.1, what="the runners to register")
         return self
 
     def _workers_booted(self):
@@ -626,8 +726,7 @@ class Server:
         except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a slow first answer
             return False
 
-    def _runners_alive(self):
-        wanted = int(self.env["STEPD_RUNNERS"])
+    def _runners_alive(self, wanted):
         return requests.get(self.url + "/healthz", timeout=5).json()["data"]["runners"] == wanted
 
     @staticmethod

@@ -12,7 +12,7 @@ import time
 
 import psycopg
 import pytest
-from helpers import all_at_once, run_cli
+from helpers import all_at_once, run_cli, wait_for
 
 from stepd import postgres
 from stepd.model import Busy, Conflict, Unavailable, Unwritable
@@ -414,6 +414,114 @@ def test_a_node_that_beats_again_after_the_look_keeps_its_attempt(stores, admin,
     monkeypatch.setattr(store_module, "DEAD_NODES_RUNNING", beat_then_look(stale_look))
     assert store.interrupt_dead_nodes(5.0) == []
     assert store.get_step(step_id)["phase"] == "RUNNING" and store.get_step(step_id)["error"] is None
+
+
+def test_a_node_that_died_before_its_first_beat_has_its_running_attempt_interrupted(stores):
+    """A runner's registration writes its node's row (with its heartbeat at that moment): a node that
+    dies before it ever beat has a row that ages like any other, and its runner's attempt ends. Without
+    that row the runner named a node no sweep could judge, and its attempt stayed running for ever."""
+    store = stores()
+    store.heartbeat({"id": "runner-early", "host": "h", "pid": 1, "pid_started": None, "node_id": "early"})
+    (step_id,) = queued(store, 1)
+    assert [job.step_id for job in store.claim_queued("runner-early", 1)] == [step_id]
+    assert wait_for(lambda: stores().interrupt_dead_nodes(0.2), timeout=5, what="the node judged dead") == [step_id]
+    assert "node early" in store.get_step(step_id)["error"]["message"]
+
+
+def test_a_runner_left_by_a_node_whose_row_is_gone_has_its_attempt_interrupted(stores, admin):
+    """A node that stopped and deleted its row while one of its runners was still registered (its end
+    not recorded in time): that runner's attempt is Interrupted by any node's sweep, at once."""
+    store = stores()
+    step_id = running_on(store, admin, "stopped", 0)
+    admin.execute("DELETE FROM nodes WHERE id = 'stopped'")
+    assert store.interrupt_dead_nodes(5.0) == [step_id]
+    assert "node stopped) is gone" in store.get_step(step_id)["error"]["message"]
+    assert admin.execute("SELECT count(*) FROM runners").fetchone()[0] == 0
+    assert store.interrupt_dead_nodes(5.0) == []
+
+
+def test_a_runner_registered_during_an_orphan_sweep_keeps_its_claim(stores):
+    """The sweep's write reads the running steps, then the runners: a runner that registers and claims
+    between two of its statements (each its own snapshot on PostgreSQL) is not taken for gone."""
+    sweeper, other = stores(), stores()
+    sweeper.heartbeat({"id": "gone", "host": "h", "pid": 1, "pid_started": None})  # something for the sweep to do
+    (step_id,) = queued(other, 1)
+    looks = []
+
+    def is_alive(row):
+        looks.append(row["id"])
+        if looks.count("gone") == 2:  # inside the sweep's write, after its first read
+            other.heartbeat({"id": "new", "host": "h", "pid": 2, "pid_started": None})
+            assert [job.step_id for job in other.claim_queued("new", 1)] == [step_id]
+        return row["id"] != "gone"
+
+    assert sweeper.interrupt_orphans(is_alive) == []
+    assert sweeper.get_step(step_id)["phase"] == "RUNNING"
+
+
+def test_two_nodes_deleting_the_same_finished_processes_take_them_out_of_the_tallies_once(stores, admin):
+    """Retention runs on every node: a batch locks the processes it deletes, and another node's batch
+    of the same processes passes them over, rather than taking them out of the tallies a second time."""
+    first, second = stores(), stores()
+    ids = []
+    for _ in range(3):
+        process, job = first.create_process(None, [("a", {})], "alice", "r1")
+        first.finish_attempt(job, "COMPLETED", runner_id="r1")
+        ids.append(process["id"])
+    later = "9999-01-01T00:00:00.000Z"
+    with first.atomic():
+        assert first.delete_finished(ids, later) == (3, 9)
+        racing = threading.Thread(target=lambda: ids.append(second.delete_finished(ids[:3], later)))
+        racing.start()
+        racing.join(timeout=2)  # passes the locked rows over at once (without the lock: it waits for them)
+    racing.join()
+    assert ids[3] == (0, 0)
+    tallies = admin.execute("SELECT a, sum(n) FROM tally WHERE series = 'processes' GROUP BY a").fetchall()
+    assert {status: n for status, n in tallies if n} == {}
+    assert run_cli(first.db.url, "check").exit_code == 0
+
+
+def test_a_cancel_waiting_for_another_nodes_restart_tallies_the_process_from_its_new_status(stores, admin):
+    """A restart (one node) and a cancel (another) of one FAILED process: the cancel waits for the
+    restart's locks, then moves the process from RUNNING, as the restart left it, not from the FAILED
+    it would have read before waiting (counting it out of FAILED twice and never out of RUNNING)."""
+    first, second = stores(), stores()
+    process, job = first.create_process(None, [("a", {}), ("b", {})], "alice", "r1")
+    first.finish_attempt(job, "FAILED", error={"type": "E", "message": "no"}, runner_id="r1")
+    cancelled = []
+    with first.atomic():
+        first.restart_failed_step(job.step_id, {}, "alice", None, lambda _type: True)
+        cancel = lambda: cancelled.append(second.cancel_process(process["id"], None, "bob"))  # noqa: E731
+        cancelling = threading.Thread(target=cancel)
+        cancelling.start()
+        wait_for(lambda: admin.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0], timeout=5,
+                 what="the cancel to wait for the restart's locks")  # fmt: skip
+    cancelling.join()
+    assert cancelled[0]["status"] == "CANCELLED"
+    tallies = admin.execute("SELECT a, sum(n) FROM tally WHERE series = 'processes' GROUP BY a").fetchall()
+    assert {status: n for status, n in tallies if n} == {"CANCELLED": 1}
+
+
+def test_a_repeat_of_an_idempotency_key_on_another_node_waits_for_the_first_answer(stores, admin):
+    """idempotency.py looks the key up and stores its answer in one write transaction: on another
+    node, the same key's look-up waits for that transaction, then finds the answer (it does not act
+    a second time, as it would if it found none)."""
+    first, second = stores(), stores()
+    seen = []
+
+    def repeat():
+        with second.atomic():
+            seen.append(second.stored_answer("alice", "key-1"))
+
+    with first.atomic():
+        assert first.stored_answer("alice", "key-1") is None
+        repeating = threading.Thread(target=repeat)
+        repeating.start()
+        waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted"
+        wait_for(lambda: seen or admin.execute(waiting).fetchone()[0], timeout=5, what="the repeat to look")
+        first.store_answer("alice", "key-1", "fingerprint", 201, "{}")
+    repeating.join()
+    assert seen[0] is not None and seen[0]["status"] == 201
 
 
 def test_a_write_alone_takes_no_read_connection(database):

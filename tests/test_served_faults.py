@@ -11,105 +11,16 @@ import random
 import signal
 import threading
 import time
-import uuid
 from collections import Counter
 
 import pytest
 import requests
-from helpers import CANCEL, RESTART, SKIP, STEPS, ClientThreads, P, process_ids, report_figure, typed, wait_for
+from helpers import STEPS, MixedLoad, P, process_ids, report_figure, typed, wait_for
 
 from stepd.invariants import Acknowledged, check, read_only
 
 CRASH_ROUNDS = 4
-CLIENT_THREADS = 6
 LOAD_SECONDS = (1.0, 2.0)  # how long each round runs before the kill: a random point in this range
-
-
-# -- load: process starts, restarts, skips and cancels from several client threads ------------
-class Load(ClientThreads):
-    """Client threads that start processes, restart or skip failed steps and cancel processes,
-    recording what was acknowledged."""
-
-    def __init__(self, server, acknowledged, threads=CLIENT_THREADS):
-        self.server = server
-        self.acknowledged = acknowledged
-        self.statuses = Counter()
-        self.unanswered = 0  # requests cut off by the kill: never acknowledged, so free to be lost
-        self._lock = threading.Lock()
-        super().__init__(threads)
-
-    @property
-    def requests(self):
-        with self._lock:
-            return sum(self.statuses.values()) + self.unanswered
-
-    def _client(self, seed):
-        rng = random.Random(seed)
-        session = requests.Session()
-        session.headers.update(self.server.headers())
-        while not self._stop.is_set():
-            try:
-                roll = rng.random()
-                if roll < 0.45:
-                    self._start(session, rng)
-                elif roll < 0.9:
-                    self._act_on_a_failed_step(session, rng, "skip" if roll >= 0.78 else "restart")
-                else:
-                    self._cancel_one(session, rng)
-            except requests.RequestException:
-                with self._lock:
-                    self.unanswered += 1
-                time.sleep(0.05)  # the service is down: do not spin
-
-    def _post(self, session, path, body):
-        response = session.post(self.server.url + path, json=body, timeout=10)
-        with self._lock:
-            self.statuses[response.status_code] += 1
-        return response
-
-    def _start(self, session, rng):
-        steps = [
-            {"type": "nap", "params": typed(seconds=rng.uniform(0.05, 0.3), fail=int(rng.random() < 0.5))},
-            {"type": "nap", "params": typed(seconds=rng.uniform(0.05, 0.3), fail=int(rng.random() < 0.3))},
-            {"type": "noop"},
-        ]
-        response = self._post(session, P, {"steps": steps})
-        if response.status_code == 201:
-            with self._lock:
-                self.acknowledged.processes.add(response.json()["data"]["processId"])
-
-    def _act_on_a_failed_step(self, session, rng, action):
-        listed = session.get(f"{self.server.url}{STEPS}?status=FAILED&limit=20", timeout=10)
-        with self._lock:
-            self.statuses[listed.status_code] += 1
-        failed = listed.json()["data"]["items"] if listed.status_code == 200 else []
-        if not failed:
-            return
-        step_id = rng.choice(failed)["processStepId"]
-        if action == "skip":
-            response = self._post(session, SKIP, {"processStepId": step_id, "result": typed(skipped=1)})
-            if response.status_code == 200:
-                with self._lock:
-                    self.acknowledged.skips.add(step_id)
-            return
-        ack = uuid.uuid4().hex  # the attempt row of this restart will hold it in its params
-        params = typed(ack=ack, fail=int(rng.random() < 0.3), seconds=rng.uniform(0.05, 0.3))
-        response = self._post(session, RESTART, {"processStepId": step_id, "params": params})
-        if response.status_code == 200:
-            with self._lock:
-                self.acknowledged.restarts[ack] = step_id
-
-    def _cancel_one(self, session, rng):
-        """Cancel one of the processes started lately (running, failed, or already completed: 412)."""
-        with self._lock:
-            started = sorted(self.acknowledged.processes)
-        if not started:
-            return
-        process_id = rng.choice(started)
-        response = self._post(session, CANCEL, {"processId": process_id, "reason": "load"})
-        if response.status_code == 200:
-            with self._lock:
-                self.acknowledged.cancels.add(process_id)
 
 
 def running_steps(db):
@@ -143,7 +54,7 @@ def test_sigkill_mid_load_loses_nothing_acknowledged(server_factory, tmp_path):
     server = server_factory(db_path=db).start()
     totals = Counter()
     for round_number in range(CRASH_ROUNDS):
-        with Load(server, acknowledged) as load:
+        with MixedLoad([server], acknowledged) as load:
             wait_for(lambda load=load: load.statuses[201] >= 5, timeout=20, what="load to get going")
             time.sleep(rng.uniform(*LOAD_SECONDS))
             totals["running at the kill"] += running_steps(db)

@@ -159,7 +159,10 @@ def retry_gate(ctx):
 
 @delegate("nap")
 def nap(ctx):
-    """Sleep for param `seconds`, then fail if param `fail` is 1; a step a crash can land in."""
+    """Sleep for param `seconds`, then fail if param `fail` is 1; a step a crash can land in. With
+    param `file`, first count the call there."""
+    if "file" in ctx.params:
+        _count_call(ctx)
     time.sleep(ctx.params.get("seconds", 0.05))
     if ctx.params.get("fail") == 1:
         raise RuntimeError("nap failed on purpose")
