@@ -151,13 +151,8 @@ def stop_all():
 
 
 def wait_for(done, what, timeout=TIMEOUT):
-    """Call done() every POLL seconds until it returns something other than None; return that."""
-    deadline = time.monotonic() + timeout
-    while (value := done()) is None:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not finish within {timeout}s")
-        time.sleep(POLL)
-    return value
+    """run.wait_for, every POLL seconds, TIMEOUT at most unless said."""
+    return run.wait_for(done, what, timeout, POLL)
 
 
 # -- stepd ---------------------------------------------------------------------------------------

@@ -148,26 +148,16 @@ def runners_of(url, node):
     return [runner for (runner,) in pg(url, sql, node.worker_pids())]
 
 
-def kill_round(url, node, timeout=30):
+def kill_round(url, node):
     """SIGKILL the node once it runs an attempt; returns (seconds until every attempt it was running
-    is no longer STARTED, those attempts' step ids)."""
-    runners = run_wait(lambda: runners_of(url, node), "the node's runners")
-    run_wait(lambda: pg(url, RUNNING_OF, runners), "the node to run an attempt")
+    is no longer STARTED, to 0.1 s, those attempts' step ids)."""
+    runners = run.wait_for(lambda: runners_of(url, node) or None, "the node's runners", 30)
+    run.wait_for(lambda: pg(url, RUNNING_OF, runners) or None, "the node to run an attempt", 30)
     node.kill()
     killed = time.monotonic()
     held = [step for (step,) in pg(url, RUNNING_OF, runners)]
-    run_wait(lambda: not pg(url, RUNNING_OF, runners) or None, "its attempts to be Interrupted", timeout)
+    run.wait_for(lambda: None if pg(url, RUNNING_OF, runners) else True, "its attempts Interrupted", 30, 0.1)
     return time.monotonic() - killed, held
-
-
-def run_wait(done, what, timeout=30):
-    """Call done() every 20 ms until it returns something true; return that."""
-    deadline = time.monotonic() + timeout
-    while not (value := done()):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: not within {timeout}s")
-        time.sleep(0.02)
-    return value
 
 
 def run_kill(cluster, workdir, token):
@@ -209,11 +199,12 @@ def check_kill(url, acknowledged, calls_file, held):
         capture_output=True,
         text=True,
     )
+    calls = calls_file.read_text() if calls_file.exists() else ""
     return {
         "acknowledged": len(acknowledged),
         "lost": len(set(acknowledged) - stored),
-        "twice": twice(calls_file.read_text() if calls_file.exists() else ""),
-        "calls": len(calls_file.read_text().splitlines()) if calls_file.exists() else 0,
+        "twice": twice(calls),
+        "calls": len(calls.splitlines()),
         "retried": pg(url, "SELECT count(*) FROM steps WHERE attempts > 1")[0][0],
         "outcomes": dict(outcomes),
         "check": checked.returncode == 0,

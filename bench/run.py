@@ -178,10 +178,7 @@ class Server:
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                for pid in self.all_pids():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                self.proc.wait()
+                self.kill()
         if self in Server.running:
             Server.running.remove(self)
 
@@ -380,6 +377,16 @@ def active_steps(db):
     """Steps the engine still has to run (PENDING, or STARTED and not deferred)."""
     sql = "SELECT count(*) FROM steps WHERE status = 'PENDING' OR (status = 'STARTED' AND deferred = 0)"
     return query(db, sql)[0][0]
+
+
+def wait_for(done, what, timeout, interval=0.05):
+    """Call done() every `interval` seconds until it returns something other than None; return that."""
+    deadline = time.monotonic() + timeout
+    while (value := done()) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not finish within {timeout}s")
+        time.sleep(interval)
+    return value
 
 
 def drain(db, timeout=300):
