@@ -12,8 +12,10 @@ through PR_SET_PDEATHSIG, if this driver itself is killed).
 """
 
 import argparse
+import atexit
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import re
@@ -365,12 +367,21 @@ def query(db, sql, args=()):
     """The rows of one read of stepd's database: an SQLite file, or PostgreSQL where `db` is a
     postgresql:// URL (the same SQL, with PostgreSQL's %s for SQLite's ? placeholders)."""
     if is_postgres(str(db)):
-        import psycopg  # only the PostgreSQL rows need it
-
-        with psycopg.connect(str(db), autocommit=True) as conn:
-            return conn.execute(sql.replace("?", "%s"), args).fetchall()
+        return postgres_connection(str(db)).execute(sql.replace("?", "%s"), args).fetchall()
     with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
         return conn.execute(sql, args).fetchall()
+
+
+@functools.cache
+def postgres_connection(url):
+    """One connection a database, kept: drain() looks 20 times a second, and a new connection each
+    time (its password exchange, a server process forked) would load the server it measures. It ends
+    with its database (dropped WITH (FORCE)) or when this process exits."""
+    import psycopg  # only the PostgreSQL rows need it
+
+    conn = psycopg.connect(url, autocommit=True)
+    atexit.register(conn.close)
+    return conn
 
 
 def active_steps(db):
