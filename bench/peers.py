@@ -17,8 +17,8 @@ The engines, each on a fresh temporary folder for every measurement:
   PostgreSQL's default durability), a fresh database for every measurement: a sequence is a chain,
   each no-op job deferring the next, as huey's; 1 or 2 worker processes of 4 concurrent jobs each.
   Without PostgreSQL these rows are left out, saying why, and the rest runs.
-- stepd on the same cluster, one node and two (issue 20): left out, saying so, until stepd serves
-  from PostgreSQL (STEPD_ON_POSTGRES_MISSING; measure_stepd_postgres is ready for it).
+- stepd on the same cluster (issue 20): one node and two, each `stepd serve` as `make run` serves
+  it, on a fresh database; a sequence is one process of N `noop` steps, POSTed over the nodes in turn.
 
 steps/s = steps completed / (last completion - first submit). Each engine first runs one warm-up
 sequence of one step, outside the timing, so start-up is not measured. Every server, consumer and
@@ -64,10 +64,6 @@ DBOS_THREADS = 4  # workflows DBOS runs at once: as many as huey's threads and a
 # and a stepd runner's places. Its jobs are async no-ops, so the 4 share one event loop.
 PROCRASTINATE_CONCURRENCY = 4
 DATABASE_URL = "PEERS_DATABASE_URL"  # the variable a procrastinate worker gets its database's URL in
-# stepd's own PostgreSQL rows (issue 20). Its store is being ported to PostgreSQL on another branch;
-# until `stepd serve` runs on a postgresql:// STEPD_DB, these rows are left out with this line. Set
-# it to None then, and measure_stepd_postgres measures them on the same cluster as procrastinate.
-STEPD_ON_POSTGRES_MISSING = "stepd on PostgreSQL: not yet (issue 20)"
 POLL = 0.05  # seconds between two looks at whether an engine is done (the end time is its own)
 TIMEOUT = 600  # seconds one measurement may take before it counts as hung
 RESULT = "peers-result: "  # the line a DBOS child prints its figures on, among DBOS's own output
@@ -155,13 +151,8 @@ def stop_all():
 
 
 def wait_for(done, what, timeout=TIMEOUT):
-    """Call done() every POLL seconds until it returns something other than None; return that."""
-    deadline = time.monotonic() + timeout
-    while (value := done()) is None:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not finish within {timeout}s")
-        time.sleep(POLL)
-    return value
+    """run.wait_for, every POLL seconds, TIMEOUT at most unless said."""
+    return run.wait_for(done, what, timeout, POLL)
 
 
 # -- stepd ---------------------------------------------------------------------------------------
@@ -227,15 +218,12 @@ def stepd_finished(db, name, expected):
 def measure_stepd_postgres(variant, sequences, steps, folder, url):
     """`variant.processes` nodes, each `stepd serve` as make run serves it, on one fresh database
     of the run's cluster; the processes are POSTed over all of them in turn (as a load balancer
-    would spread them); the end is the last step's finishedAt in the database. Not called while
-    STEPD_ON_POSTGRES_MISSING says why not: stepd cannot serve from PostgreSQL yet."""
+    would spread them); the end is the last step's finishedAt in the database."""
     token = "peers_" + secrets.token_urlsafe(24)
     nodes = []
     try:
         for number in range(variant.processes):
-            node_folder = folder / f"node-{number}"  # each node's log of its own
-            node_folder.mkdir()
-            nodes.append(run.stepd_server(url, "full", node_folder, token))
+            nodes.append(run.stepd_node(url, folder, f"node-{number}", token))
         post_processes(nodes, token, "warm-up", len(nodes), 1)
         stepd_finished_postgres(url, "warm-up", len(nodes))
         first = time.time()
@@ -530,28 +518,18 @@ ENGINES = tuple(MEASURE)
 
 def left_out(engines):
     """{engine: why its rows are not measured} for the engines asked for, before any cluster starts:
-    stepd on PostgreSQL not yet, procrastinate not installed (outside .venv-peers/)."""
+    procrastinate not installed (outside .venv-peers/)."""
     why_not = {}
-    if "stepd-pg" in engines and STEPD_ON_POSTGRES_MISSING:
-        why_not["stepd-pg"] = STEPD_ON_POSTGRES_MISSING
     if "procrastinate" in engines and importlib.util.find_spec("procrastinate") is None:
         why_not["procrastinate"] = "procrastinate is not installed: make bench-peers installs it in .venv-peers/"
     return why_not
 
 
 def start_cluster():
-    """(the run's PostgreSQL cluster, None), or (None, why not) where PostgreSQL is missing or does not
-    start: the PostgreSQL rows are then left out and the rest runs. PostgreSQL's default durability
-    (bench/pgcluster.py's LOOPBACK_SETTINGS: synchronous_commit, fsync and full_page_writes on)."""
-    missing = pgcluster.postgres_missing()
-    if missing:
-        return None, f"PostgreSQL rows skipped: {missing}"
-    cluster = pgcluster.PostgresCluster(prefix="stepd-pg-peers-")
-    try:
-        return cluster.start(), None
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        cluster.stop()
-        return None, f"PostgreSQL rows skipped: it did not start ({str(exc).splitlines()[0]})"
+    """(the run's PostgreSQL cluster, None), or (None, why not): pgcluster.start_or_say_why. PostgreSQL's
+    default durability (bench/pgcluster.py's LOOPBACK_SETTINGS: synchronous_commit, fsync and
+    full_page_writes on)."""
+    return pgcluster.start_or_say_why("stepd-pg-peers-")
 
 
 def measure(variant, workload, folder, cluster):

@@ -165,3 +165,18 @@ class PostgresCluster:
                 self.watchdog.kill()
                 self.watchdog.wait()
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def start_or_say_why(prefix):
+    """(a started cluster of PostgreSQL's default durability, None), or (None, why not) where
+    PostgreSQL is missing or does not start: a benchmark then leaves its PostgreSQL rows out, saying
+    why, and runs the rest (make bench, make bench-peers)."""
+    missing = postgres_missing()
+    if missing:
+        return None, f"PostgreSQL rows skipped: {missing}"
+    cluster = PostgresCluster(prefix=prefix)
+    try:
+        return cluster.start(), None
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        cluster.stop()
+        return None, f"PostgreSQL rows skipped: it did not start ({str(exc).splitlines()[0]})"

@@ -31,7 +31,7 @@ TOKEN = "queue-latency-token"
 def call(server, method, path, body=None):
     request = urllib.request.Request(server.url + path, method=method, data=body and json.dumps(body).encode())
     request.add_header("Content-Type", "application/json")
-    request.add_header("Authorization", f"Bearer {TOKEN}")
+    request.add_header("Authorization", f"Bearer {server.env['STEPD_TOKEN']}")
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())["data"]
 

@@ -12,8 +12,10 @@ through PR_SET_PDEATHSIG, if this driver itself is killed).
 """
 
 import argparse
+import atexit
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import re
@@ -28,6 +30,8 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -36,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
 import seed  # noqa: E402  (needs the paths above)
+
+from stepd.config import is_postgres  # noqa: E402
 
 GUNICORN = Path(sys.executable).parent / "gunicorn"
 # HTTP processes (gunicorn workers) of stepd and of the baseline alike, so that the ratios compare
@@ -158,16 +164,23 @@ class Server:
             todo.extend(self._children(pid))
         return pids
 
+    def kill(self):
+        """SIGKILL every process of the server at once (supervisor, gunicorn, node, runners), as a
+        crash or a power cut would."""
+        for pid in self.all_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+        if self in Server.running:
+            Server.running.remove(self)
+
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                for pid in self.all_pids():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                self.proc.wait()
+                self.kill()
         if self in Server.running:
             Server.running.remove(self)
 
@@ -186,15 +199,25 @@ def finish(workdir, keep):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def stepd_server(db, sync, workdir, token):
-    """stepd exactly as `make run` serves it: `stepd serve` (gunicorn, workers, a runner), STEPD_* variables."""
+def stepd_server(db, sync, workdir, token, **more):
+    """stepd exactly as `make run` serves it: `stepd serve` (gunicorn, workers, a runner), STEPD_* variables
+    (`more` adds some, e.g. STEPD_RUNNERS)."""
     settings = {
         "STEPD_DB": str(db),
         "STEPD_TOKEN": token,
         "STEPD_DELEGATES_PATH": str(BENCH / "delegates"),
         "STEPD_SYNC": sync,
+        **more,
     }
     return Server([sys.executable, "-m", "stepd", "serve"], workdir / f"stepd-{sync}.log", **settings).start("/healthz")
+
+
+def stepd_node(db, workdir, name, token, **more):
+    """One node of a database that several nodes share (PostgreSQL): stepd_server, with a folder of
+    its own (`name`, in `workdir`) for its log."""
+    folder = workdir / name
+    folder.mkdir(exist_ok=True)
+    return stepd_server(db, "full", folder, token, **more)
 
 
 def baseline_server(workdir):
@@ -272,6 +295,42 @@ def parse_wrk(out, counted_status):
     }
 
 
+def wrk_spread(servers, mode, duration, ids_file=None, token=""):
+    """wrk against several nodes of one database at once, as a load balancer with nothing sticky
+    would spread the load: one wrk a node, the CONNECTIONS split evenly between them, their answers
+    added up (merge_wrk). With one node, wrk() itself."""
+    if len(servers) == 1:
+        return wrk(servers[0], mode, duration, ids_file, token)
+    each = CONNECTIONS // len(servers)
+    with ThreadPoolExecutor(len(servers)) as pool:
+        return merge_wrk(list(pool.map(lambda s: wrk(s, mode, duration, ids_file, token, connections=each), servers)))
+
+
+def merge_wrk(results):
+    """One result of wrk runs made at once (one a node): answers and server CPU added up, the rate
+    over the longest run's time; p50 and p99 the slowest node's (wrk keeps no histogram to merge)."""
+    counted = sum(r["counted"] for r in results)
+    seconds = max(r["seconds"] for r in results)
+    statuses = Counter()
+    for r in results:
+        statuses.update(r["statuses"])
+    return results[0] | {
+        "rps": counted / seconds,
+        "counted": counted,
+        "seconds": seconds,
+        "requests": sum(r["requests"] for r in results),
+        "p50": max(r["p50"] for r in results),
+        "p99": max(r["p99"] for r in results),
+        "statuses": dict(statuses),
+        **{key: sum(r[key] for r in results) for key in ("not_failed_yet", "wraps", "late_sends", "http_processes")},
+        "max_late_ms": max(r["max_late_ms"] for r in results),
+        "socket_errors": "; ".join(r["socket_errors"] for r in results if r["socket_errors"]),
+        "cpu_ms": sum(r["cpu_ms"] * max(1, r["counted"]) for r in results) / max(1, counted),
+        "split": " + ".join(r["split"] for r in results),
+        "command": " & ".join(r["command"] for r in results),
+    }
+
+
 def cpu_seconds(server):
     """CPU time (user + system) used so far by every process of the server (runners included)."""
     ticks = 0
@@ -304,12 +363,41 @@ def _ms(text):
 
 
 # -- the database, read beside the service -----------------------------------------------------
+def query(db, sql, args=()):
+    """The rows of one read of stepd's database: an SQLite file, or PostgreSQL where `db` is a
+    postgresql:// URL (the same SQL, with PostgreSQL's %s for SQLite's ? placeholders)."""
+    if is_postgres(str(db)):
+        return postgres_connection(str(db)).execute(sql.replace("?", "%s"), args).fetchall()
+    with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+@functools.cache
+def postgres_connection(url):
+    """One connection a database, kept: drain() looks 20 times a second, and a new connection each
+    time (its password exchange, a server process forked) would load the server it measures. It ends
+    with its database (dropped WITH (FORCE)) or when this process exits."""
+    import psycopg  # only the PostgreSQL rows need it
+
+    conn = psycopg.connect(url, autocommit=True)
+    atexit.register(conn.close)
+    return conn
+
+
 def active_steps(db):
     """Steps the engine still has to run (PENDING, or STARTED and not deferred)."""
-    with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
-        return conn.execute(
-            "SELECT count(*) FROM steps WHERE status = 'PENDING' OR (status = 'STARTED' AND deferred = 0)"
-        ).fetchone()[0]
+    sql = "SELECT count(*) FROM steps WHERE status = 'PENDING' OR (status = 'STARTED' AND deferred = 0)"
+    return query(db, sql)[0][0]
+
+
+def wait_for(done, what, timeout, interval=0.05):
+    """Call done() every `interval` seconds until it returns something other than None; return that."""
+    deadline = time.monotonic() + timeout
+    while (value := done()) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not finish within {timeout}s")
+        time.sleep(interval)
+    return value
 
 
 def drain(db, timeout=300):
@@ -324,9 +412,7 @@ def drain(db, timeout=300):
 
 def failed_restarts(db):
     """Restart attempts that ended FAILED so far: each is one full cycle of the failing delegate."""
-    sql = "SELECT count(*) FROM attempts WHERE trigger = 'restart' AND status = 'FAILED'"
-    with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
-        return conn.execute(sql).fetchone()[0]
+    return query(db, "SELECT count(*) FROM attempts WHERE trigger = 'restart' AND status = 'FAILED'")[0][0]
 
 
 def tick_times(conn, process_id, timeout=10):
@@ -483,7 +569,7 @@ def run_stepd(workdir, sync, duration, token, check, baseline_p99):
         result = wrk(server, "get-step", duration, files["read"], token)
         rows.append(row("get-step", "GET /processes/steps/{id}", sync, result, f"pool {READ_POOL}"))
         rows.append(run_step_to_step(server, db, sync, token))
-        rows.append(run_engine(server, db, sync, duration, token))
+        rows.append(run_engine([server], db, sync, duration, token))
     finally:
         server.stop()
     rows.insert(1, run_deferred(workdir, sync, duration, token))
@@ -580,19 +666,23 @@ def percentile(ordered, share):
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
-def run_engine(server, db, sync, duration, token):
-    """POST processes of 10 noop steps for `duration`, then wait until every step completed:
-    noop steps completed per second from the first POST to the last completion."""
+ENGINE_ROW = "engine: POST processes of 10 noop steps"
+
+
+def run_engine(servers, db, sync, duration, token, key="engine", name=ENGINE_ROW):
+    """POST processes of 10 noop steps for `duration` (over every node of `servers`, wrk_spread),
+    then wait until every step completed: noop steps completed per second from the first POST to
+    the last completion."""
     started = time.monotonic()
-    result = wrk(server, "create10", duration, None, token)
+    result = wrk_spread(servers, "create10", duration, None, token)
     finished = drain(db)
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        counts = dict(
-            conn.execute(
-                "SELECT s.status, count(*) FROM steps s JOIN processes p ON p.id = s.process_id"
-                " WHERE p.name = 'engine' GROUP BY s.status"
-            ).fetchall()
+    counts = dict(
+        query(
+            db,
+            "SELECT s.status, count(*) FROM steps s JOIN processes p ON p.id = s.process_id"
+            " WHERE p.name = 'engine' GROUP BY s.status",
         )
+    )
     completed = counts.get("COMPLETED", 0)
     steps_per_second = completed / (finished - started)
     backlog = max(0.0, finished - started - result["seconds"])
@@ -601,7 +691,7 @@ def run_engine(server, db, sync, duration, token):
         f", backlog drained {backlog:.1f}s after the load; other states: "
         f"{ {k: v for k, v in counts.items() if k != 'COMPLETED'} or 'none' })"
     )
-    return row("engine", "engine: POST processes of 10 noop steps", sync, result, note) | {
+    return row(key, name, sync, result, note) | {
         "steps_per_s": steps_per_second,
         "backlog_s": backlog,
     }
@@ -718,9 +808,9 @@ def table(rows):
             r["row"],
             r["sync"],
             f"{r['rps']:,.0f}" if "rps" in r else "–",
-            f"{r['p50']:.2f}",
-            f"{r['p99']:.2f}",
-            f"{r['rps'] / r['base']:.2f}" if "rps" in r and not r.get("rate") else "–",
+            f"{r['p50']:.2f}" if "p50" in r else "–",
+            f"{r['p99']:.2f}" if "p99" in r else "–",
+            f"{r['rps'] / r['base']:.2f}" if "rps" in r and r.get("base") and not r.get("rate") else "–",
             f"{r['cpu_ms']:.2f}" if "cpu_ms" in r else "–",
             str(r.get("http_processes", "–")),
             answers(r),
@@ -908,6 +998,37 @@ def print_memory(readings, seconds):
         print(f"| {reading['restarts']:,} | {reading['412']:,} | {cells} |")
 
 
+def print_sqlite(args, workdir, token):
+    """The SQLite rows (issue 18's), their memory readings if asked, and issue 18's targets."""
+    rows = run_blocks(args, workdir, token)
+    if rows:
+        print(table(rows))
+        print()
+        print(http_processes_line(rows))
+    readings = None
+    if args.memory:
+        print("RSS under restart load (STEPD_SYNC=normal)", file=sys.stderr)
+        readings, seconds = run_memory(workdir, token)
+        print_memory(readings, seconds)
+    print("\nIssue 18's targets:\n")
+    print(targets(rows, readings))
+
+
+def print_postgres(workdir, duration, token):
+    """The PostgreSQL part (bench/postgres_rows.py), or a line saying why it was skipped, and issue 20's targets."""
+    # postgres_rows imports `run`: this very module, not a second copy of it with a Server.running
+    # of its own that the cleanup on the way out would not see.
+    sys.modules.setdefault("run", sys.modules[__name__])
+    import postgres_rows
+
+    rows, line = postgres_rows.run_postgres(workdir, duration, token)
+    print(f"\nPostgreSQL (issue 20): {line}\n")
+    if rows:
+        print(table(rows))
+    print("\nIssue 20's targets:\n")
+    print(postgres_rows.targets(rows, None if rows else line))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10, help="seconds of load per row (default 10)")
@@ -919,6 +1040,11 @@ def main():
     parser.add_argument("--profile", type=int, metavar="SECONDS", help="only py-spy a worker under restart load")
     parser.add_argument("--spy-args", default="", help="more py-spy record options, e.g. --gil or --idle")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (databases, logs)")
+    parser.add_argument(
+        "--only",
+        choices=("sqlite", "postgres"),
+        help="only the SQLite rows, or only the PostgreSQL part (issue 20: one node and two on PostgreSQL 15)",
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("make bench needs wrk, the load generator: sudo apt-get install wrk")
@@ -931,18 +1057,10 @@ def main():
         if args.profile:
             print_profile(workdir, token, args)
             return
-        rows = run_blocks(args, workdir, token)
-        if rows:
-            print(table(rows))
-            print()
-            print(http_processes_line(rows))
-        readings = None
-        if args.memory:
-            print("RSS under restart load (STEPD_SYNC=normal)", file=sys.stderr)
-            readings, seconds = run_memory(workdir, token)
-            print_memory(readings, seconds)
-        print("\nIssue 18's targets:\n")
-        print(targets(rows, readings))
+        if args.only != "postgres":
+            print_sqlite(args, workdir, token)
+        if args.only != "sqlite":
+            print_postgres(workdir, args.duration, token)
     finally:
         finish(workdir, args.keep)
 

@@ -30,3 +30,13 @@ def tick(ctx):
     """Complete with the moment it was called (`calledNs`, time.monotonic_ns(): one clock for every
     process of the machine), for the step-to-step row: one delegate's call to the next step's."""
     return {"calledNs": time.monotonic_ns()}
+
+
+@delegate("bench.record")
+def record(ctx):
+    """Add "step attempt" as a line to param `file`, then take param `ms` milliseconds: the node-kill
+    rows count every call (an attempt run twice would show twice), and a step that takes a while is
+    one a kill lands in."""
+    with open(ctx.params["file"], "a") as out:
+        out.write(f"{ctx.step_id} {ctx.attempt}\n")
+    time.sleep(ctx.params.get("ms", 0) / 1000)
