@@ -9,7 +9,8 @@ security headers, the envelope, a 500 with only an error id, a 503 with Retry-Af
 The document is exactly as strict as the validation (issue 19), so beyond no failure the run must
 report no schema error (an operation schemathesis cannot generate data for) and no warning at all,
 in particular none that an operation "mostly rejected generated data". Each run has a seed of its
-own, printed (and in every failure's message): STEPD_SCHEMATHESIS_SEED=<seed> runs it again.
+own, printed (and in every failure's message): STEPD_SCHEMATHESIS_SEED=<seed> runs it again (a
+seed on which schemathesis's generator reaches its own limit is set aside: GENERATOR_LIMIT).
 """
 
 import json
@@ -60,13 +61,16 @@ def operation_count(server):
     )
 
 
-@pytest.mark.timeout(300)
-def test_every_operation_answers_as_its_openapi_document_says(server_factory, tmp_path):
-    seed = SEED
-    replay = f"schemathesis seed {seed} (STEPD_SCHEMATHESIS_SEED={seed} runs it again)"
-    print(replay, file=sys.stderr, flush=True)
-    server = server_factory().start()
-    report, refused = tmp_path / "report.json", tmp_path / "refused.jsonl"
+# schemathesis's own limit, not stepd's: in its fuzzing phase it sometimes negates a part of a body
+# schema into a `not` it cannot draw from (seed 239134867828205039852690367400409218638 on POST
+# /processes), and reports a Schema Error for that operation alone. A run that fails with that error
+# and nothing else is run again with a new seed, at most twice (each seed named in the report).
+GENERATOR_LIMIT = "does not support a `not` whose complement is not spelled out"
+
+
+def run_schemathesis(server, tmp_path, seed):
+    """One schemathesis run with `seed`: (its output, its JSON report, the refused requests' log)."""
+    report, refused = tmp_path / f"report-{seed}.json", tmp_path / f"refused-{seed}.jsonl"
     env = {
         **os.environ,
         "STEPD_TEST_IDS": json.dumps(seed_ids(server)),
@@ -98,13 +102,38 @@ def test_every_operation_answers_as_its_openapi_document_says(server_factory, tm
     ]
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     output = run.stdout + run.stderr
-    assert run.returncode == 0, f"{replay}\n{output[-30000:]}"
-    results = json.loads(report.read_text())
+    results = json.loads(report.read_text()) if report.exists() else None
+    refusals = refused.read_text()[-20000:] if refused.exists() else ""
+    return run.returncode, output, results, refusals
+
+
+def only_the_generator_limit(output, results):
+    return (
+        results is not None
+        and results["failures"] == []
+        and results["errors"] == [{"title": "Schema Error", "count": 1}]
+        and GENERATOR_LIMIT in output
+    )
+
+
+@pytest.mark.timeout(900)
+def test_every_operation_answers_as_its_openapi_document_says(server_factory, tmp_path):
+    server = server_factory().start()
+    seeds = [SEED]
+    while True:
+        seed = seeds[-1]
+        replay = f"schemathesis seed {seed} (STEPD_SCHEMATHESIS_SEED={seed} runs it again)"
+        print(replay, file=sys.stderr, flush=True)
+        returncode, output, results, refusals = run_schemathesis(server, tmp_path, seed)
+        if len(seeds) < 3 and only_the_generator_limit(output, results):
+            seeds.append(str(secrets.randbits(128)))
+            continue
+        break
+    assert returncode == 0, f"{replay}\n{output[-30000:]}"
     assert results["seed"] == int(seed)
     assert results["errors"] == [], f"{replay}: schema errors\n{output[-30000:]}"
     assert results["failures"] == [], f"{replay}: failures\n{output[-30000:]}"
     warnings = {name: operations for name, operations in results["warnings"].items() if operations}
-    refusals = refused.read_text()[-20000:] if refused.exists() else ""
     assert warnings == {}, f"{replay}: warnings {warnings}\nvalid requests refused:\n{refusals}\n{output[-5000:]}"
 
     operations = operation_count(server)
@@ -118,6 +147,7 @@ def test_every_operation_answers_as_its_openapi_document_says(server_factory, tm
     accepted = sum(rate["accepted"] for phases in results["valid_rates"].values() for rate in phases.values())
     report_figure(
         "schemathesis",
-        f"seed {seed}: {operations} operations, {cases[1]} cases generated, {cases[2]} passed, 0 failed,"
+        f"seed {seed} ({len(seeds) - 1} set aside for schemathesis's `not`): {operations} operations,"
+        f" {cases[1]} cases generated, {cases[2]} passed, 0 failed,"
         f" 0 schema errors, 0 warnings; {accepted} valid requests served",
     )
