@@ -8,6 +8,7 @@ Also what a long-lived process of the service does once it has started (`die_wit
 `freeze_startup_objects`).
 """
 
+import atexit
 import ctypes
 import gc
 import signal
@@ -48,7 +49,10 @@ def freeze_startup_objects():
     objects in the node) out of the garbage collector's full passes, which otherwise walk all of
     it every few seconds under load: 30 ms of CPU each in the node, inside whichever request or
     group was running (measured at 500 restarts/s: the fixed-rate row's p99), ~1 ms once frozen.
-    What start-up left as garbage is collected first; nothing frozen is ever freed, and start-up
-    objects live as long as the process anyway."""
+    What start-up left as garbage is collected first. At exit they are given back to the
+    collector: its last pass then finalises them while their modules still stand (frozen, a logging
+    handler's weak reference was called back during the modules' teardown, and gevent printed
+    "Exception ignored in _removeHandlerRef")."""
     gc.collect()
     gc.freeze()
+    atexit.register(gc.unfreeze)
