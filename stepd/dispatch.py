@@ -16,10 +16,10 @@ group, and what was claimed for it but never sent is queued again (`_lost`).
 On PostgreSQL other nodes may take what this one queued (SPEC 12). A group that queued an attempt
 tells them, in its own transaction (`_claim_and_tell`), when its claim may have left some of it:
 the claim did not run (no free place, the node stops or was replaced) or filled every place it
-asked for. One NOTIFY a group at most, and none when the node took all it queued (one node alone
-sends none); a group rolled back sends none. The nodes LISTEN (node.py), and `announced` wakes this
-one. A retry falls due with no write to tell of it: the node that scheduled it wakes when it is due
-(`wake_for_due_retries`); the poll is the backstop for any other.
+asked for. One NOTIFY a group at most, and none when the node took all it queued (so a node alone
+sends one only while its places are all taken); a group rolled back sends none. The nodes LISTEN
+(node.py), and `announced` wakes this one. A retry falls due with no write to tell of it: the node
+that scheduled it wakes when it is due (`wake_for_due_retries`); the poll is the backstop for any other.
 """
 
 import heapq

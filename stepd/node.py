@@ -34,7 +34,6 @@ from stepd.dispatch import Dispatcher
 from stepd.liveness import HOST, die_with_parent
 from stepd.model import new_id
 from stepd.runner import STOP_GRACE_SECONDS, Runner
-from stepd.store import QUEUED_CHANNEL
 
 log = logging.getLogger("stepd.node")
 
@@ -166,7 +165,7 @@ class Node:
         failures = 0
         while not self.stopping.is_set():
             try:
-                with self.store.db.listening(QUEUED_CHANNEL) as heard:
+                with self.store.listening_for_queued() as heard:
                     if failures:
                         log.info("listening for other nodes' work again")
                     announced()  # what was queued while nobody here listened

@@ -1054,6 +1054,11 @@ class Store:
         caller's write transaction, so only once it commits, and never by one rolled back."""
         self.db.row(TELL_QUEUED, (node_id,))
 
+    def listening_for_queued(self):
+        """The LISTEN of `tell_nodes_queued`'s NOTIFY, on a connection of its own (postgres.py's
+        `listening`): yields heard(timeout), the payloads (node ids) notified within `timeout`."""
+        return self.db.listening(QUEUED_CHANNEL)
+
     def forget_node(self, node_id):
         """A node that stopped cleanly: its row goes (its runners' ended with them)."""
         with self.db.transaction() as conn:
