@@ -12,8 +12,17 @@ next step, which goes back to the same runner (one transaction per group, shared
 
 A runner that dies closes its connection: its running attempts become Interrupted in the next
 group, and what was claimed for it but never sent is queued again (`_lost`).
+
+On PostgreSQL other nodes may take what this one queued (SPEC 12). A group that queued an attempt
+tells them, in its own transaction (`_claim_and_tell`), when its claim may have left some of it:
+the claim did not run (no free place, the node stops or was replaced) or filled every place it
+asked for. One NOTIFY a group at most, and none when the node took all it queued (so a node alone
+sends one only while its places are all taken); a group rolled back sends none. The nodes LISTEN
+(node.py), and `announced` wakes this one. A retry falls due with no write to tell of it: the node
+that scheduled it wakes when it is due (`wake_for_due_retries`); the poll is the backstop for any other.
 """
 
+import heapq
 import logging
 import threading
 import time
@@ -21,7 +30,7 @@ from dataclasses import dataclass, field
 
 from stepd import metrics
 from stepd.liveness import HOST, process_start_time
-from stepd.model import FAILED, Busy, Outcome, Unwritable, new_id
+from stepd.model import FAILED, Busy, Outcome, Unwritable, new_id, now_iso
 
 log = logging.getLogger("stepd.node")
 
@@ -63,12 +72,16 @@ class Dispatcher:
         # Whether an attempt may wait for a claim: set by a group that queued one, by the poll,
         # by a claim that filled every place it asked for; without it a group's end claims nothing.
         self.maybe_queued = True
+        self._queued_in_group = False  # the group open now queued an attempt (only the writer's loop touches it)
+        self._retries_due = []  # a heap of the ISO times of retries this node scheduled (wake_for_due_retries)
         # Attempts claimed or begun for each runner in the group open now (only the writer's loop
         # touches it): sent once that group committed, one message a runner a group.
         self._to_send = {}
         self.recorded = 0  # outcomes recorded since the node started (admission.py reads how fast)
         store.on_queued = self.note_queued
-        store.db.at_end_of_groups(self._claim)
+        # SQLite has one node per file: nobody to tell, and the claim alone costs nothing more.
+        self._end_of_group = self._claim if node_id is None else self._claim_and_tell
+        store.db.at_end_of_groups(self._end_of_group)
         store.db.at_end_of_groups(self._take_what_to_send)
 
     # -- a runner arrives, and leaves ----------------------------------------------------
@@ -125,7 +138,7 @@ class Dispatcher:
         def release(conn):
             for key in [*given_back, *link.unsent]:
                 self.store.unclaim_key(key, link.id)
-            self.maybe_queued = True
+            self.note_queued()
             return self.store.interrupt_runner(link.id, reason)
 
         def done(interrupted, error):
@@ -165,6 +178,7 @@ class Dispatcher:
                 return
             metrics.ended(outcomes)  # the next steps they began go out with the group's claims
             self.recorded += len(outcomes)
+            self._note_retries(outcome.retry_at for outcome in outcomes if outcome.retry_at is not None)
 
         self.store.db.submit(record, done)
 
@@ -198,6 +212,16 @@ class Dispatcher:
         if not wanting:
             return None
         self.maybe_queued = False
+        try:
+            claimed = self._claim_for(wanting)
+        except BaseException:
+            self.maybe_queued = True  # undone with its savepoint: what it would have taken waits for the next group
+            raise
+        for link, jobs in claimed:  # only now: a claim that failed half way is undone, and sends nothing
+            self._will_send(link, jobs)
+        return None
+
+    def _claim_for(self, wanting):
         claimed = []
         for link in wanting:
             wanted = link.free
@@ -211,9 +235,16 @@ class Dispatcher:
             for job in jobs:
                 job.results = self.store.earlier_results(job.step_id)
             claimed.append((link, jobs))
-        for link, jobs in claimed:  # only now: a claim that failed half way is undone, and sends nothing
-            self._will_send(link, jobs)
-        return None
+        return claimed
+
+    def _claim_and_tell(self, conn):
+        """PostgreSQL's end of a group: the claim, then a NOTIFY to the other nodes if the group
+        queued work the claim may have left (the module's docstring). One hook, not two: each hook
+        is a savepoint, and this runs in every group."""
+        queued, self._queued_in_group = self._queued_in_group, False
+        self._claim(conn)
+        if queued and self.maybe_queued:
+            self.store.tell_nodes_queued(self.node_id)
 
     def _will_send(self, link, jobs):
         """`jobs` claimed or begun for `link` in the group open now: their places are taken."""
@@ -264,12 +295,41 @@ class Dispatcher:
             link.channel.send("run", jobs)
 
     def note_queued(self):
+        """Called inside a write that queued an attempt (store.on_queued), on the writer's loop. A
+        group that fails before its end leaves `_queued_in_group` set: the next group then tells the
+        other nodes once for nothing, which costs each a look."""
         self.maybe_queued = True
+        self._queued_in_group = True
+
+    def announced(self):
+        """Another node queued work it may not take (its NOTIFY): claim at the end of the next group,
+        and have one now if a place is free. A node with none claims once a place frees, in the group
+        that frees it."""
+        self.maybe_queued = True
+        if self.free_places():
+            self.wake()
 
     def wake(self):
         """A group now, so that its end claims what is queued (a runner came, a retry fell due)."""
         self.maybe_queued = True
         self.store.db.submit(lambda conn: None, lambda result, error: None)
+
+    # -- retries this node scheduled ---------------------------------------------------------
+    def _note_retries(self, times):
+        with self._lock:
+            for moment in times:
+                heapq.heappush(self._retries_due, moment)
+
+    def wake_for_due_retries(self):
+        """A group now if a retry this node scheduled is due (a node chore, every tick): no write
+        tells of a retry falling due, and the poll may be a second away (node.py)."""
+        now, due = now_iso(), False
+        with self._lock:
+            while self._retries_due and self._retries_due[0] <= now:
+                heapq.heappop(self._retries_due)
+                due = True
+        if due:
+            self.wake()
 
     # -- the watch: attempts ended from outside --------------------------------------------
     def let_go_of_ended(self):
@@ -316,5 +376,5 @@ class Dispatcher:
             links = list(self.links)
         for link in links:
             link.closed.wait(max(0.0, deadline - time.monotonic()))
-        self.store.db.not_at_end_of_groups(self._claim)
+        self.store.db.not_at_end_of_groups(self._end_of_group)
         self.store.db.not_at_end_of_groups(self._take_what_to_send)

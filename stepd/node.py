@@ -10,6 +10,11 @@ no hand-off between a request and its write).
     └── STEPD_RUNNERS × python -m stepd runner     delegates run here, and only here
 
 The tests run a node inside their own process, with its runners on threads (`start_background`).
+
+On PostgreSQL several nodes share the database (SPEC 12), and a node learns of work another queued
+from a LISTEN connection of its own, on a native thread (`_listen_for_work`): a group that queued
+work tells the others with a NOTIFY in its transaction (dispatch.py). A notification can be lost (the
+LISTEN connection broken, a pooler that drops LISTEN), so the poll stays, as the backstop.
 """
 
 import contextlib
@@ -33,14 +38,31 @@ from stepd.runner import STOP_GRACE_SECONDS, Runner
 log = logging.getLogger("stepd.node")
 
 
-def start_native_thread(fn):
+def start_native_thread(fn, name):
     """`fn()` on an OS thread of its own, also under gevent (the node), where threading's threads
     are greenlets of the one loop: gevent's saved start_new_thread makes a real one."""
     monkey = sys.modules.get("gevent.monkey")
     if monkey is not None and monkey.is_module_patched("threading"):
         monkey.get_original("_thread", "start_new_thread")(fn, ())
     else:
-        threading.Thread(target=fn, name="stepd-node-heartbeat", daemon=True).start()
+        threading.Thread(target=fn, name=name, daemon=True).start()
+
+
+def from_any_thread(fn):
+    """`fn` as a callable that any OS thread may call, made on the thread whose loop runs `fn`. Under
+    gevent a native thread must not touch the loop's greenlets or locks (the writer's, the
+    dispatcher's): it sends an async watcher, gevent's thread-safe wake-up of a loop, whose callback
+    (on the loop) runs `fn` in a greenlet of its own; sends that come before the loop does run `fn`
+    once. Among OS threads (the tests) `fn` is safe as it is."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("threading"):
+        return fn
+    import gevent  # noqa: PLC0415 - only a node that runs on gevent gets here
+
+    watcher = gevent.get_hub().loop.async_()
+    watcher.ref = False  # it alone keeps no loop running
+    watcher.start(gevent.spawn, fn)
+    return watcher.send
 
 
 def native_sleep(seconds):
@@ -52,6 +74,13 @@ def native_sleep(seconds):
 
 WATCH_SECONDS = 0.2  # how often attempts ended from outside are looked for (ctx.cancelled within 1 s)
 POLL_SECONDS = 0.25  # queued work from elsewhere (another node on the file, a due retry) waits at most this
+# PostgreSQL: other nodes' work comes with a NOTIFY (LISTEN, at once), and this node's own retries
+# wake it when due (dispatch.py), so the poll only catches what was missed: a lost notification, a
+# LISTEN connection broken (until it is back), a pooler that drops LISTEN, another node's retry. Such
+# work waits at most this: SPEC 12 allows 2 s, and a look a second per node costs the server nothing.
+POLL_SECONDS_LISTENING = 1.0
+LISTEN_WAIT_SECONDS = 1.0  # the LISTEN thread looks whether the node stops at least this often
+LISTEN_AGAIN_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)  # before listening again, after each failure in a row
 HEARTBEAT_SECONDS = 1.0
 LISTEN_AGAIN_SECONDS = 1.0  # how often a node without the socket for `stepd runner` tries to take it
 CHORE_TICK_SECONDS = 0.1
@@ -101,7 +130,8 @@ class Node:
         # The dispatcher's own work, on a thread of its own: no housekeeping chore may delay it.
         self.ticks = [
             Chore("watch", WATCH_SECONDS, self.dispatcher.let_go_of_ended),
-            Chore("poll", POLL_SECONDS, self._poll),
+            Chore("poll", POLL_SECONDS_LISTENING if self.has_row else POLL_SECONDS, self._poll),
+            Chore("due retries", CHORE_TICK_SECONDS, self.dispatcher.wake_for_due_retries),
             Chore("heartbeat", HEARTBEAT_SECONDS, self.dispatcher.beat),
             Chore("admission", MEASURE_SECONDS, self.admission.measure),
         ]
@@ -127,6 +157,34 @@ class Node:
                 log.exception("the node's heartbeat failed; trying again in %g s", HEARTBEAT_SECONDS)
             native_sleep(HEARTBEAT_SECONDS)
 
+    def _listen_for_work(self, announced):
+        """Wake the dispatcher (`announced()`, safe from this thread) when another node queued work,
+        until the node stops: on a native thread, with a connection of its own, so a loop busy for
+        a while delays no notification's reading. A broken connection (pg_terminate_backend, a
+        server restart) is opened again after LISTEN_AGAIN_DELAYS; meanwhile the poll finds the work."""
+        failures = 0
+        while not self.stopping.is_set():
+            try:
+                with self.store.listening_for_queued() as heard:
+                    if failures:
+                        log.info("listening for other nodes' work again")
+                    announced()  # what was queued while nobody here listened
+                    while not self.stopping.is_set():
+                        self._hear(heard(LISTEN_WAIT_SECONDS), announced)
+                        failures = 0  # it lasted a whole wait: one ended sooner counts as a failure in a row
+            except Exception as exc:  # Unavailable: the server is away, or ended the connection
+                if self.stopping.is_set():
+                    return  # its database may be gone with it (a test's)
+                delay = LISTEN_AGAIN_DELAYS[min(failures, len(LISTEN_AGAIN_DELAYS) - 1)]
+                failures += 1
+                log.warning("LISTEN for other nodes' work failed (%s); again in %g s, the poll meanwhile", exc, delay)
+                native_sleep(delay)
+
+    def _hear(self, payloads, announced):
+        for payload in payloads:
+            if payload != self.id:  # this node's own: it claimed at the end of that group already
+                announced()
+
     def _stopping_reason(self):
         return "The service stopped before this step's delegate finished." if self.stopping.is_set() else None
 
@@ -134,7 +192,9 @@ class Node:
     def start(self, runner_processes=0):
         """Start the chores, the socket for `stepd runner`, and `runner_processes` runners."""
         if self.has_row:
-            start_native_thread(self._beat_forever)
+            start_native_thread(self._beat_forever, "stepd-node-heartbeat")
+            announced = from_any_thread(self.dispatcher.announced)
+            start_native_thread(lambda: self._listen_for_work(announced), "stepd-node-listen")
         for slot in range(runner_processes):
             self._start_process(slot)
         threading.Thread(target=self._loop, args=(self._tick,), name="stepd-ticks", daemon=True).start()

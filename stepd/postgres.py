@@ -50,6 +50,7 @@ from stepd.writer import Writer, WritesInGroups, savepoint
 MIGRATION_LOCK = 0x73746570646D6967
 LOCK_WAIT = "60s"  # how long a node waits for another's migration before it gives up, saying so
 CONNECT_SECONDS = 10  # a server that does not answer in this long is unusable (libpq's connect_timeout)
+LISTEN_NAME = "stepd-listen"  # the application_name of a node's LISTEN connection (`listening`)
 
 MIGRATIONS = [
     # 1: the schema of SQLite's version 6 (processes, steps, attempts with request_id, runners,
@@ -719,6 +720,24 @@ class PostgresDatabase(WritesInGroups):
             self._beat_conn = Connection(self.url)
         return self._beat_conn
 
+    @contextmanager
+    def listening(self, channel):
+        """A connection of its own that LISTENs on `channel`, for the one thread that waits on it
+        (the node's, node.py); yields `heard(timeout)`, an iterator of the payloads notified until
+        `timeout` seconds have passed. Its application_name is LISTEN_NAME, so that pg_stat_activity
+        tells it apart. A connection found lost raises Unavailable; it is closed on the way out."""
+        try:
+            conn = connect(self.url, autocommit=True, application_name=LISTEN_NAME)
+        except Unusable as exc:
+            raise Unavailable(str(exc)) from None
+        try:
+            conn.execute(f"LISTEN {channel}")
+            yield lambda timeout: _payloads(conn, timeout)
+        except psycopg.Error as exc:
+            _raise_domain(exc)
+        finally:
+            conn.close()
+
     def release(self):
         """Give this caller's read connection back to the pool (the end of a request, of a chore's
         tick): under gevent every request is a greenlet, and one connection each would be a new
@@ -796,6 +815,11 @@ class PostgresDatabase(WritesInGroups):
 
     def _new_writer(self):
         return Writer(lambda: Connection(self.url), _no_lock, _no_lock, begin="BEGIN")
+
+
+def _payloads(conn, timeout):
+    for notify in conn.notifies(timeout=timeout):
+        yield notify.payload
 
 
 def read_only(url):

@@ -182,6 +182,12 @@ LOCK_TO_DELETE = {SQLITE: "", POSTGRES: " FOR UPDATE SKIP LOCKED"}
 # again (two processes for one key): the key is locked first (an advisory lock until the transaction
 # ends; two keys sharing a hash only wait for each other).
 LOCK_ANSWER = {SQLITE: None, POSTGRES: "SELECT pg_advisory_xact_lock(hashtext(?), hashtext(?))"}
+# PostgreSQL's wake-up between nodes (SPEC 12): a group that queued work its own node did not claim
+# all of sends this in its transaction (dispatch.py); PostgreSQL delivers it to every node LISTENing
+# (node.py) once that transaction commits, and drops it if it rolls back. The payload is the sending
+# node's id, so a node passes over its own.
+QUEUED_CHANNEL = "stepd_queued"
+TELL_QUEUED = f"SELECT pg_notify('{QUEUED_CHANNEL}', ?)"
 # The first token: "no token yet" must still hold when it is inserted. SQLite's writer holds the
 # file's lock; on PostgreSQL another node may be checking at the same moment, so the table is locked
 # first (against other inserts; reads go on).
@@ -1042,6 +1048,16 @@ class Store:
             " ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
             node,
         )
+
+    def tell_nodes_queued(self, node_id):
+        """Wake the other nodes (their LISTEN, node.py): NOTIFY on QUEUED_CHANNEL, sent by the
+        caller's write transaction, so only once it commits, and never by one rolled back."""
+        self.db.row(TELL_QUEUED, (node_id,))
+
+    def listening_for_queued(self):
+        """The LISTEN of `tell_nodes_queued`'s NOTIFY, on a connection of its own (postgres.py's
+        `listening`): yields heard(timeout), the payloads (node ids) notified within `timeout`."""
+        return self.db.listening(QUEUED_CHANNEL)
 
     def forget_node(self, node_id):
         """A node that stopped cleanly: its row goes (its runners' ended with them)."""

@@ -124,8 +124,8 @@ def test_a_runner_sigkilled_has_its_step_interrupted_within_2_s_and_never_run_ag
 @pytest.mark.timeout(90)
 def test_many_requests_at_once_share_a_bounded_pool_and_none_stalls(pg_server, postgres_url):
     """64 clients at once, each starting processes and reading them: every answer comes, no slower
-    than a few seconds, while the node holds at most its pool's read connections (16) plus its writer
-    (and the commands' own one here): one connection a request's greenlet would be 64."""
+    than a few seconds, while the node holds at most its pool's read connections (16) plus its writer,
+    its heartbeat's and its LISTEN's: one connection a request's greenlet would be 64."""
     from stepd.postgres import READ_CONNECTIONS
 
     server = pg_server().start()
@@ -162,7 +162,7 @@ def test_many_requests_at_once_share_a_bounded_pool_and_none_stalls(pg_server, p
     assert errors == [], errors[:3]
     assert len(answers) == 320
     assert slowest[0] < 5.0, f"the slowest request took {slowest[0]:.2f} s"
-    assert most[0] <= READ_CONNECTIONS + 2, f"{most[0]} connections at once"
+    assert most[0] <= READ_CONNECTIONS + 3, f"{most[0]} connections at once"
     wait_for(lambda: all(server.process(pid)["status"] == "COMPLETED" for pid in answers[-5:]), timeout=20,
              what="the processes to complete")  # fmt: skip
     assert server.stop() == 0
