@@ -1,6 +1,7 @@
 """db.Database against a real SQLite file: pragmas, migrations, transactions, savepoints, the
 writer's turn, and SQLite's errors turned into the domain's."""
 
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -334,33 +335,56 @@ def wal_restarts(database):
         return int.from_bytes(wal.read(16)[12:16], "big")
 
 
-def test_a_write_between_groups_runs_outside_any_transaction_after_the_open_group_commits(database):
-    """A `between` member queued while a group is open ends that group: it runs once its COMMIT is
-    done, outside any transaction, and the members queued after it form the next group."""
+@contextlib.contextmanager
+def a_group_held_open(database, name, rolled_back=False):
+    """A group of the writer holding its transaction open (with the token `name` written) until
+    the block ends. `rolled_back`: SQLite then rolls it back, as it does by itself on a full disk."""
     inside, release = threading.Event(), threading.Event()
-    seen = {}
+    errors = []
 
-    def hold_a_group_open():
-        with database.transaction() as conn:
-            insert_token(conn, "held")
-            inside.set()
-            release.wait(5)
+    def hold():
+        try:
+            with database.transaction() as conn:
+                insert_token(conn, name)
+                inside.set()
+                release.wait(5)
+                if rolled_back:
+                    conn.execute("ROLLBACK")
+        except Unwritable as exc:
+            errors.append(exc)
 
-    holder = threading.Thread(target=hold_a_group_open)
+    holder = threading.Thread(target=hold)
     holder.start()
     assert inside.wait(5)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(5)
+    assert len(errors) == rolled_back, errors
+
+
+def in_a_thread(fn):
+    """Start `fn()` on a thread; returns (the thread, a dict that gets its result as "value")."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(value=fn()))
+    thread.start()
+    return thread, result
+
+
+def test_a_write_between_groups_runs_outside_any_transaction_after_the_open_group_commits(database):
+    """A `between` member queued while a group is open ends that group: it runs once its COMMIT is
+    done, outside any transaction."""
+    seen = {}
 
     def between(conn):
         seen["in_transaction"] = conn.in_transaction
         seen["held_committed"] = "held" in committed_names(database)
         return "done"
 
-    result = {}
-    asker = threading.Thread(target=lambda: result.update(value=database.between_groups(between)))
-    asker.start()
-    time.sleep(0.05)  # the between member is queued behind the open group
-    release.set()
-    holder.join(5)
+    with a_group_held_open(database, "held"):
+        asker, result = in_a_thread(lambda: database.between_groups(between))
+        time.sleep(0.05)  # the between member is queued behind the open group
     asker.join(5)
     assert result == {"value": "done"}
     assert seen == {"in_transaction": False, "held_committed": True}
@@ -380,26 +404,12 @@ def test_a_write_between_groups_keeps_its_own_error_and_the_writer_goes_on(datab
 def test_a_failed_group_does_not_fail_a_write_waiting_between_groups(database):
     """The members waiting when a group fails share its error; one waiting between groups is not
     part of any group, and runs afterwards."""
-    inside, release = threading.Event(), threading.Event()
-
-    def fail_a_group():
-        with pytest.raises(Unwritable), database.transaction() as conn:
-            insert_token(conn, "lost")
-            inside.set()
-            release.wait(5)
-            conn.execute("ROLLBACK")  # as SQLite does by itself on a full disk
-
-    failer = threading.Thread(target=fail_a_group)
-    failer.start()
-    assert inside.wait(5)
-    result = {}
-    asker = threading.Thread(target=lambda: result.update(value=database.between_groups(lambda conn: "ran")))
-    asker.start()
-    time.sleep(0.05)
-    release.set()
-    failer.join(5)
+    with a_group_held_open(database, "lost", rolled_back=True):
+        asker, result = in_a_thread(lambda: database.between_groups(lambda conn: "ran"))
+        time.sleep(0.05)
     asker.join(5)
     assert result == {"value": "ran"}
+    assert committed_names(database) == set()
 
 
 def test_a_short_log_is_left_to_run_on(database):
@@ -423,23 +433,10 @@ def checkpoint_with_a_group_committed_during_its_copy(database):
     and return how many times the log started again meanwhile."""
     with database.transaction() as conn:
         insert_token(conn, "first")
-    inside, release = threading.Event(), threading.Event()
-
-    def hold_a_group_open():
-        with database.transaction() as conn:
-            insert_token(conn, "during")
-            inside.set()
-            release.wait(5)
-
-    holder = threading.Thread(target=hold_a_group_open)
-    holder.start()
-    assert inside.wait(5)
-    before = wal_restarts(database)
-    checkpointer = threading.Thread(target=database.checkpoint)
-    checkpointer.start()
-    time.sleep(0.1)  # its first copy is done; its second waits behind the open group
-    release.set()
-    holder.join(5)
+    with a_group_held_open(database, "during"):
+        before = wal_restarts(database)
+        checkpointer, _ = in_a_thread(database.checkpoint)
+        time.sleep(0.1)  # its first copy is done; its second (if any) waits behind the open group
     checkpointer.join(5)
     with database.transaction() as conn:
         insert_token(conn, "next")
