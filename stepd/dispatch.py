@@ -81,8 +81,9 @@ class Dispatcher:
         store.on_queued = self.note_queued
         # SQLite has one node per file: nobody to tell, and the claim alone costs nothing more.
         self._end_of_group = self._claim if node_id is None else self._claim_and_tell
-        store.db.at_end_of_groups(self._end_of_group)
-        store.db.at_end_of_groups(self._take_what_to_send)
+        due = self._may_claim if node_id is None else self._may_claim_or_tell
+        store.db.at_end_of_groups(self._end_of_group, due=due)
+        store.db.at_end_of_groups(self._take_what_to_send, writes=False)  # it only takes a list
 
     # -- a runner arrives, and leaves ----------------------------------------------------
     def attach(self, channel):
@@ -202,11 +203,20 @@ class Dispatcher:
             self._record(link, failed)
 
     # -- claims -------------------------------------------------------------------------------
+    def _may_claim(self):
+        """Whether the end of this group has a claim to try: most groups have none (nothing queued
+        since the last, or no place free), and then the writer opens no savepoint for `_claim`.
+        Stopping (a reload: the new node takes the new work), its runners give back the rest."""
+        if self.stopping_reason() is not None or not self.current() or not self.maybe_queued:
+            return False
+        with self._lock:
+            return any(link.open and link.free > 0 for link in self.links)
+
     def _claim(self, conn):
         """At the end of a group: claim attempts for the runners' free places (sent with what the
         group's outcomes began, once it committed)."""
-        if self.stopping_reason() is not None or not self.current() or not self.maybe_queued:
-            return None  # stopping (a reload: the new node takes the new work); its runners give back the rest
+        if not self._may_claim():
+            return None
         with self._lock:
             wanting = [link for link in self.links if link.open and link.free > 0]
         if not wanting:
@@ -236,6 +246,10 @@ class Dispatcher:
                 job.results = self.store.earlier_results(job.step_id)
             claimed.append((link, jobs))
         return claimed
+
+    def _may_claim_or_tell(self):
+        """PostgreSQL's `_may_claim`: also when the group queued work, which other nodes may be told of."""
+        return self._queued_in_group or self._may_claim()
 
     def _claim_and_tell(self, conn):
         """PostgreSQL's end of a group: the claim, then a NOTIFY to the other nodes if the group

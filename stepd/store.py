@@ -237,9 +237,21 @@ NEW_TALLY = "INSERT INTO tally (series, a, b, n) VALUES (?, ?, ?, ?)"
 
 def add_to_tally(conn, counts, dialect=SQLITE):
     """Add `counts` ({(series, a, b): n}) to the tallies, in the caller's transaction."""
-    for key, n in counts.items():
-        if n and (dialect == POSTGRES or not conn.execute(ADD_TO_TALLY, (n, *key)).rowcount):
+    changed = [(*key, n) for key, n in counts.items() if n]
+    if dialect == POSTGRES:
+        _log_tally_rows(conn, changed)
+        return
+    for *key, n in changed:
+        if not conn.execute(ADD_TO_TALLY, (n, *key)).rowcount:
             conn.execute(NEW_TALLY, (*key, n))
+
+
+def _log_tally_rows(conn, rows):
+    """PostgreSQL's rows of a change, in one INSERT: a change of a step's status logs about four
+    (measured: 3.4 INSERTs a noop step, each a round trip to the server on the writer's loop)."""
+    if rows:
+        values = ", ".join(["(?, ?, ?, ?)"] * len(rows))
+        conn.execute(f"INSERT INTO tally (series, a, b, n) VALUES {values}", [v for row in rows for v in row])
 
 
 def outcome_name(status, error):

@@ -77,6 +77,8 @@ class Writer:
         # Hooks run last in every group, inside its transaction (the dispatcher's claims): each is
         # (conn) -> None or a callable, called with whether the group committed once it is known.
         self.ended_groups = []
+        # How each hook runs (WritesInGroups.at_end_of_groups): hook -> (due, in_savepoint).
+        self.hook_options = {}
         self._thread = threading.Thread(target=self._loop, name="stepd-writer", daemon=True)
         self._started = threading.Event()
         self._thread.start()
@@ -247,7 +249,18 @@ class Writer:
             holding.reset(token)
 
     def _run_ended(self, ended):
-        """A hook at the end of a group, in a savepoint: one that fails undoes only itself."""
+        """A hook at the end of a group, in a savepoint: one that fails undoes only itself. A hook
+        that is not due now, or writes nothing, runs without one: SAVEPOINT and RELEASE are two
+        round trips to PostgreSQL's server, in every group."""
+        due, in_savepoint = self.hook_options.get(ended, (None, True))
+        if due is not None and not due():
+            return None
+        if not in_savepoint:
+            try:
+                return ended(self.conn)
+            except Exception:  # it wrote nothing: nothing to undo
+                log.exception("a writer hook failed at the end of a group; the group commits without it")
+                return None
         try:
             return self._run_job(_Member(self, ended), "ended")
         except Exception:
@@ -295,15 +308,20 @@ class WritesInGroups:
     """What a database (db.Database, postgres.PostgresDatabase) does with its process's writer, written
     once: each makes its Writer (`_new_writer`) and keeps `_threads_lock` and `_writer_state`."""
 
-    def at_end_of_groups(self, hook):
+    def at_end_of_groups(self, hook, due=None, writes=True):
         """Run `hook(conn)` last in every group of this process's writer, inside its transaction;
-        it returns None or a callable, called with whether the group committed (the node's claims)."""
-        self._writer().ended_groups.append(hook)
+        it returns None or a callable, called with whether the group committed (the node's claims).
+        `due()`, when given, says whether it has anything to do in this group (if not, it is passed
+        over); a hook that `writes` nothing runs outside a savepoint of its own."""
+        writer = self._writer()
+        writer.hook_options[hook] = (due, writes)
+        writer.ended_groups.append(hook)
 
     def not_at_end_of_groups(self, hook):
         writer = self._writer()
         if hook in writer.ended_groups:
             writer.ended_groups.remove(hook)
+            writer.hook_options.pop(hook, None)
 
     def between_groups(self, fn):
         """`fn(conn)` on this process's write connection between two of its groups, outside any

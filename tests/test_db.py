@@ -442,3 +442,44 @@ def checkpoint_with_a_group_committed_during_its_copy(database):
         insert_token(conn, "next")
     assert committed_names(database) == {"first", "during", "next"}
     return wal_restarts(database) - before
+
+
+# -- hooks at the end of every group (the dispatcher's claims) -------------------------------------------
+def test_a_hook_that_is_not_due_is_passed_over_and_one_that_is_runs_in_the_group(database):
+    calls = []
+
+    def hook(conn):
+        calls.append(conn.in_transaction)
+
+    due = [False]
+    database.at_end_of_groups(hook, due=lambda: due[0])
+    try:
+        database.write(lambda conn: insert_token(conn, "first"))
+        assert calls == []
+        due[0] = True
+        database.write(lambda conn: insert_token(conn, "second"))
+        assert calls == [True]
+    finally:
+        database.not_at_end_of_groups(hook)
+
+
+def test_a_hook_that_writes_nothing_runs_outside_a_savepoint_and_its_failure_fails_no_group(database):
+    """No SAVEPOINT (a round trip to PostgreSQL's server, in every group) for a hook that only reads
+    its own lists; one that fails anyway leaves the group to commit."""
+    seen = {}
+
+    def hook(conn):
+        try:
+            conn.execute("RELEASE ended")  # the savepoint a writing hook runs in
+            seen["savepoint"] = True
+        except Exception:
+            seen["savepoint"] = False
+        raise RuntimeError("a hook's own failure")
+
+    database.at_end_of_groups(hook, writes=False)
+    try:
+        database.write(lambda conn: insert_token(conn, "kept"))
+    finally:
+        database.not_at_end_of_groups(hook)
+    assert seen == {"savepoint": False}
+    assert "kept" in committed_names(database)

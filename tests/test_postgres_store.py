@@ -530,3 +530,16 @@ def test_a_write_alone_takes_no_read_connection(database):
     with database.transaction() as conn:
         conn.execute("SELECT 1")
     assert getattr(database._local, "lease", None) is None
+
+
+# -- what a step costs the server -----------------------------------------------------------------------------
+def test_a_change_logs_its_tally_rows_in_one_statement(database, admin):
+    """A new process changes four tallies (a process RUNNING, its steps PENDING, then one STARTED,
+    its first attempt): their rows are one INSERT, a round trip to the server, not one each. Rows
+    inserted by one statement of a transaction share its command id (cmin)."""
+    store = Store(database)
+    before = {xmin for (xmin,) in admin.execute("SELECT xmin::text FROM tally")}  # the migration's rows
+    store.create_process(None, [("a", {}), ("b", {})], "alice", None)
+    rows = [row for row in admin.execute("SELECT xmin::text, cmin::text FROM tally") if row[0] not in before]
+    assert len(rows) == 4
+    assert len(set(rows)) == 1
