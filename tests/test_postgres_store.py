@@ -543,3 +543,29 @@ def test_a_change_logs_its_tally_rows_in_one_statement(database, admin):
     rows = [row for row in admin.execute("SELECT xmin::text, cmin::text FROM tally") if row[0] not in before]
     assert len(rows) == 4
     assert len(set(rows)) == 1
+
+
+def test_an_attempt_begins_and_ends_with_its_steps_compare_and_set_in_one_statement(database, admin):
+    """The step's compare-and-set and its attempt's row are one statement on PostgreSQL (a round trip
+    less each): the step's new row and the attempt's share a transaction and a command id."""
+    store = Store(database)
+    step_of = "SELECT xmin::text, cmin::text FROM steps WHERE id = %s"
+    attempt_of = "SELECT xmin::text, cmin::text, status FROM attempts WHERE step_id = %s AND attempt = 1"
+    _, job = store.create_process(None, [("a", {}), ("b", {})], "alice", "r1")
+    begun = admin.execute(attempt_of, (job.step_id,)).fetchone()
+    assert admin.execute(step_of, (job.step_id,)).fetchone() == begun[:2]
+    store.finish_attempt(job, "COMPLETED", runner_id="r1")
+    ended = admin.execute(attempt_of, (job.step_id,)).fetchone()
+    assert ended[2] == "COMPLETED" and ended[:2] != begun[:2]
+    assert admin.execute(step_of, (job.step_id,)).fetchone() == ended[:2]
+
+
+def test_a_stale_outcome_neither_moves_the_step_nor_closes_an_attempt(database):
+    """The attempt's row is written only when the step's compare-and-set moved it."""
+    store = Store(database)
+    _, job = store.create_process(None, [("a", {})], "alice", "r1")
+    store.fail_step(job.step_id, "stopped from outside")
+    assert store.finish_attempt(job, "COMPLETED", runner_id="r1") is None
+    step = store.get_step(job.step_id, with_history=True)
+    assert step["status"] == "FAILED"
+    assert [attempt["status"] for attempt in step["attempt_history"]] == ["FAILED"]
