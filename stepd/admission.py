@@ -19,14 +19,8 @@ quickly: the node's share of a core under that flood measured 78-93% from run to
 sides of any threshold.)
 
 The node measures every MEASURE_SECONDS (node.py runs `measure` as one of its ticks); `wait`
-only reads what the last measure found. How quick the work is, is measured over the last
-RATE_WINDOW, not since the last measure: outcomes are counted when their group commits, and on
-PostgreSQL under load a group can take longer than a measure's 0.1 s, so a window that short often
-saw none, found the work slow, and let every waiting request in at once (a 35-56 s backlog after
-10 s of load, where SQLite's, with groups of a millisecond or two, was under 1 s).
+only reads what the last measure found.
 """
-
-import collections
 
 import logging
 import time
@@ -41,7 +35,6 @@ QUICK_SECONDS = 0.1  # an attempt a place every this long, or more often: quick 
 QUEUE_AGE = 0.25  # seconds the oldest queued attempt has waited
 WAIT_LIMIT = 1.0  # seconds a request waits at most
 WAIT_STEP = 0.005  # how often a waiting request looks again
-RATE_WINDOW = 1.0  # seconds over which the runners' turnover is measured
 
 
 class Admission:
@@ -51,28 +44,19 @@ class Admission:
         self.store = store
         self._turnover = turnover  # () -> (attempts ended so far, places of the runners now)
         self._clock = clock
-        self._seen = collections.deque([(clock(), turnover()[0])])  # (when, attempts ended by then)
+        self._last = (clock(), turnover()[0])
         self.crowded = False
 
     def measure(self):
-        """Look at the attempts ended in the last RATE_WINDOW, and at the queue's oldest attempt."""
+        """Look at the attempts ended since the last measure, and at the queue's oldest attempt."""
         now, (ended, places) = self._clock(), self._turnover()
-        per_second = self._per_second(now, ended)
+        (then, ended_then), self._last = self._last, (now, ended)
+        per_second = (ended - ended_then) / max(now - then, 1e-6)
         quick = places > 0 and per_second > 0 and per_second >= places / QUICK_SECONDS
         crowded = quick and self._oldest_wait() >= QUEUE_AGE
         if crowded != self.crowded:
             log.debug("new processes %s", "wait: quick work queued for a while" if crowded else "go straight on")
         self.crowded = crowded
-
-    def _per_second(self, now, ended):
-        """Attempts ended a second, from the oldest measure still within RATE_WINDOW (or, before
-        there is one that old, the first)."""
-        seen = self._seen
-        while len(seen) > 1 and now - seen[1][0] >= RATE_WINDOW:
-            seen.popleft()
-        then, ended_then = seen[0]
-        seen.append((now, ended))
-        return (ended - ended_then) / max(now - then, 1e-6)
 
     def _oldest_wait(self):
         oldest = self.store.oldest_queued_at(now_iso())

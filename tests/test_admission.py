@@ -75,34 +75,6 @@ def test_quick_work_with_a_young_queue_or_none_is_not_crowded(store):
     assert not measured(store, QUICK).crowded
 
 
-def test_quick_work_counted_in_lumps_is_still_quick(store):
-    """Outcomes are counted as their group commits: on PostgreSQL under load a group can take longer
-    than the 0.1 s between measures, so most measures see none ended since the last. The rate is
-    measured over the last RATE_WINDOW: 40 attempts at once in 0.5 s is quick for 4 places."""
-    queue_one(store, admission.QUEUE_AGE + 0.05)
-    now, ended = [0.0], [0]
-    gate = Admission(store, lambda: (ended[0], 4), clock=lambda: now[0])
-    for tick in range(1, 10):
-        now[0] = tick * admission.MEASURE_SECONDS
-        ended[0] = 40 if tick >= 5 else 0  # one group's 40 outcomes, committed at 0.5 s
-        gate.measure()
-        assert gate.crowded == (tick >= 5), tick
-
-
-def test_the_turnover_is_measured_over_the_last_second_only(store):
-    """Work that was quick a while ago and has stopped is not quick now."""
-    queue_one(store, admission.QUEUE_AGE + 0.05)
-    now, ended = [0.0], [0]
-    gate = Admission(store, lambda: (ended[0], 4), clock=lambda: now[0])
-    now[0], ended[0] = 0.5, 100
-    gate.measure()
-    assert gate.crowded
-    for tick in range(6, 6 + int(2 * admission.RATE_WINDOW / admission.MEASURE_SECONDS)):
-        now[0] = tick * admission.MEASURE_SECONDS
-        gate.measure()
-    assert not gate.crowded
-
-
 def test_crowding_ends_when_the_queue_is_claimed(store):
     queue_one(store, admission.QUEUE_AGE + 0.05)
     gate = measured(store, QUICK)
