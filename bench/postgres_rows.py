@@ -279,8 +279,8 @@ def run_wake_up(cluster, workdir, token):
         if listening:
             ended = []
             waits = latencies_ms(front, BROKEN_COUNT, lambda: ended.append(break_listen(url)))
-            wake_up += f"; {sum(ended)} ended by pg_terminate_backend, those of the moment before each sample"
-            rows.append(wake_row("pg-listen-broken", f"LISTEN broken, {across}", waits, wake_up))
+            broken = f"{wake_up}; {sum(ended)} ended by pg_terminate_backend, those of the moment before each sample"
+            rows.append(wake_row("pg-listen-broken", f"LISTEN broken, {across}", waits, broken))
         else:
             note = f"no LISTEN to break: this build has no '{LISTEN_NAME}' connection (its wake-up is a poll)"
             rows.append(run.row("pg-listen-broken", f"queued -> running, LISTEN broken, {across}", SYNC, {}, note))
