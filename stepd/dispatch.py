@@ -50,6 +50,10 @@ class Link:
     sent: set = field(default_factory=set)  # (step id, attempt) sent to it and not ended
     unsent: list = field(default_factory=list)  # claimed for it once it was gone: never sent, so queued again
     reserved: int = 0  # claimed in the group open now, not yet committed
+    # Outcomes read and not yet taken by a write: one write waits for them at a time, and takes all
+    # that came meanwhile (one member of a group, one change, however many messages they came in).
+    to_record: list = field(default_factory=list)
+    recording: bool = False  # a write is waiting to take `to_record`
     open: bool = True
     closed: threading.Event = field(default_factory=threading.Event)  # its end was recorded
     row: dict = None  # its row in `runners`, once registered
@@ -157,29 +161,37 @@ class Dispatcher:
 
     # -- outcomes ---------------------------------------------------------------------------
     def _record(self, link, outcomes):
-        """Record `outcomes` in the next group (one change for all); the next steps they began
-        go to `link` once that group committed, with its claims (`_take_what_to_send`).
+        """Record `outcomes` in the next group; the next steps they began go to `link` once that
+        group committed, with its claims (`_take_what_to_send`). Outcomes that arrive while a
+        write waits for its group join that write (one change for all).
 
         Their places are free within the group (the same group's claims may fill them) and taken
         by the next steps begun; if the group fails, both are undone with it."""
-        keys = [outcome.job.key for outcome in outcomes]
-        record_them = self.store.outcomes_job(outcomes, link.id)
+        with self._lock:
+            link.to_record.extend(outcomes)
+            if link.recording:
+                return
+            link.recording = True
+        taken = []
 
         def record(conn):
-            begun = record_them(conn)
             with self._lock:
-                link.sent.difference_update(keys)
+                taken.extend(link.to_record)
+                link.to_record, link.recording = [], False
+            begun = self.store.outcomes_job(taken, link.id)(conn)
+            with self._lock:
+                link.sent.difference_update(outcome.job.key for outcome in taken)
             self._will_send(link, begun)
             return begun
 
         def done(begun, error):
             if error is not None:
                 self._will_not_send(link, begun or ())  # their group failed before its end
-                self._record_failed(link, outcomes, error)
+                self._record_failed(link, taken, error)
                 return
-            metrics.ended(outcomes)  # the next steps they began go out with the group's claims
-            self.recorded += len(outcomes)
-            self._note_retries(outcome.retry_at for outcome in outcomes if outcome.retry_at is not None)
+            metrics.ended(taken)  # the next steps they began go out with the group's claims
+            self.recorded += len(taken)
+            self._note_retries(outcome.retry_at for outcome in taken if outcome.retry_at is not None)
 
         self.store.db.submit(record, done)
 

@@ -9,6 +9,7 @@ for the OpenAPI document (openapi.py), so the document cannot drift from validat
 import functools
 import json
 import math
+import types
 import uuid
 
 from flask import current_app, g, jsonify, request
@@ -105,8 +106,10 @@ def load_query(schema_class):
     every name and fill in only some (`?status=$s&cursor=$c`). An unknown name is refused even
     when empty: it is a typo to report, not a value to ignore.
     """
+    if not request.args:  # most requests: the schema's defaults, loaded once
+        return dict(_empty_query(schema_class))
     schema = one(schema_class)
-    known = {field.data_key or name for name, field in schema.fields.items()}
+    known = _query_names(schema_class)
     given, repeated = {}, {}
     for key in request.args:
         values = [v for v in request.args.getlist(key) if v != "" or key not in known]
@@ -117,6 +120,18 @@ def load_query(schema_class):
     if repeated:
         raise ValidationError(repeated)
     return schema.load(given)
+
+
+@functools.cache
+def _query_names(schema_class):
+    return frozenset(field.data_key or name for name, field in one(schema_class).fields.items())
+
+
+@functools.cache
+def _empty_query(schema_class):
+    """What an empty query string loads to (each parameter's default), kept read-only: every caller
+    gets a copy of its own."""
+    return types.MappingProxyType(one(schema_class).load({}))
 
 
 # -- the request id, and the headers of every answer -------------------------------------------

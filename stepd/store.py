@@ -473,9 +473,12 @@ class Change:
         `request_id` is the one the attempt keeps when it is not this change's request's (a
         retry keeps its attempt's, the next step a completion begins its process's)."""
         request_id = request_id or self.request_id
-        params = params_from_json(step["params"]) if params is None else params
+        if params is None:  # the step's own: its attempt's row keeps the same text
+            stored_params, params = step["params"], params_from_json(step["params"])
+        else:
+            stored_params = params_to_json(params)
         sets = BEGIN_ATTEMPT + (f", {also}" if also else "")
-        values = {"runner_id": runner_id, "params": params_to_json(params)}
+        values = {"runner_id": runner_id, "params": stored_params}
         attempt = step["attempts"] + 1
         row = {**values, "trigger": trigger, "principal": principal, "request_id": request_id}
         if not self._begin_move(step["id"], step["attempts"], when, sets, row):

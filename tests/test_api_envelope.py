@@ -12,6 +12,8 @@ from helpers import COMPLETE, DELEGATES, ENV_HEADERS, ENVELOPE_KEYS, ERROR_MESSA
 from stepd import db as db_module
 from stepd import httplogs, model
 from stepd.app import create_app
+from stepd.envelope import load_query
+from stepd.schemas import ProcessListQuery
 
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 PRINTABLE_ASCII = re.compile(r"^[ -~]{1,128}$")
@@ -283,3 +285,12 @@ def test_a_busy_database_is_a_503(tmp_path, monkeypatch):
         busy_app.extensions["stepd"].store.db.close()
     assert_envelope(response, 503)
     assert response.headers.get("Retry-After")
+
+
+def test_an_empty_query_loads_its_defaults_afresh_each_time(app):
+    """An empty query string loads to the schema's defaults, kept once: each caller gets its own copy."""
+    with app.test_request_context("/api/v1/processes"):
+        first = load_query(ProcessListQuery)
+        assert first["limit"] == 50 and first["cursor"] is None
+        first["limit"] = 1
+        assert load_query(ProcessListQuery)["limit"] == 50

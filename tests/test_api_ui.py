@@ -6,6 +6,7 @@ exactly once per form. The same flows in a real browser: tests/test_served_ui_br
 import re
 from datetime import UTC, datetime, timedelta
 
+import flask
 import pytest
 from helpers import (
     CANCEL,
@@ -663,3 +664,13 @@ def test_an_unknown_step_is_a_404_page(page):
     response = page.get(step_url("no-such-step"))
     assert response.status_code == 404 and response.mimetype == "text/html"
     assert "No step has this id." in response.get_data(as_text=True)
+
+
+def test_only_the_page_opens_a_session(app):
+    """The session is the page's alone (its cookie's path is /ui/): a request to the API gets the
+    null session without its cookie being looked for, a request to the page a real one."""
+    interface = app.session_interface
+    with app.test_request_context("/api/v1/processes", headers={"Cookie": "stepd_session=x"}):
+        assert interface.is_null_session(interface.open_session(app, flask.request))
+    with app.test_request_context("/ui/"):
+        assert not interface.is_null_session(interface.open_session(app, flask.request))

@@ -9,6 +9,7 @@ API is exempt: its callers send credentials, not cookies, and a JSON body no for
 the headers of every HTML answer.
 """
 
+from flask.sessions import SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFProtect
 
 from stepd.ui import access
@@ -16,11 +17,24 @@ from stepd.ui.views import ui
 
 csrf = CSRFProtect()
 SESSION_HOURS = 12  # how long a signed-in session and a page's CSRF token last
+PAGE_PATH = "/ui"
+
+
+class PageSessions(SecureCookieSessionInterface):
+    """Sessions are the page's alone (their cookie's path is /ui/): a request anywhere else, the JSON
+    API's, gets the empty null session at once. Flask would otherwise build the cookie's signer and
+    look for a cookie on every request (measured at 5% of a restart's time in the node)."""
+
+    def open_session(self, app, request):
+        if not request.path.startswith(PAGE_PATH):
+            return self.make_null_session(app)
+        return super().open_session(app, request)
 
 
 def init_app(app, store, exempt=()):
     """Serve the page under /ui/ in `app`; `exempt`: the blueprints whose POSTs carry no CSRF token."""
     app.secret_key = app.config.get("STEPD_SECRET_KEY") or store.secret("session")
+    app.session_interface = PageSessions()
     app.config.update(
         SESSION_COOKIE_NAME="stepd_session",
         SESSION_COOKIE_PATH="/ui/",
