@@ -632,6 +632,7 @@ class Store:
         # Called inside the transaction that queues an attempt (no runner yet): the node's
         # dispatcher then claims at the end of that group (a rolled-back one costs it one look).
         self.on_queued = lambda: None
+        db.count_in_groups(functools.partial(add_to_tally, dialect=db.dialect))
 
     def _apply(self, change_it):
         """`change_it(change)` as one write, run on the writer's loop (a job: no switch to the
@@ -650,7 +651,8 @@ class Store:
             change = Change(conn, now_iso(), self.on_queued, request_id, self.db.dialect)
             result = change_it(change)
             change.refresh_processes()
-            add_to_tally(conn, change.tally, self.db.dialect)
+            if not self.db.add_counts(change.tally):  # once a group, with the other members' (writer.py)
+                add_to_tally(conn, change.tally, self.db.dialect)
             return result
 
         return job

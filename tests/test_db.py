@@ -265,6 +265,23 @@ def test_a_group_whose_transaction_sqlite_rolled_back_fails_and_the_next_one_wor
     assert committed_names(database) == {"after"}
 
 
+def test_the_counts_of_a_group_that_failed_are_not_written_with_the_next(database):
+    """Counts a member added (`add_counts`) are written once a group, last in its transaction; a group
+    that fails (here SQLite rolled it back) writes none of them, and the next group writes only its own."""
+    written = []
+    database.count_in_groups(lambda conn, counts: written.append(dict(counts)))
+
+    def counts_then_rolled_back(conn):
+        assert database.add_counts({"lost": 5})
+        conn.execute("ROLLBACK")  # as SQLite does by itself on a full disk
+
+    with pytest.raises(Unwritable):
+        database.write(counts_then_rolled_back)
+    database.write(lambda conn: database.add_counts({"kept": 1}) and database.add_counts({"kept": 2}))
+    assert written == [{"kept": 3}]
+    assert not database.add_counts({"outside": 1})  # no write of this caller open: it writes its own
+
+
 def test_members_after_sqlite_rolled_their_group_back_fail_and_leave_nothing_in_the_file(database):
     """The defect of the group commit: once SQLite rolled the shared transaction back (a full
     disk), the next member's SAVEPOINT started a transaction of its own and its RELEASE committed

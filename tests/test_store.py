@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from helpers import all_at_once
+from helpers import all_at_once, wait_for
 
 from stepd import store as st
 from stepd.db import Database
@@ -629,6 +629,68 @@ def test_the_metrics_tallies_count_what_the_store_holds(contract_store):
         assert tallies["outcomes"] == [("a", "failed", 1), ("c", "completed", 1)]
         assert tallies["queued"] == 1
         store.checkpoint()
+
+
+def test_tallies_follow_the_savepoints_they_were_counted_in(contract_store):
+    """A change's tallies are written once for its whole group (writer.py, `add_counts`), but they
+    still follow its savepoint: a dry run inside a write, or a change whose surrounding savepoint
+    is undone, counts nothing; the changes kept around them count once each."""
+    store = contract_store
+    jobs = [started_process(store, "a")[1] for _ in range(3)]
+    for job in jobs:
+        fail(store, job)
+    with store.atomic():
+        store.restart_failed_step(jobs[0].step_id, {}, "bob", "r1", has_delegate)
+        with store.atomic(rollback=True):  # a dry run inside the write
+            store.restart_failed_step(jobs[1].step_id, {}, "bob", "r1", has_delegate)
+        with pytest.raises(RuntimeError), store.atomic():
+            store.restart_failed_step(jobs[2].step_id, {}, "bob", "r1", has_delegate)
+            raise RuntimeError("undone")
+    tallies = store.metric_tallies()
+    steps, processes = store.status_counts()
+    assert steps == {"STARTED": 1, "FAILED": 2}
+    assert {status: n for status, n in tallies["steps"] if n} == steps
+    assert {status: n for status, n in tallies["processes"] if n} == processes == {"RUNNING": 1, "FAILED": 2}
+    assert tallies["attempts"] == [("a", "restart", 1), ("a", "start", 3)]
+
+
+def test_a_group_writes_each_tally_once_for_all_its_members(database):
+    """Restarts that share a group (they waited while another write held the writer) write each
+    tally they moved once, for all of them, last in the group's transaction."""
+    store = st.Store(database)
+    jobs = [started_process(store, "a")[1] for _ in range(4)]
+    for job in jobs:
+        fail(store, job)
+    statements = []
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_writer():
+        with database.transaction() as conn:
+            conn.set_trace_callback(statements.append)
+            holding.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold_the_writer)
+    holder.start()
+    holding.wait(5)
+    restarts = [
+        threading.Thread(target=store.restart_failed_step, args=(job.step_id, {}, "bob", "r1", has_delegate))
+        for job in jobs
+    ]
+    for thread in restarts:
+        thread.start()
+    wait_for(lambda: len(database._writer()._waiting) == len(jobs), what="the restarts waiting for the writer")
+    release.set()
+    for thread in [holder, *restarts]:
+        thread.join()
+    database.write_connection().set_trace_callback(None)
+
+    # steps FAILED -1, STARTED +1; processes FAILED -1, RUNNING +1; attempts (a, restart) +1: four
+    # each, one UPDATE a key (and an INSERT where the key had no row yet: the first restart of type a)
+    updates = [sql for sql in statements if sql.startswith("UPDATE tally")]
+    assert len(updates) == len(set(updates)) == 5, updates
+    assert "UPDATE tally SET n = n + 4 WHERE series = 'attempts' AND a = 'a' AND b = 'restart'" in updates
+    assert store.metric_tallies()["attempts"] == [("a", "restart", 4), ("a", "start", 4)]
 
 
 def test_outcomes_by_minute_tell_completed_failed_and_interrupted_apart(contract_store):
