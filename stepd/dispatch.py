@@ -255,7 +255,8 @@ class Dispatcher:
             if len(jobs) == wanted:
                 self.maybe_queued = True  # every place it asked for is filled: more may wait
             for job in jobs:
-                job.results = self.store.earlier_results(job.step_id)
+                if job.results is None:  # a first step's are known already ({})
+                    job.results = self.store.earlier_results(job.step_id)
             claimed.append((link, jobs))
         return claimed
 

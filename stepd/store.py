@@ -123,7 +123,7 @@ FORGET_DEAD_NODES = (
     f" DELETE FROM runners WHERE node_id IN (SELECT id FROM dead) OR id IN ({NODELESS_RUNNERS})"
 )
 QUEUED_STEPS = (
-    "SELECT id, process_id, type, params, attempts, retries_used,"
+    "SELECT id, process_id, position, type, params, attempts, retries_used,"
     " (SELECT request_id FROM attempts WHERE step_id = steps.id AND attempt = steps.attempts) AS request_id"
     f" FROM steps INDEXED BY steps_running WHERE {QUEUED} ORDER BY started_at LIMIT ?"
 )
@@ -172,8 +172,8 @@ END_AND_CLOSE = (
 CLAIM_QUEUED_SKIPPING_LOCKED = (
     f"WITH picked AS (SELECT id FROM steps WHERE {QUEUED} ORDER BY started_at LIMIT ? FOR UPDATE SKIP LOCKED),"
     f" claimed AS (UPDATE steps SET runner_id = ? FROM picked WHERE steps.id = picked.id AND {QUEUED}"
-    " RETURNING steps.id, process_id, type, params, attempts, retries_used, started_at)"
-    " SELECT id, process_id, type, params, attempts, retries_used,"
+    " RETURNING steps.id, process_id, position, type, params, attempts, retries_used, started_at)"
+    " SELECT id, process_id, position, type, params, attempts, retries_used,"
     " (SELECT request_id FROM attempts WHERE step_id = claimed.id AND attempt = claimed.attempts) AS request_id"
     " FROM claimed ORDER BY started_at"
 )
@@ -223,11 +223,12 @@ FINISHED_MINUTE = {
 
 
 def _queued_job(row):
-    """The Job of a claimed queued attempt, from its row (QUEUED_STEPS' columns)."""
+    """The Job of a claimed queued attempt, from its row (QUEUED_STEPS' columns). A process's first
+    step has no results before it: its ctx.results are known without a read (Store.earlier_results)."""
     params = params_from_json(row["params"])
     return Job(
         row["id"], row["process_id"], row["type"], params, row["attempts"], row["retries_used"],
-        request_id=row["request_id"],
+        results={} if row["position"] == 0 else None, request_id=row["request_id"],
     )  # fmt: skip
 
 
@@ -836,14 +837,17 @@ class Store:
         """Take up to `limit` queued attempts, oldest first, for this runner; their Jobs.
 
         The compare-and-set on `runner_id IS NULL` gives each attempt to exactly one runner."""
-        if not self.db.row(QUEUED_STEPS, (1,)):
-            return []  # polled by every runner: look first, take the write lock only for work
         if self.db.dialect == POSTGRES:
+            if not self.db.row(QUEUED_STEPS, (1,)):
+                return []  # look first: the claim's write only for work
             with self.db.transaction() as conn:
                 return [_queued_job(row) for row in conn.execute(CLAIM_QUEUED_SKIPPING_LOCKED, (limit, runner_id))]
+        rows = self.db.rows(QUEUED_STEPS, (limit,))  # read first, the write only for work (each row a compare-and-set)
+        if not rows:
+            return []
         jobs = []
         with self.db.transaction() as conn:
-            for row in conn.execute(QUEUED_STEPS, (limit,)).fetchall():
+            for row in rows:
                 claimed = conn.execute(
                     f"UPDATE steps SET runner_id = ? WHERE id = ? AND attempts = ? AND {QUEUED}",
                     (runner_id, row["id"], row["attempts"]),
