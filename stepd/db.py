@@ -34,10 +34,13 @@ JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 # (32 MB of 4 KB pages): that step holds the writes for its copy and two syncs (2-20 ms measured),
 # so the longer between two, the fewer requests wait on one; well below JOURNAL_SIZE_LIMIT.
 RESTART_LOG_PAGES = 8192
-# Reads of the file through a memory map, not read() into each connection's own cache: a
-# connection's cache is dropped whenever another process wrote since its last transaction
-# (every request, with two workers and a runner writing), and a mapped page costs no copy.
-MMAP_BYTES = 1 << 30
+# No memory map of the file (set, not left to how SQLite was built): each connection reads into its
+# own cache, bounded (cache_size). A map of up to 1 GB paid off while several processes wrote the
+# file and each dropped the others' cache on every write; with one writer a process, reads measured
+# the same without it (GET one step 1,658 and 1,660/s, the failing restart cycle 1,042 and 1,076/s),
+# and the mapped pages of a file that grows with every attempt were the node's memory's only growth
+# (resident +32.8% from 10,000 to 100,000 restarts, nearly all of it mapped pages: BENCHMARKS.md).
+MMAP_BYTES = 0
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # SQLite's words for a database that cannot take a write now but may later: the disk is full,

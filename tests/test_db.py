@@ -23,7 +23,7 @@ def test_pragmas_and_schema_version(database):
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == db_module.BUSY_TIMEOUT_MS
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(migrations.MIGRATIONS)
-    # Reads and writes alike: the runners checkpoint, not a request's COMMIT; pages through mmap.
+    # Reads and writes alike: the node checkpoints, not a request's COMMIT; no memory map of the file.
     for each in (conn, database.write_connection()):
         assert each.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == db_module.AUTOCHECKPOINT_PAGES
         assert each.execute("PRAGMA mmap_size").fetchone()[0] == db_module.MMAP_BYTES
