@@ -35,11 +35,12 @@ JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 # so the longer between two, the fewer requests wait on one; well below JOURNAL_SIZE_LIMIT.
 RESTART_LOG_PAGES = 8192
 # No memory map of the file (set, not left to how SQLite was built): each connection reads into its
-# own cache, bounded (cache_size). A map of up to 1 GB paid off while several processes wrote the
-# file and each dropped the others' cache on every write; with one writer a process, reads measured
-# the same without it (GET one step 1,658 and 1,660/s, the failing restart cycle 1,042 and 1,076/s),
-# and the mapped pages of a file that grows with every attempt were the node's memory's only growth
-# (resident +32.8% from 10,000 to 100,000 restarts, nearly all of it mapped pages: BENCHMARKS.md).
+# own cache, bounded (cache_size), and the kernel's page cache keeps the file. A map of up to 1 GB paid
+# off while several processes wrote the file and each dropped the others' cache on every write. With
+# one writer a process it gains little (GET one step 1,658/s with it, 1,660 without; the deferred
+# restart row about 4% in an interleaved A/B), and the mapped pages of a file that grows with every
+# attempt were the node's only memory growth: resident +32.8% from 10,000 to 100,000 restarts with
+# the map, +4.0% without (BENCHMARKS.md). A node's memory that stays put is worth the 4%.
 MMAP_BYTES = 0
 SCHEMA_VERSION = len(MIGRATIONS)
 
