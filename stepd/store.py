@@ -242,12 +242,14 @@ def _refused_status(conn, table, row_id, read, allowed):
     return "deleted" if now is None else now["status"]  # retention deleted its process meanwhile
 
 
-# The tallies GET /metrics reads (migration 7's table): each change adds what it changed, once, at
-# its end (`Change.tally`, `add_to_tally`). Until migration 8 triggers kept them, per row: a fifth of
-# a step's cost in the store (measured, 136-164 us a step without them against 203-223 with).
-# On SQLite a key's row is made by the first change that counts it (a step type's first attempt),
-# and an UPDATE alone is half the cost of an upsert, so it goes first. On PostgreSQL each change
-# inserts its own rows (a log of changes: no shared row for the nodes' writers to wait on; postgres.py).
+# The tallies GET /metrics reads (migration 7's table): each change counts what it changed
+# (`Change.tally`), and the writer adds the counts of a whole group once, last in its transaction
+# (`Store._job`, `add_to_tally` through the database's `count_in_groups`). Until migration 8 triggers
+# kept them, per row: a fifth of a step's cost in the store (measured, 136-164 us a step without them
+# against 203-223 with). On SQLite a key's row is made by the first change that counts it (a step
+# type's first attempt), and an UPDATE alone is half the cost of an upsert, so it goes first. On
+# PostgreSQL each group inserts its own rows (a log of changes: no shared row for the nodes' writers
+# to wait on; postgres.py).
 ADD_TO_TALLY = "UPDATE tally SET n = n + ? WHERE series = ? AND a = ? AND b = ?"
 NEW_TALLY = "INSERT INTO tally (series, a, b, n) VALUES (?, ?, ?, ?)"
 
@@ -432,7 +434,7 @@ class Change:
         # Touched processes whose status this change cannot have changed: a completion that began
         # the next step leaves its process RUNNING (the runner's hot path; refreshed more cheaply).
         self.still_running = set()
-        self.tally = collections.Counter()  # what this change adds to the tallies, at its end
+        self.tally = collections.Counter()  # what this change adds to the tallies (once its group commits)
 
     def moved(self, series, old, new, count=1):
         """`count` steps or processes went from status `old` to `new` (a tally each)."""
