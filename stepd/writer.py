@@ -386,7 +386,9 @@ class WritesInGroups:
         """Have every writer of this database write its members' counts once a group, with
         `write_counts(conn, counts)` (`add_counts`)."""
         self._write_counts = write_counts
-        self._writer().write_counts = write_counts
+        with self._threads_lock:  # the writers made from now on get it (`_writer`); none is made here
+            if self._writer_state is not None:
+                self._writer_state.write_counts = write_counts
 
     def _writer(self):
         """This process's writer (one per process: after a fork the child makes its own)."""

@@ -15,6 +15,7 @@ from stepd import db as db_module
 from stepd import migrations
 from stepd.db import Database
 from stepd.model import Busy, Conflict, PreconditionFailed, Unavailable, Unusable, Unwritable
+from stepd.store import Store
 
 
 def test_pragmas_and_schema_version(database):
@@ -280,6 +281,16 @@ def test_the_counts_of_a_group_that_failed_are_not_written_with_the_next(databas
     database.write(lambda conn: database.add_counts({"kept": 1}) and database.add_counts({"kept": 2}))
     assert written == [{"kept": 3}]
     assert not database.add_counts({"outside": 1})  # no write of this caller open: it writes its own
+
+
+def test_a_store_starts_no_writer_until_its_first_write(database):
+    """Making a Store (the app factory, every command) opens no write connection and starts no
+    writer thread (a process that forks after it must not carry one); the first write's writer
+    writes the store's tallies once a group."""
+    store = Store(database)
+    assert database._writer_state is None
+    store.add_token("ops", "operator", "hash")
+    assert database._writer_state is not None and database._writer_state.write_counts is not None
 
 
 def test_members_after_sqlite_rolled_their_group_back_fail_and_leave_nothing_in_the_file(database):
