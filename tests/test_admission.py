@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from helpers import wait_for
 
 from stepd import admission
 from stepd.admission import Admission
@@ -127,5 +128,8 @@ def test_the_dispatcher_counts_the_attempts_its_runners_end(app, api):
     dispatcher = app.extensions["stepd"].node.dispatcher
     before, places = dispatcher.turnover()
     api.wait_process(api.start(("noop", {}), ("noop", {}), ("noop", {}))["processId"], "COMPLETED")
+    # The count moves once the writer tells the dispatcher its group committed, just after the
+    # COMMIT that a read may already see (a loaded machine showed 2 here once): wait for it.
+    wait_for(lambda: dispatcher.turnover()[0] - before >= 3, timeout=5, what="the third outcome counted")
     ended, places = dispatcher.turnover()
     assert (ended - before, places) == (3, 4)  # the app's one runner on threads: STEPD_THREADS=4
