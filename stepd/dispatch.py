@@ -215,22 +215,24 @@ class Dispatcher:
             self._record(link, failed)
 
     # -- claims -------------------------------------------------------------------------------
+    def _wanting(self):
+        """The runners a claim at the end of this group would be for: those with a free place, when
+        an attempt may be queued. Stopping (a reload: the new node takes the new work), none: its
+        runners give back the rest."""
+        if self.stopping_reason() is not None or not self.current() or not self.maybe_queued:
+            return []
+        with self._lock:
+            return [link for link in self.links if link.open and link.free > 0]
+
     def _may_claim(self):
         """Whether the end of this group has a claim to try: most groups have none (nothing queued
-        since the last, or no place free), and then the writer opens no savepoint for `_claim`.
-        Stopping (a reload: the new node takes the new work), its runners give back the rest."""
-        if self.stopping_reason() is not None or not self.current() or not self.maybe_queued:
-            return False
-        with self._lock:
-            return any(link.open and link.free > 0 for link in self.links)
+        since the last, or no place free), and then the writer opens no savepoint for `_claim`."""
+        return bool(self._wanting())
 
     def _claim(self, conn):
         """At the end of a group: claim attempts for the runners' free places (sent with what the
         group's outcomes began, once it committed)."""
-        if not self._may_claim():
-            return None
-        with self._lock:
-            wanting = [link for link in self.links if link.open and link.free > 0]
+        wanting = self._wanting()
         if not wanting:
             return None
         self.maybe_queued = False

@@ -80,11 +80,10 @@ class Writer:
         self._changed = threading.Condition()
         self._closing = False
         self.committed = [0, 0]  # groups committed, and the members they held (tests, benchmark)
-        # Hooks run last in every group, inside its transaction (the dispatcher's claims): each is
-        # (conn) -> None or a callable, called with whether the group committed once it is known.
-        self.ended_groups = []
-        # How each hook runs (WritesInGroups.at_end_of_groups): hook -> (due, in_savepoint).
-        self.hook_options = {}
+        # Hooks run last in every group, inside its transaction, in the order added (the dispatcher's
+        # claims): each is (conn) -> None or a callable, called with whether the group committed once
+        # it is known. hook -> (due, in_savepoint): how it runs (WritesInGroups.at_end_of_groups).
+        self.ended_groups = {}
         # The counts of the open group's members whose savepoints were kept (WritesInGroups.add_counts), and
         # what writes them, last in the group's transaction (None: each member writes its own).
         self.group_counts = collections.Counter()
@@ -189,7 +188,9 @@ class Writer:
                 member = self._next_in_group(len(members))
             if not conn.in_transaction:
                 raise Unwritable(ROLLED_BACK)
-            afterwards = [after for ended in self.ended_groups if (after := self._run_ended(ended))]
+            afterwards = [
+                after for ended, how in list(self.ended_groups.items()) if (after := self._run_ended(ended, *how))
+            ]
             self._write_group_counts()
             conn.execute("COMMIT")
         except BaseException as exc:
@@ -265,11 +266,10 @@ class Writer:
         finally:
             holding.reset(token)
 
-    def _run_ended(self, ended):
+    def _run_ended(self, ended, due, in_savepoint):
         """A hook at the end of a group, in a savepoint: one that fails undoes only itself. A hook
         that is not due now, or writes nothing, runs without one: SAVEPOINT and RELEASE are two
         round trips to PostgreSQL's server, in every group."""
-        due, in_savepoint = self.hook_options.get(ended, (None, True))
         if due is not None and not due():
             return None
         if not in_savepoint:
@@ -330,15 +330,10 @@ class WritesInGroups:
         it returns None or a callable, called with whether the group committed (the node's claims).
         `due()`, when given, says whether it has anything to do in this group (if not, it is passed
         over); a hook that `writes` nothing runs outside a savepoint of its own."""
-        writer = self._writer()
-        writer.hook_options[hook] = (due, writes)
-        writer.ended_groups.append(hook)
+        self._writer().ended_groups[hook] = (due, writes)
 
     def not_at_end_of_groups(self, hook):
-        writer = self._writer()
-        if hook in writer.ended_groups:
-            writer.ended_groups.remove(hook)
-            writer.hook_options.pop(hook, None)
+        self._writer().ended_groups.pop(hook, None)
 
     def between_groups(self, fn):
         """`fn(conn)` on this process's write connection between two of its groups, outside any
