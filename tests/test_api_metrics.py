@@ -221,9 +221,11 @@ def test_a_timeout_is_its_own_outcome(api, client, tmp_path):
 
 def test_a_step_whose_runner_stops_is_counted_interrupted(app, api, client, tmp_path):
     before = scrape(client)
-    process = api.start(("hang", {"file": str(tmp_path / "x"), "seconds": 30.0}))
+    started = tmp_path / "started"
+    process = api.start(("hang", {"file": str(tmp_path / "x"), "seconds": 30.0, "started": str(started)}))
     step_id = process["steps"][0]["processStepId"]
-    wait_for(lambda: api.step(step_id)["phase"] == "RUNNING", what="the delegate to run")
+    # Its delegate called, not only claimed: one claimed but not begun is queued again at the stop.
+    wait_for(started.exists, what="the delegate to run")
     stop_background(app, grace=0.1)
     step = api.wait_step(step_id, "FAILED")  # its end is recorded by the stop, or just after under load
     assert step["error"]["type"] == "Interrupted"
