@@ -38,6 +38,7 @@ import weakref
 from contextlib import contextmanager
 
 import psycopg
+import psycopg.sql
 from psycopg.types.datetime import TimestamptzBinaryLoader, TimestamptzLoader
 from psycopg.types.string import TextBinaryLoader, TextLoader
 
@@ -406,18 +407,25 @@ def migrate(conn, url):
 
 # -- the store's SQL, as psycopg takes it ------------------------------------------------------------
 # The store writes each statement once, as sqlite3 takes it: `?` and `:name` marks, and two hints
-# that only SQLite's planner reads (`INDEXED BY index`, and `+column`, which keeps SQLite off that
-# column's index). psycopg's marks are `%s` and `%(name)s`, and it reads a `%` anywhere, quoted text
-# included, so every other `%` is written `%%`; PostgreSQL's planner needs neither hint. In quoted
-# text nothing else changes, nor in `::` casts. The store writes arithmetic with a space after `+`,
-# so a `+` stuck to a name is always the hint.
-SQLITE_SPELLINGS = re.compile(r"'(?:[^']|'')*'|::|\?|:(\w+)|%|\s+INDEXED BY \w+|\+(?=[A-Za-z_])")
+# for the planner (`INDEXED BY index`, and `+column`: this term is a check on the row, never the way
+# to it). psycopg's marks are `%s` and `%(name)s`, and it reads a `%` anywhere, quoted text
+# included, so every other `%` is written `%%`. INDEXED BY goes: PostgreSQL has no such hint. A
+# `+column` becomes `COALESCE(column, column)`, the same value, which no index and no partial
+# index's condition matches: the store marks so the status checks of its compare-and-sets by id,
+# which PostgreSQL's planner would otherwise read through a partial or status index whenever its
+# statistics are older than a burst of work (measured: an outcome's UPDATE walked all 688 running
+# steps through steps_running, 1-3 ms instead of 0.01). In quoted text nothing else changes, nor in
+# `::` casts. The store writes arithmetic with a space after `+`, so a `+` stuck to a name is always
+# the hint.
+SQLITE_SPELLINGS = re.compile(r"'(?:[^']|'')*'|::|\?|:(\w+)|%|\s+INDEXED BY \w+|\+([A-Za-z_][\w.]*)")
 
 
 def _respelt(match):
-    token, name = match.group(0), match.group(1)
+    token, name, unindexed = match.group(0), match.group(1), match.group(2)
     if name is not None:
         return f"%({name})s"
+    if unindexed is not None:
+        return f"COALESCE({unindexed}, {unindexed})"
     if token == "?":
         return "%s"
     if token == "%":
@@ -426,7 +434,7 @@ def _respelt(match):
         return token.replace("%", "%%")
     if token == "::":
         return token
-    return ""  # a hint for SQLite's planner
+    return ""  # INDEXED BY
 
 
 @functools.lru_cache(maxsize=4096)
@@ -509,8 +517,38 @@ LOCK_TIMEOUT = "5s"  # a write waiting this long on another's row lock is Busy (
 # The writer's transaction is open, or failed and not yet rolled back (a statement that failed in a
 # member's savepoint leaves it INERROR until writer.savepoint's ROLLBACK TO): open either way.
 OPEN = (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR, psycopg.pq.TransactionStatus.ACTIVE)
+# The writer's statements each find their rows by a key (an id, a process and position, the claims'
+# steps_running): its connection never plans a whole-table scan where an index reaches the rows.
+# Left to its statistics, PostgreSQL's planner read a burst of work through the statistics of the
+# quiet table before it (autovacuum analyzes once a minute at most): measured during make bench's
+# engine row, a cached plan walked all of steps and attempts (9,640 rows) for each runner's batch
+# of three outcomes, 3-4 ms a batch instead of 0.3. A statement with no index to use still scans.
+WRITER_SETTINGS = ("SET enable_seqscan = off",)
 # A read snapshot: every query inside sees the same state, as a read transaction does in SQLite's WAL.
 BEGIN_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+
+
+# Statements whose answer nobody reads, which wait to go with the next statement (a round trip to the
+# server less each): a transaction's BEGIN, a member's SAVEPOINT and RELEASE (writer.py), the tallies'
+# INSERT (store._log_tally_rows). Said with no parameters, they and a next one with none go as one
+# simple query; a next one with parameters goes right after them.
+HOLDABLE = re.compile(r"(BEGIN|SAVEPOINT|RELEASE)\b")
+ENDS_TRANSACTION = re.compile(r"(COMMIT|ROLLBACK)\s*$")
+
+
+class _NoRows:
+    """What a held statement returns: its answer is not known yet, and nobody reads it."""
+
+    rowcount = -1
+
+    def fetchone(self):
+        return None
+
+    def fetchall(self):
+        return []
+
+
+NO_ROWS = _NoRows()
 
 
 class Connection:
@@ -519,13 +557,20 @@ class Connection:
     and `in_transaction` says whether a transaction is open. Autocommit: the writer and `snapshot`
     say BEGIN and COMMIT themselves, as with SQLite, and a read alone is a transaction of its own.
 
+    BEGIN, SAVEPOINT and RELEASE are held (HOLDABLE) and sent with the next statement: a group
+    of the writer costs "BEGIN; SAVEPOINT job" with its first statement, and "RELEASE job; <the
+    tallies>; COMMIT" as one round trip. A transaction that ends with nothing sent but its BEGIN
+    sends nothing at all.
+
     It connects at its first statement, and again at the first one after the server closed it (a
     restart, pg_terminate_backend), so that a writer or a thread outlives a lost connection: the
     statement that finds it lost raises Unavailable, the next one reconnects."""
 
-    def __init__(self, url):
+    def __init__(self, url, settings=()):
         self.url = url
         self.raw = None
+        self.settings = settings  # SET statements of this connection, sent again on each new one
+        self._held = []  # statements waiting for the next one (HOLDABLE, execute_later)
 
     def _open(self):
         if self.raw is None or self.raw.closed:
@@ -535,37 +580,81 @@ class Connection:
                 raise Unavailable(str(exc)) from None
             raw.row_factory = rows_by_name_and_position
             raw.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
+            for setting in self.settings:
+                raw.execute(setting)
             self.raw = raw
         return self.raw
 
     def execute(self, sql, args=()):
-        between_transactions = not self.in_transaction
+        if not args and HOLDABLE.match(sql):
+            self._held.append(sql)
+            return NO_ROWS
+        return self._send(postgres_sql(sql), args)
+
+    def execute_later(self, sql):
+        """`sql` (the store's spelling, no parameters, no answer read) sent with the next statement."""
+        self._held.append(SQLITE_SPELLINGS.sub(_respelt, sql))
+
+    def literal(self, value):
+        """`value` (a str or an int) as an SQL literal, quoted as this server reads it."""
+        return psycopg.sql.Literal(value).as_string(self._open())
+
+    def _send(self, sql, args):
+        held, self._held = self._held, []
+        if (
+            held
+            and held[0].startswith("BEGIN")
+            and ENDS_TRANSACTION.match(sql)
+            and all(HOLDABLE.match(h) for h in held)
+        ):
+            return NO_ROWS  # the transaction never reached the server: nothing to end there
+        # Outside a transaction on the server (nothing of one lost with a lost connection), a
+        # statement that finds the connection lost is sent again, once, on a new one.
+        between_transactions = not self._open_on_server()
         try:
-            return self._open().execute(postgres_sql(sql), args)
+            return self._send_now(held, sql, args)
         except psycopg.Error as exc:
             if not (between_transactions and _lost(exc)):
                 _raise_domain(exc)
-        # The connection was found lost by a statement outside any transaction (a read, a BEGIN):
-        # nothing of a transaction was lost with it, so the statement is sent again, once, on a new one.
         try:
-            return self._open().execute(postgres_sql(sql), args)
+            return self._send_now(held, sql, args)
         except psycopg.Error as exc:
             _raise_domain(exc)
+
+    def _send_now(self, held, sql, args):
+        raw = self._open()
+        if not held:
+            return raw.execute(sql, args)
+        # Held statements are in psycopg's spelling (a literal % doubled), read with parameters ().
+        if args:
+            raw.execute("; ".join(held), ())
+            return raw.execute(sql, args)
+        cursor = raw.execute("; ".join([*held, sql]), ())
+        while cursor.nextset():  # the answer of the last statement, `sql`'s
+            pass
+        return cursor
 
     def executemany(self, sql, args):
         raw = self._open()
         try:
+            if self._held:
+                held, self._held = self._held, []
+                raw.execute("; ".join(held), ())
             with raw.cursor() as cursor:
                 cursor.executemany(postgres_sql(sql), args)
         except psycopg.Error as exc:
             _raise_domain(exc)
         return cursor
 
-    @property
-    def in_transaction(self):
+    def _open_on_server(self):
         return self.raw is not None and self.raw.info.transaction_status in OPEN
 
+    @property
+    def in_transaction(self):
+        return self._open_on_server() or any(h.startswith("BEGIN") for h in self._held)
+
     def close(self):
+        self._held = []
         if self.raw is not None:
             self.raw.close()
 
@@ -814,7 +903,7 @@ class PostgresDatabase(WritesInGroups):
         self._writer().submit(fn, done)
 
     def _new_writer(self):
-        return Writer(lambda: Connection(self.url), _no_lock, _no_lock, begin="BEGIN")
+        return Writer(lambda: Connection(self.url, WRITER_SETTINGS), _no_lock, _no_lock, begin="BEGIN")
 
 
 def _payloads(conn, timeout):

@@ -15,7 +15,8 @@ import pytest
 from helpers import all_at_once, run_cli, wait_for
 
 from stepd import postgres
-from stepd.model import Busy, Conflict, Unavailable, Unwritable
+from stepd import store as st
+from stepd.model import COMPLETED, Busy, Conflict, Unavailable, Unwritable, now_iso
 from stepd.postgres import PostgresDatabase, Row, postgres_sql
 from stepd.store import Store
 
@@ -63,7 +64,8 @@ def queued(store, count):
         ("SELECT * FROM t WHERE id = ? AND attempts = ?", "SELECT * FROM t WHERE id = %s AND attempts = %s"),
         ("UPDATE t SET r = :runner_id WHERE id = :id", "UPDATE t SET r = %(runner_id)s WHERE id = %(id)s"),
         ("SELECT id FROM steps INDEXED BY steps_running WHERE x", "SELECT id FROM steps WHERE x"),
-        ("SELECT 1 WHERE pid = :pid AND +status = 'FAILED'", "SELECT 1 WHERE pid = %(pid)s AND status = 'FAILED'"),
+        ("WHERE p = :p AND +status = 'X'", "WHERE p = %(p)s AND COALESCE(status, status) = 'X'"),
+        ("WHERE id = ? AND +s.retry_at IS NULL", "WHERE id = %s AND COALESCE(s.retry_at, s.retry_at) IS NULL"),
         ("SET attempts = attempts + 1", "SET attempts = attempts + 1"),
         ("SELECT 'what? :no' || ?", "SELECT 'what? :no' || %s"),  # quoted text: no marks in it
         ("SELECT 'it''s ?', ?", "SELECT 'it''s ?', %s"),
@@ -204,11 +206,81 @@ def test_a_connection_the_server_ended_is_made_again_for_reads_and_writes(databa
 
 def test_a_transaction_the_server_ended_is_unavailable_and_not_sent_again(database, admin):
     conn = database.connection()
-    conn.execute("BEGIN")
+    conn.execute("BEGIN")  # held until the next statement (Connection): the transaction is on the server after it
+    assert conn.execute("SELECT 1").fetchone() == (1,)
     admin.execute("SELECT pg_terminate_backend(%s)", (conn.raw.info.backend_pid,))
     with pytest.raises(Unavailable):
         conn.execute("SELECT 1")
     assert conn.execute("SELECT 1").fetchone() == (1,)  # outside the lost transaction: a new connection
+
+
+def _sending(conn, monkeypatch):
+    """The texts `conn` sends to the server from now on, one a round trip (executemany aside)."""
+    sent, send = [], conn.raw.execute
+    monkeypatch.setattr(conn.raw, "execute", lambda sql, *args, **kw: (sent.append(sql), send(sql, *args, **kw))[1])
+    return sent
+
+
+def test_begin_savepoint_release_and_the_tallies_go_with_the_next_statement(database, monkeypatch):
+    """A round trip to the server is the writer's cost on PostgreSQL: what needs no answer waits
+    for the next statement, and a transaction that only began sends nothing."""
+    conn = postgres.Connection(database.url)
+    conn.execute("BEGIN")
+    conn.execute("SAVEPOINT job")
+    assert conn.in_transaction and conn.raw is None  # held: not even connected yet
+    conn.execute("RELEASE job")
+    conn.execute("COMMIT")
+    assert not conn.in_transaction and conn.raw is None
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+    sent = _sending(conn, monkeypatch)
+    conn.execute("BEGIN")
+    conn.execute("SAVEPOINT job")
+    assert conn.execute("SELECT count(*) FROM tally WHERE a = ?", ("it's 100%",)).fetchone() == (0,)
+    conn.execute("RELEASE job")
+    odd = conn.literal("it's 100%")
+    conn.execute_later(f"INSERT INTO tally (series, a, b, n) VALUES ('steps', {odd}, '', 2)")
+    conn.execute("COMMIT")
+    assert sent == [
+        "BEGIN; SAVEPOINT job",
+        "SELECT count(*) FROM tally WHERE a = %s",
+        "RELEASE job; INSERT INTO tally (series, a, b, n) VALUES ('steps', 'it''s 100%%', '', 2); COMMIT",
+    ]
+    assert conn.execute("SELECT sum(n) FROM tally WHERE a = ?", ("it's 100%",)).fetchone() == (2,)
+    conn.close()
+
+
+def test_a_held_statement_that_fails_fails_the_next_one_and_the_transaction(database):
+    conn = postgres.Connection(database.url)
+    conn.execute("BEGIN")
+    conn.execute("SAVEPOINT job")
+    conn.execute("RELEASE nothing_by_this_name")
+    with pytest.raises(psycopg.errors.InvalidSavepointSpecification):
+        conn.execute("SELECT 1")
+    assert conn.in_transaction  # failed: rolled back by its owner, as the writer does
+    conn.execute("ROLLBACK")
+    assert not conn.in_transaction and conn.execute("SELECT 1").fetchone() == (1,)
+    conn.close()
+
+
+def test_the_writers_compare_and_sets_find_their_rows_by_key_whatever_the_statistics_say(database):
+    """A burst after a quiet time: the statistics say no step runs (ANALYZEd when all were done),
+    then 300 are queued. The writer's batch of completions must still reach each row through its
+    key: neither a whole-table scan (a plan made for the small table) nor steps_running or a status
+    index (every queued step). Measured before: 1-4 ms a batch in make bench's engine row."""
+    store = Store(database)
+    store.heartbeat({"id": "r1", "host": "h", "pid": 1, "pid_started": None})
+    for _ in range(30):
+        _, job = store.create_process(None, [("a", {}), ("b", {})], "alice", "r1")
+        store.finish_attempt(store.finish_attempt(job, COMPLETED, runner_id="r1"), COMPLETED, runner_id="r1")
+    database.connection().execute("ANALYZE")
+    queued(store, 300)
+    _, job = store.create_process(None, [("a", {}), ("b", {})], "alice", "r1")
+    values = {"step_ids": [job.step_id], "attempts": [1], "results": [None], "request_ids": [None], "runner_id": "r1"}
+    with database.transaction(rollback=True) as conn:
+        rows = conn.execute("EXPLAIN " + st.COMPLETE_AND_BEGIN_NEXT, {**values, "now": now_iso()}).fetchall()
+    plan = "\n".join(row[0] for row in rows)
+    assert "Seq Scan" not in plan and "steps_running" not in plan and "_by_status" not in plan, plan
+    assert plan.count("Index Scan using steps_id_key") == 1 and "steps_process_id_position_key" in plan, plan
 
 
 def test_an_unreachable_server_is_unavailable_for_a_request_and_ping(postgres_cluster):

@@ -11,9 +11,10 @@ import time
 import pytest
 from helpers import all_at_once, wait_for
 
+from stepd import invariants
 from stepd import store as st
 from stepd.db import Database
-from stepd.model import COMPLETED, FAILED, PreconditionFailed
+from stepd.model import COMPLETED, FAILED, Outcome, PreconditionFailed
 
 
 def fail(store, job, message="boom"):
@@ -52,6 +53,34 @@ def test_create_starts_step_zero_only(contract_store):
     assert [s["status"] for s in process["steps"]] == ["STARTED", "PENDING", "PENDING"]
     assert process["status"] == "RUNNING"
     assert (job.type, job.attempt, job.params) == ("a", 1, {"n": ("LONG", 0)})
+
+
+@pytest.mark.parametrize("runner_id", ["r1", None])
+def test_create_answers_what_a_read_of_the_process_gives(contract_store, runner_id):
+    """create_process makes its answer from the rows it wrote (no read after): it must be exactly
+    what GET gives, step 0 begun (RUNNING for a runner, QUEUED without), its attempt recorded."""
+    store = contract_store
+    store.heartbeat(runner_row("r1"))
+    params = [
+        {"s": ("STRING", "it's 100%"), "d": ("DOUBLE", 1e300)},
+        {},
+        {"l": ("LONG", -(2**62)), "b": ("BOOLEAN", True)},
+    ]
+    for name in ("named", None):
+        process, job = store.create_process(
+            name, [("a", params[0]), ("b", params[1]), ("c", params[2])], "alice", runner_id
+        )
+        assert process == store.get_process(process["id"])
+        assert [step["phase"] for step in process["steps"]] == ["RUNNING" if runner_id else "QUEUED", None, None]
+        assert (job.step_id, job.type, job.attempt, job.params) == (process["steps"][0]["id"], "a", 1, params[0])
+        (attempt,) = store.get_step(job.step_id, with_history=True)["attempt_history"]
+        assert (attempt["trigger"], attempt["principal"], attempt["status"], attempt["params"]) == (
+            "start",
+            "alice",
+            "STARTED",
+            params[0],
+        )
+    assert invariants.check(getattr(store.db, "url", None) or store.db.path).problems == []
 
 
 def test_completion_starts_the_next_step_in_the_same_transaction(contract_store):
@@ -142,6 +171,42 @@ def test_concurrent_restarts_from_threads_have_one_winner(open_store):
     assert refusals == {str({"status": ["Step is STARTED; only a FAILED step can be restarted."]})}
     step = setup.get_step(job.step_id, with_history=True)
     assert step["attempts"] == 2 and len(step["attempt_history"]) == 2
+
+
+def test_a_runners_batch_of_outcomes_is_recorded_in_one_change(contract_store):
+    """What the dispatcher records for a runner at once (on PostgreSQL the completions are one
+    statement): each completion begins its process's next step for that runner, with ctx.results and
+    the request id carried on; a stale one changes nothing; a last step completes its process; a
+    failure among them halts its own process only."""
+    store = contract_store
+    store.heartbeat(runner_row("r2"))
+    (first, a), (second, b), (third, c), (fourth, d) = (started_process(store, "a", "b") for _ in range(4))
+    a.results, a.request_id = {}, "req-a"
+    last_of_b = store.finish_attempt(b, COMPLETED, runner_id="r1")
+    store.fail_step(c.step_id, "ended from outside")  # c's outcome below is stale
+    outcomes = [
+        Outcome(a, COMPLETED, result={"x": ("LONG", 7)}),
+        Outcome(last_of_b, COMPLETED, result=None),
+        Outcome(c, COMPLETED, result=None),
+        Outcome(d, FAILED, error={"type": "ValueError", "message": "no"}),
+    ]
+    begun = store.db.write(store.outcomes_job(outcomes, "r2"))
+    assert [job.step_id for job in begun] == [first["steps"][1]["id"]]
+    (next_of_a,) = begun
+    assert (next_of_a.type, next_of_a.attempt, next_of_a.params) == ("b", 1, {"n": ("LONG", 1)})
+    assert next_of_a.results == {0: {"x": ("LONG", 7)}} and next_of_a.request_id == "req-a"
+    assert store.get_step(next_of_a.step_id)["phase"] == "RUNNING"
+    history = store.get_step(next_of_a.step_id, with_history=True)["attempt_history"]
+    assert [(h["trigger"], h["principal"], h["request_id"], h["status"]) for h in history] == [
+        ("start", "alice", "req-a", "STARTED")
+    ]
+    assert store.get_step(a.step_id, with_history=True)["attempt_history"][0]["status"] == "COMPLETED"
+    assert [p["status"] for p in map(store.get_process, (first["id"], second["id"], third["id"], fourth["id"]))] == [
+        "RUNNING", "COMPLETED", "FAILED", "FAILED"
+    ]  # fmt: skip
+    assert store.get_step(c.step_id)["error"]["type"] == "ExternalFailure"
+    # the tallies the batch wrote are what the database holds
+    assert invariants.check(getattr(store.db, "url", None) or store.db.path).problems == []
 
 
 def test_stale_outcome_is_ignored(contract_store):
