@@ -2,8 +2,9 @@
 
 Every write of the process is a member of a group. The loop takes whatever members are waiting,
 opens one `BEGIN IMMEDIATE`, serves them one after the other, each in a savepoint of its own (so
-each keeps its own error), and commits once for all of them; a member returns only after that
-COMMIT. This is datasette's writer thread (`datasette/database.py`, `_execute_writes`) with the
+each keeps its own error; the first needs none: its failure rolls back a transaction that holds
+nothing else), and commits once for all of them; a member returns only after that COMMIT. This
+is datasette's writer thread (`datasette/database.py`, `_execute_writes`) with the
 batching inside the loop.
 
 A member is served in one of two ways:
@@ -183,7 +184,11 @@ class Writer:
             while member is not None:
                 if not conn.in_transaction:  # SQLite rolled it back under an earlier member
                     raise Unwritable(ROLLED_BACK)
-                self._serve(member)
+                if not members and member.fn is not None:
+                    if not self._serve_first(member):
+                        return  # it failed: the transaction held only it, and is rolled back
+                else:
+                    self._serve(member)
                 members.append(member)
                 member = self._next_in_group(len(members))
             if not conn.in_transaction:
@@ -257,6 +262,28 @@ class Writer:
             member.result = self._run_job(member, "job")
         except Exception as exc:  # the job's own error, for its caller; the group goes on
             member.error, member.own_failure = exc, True
+
+    def _serve_first(self, member):
+        """Run the group's first member, a job, with no savepoint of its own: the transaction holds
+        nothing else yet, so its failure undoes the transaction, and ends the group for it alone
+        (the members waiting go in the next). Whether it succeeded. Two statements less a group
+        (on PostgreSQL, subtransactions the server need not keep)."""
+        token = holding.set(member)
+        member.count_levels.append(collections.Counter())  # what a savepoint of its own would count
+        try:
+            member.result = member.fn(self.conn)
+            self.group_counts.update(member.count_levels.pop())
+            return True
+        except Exception as exc:  # the job's own error, for its caller
+            member.error, member.own_failure = exc, True
+            member.count_levels.clear()
+        finally:
+            holding.reset(token)
+        self.group_counts.clear()
+        self._rollback()
+        self._drop_lock()
+        self._finish([member], None)
+        return False
 
     def _run_job(self, member, name):
         token = holding.set(member)

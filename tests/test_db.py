@@ -283,6 +283,37 @@ def test_the_counts_of_a_group_that_failed_are_not_written_with_the_next(databas
     assert not database.add_counts({"outside": 1})  # no write of this caller open: it writes its own
 
 
+def test_a_groups_first_job_has_no_savepoint_and_fails_alone(database):
+    """The first member of a group needs no savepoint (its failure rolls back a transaction that
+    holds nothing else): two statements less a group. When it fails, none of its writes is in the
+    file, its caller gets its own error, and the members waiting commit in the next group."""
+    database.write(lambda conn: conn.execute("CREATE TABLE t (n INTEGER)"))
+    sent = []
+    database.write_connection().set_trace_callback(sent.append)
+    database.write(lambda conn: conn.execute("INSERT INTO t VALUES (1)"))
+    assert sent == ["BEGIN IMMEDIATE", "INSERT INTO t VALUES (1)", "COMMIT"]
+    writer = database._writer()
+    second = threading.Thread(target=database.write, args=(lambda conn: conn.execute("INSERT INTO t VALUES (3)"),))
+
+    def fails_after_a_write(conn):
+        conn.execute("INSERT INTO t VALUES (2)")
+        second.start()  # its write waits behind this one
+        deadline = time.monotonic() + 5
+        while not writer._waiting and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert writer._waiting
+        raise PreconditionFailed.on("n", "refused after writing")
+
+    sent.clear()
+    with pytest.raises(PreconditionFailed):
+        database.write(fails_after_a_write)
+    second.join(5)
+    assert sent == ["BEGIN IMMEDIATE", "INSERT INTO t VALUES (2)", "ROLLBACK"] + [
+        "BEGIN IMMEDIATE", "INSERT INTO t VALUES (3)", "COMMIT"
+    ]  # fmt: skip
+    assert [n for (n,) in database.rows("SELECT n FROM t ORDER BY n")] == [1, 3]
+
+
 def test_a_store_starts_no_writer_until_its_first_write(database):
     """Making a Store (the app factory, every command) opens no write connection and starts no
     writer thread (a process that forks after it must not carry one); the first write's writer
