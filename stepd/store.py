@@ -143,7 +143,7 @@ QUEUED_STEPS = (
 DUE_RETRIES = (
     f"SELECT {BEGIN_COLUMNS}, a.principal, a.request_id"
     " FROM steps s INDEXED BY steps_due_retries JOIN attempts a ON a.step_id = s.id AND a.attempt = s.attempts"
-    " WHERE s.next_retry_at <= ? AND s.status = 'STARTED' ORDER BY s.next_retry_at LIMIT ?"
+    " WHERE s.next_retry_at <= ? AND +s.status = 'STARTED' ORDER BY s.next_retry_at LIMIT ?"
 )
 INSERT_ATTEMPT = (
     "INSERT INTO attempts (step_id, attempt, trigger, principal, params, status, started_at, request_id)"
@@ -221,7 +221,7 @@ COMPLETE_AND_BEGIN_NEXT = f"""
 # each other. Returned oldest first, as SQLite's claim returns them.
 CLAIM_QUEUED_SKIPPING_LOCKED = (
     f"WITH picked AS (SELECT id FROM steps WHERE {QUEUED} ORDER BY started_at LIMIT ? FOR UPDATE SKIP LOCKED),"
-    f" claimed AS (UPDATE steps SET runner_id = ? FROM picked WHERE steps.id = picked.id AND {QUEUED}"
+    f" claimed AS (UPDATE steps SET runner_id = ? FROM picked WHERE steps.id = picked.id AND {unindexed(QUEUED)}"
     " RETURNING steps.id, process_id, position, type, params, attempts, retries_used, started_at)"
     " SELECT id, process_id, position, type, params, attempts, retries_used,"
     " (SELECT request_id FROM attempts WHERE step_id = claimed.id AND attempt = claimed.attempts) AS request_id"
@@ -1495,7 +1495,7 @@ class Store:
             )
             due = conn.execute(
                 "SELECT COUNT(*), MIN(next_retry_at) FROM steps INDEXED BY steps_due_retries"
-                " WHERE next_retry_at <= ? AND status = 'STARTED'",
+                " WHERE next_retry_at <= ? AND +status = 'STARTED'",
                 (now,),
             )
             (queued, queued_since), (due, due_since) = queued.fetchone(), due.fetchone()
@@ -1527,7 +1527,7 @@ class Store:
             queued = queued.fetchone()[0]
             due = conn.execute(
                 "SELECT MIN(next_retry_at) FROM steps INDEXED BY steps_due_retries"
-                " WHERE next_retry_at <= ? AND status = 'STARTED'",
+                " WHERE next_retry_at <= ? AND +status = 'STARTED'",
                 (now,),
             ).fetchone()[0]
         waiting = [moment for moment in (queued, due) if moment is not None]

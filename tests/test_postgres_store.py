@@ -281,6 +281,16 @@ def test_the_writers_compare_and_sets_find_their_rows_by_key_whatever_the_statis
     plan = "\n".join(row[0] for row in rows)
     assert "Seq Scan" not in plan and "steps_running" not in plan and "_by_status" not in plan, plan
     assert plan.count("Index Scan using steps_id_key") == 1 and "steps_process_id_position_key" in plan, plan
+    # the claim walks the queued steps once (steps_running, oldest first), then each claimed by its id
+    with database.transaction(rollback=True) as conn:
+        rows = conn.execute("EXPLAIN " + st.CLAIM_QUEUED_SKIPPING_LOCKED, (4, "r1")).fetchall()
+    plan = "\n".join(row[0] for row in rows)
+    assert plan.count("steps_running") == 1 and "steps_id_key" in plan and "_by_status" not in plan, plan
+    # due retries through their own index, not every STARTED step's
+    with database.transaction(rollback=True) as conn:
+        rows = conn.execute("EXPLAIN " + st.DUE_RETRIES_TO_BEGIN[st.POSTGRES], (now_iso(), 4)).fetchall()
+    plan = "\n".join(row[0] for row in rows)
+    assert "steps_due_retries" in plan and "_by_status" not in plan and "Seq Scan" not in plan, plan
 
 
 def test_an_unreachable_server_is_unavailable_for_a_request_and_ping(postgres_cluster):
