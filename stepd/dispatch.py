@@ -78,6 +78,10 @@ class Dispatcher:
         self.maybe_queued = True
         self._queued_in_group = False  # the group open now queued an attempt (only the writer's loop touches it)
         self._retries_due = []  # a heap of the ISO times of retries this node scheduled (wake_for_due_retries)
+        # Whether a claim looks for due retries (a look, a round trip to PostgreSQL's server, at the end
+        # of every group that claims): at start, when a retry this node scheduled falls due, and at a
+        # poll that found claimable work (another node's retry, or one scheduled before this node began).
+        self.retries_may_be_due = True
         # Attempts claimed or begun for each runner in the group open now (only the writer's loop
         # touches it): sent once that group committed, one message a runner a group.
         self._to_send = {}
@@ -239,7 +243,8 @@ class Dispatcher:
         try:
             claimed = self._claim_for(wanting)
         except BaseException:
-            self.maybe_queued = True  # undone with its savepoint: what it would have taken waits for the next group
+            # undone with its savepoint: what it would have taken waits for the next group
+            self.maybe_queued = self.retries_may_be_due = True
             raise
         for link, jobs in claimed:  # only now: a claim that failed half way is undone, and sends nothing
             self._will_send(link, jobs)
@@ -249,7 +254,7 @@ class Dispatcher:
         claimed = []
         for link in wanting:
             wanted = link.free
-            jobs = self.store.claim_due_retries(link.id, wanted)
+            jobs = self._claim_due_retries(link, wanted)
             if len(jobs) < wanted:
                 jobs += self.store.claim_queued(link.id, wanted - len(jobs))
             if not jobs:
@@ -261,6 +266,14 @@ class Dispatcher:
                     job.results = self.store.earlier_results(job.step_id)
             claimed.append((link, jobs))
         return claimed
+
+    def _claim_due_retries(self, link, wanted):
+        if not self.retries_may_be_due:
+            return []
+        jobs = self.store.claim_due_retries(link.id, wanted)
+        if len(jobs) < wanted:
+            self.retries_may_be_due = False  # none left due: the next look waits for a reason
+        return jobs
 
     def _may_claim_or_tell(self):
         """PostgreSQL's `_may_claim`: also when the group queued work, which other nodes may be told of."""
@@ -358,6 +371,7 @@ class Dispatcher:
                 heapq.heappop(self._retries_due)
                 due = True
         if due:
+            self.retries_may_be_due = True
             self.wake()
 
     # -- the watch: attempts ended from outside --------------------------------------------

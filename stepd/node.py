@@ -267,6 +267,7 @@ class Node:
         """The backstop for work no group of this node queued (a due retry, another node's
         attempt): a group now claims it."""
         if self.dispatcher.free_places() and self.store.has_claimable():
+            self.dispatcher.retries_may_be_due = True  # it may be a retry: the claim looks for them
             self.dispatcher.wake()
 
     def _look_after_processes(self, now):

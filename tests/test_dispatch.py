@@ -53,3 +53,31 @@ def test_outcomes_read_while_a_write_waits_join_that_write(database):
         assert [step["status"] for step in steps] == ["COMPLETED", "STARTED"]
     ours.close()
     theirs.close()
+
+
+def test_a_claim_looks_for_due_retries_only_when_one_may_be_due(database):
+    """The look for due retries is a round trip to PostgreSQL's server at the end of every group
+    that claims: the dispatcher makes it at start, when a retry this node scheduled falls due, and
+    after a poll found claimable work (node.py), not otherwise. Queued work is claimed either way."""
+    store = Store(database)
+    dispatcher = Dispatcher(store, stopping_reason=lambda: None, current=lambda: True)
+    ours, theirs = socket.socketpair()
+    link = Link(Channel(ours), places=4, pid=0)
+    looks = []
+    claim_due_retries = store.claim_due_retries
+    store.claim_due_retries = lambda *args: looks.append(args) or claim_due_retries(*args)
+
+    assert dispatcher._claim_for([link]) == [] and len(looks) == 1  # at start: it looks, finds none
+    queued = store.create_process("p", [("noop", {})], "op", None)[1]
+    [(_, claimed)] = dispatcher._claim_for([link])
+    assert [job.key for job in claimed] == [queued.key] and len(looks) == 1  # queued work, no look
+
+    _, failing = store.create_process("p", [("noop", {})], "op", link.id)
+    store.schedule_retry(failing, {"type": "ValueError", "message": "again"}, "2000-01-01T00:00:00.000Z")
+    assert dispatcher._claim_for([link]) == [] and len(looks) == 1  # not this node's retry to know of
+    dispatcher._note_retries(["2000-01-01T00:00:00.000Z"])
+    dispatcher.wake_for_due_retries()  # falls due
+    [(_, claimed)] = dispatcher._claim_for([link])
+    assert [(job.step_id, job.attempt) for job in claimed] == [(failing.step_id, 2)] and len(looks) == 2
+    ours.close()
+    theirs.close()
