@@ -90,6 +90,16 @@ REFRESH_PROCESS = """
         ELSE 'RUNNING' END
     WHERE id = :pid AND status != 'CANCELLED'
 """
+# PostgreSQL's refresh says the status it moved from too: the row locked and read as it is now (FOR
+# UPDATE reads the newest version, which the UPDATE then changes), where SQLite reads it first.
+REFRESH_PROCESS_RETURNING_BOTH = (
+    REFRESH_PROCESS.replace(
+        "WHERE id = :pid AND status != 'CANCELLED'",
+        "FROM (SELECT status FROM processes WHERE id = :pid FOR UPDATE) AS old"
+        " WHERE processes.id = :pid AND processes.status != 'CANCELLED'",
+    )
+    + " RETURNING old.status, processes.status"
+)
 TOUCH_RUNNING_PROCESS = "UPDATE processes SET updated_at = :now WHERE id = :pid AND +status = 'RUNNING'"
 STEP_COLUMNS = (
     "id, process_id, position, type, status, params, result, attempts, error_type, error_message,"
@@ -786,10 +796,15 @@ class Change:
             values = {"pid": process_id, "now": self.now}
             if process_id in self.still_running and self.conn.execute(TOUCH_RUNNING_PROCESS, values).rowcount:
                 continue
-            old = self.conn.execute("SELECT status FROM processes WHERE id = :pid", values).fetchone()
-            new = self.conn.execute(REFRESH_PROCESS + " RETURNING status", values).fetchone()
+            if self.dialect == POSTGRES:  # one round trip: the status before, locked, and after
+                row = self.conn.execute(REFRESH_PROCESS_RETURNING_BOTH, values).fetchone()
+                old, new = row if row is not None else (None, None)
+            else:
+                old = self.conn.execute("SELECT status FROM processes WHERE id = :pid", values).fetchone()
+                row = self.conn.execute(REFRESH_PROCESS + " RETURNING status", values).fetchone()
+                old, new = (old and old[0]), (row and row[0])
             if old is not None and new is not None:
-                self.moved("processes", old[0], new[0])
+                self.moved("processes", old, new)
 
 
 class Store:
