@@ -270,9 +270,12 @@ class Dispatcher:
     def _claim_due_retries(self, link, wanted):
         if not self.retries_may_be_due:
             return []
+        # Cleared before the look: a retry falling due meanwhile (the chores, while PostgreSQL's
+        # round trip lets other greenlets run) sets it again, for the next claim.
+        self.retries_may_be_due = False
         jobs = self.store.claim_due_retries(link.id, wanted)
-        if len(jobs) < wanted:
-            self.retries_may_be_due = False  # none left due: the next look waits for a reason
+        if len(jobs) == wanted:
+            self.retries_may_be_due = True  # every place it asked for is filled: more may be due
         return jobs
 
     def _may_claim_or_tell(self):
@@ -313,6 +316,8 @@ class Dispatcher:
             return None
 
         def after(committed):
+            if not committed:  # what its claims took is queued or due again
+                self.maybe_queued = self.retries_may_be_due = True
             for link, jobs in to_send.items():
                 with self._lock:
                     link.reserved -= len(jobs)
@@ -349,6 +354,14 @@ class Dispatcher:
         that frees it."""
         self.maybe_queued = True
         if self.free_places():
+            self.wake()
+
+    def poll(self, claimable):
+        """The node's poll, the backstop for work no group of this node queued: a retry another
+        node scheduled, or one scheduled before this node began, may be due; the next claim looks,
+        however full the runners are now. A group now if a place is free and `claimable()`."""
+        self.retries_may_be_due = True
+        if self.free_places() and claimable():
             self.wake()
 
     def wake(self):

@@ -266,9 +266,7 @@ class Node:
     def _poll(self):
         """The backstop for work no group of this node queued (a due retry, another node's
         attempt): a group now claims it."""
-        if self.dispatcher.free_places() and self.store.has_claimable():
-            self.dispatcher.retries_may_be_due = True  # it may be a retry: the claim looks for them
-            self.dispatcher.wake()
+        self.dispatcher.poll(self.store.has_claimable)
 
     def _look_after_processes(self, now):
         for slot, proc in list(self.processes.items()):

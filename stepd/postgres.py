@@ -601,16 +601,15 @@ class Connection:
 
     def _send(self, sql, args):
         held, self._held = self._held, []
-        if (
-            held
-            and held[0].startswith("BEGIN")
-            and ENDS_TRANSACTION.match(sql)
-            and all(HOLDABLE.match(h) for h in held)
-        ):
+        only_holdable = all(HOLDABLE.match(h) for h in held)
+        if held and held[0].startswith("BEGIN") and ENDS_TRANSACTION.match(sql) and only_holdable:
             return NO_ROWS  # the transaction never reached the server: nothing to end there
+        if sql == "ROLLBACK":  # what waited is undone with the rest (and would fail in an aborted transaction)
+            held = []
         # Outside a transaction on the server (nothing of one lost with a lost connection), a
-        # statement that finds the connection lost is sent again, once, on a new one.
-        between_transactions = not self._open_on_server()
+        # statement that finds the connection lost is sent again, once, on a new one; not when what
+        # waited wrote (the tallies), which may have committed before the answer was lost.
+        between_transactions = not self._open_on_server() and only_holdable
         try:
             return self._send_now(held, sql, args)
         except psycopg.Error as exc:

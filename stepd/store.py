@@ -729,6 +729,8 @@ class Change:
         """The Job of the step COMPLETE_AND_BEGIN_NEXT began after `outcome`'s (`row`), as begin_next's."""
         self.moved("steps", "PENDING", "STARTED")
         self.tally[("attempts", row["next_type"], "start")] += 1
+        if runner_id is None:
+            self.on_queued()
         metrics.begun((row["next_id"], row["next_attempt"]))
         done = outcome.job
         results = done.results or {}

@@ -81,3 +81,27 @@ def test_a_claim_looks_for_due_retries_only_when_one_may_be_due(database):
     assert [(job.step_id, job.attempt) for job in claimed] == [(failing.step_id, 2)] and len(looks) == 2
     ours.close()
     theirs.close()
+
+
+def test_each_poll_has_the_next_claim_look_for_due_retries_however_full_the_runners(database):
+    """A retry this node did not schedule (another node's, or one from before this node began) is
+    found by the next claim after a poll, even when the poll found no free place: under steady work
+    the runners are full at every poll, and a claim that did not look would leave it waiting."""
+    store = Store(database)
+    dispatcher = Dispatcher(store, stopping_reason=lambda: None, current=lambda: True)
+    ours, theirs = socket.socketpair()
+    link = Link(Channel(ours), places=1, pid=0)
+    dispatcher.links.append(link)
+    assert dispatcher._claim_for([link]) == []  # the look at start finds none
+    _, busy = store.create_process("p", [("noop", {})], "op", link.id)
+    link.sent.add(busy.key)  # its one place taken
+    _, failing = store.create_process("p", [("noop", {})], "op", link.id)
+    store.schedule_retry(failing, {"type": "ValueError", "message": "again"}, "2000-01-01T00:00:00.000Z")
+    asked = []
+    dispatcher.poll(lambda: asked.append(True) or True)
+    assert asked == [] and dispatcher.retries_may_be_due  # no free place: no group now, but the flag
+    link.sent.discard(busy.key)
+    [(_, claimed)] = dispatcher._claim_for([link])
+    assert [(job.step_id, job.attempt) for job in claimed] == [(failing.step_id, 2)]
+    ours.close()
+    theirs.close()

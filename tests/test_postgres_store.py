@@ -249,6 +249,17 @@ def test_begin_savepoint_release_and_the_tallies_go_with_the_next_statement(data
     conn.close()
 
 
+def test_a_rollback_drops_what_waited_and_ends_an_aborted_transaction(database):
+    conn = postgres.Connection(database.url)
+    conn.execute("BEGIN")
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        conn.execute("SELECT 1 / 0")
+    conn.execute("RELEASE job")  # held; it would fail in the aborted transaction, before the ROLLBACK
+    conn.execute("ROLLBACK")
+    assert not conn.in_transaction and conn.execute("SELECT 1").fetchone() == (1,)
+    conn.close()
+
+
 def test_a_held_statement_that_fails_fails_the_next_one_and_the_transaction(database):
     conn = postgres.Connection(database.url)
     conn.execute("BEGIN")

@@ -209,6 +209,17 @@ def test_a_runners_batch_of_outcomes_is_recorded_in_one_change(contract_store):
     assert invariants.check(getattr(store.db, "url", None) or store.db.path).problems == []
 
 
+def test_a_completion_for_no_runner_queues_the_next_step_and_says_so(contract_store):
+    """The next step begun with no runner is QUEUED, and the store tells its node (on_queued: a
+    claim at the end of the group, and on PostgreSQL a NOTIFY to the others)."""
+    store = contract_store
+    told = []
+    store.on_queued = lambda: told.append(True)
+    _, job = started_process(store, "a", "b")
+    next_job = store.finish_attempt(job, COMPLETED, runner_id=None)
+    assert store.get_step(next_job.step_id)["phase"] == "QUEUED" and told == [True]
+
+
 def test_stale_outcome_is_ignored(contract_store):
     store = contract_store
     _, job = started_process(store, "a", "b")
