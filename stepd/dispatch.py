@@ -30,12 +30,14 @@ from dataclasses import dataclass, field
 
 from stepd import metrics
 from stepd.liveness import HOST, process_start_time
-from stepd.model import FAILED, Busy, Outcome, Unwritable, new_id, now_iso
+from stepd.model import FAILED, Busy, Outcome, Unavailable, Unwritable, new_id, now_iso
 
 log = logging.getLogger("stepd.node")
 
 REGISTER_RETRY_SECONDS = 1.0
-RETRY_RECORD_SECONDS = 0.5  # a group that failed (busy, a full disk): its outcomes are written again after this
+RETRY_RECORD_SECONDS = (
+    0.5  # a group that failed (busy, a full disk, no database): its outcomes are written again after this
+)
 GONE = "The runner running this step (runner {id}, process {pid}) is gone."
 
 
@@ -200,11 +202,13 @@ class Dispatcher:
         self.store.db.submit(record, done)
 
     def _record_failed(self, link, outcomes, error):
-        """A busy or full database: write them again soon (an outcome exists only here). Any
-        other error: fail the attempts, so no step stays STARTED under a live runner for ever."""
+        """A busy, full or unreachable database (PostgreSQL restarting, a connection it ended):
+        write them again soon (an outcome exists only here; failing them would fail steps whose
+        delegates did their work). Any other error: fail the attempts, so no step stays STARTED
+        under a live runner for ever."""
         with self._lock:  # the group that freed their places failed: they are the runner's again
             link.sent.update(outcome.job.key for outcome in outcomes)
-        if isinstance(error, Busy | Unwritable):
+        if isinstance(error, Busy | Unwritable | Unavailable):
             log.warning("could not record %d outcome(s) (%s); retrying", len(outcomes), error)
             threading.Timer(RETRY_RECORD_SECONDS, self._record, (link, outcomes)).start()
             return

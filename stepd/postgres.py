@@ -645,6 +645,11 @@ class Connection:
             _raise_domain(exc)
         return cursor
 
+    @property
+    def lost(self):
+        """Whether the server ended this connection (its next statement connects again)."""
+        return self.raw is not None and self.raw.closed
+
     def _open_on_server(self):
         return self.raw is not None and self.raw.info.transaction_status in OPEN
 

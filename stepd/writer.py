@@ -35,7 +35,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from stepd.model import Unwritable
+from stepd.model import Unavailable, Unwritable
 
 log = logging.getLogger("stepd.writer")
 
@@ -183,7 +183,7 @@ class Writer:
         try:
             while member is not None:
                 if not conn.in_transaction:  # SQLite rolled it back under an earlier member
-                    raise Unwritable(ROLLED_BACK)
+                    raise _no_transaction(conn)
                 if not members and member.fn is not None:
                     if not self._serve_first(member):
                         return  # it failed: the transaction held only it, and is rolled back
@@ -192,7 +192,7 @@ class Writer:
                 members.append(member)
                 member = self._next_in_group(len(members))
             if not conn.in_transaction:
-                raise Unwritable(ROLLED_BACK)
+                raise _no_transaction(conn)
             afterwards = [
                 after for ended, how in list(self.ended_groups.items()) if (after := self._run_ended(ended, *how))
             ]
@@ -309,7 +309,7 @@ class Writer:
             return self._run_job(_Member(self, ended), "ended")
         except Exception:
             if not self.conn.in_transaction:
-                raise Unwritable(ROLLED_BACK) from None
+                raise _no_transaction(self.conn) from None
             log.exception("a writer hook failed at the end of a group; the group commits without it")
             return None
 
@@ -446,6 +446,14 @@ def savepoint(conn, name, rollback=False):
             conn.execute(f"RELEASE {name}")
         if counted and not rollback:
             (levels[-1] if levels else member.writer.group_counts).update(counted)
+
+
+def _no_transaction(conn):
+    """The error of a group whose transaction is gone under it: SQLite rolled it back (a full disk,
+    an I/O error), or PostgreSQL's connection was lost (`lost`: the server restarted or ended it)."""
+    if getattr(conn, "lost", False):
+        return Unavailable("the connection to the database was lost; nothing of this write was kept")
+    return Unwritable(ROLLED_BACK)
 
 
 def _let_ready_callers_join():

@@ -6,7 +6,7 @@ import threading
 
 from stepd.channel import Channel
 from stepd.dispatch import Dispatcher, Link
-from stepd.model import COMPLETED, Outcome
+from stepd.model import COMPLETED, Outcome, Unavailable
 from stepd.store import Store
 from tests.helpers import wait_for
 
@@ -103,5 +103,23 @@ def test_each_poll_has_the_next_claim_look_for_due_retries_however_full_the_runn
     link.sent.discard(busy.key)
     [(_, claimed)] = dispatcher._claim_for([link])
     assert [(job.step_id, job.attempt) for job in claimed] == [(failing.step_id, 2)]
+    ours.close()
+    theirs.close()
+
+
+def test_outcomes_a_database_that_did_not_answer_could_not_record_are_written_again(database):
+    """An outcome exists only in the dispatcher until it is in the database: when the database
+    did not answer (PostgreSQL restarting, a connection it ended), it is written again soon, not
+    turned into a failure of a step whose delegate did its work."""
+    store = Store(database)
+    dispatcher = Dispatcher(store, stopping_reason=lambda: None, current=lambda: True)
+    ours, theirs = socket.socketpair()
+    link = Link(Channel(ours), places=4, pid=0)
+    dispatcher.links.append(link)
+    process, job = store.create_process("p", [("noop", {})], "op", link.id)
+    dispatcher._record_failed(link, [Outcome(job, COMPLETED, result=None)], Unavailable("the server restarted"))
+    wait_for(lambda: store.get_process(process["id"])["status"] != "RUNNING", what="the outcome written again")
+    step = store.get_process(process["id"])["steps"][0]
+    assert (step["status"], step["error"]) == ("COMPLETED", None)
     ours.close()
     theirs.close()

@@ -304,6 +304,34 @@ def test_the_writers_compare_and_sets_find_their_rows_by_key_whatever_the_statis
     assert "steps_due_retries" in plan and "_by_status" not in plan and "Seq Scan" not in plan, plan
 
 
+def test_members_of_a_group_whose_connection_the_server_ended_are_told_unavailable(database, admin):
+    """The server ends the writer's connection in the middle of a group (a restart): the member
+    whose statement found it gets Unavailable, and so does every other member of that group, not
+    SQLite's "rolled back" (disk full); nothing of theirs is kept and the next group reconnects."""
+    writer = database._writer()
+    database.write(lambda conn: conn.execute("CREATE TABLE kept (n integer)"))
+    outcomes = {}
+
+    def second():
+        try:
+            database.write(lambda conn: conn.execute("INSERT INTO kept VALUES (2)"))
+            outcomes["second"] = "written"
+        except Exception as exc:  # asserted below
+            outcomes["second"] = exc
+
+    waiting = threading.Thread(target=second)
+    with pytest.raises(Unavailable), database.transaction() as conn:  # a turn: the group's first member
+        conn.execute("INSERT INTO kept VALUES (1)")  # its transaction is on the server now
+        waiting.start()
+        wait_for(lambda: writer._waiting, what="the second write waiting behind this one")
+        admin.execute("SELECT pg_terminate_backend(%s)", (conn.raw.info.backend_pid,))
+        conn.execute("INSERT INTO kept VALUES (3)")
+    waiting.join(5)
+    assert isinstance(outcomes["second"], Unavailable), outcomes
+    database.write(lambda conn: conn.execute("INSERT INTO kept VALUES (4)"))
+    assert [n for (n,) in database.rows("SELECT n FROM kept")] == [4]
+
+
 def test_an_unreachable_server_is_unavailable_for_a_request_and_ping(postgres_cluster):
     database = PostgresDatabase(postgres_cluster.url("no_such_database"))
     with pytest.raises(Unavailable, match="no_such_database"):
