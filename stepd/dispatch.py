@@ -35,9 +35,8 @@ from stepd.model import FAILED, Busy, Outcome, Unavailable, Unwritable, new_id, 
 log = logging.getLogger("stepd.node")
 
 REGISTER_RETRY_SECONDS = 1.0
-RETRY_RECORD_SECONDS = (
-    0.5  # a group that failed (busy, a full disk, no database): its outcomes are written again after this
-)
+# A group that failed (busy, a full disk, no database): its outcomes are written again after this.
+RETRY_RECORD_SECONDS = 0.5
 GONE = "The runner running this step (runner {id}, process {pid}) is gone."
 
 
@@ -81,8 +80,8 @@ class Dispatcher:
         self._queued_in_group = False  # the group open now queued an attempt (only the writer's loop touches it)
         self._retries_due = []  # a heap of the ISO times of retries this node scheduled (wake_for_due_retries)
         # Whether a claim looks for due retries (a look, a round trip to PostgreSQL's server, at the end
-        # of every group that claims): at start, when a retry this node scheduled falls due, and at a
-        # poll that found claimable work (another node's retry, or one scheduled before this node began).
+        # of every group that claims): at start, when a retry this node scheduled falls due, and after
+        # every poll (another node's retry, or one scheduled before this node began: `poll`).
         self.retries_may_be_due = True
         # Attempts claimed or begun for each runner in the group open now (only the writer's loop
         # touches it): sent once that group committed, one message a runner a group.

@@ -66,6 +66,7 @@ END_ATTEMPT = "error_type = :error_type, error_message = :error_message"
 OUTCOME = "status = :status, result = :result, finished_at = :now"
 
 
+@functools.lru_cache(maxsize=64)  # a few constant conditions, marked on every compare-and-set
 def unindexed(condition):
     """`condition` on a row found by its id, marked as a check, not a way to the row (`+column`): on
     PostgreSQL (postgres.SQLITE_SPELLINGS) a planner whose statistics lag a burst of work would
@@ -480,12 +481,11 @@ def page_query(table, columns, conditions, before_seq, limit):
 
 
 def _new_step_row(process_id, position, step_type, params, now):
-    """A new PENDING step as its row reads back (every STEP_COLUMNS key)."""
+    """A new PENDING step as its row reads back (every STEP_COLUMNS key; NULL where not given)."""
     return {
+        **dict.fromkeys(column.strip() for column in STEP_COLUMNS.split(",")),
         "id": new_id(), "process_id": process_id, "position": position, "type": step_type, "status": "PENDING",
-        "params": params_to_json(params), "result": None, "attempts": 0, "error_type": None, "error_message": None,
-        "deferred": 0, "next_retry_at": None, "runner_id": None, "created_at": now, "started_at": None,
-        "finished_at": None, "intervened_by": None, "intervened_at": None, "intervention_reason": None,
+        "params": params_to_json(params), "attempts": 0, "deferred": 0, "created_at": now,
     }  # fmt: skip
 
 
@@ -610,14 +610,20 @@ class Change:
         row = {**values, "trigger": trigger, "principal": principal, "request_id": request_id}
         if not self._begin_move(step["id"], step["attempts"], when, sets, row):
             return None
-        self.moved("steps", step["status"], "STARTED")
-        self.tally[("attempts", step["type"], trigger)] += 1
+        self.began((step["id"], attempt), step["type"], step["status"], trigger, runner_id)
         self.touched.add(step["process_id"])
+        retries_used = step["retries_used"] + 1 if trigger == "retry" else 0
+        return Job(step["id"], step["process_id"], step["type"], params, attempt, retries_used, request_id=request_id)
+
+    def began(self, key, step_type, old_status, trigger, runner_id):
+        """What an attempt begun (`key`: step id, attempt) counts and tells, whichever statement
+        wrote it: the step's status moved, the attempts' counter, the node told of one queued (no
+        runner), its queue time started."""
+        self.moved("steps", old_status, "STARTED")
+        self.tally[("attempts", step_type, trigger)] += 1
         if runner_id is None:
             self.on_queued()
-        retries_used = step["retries_used"] + 1 if trigger == "retry" else 0
-        metrics.begun((step["id"], attempt))
-        return Job(step["id"], step["process_id"], step["type"], params, attempt, retries_used, request_id=request_id)
+        metrics.begun(key)
 
     def end(self, step, attempt, *, status, when, also, step_status, error=None, **values):
         """End the attempt if `when` still holds; the attempt's row gets `status`. Returns whether it did.
@@ -727,11 +733,7 @@ class Change:
 
     def _begun_next(self, row, outcome, runner_id):
         """The Job of the step COMPLETE_AND_BEGIN_NEXT began after `outcome`'s (`row`), as begin_next's."""
-        self.moved("steps", "PENDING", "STARTED")
-        self.tally[("attempts", row["next_type"], "start")] += 1
-        if runner_id is None:
-            self.on_queued()
-        metrics.begun((row["next_id"], row["next_attempt"]))
+        self.began((row["next_id"], row["next_attempt"]), row["next_type"], "PENDING", "start", runner_id)
         done = outcome.job
         results = done.results or {}
         if outcome.result is not None:
@@ -877,12 +879,8 @@ class Store:
                 rows,
             )
             change.tally[("processes", "RUNNING", "")] += 1
-            change.tally[("steps", "PENDING", "")] += len(rows) - 1
-            change.tally[("steps", "STARTED", "")] += 1
-            change.tally[("attempts", first["type"], "start")] += 1
-            if runner_id is None:
-                change.on_queued()
-            metrics.begun((first["id"], 1))
+            change.tally[("steps", "PENDING", "")] += len(rows)
+            change.began((first["id"], 1), first["type"], "PENDING", "start", runner_id)
             process = {
                 "id": process_id, "name": name, "status": "RUNNING", "created_at": now, "updated_at": now,
                 "intervention": None, "steps": [_step(row, now) for row in rows], "variables": {},

@@ -201,9 +201,7 @@ class Writer:
         except BaseException as exc:
             if member is not None and member not in members:
                 members.append(member)
-            self.group_counts.clear()
-            self._rollback()
-            self._drop_lock()
+            self._abandon()
             self._tell(afterwards, committed=False)
             self._finish([*members, *self._drain()], exc)
             return
@@ -279,11 +277,15 @@ class Writer:
             member.count_levels.clear()
         finally:
             holding.reset(token)
+        self._abandon()
+        self._finish([member], None)
+        return False
+
+    def _abandon(self):
+        """Give up the open group's transaction: its counts, its writes, the lock."""
         self.group_counts.clear()
         self._rollback()
         self._drop_lock()
-        self._finish([member], None)
-        return False
 
     def _run_job(self, member, name):
         token = holding.set(member)

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from helpers import all_at_once
+from helpers import all_at_once, wait_for
 
 from stepd import db as db_module
 from stepd import migrations
@@ -298,10 +298,7 @@ def test_a_groups_first_job_has_no_savepoint_and_fails_alone(database):
     def fails_after_a_write(conn):
         conn.execute("INSERT INTO t VALUES (2)")
         second.start()  # its write waits behind this one
-        deadline = time.monotonic() + 5
-        while not writer._waiting and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert writer._waiting
+        wait_for(lambda: writer._waiting, what="the second write waiting behind this one")
         raise PreconditionFailed.on("n", "refused after writing")
 
     sent.clear()
