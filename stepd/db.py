@@ -18,7 +18,7 @@ from stepd.model import Busy, Conflict, Unavailable, Unusable, Unwritable
 from stepd.writer import Writer, WritesInGroups, savepoint
 
 BUSY_TIMEOUT_MS = 5000
-# The node copies the log into the file once a second (its checkpoint chore, wiring.py, and
+# The node copies the log into the file four times a second (its checkpoint chore, wiring.py, and
 # `Database.checkpoint`), off every request's path, and the log then starts again from its
 # beginning. SQLite's own automatic checkpoint, run inside whichever COMMIT crosses its threshold
 # (1,000 pages), would put that copy and its fsync inside a request; it is kept only as a bound
@@ -175,7 +175,7 @@ class Database(WritesInGroups):
 
     def checkpoint(self):
         """Copy the write-ahead log back into the file, and let it start again from its beginning
-        once it is long; the node does it once a second. Two steps, neither on gevent's loop
+        once it is long; the node does it every wiring.CHECKPOINT_SECONDS. Two steps, neither on gevent's loop
         (SQLite lets go of the GIL while it copies pages and syncs, so the loop's requests go on):
 
         1. the bulk, with a connection of this thread's own, beside the writes: a PASSIVE

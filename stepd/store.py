@@ -853,7 +853,7 @@ class Store:
         self.db.ping()
 
     def checkpoint(self):
-        """Copy the write-ahead log into the file (the runners, once a second)."""
+        """Copy the write-ahead log into the file (the node's checkpoint chore, wiring.py)."""
         self.db.checkpoint()
 
     # -- processes -------------------------------------------------------------------

@@ -75,7 +75,7 @@ def engine(kind, n):
     s = node_server(db) if kind == "node" else hop_server(db, f"e{n}")
     try:
         run.wrk(s, "create3", 3, None, token)
-        r = run.run_engine(s, db, sync, 10, token)
+        r = run.run_engine([s], db, sync, 10, token)
     finally:
         stop(s)
     posts = r["counted"] / r["seconds"]
