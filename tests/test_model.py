@@ -1,15 +1,19 @@
 """The model module alone: ids, times, the typed-params codec, delegates' results."""
 
 import math
+import pickle
 import re
 import time
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from stepd.model import (
+    FAILED,
     ID_PATTERN,
     Job,
+    Outcome,
     PreconditionFailed,
     iso,
     new_id,
@@ -79,3 +83,20 @@ def test_params_round_trip_through_json_with_their_types():
 def test_a_precondition_names_its_field_in_the_domain():
     assert PreconditionFailed.on("step_id", "No step has this id.").errors == {"step_id": ["No step has this id."]}
     assert repr(Job("s", "p", "t", {}, 2)) == "Job('s', attempt=2)"
+
+
+def test_jobs_and_outcomes_travel_to_and_from_a_runner_whole():
+    """channel.py pickles them; each spells its own fields (__reduce__): none may be lost, and a
+    field added to Job or Outcome without being added there fails here."""
+    job = Job(
+        "step", "process", "noop", {"n": ("LONG", 1)}, 3, retries_used=2, results={0: {"x": ("STRING", "y")}},
+        request_id="req",
+    )  # fmt: skip
+    outcome = Outcome(job, FAILED, result={"r": ("DOUBLE", 1.5)}, error={"type": "E", "message": "m"}, retry_at="t")
+    for value in (job, outcome):
+        copy = pickle.loads(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+        assert type(copy) is type(value)
+        assert {f.name: getattr(copy, f.name) for f in fields(value)} == {
+            f.name: getattr(value, f.name) for f in fields(value)
+        }
+        assert all(getattr(value, f.name) != f.default for f in fields(value))  # every field set, none at its default
