@@ -172,7 +172,6 @@ class Outcome:
         return Outcome, (self.job, self.kind, self.result, self.error, self.retry_at)
 
 
-
 # -- errors ---------------------------------------------------------------------------------
 class PreconditionFailed(Exception):
     """A request that is well formed but does not fit the current state (HTTP 412).

@@ -112,6 +112,12 @@ PROCESS_COLUMNS = (
 )
 # What beginning a step's next attempt needs to know of it (Change.begin).
 BEGIN_COLUMNS = "s.id, s.process_id, s.type, s.status, s.params, s.attempts, s.retries_used"
+# The step after step `?` in its process, as Change.begin needs it, and who started the process.
+NEXT_STEP = (
+    f"SELECT {BEGIN_COLUMNS}, p.principal, done.position AS done_position FROM steps s"
+    " JOIN steps done ON done.id = ? AND s.process_id = done.process_id AND s.position = done.position + 1"
+    " JOIN processes p ON p.id = s.process_id"
+)
 # Steps a runner is executing (INDEXED BY: left to itself the planner prefers the status index,
 # which holds every STARTED step, deferred ones and those waiting for a retry included).
 EXECUTING_STEPS = (
@@ -225,6 +231,25 @@ COMPLETE_AND_BEGIN_NEXT = f"""
     FROM ended e LEFT JOIN closed c ON c.step_id = e.id LEFT JOIN begun b ON b.after = e.id
         LEFT JOIN touched t ON t.id = e.process_id
 """
+# SQLite's COMPLETE_AND_BEGIN_NEXT, a statement at a time (Change._complete): what Change.end and
+# Change.begin write for a completion and for the next step's start (END_ATTEMPT and OUTCOME,
+# CLOSE_ATTEMPT, BEGIN_ATTEMPT, INSERT_ATTEMPT), spelt with positional arguments.
+END_COMPLETED = (
+    "UPDATE steps SET error_type = NULL, error_message = NULL, status = 'COMPLETED', result = ?, finished_at = ?"
+    f" WHERE id = ? AND attempts = ? AND {unindexed(EXECUTING)}"
+)
+CLOSE_COMPLETED = (
+    "UPDATE attempts SET status = 'COMPLETED', error_type = NULL, error_message = NULL, finished_at = ?"
+    " WHERE step_id = ? AND attempt = ? AND status = 'STARTED'"
+)
+BEGIN_FOLLOWING = (
+    "UPDATE steps SET status = 'STARTED', attempts = attempts + 1, runner_id = ?, started_at = ?"
+    f" WHERE id = ? AND attempts = ? AND {unindexed(IS_PENDING)}"
+)
+INSERT_FOLLOWING = (
+    "INSERT INTO attempts (step_id, attempt, trigger, principal, params, status, started_at, request_id)"
+    " VALUES (?, ?, 'start', ?, ?, 'STARTED', ?, ?)"
+)
 # Claims. SQLite's writers take turns, so a claim looks, then sets each row by compare-and-set. On
 # PostgreSQL the nodes claim at once: one statement takes the oldest queued attempts that no other
 # transaction has locked (FOR UPDATE SKIP LOCKED passes over them rather than waiting), and the
@@ -555,9 +580,6 @@ class Change:
         self.on_queued = on_queued
         self.request_id = request_id  # of the request making this change: its attempts record it
         self.touched = set()
-        # Touched processes whose status this change cannot have changed: a completion that began
-        # the next step leaves its process RUNNING (the runner's hot path; refreshed more cheaply).
-        self.still_running = set()
         self.tally = collections.Counter()  # what this change adds to the tallies (once its group commits)
 
     def moved(self, series, old, new, count=1):
@@ -649,12 +671,7 @@ class Change:
         `results`: the finished step's own ctx.results, when known (a runner's outcome): the next
         step's are those plus the finished step's `result`, with no read (the steps before a
         running one are done, and a done step's result never changes)."""
-        row = self.conn.execute(
-            f"SELECT {BEGIN_COLUMNS}, p.principal, done.position AS done_position FROM steps s"
-            " JOIN steps done ON done.id = ? AND s.process_id = done.process_id AND s.position = done.position + 1"
-            " JOIN processes p ON p.id = s.process_id",
-            (step_id,),
-        ).fetchone()
+        row = self.conn.execute(NEXT_STEP, (step_id,)).fetchone()
         if row is None:
             return None
         job = self.begin(row, "start", row["principal"], IS_PENDING, runner_id=runner_id, request_id=request_id)
@@ -663,21 +680,14 @@ class Change:
         return job
 
     # -- what a runner reports of an attempt (dispatch.py records a batch in one change) -----
-    def finish(self, job, status, result=None, error=None, runner_id=None):
-        """End a running attempt COMPLETED or FAILED; COMPLETED begins the next step, for
-        `runner_id`. Returns the next step's Job, or None (also for a stale outcome: the step was
-        failed, completed or interrupted meanwhile, and nothing changes)."""
-        stored_result = None if result is None else params_to_json(result)
-        ended = self.end(
-            job.step, job.attempt, status=status, when=EXECUTING, also=OUTCOME, step_status=status, error=error,
-            result=stored_result,
+    def fail(self, job, error):
+        """End a running attempt FAILED, and its step; whether it did (a stale outcome, whose step
+        was failed, completed or interrupted meanwhile, changes nothing). A completion, which
+        begins the next step, goes through record_all."""
+        return self.end(
+            job.step, job.attempt, status=FAILED, when=EXECUTING, also=OUTCOME, step_status=FAILED, error=error,
+            result=None,
         )  # fmt: skip
-        if not ended or status != COMPLETED:
-            return None
-        next_job = self.begin_next(job.step_id, runner_id, job.results or {}, result, job.request_id)
-        if next_job is not None:
-            self.still_running.add(job.process_id)
-        return next_job
 
     def retry_later(self, job, error, retry_at):
         """Close a failed attempt and leave the step STARTED until `retry_at` (ISO time), when
@@ -696,29 +706,35 @@ class Change:
 
     def record_all(self, outcomes, runner_id):
         """Record a runner's Outcomes; returns the Jobs of the next steps they began, for the same
-        runner, in the outcomes' order. On PostgreSQL the completions are one statement."""
-        if self.dialect != POSTGRES:
-            return [job for outcome in outcomes if (job := self.record(outcome, runner_id)) is not None]
+        runner, in the outcomes' order. The completions are recorded together (`_complete_all`)."""
         completions = [outcome for outcome in outcomes if outcome.kind == COMPLETED]
         for outcome in outcomes:
             if outcome.kind != COMPLETED:
-                self.record(outcome, runner_id)
+                self.record(outcome)
         begun = self._complete_all(completions, runner_id) if completions else {}
         return [begun[outcome.job.step_id] for outcome in completions if outcome.job.step_id in begun]
 
     def _complete_all(self, completions, runner_id):
-        """COMPLETE_AND_BEGIN_NEXT: {finished step id: its next step's Job}, as `finish` would for
-        each; an outcome whose attempt is no longer executing changes nothing, as there."""
-        jobs = [outcome.job for outcome in completions]
+        """Each completion's step COMPLETED, its attempt closed, and the next step begun for the same
+        runner: {finished step id: its next step's Job}. An outcome whose attempt is no longer
+        executing changes nothing. COMPLETE_AND_BEGIN_NEXT's rows, from one statement on PostgreSQL."""
         results = [None if outcome.result is None else params_to_json(outcome.result) for outcome in completions]
-        rows = self.conn.execute(
-            COMPLETE_AND_BEGIN_NEXT,
-            {
-                "step_ids": [job.step_id for job in jobs], "attempts": [job.attempt for job in jobs],
-                "results": results, "request_ids": [job.request_id or self.request_id for job in jobs],
-                "runner_id": runner_id, "now": self.now,
-            },
-        ).fetchall()  # fmt: skip
+        if self.dialect == POSTGRES:
+            jobs = [outcome.job for outcome in completions]
+            rows = self.conn.execute(
+                COMPLETE_AND_BEGIN_NEXT,
+                {
+                    "step_ids": [job.step_id for job in jobs], "attempts": [job.attempt for job in jobs],
+                    "results": results, "request_ids": [job.request_id or self.request_id for job in jobs],
+                    "runner_id": runner_id, "now": self.now,
+                },
+            ).fetchall()  # fmt: skip
+        else:
+            rows = [
+                row
+                for outcome, result in zip(completions, results, strict=True)
+                if (row := self._complete(outcome.job, result, runner_id))
+            ]
         finished = {outcome.job.step_id: outcome for outcome in completions}
         begun = {}
         for row in rows:
@@ -730,6 +746,31 @@ class Change:
             if row["next_id"] is not None:
                 begun[row["id"]] = self._begun_next(row, finished[row["id"]], runner_id)
         return begun
+
+    def _complete(self, job, result, runner_id):
+        """SQLite's COMPLETE_AND_BEGIN_NEXT for one completion (SQLite has no data-modifying WITH):
+        the same writes as Change.end and Change.begin, statement by statement, and the row that
+        statement returns; None if the attempt was no longer executing. Written out here, with
+        positional arguments: the runner's hot path, where those two's layers cost more than the
+        statements (9 us a step of 100, measured)."""
+        conn, now = self.conn, self.now
+        if conn.execute(END_COMPLETED, (result, now, job.step_id, job.attempt)).rowcount != 1:
+            return None
+        closed = conn.execute(CLOSE_COMPLETED, (now, job.step_id, job.attempt)).rowcount == 1
+        row = {"id": job.step_id, "process_id": job.process_id, "type": job.type, "closed": closed, "next_id": None}
+        following = conn.execute(NEXT_STEP, (job.step_id,)).fetchone()
+        if following is None:
+            return row
+        next_id, attempt = following["id"], following["attempts"] + 1
+        if conn.execute(BEGIN_FOLLOWING, (runner_id, now, next_id, following["attempts"])).rowcount != 1:
+            return row
+        request_id = job.request_id or self.request_id
+        conn.execute(INSERT_FOLLOWING, (next_id, attempt, following["principal"], following["params"], now, request_id))
+        touched = conn.execute(TOUCH_RUNNING_PROCESS, {"pid": job.process_id, "now": now}).rowcount == 1
+        return row | {
+            "position": following["done_position"], "next_id": next_id, "next_type": following["type"],
+            "next_params": following["params"], "next_attempt": attempt, "touched": touched,
+        }  # fmt: skip
 
     def _begun_next(self, row, outcome, runner_id):
         """The Job of the step COMPLETE_AND_BEGIN_NEXT began after `outcome`'s (`row`), as begin_next's."""
@@ -743,19 +784,15 @@ class Change:
             row["next_attempt"], 0, results=results, request_id=done.request_id or self.request_id,
         )  # fmt: skip
 
-    def record(self, outcome, runner_id):
-        """Record one Outcome of `runner_id`'s; returns the next step's Job, begun for the same
-        runner, or None."""
+    def record(self, outcome):
+        """Record one Outcome that is not a completion (`record_all` records those)."""
         job = outcome.job
-        if outcome.kind == COMPLETED:
-            return self.finish(job, COMPLETED, result=outcome.result, runner_id=runner_id)
         if outcome.kind == FAILED and outcome.retry_at is not None:
             self.retry_later(job, outcome.error, outcome.retry_at)
         elif outcome.kind == FAILED:
-            self.finish(job, FAILED, error=outcome.error, runner_id=runner_id)
+            self.fail(job, outcome.error)
         else:
             self.defer(job)
-        return None
 
     def skip(self, step_id, process_id, attempt, result, principal, reason):
         """FAILED -> SKIPPED with `result` (typed params or None), if the step is still FAILED at
@@ -793,13 +830,11 @@ class Change:
         )
 
     def refresh_processes(self):
-        """A process is FAILED while a step is, COMPLETED when its last step is, else RUNNING. One
-        that stays RUNNING (`still_running`) only has its time updated, without REFRESH_PROCESS's
-        two looks at its steps; if it was not RUNNING after all, it gets the full refresh."""
+        """A process is FAILED while a step is, COMPLETED when its last step is, else RUNNING. (A
+        completion that began the next step leaves its process RUNNING and only touches it: it is
+        not one of these, `_complete_all`.)"""
         for process_id in self.touched:
             values = {"pid": process_id, "now": self.now}
-            if process_id in self.still_running and self.conn.execute(TOUCH_RUNNING_PROCESS, values).rowcount:
-                continue
             if self.dialect == POSTGRES:  # one round trip: the status before, locked, and after
                 row = self.conn.execute(REFRESH_PROCESS_RETURNING_BOTH, values).fetchone()
                 old, new = row if row is not None else (None, None)
@@ -1092,10 +1127,13 @@ class Store:
         A stale outcome (the step was failed, completed or interrupted meanwhile) changes
         nothing and returns None.
         """
-        if status == COMPLETED:  # as a runner's are recorded (on PostgreSQL, COMPLETE_AND_BEGIN_NEXT)
+        if status == COMPLETED:  # as a runner's are recorded (COMPLETE_AND_BEGIN_NEXT)
             begun = self._apply(lambda change: change.record_all([Outcome(job, COMPLETED, result=result)], runner_id))
             return begun[0] if begun else None
-        return self._apply(lambda change: change.finish(job, status, result, error, runner_id))
+        if status != FAILED:
+            raise ValueError(f"an attempt finishes COMPLETED or FAILED, not {status}")
+        self._apply(lambda change: change.fail(job, error))
+        return None
 
     def schedule_retry(self, job, error, retry_at):
         """Close a failed attempt and leave the step STARTED until `retry_at` (ISO time); returns
