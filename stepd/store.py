@@ -752,7 +752,7 @@ class Change:
         the same writes as Change.end and Change.begin, statement by statement, and the row that
         statement returns; None if the attempt was no longer executing. Written out here, with
         positional arguments: the runner's hot path, where those two's layers cost more than the
-        statements (9 us a step of 100, measured)."""
+        statements (13 us of 108 a step, in-process, measured)."""
         conn, now = self.conn, self.now
         if conn.execute(END_COMPLETED, (result, now, job.step_id, job.attempt)).rowcount != 1:
             return None
