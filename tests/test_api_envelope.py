@@ -294,3 +294,38 @@ def test_an_empty_query_loads_its_defaults_afresh_each_time(app):
         assert first["limit"] == 50 and first["cursor"] is None
         first["limit"] = 1
         assert load_query(ProcessListQuery)["limit"] == 50
+
+
+def test_whether_a_view_or_hook_is_async_is_looked_up_once_per_function(app, api, monkeypatch):
+    """app.App.ensure_sync keeps Flask's answer per function: a plain function is itself, asked of
+    `inspect` once however many requests call it; an async one still gets Flask's own handling
+    (here, without Flask's async extra, its refusal), every time."""
+    import flask.app
+
+    asked = []
+
+    def counting(func):
+        asked.append(func)
+        return original(func)
+
+    original = flask.app.iscoroutinefunction
+    monkeypatch.setattr(flask.app, "iscoroutinefunction", counting)
+
+    def plain():
+        return "plain"
+
+    async def not_plain():
+        return "async"
+
+    assert app.ensure_sync(plain) is plain
+    assert app.ensure_sync(plain) is plain
+    assert asked.count(plain) == 1
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="async"):
+            app.ensure_sync(not_plain)
+    assert asked.count(not_plain) == 2
+    for _ in range(3):  # requests ask nothing new of inspect once each view and hook was seen
+        assert api.get("/healthz").status_code == 200
+    seen = len(asked)
+    assert api.get("/healthz").status_code == 200
+    assert len(asked) == seen
