@@ -17,9 +17,9 @@ from stepd.retention import Retention
 from stepd.store import Store
 
 # How often the checkpoint chore runs. SQLite: the log is copied back into the file off every
-# request's path (db.Database.checkpoint). Every 0.25 s rather than every second: each copy is a
-# quarter of the size (10 ms rather than 15-55, on a thread beside the writes), and so is what the
-# log's restart then holds the writes for (2.4-5.8 ms rather than 4-14). Restarts at 500/s offered,
+# request's path (db.Database.checkpoint). Every 0.25 s rather than every second: each copy is
+# smaller (7-15 ms rather than 15-55, on a thread beside the writes), and so is what the log's
+# restart then holds the writes for (2.4-5.8 ms rather than 4-14). Restarts at 500/s offered,
 # p99: 5.0-9.3 ms in eight runs, against 6.3-23.7 ms copying once a second. PostgreSQL: the tallies'
 # log of changes is folded (postgres.py), once a second on every node.
 CHECKPOINT_SECONDS = {"sqlite": 0.25, "postgresql": 1.0}

@@ -234,6 +234,17 @@ def test_stale_outcome_is_ignored(contract_store):
     assert store.get_step(job.step_id)["attempts"] == newer.attempt == 2
 
 
+def test_an_attempt_finishes_completed_or_failed_and_nothing_else(contract_store):
+    """finish_attempt records what a delegate did; any other status is the caller's mistake, and
+    changes nothing."""
+    store = contract_store
+    _, job = started_process(store, "a", "b")
+    with pytest.raises(ValueError, match="COMPLETED or FAILED"):
+        store.finish_attempt(job, "DEFERRED", runner_id="r1")
+    step = store.get_step(job.step_id)
+    assert (step["status"], step["phase"]) == ("STARTED", "RUNNING")
+
+
 def test_deferred_step_waits_for_complete_step(contract_store):
     store = contract_store
     process, job = started_process(store, "a", "b")
