@@ -187,7 +187,7 @@ def test_the_checkpoint_chore_folds_the_tallies(pg_server, postgres_url):
 
 @pytest.mark.timeout(60)
 def test_a_write_waiting_on_a_lock_does_not_stall_the_reads(pg_server, postgres_url):
-    """psycopg waits for the server through gevent (postgres.refuse_a_blocking_wait): a write group
+    """psycopg waits for the server through gevent (postgres.wait_through_gevent): a write group
     waiting on a lock another client holds leaves the node's loop free, so reads answer at once.
     With psycopg's C wait every request would wait with the writer."""
     server = pg_server().start()
