@@ -157,6 +157,53 @@ def typed_value_output(kind, value):
     return out
 
 
+_NAME = re.compile(NAME_PATTERN)
+
+
+def typed_params_or_none(params, null_values=False):
+    """`params` ({name: typed value} as JSON gives it) as {name: (TYPE, value)}, if every name and
+    value is valid as Params and TypedValueSchema load them; None if anything is not (or may not be)."""
+    if type(params) is not dict or len(params) > MAX_PARAMS:
+        return None
+    loaded = {}
+    for name, typed in params.items():
+        if type(name) is not str or not 1 <= len(name) <= MAX_NAME or _NAME.fullmatch(name) is None:
+            return None
+        if typed is None and null_values:
+            loaded[name] = None
+            continue
+        pair = _typed_value_or_none(typed)
+        if pair is None:
+            return None
+        loaded[name] = pair
+    return loaded
+
+
+def _typed_value_or_none(typed):
+    """One typed value as TypedValueSchema loads it, (TYPE, value); None if it is not a valid one."""
+    if type(typed) is not dict or not typed.keys() <= _TYPED_KEYS:
+        return None
+    kind = typed.get("type")
+    if type(kind) is not str or kind not in VALUE_FIELD:
+        return None
+    wanted = VALUE_FIELD[kind]
+    if any(typed.get(other) is not None for other in VALUE_FIELD.values() if other != wanted):
+        return None
+    value = typed.get(wanted)
+    if kind == "STRING":
+        return (kind, value) if type(value) is str and len(value) <= MAX_STRING else None
+    if kind == "LONG":
+        return (kind, value) if type(value) is int and INT64_MIN <= value <= INT64_MAX else None
+    if type(value) is int:  # a DOUBLE may be written as an integer (FiniteFloat)
+        if not -MAX_DOUBLE <= value <= MAX_DOUBLE:
+            return None
+        value = float(value)
+    return (kind, value) if type(value) is float and -MAX_DOUBLE <= value <= MAX_DOUBLE else None
+
+
+_TYPED_KEYS = {"type", *VALUE_FIELD.values()}
+
+
 def at_most_max_params(params):
     if len(params) > MAX_PARAMS:
         raise ValidationError(f"At most {MAX_PARAMS} names are allowed, not {len(params)}.")
@@ -174,6 +221,15 @@ class Params(fields.Dict):
             metadata={"maxProperties": MAX_PARAMS, **(metadata or {})},
             **kwargs,
         )
+        self.null_values = null_values
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        # Params that are all valid, the common case, are read here; anything else takes marshmallow's
+        # own path, which says what is wrong (and is what these checks mirror, test_schemas.py holds
+        # them to it). marshmallow's nested schema costs ~19 us a value (a restart's one param: a
+        # fifth of its load), this ~1.
+        valid = typed_params_or_none(value, self.null_values)
+        return valid if valid is not None else super()._deserialize(value, attr, data, **kwargs)
 
     def _serialize(self, value, attr, obj, **kwargs):
         if value is None:

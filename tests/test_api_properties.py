@@ -5,8 +5,10 @@ with 412 and field errors; never an exception, never a 500. An oracle written fr
 section 2 (not from schemas.py) says which of the two each value must get.
 """
 
+import itertools
 import json
 import math
+import sys
 import unicodedata
 from collections import Counter
 
@@ -27,7 +29,7 @@ from helpers import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from marshmallow import ValidationError
+from marshmallow import ValidationError, fields
 
 from stepd import schemas as s
 
@@ -225,6 +227,79 @@ def test_the_params_schema_accepts_exactly_the_valid_params_and_echoes_them(para
     echoed = s.RestartResultSchema().dump({"process_id": "p", "step_id": "abc", "params": kept})
     assert echoed["params"] == output_form(params)
     assert json.loads(json.dumps(echoed["params"])) == output_form(params)
+
+
+def marshmallow_load(field, params):
+    """What marshmallow's own path (fields.Dict, a nested TypedValueSchema a value) makes of
+    `params`: ("loaded", the dict) or ("refused", its messages)."""
+    try:
+        return "loaded", fields.Dict._deserialize(field, params, "params", {})
+    except ValidationError as refused:
+        return "refused", refused.messages
+
+
+# A typed value of each kind holding a value at or past an edge of some kind's: where a check that
+# is almost right (a bool taken for an integer, an off-by-one at 2**63) would differ from marshmallow.
+EDGES = [True, False, None, 0, 1, -1, 2**63 - 1, 2**63, -(2**63), -(2**63) - 1, 1.0, -0.0, 0.5, 1e308, -1e308]
+EDGES += [sys.float_info.max, int(sys.float_info.max), int(sys.float_info.max) * 2, 10**400, "", "x", "\ud800", [], {}]
+edge_typed_values = st.sampled_from(sorted(VALUE_FIELDS)).flatmap(
+    lambda kind: st.fixed_dictionaries(
+        {"type": st.just(kind), VALUE_FIELDS[kind]: st.sampled_from(EDGES)},
+        optional={field: st.sampled_from([None, 0, "", False]) for k, field in VALUE_FIELDS.items() if k != kind},
+    )
+)
+
+
+@settings(PROPERTY_SETTINGS, max_examples=SCHEMA_EXAMPLES)
+@given(
+    params=params_like
+    | good_params
+    | st.dictionaries(good_names, long_typed_values, max_size=3)
+    | st.dictionaries(good_names, edge_typed_values, min_size=1, max_size=2),
+    null_values=st.booleans(),
+)
+def test_the_params_fast_path_loads_as_marshmallow_does(params, null_values):
+    """schemas.typed_params_or_none reads valid params without marshmallow's nested schema: what it
+    reads must be exactly what marshmallow would, and what it leaves (None) marshmallow's to refuse
+    or read."""
+    field = s.Params(null_values=null_values)
+    fast = s.typed_params_or_none(params, null_values)
+    outcome, loaded = marshmallow_load(field, params)
+    if fast is None:
+        count("fast path", "left to marshmallow")
+        return
+    count("fast path", "read")
+    assert outcome == "loaded", f"the fast path read params marshmallow refuses: {loaded}"
+    assert fast == loaded
+    assert [type(v[1]) if v else None for v in fast.values()] == [type(v[1]) if v else None for v in loaded.values()]
+    assert list(fast) == list(loaded)
+
+
+def test_the_params_fast_path_loads_every_edge_as_marshmallow_does():
+    """Every kind with every edge value, exhaustively (the property above draws only some of them)."""
+    read = 0
+    for kind, edge, null_values in itertools.product(sorted(VALUE_FIELDS), EDGES, (False, True)):
+        params = {"p": {"type": kind, VALUE_FIELDS[kind]: edge}}
+        fast = s.typed_params_or_none(params, null_values)
+        if fast is not None:
+            read += 1
+            assert marshmallow_load(s.Params(null_values=null_values), params) == ("loaded", fast), params
+            assert type(fast["p"][1]) is type(marshmallow_load(s.Params(), params)[1]["p"][1])
+    assert read >= 20  # the valid ones: the check above was not vacuous
+
+
+def test_the_params_fast_path_reads_the_common_shapes():
+    """The shapes a client sends most (one of each type, a restart's null) take the fast path, so the
+    property above is not vacuous; a value it must not read goes to marshmallow."""
+    params = {
+        "s": {"type": "STRING", "strValue": "x"},
+        "n": {"type": "LONG", "longValue": 5, "doubleValue": None},
+        "d": {"type": "DOUBLE", "doubleValue": 2},
+    }
+    assert s.typed_params_or_none(params) == {"s": ("STRING", "x"), "n": ("LONG", 5), "d": ("DOUBLE", 2.0)}
+    assert s.typed_params_or_none({"gone": None}, null_values=True) == {"gone": None}
+    for left in ({"gone": None}, {"b": {"type": "LONG", "longValue": True}}, {"": {"type": "STRING", "strValue": ""}}):
+        assert s.typed_params_or_none(left) is None
 
 
 # -- every request body, over HTTP against a real SQLite file (fixture module_client) ----
