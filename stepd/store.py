@@ -505,12 +505,16 @@ def page_query(table, columns, conditions, before_seq, limit):
     return f"SELECT {columns} FROM {table} {where} ORDER BY seq DESC LIMIT ?", args
 
 
+_NO_STEP_COLUMNS = dict.fromkeys(column.strip() for column in STEP_COLUMNS.split(","))
+_NO_PARAMS = params_to_json({})  # a step sent without params (most are): written once, not per step
+
+
 def _new_step_row(process_id, position, step_type, params, now):
     """A new PENDING step as its row reads back (every STEP_COLUMNS key; NULL where not given)."""
     return {
-        **dict.fromkeys(column.strip() for column in STEP_COLUMNS.split(",")),
+        **_NO_STEP_COLUMNS,
         "id": new_id(), "process_id": process_id, "position": position, "type": step_type, "status": "PENDING",
-        "params": params_to_json(params), "attempts": 0, "deferred": 0, "created_at": now,
+        "params": params_to_json(params) if params else _NO_PARAMS, "attempts": 0, "deferred": 0, "created_at": now,
     }  # fmt: skip
 
 
