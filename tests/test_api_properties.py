@@ -29,7 +29,7 @@ from helpers import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from marshmallow import ValidationError, fields
+from marshmallow import Schema, ValidationError, fields
 
 from stepd import schemas as s
 
@@ -288,6 +288,16 @@ def test_the_params_fast_path_loads_every_edge_as_marshmallow_does():
     assert read >= 20  # the valid ones: the check above was not vacuous
 
 
+def test_the_start_fast_path_loads_every_edge_as_marshmallow_does():
+    """Every edge name with every edge type, and 0-101 steps, exhaustively."""
+    bodies = [{"name": name, "steps": [{"type": kind}]} for name, kind in itertools.product(EDGE_NAMES, EDGE_TYPES)]
+    bodies += [{"steps": [{"type": "noop"}] * n} for n in (0, 1, 100, 101)]
+    read = [body for body in bodies if s.start_process_or_none(body) is not None]
+    for body in read:
+        assert marshmallow_start(body) == ("loaded", s.start_process_or_none(body)), body
+    assert len(read) >= 10  # the valid ones: the check above was not vacuous
+
+
 def test_the_params_fast_path_reads_the_common_shapes():
     """The shapes a client sends most (one of each type, a restart's null) take the fast path, so the
     property above is not vacuous; a value it must not read goes to marshmallow."""
@@ -360,6 +370,47 @@ start_bodies = (
         optional={"name": st.none() | st.text(max_size=20) | st.text(min_size=1020, max_size=1030) | scalars},
     )
 )
+
+
+def marshmallow_start(body):
+    """marshmallow's own load of a POST /processes body (Schema.load, not the fast path's override)."""
+    try:
+        return "loaded", Schema.load(s.StartProcessSchema(), body)
+    except ValidationError as refused:
+        return "refused", refused.messages
+
+
+# Bodies near the edges of each check: a name or type at its length limit or past it, a lone
+# surrogate, 0, 1, 100 and 101 steps, a step with an unknown key, params null, empty or invalid.
+EDGE_NAMES = [None, "", "n", "x" * 1024, "x" * 1025, "\ud800", 5, True, []]
+EDGE_TYPES = ["noop", "", "t" * 128, "t" * 129, "\udfff", None, 7]
+edge_names, edge_types = st.sampled_from(EDGE_NAMES), st.sampled_from(EDGE_TYPES)
+edge_steps = st.fixed_dictionaries(
+    {"type": edge_types},
+    optional={
+        "params": st.none() | st.just({}) | good_params | st.dictionaries(good_names, edge_typed_values, max_size=1)
+    },
+)
+edge_start_bodies = st.fixed_dictionaries(
+    {"steps": st.lists(edge_steps, max_size=3) | st.lists(st.just({"type": "noop"}), min_size=99, max_size=102)},
+    optional={"name": edge_names, "other": st.just(1)},
+) | st.fixed_dictionaries({"name": edge_names})
+
+
+@settings(PROPERTY_SETTINGS, max_examples=SCHEMA_EXAMPLES)
+@given(body=start_bodies | good_start_bodies | edge_start_bodies)
+def test_the_start_fast_path_loads_as_marshmallow_does(body):
+    """schemas.start_process_or_none reads valid bodies of POST /processes without marshmallow's
+    nested schemas: what it reads must be exactly what marshmallow would (None: marshmallow's to do)."""
+    fast = s.start_process_or_none(body)
+    outcome, loaded = marshmallow_start(body)
+    if fast is None:
+        count("start fast path", "left to marshmallow")
+        return
+    count("start fast path", "read")
+    assert outcome == "loaded", f"the fast path read a body marshmallow refuses: {loaded}"
+    assert fast == loaded
+    assert s.StartProcessSchema().load(body) == loaded  # the schema's own load takes the fast path
 
 
 @settings(PROPERTY_SETTINGS, max_examples=BODY_EXAMPLES)
