@@ -17,7 +17,7 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from stepd.model import VERSION, current_request_id, now_iso
-from stepd.schemas import NoQuerySchema, one
+from stepd.schemas import NoQuerySchema, dumper, one
 
 MAX_BODY_BYTES = 1024 * 1024
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -56,7 +56,7 @@ def endpoint(data, *, tag, body=None, query=NoQuerySchema, status=200, many=Fals
                 loaded["body"] = load_body(body)
             answer = view(**path_args, **loaded)
             payload, message = answer if isinstance(answer, tuple) else (answer, "OK")
-            return envelope(one(data, many).dump(payload), message, status)
+            return envelope(dumper(data, many)(payload), message, status)
 
         run.openapi = {
             "body": body,

@@ -32,6 +32,7 @@ from helpers import (
     wait_for,
 )
 
+from stepd import envelope, schemas
 from stepd.app import create_app, start_background, stop_background
 from stepd.auth import hash_secret
 from stepd.db import Database
@@ -57,6 +58,30 @@ def clean_environment(monkeypatch):
     for key in list(os.environ):
         if key.startswith("STEPD_"):
             monkeypatch.delenv(key)
+
+
+@pytest.fixture(autouse=True)
+def answers_dumped_as_marshmallow_dumps_them(monkeypatch):
+    """Every answer an in-process app gives is dumped by schemas.dumper (marshmallow's work done
+    once per schema): each is held here to marshmallow's own dump of the same payload, key order
+    included (it is on the wire). A difference fails the test that made it, at its end."""
+    differences = []
+
+    def checking(schema_class, many=False):
+        fast = schemas.dumper(schema_class, many)
+
+        def dump(payload):
+            dumped = fast(payload)
+            expected = schemas.one(schema_class, many).dump(payload)
+            if json.dumps(dumped) != json.dumps(expected):
+                differences.append((schema_class.__name__, dumped, expected))
+            return dumped
+
+        return dump
+
+    monkeypatch.setattr(envelope, "dumper", checking)
+    yield
+    assert not differences, f"schemas.dumper differs from marshmallow's dump: {differences[:3]}"
 
 
 # -- the app in this process, through Flask's test client ------------------------------------
