@@ -229,6 +229,19 @@ def test_the_params_schema_accepts_exactly_the_valid_params_and_echoes_them(para
     assert json.loads(json.dumps(echoed["params"])) == output_form(params)
 
 
+def read_as_marshmallow_reads(what, fast, marshmallow):
+    """Whether a fast path read its input (None: it left it to marshmallow); what it read must be
+    what marshmallow reads (`marshmallow`: ("loaded", the result) or ("refused", the messages))."""
+    outcome, loaded = marshmallow
+    if fast is None:
+        count(what, "left to marshmallow")
+        return False
+    count(what, "read")
+    assert outcome == "loaded", f"the fast path read what marshmallow refuses: {loaded}"
+    assert fast == loaded
+    return True
+
+
 def marshmallow_load(field, params):
     """What marshmallow's own path (fields.Dict, a nested TypedValueSchema a value) makes of
     `params`: ("loaded", the dict) or ("refused", its messages)."""
@@ -262,17 +275,13 @@ def test_the_params_fast_path_loads_as_marshmallow_does(params, null_values):
     """schemas.typed_params_or_none reads valid params without marshmallow's nested schema: what it
     reads must be exactly what marshmallow would, and what it leaves (None) marshmallow's to refuse
     or read."""
-    field = s.Params(null_values=null_values)
     fast = s.typed_params_or_none(params, null_values)
-    outcome, loaded = marshmallow_load(field, params)
-    if fast is None:
-        count("fast path", "left to marshmallow")
-        return
-    count("fast path", "read")
-    assert outcome == "loaded", f"the fast path read params marshmallow refuses: {loaded}"
-    assert fast == loaded
-    assert [type(v[1]) if v else None for v in fast.values()] == [type(v[1]) if v else None for v in loaded.values()]
-    assert list(fast) == list(loaded)
+    outcome, loaded = marshmallow_load(s.Params(null_values=null_values), params)
+    if read_as_marshmallow_reads("fast path", fast, (outcome, loaded)):
+        assert [type(v[1]) if v else None for v in fast.values()] == [
+            type(v[1]) if v else None for v in loaded.values()
+        ]
+        assert list(fast) == list(loaded)
 
 
 def test_the_params_fast_path_loads_every_edge_as_marshmallow_does():
@@ -403,14 +412,8 @@ def test_the_start_fast_path_loads_as_marshmallow_does(body):
     """schemas.start_process_or_none reads valid bodies of POST /processes without marshmallow's
     nested schemas: what it reads must be exactly what marshmallow would (None: marshmallow's to do)."""
     fast = s.start_process_or_none(body)
-    outcome, loaded = marshmallow_start(body)
-    if fast is None:
-        count("start fast path", "left to marshmallow")
-        return
-    count("start fast path", "read")
-    assert outcome == "loaded", f"the fast path read a body marshmallow refuses: {loaded}"
-    assert fast == loaded
-    assert s.StartProcessSchema().load(body) == loaded  # the schema's own load takes the fast path
+    if read_as_marshmallow_reads("start fast path", fast, marshmallow_start(body)):
+        assert s.StartProcessSchema().load(body) == fast  # the schema's own load takes the fast path
 
 
 @settings(PROPERTY_SETTINGS, max_examples=BODY_EXAMPLES)
