@@ -227,8 +227,8 @@ class Params(fields.Dict):
 
     def _deserialize(self, value, attr, data, **kwargs):
         # Params that are all valid, the common case, are read here; anything else takes marshmallow's
-        # own path, which says what is wrong (and is what these checks mirror, test_schemas.py holds
-        # them to it). marshmallow's nested schema costs ~19 us a value (a restart's one param: a
+        # own path, which says what is wrong (and is what these checks mirror: test_api_properties.py
+        # holds them to it). marshmallow's nested schema costs ~19 us a value (a restart's one param: a
         # fifth of its load), this ~1.
         valid = typed_params_or_none(value, self.null_values)
         return valid if valid is not None else super()._deserialize(value, attr, data, **kwargs)
@@ -408,7 +408,8 @@ class StartProcessSchema(Schema):
         # A valid body, the common case, is read here (as for Params); any other takes marshmallow's
         # path, which says what is wrong. marshmallow's nested schema a step costs ~7 us (76 us a
         # body of 10 steps); test_api_properties.py holds the two to the same result.
-        loaded = start_process_or_none(data) if many is partial is unknown is None else None
+        plain = many is None and partial is None and unknown is None
+        loaded = start_process_or_none(data) if plain else None
         return loaded if loaded is not None else super().load(data, many=many, partial=partial, unknown=unknown)
 
 
@@ -789,7 +790,7 @@ def _conversion(field, name):
     kind = type(field)
     if kind._serialize is fields.String._serialize:
         return lambda value, obj: None if value is None else utils.ensure_text_type(value)
-    if kind._serialize is fields.Number._serialize and field.num_type is int and not field.as_string:
+    if kind._serialize is fields.Number._serialize and _plain_integer(field):
         return lambda value, obj: None if value is None else int(value)
     if kind._serialize is fields.Nested._serialize:
         return _nested_conversion(field)
@@ -799,6 +800,11 @@ def _conversion(field, name):
             return None
         return lambda value, obj: None if value is None else [inner(each, obj) for each in value]
     return lambda value, obj: field._serialize(value, name, obj)
+
+
+def _plain_integer(field):
+    """A Number field that dumps int(value), as fields.Integer does (not as text, no rounding of its own)."""
+    return type(field)._format_num is fields.Number._format_num and field.num_type is int and not field.as_string
 
 
 def _nested_conversion(field):
