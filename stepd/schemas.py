@@ -76,12 +76,19 @@ class FiniteFloat(fields.Float):
         return number
 
 
-def encodable(text):
-    """Refuse lone surrogates ("\\ud800" in JSON): they cannot be stored as UTF-8 text."""
+def utf8_encodable(text):
+    """Whether UTF-8 can encode `text`: a lone surrogate ("\\ud800" in JSON) cannot be stored as text."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValidationError("Must be valid Unicode (no lone surrogates).") from None
+        return False
+    return True
+
+
+def encodable(text):
+    """Refuse lone surrogates: they cannot be stored as UTF-8 text (utf8_encodable)."""
+    if not utf8_encodable(text):
+        raise ValidationError("Must be valid Unicode (no lone surrogates).")
 
 
 class Text(fields.String):
@@ -160,6 +167,7 @@ def typed_value_output(kind, value):
 
 
 _NAME = re.compile(NAME_PATTERN)
+_TYPED_KEYS = {"type", *VALUE_FIELD.values()}
 
 
 def typed_params_or_none(params, null_values=False):
@@ -201,9 +209,6 @@ def _typed_value_or_none(typed):
             return None
         value = float(value)
     return (kind, value) if type(value) is float and -MAX_DOUBLE <= value <= MAX_DOUBLE else None
-
-
-_TYPED_KEYS = {"type", *VALUE_FIELD.values()}
 
 
 def at_most_max_params(params):
@@ -438,13 +443,7 @@ def start_process_or_none(body):
 
 def _storable_text(text, max_length):
     """Whether `text` is a str of at most `max_length` characters that UTF-8 can encode (Text)."""
-    if type(text) is not str or len(text) > max_length:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return type(text) is str and len(text) <= max_length and utf8_encodable(text)
 
 
 class RestartStepSchema(Schema):
