@@ -32,6 +32,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
+import run  # noqa: E402
 import seed  # noqa: E402  (needs the paths above)
 from run import Server  # noqa: E402
 
@@ -155,6 +156,8 @@ def main():
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     p50, p99 = statistics.median(times), percentile(times, 0.99)
+    if run.ALTERED:
+        print(f"NOT stepd's defaults: the server ran with {run.altered_settings()}")
     print(
         f"GET /metrics with {count:,} steps stored, {len(times)} scrapes (HTTP Basic, one keep-alive connection):"
         f" p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {times[-1]:.2f} ms; it served {served}"

@@ -15,7 +15,8 @@ A runner's outcomes come back to the node in rounds, each round one write group 
 each way: with 4 places a group holds at most 4 steps (about 3), and the group's fixed part (its
 BEGIN and COMMIT, the tallies, waking the runner and being woken by it) is paid every 3 steps.
 
-Not part of make bench (it adds a minute a value); the figures are in BENCHMARKS.md.
+Not part of make bench (it adds a minute a value); the figures are in BENCHMARKS.md. The whole
+benchmark with more places: `BENCH_STEPD_THREADS=16 make bench`.
 """
 
 import argparse

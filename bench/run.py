@@ -9,6 +9,10 @@ is reported apart, in the row's answers and note, and not counted in its rate.
 
 Every server it starts is stopped by its pid on the way out, also on Ctrl-C or an error (and,
 through PR_SET_PDEATHSIG, if this driver itself is killed).
+
+`BENCH_STEPD_THREADS=N make bench` runs every stepd server of the benchmark (this script's, and
+those of bench/queue_latency.py and bench/metrics_cost.py) with STEPD_THREADS=N instead of SPEC 8's
+default, to measure what more places a runner would change; the output says so first.
 """
 
 import argparse
@@ -48,6 +52,9 @@ GUNICORN = Path(sys.executable).parent / "gunicorn"
 # the same front with the same number of cores' worth of parsing: stepd.front.options says one (the
 # node, which serves HTTP and writes), for both.
 HTTP_WORKERS = 1
+# STEPD_* settings every stepd server of the benchmark gets besides its own: none, unless
+# BENCH_STEPD_THREADS asks for another STEPD_THREADS than the default (what more places would change).
+ALTERED = {"STEPD_THREADS": os.environ["BENCH_STEPD_THREADS"]} if os.environ.get("BENCH_STEPD_THREADS") else {}
 WRK_THREADS, CONNECTIONS = 2, 16
 # FAILED steps the failing-delegate rows cycle through. Large enough that wrk comes back to a
 # step only long after its restart (about 10 s at 2,000 restarts/s), so the row measures how
@@ -101,7 +108,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("STEPD_")}
-        self.env.update({"STEPD_HOST": "127.0.0.1", "STEPD_PORT": str(self.port), **settings})
+        self.env.update({"STEPD_HOST": "127.0.0.1", "STEPD_PORT": str(self.port), **ALTERED, **settings})
         self.command, self.log_path, self.proc = command, log_path, None
 
     def start(self, health_path):
@@ -183,6 +190,11 @@ class Server:
                 self.kill()
         if self in Server.running:
             Server.running.remove(self)
+
+
+def altered_settings():
+    """The settings BENCH_STEPD_THREADS changed, as a line says them."""
+    return ", ".join(f"{name}={value}" for name, value in ALTERED.items()) + " (SPEC 8's default: STEPD_THREADS=4)"
 
 
 def stop_all():
@@ -1010,7 +1022,7 @@ def print_sqlite(args, workdir, token):
         print("RSS under restart load (STEPD_SYNC=normal)", file=sys.stderr)
         readings, seconds = run_memory(workdir, token)
         print_memory(readings, seconds)
-    print("\nIssue 18's targets:\n")
+    print("\nIssue 18's targets" + (f", NOT at stepd's defaults ({altered_settings()})" if ALTERED else "") + ":\n")
     print(targets(rows, readings))
 
 
@@ -1053,6 +1065,8 @@ def main():
     workdir = Path(tempfile.mkdtemp(prefix="stepd-bench-"))
     token = "bench_" + secrets.token_urlsafe(24)
     print(f"workdir {workdir}; wrk -t{WRK_THREADS} -c{CONNECTIONS} -d{args.duration}s --latency", file=sys.stderr)
+    if ALTERED:
+        print(f"NOT stepd's defaults: every stepd server runs with {altered_settings()}\n")
     try:
         if args.profile:
             print_profile(workdir, token, args)

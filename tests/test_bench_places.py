@@ -1,5 +1,7 @@
 """bench/places.py (the engine row at several STEPD_THREADS values, and the steps' path alone): its
-arithmetic and its table. Its runs need wrk and minutes, so they are make bench's kind, not the suite's."""
+arithmetic and its table. Its runs need wrk and minutes, so they are make bench's kind, not the suite's.
+And `BENCH_STEPD_THREADS=N make bench`: every stepd server of the benchmark gets STEPD_THREADS=N, and
+the output says the run is not at stepd's defaults."""
 
 import importlib.util
 import sys
@@ -40,3 +42,40 @@ def test_the_table_has_a_row_a_value_with_both_runs(places):
     assert lines[2] == "| 4 | 3,501 (backlog 0.6 s) | 255 | 52 | 89% | 5,142 | 164 | 84% |"
     assert lines[3].startswith("| 16 | 5,133 (backlog 0.6 s) |")
     assert lines[0].count("|") == lines[2].count("|")  # as many cells as headings
+
+
+@pytest.fixture
+def fresh_run(monkeypatch):
+    """A loader of bench/run.py anew, under a name of its own, with BENCH_STEPD_THREADS set to the value
+    given (None: unset); what the load imported (bench/seed.py) is forgotten afterwards."""
+    modules = set(sys.modules)
+
+    def load(threads):
+        if threads is None:
+            monkeypatch.delenv("BENCH_STEPD_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("BENCH_STEPD_THREADS", threads)
+        monkeypatch.setattr(sys, "path", [str(BENCH), *sys.path])  # run.py adds to the copy, not to ours
+        spec = importlib.util.spec_from_file_location("run_under_test", BENCH / "run.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    for name in set(sys.modules) - modules:
+        del sys.modules[name]
+
+
+def test_bench_stepd_threads_reaches_every_server_and_is_said(fresh_run):
+    run = fresh_run("16")
+    server = run.Server(["true"], BENCH / "unused.log", STEPD_SYNC="full")
+    assert server.env["STEPD_THREADS"] == "16" and server.env["STEPD_SYNC"] == "full"
+    assert run.altered_settings() == "STEPD_THREADS=16 (SPEC 8's default: STEPD_THREADS=4)"
+    assert run.Server(["true"], BENCH / "unused.log", STEPD_THREADS="2").env["STEPD_THREADS"] == "2"  # a row's own wins
+
+
+def test_without_it_the_servers_keep_stepds_default(fresh_run, monkeypatch):
+    monkeypatch.setenv("STEPD_THREADS", "9")  # the caller's own STEPD_* never reach a server
+    run = fresh_run(None)
+    assert run.ALTERED == {}
+    assert "STEPD_THREADS" not in run.Server(["true"], BENCH / "unused.log").env
