@@ -1022,7 +1022,7 @@ def print_sqlite(args, workdir, token):
         print("RSS under restart load (STEPD_SYNC=normal)", file=sys.stderr)
         readings, seconds = run_memory(workdir, token)
         print_memory(readings, seconds)
-    print("\nIssue 18's targets" + (f", NOT at stepd's defaults ({altered_settings()})" if ALTERED else "") + ":\n")
+    print("\nIssue 18's targets" + (f", NOT at stepd's defaults: {altered_settings()}" if ALTERED else "") + ":\n")
     print(targets(rows, readings))
 
 
