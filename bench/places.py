@@ -48,6 +48,11 @@ def per_step(seconds, steps):
     return 1e6 * seconds / steps if steps else 0.0
 
 
+def runners_alive(server):
+    """The live runners /healthz counts."""
+    return run.api(server, "GET", "/healthz")[1]["data"]["runners"]
+
+
 def engine(workdir, sync, threads, duration, token):
     """make bench's engine row with STEPD_THREADS=`threads`: steps/s, and CPU per step of the node and the runner."""
     db = workdir / f"engine-{threads}.db"
@@ -73,20 +78,22 @@ def engine(workdir, sync, threads, duration, token):
 
 def steps_alone(workdir, sync, threads, duration, token):
     """The steps' path with no HTTP beside it: a backlog POSTed with no runner, then drained by one
-    `stepd runner` (with STEPD_THREADS=`threads`): steps/s and the node's CPU per step."""
+    `stepd runner` (with STEPD_THREADS=`threads`): steps/s and the node's CPU per step, from the
+    moment the runner is registered (its start, importing the delegates, is not the steps' cost)."""
     db = workdir / f"alone-{threads}.db"
     server = run.stepd_server(db, sync, workdir, token, STEPD_THREADS=str(threads), STEPD_RUNNERS="0")
     runner = None
     try:
         run.wrk(server, "create10", duration, None, token)
-        steps = run.active_steps(db)
         node = server.worker_pids()[0]
-        node_before, started = cpu_of(node), time.monotonic()
         with open(workdir / f"runner-{threads}.log", "ab") as log:
             command = [sys.executable, "-m", "stepd", "runner"]
             runner = subprocess.Popen(command, cwd=run.ROOT, env=server.env, stdout=log, stderr=log)
+        run.wait_for(lambda: True if runners_alive(server) else None, "the runner's registration", 30, 0.01)
+        steps, started = run.active_steps(db), time.monotonic()
+        node_before, runner_before = cpu_of(node), cpu_of(runner.pid)
         finished = run.drain(db)
-        node_cpu, runner_cpu = cpu_of(node) - node_before, cpu_of(runner.pid)
+        node_cpu, runner_cpu = cpu_of(node) - node_before, cpu_of(runner.pid) - runner_before
     finally:
         if runner is not None:
             runner.terminate()
