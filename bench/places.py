@@ -49,8 +49,9 @@ def per_step(seconds, steps):
 
 
 def runners_alive(server):
-    """The live runners /healthz counts."""
-    return run.api(server, "GET", "/healthz")[1]["data"]["runners"]
+    """The live runners /healthz counts (0 while it answers 503: no runner yet, 10 s after the start)."""
+    status, body = run.api(server, "GET", "/healthz")
+    return body["data"]["runners"] if status == 200 else 0
 
 
 def engine(workdir, sync, threads, duration, token):

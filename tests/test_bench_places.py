@@ -79,3 +79,10 @@ def test_without_it_the_servers_keep_stepds_default(fresh_run, monkeypatch):
     run = fresh_run(None)
     assert run.ALTERED == {}
     assert "STEPD_THREADS" not in run.Server(["true"], BENCH / "unused.log").env
+
+
+def test_the_runner_counts_once_healthz_answers_200(places, monkeypatch):
+    answers = iter([(503, {"message": "no runner is alive", "data": None}), (200, {"data": {"runners": 1}})])
+    monkeypatch.setattr(places.run, "api", lambda server, method, path: next(answers))
+    assert places.runners_alive(None) == 0  # the 503 of a service with no runner yet has no count
+    assert places.runners_alive(None) == 1
