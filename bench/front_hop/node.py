@@ -18,7 +18,7 @@ from stepd.app import create_app, start_node, stop_background  # noqa: E402
 app = create_app()
 st = app.extensions["stepd"]
 start_node(app, app.config["STEPD_RUNNERS"])
-rpc.serve(st.store, st.registry)
+rpc.serve(st.store, st.registry, st.engine)
 stopping = []
 signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
 while not stopping:

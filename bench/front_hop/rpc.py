@@ -31,8 +31,9 @@ def _recv(reader):
     return pickle.loads(reader.read(n))
 
 
-def serve(store, registry):
-    """In the node (gevent): answer each HTTP process's verbs on a greenlet each."""
+def serve(store, registry, engine):
+    """In the node (gevent): answer each HTTP process's verbs on a greenlet each. A new process first
+    waits while the node is crowded (admission.py), as in the node that serves HTTP itself."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(ADDRESS)
     listener.listen(64)
@@ -42,6 +43,8 @@ def serve(store, registry):
 
         def answer(rid, verb, args):
             try:
+                if verb == "create_process" and engine.admission is not None:
+                    engine.admission.wait()
                 if verb == "restart_failed_step":
                     args = (*args, registry.__contains__)
                 reply = (rid, True, getattr(store, verb)(*args))
