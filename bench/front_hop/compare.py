@@ -8,7 +8,8 @@ chores. Rows, each on a fresh file, in the order given:
     .venv/bin/python bench/front_hop/compare.py node:engine hop:engine node:defer hop:defer baseline1 baseline2
 
 `engine` is make bench's engine row (10 s of POST processes of 10 noop steps, then the drain),
-`defer` its deferred-restart row (counts the 200s), `baselineN` the bare Flask app on N workers.
+`defer` its deferred-restart row (counts the 200s), `fail` its failing cycle (restart, the delegate
+fails, FAILED again: counted to the last FAILED), `baselineN` the bare Flask app on N workers.
 Environment: SYNC (normal), ROUNDS (1), HOP_WORKERS (1).
 """
 
@@ -94,6 +95,20 @@ def defer(kind, n):
     return f"{kind:5} restart-defer: {r['rps']:,.0f} 200s/s p99 {r['p99']} ms statuses {r['statuses']}"
 
 
+def fail(kind, n):
+    """make bench's failing cycle (restart, delegate fails, FAILED again), counted to the last FAILED."""
+    db = work / f"f-{kind}-{n}.db"
+    pools = run.seed_file(db, fail=run.FAIL_POOL, read=run.READ_POOL)
+    ids, read = run.write_ids(work / f"f-{kind}-{n}.ids", pools["fail"]), run.write_ids(work / "r.ids", pools["read"])
+    s = node_server(db) if kind == "node" else hop_server(db, f"f{n}")
+    try:
+        run.wrk(s, "get-step", 3, read, token)
+        r = run.run_fail_cycle(s, db, sync, 10, ids, token, run.FAIL_POOL)
+    finally:
+        stop(s)
+    return f"{kind:5} restart-fail: {r['rps']:,.0f} cycles/s ({r['note'][:90]})"
+
+
 def baseline(workers_n):
     run.HTTP_WORKERS = workers_n
     os.environ["BASELINE_WORKERS"] = str(workers_n)
@@ -118,7 +133,7 @@ try:
                 print(baseline(int(what[-1])), flush=True)
             else:
                 kind, row = what.split(":")
-                print((engine if row == "engine" else defer)(kind, n), flush=True)
+                print({"engine": engine, "defer": defer, "fail": fail}[row](kind, n), flush=True)
 finally:
     run.stop_all()
     print(work, file=sys.stderr)
