@@ -156,8 +156,7 @@ def main():
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     p50, p99 = statistics.median(times), percentile(times, 0.99)
-    if run.ALTERED:
-        print(f"NOT stepd's defaults: the server ran with {run.altered_settings()}")
+    run.say_if_altered()
     print(
         f"GET /metrics with {count:,} steps stored, {len(times)} scrapes (HTTP Basic, one keep-alive connection):"
         f" p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {times[-1]:.2f} ms; it served {served}"

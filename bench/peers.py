@@ -654,8 +654,7 @@ def verdict(met):
 def report(rates, read_back, workloads, rounds, why_not=None, cluster=None):
     why_not = why_not or {}
     text, medians = table(rates, workloads)
-    if run.ALTERED:  # BENCH_STEPD_THREADS: stepd's rows are not at its defaults
-        print(f"NOT stepd's defaults: stepd ran with {run.altered_settings()}\n")
+    run.say_if_altered()
     print(f"steps/s, medians of {rounds} interleaved round{'s' * (rounds > 1)}:\n")
     print(text)
     for line in not_measured(why_not):

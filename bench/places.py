@@ -20,8 +20,6 @@ benchmark with more places: `BENCH_STEPD_THREADS=16 make bench`.
 """
 
 import argparse
-import contextlib
-import os
 import secrets
 import subprocess
 import sys
@@ -33,14 +31,6 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import run  # noqa: E402  (bench/ on the path above)
-
-
-def cpu_of(pid):
-    """CPU seconds (user + system) process `pid` has used so far; 0 once it is gone."""
-    with contextlib.suppress(OSError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
 
 
 def per_step(seconds, steps):
@@ -62,13 +52,13 @@ def engine(workdir, sync, threads, duration, token):
         run.wrk(server, "create3", run.WARM_UP, None, token)
         run.drain(db)
         node, runners = server.worker_pids()[0], server.runner_pids()
-        node_before, runners_before = cpu_of(node), sum(cpu_of(pid) for pid in runners)
+        node_before, runners_before = run.cpu_of(node), sum(run.cpu_of(pid) for pid in runners)
         started = time.monotonic()
         result = run.run_engine([server], db, sync, duration, token)
         wall = time.monotonic() - started
         steps = result["steps_per_s"] * wall
-        node_cpu = cpu_of(node) - node_before
-        runners_cpu = sum(cpu_of(pid) for pid in runners) - runners_before
+        node_cpu = run.cpu_of(node) - node_before
+        runners_cpu = sum(run.cpu_of(pid) for pid in runners) - runners_before
     finally:
         server.stop()
     return {
@@ -92,9 +82,9 @@ def steps_alone(workdir, sync, threads, duration, token):
             runner = subprocess.Popen(command, cwd=run.ROOT, env=server.env, stdout=log, stderr=log)
         run.wait_for(lambda: True if runners_alive(server) else None, "the runner's registration", 30, 0.01)
         steps, started = run.active_steps(db), time.monotonic()
-        node_before, runner_before = cpu_of(node), cpu_of(runner.pid)
+        node_before, runner_before = run.cpu_of(node), run.cpu_of(runner.pid)
         finished = run.drain(db)
-        node_cpu, runner_cpu = cpu_of(node) - node_before, cpu_of(runner.pid) - runner_before
+        node_cpu, runner_cpu = run.cpu_of(node) - node_before, run.cpu_of(runner.pid) - runner_before
     finally:
         if runner is not None:
             runner.terminate()

@@ -87,8 +87,7 @@ def sqlite(args):
         shutil.rmtree(workdir, ignore_errors=True)  # its database and log: nothing of this run is kept
     line, p99 = shown(waits)
     print(f"queued -> running on an idle service, {line}")
-    if run.ALTERED:
-        print(f"NOT stepd's defaults: the server ran with {run.altered_settings()}")
+    run.say_if_altered()
     print(f"- {'MET' if p99 <= 5 else 'NOT MET'}: queued -> running, idle, p99 {p99:.1f} ms (issue 18's goal <= 5 ms)")
     print(f"- {'MET' if p99 <= 50 else 'NOT MET'}: the same against SPEC 9's promise, p99 <= 50 ms")
 

@@ -197,6 +197,12 @@ def altered_settings():
     return ", ".join(f"{name}={value}" for name, value in ALTERED.items()) + " (SPEC 8's default: STEPD_THREADS=4)"
 
 
+def say_if_altered():
+    """The line each script of the benchmark prints above its figures when they are not at stepd's defaults."""
+    if ALTERED:
+        print(f"NOT stepd's defaults: stepd ran with {altered_settings()}\n")
+
+
 def stop_all():
     for server in list(Server.running):
         server.stop()
@@ -343,14 +349,17 @@ def merge_wrk(results):
     }
 
 
+def cpu_of(pid):
+    """CPU seconds (user + system) process `pid` has used so far; 0 once it is gone."""
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: proc(5)'s 14, 15
+    return 0.0
+
+
 def cpu_seconds(server):
     """CPU time (user + system) used so far by every process of the server (runners included)."""
-    ticks = 0
-    for pid in server.all_pids():
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return sum(cpu_of(pid) for pid in server.all_pids())
 
 
 def connections_per_worker(server):
@@ -1065,8 +1074,7 @@ def main():
     workdir = Path(tempfile.mkdtemp(prefix="stepd-bench-"))
     token = "bench_" + secrets.token_urlsafe(24)
     print(f"workdir {workdir}; wrk -t{WRK_THREADS} -c{CONNECTIONS} -d{args.duration}s --latency", file=sys.stderr)
-    if ALTERED:
-        print(f"NOT stepd's defaults: every stepd server runs with {altered_settings()}\n")
+    say_if_altered()
     try:
         if args.profile:
             print_profile(workdir, token, args)

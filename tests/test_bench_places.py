@@ -66,19 +66,26 @@ def fresh_run(monkeypatch):
         del sys.modules[name]
 
 
-def test_bench_stepd_threads_reaches_every_server_and_is_said(fresh_run):
+def test_bench_stepd_threads_reaches_every_server_and_is_said(fresh_run, capsys):
     run = fresh_run("16")
     server = run.Server(["true"], BENCH / "unused.log", STEPD_SYNC="full")
     assert server.env["STEPD_THREADS"] == "16" and server.env["STEPD_SYNC"] == "full"
     assert run.altered_settings() == "STEPD_THREADS=16 (SPEC 8's default: STEPD_THREADS=4)"
+    run.say_if_altered()  # what every script of the benchmark prints above its figures
+    assert (
+        capsys.readouterr().out
+        == "NOT stepd's defaults: stepd ran with STEPD_THREADS=16 (SPEC 8's default: STEPD_THREADS=4)\n\n"
+    )
     assert run.Server(["true"], BENCH / "unused.log", STEPD_THREADS="2").env["STEPD_THREADS"] == "2"  # a row's own wins
 
 
-def test_without_it_the_servers_keep_stepds_default(fresh_run, monkeypatch):
+def test_without_it_the_servers_keep_stepds_default(fresh_run, monkeypatch, capsys):
     monkeypatch.setenv("STEPD_THREADS", "9")  # the caller's own STEPD_* never reach a server
     run = fresh_run(None)
     assert run.ALTERED == {}
     assert "STEPD_THREADS" not in run.Server(["true"], BENCH / "unused.log").env
+    run.say_if_altered()
+    assert capsys.readouterr().out == ""
 
 
 def test_the_runner_counts_once_healthz_answers_200(places, monkeypatch):

@@ -99,7 +99,8 @@ def fail(kind, n):
     """make bench's failing cycle (restart, delegate fails, FAILED again), counted to the last FAILED."""
     db = work / f"f-{kind}-{n}.db"
     pools = run.seed_file(db, fail=run.FAIL_POOL, read=run.READ_POOL)
-    ids, read = run.write_ids(work / f"f-{kind}-{n}.ids", pools["fail"]), run.write_ids(work / "r.ids", pools["read"])
+    ids = run.write_ids(work / f"f-{kind}-{n}.ids", pools["fail"])
+    read = run.write_ids(work / f"r-{kind}-{n}.ids", pools["read"])
     s = node_server(db) if kind == "node" else hop_server(db, f"f{n}")
     try:
         run.wrk(s, "get-step", 3, read, token)
