@@ -51,7 +51,7 @@ def engine(workdir, sync, threads, duration, token):
     try:
         run.wrk(server, "create3", run.WARM_UP, None, token)
         run.drain(db)
-        node, runners = server.worker_pids()[0], server.runner_pids()
+        node, runners = server.node_pids()[0], server.runner_pids()
         node_before, runners_before = run.cpu_of(node), sum(run.cpu_of(pid) for pid in runners)
         started = time.monotonic()
         result = run.run_engine([server], db, sync, duration, token)
@@ -76,7 +76,7 @@ def steps_alone(workdir, sync, threads, duration, token):
     runner = None
     try:
         run.wrk(server, "create10", duration, None, token)
-        node = server.worker_pids()[0]
+        node = server.node_pids()[0]
         with open(workdir / f"runner-{threads}.log", "ab") as log:
             command = [sys.executable, "-m", "stepd", "runner"]
             runner = subprocess.Popen(command, cwd=run.ROOT, env=server.env, stdout=log, stderr=log)

@@ -143,9 +143,9 @@ RUNNING_OF = "SELECT s.id FROM steps s WHERE s.status = 'STARTED' AND s.deferred
 
 
 def runners_of(url, node):
-    """The ids of the runners of `node` (a run.Server): its node row is the one with its worker's pid."""
+    """The ids of the runners of `node` (a run.Server): its node row is the one with its node process's pid."""
     sql = "SELECT r.id FROM runners r JOIN nodes n ON n.id = r.node_id WHERE n.pid = ANY(?)"
-    return [runner for (runner,) in pg(url, sql, node.worker_pids())]
+    return [runner for (runner,) in pg(url, sql, node.node_pids())]
 
 
 def kill_round(url, node):

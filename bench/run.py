@@ -147,10 +147,9 @@ class Server:
         """The gunicorn master: the process itself (the baseline) or its child `python -m stepd http`
         (under `stepd serve`)."""
         for pid in [self.proc.pid, *self._children(self.proc.pid)]:
-            with contextlib.suppress(OSError):
-                args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                if b"gunicorn" in args[0] + args[1] or args[-2:] == [b"http", b""]:
-                    return pid
+            args = _cmdline(pid)
+            if len(args) > 1 and (b"gunicorn" in args[0] + args[1] or args[-2:] == [b"http", b""]):
+                return pid
         return None
 
     def worker_pids(self):
@@ -158,9 +157,13 @@ class Server:
         master = self._gunicorn_master()
         return self._children(master) if master else []
 
+    def node_pids(self):
+        """The node (`python -m stepd node`, a child of `stepd serve`), in a list; none for the baseline."""
+        return [pid for pid in self._children(self.proc.pid) if _cmdline(pid)[-2:] == [b"node", b""]]
+
     def runner_pids(self):
-        """The runners: the node's (the worker's) children."""
-        return [pid for worker in self.worker_pids() for pid in self._children(worker)]
+        """The runners: the node's children."""
+        return [pid for node in self.node_pids() for pid in self._children(node)]
 
     def all_pids(self):
         """Every process of the server: supervisor, gunicorn master, workers, runners."""
@@ -738,14 +741,22 @@ def run_stored(workdir, stored, duration, token, sync="normal"):
     return result | {"key": "stored", "stored": count}
 
 
+def _cmdline(pid):
+    """A process's arguments ([] once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
 def rss_kib(pid):
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
 
 
 def rss_of(server):
-    """{pid: resident KiB} of the HTTP workers and the runners."""
-    return {pid: rss_kib(pid) for pid in server.worker_pids() + server.runner_pids()}
+    """{pid: resident KiB} of the HTTP workers, the node and the runners."""
+    return {pid: rss_kib(pid) for pid in server.worker_pids() + server.node_pids() + server.runner_pids()}
 
 
 def run_memory(workdir, token, checkpoints=(10_000, 20_000, 100_000, 200_000), sync="normal"):
@@ -858,7 +869,7 @@ def http_processes_line(rows):
     if counts == {HTTP_WORKERS}:
         return (
             f"HTTP processes: {HTTP_WORKERS} gunicorn gevent worker(s) behind every row, the baseline's and"
-            " stepd's alike (one front: stepd.front.options; stepd's worker is its node;"
+            " stepd's alike (one front: stepd.front.options; stepd's worker hands its writes to the node;"
             " counted under /proc during each row)."
         )
     by_row = ", ".join(f"{r['row']} ({r['sync']}): {r.get('http_processes', '?')}" for r in rows)

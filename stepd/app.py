@@ -7,11 +7,11 @@ How a view reads its input and frames its answer is `envelope.endpoint`'s job; w
 import functools
 from dataclasses import dataclass
 
-from flask import Blueprint, Flask, current_app
+from flask import Blueprint, Flask, Response, current_app, g, request
 from werkzeug.routing import BaseConverter
 from werkzeug.routing import ValidationError as RouteMismatch
 
-from stepd import auth, config, envelope, errors, idempotency, metrics, ui
+from stepd import auth, config, envelope, errors, handoff, idempotency, metrics, ui
 from stepd import schemas as s
 from stepd.auth import current_principal, reads, writes
 from stepd.delegates import Registry, load_registry
@@ -232,8 +232,12 @@ def metrics_page():
 
 
 # -- the factory -----------------------------------------------------------------------------
-def create_app(overrides=None):
-    """Build the app: settings, database (made and migrated), delegates, routes. Starts no threads."""
+def create_app(overrides=None, node_address=None):
+    """Build the app: settings, database (made and migrated), delegates, routes. Starts no threads.
+
+    `node_address`: the node's socket, for the HTTP front of `stepd serve` (front.py), which writes
+    nothing itself and hands its writes to the node there (handoff.py). Without it, the app's engine
+    writes in this process (the node, and the tests)."""
     app = App(__name__)
     app.config.update(config.from_env())
     app.config.update(overrides or {})
@@ -242,7 +246,12 @@ def create_app(overrides=None):
 
     store = open_store(app.config)
     registry = load_registry(app.config["STEPD_DELEGATES_PATH"] or None)
-    app.extensions["stepd"] = Stepd(store, registry, Engine(store, registry))
+    if node_address is None:
+        engine = Engine(store, registry)
+    else:
+        store.db.refuse_writes(WRITES_REFUSED)
+        engine = handoff.HandingEngine(store, registry, handoff.Window(node_address))
+    app.extensions["stepd"] = Stepd(store, registry, engine)
     auth.init_app(app, store)
     idempotency.init_app(app, store)
 
@@ -254,8 +263,30 @@ def create_app(overrides=None):
     envelope.init_app(app)
     errors.init_app(app)
     metrics.init_app(app)  # every request counted and timed, by its route
+    if node_address is not None:
+        # First of all the hooks: the body, kept before the CSRF check reads the form (Werkzeug then
+        # parses the kept bytes); last: the request sent whole, with the front's request id.
+        app.before_request_funcs.setdefault(None, []).insert(0, functools.partial(_keep_the_body, app))
+        app.before_request(functools.partial(_forward_whole, app, engine.window))
     app.teardown_appcontext(lambda _exc: store.db.release())  # PostgreSQL: its read connection back to the pool
     return app
+
+
+WRITES_REFUSED = "the HTTP front writes nothing: its writes are the node's (handoff.py)"
+
+
+def _keep_the_body(app):
+    if handoff.forwards(request, app):
+        request.get_data(cache=True)
+
+
+def _forward_whole(app, window):
+    """A request that holds a write transaction across its view is run whole by the node (handoff.forwards)."""
+    if not handoff.forwards(request, app):
+        return None
+    environ = {**request.environ, "HTTP_X_REQUEST_ID": g.request_id}  # the node answers under the front's id
+    status, headers, body = window.forward(environ, request.get_data())
+    return Response(body, status, headers)
 
 
 def start_node(app, runner_processes):

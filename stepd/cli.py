@@ -113,7 +113,7 @@ def existing_store(chosen):
 # -- running -------------------------------------------------------------------------------------
 @stepd.command()
 def serve():
-    """Serve the API and run the delegates: the HTTP front and STEPD_RUNNERS runner processes."""
+    """Serve the API and run the delegates: the node, its STEPD_RUNNERS runner processes, the HTTP front."""
     from stepd import service
 
     return service.main()
@@ -129,10 +129,18 @@ def runner():
 
 @stepd.command(hidden=True)
 def http():
-    """The HTTP front alone (gunicorn): what `serve` starts beside its runners."""
+    """The HTTP front (gunicorn), which hands its writes to the node: `serve` starts it."""
     from stepd import service
 
     return service.http_main()
+
+
+@stepd.command(hidden=True)
+def node():
+    """The node (the one writer, the dispatcher, the runners' parent): `serve` starts it."""
+    from stepd import service
+
+    return service.node_main()
 
 
 # -- the database --------------------------------------------------------------------------------

@@ -56,12 +56,13 @@ class Link:
     to_record: list = field(default_factory=list)
     recording: bool = False  # a write is waiting to take `to_record`
     open: bool = True
+    retired: bool = False  # told to stop (a reload replaced it): no new attempt goes to it
     closed: threading.Event = field(default_factory=threading.Event)  # its end was recorded
     row: dict = None  # its row in `runners`, once registered
 
     @property
     def free(self):
-        return self.places - len(self.sent) - self.reserved
+        return 0 if self.retired else self.places - len(self.sent) - self.reserved
 
 
 class Dispatcher:
@@ -128,6 +129,14 @@ class Dispatcher:
                 log.warning("runner %d cannot register yet (%s); retrying", link.pid, exc)
                 time.sleep(REGISTER_RETRY_SECONDS)
         return False
+
+    def retire(self, pids):
+        """The runners of these processes take no new attempt (a reload replaces them: they finish
+        what they run, and give back what they never began)."""
+        with self._lock:
+            for link in self.links:
+                if link.pid in pids:
+                    link.retired = True
 
     def _read(self, link):
         given_back = []

@@ -4,12 +4,11 @@ gunicorn runs as a library here (its documented custom application), so no setti
 no `module:callable` string is looked up on a path: the app is stepd.app's, wherever the
 command was started from.
 
-It has one worker, and that worker is the node (node.py): the one process that writes the
-database, serving the API on gevent with no hand-off between a request and its write, and
-feeding the runner processes it starts. gunicorn's master stays for what it does well: it
-parses nothing, holds the listening socket, and on SIGHUP starts a new worker (a new node, with
-new runners on the new delegates) before the old one finishes its requests and its runners
-their delegates.
+It has one worker, on gevent: it parses the requests, checks their input, reads the database on
+connections of its own and renders the answers, and hands every write to the node (handoff.py),
+the process that writes the database and feeds the runners (node_process.py). gunicorn's master
+stays for what it does well: it parses nothing, holds the listening socket, and on SIGHUP starts
+a new worker (on the new delegates) before the old one finishes its requests.
 """
 
 import json
@@ -31,12 +30,12 @@ def options(settings):
     """gunicorn's settings for these STEPD_* settings (the benchmark's baseline uses them too)."""
     return {
         "bind": f"{settings['STEPD_HOST']}:{settings['STEPD_PORT']}",
-        "workers": 1,  # the node: one process writes (STEPD_WORKERS no longer applies; service.py says so)
+        "workers": 1,  # STEPD_WORKERS no longer applies (service.py says so): see the README's Architecture
         # gevent: each connection is a greenlet, so idle keep-alive connections and clients that
         # stall halfway through a request cost a little memory, not a request's place (gthread's 4
-        # threads a worker were taken by 8 stalled clients). No delegate runs here, and SQLite's
-        # waits for the write lock are cooperative (db.Database._writer_turn), so one greenlet's
-        # request never blocks the others for longer than its own statement.
+        # threads a worker were taken by 8 stalled clients). No delegate runs here, and a write
+        # waits for the node cooperatively, so one greenlet's request never blocks the others for
+        # longer than its own reads.
         "worker_class": "gevent",
         "worker_connections": 1000,
         "post_request": _let_other_connections_run,
@@ -60,42 +59,17 @@ def _let_other_connections_run(worker, req, environ, resp):
     time.sleep(0)
 
 
-def _become_the_node(worker):
-    """The worker is the node: its dispatcher, chores and STEPD_RUNNERS runner processes.
-
-    A SIGHUP to the service's whole process group (a closing terminal) would kill the worker
+def _mark_the_worker(worker):
+    """A SIGHUP to the service's whole process group (a closing terminal) would kill the worker
     mid-request (gunicorn's workers keep its default action); the master's HUP replaces it
     gracefully instead."""
-    import threading
-
-    from stepd.app import start_node
-
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    app = worker.wsgi
-    node = start_node(app, app.config["STEPD_RUNNERS"])
-    node.current = lambda: worker.alive
-    threading.Thread(target=_stop_the_node_with, args=(worker,), daemon=True).start()
     freeze_startup_objects()
 
 
-def _stop_the_node_with(worker):
-    """Once the worker is told to stop (SIGTERM; a reload replaces it), the node stops claiming
-    and its runners finish their delegates at once, while gunicorn answers the requests in
-    flight: a new worker's node takes the new work, and what was claimed here but never begun
-    is queued again for it."""
-    from stepd.app import stop_background
-
-    while worker.alive:  # a greenlet: 50 looks a second cost nothing, and a claim after the stop is rare
-        time.sleep(0.02)
-    stop_background(worker.wsgi)
-
-
-def _stop_the_node(arbiter, worker):
-    """The worker stops (its requests are answered): its runners get STOP_GRACE_SECONDS for their
-    delegates; what still runs then is Interrupted, what never began is queued again."""
-    from stepd.app import stop_background
-
-    stop_background(worker.wsgi)
+def _let_go_of_the_node(arbiter, worker):
+    """The worker's connection to the node closed as it exits: the node, at a stop, waits for it."""
+    worker.wsgi.extensions["stepd"].engine.window.close()
 
 
 class Front(BaseApplication):
@@ -109,20 +83,21 @@ class Front(BaseApplication):
     def load_config(self):
         for key, value in options(self.settings).items():
             self.cfg.set(key, value)
-        # The hooks that make the worker the node (not in `options`: the baseline serves a bare app).
-        self.cfg.set("post_worker_init", _become_the_node)
-        self.cfg.set("worker_exit", _stop_the_node)
+        # Not in `options`: the baseline serves a bare app.
+        self.cfg.set("post_worker_init", _mark_the_worker)
+        self.cfg.set("worker_exit", _let_go_of_the_node)
 
     def load(self):
         return self.load_app()
 
 
-def serve(settings):
-    """Serve the API until gunicorn stops (SIGTERM); the app is built in each worker."""
+def serve(settings, node_address):
+    """Serve the API until gunicorn stops (SIGTERM); the app is built in each worker, and hands its
+    writes to the node at `node_address`."""
     from stepd.app import create_app
 
     envelope_gunicorn_errors()
-    Front(settings, create_app).run()
+    Front(settings, lambda: create_app(node_address=node_address)).run()
 
 
 def envelope_gunicorn_errors():

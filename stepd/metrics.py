@@ -188,6 +188,8 @@ def init_app(app):
 
     @app.after_request
     def _count(response):
+        if request.environ.get("stepd.forwarded"):  # the front that forwarded it counts it (handoff.py)
+            return response
         started = g.get("metrics_started")
         method = request.method if request.method in HTTP_METHODS else "other"
         route = request.url_rule.rule if request.url_rule is not None else UNMATCHED

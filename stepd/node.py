@@ -139,6 +139,7 @@ class Node:
         self.processes = {}  # slot -> Popen of a runner process, or None while it waits to start again
         self.restart_at = {}  # slot -> when a dead runner starts again
         self.deaths = {}  # slot -> how many times in a row it died soon after starting
+        self.retiring = []  # (Popen, when it is killed) of runner processes a reload replaced
         self.runners_here = []  # Runner objects on this process's threads (the tests)
         self._listener = None
         self._listen_again_at = 0.0
@@ -245,6 +246,29 @@ class Node:
                 return  # closed by stop()
             threading.Thread(target=self.dispatcher.attach, args=(Channel(conn),), daemon=True).start()
 
+    def replace_runners(self):
+        """A reload: new runner processes (on the delegate files as they are now) take the new work.
+        The old ones take none; each finishes what it runs (STOP_GRACE_SECONDS, then it is
+        Interrupted) and gives back what it never began, which the new ones then run."""
+        old = [proc for proc in self.processes.values() if proc is not None and proc.poll() is None]
+        self.dispatcher.retire({proc.pid for proc in old})
+        slots, self.processes, self.restart_at, self.deaths = list(self.processes), {}, {}, {}
+        for slot in slots:
+            self._start_process(slot)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS + 2.0
+        for proc in old:
+            proc.send_signal(signal.SIGTERM)
+            self.retiring.append((proc, deadline))
+
+    def _let_retired_go(self, now):
+        for entry in list(self.retiring):
+            proc, deadline = entry
+            if proc.poll() is not None:
+                self.retiring.remove(entry)
+            elif now > deadline:
+                log.warning("runner %d did not stop in %g s; killing it", proc.pid, STOP_GRACE_SECONDS)
+                proc.kill()
+
     # -- while it runs ----------------------------------------------------------------------
     def _loop(self, tick):
         while not self.stopping.wait(CHORE_TICK_SECONDS):
@@ -255,6 +279,7 @@ class Node:
         for chore in self.ticks:
             chore.run_if_due(now)
         self._look_after_processes(now)
+        self._let_retired_go(now)
         if self._listener is None and now >= self._listen_again_at:
             self._listen_again_at = now + LISTEN_AGAIN_SECONDS
             self._listen()
@@ -304,6 +329,7 @@ class Node:
             self._listener.close()
             self._listener = None
         procs = [proc for proc in self.processes.values() if proc is not None and proc.poll() is None]
+        procs += [proc for proc, _deadline in self.retiring if proc.poll() is None]
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         for runner in self.runners_here:

@@ -29,6 +29,7 @@ The types, and why:
 """
 
 import collections
+import contextlib
 import functools
 import re
 import selectors
@@ -708,7 +709,11 @@ class _Lease:
         self.conn = conn  # taken before: a Lease exists only with its connection (its __del__ gives it back)
 
     def __del__(self):
-        self.pool.give_back(self.conn)
+        # At the exit of the node's process, a greenlet that still held one (a chore's thread) is
+        # finalized with the interpreter, and gevent refuses the pool's lock then: nothing is left
+        # to give it back to.
+        with contextlib.suppress(RuntimeError):
+            self.pool.give_back(self.conn)
 
 
 def wait_through_gevent():
@@ -788,13 +793,13 @@ class PostgresDatabase(WritesInGroups):
 
     dialect = "postgresql"  # the store's spelling where a statement must differ (store.py)
 
-    def __init__(self, url):
+    def __init__(self, url, read_connections=READ_CONNECTIONS):
         wait_through_gevent()
         self.url = url
         self._local = threading.local()  # per thread, and per greenlet on gevent: the caller's Lease
         self._threads_lock = threading.Lock()
         self._opened = weakref.WeakSet()  # every read connection made, lent or idle, for close()
-        self._pool = _Pool(self._new_connection, READ_CONNECTIONS)
+        self._pool = _Pool(self._new_connection, read_connections)
         self._beat_conn = None  # the node's heartbeat's own (beat_connection)
         self._writer_state = None  # a writer.Writer, made on the first write of each process
 

@@ -1,29 +1,33 @@
-"""`stepd serve` (`make run`): stepd as one service, the HTTP front and the runners, under one command.
+"""`stepd serve` (`make run`): stepd as one service, the node, its runners and the HTTP front, under one command.
 
 It checks what it can once (settings, the address to listen on, delegates, the database, the
-first token), then starts the HTTP front (`python -m stepd http`: gunicorn, front.py), whose one worker is the
-node: it serves the API, writes the database, and starts STEPD_RUNNERS runner processes
-(`python -m stepd runner`), which call the delegates:
+first token), then starts the node (`python -m stepd node`, node_process.py: the one process that
+writes the database; it starts STEPD_RUNNERS runner processes, which call the delegates) and,
+once the node takes connections, the HTTP front (`python -m stepd http`: gunicorn, front.py),
+whose worker serves the API and hands every write to the node (handoff.py):
 
     stepd serve                           this supervisor
+    ├── python -m stepd node              the one writer, the dispatcher, the chores (node.py)
+    │   └── STEPD_RUNNERS × python -m stepd runner   the delegates run here, and only here
     └── python -m stepd http              the HTTP front (gunicorn's master)
-        └── its worker: the node          HTTP on gevent, the one writer, the dispatcher (node.py)
-            └── STEPD_RUNNERS × python -m stepd runner   the delegates run here, and only here
+        └── its worker                    HTTP on gevent: reads, checks, renders; writes via the node
 
 The children run in the supervisor's working directory, with the settings it read (STEPD_DB and
-STEPD_DELEGATES_PATH already made absolute by config.from_env), so all use one database.
+STEPD_DELEGATES_PATH already made absolute by config.from_env), so all use one database, and in
+the service's folder (`service_folder`: the node's socket, the metrics' files).
 
-The node (the front's worker) starts the runners, and starts one again within a second or two
-when it dies (a delegate called os._exit, a segfault, an OOM kill); its running steps become
-Interrupted as soon as the node reads the end of its connection. If the HTTP front exits,
+The node starts a runner again within a second or two when it dies (a delegate called os._exit, a
+segfault, an OOM kill); its running steps become Interrupted as soon as the node reads the end of
+its connection. This process starts the node again when it dies. If the HTTP front exits,
 everything stops. SIGTERM or SIGINT to this process (or to its process group) stops all
-cleanly: the runners give their delegates STOP_GRACE_SECONDS.
+cleanly: the runners give their delegates STOP_GRACE_SECONDS. SIGHUP reloads the delegates.
 """
 
 import contextlib
 import errno
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -40,11 +44,16 @@ from stepd.logs import configure_logging
 REFUSED = 2  # the exit code of a start refused for a bad setting, delegate or database (as cli.py's refusals)
 CHECK_SECONDS = 0.1  # how often the children are looked at
 STOP_SECONDS = 20.0  # how long a stop waits for the children before it kills them
-RELOAD_SECONDS = 10.0  # how long a reload waits for gunicorn to fork the new node
+RELOAD_SECONDS = 10.0  # how long a reload waits for gunicorn to fork the new HTTP worker
+NODE_RESTART_DELAYS = (0.0, 0.5, 1.0, 2.0, 4.0)  # before starting the node again, for each death in a row
+STEADY_SECONDS = 10.0  # a node that lived this long starts again at once
 # Set for the children of `stepd serve`: its checks have run, and what they found was said once.
 CHECKED = "STEPD_PREFLIGHT_DONE"
 PROMETHEUS_FOLDER = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's variable for its multiprocess files
-METRICS_FOLDER_PREFIX = "stepd-metrics-"  # then the HTTP front's pid, a dash, random letters
+METRICS_FOLDER_PREFIX = "stepd-metrics-"  # the service's folder: then its pid, a dash, random letters
+# The name of the abstract Unix socket where the node takes the HTTP front's writes, set by serve for
+# both: random, and the node answers only processes of its own user (handoff.Counter).
+NODE_SOCKET = "STEPD_NODE_SOCKET"
 
 
 class CannotStart(Exception):
@@ -124,8 +133,8 @@ def announce(settings, registry):
     loaded = "; ".join(f"{', '.join(types)} from {folder}" for folder, types in by_folder.items())
     say(
         f"version {VERSION}, serving {url}: database {settings['STEPD_DB']} (sync {settings['STEPD_SYNC']}), "
-        f"1 HTTP process (the node), {settings['STEPD_RUNNERS']} runner(s) of "
-        f"{settings['STEPD_THREADS']} place(s); delegates {loaded}",
+        f"the node and {settings['STEPD_RUNNERS']} runner(s) of "
+        f"{settings['STEPD_THREADS']} place(s), 1 HTTP process; delegates {loaded}",
         version=VERSION,
         url=url,
         database=settings["STEPD_DB"],
@@ -156,12 +165,12 @@ def say(text, level=logging.INFO, logger="stepd.service", **fields):
 
 
 class Supervisor:
-    """Starts the HTTP front (whose worker is the node, and starts the runners), checks the
-    delegates before a reload, stops it all."""
+    """Starts the node and then the HTTP front, checks the delegates before a reload, stops it all."""
 
     def __init__(self, settings_env, delegates_path=None):
         self.env = settings_env  # the environment of the children: the settings as this process read them
         self.delegates_path = delegates_path  # STEPD_DELEGATES_PATH, loaded again at a reload
+        self.node = None
         self.http = None
         self.stopping = False
         self.reload_asked = False
@@ -170,22 +179,55 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._ask_to_stop)
         signal.signal(signal.SIGHUP, self._ask_to_reload)
-        # Its own process group: a SIGHUP to this service's group (a closing terminal) must not
-        # reach gunicorn's master, which would replace the node whatever this process decides
-        # (reload); this process passes on what it means to (a HUP after the delegates load, the stop).
-        self.http = subprocess.Popen(
-            [sys.executable, "-m", "stepd", "http"], env=self.env, preexec_fn=die_with_parent, process_group=0
-        )
+        with service_folder() as folder:
+            env = {
+                **self.env,
+                PROMETHEUS_FOLDER: folder,
+                NODE_SOCKET: f"stepd-{os.getpid()}-{secrets.token_hex(8)}-front",
+            }
+            self.env = env
+            self.node = _start_child("node", env)
+            if not self._wait_for_the_node(env[NODE_SOCKET]):
+                self.stop()
+                return self.node.returncode or 1
+            self.http = _start_child("http", env)
+            code = self._watch()
+            self.stop()
+        return code
+
+    def _watch(self):
+        """Until a stop is asked (0), or the HTTP front exits (its code, or 1). A node that dies (a
+        crash, an OOM kill) is started again, as the runners are: its runners die with it, and the
+        new node's orphan sweep Interrupts what they ran; meanwhile writes answer 503."""
+        deaths, started = 0, time.monotonic()
         while not self.stopping:
             if self.http.poll() is not None:
-                say(f"the HTTP front exited with code {self.http.returncode}", logging.ERROR)
+                say(f"the HTTP front exited with code {self.http.returncode}; stopping", logging.ERROR)
                 return self.http.returncode or 1
+            if self.node.poll() is not None:
+                deaths = 0 if time.monotonic() - started >= STEADY_SECONDS else deaths + 1
+                delay = NODE_RESTART_DELAYS[min(deaths, len(NODE_RESTART_DELAYS) - 1)]
+                say(f"the node exited with code {self.node.returncode}; starting another in {delay:g} s", logging.ERROR)
+                time.sleep(delay)
+                self.node, started = _start_child("node", self.env), time.monotonic()
             if self.reload_asked:
                 self.reload_asked = False
                 self.reload()
             time.sleep(CHECK_SECONDS)
-        self.stop()
         return 0
+
+    def _wait_for_the_node(self, name):
+        """Until the node takes connections at `name` (True), or exits, or a stop is asked."""
+        while not self.stopping and self.node.poll() is None:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(abstract(name))
+                    return True
+                except OSError:
+                    time.sleep(0.02)
+        if self.node.poll() is not None:
+            say(f"the node exited with code {self.node.returncode} as it started", logging.ERROR)
+        return False
 
     def _ask_to_stop(self, signum, frame):
         self.stopping = True
@@ -194,11 +236,10 @@ class Supervisor:
         self.reload_asked = True  # done by the loop: a signal handler only sets a flag
 
     def reload(self):
-        """SIGHUP: load the delegate modules again. If they load, gunicorn replaces its worker
-        gracefully (its own HUP): the new node starts new runners on the new delegates and takes
-        the new requests; the old one answers what it has, its runners finish what they run
-        (STOP_GRACE_SECONDS; then it is Interrupted) and give back what they never began. If
-        they do not load, nothing changes.
+        """SIGHUP: load the delegate modules again. If they load, the node loads them too and replaces
+        its runners (the new ones take the new work; the old ones finish what they run, within
+        STOP_GRACE_SECONDS, then it is Interrupted, and give back what they never began), and gunicorn
+        replaces its HTTP worker gracefully (its own HUP). If they do not load, nothing changes.
 
         The settings are the environment this process was started with, which no running process
         can see change: a reload applies new delegate code, not new STEPD_* values."""
@@ -210,12 +251,13 @@ class Supervisor:
             say(f"reload refused; the delegates loaded before stay in use: {exc}", logging.ERROR)
             return
         before = _children(self.http.pid)
+        self.node.send_signal(signal.SIGHUP)
         self.http.send_signal(signal.SIGHUP)
-        self._wait_for_a_new_node(before)
+        self._wait_for_a_new_worker(before)
         types = ", ".join(delegate.type for delegate in registry.all())
-        say(f"reloaded: delegates {types}; the node and its runners replaced")
+        say(f"reloaded: delegates {types}; the runners and the HTTP worker replaced")
 
-    def _wait_for_a_new_node(self, before):
+    def _wait_for_a_new_worker(self, before):
         """Until gunicorn has forked the new worker (and so told the old one to go: it does both at
         once), so that what this process says next is true; at most RELOAD_SECONDS."""
         deadline = time.monotonic() + RELOAD_SECONDS
@@ -226,16 +268,35 @@ class Supervisor:
             time.sleep(0.01)
 
     def stop(self):
-        """SIGTERM to the front, then wait; SIGKILL it if it is still there after STOP_SECONDS."""
-        if self.http.poll() is not None:
-            return
-        self.http.send_signal(signal.SIGTERM)
-        try:
-            self.http.wait(timeout=STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            say(f"process {self.http.pid} did not stop in {STOP_SECONDS:g} s; killing it", logging.WARNING)
-            self.http.kill()
-            self.http.wait()
+        """SIGTERM to the HTTP front and the node at once (the front answers what it has, handing
+        its last writes to the node, while the runners finish), then wait; SIGKILL what is still
+        there after STOP_SECONDS."""
+        children = [child for child in (self.http, self.node) if child is not None and child.poll() is None]
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_SECONDS
+        for child in children:
+            try:
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                say(f"process {child.pid} did not stop in {STOP_SECONDS:g} s; killing it", logging.WARNING)
+                child.kill()
+                child.wait()
+
+
+def abstract(name):
+    """The address of the abstract Unix socket `name` (no file: no path length, nothing left by a crash)."""
+    return "\0" + name
+
+
+def _start_child(command, env):
+    """`python -m stepd <command>` with `env`, ended with this process. Each has a process group of
+    its own: a SIGHUP to this service's group (a closing terminal) must reach neither gunicorn's
+    master nor the node, which would reload whatever this process decides; this process passes on
+    what it means to (a HUP once the delegates load, the stop)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "stepd", command], env=env, preexec_fn=die_with_parent, process_group=0
+    )
 
 
 def _children(pid):
@@ -289,8 +350,9 @@ def main():
     announce(settings, registry)
     if os.environ.get("STEPD_WORKERS"):
         say(
-            f"STEPD_WORKERS={os.environ['STEPD_WORKERS']} no longer applies and is ignored: one process, the node, "
-            "serves HTTP on gevent and writes the database; STEPD_RUNNERS sets the processes that run delegates",
+            f"STEPD_WORKERS={os.environ['STEPD_WORKERS']} no longer applies and is ignored: one HTTP process serves "
+            "the API on gevent and hands its writes to the node, the one process that writes the database; "
+            "STEPD_RUNNERS sets the processes that run delegates",
             logging.WARNING,
         )
     die_with_make()
@@ -341,20 +403,37 @@ def runner_main():
 
 
 def http_main():
-    """`stepd http`: the HTTP front alone (serve starts it). Started by hand, it makes the same
-    checks as serve first; under serve (CHECKED set) they were just made."""
+    """`stepd http`: the HTTP front (serve starts it, after the node), handing its writes to the node
+    at NODE_SOCKET."""
     settings = start_settings("stepd.service")
-    if settings is None or (not os.environ.get(CHECKED) and checked(settings) is None):
+    if settings is None:
         return REFUSED
-    with metrics_folder():
-        from stepd import front  # after the folder is in the environment: prometheus-client reads it on import
+    if not os.environ.get(NODE_SOCKET):
+        say("stepd http is the HTTP front of stepd serve, which starts it: run stepd serve", logging.ERROR)
+        return REFUSED
+    from stepd import front  # after the metrics folder is in the environment: prometheus-client reads it on import
 
-        front.serve(settings)
+    front.serve(settings, abstract(os.environ[NODE_SOCKET]))
     return 0
 
 
-def remove_folders_of_gone_fronts(root):
-    """Delete the metrics folders under `root` whose HTTP front (the pid in the name) is gone."""
+def node_main():
+    """`stepd node`: the node (serve starts it), until SIGTERM: the writer, the dispatcher, its runners,
+    the chores, and the socket at NODE_SOCKET where the HTTP front hands it its writes. On gevent:
+    each write handed over, each runner's connection is a greenlet, and none waits for another."""
+    from gevent import monkey
+
+    monkey.patch_all()
+    settings = start_settings("stepd.node")
+    if settings is None or not os.environ.get(NODE_SOCKET):
+        return REFUSED
+    from stepd.node_process import run_node  # after the patch: its modules' threads are greenlets
+
+    return run_node(settings, abstract(os.environ[NODE_SOCKET]))
+
+
+def remove_folders_of_gone_services(root):
+    """Delete the folders under `root` whose service (the pid in the name) is gone."""
     for folder in root.glob(f"{METRICS_FOLDER_PREFIX}*-*"):
         pid = folder.name[len(METRICS_FOLDER_PREFIX) :].split("-", 1)[0]
         if pid.isdigit() and not _process_exists(int(pid)):
@@ -372,21 +451,15 @@ def _process_exists(pid):
 
 
 @contextlib.contextmanager
-def metrics_folder():
-    """A folder for the node's metrics (metrics.py) that outlives each node: gunicorn's master makes
-    it before anything imports prometheus-client, so its workers (each a node; a reload replaces
-    it) write their values there as files, and a scrape sums them all. Deleted when the master
-    stops: a restart of the service starts those series from zero. A master that was killed
-    (SIGKILL) cannot delete its own: the next one to start deletes those whose master is gone."""
-    remove_folders_of_gone_fronts(Path(tempfile.gettempdir()))
-    master = os.getpid()
-    folder = tempfile.mkdtemp(prefix=f"{METRICS_FOLDER_PREFIX}{master}-")
-    os.environ[PROMETHEUS_FOLDER] = folder
+def service_folder():
+    """The folder of this run of the service, readable by this user only: prometheus-client's files
+    (metrics.py), where the node and
+    each HTTP worker (a reload replaces it) write their values and a scrape sums them all. Deleted at
+    the stop: a restart of the service starts those series from zero. A service that was killed
+    (SIGKILL) cannot delete its own: the next one to start deletes those whose service is gone."""
+    remove_folders_of_gone_services(Path(tempfile.gettempdir()))
+    folder = tempfile.mkdtemp(prefix=f"{METRICS_FOLDER_PREFIX}{os.getpid()}-")  # mode 0700
     try:
         yield folder
     finally:
-        # The workers are forked inside this block, and one that exits (a reload replaces it)
-        # unwinds through it too: only the master deletes the folder, at its own end.
-        if os.getpid() == master:
-            os.environ.pop(PROMETHEUS_FOLDER, None)
-            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -34,11 +34,12 @@ log = logging.getLogger("stepd.node")
 
 def open_store(settings, prepare=True):
     """The store of STEPD_DB, a file or a PostgreSQL URL: made and migrated first when `prepare`
-    (raises model.Unusable, with one line saying why, when it cannot be used)."""
+    (raises model.Unusable, with one line saying why, when it cannot be used). On PostgreSQL,
+    settings["READ_CONNECTIONS"] (not a STEPD_ setting: the node's process sets it) bounds its reads."""
     if is_postgres(settings["STEPD_DB"]):
-        from stepd.postgres import PostgresDatabase  # psycopg: for PostgreSQL only
+        from stepd.postgres import READ_CONNECTIONS, PostgresDatabase  # psycopg: for PostgreSQL only
 
-        database = PostgresDatabase(settings["STEPD_DB"])
+        database = PostgresDatabase(settings["STEPD_DB"], settings.get("READ_CONNECTIONS", READ_CONNECTIONS))
     else:
         database = Database(settings["STEPD_DB"], settings["STEPD_SYNC"])
     if prepare:

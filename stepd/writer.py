@@ -414,8 +414,15 @@ class WritesInGroups:
             if self._writer_state is not None:
                 self._writer_state.write_counts = write_counts
 
+    def refuse_writes(self, reason):
+        """Make any write of this process a RuntimeError(`reason`), which no caller catches: the HTTP
+        front writes nothing itself (handoff.py), so a write there is a mistake in stepd's code."""
+        self._refusal = reason
+
     def _writer(self):
         """This process's writer (one per process: after a fork the child makes its own)."""
+        if getattr(self, "_refusal", None):
+            raise RuntimeError(self._refusal)
         with self._threads_lock:
             if self._writer_state is None or self._writer_state.pid != os.getpid():
                 self._writer_state = self._new_writer()

@@ -36,7 +36,7 @@ from stepd import envelope, schemas
 from stepd.app import create_app, start_background, stop_background
 from stepd.auth import hash_secret
 from stepd.db import Database
-from stepd.service import remove_folders_of_gone_fronts
+from stepd.service import remove_folders_of_gone_services
 from stepd.store import Store
 
 # Fixtures that start real service processes: a test that uses one is slow.
@@ -498,7 +498,7 @@ def pytest_sessionfinish(session):
     (SIGKILL leaves them in the temporary folder; the next `stepd serve` would delete them too)."""
     if hasattr(session.config, "workeroutput"):
         session.config.workeroutput["stepd_figures"] = json.dumps(FIGURES)
-    remove_folders_of_gone_fronts(Path(tempfile.gettempdir()))
+    remove_folders_of_gone_services(Path(tempfile.gettempdir()))
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -654,8 +654,8 @@ def free_port():
 
 
 class Server:
-    """stepd as `make run` serves it (`stepd serve`: gunicorn, its one worker (the node), and the
-    runner processes the node starts), on loopback, in a process group of its own."""
+    """stepd as `make run` serves it (`stepd serve`: the node and the runner processes it starts,
+    gunicorn and its one HTTP worker), on loopback, in a process group of its own."""
 
     def __init__(
         self,
@@ -712,7 +712,7 @@ class Server:
         return self
 
     def _workers_booted(self):
-        """The HTTP worker (the node: one, whatever STEPD_WORKERS says) is forked and has booted.
+        """The HTTP worker (one, whatever STEPD_WORKERS says) is forked and has booted.
         A worker's SIGTERM handler is only set once it boots: a SIGTERM sent before then is lost,
         and the stop waits out gunicorn's graceful_timeout for it."""
         pids = self.worker_pids()
@@ -741,13 +741,18 @@ class Server:
         return next((pid for pid in self._children(self.proc.pid) if _is_http_front(pid)), None)
 
     def worker_pids(self):
-        """The HTTP worker's pid (the node), in a list."""
+        """The HTTP worker's pid, in a list."""
         master = self.gunicorn_pid()
         return self._children(master) if master else []
 
+    def node_pids(self):
+        """The node's pid (`python -m stepd node`, a child of `stepd serve`), in a list: empty while
+        none runs (it died, and the supervisor starts another)."""
+        return [pid for pid in self._children(self.proc.pid) if _runs_stepd(pid, b"node")]
+
     def runner_pids(self):
         """The runner processes' pids (the node's children)."""
-        return [pid for worker in self.worker_pids() for pid in self._children(worker)]
+        return [pid for node in self.node_pids() for pid in self._children(node)]
 
     def output(self):
         return self.log_path.read_text(errors="replace")
@@ -756,7 +761,13 @@ class Server:
         """SIGKILL the whole service at once (supervisor, gunicorn, workers, runners), as a crash
         or power cut would."""
         master = self.gunicorn_pid()
-        pids = [self.proc.pid, *([master] if master else []), *self.worker_pids(), *self.runner_pids()]
+        pids = [
+            self.proc.pid,
+            *([master] if master else []),
+            *self.worker_pids(),
+            *self.node_pids(),
+            *self.runner_pids(),
+        ]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -848,8 +859,13 @@ def _parent(pid):
 
 def _is_http_front(pid):
     """Whether `pid` is the gunicorn master of a service (`python -m stepd http`)."""
+    return _runs_stepd(pid, b"http")
+
+
+def _runs_stepd(pid, command):
+    """Whether `pid` runs `python -m stepd <command>`."""
     with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2:] == [b"http", b""]
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2:] == [command, b""]
     return False
 
 

@@ -219,15 +219,14 @@ def test_opening_the_store_of_a_postgresql_url_migrates_it_and_serves_from_it(po
 
 
 def test_read_connections_are_lent_from_a_bounded_pool_and_given_back(postgres_url, monkeypatch):
-    """At most READ_CONNECTIONS callers hold one at once (a further one waits, then is Busy), and one
+    """At most `read_connections` callers hold one at once (a further one waits, then is Busy), and one
     given back (release(), or its thread's end) serves the next caller without a new connection."""
     import threading
 
     from stepd.model import Busy
 
-    monkeypatch.setattr(postgres, "READ_CONNECTIONS", 2)
     monkeypatch.setattr(postgres, "POOL_WAIT_SECONDS", 0.2)
-    database = postgres.PostgresDatabase(postgres_url)
+    database = postgres.PostgresDatabase(postgres_url, read_connections=2)
     database.prepare()
     try:
         first = database.connection()

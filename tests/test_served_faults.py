@@ -149,13 +149,13 @@ def test_a_writer_that_cannot_get_the_lock_in_time_gets_503_with_retry_after(ser
     lock_fd = os.open(db + ".lock", os.O_RDWR)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        # A worker or a runner that starts now must wait for the lock, not fail to boot (gunicorn
-        # would stop the service; a runner would die again and again).
-        victim = server.worker_pids()[0]
+        # A node or a runner that starts now must wait for the lock, not fail to start (the node
+        # would die again and again; so would a runner).
+        (victim,) = server.node_pids()
         (runner,) = server.runner_pids()
         os.kill(victim, signal.SIGKILL)
         os.kill(runner, signal.SIGKILL)
-        wait_for(lambda: victim not in server.worker_pids() and len(server.worker_pids()) == 1, what="a respawn")
+        wait_for(lambda: victim not in server.node_pids() and len(server.node_pids()) == 1, what="a new node")
         wait_for(lambda: server.runner_pids() not in ([], [runner]), what="a new runner")
         started = time.monotonic()
         answers = hammer(server, writers=8, writes_each=1)  # 8 = the requests gunicorn serves at once
@@ -165,7 +165,7 @@ def test_a_writer_that_cannot_get_the_lock_in_time_gets_503_with_retry_after(ser
         fcntl.flock(lock_fd, fcntl.LOCK_UN)
         os.close(lock_fd)
     assert [r.status_code for r in answers] == [503] * 8
-    assert server.proc.poll() is None, "the service is up: the respawned worker waited for the lock"
+    assert server.proc.poll() is None, "the service is up: the new node waited for the lock"
     for busy in answers:
         assert busy.json()["message"] == "Service unavailable"
         assert busy.headers["Retry-After"] == "1"
@@ -208,7 +208,7 @@ def test_a_full_disk_refuses_writes_with_503_keeps_reads_and_recovers_without_a_
     server = server_factory(db_path=db)
     server.log_path = tmp_path / "full-disk.log"  # the log must not sit on the full disk
     server.start()
-    workers = set(server.worker_pids())
+    workers = set(server.worker_pids()) | set(server.node_pids())
     before = server.post(P, {"name": "before", "steps": [{"type": "noop"}]})
     assert before.status_code == 201
     before_id = before.json()["data"]["processId"]
@@ -246,7 +246,7 @@ def test_a_full_disk_refuses_writes_with_503_keeps_reads_and_recovers_without_a_
     )
     process_id = after.json()["data"]["processId"]
     wait_for(lambda: server.get(f"{P}/{process_id}").json()["data"]["status"] == "COMPLETED", what="it to run")
-    assert set(server.worker_pids()) == workers, "the service carried on without a restart"
+    assert set(server.worker_pids()) | set(server.node_pids()) == workers, "the service carried on without a restart"
     names = {p["name"] for p in server.get(f"{P}?limit=50").json()["data"]["items"]}
     assert names == written | {"after"}, "every write done is there, nothing refused was written"
     report = check(db)
@@ -262,19 +262,19 @@ def test_a_full_disk_refuses_writes_with_503_keeps_reads_and_recovers_without_a_
 def test_a_worker_respawned_while_the_disk_is_full_waits_instead_of_stopping_the_service(
     server_factory, small_disk, tmp_path
 ):
-    """gunicorn stops the whole service when a worker fails to boot, and a runner that cannot
-    register must wait rather than die again and again: a full disk must not do either."""
+    """A node started again while the disk is full, and a runner that cannot register, must wait
+    rather than die again and again, or stop the service."""
     db = small_disk / "stepd.db"
     server = server_factory(db_path=db)
     server.log_path = tmp_path / "respawn.log"
     server.start()
     wait_for(lambda: registered_runners(db) == set(server.runner_pids()), what="the runner to register")
-    (victim,) = server.worker_pids()  # the node; its runner ends with it
+    (victim,) = server.node_pids()  # its runner ends with it
     (runner,) = server.runner_pids()
 
     filler = fill(small_disk)
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: (p := server.worker_pids()) and victim not in p, what="gunicorn to respawn the worker")
+    wait_for(lambda: (p := server.node_pids()) and victim not in p, what="the service to start the node again")
     (new_runner,) = wait_for(lambda: (p := server.runner_pids()) not in ([], [runner]) and p, what="a new runner")
     time.sleep(2)  # the new runner heartbeats against the full disk meanwhile
     assert server.runner_pids() == [new_runner], "the new runner waits: it does not die again and again"

@@ -66,20 +66,22 @@ def test_no_counter_goes_backwards_when_a_runner_is_killed(server_factory, tmp_p
 
 
 def test_a_reload_takes_nothing_from_any_counter(server_factory, tmp_path):
-    """A reload replaces the node process: what the database keeps (attempts, outcomes) carries on,
-    and so do the node's own series (histograms, HTTP), summed over the files every node of the
-    run wrote (prometheus-client's multiprocess folder, made by the HTTP front's master)."""
+    """A reload replaces the HTTP worker and the runners: what the database keeps (attempts,
+    outcomes) carries on, and so do the processes' own series (histograms, HTTP), summed over the
+    files every process of the run wrote (prometheus-client's multiprocess folder, the service's)."""
     server = server_factory(db_path=tmp_path / "reload.db", runners=1).start()
     server.wait_process(server.start_process(("noop", {}), ("noop", {}))["processId"], "COMPLETED")
     before = scrape(server)
     assert metric(before, "stepd_step_duration_seconds_count", type="noop", outcome="completed") == 2
-    (node,) = server.worker_pids()
+    (worker,) = server.worker_pids()
+    (runner,) = server.runner_pids()
     os.kill(server.proc.pid, signal.SIGHUP)
-    wait_for(lambda: server.worker_pids() and server.worker_pids() != [node], timeout=20, what="a new node")
+    wait_for(lambda: server.worker_pids() and server.worker_pids() != [worker], timeout=20, what="a new worker")
+    wait_for(lambda: server.runner_pids() and runner not in server.runner_pids(), timeout=20, what="a new runner")
     wait_for(lambda: metric(scrape(server), "stepd_runners_alive") == 1, timeout=20, what="its runner")
-    server.wait_process(server.start_process(("noop", {}))["processId"], "COMPLETED")  # run by the new node
-    # The old node has exited (its series, in the run's folder, still count; its exit deletes nothing).
-    wait_for(lambda: not Path(f"/proc/{node}").exists(), timeout=20, what="the old node to exit")
+    server.wait_process(server.start_process(("noop", {}))["processId"], "COMPLETED")  # run by the new runner
+    # The old worker has exited (its series, in the run's folder, still count; its exit deletes nothing).
+    wait_for(lambda: not Path(f"/proc/{worker}").exists(), timeout=20, what="the old worker to exit")
     after = scrape(server)
     assert not went_back(before, after, kinds(server))
     assert metric(after, "stepd_step_attempts_total", type="noop", trigger="start") == 3
@@ -103,8 +105,7 @@ def test_the_metrics_folder_goes_with_the_service(server_factory, tmp_path):
     server = server_factory(db_path=tmp_path / "folder.db", runners=1, extra_env={"TMPDIR": str(temporary)}).start()
     assert not killed.exists() and alive.exists()
     scrape(server)
-    # A runner is exec'd by the node with its environment (the node itself is forked: its /proc
-    # environ is its master's first one).
+    # A runner is exec'd by the node with the node's environment, which the service gave it.
     (runner,) = server.runner_pids()
     environment = Path(f"/proc/{runner}/environ").read_bytes().split(b"\0")
     [folder] = [

@@ -124,8 +124,10 @@ def test_a_runner_sigkilled_has_its_step_interrupted_within_2_s_and_never_run_ag
 @pytest.mark.timeout(90)
 def test_many_requests_at_once_share_a_bounded_pool_and_none_stalls(pg_server, postgres_url):
     """64 clients at once, each starting processes and reading them: every answer comes, no slower
-    than a few seconds, while the node holds at most its pool's read connections (16) plus its writer,
-    its heartbeat's and its LISTEN's: one connection a request's greenlet would be 64."""
+    than a few seconds, while the service holds at most its HTTP front's read connections (16), and
+    the node's (4) plus its writer, its heartbeat's and its LISTEN's: one connection a request's
+    greenlet would be 64."""
+    from stepd.node_process import NODE_READ_CONNECTIONS
     from stepd.postgres import READ_CONNECTIONS
 
     server = pg_server().start()
@@ -162,7 +164,7 @@ def test_many_requests_at_once_share_a_bounded_pool_and_none_stalls(pg_server, p
     assert errors == [], errors[:3]
     assert len(answers) == 320
     assert slowest[0] < 5.0, f"the slowest request took {slowest[0]:.2f} s"
-    assert most[0] <= READ_CONNECTIONS + 3, f"{most[0]} connections at once"
+    assert most[0] <= READ_CONNECTIONS + NODE_READ_CONNECTIONS + 3, f"{most[0]} connections at once"
     wait_for(lambda: all(server.process(pid)["status"] == "COMPLETED" for pid in answers[-5:]), timeout=20,
              what="the processes to complete")  # fmt: skip
     assert server.stop() == 0
@@ -255,7 +257,7 @@ def test_a_node_sigkilled_has_its_running_step_interrupted_by_the_other_within_1
     step_id = process["steps"][0]["processStepId"]
     wait_for(calls.exists, what="the delegate to be called")
     _, holder_pid = node_of_step(postgres_url, step_id)
-    dying, living = (first, second) if holder_pid in first.worker_pids() else (second, first)
+    dying, living = (first, second) if holder_pid in first.node_pids() else (second, first)
     dying.kill()
     killed = time.monotonic()
     ended = lambda: (s := living.step(step_id))["status"] == "FAILED" and s  # noqa: E731
@@ -318,7 +320,7 @@ def kill_under_load(url, nodes, dying):
     """SIGKILL node `dying` (its supervisor, gunicorn, the node, its runners) and wait until the other
     has ended every attempt that was running on it; returns (those attempts, seconds it took). The
     clients go on meanwhile (on the other node): they may restart, skip or cancel what has ended."""
-    (node_pid,) = nodes[dying].worker_pids()
+    (node_pid,) = nodes[dying].node_pids()
     nodes[dying].kill()
     killed = time.monotonic()
     running = pg_rows(url, RUNNING_ON_NODE, node_pid)  # frozen: its node is gone, and no other may end them yet
@@ -475,7 +477,7 @@ def test_a_runner_killed_on_one_node_interrupts_its_steps_only(pg_server, postgr
     gate = tmp_path / "gate"
     steps = [nodes[n % 2].start_process(("wait", {"file": str(gate)}))["steps"][0]["processStepId"] for n in range(4)]
     holders = wait_for(lambda: all(h := [node_of_step(postgres_url, s) for s in steps]) and h, what="four claims")
-    (victim_node,) = nodes[0].worker_pids()
+    (victim_node,) = nodes[0].node_pids()
     victims = [step for step, (_, pid) in zip(steps, holders, strict=True) if pid == victim_node]
     others = [step for step in steps if step not in victims]
     assert len(victims) == len(others) == 2, holders
@@ -566,7 +568,7 @@ def test_a_node_taken_for_dead_while_only_stopped_comes_back_and_runs_work_again
     calls, gate = tmp_path / "calls.txt", tmp_path / "never"
     held = nodes[0].start_process(("retry_gate", {"file": str(calls), "gate": str(gate)}))["steps"][0]["processStepId"]
     _, paused = wait_for(lambda: node_of_step(postgres_url, held), what="a claim")
-    stopped, other = nodes if nodes[0].worker_pids() == [paused] else reversed(nodes)
+    stopped, other = nodes if nodes[0].node_pids() == [paused] else reversed(nodes)
     os.kill(paused, signal.SIGSTOP)
     try:
         other.wait_step(held, "FAILED", timeout=15)
