@@ -781,7 +781,9 @@ def run_memory(workdir, token, checkpoints=(10_000, 20_000, 100_000, 200_000), s
 
 
 def profile(workdir, token, seconds, extra_args=(), sync="normal"):
-    """py-spy on one worker during the failing-delegate restart load; returns the top frames."""
+    """py-spy on each of stepd's processes (the HTTP worker, the node, the runner) during the
+    failing-delegate restart load; returns {process: its top frames}, the load's result, and the
+    command (its pid and output file for the first process)."""
     py_spy = os.environ.get("PY_SPY") or shutil.which("py-spy")
     if not py_spy:
         raise SystemExit("--profile needs py-spy: pip install py-spy (or set PY_SPY to its path)")
@@ -789,18 +791,27 @@ def profile(workdir, token, seconds, extra_args=(), sync="normal"):
     pools = seed_file(db, fail=FAIL_POOL)
     ids = write_ids(workdir / "profile.ids", pools["fail"])
     server = stepd_server(db, sync, workdir, token)
-    raw = workdir / "profile.txt"
+    processes = {
+        "HTTP worker": server.worker_pids()[0],
+        "node": server.node_pids()[0],
+        "runner": server.runner_pids()[0],
+    }
+    spies, commands = [], []
     try:
-        pid = server.worker_pids()[0]
-        command = [py_spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "250"]
-        command += ["--nonblocking", "--format", "raw", "--output", str(raw), *extra_args]
-        spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for name, pid in processes.items():
+            raw = workdir / f"profile-{pid}.txt"
+            command = [py_spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "250"]
+            command += ["--nonblocking", "--format", "raw", "--output", str(raw), *extra_args]
+            spies.append((name, raw, subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+            commands.append(" ".join(command))
         time.sleep(1)
         result = wrk(server, "restart-fail", seconds + 2, ids, token)
-        spy.wait()
+        for _, _, spy in spies:
+            spy.wait()
     finally:
         server.stop()
-    return summarize_profile(raw.read_text(errors="replace")), result, " ".join(command)
+    summaries = {name: summarize_profile(raw.read_text(errors="replace")) for name, raw, _ in spies}
+    return summaries, result, commands[0]
 
 
 def summarize_profile(text, top=30):
@@ -1010,14 +1021,16 @@ def run_blocks(args, workdir, token):
 
 
 def print_profile(workdir, token, args):
-    (total, frames, hot), result, command = profile(workdir, token, args.profile, args.spy_args.split())
-    print(f"py-spy: {command}\n{total} samples; restart load {result['rps']:.0f} 200s/s meanwhile\n")
-    print("| inclusive % | self % | function (file) |\n|---:|---:|---|")
-    for frame, incl, self_ in frames:
-        print(f"| {incl:.1f} | {self_:.1f} | `{frame}` |")
-    print("\n| self % | line where the samples were taken |\n|---:|---|")
-    for leaf, share in hot:
-        print(f"| {share:.1f} | `{leaf}` |")
+    summaries, result, command = profile(workdir, token, args.profile, args.spy_args.split())
+    print(f"py-spy, each process alike: {command}\nrestart load {result['rps']:.0f} 200s/s meanwhile")
+    for name, (total, frames, hot) in summaries.items():
+        print(f"\n### {name}: {total} samples\n")
+        print("| inclusive % | self % | function (file) |\n|---:|---:|---|")
+        for frame, incl, self_ in frames:
+            print(f"| {incl:.1f} | {self_:.1f} | `{frame}` |")
+        print("\n| self % | line where the samples were taken |\n|---:|---|")
+        for leaf, share in hot:
+            print(f"| {share:.1f} | `{leaf}` |")
 
 
 def print_memory(readings, seconds):
@@ -1069,7 +1082,9 @@ def main():
     )
     parser.add_argument("--no-stored", action="store_true", help="skip the stored-steps rows (2 x 10^4 and 10^6)")
     parser.add_argument("--memory", action="store_true", help="also RSS over 200k restarts (~5 min)")
-    parser.add_argument("--profile", type=int, metavar="SECONDS", help="only py-spy a worker under restart load")
+    parser.add_argument(
+        "--profile", type=int, metavar="SECONDS", help="only py-spy each stepd process under restart load"
+    )
     parser.add_argument("--spy-args", default="", help="more py-spy record options, e.g. --gil or --idle")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (databases, logs)")
     parser.add_argument(

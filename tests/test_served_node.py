@@ -91,11 +91,11 @@ import os, socket, sys
 os.setgid(65534); os.setuid(65534)
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 sock.connect("\\0" + sys.argv[1])
-sock.sendall(b"\\0\\0\\0\\x05hello")
 sock.settimeout(5)
 try:
+    sock.sendall(b"\\0\\0\\0\\x05hello")
     print("answered" if sock.recv(100) else "closed")
-except ConnectionResetError:  # closed with our bytes unread
+except (BrokenPipeError, ConnectionResetError):  # closed before our bytes, or with them unread
     print("closed")
 """
 
