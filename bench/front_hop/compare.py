@@ -1,5 +1,9 @@
 """Issue 18's other HTTP front, measured beside the one stepd ships: a prototype, not the product.
 
+Since `0170929` the product is this design (stepd/handoff.py): `node:` rows run `stepd serve`, whose
+front hands its writes to the node; `hop:` rows run the prototype that measured it first, kept for
+BENCHMARKS.md's record. Run from two checkouts, `node:` rows are the interleaved A/B of make bench's.
+
 stepd serves HTTP from the node itself (gevent, no hand-off). The other front the issue names:
 HOP_WORKERS HTTP processes (stepd's app, reads on their own connections) that hand their writes to
 the node over a socket (rpc.py), the node (node.py) doing only the writes, the dispatch and the
