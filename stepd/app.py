@@ -286,7 +286,7 @@ def _forward_whole(app, window):
         return None
     environ = {**request.environ, "HTTP_X_REQUEST_ID": g.request_id}  # the node answers under the front's id
     status, headers, body = window.forward(environ, request.get_data())
-    return Response(body, status, headers)
+    return Response(body, status, headers)  # its headers the node's (ui/access.py leaves its HTML policy)
 
 
 def start_node(app, runner_processes):

@@ -25,6 +25,13 @@ import threading
 HEADER = struct.Struct("!I")
 
 
+def peer_uid(sock):
+    """The user id of the process at the other end of a Unix socket (Linux's SO_PEERCRED): a node
+    takes runners and fronts of its own user only, as what they send is unpickled and trusted."""
+    pid_uid_gid = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", pid_uid_gid)[1]
+
+
 def node_address(db_path):
     """The abstract Unix socket (no file: nothing to clean up after a crash) where the node of
     this database file accepts `stepd runner` processes."""

@@ -195,6 +195,8 @@ class Dispatcher:
             begun = self.store.outcomes_job(taken, link.id)(conn)
             with self._lock:
                 link.sent.difference_update(outcome.job.key for outcome in taken)
+            if link.retired or self.stopping_reason() is not None:
+                begun = self._queue_again(link, begun)
             self._will_send(link, begun)
             return begun
 
@@ -208,6 +210,16 @@ class Dispatcher:
             self._note_retries(outcome.retry_at for outcome in taken if outcome.retry_at is not None)
 
         self.store.db.submit(record, done)
+
+    def _queue_again(self, link, begun):
+        """The next steps that outcomes of a runner that is stopping began for it, queued again in
+        the same group: it calls no more delegates, and what it has not begun would otherwise be
+        Interrupted at its end rather than run by another. Returns what is left to send: nothing."""
+        for job in begun:
+            self.store.unclaim_key(job.key, link.id)
+        if begun:
+            self.note_queued()
+        return []
 
     def _record_failed(self, link, outcomes, error):
         """A busy, full or unreachable database (PostgreSQL restarting, a connection it ended):

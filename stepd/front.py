@@ -64,6 +64,7 @@ def _mark_the_worker(worker):
     mid-request (gunicorn's workers keep its default action); the master's HUP replaces it
     gracefully instead."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    worker.wsgi.extensions["stepd"].engine.window.connect()  # at a stop, the node waits for every worker connected
     freeze_startup_objects()
 
 

@@ -31,11 +31,11 @@ import logging
 import os
 import pickle
 import socket
-import struct
 import sys
 import threading
+import time
 
-from stepd.channel import Channel
+from stepd.channel import Channel, peer_uid
 from stepd.engine import Engine
 from stepd.errors import answer_for
 from stepd.model import Unavailable, current_request_id
@@ -59,6 +59,9 @@ ENVIRON_KEYS = (
     "REMOTE_PORT",
     "wsgi.url_scheme",
 )
+# The request's framing, which the node gets anew: the body goes as the bytes the front read.
+FRAMING = ("HTTP_TRANSFER_ENCODING", "HTTP_CONTENT_LENGTH")
+ACCEPT_AGAIN_SECONDS = 0.1
 NODE_GONE = "the node (the service's writer) does not answer; the change may or may not have been made"
 
 
@@ -83,18 +86,22 @@ class Counter:
         self.engine = engine
         self.app = app
         self.fronts = set()  # the channels of the fronts connected now
+        self.stopped = False
 
     def start(self):
         spawn(self._accept)
         return self
 
     def _accept(self):
-        while True:
+        while not self.stopped:
             try:
                 sock, _ = self.listener.accept()
-            except OSError:
-                return  # closed: the node stops
-            if _peer_uid(sock) != os.getuid():  # the verbs take the caller's principal on trust
+            except OSError as exc:
+                if not self.stopped:  # out of descriptors, say: the next front may connect a moment later
+                    log.warning("the node's socket could not take a front (%s); trying again", exc)
+                    time.sleep(ACCEPT_AGAIN_SECONDS)
+                continue
+            if peer_uid(sock) != os.getuid():  # the verbs take the caller's principal on trust
                 log.warning("refused a connection to the node's socket from another user's process")
                 sock.close()
                 continue
@@ -116,7 +123,11 @@ class Counter:
             value, ok = (self._call(*rest) if kind == "call" else self._request(*rest)), True
         except Exception as exc:  # the front raises it, as if the verb had run there
             value, ok = exc, False
-        channel.send("answer", (call_id, ok, _picklable(value)))
+        try:
+            channel.send("answer", (call_id, ok, _picklable(value)))
+        except Exception as exc:  # a result pickle cannot carry: the caller must still get an answer
+            log.exception("the answer to a front's %s could not be sent", kind)
+            channel.send("answer", (call_id, False, RuntimeError(f"the node's answer could not be sent: {exc}")))
 
     def _call(self, request_id, verb, args):
         if verb not in VERBS:
@@ -146,15 +157,10 @@ class Counter:
 
     def stop(self):
         """Take no more fronts (a shutdown wakes the accept, which a close alone would not)."""
+        self.stopped = True
         with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
-
-
-def _peer_uid(sock):
-    """The user id of the process at the other end of a Unix socket (Linux's SO_PEERCRED)."""
-    pid_uid_gid = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", pid_uid_gid)[1]
 
 
 def _picklable(value):
@@ -193,27 +199,29 @@ class Window:
         self._channel = None
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._pending = {}
+        self._pending = {}  # call id -> (the channel it was sent on, its _Pending)
 
     def call(self, verb, *args):
         """Engine.`verb`(*args), run by the node; its result, or the exception it raised."""
         return self._ask("call", (current_request_id.get(), verb, args))
 
     def forward(self, environ, body):
-        """The whole request, run by the node: (status, [(header, value)], body bytes)."""
-        return self._ask(
-            "request",
-            (
-                {key: environ[key] for key in ENVIRON_KEYS if key in environ}
-                | {key: value for key, value in environ.items() if key.startswith("HTTP_")},
-                body,
-            ),
-        )
+        """The whole request, run by the node: (status, [(header, value)], body bytes). The body goes
+        as the bytes the front read (a chunked one decoded), with its length."""
+        kept = {key: environ[key] for key in ENVIRON_KEYS if key in environ}
+        kept |= {key: value for key, value in environ.items() if key.startswith("HTTP_") and key not in FRAMING}
+        return self._ask("request", (kept, body))
+
+    def connect(self):
+        """Open the connection now (a worker that starts: the node, at a stop, waits for every front
+        connected); a node not there yet is no error: the first write tries again."""
+        with contextlib.suppress(Unavailable):
+            self._connected()
 
     def _ask(self, kind, payload):
         pending, call_id = _Pending(), next(self._ids)
         channel = self._connected()
-        self._pending[call_id] = pending
+        self._pending[call_id] = (channel, pending)
         if not channel.send(kind, (call_id, *payload)):
             self._pending.pop(call_id, None)
             raise Unavailable(NODE_GONE)
@@ -237,19 +245,20 @@ class Window:
             return self._channel
 
     def _read(self, channel):
-        while (message := channel.receive()) is not None:
-            _kind, (call_id, ok, value) = message
-            pending = self._pending.pop(call_id, None)
-            if pending is not None:
-                pending.set(ok, value)
-        with self._lock:  # the node is gone (or stopping): the next call connects again
-            if self._channel is channel:
-                self._channel = None
-        channel.close()
-        for call_id in list(self._pending):
-            pending = self._pending.pop(call_id, None)
-            if pending is not None:
-                pending.set(False, Unavailable(NODE_GONE))
+        try:
+            while (message := channel.receive()) is not None:
+                _kind, (call_id, ok, value) = message
+                _sent_on, pending = self._pending.pop(call_id, (None, None))
+                if pending is not None:
+                    pending.set(ok, value)
+        finally:  # the node is gone (or stopping), or its answer could not be read: connect again
+            with self._lock:
+                if self._channel is channel:
+                    self._channel = None
+            channel.close()
+            for call_id, (sent_on, _pending) in list(self._pending.items()):
+                if sent_on is channel:  # this connection's calls only: a new one's go on
+                    self._pending.pop(call_id)[1].set(False, Unavailable(NODE_GONE))
 
     def close(self):
         with self._lock:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 
 from stepd.admission import MEASURE_SECONDS, Admission
-from stepd.channel import Channel, node_address
+from stepd.channel import Channel, node_address, peer_uid
 from stepd.dispatch import Dispatcher
 from stepd.liveness import HOST, die_with_parent
 from stepd.model import new_id
@@ -244,6 +244,10 @@ class Node:
                 conn, _ = self._listener.accept()
             except OSError:
                 return  # closed by stop()
+            if peer_uid(conn) != os.getuid():
+                log.warning("refused a runner of another user's process on the node's socket")
+                conn.close()
+                continue
             threading.Thread(target=self.dispatcher.attach, args=(Channel(conn),), daemon=True).start()
 
     def replace_runners(self):

@@ -26,13 +26,13 @@ NODE_READ_CONNECTIONS = 4  # PostgreSQL: the node's reads at most (the front mak
 
 
 def run_node(settings, address):
+    asked = []  # the signals received, in order: the main loop acts on them (a HUP while it starts, too)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda number, _frame: asked.append(number))
     app = create_app({"READ_CONNECTIONS": NODE_READ_CONNECTIONS})
     stepd = app.extensions["stepd"]
     node = start_node(app, settings["STEPD_RUNNERS"])
     counter = Counter(_listen(address), stepd.engine, app).start()
-    asked = []  # the signals received, in order: the main loop acts on them
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda number, _frame: asked.append(number))
     freeze_startup_objects()
     while True:
         while not asked:

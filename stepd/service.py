@@ -13,8 +13,8 @@ whose worker serves the API and hands every write to the node (handoff.py):
         └── its worker                    HTTP on gevent: reads, checks, renders; writes via the node
 
 The children run in the supervisor's working directory, with the settings it read (STEPD_DB and
-STEPD_DELEGATES_PATH already made absolute by config.from_env), so all use one database, and in
-the service's folder (`service_folder`: the node's socket, the metrics' files).
+STEPD_DELEGATES_PATH already made absolute by config.from_env), so all use one database, and with
+the service's folder (`service_folder`: the metrics' files) and the node's socket (NODE_SOCKET).
 
 The node starts a runner again within a second or two when it dies (a delegate called os._exit, a
 segfault, an OOM kill); its running steps become Interrupted as soon as the node reads the end of

@@ -7,6 +7,7 @@ The served tests (test_served_*) run the same parts as processes."""
 import os
 import socket
 import threading
+import time
 
 import pytest
 from helpers import OPERATOR_SECRET, PLUGINS, RESTART, Api, P, wait_for
@@ -145,3 +146,54 @@ def test_a_window_on_no_node_is_unavailable(tmp_path):
     window = Window(str(tmp_path / "nobody.sock"))
     with pytest.raises(Unavailable, match="does not answer"):
         window.call("start_process", None, [], "ops")
+
+
+def test_a_chunked_body_forwarded_whole_reaches_the_node_as_the_front_read_it(pair):
+    """The front sends the bytes it read, with their length; the client's framing (chunked) stays behind."""
+    body = b'{"steps": [{"type": "noop", "params": {}}]}'
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": P,
+        "CONTENT_TYPE": "application/json",
+        "SERVER_NAME": "localhost",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "wsgi.url_scheme": "http",
+        "HTTP_HOST": "localhost",
+        "HTTP_AUTHORIZATION": f"Bearer {OPERATOR_SECRET}",
+        "HTTP_IDEMPOTENCY_KEY": "chunked-once",
+        "HTTP_TRANSFER_ENCODING": "chunked",
+    }
+    status, headers, answer = pair.front_app.extensions["stepd"].engine.window.forward(environ, body)
+    assert status == 201, answer
+
+
+def test_an_answer_pickle_cannot_carry_is_an_error_the_caller_gets(pair, monkeypatch):
+    engine = pair.node_app.extensions["stepd"].engine
+    monkeypatch.setattr(engine, "fail", lambda *args: threading.Lock())  # a lock cannot be pickled
+    window = Window(pair.address)
+    try:
+        with pytest.raises(RuntimeError, match="could not be sent"):
+            window.call("fail", new_id(), "message", "ops")
+        assert window.call("start_process", None, [("noop", {})], "ops")["status"] == "RUNNING", "the connection lives"
+    finally:
+        window.close()
+
+
+def test_a_runner_a_reload_retires_gets_no_new_attempt_and_its_next_steps_run_elsewhere(app, api, gate):
+    """dispatch.Dispatcher.retire: no claim for it, and the next step its outcome begins is queued
+    again in the same group, for another runner, rather than sent to one that calls no more delegates."""
+    node = app.extensions["stepd"].node
+    process = api.start(("wait", {"file": str(gate)}), ("noop", {}))
+    first, second = (step["processStepId"] for step in process["steps"])
+    wait_for(lambda: api.step(first)["phase"] == "RUNNING", what="the first step to run")
+    node.dispatcher.retire({os.getpid()})  # the runner on this process's threads
+    waiting = api.start(("noop", {}))["steps"][0]["processStepId"]
+    gate.touch()
+    wait_for(lambda: api.step(first)["status"] == "COMPLETED", what="the first step to end")
+    time.sleep(0.3)
+    assert api.step(second)["phase"] == "QUEUED" and api.step(waiting)["phase"] == "QUEUED"
+    node.start_runners_here(1)
+    api.wait_process(process["processId"], "COMPLETED")
+    assert api.step(second)["attempts"] == 1
+    assert api.step(waiting)["status"] == "COMPLETED"

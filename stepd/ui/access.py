@@ -97,8 +97,9 @@ def policy(nonce):
 
 
 def secure_html(response):
-    """Every HTML answer of the app: a strict Content-Security-Policy, never framed."""
-    if response.mimetype == "text/html":
+    """Every HTML answer of the app: a strict Content-Security-Policy, never framed. An answer the
+    node made for the front (handoff.py) has its own, with the nonce of the page it rendered."""
+    if response.mimetype == "text/html" and "Content-Security-Policy" not in response.headers:
         response.headers["Content-Security-Policy"] = policy(g.get("csp_nonce"))
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["Referrer-Policy"] = "same-origin"
