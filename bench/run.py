@@ -1034,7 +1034,8 @@ def print_profile(workdir, token, args):
 
 
 def print_memory(readings, seconds):
-    print(f"\nRSS (KiB) of the HTTP worker, the node and the runners (in that order) after N restarts ({seconds:.0f}s):\n")
+    heading = "RSS (KiB) of the HTTP worker, the node and the runners (in that order) after N restarts"
+    print(f"\n{heading} ({seconds:.0f}s):\n")
     pids = list(readings[0]["rss"])
     print("| restarts (200) | 412 so far | " + " | ".join(f"process {pid}" for pid in pids) + " |")
     print("|---:|---:|" + "---:|" * len(pids))
