@@ -93,6 +93,8 @@ def params_to_json(params):
 def params_from_json(text):
     if text is None:
         return None
+    if text == "{}":  # most steps have no params: no parse for them
+        return {}
     return {name: (kind, value) for name, (kind, value) in json.loads(text).items()}
 
 

@@ -80,6 +80,14 @@ def test_params_round_trip_through_json_with_their_types():
         params_to_json({"nan": ("DOUBLE", math.nan)})
 
 
+def test_no_params_read_back_as_a_new_empty_dict_each_time():
+    """The empty params' shortcut (no JSON parse) gives what the parse gives, and never one shared dict."""
+    first, second = params_from_json(params_to_json({})), params_from_json("{}")
+    assert first == second == {} and first is not second
+    first["x"] = ("LONG", 1)
+    assert params_from_json("{}") == {}
+
+
 def test_a_precondition_names_its_field_in_the_domain():
     assert PreconditionFailed.on("step_id", "No step has this id.").errors == {"step_id": ["No step has this id."]}
     assert repr(Job("s", "p", "t", {}, 2)) == "Job('s', attempt=2)"
