@@ -29,10 +29,13 @@ def run_node(settings, address):
     asked = []  # the signals received, in order: the main loop acts on them (a HUP while it starts, too)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda number, _frame: asked.append(number))
+    # Listening first: a front that writes while this node starts (a node started again after a
+    # crash) waits in the socket's backlog for its answer, rather than being refused (a 503).
+    listener = _listen(address)
     app = create_app({"READ_CONNECTIONS": NODE_READ_CONNECTIONS})
     stepd = app.extensions["stepd"]
     node = start_node(app, settings["STEPD_RUNNERS"])
-    counter = Counter(_listen(address), stepd.engine, app).start()
+    counter = Counter(listener, stepd.engine, app).start()
     freeze_startup_objects()
     while True:
         while not asked:
