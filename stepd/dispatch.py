@@ -68,11 +68,10 @@ class Link:
 class Dispatcher:
     """The runners connected to this node, and the attempts each has."""
 
-    def __init__(self, store, stopping_reason, current, node_id=None):
+    def __init__(self, store, stopping_reason, node_id=None):
         self.store = store
         self.node_id = node_id  # PostgreSQL: each runner's row names its node (None: SQLite's have no column)
         self.stopping_reason = stopping_reason  # () -> the Interrupted message when the node stops, or None
-        self.current = current  # () -> whether this node still takes new work (not once a reload replaced it)
         self.links = []
         self._lock = threading.Lock()
         # Whether an attempt may wait for a claim: set by a group that queued one, by the poll,
@@ -245,9 +244,9 @@ class Dispatcher:
     # -- claims -------------------------------------------------------------------------------
     def _wanting(self):
         """The runners a claim at the end of this group would be for: those with a free place, when
-        an attempt may be queued. Stopping (a reload: the new node takes the new work), none: its
-        runners give back the rest."""
-        if self.stopping_reason() is not None or not self.current() or not self.maybe_queued:
+        an attempt may be queued (a retired runner has none). Stopping, none: its runners give back
+        the rest."""
+        if self.stopping_reason() is not None or not self.maybe_queued:
             return []
         with self._lock:
             return [link for link in self.links if link.open and link.free > 0]

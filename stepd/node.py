@@ -121,11 +121,8 @@ class Node:
         self.settings = settings
         self.stopping = threading.Event()
         self.stopped = threading.Event()
-        # Whether this node still takes new work: the front sets it to its worker's own flag, which
-        # gunicorn clears the moment a reload (or a stop) tells the worker to go.
-        self.current = lambda: True
         node_id = self.id if self.has_row else None  # SQLite's runners have no node column
-        self.dispatcher = Dispatcher(store, self._stopping_reason, lambda: self.current(), node_id)
+        self.dispatcher = Dispatcher(store, self._stopping_reason, node_id)
         self.admission = Admission(store, self.dispatcher.turnover)  # whether new processes wait: the engine asks it
         # The dispatcher's own work, on a thread of its own: no housekeeping chore may delay it.
         self.ticks = [

@@ -20,8 +20,6 @@ log = logging.getLogger("stepd.node")
 
 LOOK_SECONDS = 0.1  # how often the main greenlet looks whether it was asked to stop or reload
 FRONT_GONE_SECONDS = 20.0  # at a stop, how long the node waits for the front to close its connection
-
-
 NODE_READ_CONNECTIONS = 4  # PostgreSQL: the node's reads at most (the front makes the requests'); wiring.open_store
 
 

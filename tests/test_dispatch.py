@@ -16,7 +16,7 @@ def test_outcomes_read_while_a_write_waits_join_that_write(database):
     waits for its group are recorded by that same write: one member of the group, one change. The
     next steps they began go to the runner, in one message, once the group committed."""
     store = Store(database)
-    dispatcher = Dispatcher(store, stopping_reason=lambda: None, current=lambda: True)
+    dispatcher = Dispatcher(store, stopping_reason=lambda: None)
     ours, theirs = socket.socketpair()
     runner_end = Channel(theirs)
     link = Link(Channel(ours), places=4, pid=0)
@@ -60,7 +60,7 @@ def test_a_claim_looks_for_due_retries_only_when_one_may_be_due(database):
     that claims: the dispatcher makes it at start, when a retry this node scheduled falls due, and
     after a poll found claimable work (node.py), not otherwise. Queued work is claimed either way."""
     store = Store(database)
-    dispatcher = Dispatcher(store, stopping_reason=lambda: None, current=lambda: True)
+    dispatcher = Dispatcher(store, stopping_reason=lambda: None)
     ours, theirs = socket.socketpair()
     link = Link(Channel(ours), places=4, pid=0)
     looks = []
@@ -88,7 +88,7 @@ def test_each_poll_has_the_next_claim_look_for_due_retries_however_full_the_runn
     found by the next claim after a poll, even when the poll found no free place: under steady work
     the runners are full at every poll, and a claim that did not look would leave it waiting."""
     store = Store(database)
-    dispatcher = Dispatcher(store, stopping_reason=lambda: None, current=lambda: True)
+    dispatcher = Dispatcher(store, stopping_reason=lambda: None)
     ours, theirs = socket.socketpair()
     link = Link(Channel(ours), places=1, pid=0)
     dispatcher.links.append(link)
@@ -112,7 +112,7 @@ def test_outcomes_a_database_that_did_not_answer_could_not_record_are_written_ag
     did not answer (PostgreSQL restarting, a connection it ended), it is written again soon, not
     turned into a failure of a step whose delegate did its work."""
     store = Store(database)
-    dispatcher = Dispatcher(store, stopping_reason=lambda: None, current=lambda: True)
+    dispatcher = Dispatcher(store, stopping_reason=lambda: None)
     ours, theirs = socket.socketpair()
     link = Link(Channel(ours), places=4, pid=0)
     dispatcher.links.append(link)
