@@ -63,7 +63,7 @@ def start(store, step_type="noop", params=None):
 
 def test_a_group_queuing_work_no_runner_here_takes_notifies_once_when_it_commits(postgres_url):
     with pg_store(postgres_url) as store, listener(postgres_url) as heard:
-        Dispatcher(store, lambda: None, lambda: True, node_id="node-a")  # a node without runners
+        Dispatcher(store, lambda: None, node_id="node-a")  # a node without runners
         start(store)
         assert heard() == ["node-a"], "the other nodes are told, naming the node that queued it"
         with store.atomic():  # one group, three processes: one NOTIFY
@@ -79,7 +79,7 @@ def test_a_rolled_back_group_sends_no_notification(postgres_url):
     """The NOTIFY is a statement of the group's own transaction: a COMMIT that fails (here a
     deferred foreign key, checked only then) takes it away with the group's writes."""
     with pg_store(postgres_url) as store, listener(postgres_url) as heard:
-        Dispatcher(store, lambda: None, lambda: True, node_id="node-a")
+        Dispatcher(store, lambda: None, node_id="node-a")
         store.db.connection().execute(
             "CREATE TABLE late_check (process_id text REFERENCES processes (id) DEFERRABLE INITIALLY DEFERRED)"
         )
