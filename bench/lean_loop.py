@@ -39,13 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stepd import metrics  # noqa: E402
-from stepd.channel import HEADER, node_address  # noqa: E402
+from stepd.channel import HEADER, Channel, node_address  # noqa: E402
 from stepd.db import Database  # noqa: E402
 from stepd.liveness import HOST  # noqa: E402
 from stepd.model import new_id  # noqa: E402
-from stepd.store import QUEUED, QUEUED_STEPS, Store, _queued_job, unindexed  # noqa: E402
-
-CLAIM = f"UPDATE steps SET runner_id = ? WHERE id = ? AND attempts = ? AND {unindexed(QUEUED)}"
+from stepd.store import CLAIM_QUEUED, QUEUED_STEPS, Store, _queued_job  # noqa: E402
 
 
 class Link:
@@ -56,6 +54,7 @@ class Link:
         self.sock = sock
         self.raw = getattr(sock, "_sock", sock)  # under gevent, a non-blocking read must not wait
         self.buffer = bytearray()
+        self.send = Channel(sock).send  # sends as the node sends
 
     def messages(self):
         """Every whole message that has come: waits for the first read only."""
@@ -75,10 +74,6 @@ class Link:
                 data = b""
         return found
 
-    def send(self, kind, payload):
-        data = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
-        self.sock.sendall(HEADER.pack(len(data)) + data)
-
 
 def start_runner(path, places):
     env = {key: value for key, value in os.environ.items() if not key.startswith("STEPD_")}
@@ -87,13 +82,14 @@ def start_runner(path, places):
 
 
 def claim(conn, runner_id, wanted):
-    jobs = []
+    """Store.claim_queued's statements on the loop's own connection. Only first steps are ever
+    queued here (the others begin with their predecessor's outcome), so each Job's ctx.results is
+    known without a read ({})."""
+    claimed = []
     for row in conn.execute(QUEUED_STEPS, (wanted,)).fetchall():
-        if conn.execute(CLAIM, (runner_id, row["id"], row["attempts"])).rowcount == 1:
-            job = _queued_job(row)
-            job.results = {} if job.results is None else job.results  # noop steps have no results
-            jobs.append(job)
-    return jobs
+        if conn.execute(CLAIM_QUEUED, (runner_id, row["id"], row["attempts"])).rowcount == 1:
+            claimed.append(_queued_job(row))
+    return claimed
 
 
 def main():

@@ -152,6 +152,8 @@ FORGET_DEAD_NODES = (
     "WITH dead AS (DELETE FROM nodes WHERE heartbeat_at < now() - make_interval(secs => ?) RETURNING id)"
     f" DELETE FROM runners WHERE node_id IN (SELECT id FROM dead) OR id IN ({NODELESS_RUNNERS})"
 )
+# SQLite's claim of one queued attempt that QUEUED_STEPS found, by compare-and-set (Store.claim_queued).
+CLAIM_QUEUED = f"UPDATE steps SET runner_id = ? WHERE id = ? AND attempts = ? AND {unindexed(QUEUED)}"
 QUEUED_STEPS = (
     "SELECT id, process_id, position, type, params, attempts, retries_used,"
     " (SELECT request_id FROM attempts WHERE step_id = steps.id AND attempt = steps.attempts) AS request_id"
@@ -1075,10 +1077,7 @@ class Store:
         jobs = []
         with self.db.transaction() as conn:
             for row in rows:
-                claimed = conn.execute(
-                    f"UPDATE steps SET runner_id = ? WHERE id = ? AND attempts = ? AND {unindexed(QUEUED)}",
-                    (runner_id, row["id"], row["attempts"]),
-                ).rowcount
+                claimed = conn.execute(CLAIM_QUEUED, (runner_id, row["id"], row["attempts"])).rowcount
                 if claimed == 1:
                     jobs.append(_queued_job(row))
         return jobs
