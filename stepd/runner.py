@@ -30,7 +30,13 @@ from stepd.model import COMPLETED, FAILED, Outcome, iso, plain_values, typed_res
 log = logging.getLogger("stepd.runner")
 
 STOP_GRACE_SECONDS = 5.0  # how long a clean stop waits for running delegates
-WATCH_SECONDS = 0.2  # how often timeouts are looked for
+WATCH_SECONDS = 0.2  # how often timeouts, and a reading thread held up by a delegate, are looked for
+# A delegate that returned within this, the last time its type ran, is quick: the next attempts of
+# its type run on the thread that read them, with no hand-over to another thread (`_read`).
+QUICK_SECONDS = 0.002
+# A quick delegate that runs this long on the reading thread (it became slow, or hangs) gives up
+# the reading to another thread at the watch's next look, and the jobs behind it go to the others.
+HELD_UP_SECONDS = 0.05
 
 
 class Timeout(Exception):  # noqa: N818 - its name is the error type a timed-out step shows
@@ -73,6 +79,13 @@ class Runner:
         self._lock = threading.Condition()
         self._stopping = threading.Event()  # no delegate is called any more (a stop, or the node is gone)
         self.node_gone = threading.Event()  # the node closed the connection
+        # One of the threads reads the node's messages at a time (`_work`); it runs the jobs of a
+        # quick type itself (`_quick`: step type -> whether its delegate returned within
+        # QUICK_SECONDS last time), and hands the others to the threads that wait.
+        self._reading = False  # a thread has the reading now
+        self._quick = {}
+        self._inline = None  # (Running, time.monotonic() it began) that the reading thread runs now
+        self._held_up = False  # the watch took the reading from a thread held up in a delegate
         # Outcomes not yet sent. The thread that finds no send under way sends them all in one
         # message, and so do its next turns while others queue more: the node records each
         # message in one change, so outcomes that end together cost one write between them.
@@ -89,15 +102,15 @@ class Runner:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, channel):
-        """Say hello on `channel`, then start the delegate threads, the reader and the watch."""
+        """Say hello on `channel`, then start the threads (a place each, and one more: whichever
+        has none reads) and the watch."""
         self.channel = channel
         channel.send("hello", {"pid": os.getpid(), "places": self.threads})
         # Daemon threads: a delegate that never returns must not keep a stopping runner alive;
         # the database, not the thread, is the record of what ran.
-        for _ in range(self.threads):
+        for _ in range(self.threads + 1):
             self._add_thread()
-        for target, name in ((self._read, "read"), (self._watch, "watch")):
-            threading.Thread(target=target, name=f"stepd-{name}", daemon=True).start()
+        threading.Thread(target=self._watch, name="stepd-watch", daemon=True).start()
         log.info("runner %d started with %d delegate threads", os.getpid(), self.threads)
 
     def _add_thread(self):
@@ -125,20 +138,55 @@ class Runner:
 
     # -- what the node sends ---------------------------------------------------------------
     def _read(self):
+        """Read the node's messages, as the thread that has the reading (`_work`), until another
+        takes it (this one was held up in a quick delegate) or the node is gone. Jobs of quick
+        types run here, one after the other; any other goes to a waiting thread. False if this
+        thread ends (its delegate's place was given away while it ran)."""
         while (message := self.channel.receive()) is not None:
             kind, payload = message
-            if kind == "run":
-                with self._lock:
-                    self._waiting.extend(payload)
-                    self._lock.notify_all()
-            elif kind == "cancel":
+            if kind == "cancel":
                 self._cancel(set(payload))
+            elif kind == "run" and (went_on := self._take(payload)) is not None:
+                return went_on  # another thread reads from here on
         # The node is gone: nothing more can be recorded. Call no more delegates; the next node
         # fails what ran here as Interrupted.
         with self._lock:
             self._stopping.set()
+            self._reading = False
             self._lock.notify_all()
         self.node_gone.set()
+        return False
+
+    def _take(self, jobs):
+        """Jobs the node sent: run here if all are quick, else left to the waiting threads. None
+        if this thread still reads; else it lost the reading meanwhile (`_hand_over_reading`),
+        and True if it goes on as a thread with a place, False if it ends."""
+        with self._lock:
+            self._waiting.extend(jobs)
+            if not all(self._quick.get(job.type) for job in jobs):
+                self._lock.notify(len(jobs))
+                return None
+        while (entry := self._next_job(inline=True)) is not None:
+            self._run(entry)
+            with self._lock:
+                self._inline = None
+                self._ended(entry)
+                if self._held_up:  # another thread reads now
+                    self._held_up = False
+                    return not entry.abandoned
+        return None
+
+    def _next_job(self, inline=False):
+        """The next job waiting, entered in _running (None: none, or stopping); under the lock."""
+        with self._lock:
+            if self._stopping.is_set() or not self._waiting:
+                return None
+            job = self._waiting.popleft()
+            entry = Running(job, self._deadline_of(job))
+            self._running[job.key] = entry
+            if inline:
+                self._inline = (entry, time.monotonic())
+            return entry
 
     def _cancel(self, keys):
         with self._lock:
@@ -148,21 +196,37 @@ class Runner:
 
     # -- delegate threads ------------------------------------------------------------------
     def _work(self):
+        """A thread: it runs a job waiting, or reads the node's messages if no thread does, or waits.
+        The node sends no more jobs than the places, and there is a thread more than places, so
+        some thread is always free to read (a cancel, the node's end) however many delegates run."""
         while True:
             with self._lock:
-                while not self._waiting and not self._stopping.is_set():
+                while not self._waiting and self._reading and not self._stopping.is_set():
                     self._lock.wait()
                 if self._stopping.is_set():
                     return  # what still waits is given back by stop()
-                job = self._waiting.popleft()
-                entry = Running(job, self._deadline_of(job))
-                self._running[job.key] = entry
+                reads = not self._waiting
+                if reads:
+                    self._reading = True
+            if reads:
+                if not self._read():
+                    return
+                continue
+            entry = self._next_job()
+            if entry is None:
+                continue
             self._run(entry)
             with self._lock:
-                self._running.pop(job.key, None)
-                self._lock.notify_all()
+                self._ended(entry)
             if entry.abandoned:
                 return  # the place was given away while the delegate ran: this thread ends
+
+    def _ended(self, entry):
+        """Under the lock: `entry`'s delegate returned. A stop waiting for the delegates is told;
+        no other thread is woken (each end would wake every idle one for nothing)."""
+        self._running.pop(entry.job.key, None)
+        if self._stopping.is_set():
+            self._lock.notify_all()
 
     def _timeout_of(self, job):
         delegate = self.registry.get(job.type)
@@ -175,16 +239,17 @@ class Runner:
     def _run(self, entry):
         """Call the delegate once for this attempt and report the outcome."""
         job = entry.job
+        began = time.monotonic()
         try:
             outcome = self._call(job, entry.cancelled)
             if outcome is DEFERRED:
-                self._report(entry, Outcome(job, "DEFERRED"))
+                self._report(entry, Outcome(job, "DEFERRED"), began)
                 return
             result = typed_result(outcome)
         except BaseException as exc:  # even SystemExit: it fails the step, not the thread
-            self._report(entry, self._failure(job, exc))
+            self._report(entry, self._failure(job, exc), began)
             return
-        self._report(entry, Outcome(job, COMPLETED, result=result))
+        self._report(entry, Outcome(job, COMPLETED, result=result), began)
 
     def _failure(self, job, exc):
         """The outcome of a failed attempt: retried by itself if its policy says so, else FAILED."""
@@ -222,9 +287,10 @@ class Runner:
             )
         )
 
-    def _report(self, entry, outcome):
+    def _report(self, entry, outcome, began):
         """Send the delegate's outcome, unless its attempt already ended without it."""
         with self._lock:
+            self._quick[entry.job.type] = time.monotonic() - began < QUICK_SECONDS
             if entry.abandoned:  # ended already (a timeout, fail-step): the outcome is stale
                 return
             entry.reported = True
@@ -248,12 +314,28 @@ class Runner:
     def _watch(self):
         while not self._stopping.wait(WATCH_SECONDS):
             now = time.monotonic()
+            self._hand_over_reading(now)
             with self._lock:
                 overdue = [e for e in self._running.values() if e.deadline is not None and e.deadline <= now]
             for entry in overdue:
                 if self._abandon(entry):  # from here on the delegate's own outcome is ignored
                     message = f"The delegate ran past its timeout of {self._timeout_of(entry.job):g} s."
                     self._send_outcome(self._failure(entry.job, Timeout(message)))
+
+    def _hand_over_reading(self, now):
+        """The reading thread has run one delegate for HELD_UP_SECONDS or more: another thread reads
+        from now on, and the jobs waiting behind it go to the others. It is a thread with a place
+        from here on (a delegate that hangs holds its own thread, as on any other)."""
+        with self._lock:
+            if self._inline is not None and now - self._inline[1] >= HELD_UP_SECONDS:
+                self._let_go_of_reading()
+
+    def _let_go_of_reading(self):
+        """Under the lock: the thread reading is held up in a delegate; a waiting one reads now."""
+        if not self._held_up:
+            self._held_up = True
+            self._reading = False
+            self._lock.notify_all()
 
     def _abandon(self, entry):
         """The attempt ends without its delegate: set ctx.cancelled, and give its place to a new
@@ -262,6 +344,8 @@ class Runner:
             if entry.abandoned or entry.reported:
                 return False
             entry.abandoned = True
+            if self._inline is not None and self._inline[0] is entry:
+                self._let_go_of_reading()
             self._lock.notify_all()
         entry.cancelled.set()
         log.info(

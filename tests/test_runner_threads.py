@@ -1,0 +1,226 @@
+"""The runner's threads, with the test as its node over a socketpair: a quick type's jobs run on
+the thread that read them, and a quick delegate that turns slow or hangs holds up nothing else
+(the jobs behind it, a cancel, a stop, the places)."""
+
+import socket
+import threading
+import time
+
+import pytest
+from helpers import wait_for
+
+from stepd import runner as runner_module
+from stepd.channel import Channel
+from stepd.delegates import Registry
+from stepd.model import COMPLETED, FAILED, Job
+from stepd.runner import HELD_UP_SECONDS, QUICK_SECONDS, WATCH_SECONDS, Runner
+
+WAIT = {"wait": ("LONG", 1)}  # typed params, as the node sends them: the delegate waits for its gate
+# The watch hands the reading over at its first look after HELD_UP_SECONDS: within this, with room.
+HANDED_OVER_WITHIN = HELD_UP_SECONDS + WATCH_SECONDS + 0.5
+
+
+class Node:
+    """The test's end of the runner's connection."""
+
+    def __init__(self, runner):
+        ours, theirs = socket.socketpair()
+        ours.settimeout(10)  # a runner that sends nothing fails the test, never hangs it
+        self.channel = Channel(ours)
+        self.runner = runner
+        runner.start(Channel(theirs))
+        kind, hello = self.channel.receive()
+        assert kind == "hello" and hello["places"] == runner.threads
+        self.outcomes = {}  # step id -> Outcome
+        self.unstarted = None
+        self._sent = 0
+
+    def run(self, *steps):
+        """Send one message of jobs: (step id, type, params) each."""
+        jobs = [Job(step_id, "p", step_type, params, 1) for step_id, step_type, params in steps]
+        self.channel.send("run", jobs)
+        return jobs
+
+    def wait_outcome(self, step_id):
+        while step_id not in self.outcomes:
+            message = self.channel.receive()
+            assert message is not None, f"the runner closed before {step_id}'s outcome"
+            kind, payload = message
+            if kind == "outcomes":
+                self.outcomes.update((outcome.job.step_id, outcome) for outcome in payload)
+            elif kind == "unstarted":
+                self.unstarted = payload
+        return self.outcomes[step_id]
+
+    def wait_unstarted(self):
+        while self.unstarted is None:
+            message = self.channel.receive()
+            assert message is not None, "the runner closed without saying what it never began"
+            kind, payload = message
+            if kind == "outcomes":
+                self.outcomes.update((outcome.job.step_id, outcome) for outcome in payload)
+            elif kind == "unstarted":
+                self.unstarted = payload
+        return self.unstarted
+
+
+@pytest.fixture
+def make_runner():
+    made = []
+
+    def make(registry, threads):
+        node = Node(Runner(registry, threads))
+        made.append(node)
+        return node
+
+    yield make
+    for node in made:
+        node.runner.stop(grace=0.1)
+        while node.channel.receive() is not None:  # to the runner's end: the reader closes with it
+            pass
+        node.channel.close()
+
+
+class Probe:
+    """Delegates that say on which thread they ran, and whether it was the reading one, and that
+    wait for a gate when their params ask."""
+
+    def __init__(self):
+        self.calls = {}  # step id -> (thread ident, ran on the reading thread)
+        self.runner = None
+        self.gates = {}  # step id -> Event the delegate waits for
+        self.began = {}  # step id -> Event set when its delegate is called
+        self.cancelled = {}  # step id -> ctx.cancelled
+
+    def registry(self, timeout=None):
+        registry = Registry()
+        registry.add("probe", self.probe, "test", timeout=timeout)
+        registry.add("slow", self.slow, "test")
+        return registry
+
+    def probe(self, ctx):
+        self.calls[ctx.step_id] = (threading.get_ident(), self.runner._inline is not None)
+        self.cancelled[ctx.step_id] = ctx.cancelled
+        self.began.setdefault(ctx.step_id, threading.Event()).set()
+        if ctx.params.get("wait"):
+            self.gates.setdefault(ctx.step_id, threading.Event()).wait(30)
+        return None
+
+    def slow(self, ctx):
+        self.calls[ctx.step_id] = (threading.get_ident(), self.runner._inline is not None)
+        time.sleep(QUICK_SECONDS * 5)
+        return None
+
+    def release_all(self):
+        for step_id in list(self.began):
+            self.gates.setdefault(step_id, threading.Event()).set()
+
+
+@pytest.fixture
+def probe():
+    made = Probe()
+    yield made
+    made.release_all()
+
+
+def test_a_quick_type_runs_on_the_thread_that_read_it_and_a_slow_one_on_another(make_runner, probe):
+    node = make_runner(probe.registry(), threads=4)
+    probe.runner = node.runner
+    node.run(("first", "probe", {}))
+    assert node.wait_outcome("first").kind == COMPLETED
+    assert probe.calls["first"][1] is False, "a type never seen yet goes to another thread"
+    node.run(("second", "probe", {}))
+    assert node.wait_outcome("second").kind == COMPLETED
+    assert probe.calls["second"][1] is True, "a type that returned quickly last time runs where it was read"
+    node.run(("a slow one", "slow", {}))
+    node.wait_outcome("a slow one")
+    node.run(("slow again", "slow", {}))
+    node.wait_outcome("slow again")
+    assert probe.calls["slow again"][1] is False, "a type slower than QUICK_SECONDS goes to another thread"
+
+
+def test_jobs_behind_a_quick_delegate_that_hangs_run_and_a_cancel_still_arrives(make_runner, probe):
+    node = make_runner(probe.registry(), threads=2)
+    probe.runner = node.runner
+    node.run(("warm", "probe", {}))
+    node.wait_outcome("warm")  # the type is quick now
+    node.run(("hangs", "probe", WAIT), ("behind", "probe", {}))
+    began = time.monotonic()
+    assert node.wait_outcome("behind").kind == COMPLETED
+    assert time.monotonic() - began < HANDED_OVER_WITHIN
+    assert probe.calls["hangs"][1] is True, "it ran on the reading thread, which it held up"
+    assert "hangs" not in node.outcomes
+    # The hung delegate's fail-step (the node's cancel) is read by the thread that reads now.
+    node.channel.send("cancel", [("hangs", 1)])
+    assert probe.cancelled["hangs"].wait(1.0), "ctx.cancelled within 1 s"
+    # Its place is free, and a thread still reads: two more jobs (both places) run.
+    node.run(("after 1", "probe", {}), ("after 2", "probe", {}))
+    assert node.wait_outcome("after 1").kind == COMPLETED
+    assert node.wait_outcome("after 2").kind == COMPLETED
+    wait_for(lambda: node.runner._busy == 0, timeout=2, what="the places to be free")
+
+
+def test_a_quick_delegate_past_its_timeout_on_the_reading_thread_fails_and_the_next_runs(make_runner, probe):
+    node = make_runner(probe.registry(timeout=0.3), threads=1)
+    probe.runner = node.runner
+    node.run(("warm", "probe", {}))
+    node.wait_outcome("warm")
+    node.run(("hangs", "probe", WAIT))
+    failed = node.wait_outcome("hangs")
+    assert failed.kind == FAILED and failed.error["type"] == "Timeout"
+    assert probe.calls["hangs"][1] is True
+    assert probe.cancelled["hangs"].is_set()
+    # The one place is free again though the hung thread has not returned, and a thread reads.
+    node.run(("next", "probe", {}))
+    assert node.wait_outcome("next").kind == COMPLETED
+
+
+def test_a_stop_gives_back_the_jobs_waiting_behind_a_delegate_on_the_reading_thread(make_runner, probe, monkeypatch):
+    monkeypatch.setattr(runner_module, "HELD_UP_SECONDS", 30.0)  # no hand-over: the stop comes first
+    node = make_runner(probe.registry(), threads=2)
+    probe.runner = node.runner
+    node.run(("warm", "probe", {}))
+    node.wait_outcome("warm")
+    probe.began["holds"] = threading.Event()
+    node.run(("holds", "probe", WAIT), ("waits", "probe", {}))
+    assert probe.began["holds"].wait(5)
+    stopper = threading.Thread(target=node.runner.stop, kwargs={"grace": 5.0})
+    stopper.start()
+    time.sleep(0.1)
+    probe.gates.setdefault("holds", threading.Event()).set()  # it returns within the grace
+    stopper.join(10)
+    assert node.wait_unstarted() == [("waits", 1)]
+    assert node.wait_outcome("holds").kind == COMPLETED
+    assert "waits" not in probe.calls, "never called"
+
+
+def test_never_more_delegates_at_once_than_places(make_runner, probe):
+    node = make_runner(probe.registry(), threads=2)
+    probe.runner = node.runner
+    running, most = [0], [0]
+    lock = threading.Lock()
+    original = probe.probe
+
+    def counting(ctx):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.001 if int(ctx.step_id) % 7 else 0.02)  # mostly quick, now and then not
+            return original(ctx)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    node.runner.registry.remove("probe")
+    node.runner.registry.add("probe", counting, "test")
+    sent = 0
+    for round_number in range(60):  # as the node does: a job a place freed by an outcome
+        batch = [(str(sent + i), "probe", {}) for i in range(2)]
+        sent += 2
+        node.run(*batch)
+        for step_id, _, _ in batch:
+            node.wait_outcome(step_id)
+        assert round_number >= 0
+    assert len(node.outcomes) == sent
+    assert most[0] <= 2
