@@ -10,6 +10,13 @@ An attempt that runs past its timeout, or is ended from outside (fail-step, a ca
 process: the node says so), has its `ctx.cancelled` set and gives its place back at once: a
 delegate that never returns holds its own thread, not one of the runner's places.
 
+The runner has a thread a place and one more; one of them at a time reads what the node sends.
+Attempts of a quick type (its delegate returned within QUICK_SECONDS last time) run on the thread
+that read them, with no hand-over between threads, which on a busy machine is two wake-ups and
+most of a quick step's time here; any other goes to a thread that waits. If a quick delegate
+holds the reading thread up (HELD_UP_SECONDS), the watch gives the reading to another thread, and
+what waited behind it to the others.
+
 `stepd runner` runs one runner process (a node starts STEPD_RUNNERS of them);
 `node.Node.start_runners_here` runs them on threads inside a process (the tests do).
 """
@@ -61,6 +68,8 @@ class Running:
     cancelled: threading.Event = field(default_factory=threading.Event)
     reported: bool = False  # its delegate's outcome was sent: it wins over a timeout
     abandoned: bool = False  # ended without its delegate: the place is free, the thread ends when it returns
+    inline_since: float | None = None  # time.monotonic() the reading thread began it (None: another thread)
+    held_up: bool = False  # it held the reading thread up: another thread reads since
 
 
 class Runner:
@@ -84,8 +93,7 @@ class Runner:
         # QUICK_SECONDS last time), and hands the others to the threads that wait.
         self._reading = False  # a thread has the reading now
         self._quick = {}
-        self._inline = None  # (Running, time.monotonic() it began) that the reading thread runs now
-        self._held_up = False  # the watch took the reading from a thread held up in a delegate
+        self._inline = None  # the Running that the reading thread runs now
         # Outcomes not yet sent. The thread that finds no send under way sends them all in one
         # message, and so do its next turns while others queue more: the node records each
         # message in one change, so outcomes that end together cost one write between them.
@@ -169,11 +177,11 @@ class Runner:
         while (entry := self._next_job(inline=True)) is not None:
             self._run(entry)
             with self._lock:
-                self._inline = None
+                if self._inline is entry:
+                    self._inline = None
                 self._ended(entry)
-                if self._held_up:  # another thread reads now
-                    self._held_up = False
-                    return not entry.abandoned
+            if entry.held_up:  # another thread reads now
+                return not entry.abandoned
         return None
 
     def _next_job(self, inline=False):
@@ -185,7 +193,8 @@ class Runner:
             entry = Running(job, self._deadline_of(job))
             self._running[job.key] = entry
             if inline:
-                self._inline = (entry, time.monotonic())
+                entry.inline_since = time.monotonic()
+                self._inline = entry
             return entry
 
     def _cancel(self, keys):
@@ -327,13 +336,15 @@ class Runner:
         from now on, and the jobs waiting behind it go to the others. It is a thread with a place
         from here on (a delegate that hangs holds its own thread, as on any other)."""
         with self._lock:
-            if self._inline is not None and now - self._inline[1] >= HELD_UP_SECONDS:
-                self._let_go_of_reading()
+            entry = self._inline
+            if entry is not None and now - entry.inline_since >= HELD_UP_SECONDS:
+                self._let_go_of_reading(entry)
 
-    def _let_go_of_reading(self):
-        """Under the lock: the thread reading is held up in a delegate; a waiting one reads now."""
-        if not self._held_up:
-            self._held_up = True
+    def _let_go_of_reading(self, entry):
+        """Under the lock: the reading thread is held up in `entry`'s delegate; a waiting one reads now."""
+        if self._inline is entry:
+            self._inline = None
+            entry.held_up = True
             self._reading = False
             self._lock.notify_all()
 
@@ -344,8 +355,7 @@ class Runner:
             if entry.abandoned or entry.reported:
                 return False
             entry.abandoned = True
-            if self._inline is not None and self._inline[0] is entry:
-                self._let_go_of_reading()
+            self._let_go_of_reading(entry)
             self._lock.notify_all()
         entry.cancelled.set()
         log.info(

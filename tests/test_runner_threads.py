@@ -98,8 +98,12 @@ class Probe:
         registry.add("slow", self.slow, "test")
         return registry
 
+    def on_reading_thread(self, ctx):
+        inline = self.runner._inline
+        return inline is not None and inline.job.step_id == ctx.step_id
+
     def probe(self, ctx):
-        self.calls[ctx.step_id] = (threading.get_ident(), self.runner._inline is not None)
+        self.calls[ctx.step_id] = (threading.get_ident(), self.on_reading_thread(ctx))
         self.cancelled[ctx.step_id] = ctx.cancelled
         self.began.setdefault(ctx.step_id, threading.Event()).set()
         if ctx.params.get("wait"):
@@ -107,7 +111,7 @@ class Probe:
         return None
 
     def slow(self, ctx):
-        self.calls[ctx.step_id] = (threading.get_ident(), self.runner._inline is not None)
+        self.calls[ctx.step_id] = (threading.get_ident(), self.on_reading_thread(ctx))
         time.sleep(QUICK_SECONDS * 5)
         return None
 
@@ -158,6 +162,24 @@ def test_jobs_behind_a_quick_delegate_that_hangs_run_and_a_cancel_still_arrives(
     assert node.wait_outcome("after 1").kind == COMPLETED
     assert node.wait_outcome("after 2").kind == COMPLETED
     wait_for(lambda: node.runner._busy == 0, timeout=2, what="the places to be free")
+
+
+def test_each_reading_thread_held_up_in_turn_hands_the_reading_over(make_runner, probe):
+    node = make_runner(probe.registry(), threads=3)
+    probe.runner = node.runner
+    node.run(("warm", "probe", {}))
+    node.wait_outcome("warm")
+    for turn in (1, 2):  # the second is held up while the first still is
+        node.run((f"hangs {turn}", "probe", WAIT), (f"behind {turn}", "probe", {}))
+        began = time.monotonic()
+        assert node.wait_outcome(f"behind {turn}").kind == COMPLETED
+        assert time.monotonic() - began < HANDED_OVER_WITHIN
+        assert probe.calls[f"hangs {turn}"][1] is True
+    probe.release_all()
+    assert node.wait_outcome("hangs 1").kind == COMPLETED
+    assert node.wait_outcome("hangs 2").kind == COMPLETED
+    node.run(("last", "probe", {}))
+    assert node.wait_outcome("last").kind == COMPLETED
 
 
 def test_a_quick_delegate_past_its_timeout_on_the_reading_thread_fails_and_the_next_runs(make_runner, probe):
