@@ -733,7 +733,7 @@ class Server:
     def _children(pid):
         try:
             return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             return []
 
     def gunicorn_pid(self):
@@ -773,7 +773,7 @@ class Server:
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
         for pid in pids:  # workers are not our children; wait until they are gone
-            wait_for(lambda p=pid: not Path(f"/proc/{p}").exists() or _is_zombie(p), timeout=10, what="worker exit")
+            wait_for(lambda p=pid: not Path(f"/proc/{p}").exists() or is_zombie(p), timeout=10, what="worker exit")
 
     def stop(self, timeout=30):
         """SIGTERM, as a service manager stops it; returns the service's exit code."""
@@ -888,10 +888,11 @@ def _worker_booted(pid):
     return bool(touched) and all(touched)
 
 
-def _is_zombie(pid):
+def is_zombie(pid):
+    """Whether process `pid` has ended (a zombie not yet reaped, or gone)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # reaped before the open, or between it and the read
         return True
 
 
