@@ -23,6 +23,7 @@ import struct
 import threading
 
 HEADER = struct.Struct("!I")
+READ_BYTES = 65536  # at most this much a read
 
 
 def peer_uid(sock):
@@ -40,12 +41,15 @@ def node_address(db_path):
 
 
 class Channel:
-    """One end of a connection: `send` from any thread, `receive` from one."""
+    """One end of a connection: `send` from any thread, `receive` (or `receive_all`) from one."""
 
     def __init__(self, sock):
         self.sock = sock
         self._sending = threading.Lock()
-        self._reader = sock.makefile("rb")
+        self._buffer = bytearray()  # what was read and not yet taken as whole messages
+        # The socket itself, for a read that must not wait: gevent's socket (the node) waits for
+        # data even when asked not to, and the socket it wraps does not.
+        self._raw = getattr(sock, "_sock", sock)
 
     def send(self, kind, payload):
         """Send one message; False if the other end is gone."""
@@ -58,17 +62,49 @@ class Channel:
         return True
 
     def receive(self):
-        """The next message, or None once the connection is closed (at either end). The reading
-        thread closes its reader then: another thread closing it would wait for its lock."""
-        try:
-            head = self._reader.read(HEADER.size)
-            (size,) = HEADER.unpack(head) if len(head) == HEADER.size else (None,)
-            data = self._reader.read(size) if size is not None else b""
-        except (OSError, ValueError):  # ValueError: closed by this end meanwhile
-            size, data = None, b""
-        if size is None or len(data) < size:
-            self._reader.close()
+        """The next message, or None once the connection is closed (at either end)."""
+        while (message := self._take_whole()) is None:
+            if not self._read(wait=True):
+                return None
+        return message
+
+    def receive_all(self):
+        """Every whole message that has come (waiting for the first only), or None once the
+        connection is closed: a reader that records what it reads takes many messages in one go.
+        On a socket without a timeout (a blocking one, or gevent's): Python waits out a timeout
+        before any read, even one asked not to wait."""
+        first = self.receive()
+        if first is None:
             return None
+        messages = [first]
+        while True:
+            while (message := self._take_whole()) is not None:
+                messages.append(message)
+            if not self._read(wait=False):
+                return messages
+
+    def _read(self, wait):
+        """Add what has come to the buffer (`wait`: for something to come). False when nothing
+        was read: the end of the stream, or (not waiting) nothing there now."""
+        try:
+            data = self.sock.recv(READ_BYTES) if wait else self._raw.recv(READ_BYTES, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:  # closed by this end meanwhile
+            return False
+        self._buffer += data
+        return bool(data)
+
+    def _take_whole(self):
+        """The first whole message of the buffer, taken out of it (None: none is whole yet)."""
+        buffer = self._buffer
+        if len(buffer) < HEADER.size:
+            return None
+        (size,) = HEADER.unpack_from(buffer)
+        if len(buffer) < HEADER.size + size:
+            return None
+        data = bytes(buffer[HEADER.size : HEADER.size + size])
+        del buffer[: HEADER.size + size]
         return pickle.loads(data)  # noqa: S301 - from stepd's own process on this machine, this user
 
     def close(self):

@@ -139,12 +139,15 @@ class Dispatcher:
 
     def _read(self, link):
         given_back = []
-        while (message := link.channel.receive()) is not None:
-            kind, payload = message
-            if kind == "outcomes":
-                self._record(link, payload)
-            elif kind == "unstarted":
-                given_back = payload
+        while (messages := link.channel.receive_all()) is not None:
+            outcomes = []
+            for kind, payload in messages:
+                if kind == "outcomes":
+                    outcomes += payload
+                elif kind == "unstarted":
+                    given_back = payload
+            if outcomes:
+                self._record(link, outcomes)
         self._lost(link, given_back)
 
     def _lost(self, link, given_back):
