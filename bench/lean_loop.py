@@ -8,7 +8,7 @@ nothing but the store's own change code stands between the runner's socket and t
 - creates `--processes` processes of 10 noop steps, queued (no runner yet), in a fresh file;
 - listens where a node of that file listens, and starts one real `stepd runner` with `--places`
   threads, which attaches there and speaks the channel protocol (stepd/channel.py);
-- then loops: reads all the runner has sent (one blocking read, then non-blocking ones), records
+- then loops: reads all the runner has sent (`Channel.receive_all`, as the node reads), records
   the outcomes with `Store.outcomes_job` in one transaction (tallies included), claims queued steps
   for the places left free in the same transaction, commits, and sends the next attempts;
 - prints the drain's steps/s, the loop's CPU a step, and the steps a group.
@@ -27,7 +27,6 @@ if "--gevent" in sys.argv:
 
 import argparse  # noqa: E402 - after the patch, as the node does
 import os  # noqa: E402
-import pickle  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -39,40 +38,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stepd import metrics  # noqa: E402
-from stepd.channel import HEADER, Channel, node_address  # noqa: E402
+from stepd.channel import Channel, node_address  # noqa: E402
 from stepd.db import Database  # noqa: E402
 from stepd.liveness import HOST  # noqa: E402
 from stepd.model import new_id  # noqa: E402
 from stepd.store import CLAIM_QUEUED, QUEUED_STEPS, Store, _queued_job  # noqa: E402
-
-
-class Link:
-    """The runner's socket, read without blocking once a first read returned (own framing: the
-    node's Channel reads one message at a time)."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.raw = getattr(sock, "_sock", sock)  # under gevent, a non-blocking read must not wait
-        self.buffer = bytearray()
-        self.send = Channel(sock).send  # sends as the node sends
-
-    def messages(self):
-        """Every whole message that has come: waits for the first read only."""
-        data = self.sock.recv(262144)
-        found = []
-        while data:
-            self.buffer.extend(data)
-            while len(self.buffer) >= HEADER.size:
-                (size,) = HEADER.unpack_from(self.buffer)
-                if len(self.buffer) < HEADER.size + size:
-                    break
-                found.append(pickle.loads(bytes(self.buffer[HEADER.size : HEADER.size + size])))  # noqa: S301
-                del self.buffer[: HEADER.size + size]
-            try:
-                data = self.raw.recv(262144, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                data = b""
-        return found
 
 
 def start_runner(path, places):
@@ -113,8 +83,8 @@ def main():
     runner = start_runner(path, args.places)
     try:
         sock, _ = listener.accept()
-        link = Link(sock)
-        hello = link.messages()[0][1]
+        link = Channel(sock)  # the node's own: all that has come in one read (receive_all), sends as it sends
+        hello = link.receive()[1]
         runner_id = new_id()
         store.heartbeat({"id": runner_id, "host": HOST, "pid": hello["pid"], "pid_started": None})
         db.close()  # the writer's thread made the rows above; from here on this loop writes
@@ -127,7 +97,10 @@ def main():
         in_runner = len(jobs)
         link.send("run", jobs)
         while done < total:
-            outcomes = [outcome for kind, payload in link.messages() if kind == "outcomes" for outcome in payload]
+            messages = link.receive_all()
+            if messages is None:
+                raise SystemExit("the runner closed its connection before the steps were drained")
+            outcomes = [outcome for kind, payload in messages if kind == "outcomes" for outcome in payload]
             if extra:
                 db._take_lock()  # noqa: SLF001
             conn.execute("BEGIN IMMEDIATE")

@@ -88,9 +88,7 @@ class Channel:
         was read: the end of the stream, or (not waiting) nothing there now."""
         try:
             data = self.sock.recv(READ_BYTES) if wait else self._raw.recv(READ_BYTES, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return False
-        except OSError:  # closed by this end meanwhile
+        except OSError:  # BlockingIOError: nothing there now; any other: closed by this end meanwhile
             return False
         self._buffer += data
         return bool(data)

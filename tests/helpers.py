@@ -773,7 +773,7 @@ class Server:
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
         for pid in pids:  # workers are not our children; wait until they are gone
-            wait_for(lambda p=pid: not Path(f"/proc/{p}").exists() or is_zombie(p), timeout=10, what="worker exit")
+            wait_for(lambda p=pid: is_zombie(p), timeout=10, what="worker exit")
 
     def stop(self, timeout=30):
         """SIGTERM, as a service manager stops it; returns the service's exit code."""
