@@ -37,6 +37,13 @@ log = logging.getLogger("stepd.node")
 REGISTER_RETRY_SECONDS = 1.0
 # A group that failed (busy, a full disk, no database): its outcomes are written again after this.
 RETRY_RECORD_SECONDS = 0.5
+# On SQLite a runner may hold this many times its places of attempts of quick types (the runner
+# says, with each outcome, whether its delegate returned within runner.QUICK_SECONDS). They run on
+# its reading thread one after another, so its places (STEPD_THREADS) still bound the delegates
+# running at once; what the deeper queue buys is bigger groups: with four attempts in flight a group
+# recorded about three outcomes, and its COMMIT (~100 us) and fixed costs were a third of a step's.
+# PostgreSQL's claims and next steps are single statements that cannot pick by type: places only.
+QUICK_DEPTH = 4
 GONE = "The runner running this step (runner {id}, process {pid}) is gone."
 
 
@@ -59,10 +66,57 @@ class Link:
     retired: bool = False  # told to stop (a reload replaced it): no new attempt goes to it
     closed: threading.Event = field(default_factory=threading.Event)  # its end was recorded
     row: dict = None  # its row in `runners`, once registered
+    # Attempts it may hold at once, sent or reserved: its places, and on SQLite more for quick types
+    # (QUICK_DEPTH). Held as slow (`slow`, their keys): those of a type not quick for it, at most
+    # `places` of them; the others run one after another on its reading thread (runner.py).
+    depth: int = None
+    slow: set = field(default_factory=set)
+    quick: dict = field(default_factory=dict)  # step type -> whether its last outcome here was quick
+    skipped: bool = False  # its last claim passed over queued attempts it had no slow place for
+
+    def __post_init__(self):
+        if self.depth is None:
+            self.depth = self.places
 
     @property
     def free(self):
-        return 0 if self.retired else self.places - len(self.sent) - self.reserved
+        return 0 if self.retired else self.depth - len(self.sent) - self.reserved
+
+    @property
+    def free_slow(self):
+        return 0 if self.retired else min(self.free, self.places - len(self.slow))
+
+    def admitter(self):
+        """Under the dispatcher's lock: a check, `admits(step_type)`, of whether one more attempt
+        of that type fits in what is free now, counting those it admitted before. The writer's loop
+        asks it as a claim or a record goes, and reserves what it took after (`_will_send`)."""
+        free, free_slow = self.free, self.free_slow
+
+        def admits(step_type):
+            nonlocal free, free_slow
+            slow = not self.quick.get(step_type)
+            if free <= 0 or (slow and free_slow <= 0):
+                return False
+            free, free_slow = free - 1, free_slow - slow
+            return True
+
+        return admits
+
+    def hold(self, jobs):
+        """Under the dispatcher's lock: `jobs` were claimed or begun for it; their places are taken."""
+        self.reserved += len(jobs)
+        self.slow.update(job.key for job in jobs if not self.quick.get(job.type))
+
+    def unhold(self, jobs):
+        """Under the dispatcher's lock: `jobs` were reserved and are not sent; their places are free."""
+        self.reserved -= len(jobs)
+        self.slow.difference_update(job.key for job in jobs)
+
+    def let_go(self, keys):
+        """Under the dispatcher's lock: these attempts it was sent ended; their places are free."""
+        keys = set(keys)
+        self.sent.difference_update(keys)
+        self.slow.difference_update(keys)
 
 
 class Dispatcher:
@@ -102,7 +156,9 @@ class Dispatcher:
         if hello is None or hello[0] != "hello":
             channel.close()
             return None
-        link = Link(channel, places=hello[1]["places"], pid=hello[1]["pid"])
+        places = hello[1]["places"]
+        depth = places * QUICK_DEPTH if self.node_id is None else places
+        link = Link(channel, places=places, pid=hello[1]["pid"], depth=depth)
         if not self._register(link):
             channel.close()
             return None
@@ -194,9 +250,11 @@ class Dispatcher:
             with self._lock:
                 taken.extend(link.to_record)
                 link.to_record, link.recording = [], False
-            begun = self.store.outcomes_job(taken, link.id)(conn)
-            with self._lock:
-                link.sent.difference_update(outcome.job.key for outcome in taken)
+                for outcome in taken:
+                    link.quick[outcome.job.type] = outcome.quick
+                link.let_go(outcome.job.key for outcome in taken)  # places the next steps may take
+                admits = link.admitter() if self.node_id is None else None
+            begun = self.store.outcomes_job(taken, link.id, admits)(conn)
             if link.retired or self.stopping_reason() is not None:
                 begun = self._queue_again(link, begun)
             self._will_send(link, begun)
@@ -230,6 +288,7 @@ class Dispatcher:
         under a live runner for ever."""
         with self._lock:  # the group that freed their places failed: they are the runner's again
             link.sent.update(outcome.job.key for outcome in outcomes)
+            link.slow.update(o.job.key for o in outcomes if not link.quick.get(o.job.type))
         if isinstance(error, Busy | Unwritable | Unavailable):
             log.warning("could not record %d outcome(s) (%s); retrying", len(outcomes), error)
             threading.Timer(RETRY_RECORD_SECONDS, self._record, (link, outcomes)).start()
@@ -252,7 +311,7 @@ class Dispatcher:
         if self.stopping_reason() is not None or not self.maybe_queued:
             return []
         with self._lock:
-            return [link for link in self.links if link.open and link.free > 0]
+            return [link for link in self.links if link.open and link.free > 0 and (link.free_slow or not link.skipped)]
 
     def _may_claim(self):
         """Whether the end of this group has a claim to try: most groups have none (nothing queued
@@ -279,11 +338,21 @@ class Dispatcher:
     def _claim_for(self, wanting):
         claimed = []
         for link in wanting:
-            wanted = link.free
-            jobs = self._claim_due_retries(link, wanted)
+            with self._lock:
+                wanted, slow_wanted, admits = link.free, link.free_slow, link.admitter()
+            jobs = self._claim_due_retries(link, slow_wanted)
+            for job in jobs:
+                admits(job.type)  # a place of any type left (at most `slow_wanted` of them)
+            skipped = []
             if len(jobs) < wanted:
-                jobs += self.store.claim_queued(link.id, wanted - len(jobs))
-            if not jobs:
+                if self.node_id is None:  # quick types may take the places left beyond `slow_wanted`
+                    jobs += self.store.claim_queued(link.id, wanted - len(jobs), admits, skipped)
+                elif len(jobs) < slow_wanted:
+                    jobs += self.store.claim_queued(link.id, slow_wanted - len(jobs))
+            link.skipped = bool(skipped)  # only the writer's loop reads it
+            if skipped:
+                self.maybe_queued = True  # what it passed over waits for a slow place (any runner's)
+            elif not jobs:
                 break  # nothing more is queued
             if len(jobs) == wanted:
                 self.maybe_queued = True  # every place it asked for is filled: more may wait
@@ -321,7 +390,7 @@ class Dispatcher:
         """`jobs` claimed or begun for `link` in the group open now: their places are taken."""
         if jobs:
             with self._lock:
-                link.reserved += len(jobs)
+                link.hold(jobs)
             self._to_send.setdefault(link, []).extend(jobs)
 
     def _will_not_send(self, link, jobs):
@@ -332,7 +401,7 @@ class Dispatcher:
         if len(kept) < len(waiting):
             self._to_send[link] = kept
             with self._lock:
-                link.reserved -= len(waiting) - len(kept)
+                link.unhold([job for job in waiting if id(job) in dropped])
 
     def _take_what_to_send(self, conn):
         """Last at the end of a group: what it claimed and began, to send once it committed (or
@@ -346,7 +415,10 @@ class Dispatcher:
                 self.maybe_queued = self.retries_may_be_due = True
             for link, jobs in to_send.items():
                 with self._lock:
-                    link.reserved -= len(jobs)
+                    if committed:  # held as sent from here on (`_send`)
+                        link.reserved -= len(jobs)
+                    else:
+                        link.unhold(jobs)
                 if committed:
                     self._send(link, jobs)
 
@@ -363,6 +435,7 @@ class Dispatcher:
                 link.sent.update(job.key for job in jobs)
             else:  # its end is recorded after this (on the same loop): queued again there
                 link.unsent.extend(job.key for job in jobs)
+                link.slow.difference_update(job.key for job in jobs)
         if usable:
             metrics.sent(jobs)  # before the runner has them: its outcome may come back at once
             link.channel.send("run", jobs)
@@ -423,7 +496,7 @@ class Dispatcher:
             ended = sent - self.store.running_attempts(link.id)
             if ended:
                 with self._lock:
-                    link.sent.difference_update(ended)
+                    link.let_go(ended)
                 metrics.let_go(ended)
                 link.channel.send("cancel", sorted(ended))
                 self.wake()  # the places are free again

@@ -169,9 +169,10 @@ class Outcome:
     result: dict | None = None
     error: dict | None = None
     retry_at: str | None = None
+    quick: bool = False  # its delegate returned within runner.QUICK_SECONDS (dispatch.QUICK_DEPTH)
 
     def __reduce__(self):
-        return Outcome, (self.job, self.kind, self.result, self.error, self.retry_at)
+        return Outcome, (self.job, self.kind, self.result, self.error, self.retry_at, self.quick)
 
 
 # -- errors ---------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """The runner: calls delegates, and nothing else. It never opens the database.
 
 A runner is connected to its node (channel.py). The node sends it attempts whose claim is
-committed, as many as it has places (STEPD_THREADS); the runner calls each delegate once, on a
-thread, and sends the outcome back. The node records it, and sends the process's next step to
-the same runner in the same transaction's wake. An attempt is in a runner only once its claim is
-in the file, so a crash anywhere never makes a delegate run twice.
+committed: as many as it has places (STEPD_THREADS), and on SQLite more of quick types
+(dispatch.QUICK_DEPTH); the runner calls each delegate once, on a thread, never more at once than
+its places, and sends the outcome back (saying whether it was quick). The node records it, and
+sends the process's next step to the same runner in the same transaction's wake. An attempt is
+in a runner only once its claim is in the file, so a crash anywhere never makes a delegate run
+twice.
 
 An attempt that runs past its timeout, or is ended from outside (fail-step, a cancel of its
 process: the node says so), has its `ctx.cancelled` set and gives its place back at once: a
@@ -14,8 +16,9 @@ The runner has a thread a place and one more; one of them at a time reads what t
 Attempts of a quick type (its delegate returned within QUICK_SECONDS last time) run on the thread
 that read them, with no hand-over between threads, which on a busy machine is two wake-ups and
 most of a quick step's time here; any other goes to a thread that waits. If a quick delegate
-holds the reading thread up (HELD_UP_SECONDS), the watch gives the reading to another thread, and
-what waited behind it to the others.
+holds the reading thread up (HELD_UP_SECONDS), the watch gives the reading to another thread (a
+new one takes the held-up thread's part), and what waited behind it to the others. Jobs wait,
+never begun, while every place runs a delegate; a stop gives them back.
 
 `stepd runner` runs one runner process (a node starts STEPD_RUNNERS of them);
 `node.Node.start_runners_here` runs them on threads inside a process (the tests do).
@@ -94,6 +97,7 @@ class Runner:
         self._reading = False  # a thread has the reading now
         self._quick = {}
         self._inline = None  # the Running that the reading thread runs now
+        self._inline_turn = False  # the reading thread runs the quick jobs it read: they are its own
         # Outcomes not yet sent. The thread that finds no send under way sends them all in one
         # message, and so do its next turns while others queue more: the node records each
         # message in one change, so outcomes that end together cost one write between them.
@@ -166,36 +170,57 @@ class Runner:
         return False
 
     def _take(self, jobs):
-        """Jobs the node sent: run here if all are quick, else left to the waiting threads. None
-        if this thread still reads; else it lost the reading meanwhile (`_hand_over_reading`),
-        and True if it goes on as a thread with a place, False if it ends."""
+        """Jobs the node sent: those of quick types run here, one after the other; the others go
+        to the threads that wait. None if this thread still reads; else it lost the reading
+        meanwhile (`_hand_over_reading`) and ends."""
         with self._lock:
             self._waiting.extend(jobs)
-            if not all(self._quick.get(job.type) for job in jobs):
-                self._lock.notify(len(jobs))
-                return None
+            self._inline_turn = True
+            others = sum(1 for job in jobs if not self._quick.get(job.type))
+            if others:
+                self._lock.notify(others)
         while (entry := self._next_job(inline=True)) is not None:
             self._run(entry)
             with self._lock:
                 if self._inline is entry:
                     self._inline = None
                 self._ended(entry)
-            if entry.held_up:  # another thread reads now
-                return not entry.abandoned
+            if entry.held_up:  # another thread reads now, and this one ends
+                return False
+        with self._lock:
+            self._inline_turn = False
+            if self._waiting:  # a type that is no longer quick, for the threads with a place
+                self._lock.notify(len(self._waiting))
         return None
 
     def _next_job(self, inline=False):
-        """The next job waiting, entered in _running (None: none, or stopping); under the lock."""
+        """The next job waiting, entered in _running (None: none, or stopping); under the lock. The
+        reading thread takes the first of a quick type; a thread with a place the first of another
+        type, else the first."""
         with self._lock:
-            if self._stopping.is_set() or not self._waiting:
+            if self._stopping.is_set() or (job := self._pick(inline)) is None:
                 return None
-            job = self._waiting.popleft()
+            self._waiting.remove(job)
             entry = Running(job, self._deadline_of(job))
             self._running[job.key] = entry
             if inline:
                 entry.inline_since = time.monotonic()
                 self._inline = entry
             return entry
+
+    def _pick(self, inline):
+        """Under the lock: the job `_next_job` takes, or None. Every delegate running takes a place,
+        the reading thread's too: never more run at once than STEPD_THREADS."""
+        if not self._waiting or not self._place_free():
+            return None
+        if inline:
+            return next((job for job in self._waiting if self._quick.get(job.type)), None)
+        first_quick = None if self._inline_turn else self._waiting[0]  # the reading thread's, while it runs them
+        return next((job for job in self._waiting if not self._quick.get(job.type)), first_quick)
+
+    def _place_free(self):
+        """Under the lock: whether fewer delegates run than there are places."""
+        return sum(1 for entry in self._running.values() if not entry.abandoned) < self.threads
 
     def _cancel(self, keys):
         with self._lock:
@@ -205,16 +230,18 @@ class Runner:
 
     # -- delegate threads ------------------------------------------------------------------
     def _work(self):
-        """A thread: it runs a job waiting, or reads the node's messages if no thread does, or waits.
-        The node sends no more jobs than the places, and there is a thread more than places, so
-        some thread is always free to read (a cancel, the node's end) however many delegates run."""
+        """A thread: it runs a job waiting if a place is free, or reads the node's messages if no
+        thread does, or waits. The node may send more jobs than places (those of quick types,
+        dispatch.QUICK_DEPTH), but no thread takes one without a free place, and there is a
+        thread more than places, so some thread is always free to read (a cancel, the node's
+        end) however many delegates run."""
         while True:
             with self._lock:
-                while not self._waiting and self._reading and not self._stopping.is_set():
+                while self._reading and not self._stopping.is_set() and not self._may_take():
                     self._lock.wait()
                 if self._stopping.is_set():
                     return  # what still waits is given back by stop()
-                reads = not self._waiting
+                reads = not self._may_take()
                 if reads:
                     self._reading = True
             if reads:
@@ -229,6 +256,10 @@ class Runner:
                 self._ended(entry)
             if entry.abandoned:
                 return  # the place was given away while the delegate ran: this thread ends
+
+    def _may_take(self):
+        """Under the lock: a job waits that a thread with a free place may take."""
+        return self._pick(inline=False) is not None
 
     def _ended(self, entry):
         """Under the lock: `entry`'s delegate returned. A stop waiting for the delegates is told;
@@ -299,7 +330,7 @@ class Runner:
     def _report(self, entry, outcome, began):
         """Send the delegate's outcome, unless its attempt already ended without it."""
         with self._lock:
-            self._quick[entry.job.type] = time.monotonic() - began < QUICK_SECONDS
+            self._quick[entry.job.type] = outcome.quick = time.monotonic() - began < QUICK_SECONDS
             if entry.abandoned:  # ended already (a timeout, fail-step): the outcome is stale
                 return
             entry.reported = True
@@ -332,18 +363,23 @@ class Runner:
                     self._send_outcome(self._failure(entry.job, Timeout(message)))
 
     def _hand_over_reading(self, now):
-        """The reading thread has run one delegate for HELD_UP_SECONDS or more: another thread reads
-        from now on, and the jobs waiting behind it go to the others. It is a thread with a place
-        from here on (a delegate that hangs holds its own thread, as on any other)."""
+        """The reading thread has run one delegate for HELD_UP_SECONDS or more: a new thread takes
+        its part, another reads from now on, and the jobs waiting behind it go to the others. Its
+        delegate holds a place from here on, and its thread ends when that returns (a delegate that
+        hangs holds its own thread, as on any other)."""
         with self._lock:
             entry = self._inline
-            if entry is not None and now - entry.inline_since >= HELD_UP_SECONDS:
-                self._let_go_of_reading(entry)
+            if entry is None or now - entry.inline_since < HELD_UP_SECONDS:
+                return
+            self._let_go_of_reading(entry)  # not abandoned: that would have let go of it already
+        if not self._stopping.is_set():
+            self._add_thread()
 
     def _let_go_of_reading(self, entry):
         """Under the lock: the reading thread is held up in `entry`'s delegate; a waiting one reads now."""
         if self._inline is entry:
             self._inline = None
+            self._inline_turn = False
             entry.held_up = True
             self._reading = False
             self._lock.notify_all()
@@ -354,6 +390,7 @@ class Runner:
         with self._lock:
             if entry.abandoned or entry.reported:
                 return False
+            replaced = entry.held_up  # a hand-over gave its thread's part to a new thread already
             entry.abandoned = True
             self._let_go_of_reading(entry)
             self._lock.notify_all()
@@ -364,7 +401,7 @@ class Runner:
             entry.job.attempt,
             extra=step_fields(entry.job),
         )
-        if not self._stopping.is_set():
+        if not self._stopping.is_set() and not replaced:
             self._add_thread()
         return True
 

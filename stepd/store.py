@@ -715,17 +715,18 @@ class Change:
             (job.step_id, job.attempt),
         )
 
-    def record_all(self, outcomes, runner_id):
+    def record_all(self, outcomes, runner_id, admits=None):
         """Record a runner's Outcomes; returns the Jobs of the next steps they began, for the same
-        runner, in the outcomes' order. The completions are recorded together (`_complete_all`)."""
+        runner, in the outcomes' order. The completions are recorded together (`_complete_all`);
+        a next step `admits` turns down is begun queued, for any runner to claim."""
         completions = [outcome for outcome in outcomes if outcome.kind == COMPLETED]
         for outcome in outcomes:
             if outcome.kind != COMPLETED:
                 self.record(outcome)
-        begun = self._complete_all(completions, runner_id) if completions else {}
+        begun = self._complete_all(completions, runner_id, admits) if completions else {}
         return [begun[outcome.job.step_id] for outcome in completions if outcome.job.step_id in begun]
 
-    def _complete_all(self, completions, runner_id):
+    def _complete_all(self, completions, runner_id, admits=None):
         """Each completion's step COMPLETED, its attempt closed, and the next step begun for the same
         runner: {finished step id: its next step's Job}. An outcome whose attempt is no longer
         executing changes nothing. COMPLETE_AND_BEGIN_NEXT's rows, from one statement on PostgreSQL."""
@@ -744,7 +745,7 @@ class Change:
             rows = [
                 row
                 for outcome, result in zip(completions, results, strict=True)
-                if (row := self._complete(outcome.job, result, runner_id))
+                if (row := self._complete(outcome.job, result, runner_id, admits))
             ]
         finished = {outcome.job.step_id: outcome for outcome in completions}
         begun = {}
@@ -754,11 +755,13 @@ class Change:
                 self.tally[("outcomes", row["type"], "completed")] += 1
             if row["next_id"] is None or not row["touched"]:  # its last step, or not RUNNING: the full refresh
                 self.touched.add(row["process_id"])
-            if row["next_id"] is not None:
+            if row["next_id"] is not None and self.dialect == SQLITE and row["queued"]:  # no place for it
+                self.began((row["next_id"], row["next_attempt"]), row["next_type"], "PENDING", "start", None)
+            elif row["next_id"] is not None:
                 begun[row["id"]] = self._begun_next(row, finished[row["id"]], runner_id)
         return begun
 
-    def _complete(self, job, result, runner_id):
+    def _complete(self, job, result, runner_id, admits=None):
         """SQLite's COMPLETE_AND_BEGIN_NEXT for one completion (SQLite has no data-modifying WITH):
         the same writes as Change.end and Change.begin, statement by statement, and the row that
         statement returns; None if the attempt was no longer executing. Written out here, with
@@ -773,14 +776,16 @@ class Change:
         if following is None:
             return row
         next_id, attempt = following["id"], following["attempts"] + 1
-        if conn.execute(BEGIN_FOLLOWING, (runner_id, now, next_id, following["attempts"])).rowcount != 1:
+        queued = admits is not None and not admits(following["type"])
+        begun_for = None if queued else runner_id
+        if conn.execute(BEGIN_FOLLOWING, (begun_for, now, next_id, following["attempts"])).rowcount != 1:
             return row
         request_id = job.request_id or self.request_id
         conn.execute(INSERT_FOLLOWING, (next_id, attempt, following["principal"], following["params"], now, request_id))
         touched = conn.execute(TOUCH_RUNNING_PROCESS, {"pid": job.process_id, "now": now}).rowcount == 1
         return row | {
             "position": following["done_position"], "next_id": next_id, "next_type": following["type"],
-            "next_params": following["params"], "next_attempt": attempt, "touched": touched,
+            "next_params": following["params"], "next_attempt": attempt, "touched": touched, "queued": queued,
         }  # fmt: skip
 
     def _begun_next(self, row, outcome, runner_id):
@@ -1062,10 +1067,12 @@ class Store:
 
         return self._apply(change_it)
 
-    def claim_queued(self, runner_id, limit):
+    def claim_queued(self, runner_id, limit, admits=None, skipped=None):
         """Take up to `limit` queued attempts, oldest first, for this runner; their Jobs.
 
-        The compare-and-set on `runner_id IS NULL` gives each attempt to exactly one runner."""
+        The compare-and-set on `runner_id IS NULL` gives each attempt to exactly one runner. On
+        SQLite `admits(step type)` may turn one down (the runner has no place for its type): it
+        stays queued, and its id goes on `skipped`."""
         if self.db.dialect == POSTGRES:
             if not self.db.row(QUEUED_STEPS, (1,)):
                 return []  # look first: the claim's write only for work
@@ -1077,6 +1084,9 @@ class Store:
         jobs = []
         with self.db.transaction() as conn:
             for row in rows:
+                if admits is not None and not admits(row["type"]):
+                    skipped.append(row["id"])
+                    continue
                 claimed = conn.execute(CLAIM_QUEUED, (runner_id, row["id"], row["attempts"])).rowcount
                 if claimed == 1:
                     jobs.append(_queued_job(row))
@@ -1152,12 +1162,13 @@ class Store:
         """Mark a running attempt as waiting for complete-step or fail-step."""
         self._apply(lambda change: change.defer(job))
 
-    def outcomes_job(self, outcomes, runner_id):
+    def outcomes_job(self, outcomes, runner_id, admits=None):
         """A writer's job recording a runner's `outcomes` in one change (dispatch.py submits
-        it); it returns the Jobs of the next steps they began, for the same runner."""
+        it); it returns the Jobs of the next steps they began, for the same runner. On SQLite
+        `admits(step type)` may say the runner has no place for a next step: that one is queued."""
 
         def change_it(change):
-            return change.record_all(outcomes, runner_id)
+            return change.record_all(outcomes, runner_id, admits)
 
         return self._job(change_it)
 

@@ -123,3 +123,77 @@ def test_outcomes_a_database_that_did_not_answer_could_not_record_are_written_ag
     assert (step["status"], step["error"]) == ("COMPLETED", None)
     ours.close()
     theirs.close()
+
+
+def complete(jobs, quick=True):
+    return [Outcome(job, COMPLETED, result=None, quick=quick) for job in jobs]
+
+
+def test_quick_types_fill_a_runner_deeper_than_its_places_and_every_outcome_frees_its_place(database):
+    """A runner holds `depth` attempts of types it said are quick, and only its places of any
+    other (a type it has not run yet counts as slow). Claims and next steps fill it that deep,
+    one message a group; once every outcome is recorded no place is held any more."""
+    store = Store(database)
+    dispatcher = Dispatcher(store, stopping_reason=lambda: None)
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(10)
+    runner_end = Channel(theirs)
+    link = Link(Channel(ours), places=2, pid=0, depth=8)
+    processes = [store.create_process("p", [("noop", {})] * 3, "op", None)[0]["id"] for _ in range(10)]
+    dispatcher.links.append(link)  # after: their groups' claims took nothing
+
+    dispatcher.wake()
+    kind, first = runner_end.receive()
+    assert kind == "run" and len(first) == 2  # not known to be quick yet: its places only
+    assert link.skipped and link.slow == {job.key for job in first}
+
+    dispatcher._record(link, complete(first))  # quick: the next steps, and 6 more claimed
+    kind, second = runner_end.receive()
+    assert kind == "run" and len(second) == 8 and not link.slow
+    assert {job.attempt for job in second} == {1}
+    assert sum(job.process_id in {j.process_id for j in first} for job in second) == 2  # their next steps
+
+    recorded, running = 2, second
+    while running:
+        dispatcher._record(link, complete(running))
+        recorded += len(running)
+        wait_for(lambda expected=recorded: dispatcher.recorded == expected, what="the outcomes recorded")
+        running = runner_end.receive()[1] if recorded < 30 else []
+        assert len(running) <= 8
+    assert recorded == 30
+    assert link.sent == set() and link.slow == set() and link.reserved == 0
+    assert {store.get_process(pid)["status"] for pid in processes} == {"COMPLETED"}
+    ours.close()
+    theirs.close()
+
+
+def test_a_next_step_of_a_slow_type_with_no_slow_place_left_is_queued_then_claimed(database):
+    """A completion begins its process's next step for the same runner only if the runner has a
+    place for its type; else the step is queued (phase QUEUED, for any runner), and claimed once a
+    slow place is free."""
+    store = Store(database)
+    dispatcher = Dispatcher(store, stopping_reason=lambda: None)
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(10)
+    runner_end = Channel(theirs)
+    link = Link(Channel(ours), places=1, pid=0, depth=4)
+    link.quick["fast"] = True
+    dispatcher.links.append(link)
+    process, fast = store.create_process("p", [("fast", {}), ("slow", {})], "op", link.id)
+    _, slow = store.create_process("p", [("slow", {})], "op", link.id)
+    link.sent.update({fast.key, slow.key})
+    link.slow.add(slow.key)  # its one slow place is taken
+
+    dispatcher._record(link, complete([fast]))
+    wait_for(lambda: dispatcher.recorded == 1, what="the outcome recorded")
+    following = store.get_process(process["id"])["steps"][1]
+    assert (following["status"], following["phase"]) == ("STARTED", "QUEUED")
+    assert link.sent == {slow.key} and link.reserved == 0
+
+    dispatcher._record(link, complete([slow], quick=False))  # the slow place frees: the claim takes it
+    kind, claimed = runner_end.receive()
+    assert kind == "run" and [job.key for job in claimed] == [(following["id"], 1)]
+    assert link.slow == link.sent == {(following["id"], 1)}
+    assert store.get_process(process["id"])["steps"][1]["phase"] == "RUNNING"
+    ours.close()
+    theirs.close()

@@ -100,7 +100,8 @@ def test_jobs_and_outcomes_travel_to_and_from_a_runner_whole():
         "step", "process", "noop", {"n": ("LONG", 1)}, 3, retries_used=2, results={0: {"x": ("STRING", "y")}},
         request_id="req",
     )  # fmt: skip
-    outcome = Outcome(job, FAILED, result={"r": ("DOUBLE", 1.5)}, error={"type": "E", "message": "m"}, retry_at="t")
+    error = {"type": "E", "message": "m"}
+    outcome = Outcome(job, FAILED, result={"r": ("DOUBLE", 1.5)}, error=error, retry_at="t", quick=True)
     for value in (job, outcome):
         copy = pickle.loads(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
         assert type(copy) is type(value)

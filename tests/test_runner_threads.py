@@ -255,3 +255,63 @@ def test_never_more_delegates_at_once_than_places(make_runner, probe):
     assert most[0] <= 2
     ran_on = {on_reading_thread for _, on_reading_thread in probe.calls.values()}
     assert ran_on == {True, False}, "both ways ran: on the reading thread (quick) and on others (after a slow one)"
+
+
+def test_more_jobs_than_places_never_run_more_delegates_at_once(make_runner, probe):
+    """The node may send more jobs than places (quick types, dispatch.QUICK_DEPTH); the reading
+    thread's delegate takes a place like any other, so STEPD_THREADS still bounds the delegates
+    running at once (1: one at a time, for delegates that must not run together)."""
+    node = make_runner(probe.registry(), threads=1)
+    probe.runner = node.runner
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def counting(delegate):
+        def count(ctx):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            try:
+                time.sleep(QUICK_SECONDS / 4)  # long enough for a thread woken meanwhile to start
+                return delegate(ctx)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+        return count
+
+    for name, delegate in (("probe", probe.probe), ("slow", probe.slow)):
+        node.runner.registry.remove(name)
+        node.runner.registry.add(name, counting(delegate), "test")
+    warm_up(node, probe)
+    node.run(("slow-0", "slow", {}))
+    node.wait_outcome("slow-0")  # known slow from here on
+    for round_number in range(10):  # a slow job on the place, and quick ones behind it
+        batch = [(f"s{round_number}", "slow", {})] + [(f"q{round_number}-{i}", "probe", {}) for i in range(5)]
+        node.run(*batch)
+        for step_id, _, _ in batch:
+            node.wait_outcome(step_id)
+    assert most[0] == 1
+    assert {on_reading_thread for _, on_reading_thread in probe.calls.values()} == {True, False}
+
+
+def test_jobs_waiting_for_a_place_leave_a_thread_to_read_a_cancel_and_a_stop_gives_them_back(make_runner, probe):
+    """With every place taken and more jobs waiting, a thread still reads: a cancel frees the place
+    (ctx.cancelled set), the next job takes it, and a stop gives back what never began."""
+    node = make_runner(probe.registry(), threads=1)
+    probe.runner = node.runner
+    probe.began["a"], probe.began["b"] = threading.Event(), threading.Event()
+    node.run(("a", "probe", WAIT), ("b", "probe", WAIT), ("c", "probe", {}))  # not yet known quick
+    assert probe.began["a"].wait(5)
+    time.sleep(0.2)
+    assert not probe.began["b"].is_set()  # no place for it
+    node.channel.send("cancel", [("a", 1)])
+    assert probe.cancelled["a"].wait(2)
+    assert probe.began["b"].wait(5)  # the cancelled delegate's place went to the next job
+    assert "c" not in probe.calls
+    stopper = threading.Thread(target=node.runner.stop, kwargs={"grace": 0.5})
+    stopper.start()
+    stopper.join(10)
+    assert node.wait_unstarted() == [("c", 1)]
+    assert "c" not in probe.calls, "never called"
+    probe.release_all()
