@@ -80,7 +80,7 @@ class Link:
 
     @property
     def free(self):
-        return 0 if self.retired else self.depth - len(self.sent) - self.reserved
+        return 0 if self.retired or not self.open else self.depth - len(self.sent) - self.reserved
 
     @property
     def free_slow(self):
@@ -252,9 +252,18 @@ class Dispatcher:
                 link.to_record, link.recording = [], False
                 for outcome in taken:
                     link.quick[outcome.job.type] = outcome.quick
+                held_slow = link.slow.intersection(outcome.job.key for outcome in taken)
                 link.let_go(outcome.job.key for outcome in taken)  # places the next steps may take
+                if held_slow and self.retries_may_be_due:
+                    self.maybe_queued = True  # a retry passed over for want of a slow place (`_claim_for`)
                 admits = link.admitter() if self.node_id is None else None
-            begun = self.store.outcomes_job(taken, link.id, admits)(conn)
+            try:
+                begun = self.store.outcomes_job(taken, link.id, admits)(conn)
+            except BaseException:  # not recorded: theirs again before this group's claim (`_record_failed`)
+                with self._lock:
+                    link.sent.update(outcome.job.key for outcome in taken)
+                    link.slow.update(held_slow)
+                raise
             if link.retired or self.stopping_reason() is not None:
                 begun = self._queue_again(link, begun)
             self._will_send(link, begun)
@@ -340,7 +349,9 @@ class Dispatcher:
         for link in wanting:
             with self._lock:
                 wanted, slow_wanted, admits = link.free, link.free_slow, link.admitter()
-            jobs = self._claim_due_retries(link, slow_wanted)
+            # A due retry takes a slow place (its type may be any): with none free here it is left
+            # for the next runner, or for this one once a slow place frees (`_record`).
+            jobs = self._claim_due_retries(link, slow_wanted) if slow_wanted else []
             for job in jobs:
                 admits(job.type)  # a place of any type left (at most `slow_wanted` of them)
             skipped = []
@@ -352,14 +363,15 @@ class Dispatcher:
             link.skipped = bool(skipped)  # only the writer's loop reads it
             if skipped:
                 self.maybe_queued = True  # what it passed over waits for a slow place (any runner's)
-            elif not jobs:
-                break  # nothing more is queued
+            elif not jobs and slow_wanted:
+                break  # nothing more is queued, nor due
             if len(jobs) == wanted:
                 self.maybe_queued = True  # every place it asked for is filled: more may wait
             for job in jobs:
                 if job.results is None:  # a first step's are known already ({})
                     job.results = self.store.earlier_results(job.step_id)
-            claimed.append((link, jobs))
+            if jobs:
+                claimed.append((link, jobs))
         return claimed
 
     def _claim_due_retries(self, link, wanted):

@@ -185,7 +185,10 @@ class Runner:
                 if self._inline is entry:
                     self._inline = None
                 self._ended(entry)
-            if entry.held_up:  # another thread reads now, and this one ends
+            if entry.held_up:  # another thread reads now, and this one ends: its place is free
+                with self._lock:
+                    if self._may_take():
+                        self._lock.notify()
                 return False
         with self._lock:
             self._inline_turn = False
@@ -223,8 +226,11 @@ class Runner:
         return sum(1 for entry in self._running.values() if not entry.abandoned) < self.threads
 
     def _cancel(self, keys):
+        """Attempts ended from outside: those running are abandoned, those still waiting never begin."""
         with self._lock:
             entries = [entry for key, entry in self._running.items() if key in keys]
+            for job in [job for job in self._waiting if job.key in keys]:
+                self._waiting.remove(job)
         for entry in entries:
             self._abandon(entry)
 

@@ -197,3 +197,56 @@ def test_a_next_step_of_a_slow_type_with_no_slow_place_left_is_queued_then_claim
     assert store.get_process(process["id"])["steps"][1]["phase"] == "RUNNING"
     ours.close()
     theirs.close()
+
+
+def test_a_due_retry_goes_to_a_runner_with_a_slow_place_when_the_first_has_none(database):
+    """A due retry takes a slow place. The first runner's are all taken (it still has room for quick
+    types): the claim passes it over for the next runner, which takes the retry."""
+    store = Store(database)
+    dispatcher = Dispatcher(store, stopping_reason=lambda: None)
+    ours, theirs = socket.socketpair()
+    other_ours, other_theirs = socket.socketpair()
+    full = Link(Channel(ours), places=1, pid=0, depth=4)
+    idle = Link(Channel(other_ours), places=1, pid=0, depth=4)
+    _, busy = store.create_process("p", [("slow", {})], "op", full.id)
+    _, failing = store.create_process("p", [("slow", {})], "op", full.id)
+    store.schedule_retry(failing, {"type": "ValueError", "message": "again"}, "2000-01-01T00:00:00.000Z")
+    full.sent.add(busy.key)
+    full.slow.add(busy.key)
+    dispatcher.links += [full, idle]
+    dispatcher.retries_may_be_due = dispatcher.maybe_queued = True
+
+    wanting = dispatcher._wanting()
+    assert wanting == [full, idle]  # `full` has room for quick types
+    claimed = dispatcher._claim_for(wanting)
+    assert [(link, [job.key for job in jobs]) for link, jobs in claimed] == [(idle, [(failing.step_id, 2)])]
+    for sock in (ours, theirs, other_ours, other_theirs):
+        sock.close()
+
+
+def test_a_due_retry_waits_for_the_only_runners_slow_place_and_is_claimed_once_it_frees(database):
+    """With one runner whose slow places are all taken, a due retry waits (it could not take it);
+    the outcome that frees a slow place has its group's claim take the retry."""
+    store = Store(database)
+    dispatcher = Dispatcher(store, stopping_reason=lambda: None)
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(10)
+    runner_end = Channel(theirs)
+    link = Link(Channel(ours), places=1, pid=0, depth=4)
+    _, busy = store.create_process("p", [("slow", {})], "op", link.id)
+    _, failing = store.create_process("p", [("slow", {})], "op", link.id)
+    store.schedule_retry(failing, {"type": "ValueError", "message": "again"}, "2000-01-01T00:00:00.000Z")
+    link.sent.add(busy.key)
+    link.slow.add(busy.key)
+    dispatcher.links.append(link)
+    dispatcher.retries_may_be_due = True
+
+    dispatcher.wake()  # a group, whose claim has no slow place for the retry
+    wait_for(lambda: not dispatcher.maybe_queued, what="the group's claim")
+    assert store.get_step(failing.step_id)["attempts"] == 1 and dispatcher.retries_may_be_due
+    dispatcher._record(link, complete([busy], quick=False))
+    kind, claimed = runner_end.receive()
+    assert kind == "run" and [job.key for job in claimed] == [(failing.step_id, 2)]
+    assert link.sent == link.slow == {(failing.step_id, 2)}
+    ours.close()
+    theirs.close()

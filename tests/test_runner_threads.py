@@ -315,3 +315,36 @@ def test_jobs_waiting_for_a_place_leave_a_thread_to_read_a_cancel_and_a_stop_giv
     assert node.wait_unstarted() == [("c", 1)]
     assert "c" not in probe.calls, "never called"
     probe.release_all()
+
+
+def test_a_job_waiting_behind_a_held_up_delegate_runs_once_that_delegate_returns(make_runner, probe):
+    """One place: a quick delegate holds the reading thread up, the reading goes to another thread,
+    and the quick job sent with it waits for the place. When the held-up delegate returns, its
+    thread ends and the place it frees goes to the job waiting, with no new message to wake it."""
+    node = make_runner(probe.registry(), threads=1)
+    probe.runner = node.runner
+    warm_up(node, probe)
+    probe.began["a"] = threading.Event()
+    node.run(("a", "probe", WAIT), ("b", "probe", {}))
+    assert probe.began["a"].wait(5)
+    wait_for(lambda: node.runner._inline is None, timeout=HANDED_OVER_WITHIN, what="the reading handed over")
+    assert "b" not in probe.calls  # no place for it while `a` runs
+    probe.gates.setdefault("a", threading.Event()).set()
+    assert node.wait_outcome("a").kind == COMPLETED
+    assert node.wait_outcome("b").kind == COMPLETED
+
+
+def test_a_cancel_of_a_job_still_waiting_for_a_place_means_it_never_begins(make_runner, probe):
+    """The node frees a cancelled attempt's place at once (fail-step, a cancel of its process): one
+    still waiting in the runner must never be begun, nor answered."""
+    node = make_runner(probe.registry(), threads=1)
+    probe.runner = node.runner
+    probe.began["a"] = threading.Event()
+    node.run(("a", "probe", WAIT), ("b", "probe", {}), ("c", "probe", {}))
+    assert probe.began["a"].wait(5)
+    node.channel.send("cancel", [("b", 1)])
+    wait_for(lambda: [job.step_id for job in node.runner._waiting] == ["c"], what="b taken off the waiting jobs")
+    probe.gates.setdefault("a", threading.Event()).set()
+    assert node.wait_outcome("a").kind == COMPLETED
+    assert node.wait_outcome("c").kind == COMPLETED  # after b's turn would have been
+    assert "b" not in probe.calls and "b" not in node.outcomes
