@@ -4,6 +4,8 @@ the runner's end of a real socketpair read here instead of by a runner."""
 import socket
 import threading
 
+import pytest
+
 from stepd.channel import Channel
 from stepd.dispatch import Dispatcher, Link
 from stepd.model import COMPLETED, Outcome, Unavailable
@@ -129,16 +131,32 @@ def complete(jobs, quick=True):
     return [Outcome(job, COMPLETED, result=None, quick=quick) for job in jobs]
 
 
-def test_quick_types_fill_a_runner_deeper_than_its_places_and_every_outcome_frees_its_place(database):
+@pytest.fixture
+def wired(database):
+    """A dispatcher over a real store and file, and `connect(places, depth)`: a runner's Link on a
+    socketpair, and the runner's end for the test to read (a runner that is sent nothing fails the
+    test after 10 s, never hangs it)."""
+    store = Store(database)
+    dispatcher = Dispatcher(store, stopping_reason=lambda: None)
+    sockets = []
+
+    def connect(places, depth):
+        ours, theirs = socket.socketpair()
+        theirs.settimeout(10)
+        sockets.extend((ours, theirs))
+        return Link(Channel(ours), places=places, pid=0, depth=depth), Channel(theirs)
+
+    yield store, dispatcher, connect
+    for sock in sockets:
+        sock.close()
+
+
+def test_quick_types_fill_a_runner_deeper_than_its_places_and_every_outcome_frees_its_place(wired):
     """A runner holds `depth` attempts of types it said are quick, and only its places of any
     other (a type it has not run yet counts as slow). Claims and next steps fill it that deep,
     one message a group; once every outcome is recorded no place is held any more."""
-    store = Store(database)
-    dispatcher = Dispatcher(store, stopping_reason=lambda: None)
-    ours, theirs = socket.socketpair()
-    theirs.settimeout(10)
-    runner_end = Channel(theirs)
-    link = Link(Channel(ours), places=2, pid=0, depth=8)
+    store, dispatcher, connect = wired
+    link, runner_end = connect(places=2, depth=8)
     processes = [store.create_process("p", [("noop", {})] * 3, "op", None)[0]["id"] for _ in range(10)]
     dispatcher.links.append(link)  # after: their groups' claims took nothing
 
@@ -163,20 +181,14 @@ def test_quick_types_fill_a_runner_deeper_than_its_places_and_every_outcome_free
     assert recorded == 30
     assert link.sent == set() and link.slow == set() and link.reserved == 0
     assert {store.get_process(pid)["status"] for pid in processes} == {"COMPLETED"}
-    ours.close()
-    theirs.close()
 
 
-def test_a_next_step_of_a_slow_type_with_no_slow_place_left_is_queued_then_claimed(database):
+def test_a_next_step_of_a_slow_type_with_no_slow_place_left_is_queued_then_claimed(wired):
     """A completion begins its process's next step for the same runner only if the runner has a
     place for its type; else the step is queued (phase QUEUED, for any runner), and claimed once a
     slow place is free."""
-    store = Store(database)
-    dispatcher = Dispatcher(store, stopping_reason=lambda: None)
-    ours, theirs = socket.socketpair()
-    theirs.settimeout(10)
-    runner_end = Channel(theirs)
-    link = Link(Channel(ours), places=1, pid=0, depth=4)
+    store, dispatcher, connect = wired
+    link, runner_end = connect(places=1, depth=4)
     link.quick["fast"] = True
     dispatcher.links.append(link)
     process, fast = store.create_process("p", [("fast", {}), ("slow", {})], "op", link.id)
@@ -195,19 +207,13 @@ def test_a_next_step_of_a_slow_type_with_no_slow_place_left_is_queued_then_claim
     assert kind == "run" and [job.key for job in claimed] == [(following["id"], 1)]
     assert link.slow == link.sent == {(following["id"], 1)}
     assert store.get_process(process["id"])["steps"][1]["phase"] == "RUNNING"
-    ours.close()
-    theirs.close()
 
 
-def test_a_due_retry_goes_to_a_runner_with_a_slow_place_when_the_first_has_none(database):
+def test_a_due_retry_goes_to_a_runner_with_a_slow_place_when_the_first_has_none(wired):
     """A due retry takes a slow place. The first runner's are all taken (it still has room for quick
     types): the claim passes it over for the next runner, which takes the retry."""
-    store = Store(database)
-    dispatcher = Dispatcher(store, stopping_reason=lambda: None)
-    ours, theirs = socket.socketpair()
-    other_ours, other_theirs = socket.socketpair()
-    full = Link(Channel(ours), places=1, pid=0, depth=4)
-    idle = Link(Channel(other_ours), places=1, pid=0, depth=4)
+    store, dispatcher, connect = wired
+    (full, _), (idle, _) = connect(places=1, depth=4), connect(places=1, depth=4)
     _, busy = store.create_process("p", [("slow", {})], "op", full.id)
     _, failing = store.create_process("p", [("slow", {})], "op", full.id)
     store.schedule_retry(failing, {"type": "ValueError", "message": "again"}, "2000-01-01T00:00:00.000Z")
@@ -220,19 +226,13 @@ def test_a_due_retry_goes_to_a_runner_with_a_slow_place_when_the_first_has_none(
     assert wanting == [full, idle]  # `full` has room for quick types
     claimed = dispatcher._claim_for(wanting)
     assert [(link, [job.key for job in jobs]) for link, jobs in claimed] == [(idle, [(failing.step_id, 2)])]
-    for sock in (ours, theirs, other_ours, other_theirs):
-        sock.close()
 
 
-def test_a_due_retry_waits_for_the_only_runners_slow_place_and_is_claimed_once_it_frees(database):
+def test_a_due_retry_waits_for_the_only_runners_slow_place_and_is_claimed_once_it_frees(wired):
     """With one runner whose slow places are all taken, a due retry waits (it could not take it);
     the outcome that frees a slow place has its group's claim take the retry."""
-    store = Store(database)
-    dispatcher = Dispatcher(store, stopping_reason=lambda: None)
-    ours, theirs = socket.socketpair()
-    theirs.settimeout(10)
-    runner_end = Channel(theirs)
-    link = Link(Channel(ours), places=1, pid=0, depth=4)
+    store, dispatcher, connect = wired
+    link, runner_end = connect(places=1, depth=4)
     _, busy = store.create_process("p", [("slow", {})], "op", link.id)
     _, failing = store.create_process("p", [("slow", {})], "op", link.id)
     store.schedule_retry(failing, {"type": "ValueError", "message": "again"}, "2000-01-01T00:00:00.000Z")
@@ -248,5 +248,3 @@ def test_a_due_retry_waits_for_the_only_runners_slow_place_and_is_claimed_once_i
     kind, claimed = runner_end.receive()
     assert kind == "run" and [job.key for job in claimed] == [(failing.step_id, 2)]
     assert link.sent == link.slow == {(failing.step_id, 2)}
-    ours.close()
-    theirs.close()

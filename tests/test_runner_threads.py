@@ -115,6 +115,12 @@ class Probe:
         time.sleep(QUICK_SECONDS * 5)
         return None
 
+    def hold(self, node, step_id, *behind):
+        """Send a job that waits for its gate, with `behind` in the same message; once it began."""
+        self.began[step_id] = threading.Event()
+        node.run((step_id, "probe", WAIT), *behind)
+        assert self.began[step_id].wait(5)
+
     def release_all(self):
         for step_id in list(self.began):
             self.gates.setdefault(step_id, threading.Event()).set()
@@ -211,9 +217,7 @@ def test_a_stop_gives_back_the_jobs_waiting_behind_a_delegate_on_the_reading_thr
     node = make_runner(probe.registry(), threads=2)
     probe.runner = node.runner
     warm_up(node, probe)
-    probe.began["holds"] = threading.Event()
-    node.run(("holds", "probe", WAIT), ("waits", "probe", {}))
-    assert probe.began["holds"].wait(5)
+    probe.hold(node, "holds", ("waits", "probe", {}))
     stopper = threading.Thread(target=node.runner.stop, kwargs={"grace": 5.0})
     stopper.start()
     time.sleep(0.1)
@@ -300,9 +304,8 @@ def test_jobs_waiting_for_a_place_leave_a_thread_to_read_a_cancel_and_a_stop_giv
     (ctx.cancelled set), the next job takes it, and a stop gives back what never began."""
     node = make_runner(probe.registry(), threads=1)
     probe.runner = node.runner
-    probe.began["a"], probe.began["b"] = threading.Event(), threading.Event()
-    node.run(("a", "probe", WAIT), ("b", "probe", WAIT), ("c", "probe", {}))  # not yet known quick
-    assert probe.began["a"].wait(5)
+    probe.began["b"] = threading.Event()
+    probe.hold(node, "a", ("b", "probe", WAIT), ("c", "probe", {}))  # not yet known quick
     time.sleep(0.2)
     assert not probe.began["b"].is_set()  # no place for it
     node.channel.send("cancel", [("a", 1)])
@@ -324,9 +327,7 @@ def test_a_job_waiting_behind_a_held_up_delegate_runs_once_that_delegate_returns
     node = make_runner(probe.registry(), threads=1)
     probe.runner = node.runner
     warm_up(node, probe)
-    probe.began["a"] = threading.Event()
-    node.run(("a", "probe", WAIT), ("b", "probe", {}))
-    assert probe.began["a"].wait(5)
+    probe.hold(node, "a", ("b", "probe", {}))
     wait_for(lambda: node.runner._inline is None, timeout=HANDED_OVER_WITHIN, what="the reading handed over")
     assert "b" not in probe.calls  # no place for it while `a` runs
     probe.gates.setdefault("a", threading.Event()).set()
@@ -339,9 +340,7 @@ def test_a_cancel_of_a_job_still_waiting_for_a_place_means_it_never_begins(make_
     still waiting in the runner must never be begun, nor answered."""
     node = make_runner(probe.registry(), threads=1)
     probe.runner = node.runner
-    probe.began["a"] = threading.Event()
-    node.run(("a", "probe", WAIT), ("b", "probe", {}), ("c", "probe", {}))
-    assert probe.began["a"].wait(5)
+    probe.hold(node, "a", ("b", "probe", {}), ("c", "probe", {}))
     node.channel.send("cancel", [("b", 1)])
     wait_for(lambda: [job.step_id for job in node.runner._waiting] == ["c"], what="b taken off the waiting jobs")
     probe.gates.setdefault("a", threading.Event()).set()
