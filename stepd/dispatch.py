@@ -86,28 +86,21 @@ class Link:
 
     @property
     def free_slow(self):
-        return 0 if self.retired else min(self.free, self.places - len(self.slow))
+        return min(self.free, self.places - len(self.slow))
 
-    def admitter(self):
-        """Under the dispatcher's lock: a check, `admits(step_type)`, of whether one more attempt
-        of that type fits in what is free now, counting those it admitted before. The writer's loop
-        asks it as a claim or a record goes, and reserves what it took after (`_will_send`)."""
-        free, free_slow = self.free, self.free_slow
-
-        def admits(step_type):
-            nonlocal free, free_slow
-            slow = not self.quick.get(step_type)
-            if free <= 0 or (slow and free_slow <= 0):
-                return False
-            free, free_slow = free - 1, free_slow - slow
-            return True
-
-        return admits
+    def is_slow(self, step_type):
+        return not self.quick.get(step_type)
 
     def hold(self, jobs):
         """Under the dispatcher's lock: `jobs` were claimed or begun for it; their places are taken."""
         self.reserved += len(jobs)
-        self.slow.update(job.key for job in jobs if not self.quick.get(job.type))
+        self.slow.update(job.key for job in jobs if self.is_slow(job.type))
+
+    def take_back(self, keys, slow):
+        """Under the dispatcher's lock: attempts let go of (`keys`; `slow`, those held as slow) are
+        its own again: their outcomes were not recorded."""
+        self.sent.update(keys)
+        self.slow.update(slow)
 
     def unhold(self, jobs):
         """Under the dispatcher's lock: `jobs` were reserved and are not sent; their places are free."""
@@ -119,6 +112,23 @@ class Link:
         keys = set(keys)
         self.sent.difference_update(keys)
         self.slow.difference_update(keys)
+
+
+class Room:
+    """What a runner has free for more attempts, as a claim or a record goes (the writer's loop
+    reserves what they took after, `_will_send`): `room(step_type)` says whether one more of that
+    type fits, counting those it let in before; `refused` whether it turned one down."""
+
+    def __init__(self, link):  # under the dispatcher's lock
+        self.link, self.free, self.free_slow, self.refused = link, link.free, link.free_slow, False
+
+    def __call__(self, step_type):
+        slow = self.link.is_slow(step_type)
+        if self.free <= 0 or (slow and self.free_slow <= 0):
+            self.refused = True
+            return False
+        self.free, self.free_slow = self.free - 1, self.free_slow - slow
+        return True
 
 
 class Dispatcher:
@@ -246,7 +256,7 @@ class Dispatcher:
             if link.recording:
                 return
             link.recording = True
-        taken = []
+        taken, held_slow = [], set()
 
         def record(conn):
             with self._lock:
@@ -254,17 +264,15 @@ class Dispatcher:
                 link.to_record, link.recording = [], False
                 for outcome in taken:
                     link.quick[outcome.job.type] = outcome.quick
-                held_slow = link.slow.intersection(outcome.job.key for outcome in taken)
+                held_slow.update(link.slow.intersection(outcome.job.key for outcome in taken))
                 link.let_go(outcome.job.key for outcome in taken)  # places the next steps may take
                 if held_slow and self.retries_may_be_due:
                     self.maybe_queued = True  # a retry passed over for want of a slow place (`_claim_for`)
-                admits = link.admitter() if self.node_id is None else None
+                room = Room(link) if self.node_id is None else None
             try:
-                begun = self.store.outcomes_job(taken, link.id, admits)(conn)
-            except BaseException:  # not recorded: theirs again before this group's claim (`_record_failed`)
-                with self._lock:
-                    link.sent.update(outcome.job.key for outcome in taken)
-                    link.slow.update(held_slow)
+                begun = self.store.outcomes_job(taken, link.id, room)(conn)
+            except BaseException:  # not recorded: theirs again before this group's claim
+                self._take_back(link, taken, held_slow)
                 raise
             if link.retired or self.stopping_reason() is not None:
                 begun = self._queue_again(link, begun)
@@ -274,6 +282,7 @@ class Dispatcher:
         def done(begun, error):
             if error is not None:
                 self._will_not_send(link, begun or ())  # their group failed before its end
+                self._take_back(link, taken, held_slow)  # the places they freed in it
                 self._record_failed(link, taken, error)
                 return
             metrics.ended(taken)  # the next steps they began go out with the group's claims
@@ -292,14 +301,15 @@ class Dispatcher:
             self.note_queued()
         return []
 
+    def _take_back(self, link, outcomes, held_slow):
+        with self._lock:
+            link.take_back([outcome.job.key for outcome in outcomes], held_slow)
+
     def _record_failed(self, link, outcomes, error):
         """A busy, full or unreachable database (PostgreSQL restarting, a connection it ended):
         write them again soon (an outcome exists only here; failing them would fail steps whose
         delegates did their work). Any other error: fail the attempts, so no step stays STARTED
         under a live runner for ever."""
-        with self._lock:  # the group that freed their places failed: they are the runner's again
-            link.sent.update(outcome.job.key for outcome in outcomes)
-            link.slow.update(o.job.key for o in outcomes if not link.quick.get(o.job.type))
         if isinstance(error, Busy | Unwritable | Unavailable):
             log.warning("could not record %d outcome(s) (%s); retrying", len(outcomes), error)
             threading.Timer(RETRY_RECORD_SECONDS, self._record, (link, outcomes)).start()
@@ -350,20 +360,20 @@ class Dispatcher:
         claimed = []
         for link in wanting:
             with self._lock:
-                wanted, slow_wanted, admits = link.free, link.free_slow, link.admitter()
+                room = Room(link)
+            wanted, slow_wanted = room.free, room.free_slow
             # A due retry takes a slow place (its type may be any): with none free here it is left
             # for the next runner, or for this one once a slow place frees (`_record`).
             jobs = self._claim_due_retries(link, slow_wanted) if slow_wanted else []
             for job in jobs:
-                admits(job.type)  # a place of any type left (at most `slow_wanted` of them)
-            skipped = []
+                room(job.type)  # counted: it fits (at most `slow_wanted` of them)
             if len(jobs) < wanted:
                 if self.node_id is None:  # quick types may take the places left beyond `slow_wanted`
-                    jobs += self.store.claim_queued(link.id, wanted - len(jobs), admits, skipped)
+                    jobs += self.store.claim_queued(link.id, wanted - len(jobs), room)
                 elif len(jobs) < slow_wanted:
                     jobs += self.store.claim_queued(link.id, slow_wanted - len(jobs))
-            link.skipped = bool(skipped)  # only the writer's loop reads it
-            if skipped:
+            link.skipped = room.refused  # only the writer's loop reads it
+            if link.skipped:
                 self.maybe_queued = True  # what it passed over waits for a slow place (any runner's)
             elif not jobs and slow_wanted:
                 break  # nothing more is queued, nor due

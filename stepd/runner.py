@@ -83,7 +83,7 @@ class Runner:
         self.threads = threads
         self.step_timeout = step_timeout  # STEPD_STEP_TIMEOUT: for delegates that set no timeout
         self.channel = None
-        # Sent by the node, waiting for a thread (never more than the places). A thread takes one
+        # Sent by the node, waiting for a free place (quick types may be more than the places). A thread takes one
         # and enters it in _running under the same lock, so a stop sees every job in one place or
         # the other, never between (and gives back exactly those no delegate was called for).
         self._waiting = collections.deque()
@@ -107,10 +107,9 @@ class Runner:
 
     @property
     def _busy(self):
-        """Places taken: attempts sent and not yet ended."""
+        """Attempts sent and not yet ended."""
         with self._lock:
-            running = sum(1 for entry in self._running.values() if not entry.abandoned)
-            return running + len(self._waiting)
+            return self._delegates_running() + len(self._waiting)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, channel):
@@ -146,20 +145,21 @@ class Runner:
         self.channel.close()
 
     def _delegates_running(self):
-        return any(not entry.abandoned for entry in self._running.values())
+        """Under the lock: how many delegates run that hold a place (not abandoned)."""
+        return sum(1 for entry in self._running.values() if not entry.abandoned)
 
     # -- what the node sends ---------------------------------------------------------------
     def _read(self):
         """Read the node's messages, as the thread that has the reading (`_work`), until another
-        takes it (this one was held up in a quick delegate) or the node is gone. Jobs of quick
-        types run here, one after the other; any other goes to a waiting thread. False if this
-        thread ends (its delegate's place was given away while it ran)."""
+        takes it (this one was held up in a quick delegate, and a new thread took its part) or the
+        node is gone; then this thread ends. Jobs of quick types run here, one after the other; any
+        other goes to a waiting thread."""
         while (message := self.channel.receive()) is not None:
             kind, payload = message
             if kind == "cancel":
                 self._cancel(set(payload))
-            elif kind == "run" and (went_on := self._take(payload)) is not None:
-                return went_on  # another thread reads from here on
+            elif kind == "run" and not self._take(payload):
+                return  # another thread reads from here on
         # The node is gone: nothing more can be recorded. Call no more delegates; the next node
         # fails what ran here as Interrupted.
         with self._lock:
@@ -167,34 +167,30 @@ class Runner:
             self._reading = False
             self._lock.notify_all()
         self.node_gone.set()
-        return False
 
     def _take(self, jobs):
         """Jobs the node sent: those of quick types run here, one after the other; the others go
-        to the threads that wait. None if this thread still reads; else it lost the reading
-        meanwhile (`_hand_over_reading`) and ends."""
+        to the threads that wait. Whether this thread still reads (else it lost the reading
+        meanwhile, `_hand_over_reading`, and ends)."""
         with self._lock:
             self._waiting.extend(jobs)
             self._inline_turn = True
             others = sum(1 for job in jobs if not self._quick.get(job.type))
             if others:
                 self._lock.notify(others)
-        while (entry := self._next_job(inline=True)) is not None:
+        still_reads = True
+        while still_reads and (entry := self._next_job(inline=True)) is not None:
             self._run(entry)
             with self._lock:
                 if self._inline is entry:
                     self._inline = None
                 self._ended(entry)
-            if entry.held_up:  # another thread reads now, and this one ends: its place is free
-                with self._lock:
-                    if self._may_take():
-                        self._lock.notify()
-                return False
+            still_reads = not entry.held_up  # else another thread reads now, and this one ends
         with self._lock:
             self._inline_turn = False
-            if self._waiting:  # a type that is no longer quick, for the threads with a place
+            if self._may_take():  # a type no longer quick, or what waited behind a held-up delegate
                 self._lock.notify(len(self._waiting))
-        return None
+        return still_reads
 
     def _next_job(self, inline=False):
         """The next job waiting, entered in _running (None: none, or stopping); under the lock. The
@@ -223,7 +219,7 @@ class Runner:
 
     def _place_free(self):
         """Under the lock: whether fewer delegates run than there are places."""
-        return sum(1 for entry in self._running.values() if not entry.abandoned) < self.threads
+        return self._delegates_running() < self.threads
 
     def _cancel(self, keys):
         """Attempts ended from outside: those running are abandoned, those still waiting never begin."""
@@ -251,9 +247,8 @@ class Runner:
                 if reads:
                     self._reading = True
             if reads:
-                if not self._read():
-                    return
-                continue
+                self._read()
+                return
             entry = self._next_job()
             if entry is None:
                 continue

@@ -1067,12 +1067,12 @@ class Store:
 
         return self._apply(change_it)
 
-    def claim_queued(self, runner_id, limit, admits=None, skipped=None):
+    def claim_queued(self, runner_id, limit, admits=None):
         """Take up to `limit` queued attempts, oldest first, for this runner; their Jobs.
 
         The compare-and-set on `runner_id IS NULL` gives each attempt to exactly one runner. On
         SQLite `admits(step type)` may turn one down (the runner has no place for its type): it
-        stays queued, and its id goes on `skipped`."""
+        stays queued."""
         if self.db.dialect == POSTGRES:
             if not self.db.row(QUEUED_STEPS, (1,)):
                 return []  # look first: the claim's write only for work
@@ -1085,7 +1085,6 @@ class Store:
         with self.db.transaction() as conn:
             for row in rows:
                 if admits is not None and not admits(row["type"]):
-                    skipped.append(row["id"])
                     continue
                 claimed = conn.execute(CLAIM_QUEUED, (runner_id, row["id"], row["attempts"])).rowcount
                 if claimed == 1:

@@ -1,14 +1,15 @@
 """The dispatcher's side of a runner's outcomes (dispatch.py), against a real file and writer, with
 the runner's end of a real socketpair read here instead of by a runner."""
 
+import os
 import socket
 import threading
 
 import pytest
 
 from stepd.channel import Channel
-from stepd.dispatch import Dispatcher, Link
-from stepd.model import COMPLETED, Outcome, Unavailable
+from stepd.dispatch import QUICK_DEPTH, Dispatcher, Link
+from stepd.model import COMPLETED, Busy, Outcome, Unavailable
 from stepd.store import Store
 from tests.helpers import wait_for
 
@@ -248,3 +249,61 @@ def test_a_due_retry_waits_for_the_only_runners_slow_place_and_is_claimed_once_i
     kind, claimed = runner_end.receive()
     assert kind == "run" and [job.key for job in claimed] == [(failing.step_id, 2)]
     assert link.sent == link.slow == {(failing.step_id, 2)}
+
+
+def test_a_record_that_fails_keeps_its_places_from_the_same_groups_claim(wired):
+    """A runner's outcomes free their places for the next steps they begin; if recording them fails
+    (the database was busy: they are written again soon), the places are still theirs, and the claim
+    at the end of that same group must not give them to queued work."""
+    store, dispatcher, connect = wired
+    link, runner_end = connect(places=1, depth=1)
+    _, running = store.create_process("p", [("noop", {})], "op", link.id)
+    queued = store.create_process("p", [("noop", {})], "op", None)[0]["id"]
+    link.sent.add(running.key)
+    dispatcher.links.append(link)
+    dispatcher.maybe_queued = True
+    failed = threading.Event()
+    outcomes_job = store.outcomes_job
+
+    def busy_once(*args):
+        if not failed.is_set():
+            failed.set()
+            raise Busy("the database is busy")
+        return outcomes_job(*args)
+
+    store.outcomes_job = busy_once
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_writer():
+        with store.db.transaction():
+            holding.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold_the_writer)
+    holder.start()
+    holding.wait(5)
+    # The next group: a write first, then the record (a member of its own that fails; the group goes on).
+    store.db.submit(lambda conn: None, lambda result, error: None)
+    dispatcher._record(link, complete([running]))
+    release.set()
+    holder.join()
+    assert failed.wait(5)
+    store.db.write(lambda conn: None)  # returns once that group (and its claim) is done; the retry is 0.5 s away
+    assert link.sent == {running.key} and link.reserved == 0  # its place was not given away
+    assert store.get_process(queued)["steps"][0]["phase"] == "QUEUED"
+    kind, claimed = runner_end.receive()  # written again: the place frees, and the claim takes the queued step
+    assert kind == "run" and [job.process_id for job in claimed] == [queued]
+    assert store.get_process(running.process_id)["status"] == "COMPLETED"
+
+
+def test_a_runner_attached_on_sqlite_holds_quick_attempts_beyond_its_places(database):
+    """The depth a runner is given when it attaches: its places times QUICK_DEPTH on SQLite (its
+    places on PostgreSQL: test_postgres_wakeups.py)."""
+    store = Store(database)
+    dispatcher = Dispatcher(store, stopping_reason=lambda: None)
+    ours, theirs = socket.socketpair()
+    Channel(theirs).send("hello", {"pid": os.getpid(), "places": 3})
+    link = dispatcher.attach(Channel(ours))
+    assert (link.places, link.depth) == (3, 3 * QUICK_DEPTH) and QUICK_DEPTH > 1
+    theirs.close()
+    wait_for(link.closed.is_set, what="the runner's end recorded")

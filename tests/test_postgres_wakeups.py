@@ -146,3 +146,11 @@ def test_a_due_retry_this_node_scheduled_begins_without_waiting_for_the_poll(pos
 def seconds(later, earlier):
     moment = lambda text: datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()  # noqa: E731
     return moment(later) - moment(earlier)
+
+
+def test_a_runner_on_postgresql_holds_no_more_attempts_than_its_places(postgres_url):
+    """PostgreSQL's claims and next steps are single statements that do not pick by type, so a
+    runner there is given no deeper queue than its places (dispatch.QUICK_DEPTH is SQLite's)."""
+    with pg_node(postgres_url, "node-a") as node:
+        [link] = node.dispatcher.links
+        assert (link.places, link.depth) == (2, 2)
