@@ -168,8 +168,11 @@ class Database(WritesInGroups):
             if version > SCHEMA_VERSION:
                 raise Unusable(f"{self.path} has schema version {version}; this stepd knows up to {SCHEMA_VERSION}")
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in statements(script):
-                    conn.execute(statement)
+                if callable(script):
+                    script(conn)
+                else:
+                    for statement in statements(script):
+                        conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {number}")
         return SCHEMA_VERSION
 

@@ -5,7 +5,8 @@ import sqlite3
 import pytest
 
 from stepd import migrations
-from stepd.db import Database
+from stepd.db import Database, statements
+from stepd.model import Unusable
 
 
 def file_at_version(path, version):
@@ -58,7 +59,7 @@ def test_the_claim_reads_queued_steps_in_order_without_sorting(migrated):
 
 
 def test_a_version_2_file_is_migrated_keeping_every_row(migrated):
-    assert migrated.execute("PRAGMA user_version").fetchone()[0] == len(migrations.MIGRATIONS) == 8
+    assert migrated.execute("PRAGMA user_version").fetchone()[0] == len(migrations.MIGRATIONS) == 10
     assert migrated.execute("SELECT seq, id, name, status, intervened_by FROM processes ORDER BY seq").fetchall() == [
         (1, "p1", "old", "FAILED", None),
         (2, "p2", None, "RUNNING", None),
@@ -156,3 +157,61 @@ def test_schema_8_keeps_the_tallies_without_triggers(migrated, tmp_path):
     tally = dict(migrated.execute("SELECT a, n FROM tally WHERE series = 'steps' AND n != 0").fetchall())
     assert tally == {"FAILED": 1, "STARTED": 1}
     assert check(tmp_path / "old.db").problems == []
+
+
+def test_schema_9_checks_each_list_as_ors_and_still_refuses_what_it_refused(migrated):
+    """Migration 9 edits the tables' text in place: no CHECK of a list is left, every value of each
+    list is still accepted and any other refused, and the file is sound."""
+    texts = " ".join(sql for (sql,) in migrated.execute("SELECT sql FROM sqlite_master WHERE type = 'table'"))
+    assert " IN (" not in texts and "status = 'SKIPPED' OR status = 'CANCELLED'" in texts
+    migrated.execute("UPDATE processes SET status = 'COMPLETED' WHERE id = 'p2'")
+    migrated.execute("UPDATE steps SET status = 'PENDING' WHERE id = 's2'")
+    migrated.execute("UPDATE attempts SET trigger = 'restart', status = 'STARTED' WHERE step_id = 's2'")
+    migrated.execute("INSERT INTO tally (series, a, b, n) VALUES ('outcomes', 'noop', 'failed', 1)")
+    for sql in (
+        "UPDATE processes SET status = 'PENDING' WHERE id = 'p1'",
+        "UPDATE steps SET status = 'RUNNING' WHERE id = 's1'",
+        "UPDATE attempts SET trigger = 'resume' WHERE step_id = 's1'",
+        "UPDATE attempts SET status = 'PENDING' WHERE step_id = 's1'",
+        "INSERT INTO tally (series, a, b, n) VALUES ('minutes', 'x', '', 1)",
+        "INSERT INTO tokens (name, role, secret_hash, created_at) VALUES ('t', 'admin', 'h', 't')",
+    ):
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            migrated.execute(sql)
+    assert migrated.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+def test_a_failed_schema_9_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    """An edit whose text does not parse raises inside the migration's transaction: the file keeps
+    schema 8 and its tables' text, and a later start (the edit mended) migrates it."""
+    path = tmp_path / "eight.db"
+    conn = file_at_version(path, 2)
+    seed_version_2(conn)
+    for number, script in enumerate(migrations.MIGRATIONS[2:8], start=3):
+        for statement in statements(script):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {number}")
+    tables_sql = "SELECT group_concat(sql) FROM sqlite_master WHERE type = 'table'"
+    texts = conn.execute(tables_sql).fetchone()
+    conn.close()
+    monkeypatch.setattr(migrations, "_as_ors", lambda check: f"CHECK ({check.group(1)} = ")  # cannot parse
+    with pytest.raises(Unusable, match="malformed database schema"):
+        Database(path).prepare()
+    after = sqlite3.connect(path)
+    assert after.execute("PRAGMA user_version").fetchone()[0] == 8
+    assert after.execute(tables_sql).fetchone() == texts
+    assert after.execute("SELECT count(*) FROM steps").fetchone()[0] == 2
+    monkeypatch.undo()
+    Database(path).prepare()
+    assert after.execute("PRAGMA user_version").fetchone()[0] == len(migrations.MIGRATIONS)
+    assert " IN (" not in after.execute(tables_sql).fetchone()[0]
+    assert after.execute("SELECT count(*) FROM steps WHERE status = 'STARTED'").fetchone()[0] == 1
+
+
+def test_schema_10_indexes_only_the_statuses_a_step_stays_in(migrated):
+    """Migration 10: PENDING and COMPLETED steps are not in steps_by_status; the others are."""
+    migrated.execute("UPDATE steps SET status = 'COMPLETED' WHERE id = 's1'")
+    by_status = migrated.execute(
+        "SELECT status FROM steps INDEXED BY steps_by_status WHERE status != 'PENDING' AND status != 'COMPLETED'"
+    ).fetchall()
+    assert by_status == [("STARTED",)]
