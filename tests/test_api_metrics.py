@@ -344,3 +344,26 @@ def test_promtool_accepts_the_rules():
         pytest.skip("promtool is not installed (Debian's prometheus package): `promtool check rules` not run")
     done = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_observing_a_list_at_once_counts_as_observing_each_amount():
+    """metrics._observe_all (one write per bucket a call) leaves a histogram as Histogram.observe,
+    amount by amount, leaves it: amounts on a bucket's bound, between bounds, past the last one."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from stepd import metrics
+
+    amounts = [0.0, 0.0001, 0.00010001, 0.003, 0.003, 0.005, 59.9, 60, 61, 1e6]
+    one_by_one, at_once = (
+        Histogram(f"h_{n}", "h", ["type"], buckets=metrics.QUEUE_BUCKETS, registry=CollectorRegistry()).labels("t")
+        for n in range(2)
+    )
+    for amount in amounts:
+        one_by_one.observe(amount)
+    metrics._observe_all({at_once: amounts})
+
+    def samples(histogram):
+        return [(sample.name, sample.labels, sample.value) for sample in histogram._child_samples()]
+
+    assert samples(at_once) == samples(one_by_one)
+    assert samples(at_once)[0] == ("_bucket", {"le": "0.0001"}, 2.0)
