@@ -9,7 +9,7 @@ body keeps its own; no string literal may hold a ';'.
 
 import re
 
-# A CHECK that a column's value is IN a list of three or more constants, as the tables' text has it.
+# A CHECK that a column's value is IN a list of constants, as the tables' text has it (lists of two too: alike).
 CHECK_IN_A_LIST = re.compile(r"CHECK \((\w+) IN \(([^()]*)\)\)")
 
 

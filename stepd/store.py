@@ -488,7 +488,7 @@ def process_filters(where):
     ]
 
 
-# The WHERE of steps_by_status (migration 9), word for word: SQLite reads a partial index only for
+# The WHERE of steps_by_status (migration 10), word for word: SQLite reads a partial index only for
 # a query that has the index's WHERE among its own terms (a status bound as `?` proves nothing).
 UNINDEXED_STATUSES = ("PENDING", "COMPLETED")
 INDEXED_STATUSES = "status != 'PENDING' AND status != 'COMPLETED'"
