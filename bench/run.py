@@ -409,8 +409,10 @@ def postgres_connection(url):
 
 
 def active_steps(db):
-    """Steps the engine still has to run (PENDING, or STARTED and not deferred)."""
-    sql = "SELECT count(*) FROM steps WHERE status = 'PENDING' OR (status = 'STARTED' AND deferred = 0)"
+    """Steps the engine still has to run: PENDING or STARTED (the rows that drain have no deferred
+    step), from the store's tallies. drain() asks 20 times a second while the engine runs on the
+    same cores: a count over the steps' rows (PENDING is in no index, schema 10) read every row."""
+    sql = "SELECT coalesce(sum(n), 0) FROM tally WHERE series = 'steps' AND a IN ('PENDING', 'STARTED') AND b = ''"
     return query(db, sql)[0][0]
 
 

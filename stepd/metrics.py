@@ -113,18 +113,14 @@ class _Times:
         self._lock = threading.Lock()
 
     def put(self, key, moment):
-        with self._lock:
-            self._times[key] = moment
-            self._times.move_to_end(key)
-            if len(self._times) > REMEMBERED:
-                self._times.popitem(last=False)
+        self.put_all([(key, moment)])
 
     def take(self, key):
         with self._lock:
             return self._times.pop(key, None)
 
     def put_all(self, items):
-        """put(key, moment) for each (key, moment), under one hold of the lock."""
+        """Each (key, moment) remembered, under one hold of the lock; the oldest forgotten past REMEMBERED."""
         with self._lock:
             for key, moment in items:
                 self._times[key] = moment

@@ -501,7 +501,10 @@ def step_filters(where):
     # index leaves out (PENDING, COMPLETED) is looked for newest first, row by row.
     other = "+" if where.get("process_id") is not None else ""
     status = where.get("status")
-    indexed = not other and status is not None and status not in UNINDEXED_STATUSES
+    # The status index only for a status alone: with a type or an error type too, their own
+    # index finds a page sooner (a type's FAILED steps among every FAILED step, say).
+    alone = all(where.get(key) is None for key in ("process_id", "type", "error_type"))
+    indexed = alone and status is not None and status not in UNINDEXED_STATUSES
     return [
         ("process_id = ?", where.get("process_id")),
         (f"status = ? AND {INDEXED_STATUSES}" if indexed else f"{other}status = ?", status),

@@ -942,6 +942,10 @@ def test_the_new_list_filters_read_through_their_indexes(tmp_path):
     for status in ("PENDING", "COMPLETED"):  # left out of it: walked newest first, never sorted
         plan = _page_plan(sqlite, "steps", st.step_filters({"status": status}))
         assert "steps_by_status" not in plan and "TEMP B-TREE" not in plan, plan
+    # a status with a type or an error type: their own index, as before the status index was partial
+    assert "steps_by_type" in _page_plan(sqlite, "steps", st.step_filters({"status": "FAILED", "type": "t"}))
+    with_error = st.step_filters({"status": "FAILED", "error_type": "Timeout"})
+    assert "steps_by_error_type" in _page_plan(sqlite, "steps", with_error)
     of_a_process = st.step_filters({"process_id": "p", "status": "FAILED", "type": "t", "error_type": "E"})
     plan = _page_plan(sqlite, "steps", of_a_process)
     assert "(process_id=?)" in plan and "steps_by_status" not in plan and "steps_by_error_type" not in plan, plan
