@@ -197,8 +197,8 @@ def post_processes(servers, token, name, sequences, steps):
 
 
 # How many steps are FAILED, from the store's tallies: read every POLL seconds on the cores being
-# measured, where a count over the rows would read all of them (a status index holds no PENDING nor
-# COMPLETED step since schema 10, and SQLite proves no partial index's WHERE from `status = 'FAILED'`).
+# measured, where a count over the rows would read all of them (the status index holds no COMPLETED
+# step since schema 10, and SQLite proves no partial index's WHERE from `status = 'FAILED'`).
 FAILED_STEPS = "SELECT n FROM tally WHERE series = 'steps' AND a = 'FAILED' AND b = ''"
 
 

@@ -411,7 +411,8 @@ def postgres_connection(url):
 def active_steps(db):
     """Steps the engine still has to run: PENDING or STARTED (the rows that drain have no deferred
     step), from the store's tallies. drain() asks 20 times a second while the engine runs on the
-    same cores: a count over the steps' rows (PENDING is in no index, schema 10) read every row."""
+    same cores: a count over the steps' rows read every one (the status index is partial since
+    schema 10, and SQLite proves its WHERE from no `status = ` term)."""
     sql = "SELECT coalesce(sum(n), 0) FROM tally WHERE series = 'steps' AND a IN ('PENDING', 'STARTED') AND b = ''"
     return query(db, sql)[0][0]
 

@@ -490,15 +490,15 @@ def process_filters(where):
 
 # The WHERE of steps_by_status (migration 10), word for word: SQLite reads a partial index only for
 # a query that has the index's WHERE among its own terms (a status bound as `?` proves nothing).
-UNINDEXED_STATUSES = ("PENDING", "COMPLETED")
-INDEXED_STATUSES = "status != 'PENDING' AND status != 'COMPLETED'"
+UNINDEXED_STATUSES = ("COMPLETED",)
+INDEXED_STATUSES = "status != 'COMPLETED'"
 
 
 def step_filters(where):
     """The (sql, value) conditions of a list of steps (a None value: any)."""
     # A process has at most 100 steps: with process_id given, `+` keeps SQLite on its index
     # rather than on the index of a status (say, every FAILED step of every process). A status the
-    # index leaves out (PENDING, COMPLETED) is looked for newest first, row by row.
+    # index leaves out (COMPLETED) is looked for newest first, row by row.
     other = "+" if where.get("process_id") is not None else ""
     status = where.get("status")
     # The status index only for a status alone: with a type or an error type too, their own

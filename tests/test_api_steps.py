@@ -64,7 +64,7 @@ def test_paging_walks_every_step_exactly_once(api, limit):
     assert [s["processStepId"] for page in completed for s in page] == [
         p["steps"][0]["processStepId"] for p in processes[::-1]
     ]
-    pending = api.walk(STEPS, limit, status="PENDING")  # a status steps_by_status leaves out, as COMPLETED
+    pending = api.walk(STEPS, limit, status="PENDING")  # through steps_by_status, where COMPLETED is walked
     assert [s["processStepId"] for page in pending for s in page] == [
         p["steps"][2]["processStepId"] for p in processes[::-1]
     ]
