@@ -46,8 +46,9 @@ RETRY_RECORD_SECONDS = 0.5
 # with 16 (interleaved, the same minutes). Once SQLite's checks cost less (migration 9), the node's
 # own share of a step fell and the depth paid again: the steps alone 14,331 / 17,672 / 20,148
 # steps/s with 8 / 16 / 32, the peers' 100 x 100 10,731-10,938 / 11,776-11,952 / 12,038-13,104.
-# 16: an attempt waits behind at most 63 quick ones (about 0.1 s of them at most), and a runner
-# that dies takes at most 16 x its places of never-called attempts with it (Interrupted).
+# 16: at SPEC 8's 4 places an attempt waits behind at most 63 quick ones (about 0.1 s of them at
+# most), and a runner that dies takes at most 16 x its places of never-called attempts with it
+# (Interrupted).
 # PostgreSQL's claims and next steps are single statements that cannot pick by type: places only.
 QUICK_DEPTH = 16
 GONE = "The runner running this step (runner {id}, process {pid}) is gone."

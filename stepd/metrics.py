@@ -172,7 +172,9 @@ def _observe_all(observed):
     and of the sum a call. Each write of a multiprocess value takes a lock and writes its file: a
     group's 30 steps of a type cost 60 writes through observe(), and 2 to 4 here (5% of a step in
     the node, measured). Reads prometheus-client's own fields (_upper_bounds, _buckets, _sum), as
-    the version requirements.txt pins has them (tests/test_api_metrics.py compares the two ways)."""
+    the version requirements.txt pins has them (tests/test_api_metrics.py compares the two ways).
+    A NaN, which observe() puts in no bucket, would land in the first: a difference of two
+    time.monotonic() readings is never one."""
     for histogram, amounts in observed.items():
         histogram._sum.inc(sum(amounts))
         for bucket, count in collections.Counter(

@@ -24,7 +24,8 @@ def _checks_as_ors(conn):
     one up so that every connection reads the new text, then a statement on each table edited (it
     reads the schema again: a text that does not parse raises), all inside the migration's
     transaction (db.migrate), which an error rolls back. SQLite's page suggests an integrity_check
-    too; it would read every row of a large file, and the edit changes no row."""
+    too; it would read every row of a large file, and the edit changes no row. (An SQLite set to
+    SQLITE_DBCONFIG_DEFENSIVE refuses writable_schema; Python's sqlite3 does not set it.)"""
     tables = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table' AND sql LIKE '%CHECK%'").fetchall()
     edited = {name: CHECK_IN_A_LIST.sub(_as_ors, sql) for name, sql in tables}
     version = conn.execute("PRAGMA schema_version").fetchone()[0]
@@ -40,6 +41,8 @@ def _checks_as_ors(conn):
 
 
 def _as_ors(check):
+    # The lists of migrations 1-8 are plain literals without a comma or a parenthesis inside, so
+    # splitting on commas is enough.
     column, values = check.group(1), [value.strip() for value in check.group(2).split(",")]
     return "CHECK (" + " OR ".join(f"{column} = {value}" for value in values) + ")"
 
