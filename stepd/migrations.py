@@ -365,10 +365,11 @@ MIGRATIONS = [
     # 9: every CHECK of a value IN a list becomes the same check as a chain of ORs (`_checks_as_ors`).
     _checks_as_ors,
     # 10: the index of steps by status leaves out COMPLETED, the status nearly every step ends in
-    # and most of a file's steps are in: a step's last move there is a delete, not a move (6-8% of
-    # the steps' own speed, BENCHMARKS.md). A list of the COMPLETED steps walks the steps newest
-    # first and stops at its page (they are found at once in all but a file whose newest steps are
-    # nearly all not yet run); the page's counts come from the tallies (store.status_counts).
+    # and most of a file's steps are in: a step's last move there is a delete, not a move (6% more
+    # steps a second alone, 9% at the peers' 1,000 x 10; BENCHMARKS.md). A list of the COMPLETED
+    # steps walks the steps newest first and stops at its page (they are found at once in all but a
+    # file whose newest steps are nearly all not yet run); the page's counts come from the tallies
+    # (store.status_counts).
     # PENDING stays in: leaving it out too gained nothing more measurable, and a list of the
     # PENDING steps of a quiet file, few and old, would have read the whole file.
     """
