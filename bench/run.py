@@ -408,23 +408,21 @@ def postgres_connection(url):
     return conn
 
 
+# What the engine still has to run: the PENDING steps (from the store's tallies), and the STARTED
+# ones not deferred (running or queued, through steps_running; waiting for a retry, through
+# steps_due_retries: each term is its index's WHERE). drain() asks 20 times a second while the
+# engine runs on the same cores, so no part may read every step: the status index is partial
+# since schema 10, and SQLite proves its WHERE from no `status = ` term.
+ACTIVE_STEPS = (
+    "SELECT (SELECT coalesce(sum(n), 0) FROM tally WHERE series = 'steps' AND a = 'PENDING' AND b = '')"
+    " + (SELECT count(*) FROM steps WHERE status = 'STARTED' AND deferred = 0 AND next_retry_at IS NULL)"
+    " + (SELECT count(*) FROM steps WHERE next_retry_at IS NOT NULL AND status = 'STARTED' AND deferred = 0)"
+)
+
+
 def active_steps(db):
-    """Steps the engine still has to run: PENDING or STARTED (the rows that drain have no deferred
-    step), from the store's tallies. drain() asks 20 times a second while the engine runs on the
-    same cores: a count over the steps' rows read every one (the status index is partial since
-    schema 10, and SQLite proves its WHERE from no `status = ` term)."""
-    sql = "SELECT coalesce(sum(n), 0) FROM tally WHERE series = 'steps' AND a IN ('PENDING', 'STARTED') AND b = ''"
-    return query(db, sql)[0][0]
-
-
-def wait_for(done, what, timeout, interval=0.05):
-    """Call done() every `interval` seconds until it returns something other than None; return that."""
-    deadline = time.monotonic() + timeout
-    while (value := done()) is None:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not finish within {timeout}s")
-        time.sleep(interval)
-    return value
+    """Steps the engine still has to run (PENDING, or STARTED and not deferred)."""
+    return query(db, ACTIVE_STEPS)[0][0]
 
 
 def drain(db, timeout=300):
