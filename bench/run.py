@@ -425,6 +425,16 @@ def active_steps(db):
     return query(db, ACTIVE_STEPS)[0][0]
 
 
+def wait_for(done, what, timeout, interval=0.05):
+    """Call done() every `interval` seconds until it returns something other than None; return that."""
+    deadline = time.monotonic() + timeout
+    while (value := done()) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not finish within {timeout}s")
+        time.sleep(interval)
+    return value
+
+
 def drain(db, timeout=300):
     """Wait until the engine has nothing left to run; returns when that was (monotonic)."""
     deadline = time.monotonic() + timeout

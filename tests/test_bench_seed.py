@@ -64,3 +64,25 @@ def test_the_check_names_a_column_the_seeder_leaves_out(bench, api, db_path, mon
     made, seeded = seeded_and_made(seed, api, db_path, monkeypatch, forget_request_id)
     differences = run.seeded_differences(str(db_path), made, seeded)
     assert len(differences) == 1 and differences[0].startswith("seeded request_id is None"), differences
+
+
+def test_the_drain_counts_what_the_engine_still_has_to_run(bench, tmp_path):
+    """bench/run.py's active_steps, which drain() asks 20 times a second: the PENDING steps and the
+    STARTED ones not deferred (queued, running, or waiting for a retry); a deferred step waits for
+    complete-step or fail-step, not for the engine."""
+    from stepd.db import Database
+    from stepd.model import COMPLETED, Outcome
+    from stepd.store import Store
+
+    _, run = bench
+    path = tmp_path / "drain.db"
+    store = Store(Database(path))
+    store.db.prepare()
+    store.create_process("queued", [("a", {}), ("b", {})], "t", None)  # step 0 queued, step 1 PENDING
+    _, running = store.create_process("running", [("a", {})], "t", "r1")
+    _, deferred = store.create_process("deferred", [("a", {})], "t", "r1")
+    assert run.active_steps(path) == 4
+    store.db.write(store.outcomes_job([Outcome(deferred, "DEFERRED")], "r1"))
+    assert run.active_steps(path) == 3
+    store.db.write(store.outcomes_job([Outcome(running, COMPLETED)], "r1"))
+    assert run.active_steps(path) == 2
