@@ -420,9 +420,13 @@ ACTIVE_STEPS = (
 )
 
 
+# PostgreSQL's schema keeps a whole index of statuses (stepd/postgres.py), which this count reads.
+ACTIVE_STEPS_POSTGRES = "SELECT count(*) FROM steps WHERE status = 'PENDING' OR (status = 'STARTED' AND deferred = 0)"
+
+
 def active_steps(db):
     """Steps the engine still has to run (PENDING, or STARTED and not deferred)."""
-    return query(db, ACTIVE_STEPS)[0][0]
+    return query(db, ACTIVE_STEPS_POSTGRES if is_postgres(str(db)) else ACTIVE_STEPS)[0][0]
 
 
 def wait_for(done, what, timeout, interval=0.05):
