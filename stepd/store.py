@@ -310,6 +310,15 @@ FINISHED_MINUTE = {
 }
 
 
+def _read_tallies(conn, dialect):
+    """The tally table on `conn`: {"steps": [(status, n)], "processes": [(status, n)], "attempts":
+    [(type, trigger, n)], "outcomes": [(type, outcome, n)]}."""
+    tallies = {"steps": [], "processes": [], "attempts": [], "outcomes": []}
+    for series, a, b, n in conn.execute(TALLIES[dialect]):
+        tallies[series].append((a, n) if series in ("steps", "processes") else (a, b, n))
+    return tallies
+
+
 def _queued_job(row):
     """The Job of a claimed queued attempt, from its row (QUEUED_STEPS' columns). A process's first
     step has no results before it: its ctx.results are known without a read (Store.earlier_results)."""
@@ -1558,7 +1567,8 @@ class Store:
         """({step status: how many}, {process status: how many}), the statuses some step or process
         has, from the tallies (exact, as a count would say; a count of the steps by status would
         read every row: the index of statuses leaves out the commonest two)."""
-        tallies = self.metric_tallies()
+        with self.db.snapshot() as conn:
+            tallies = _read_tallies(conn, self.db.dialect)
         steps = {status: count for status, count in tallies["steps"] if count}
         return steps, {status: count for status, count in tallies["processes"] if count}
 
@@ -1569,9 +1579,7 @@ class Store:
         runner (queued, or a retry due): "queued" (how many), "queued_since" (the oldest one's time, or
         None) and "now"."""
         with self.db.snapshot() as conn:
-            tallies = {"steps": [], "processes": [], "attempts": [], "outcomes": []}
-            for series, a, b, n in conn.execute(TALLIES[self.db.dialect]):
-                tallies[series].append((a, n) if series in ("steps", "processes") else (a, b, n))
+            tallies = _read_tallies(conn, self.db.dialect)
             tallies["runners"] = conn.execute("SELECT host, pid, pid_started, heartbeat_at FROM runners").fetchall()
             now = now_iso()
             queued = conn.execute(
