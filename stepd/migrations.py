@@ -27,7 +27,7 @@ def _checks_as_ors(conn):
     too; it would read every row of a large file, and the edit changes no row. (An SQLite set to
     SQLITE_DBCONFIG_DEFENSIVE refuses writable_schema; Python's sqlite3 does not set it.)"""
     tables = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table' AND sql LIKE '%CHECK%'").fetchall()
-    edited = {name: CHECK_IN_A_LIST.sub(_as_ors, sql) for name, sql in tables}
+    edited = {name: new for name, sql in tables if (new := CHECK_IN_A_LIST.sub(_as_ors, sql)) != sql}
     version = conn.execute("PRAGMA schema_version").fetchone()[0]
     conn.execute("PRAGMA writable_schema = ON")
     try:

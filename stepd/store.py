@@ -499,8 +499,8 @@ def process_filters(where):
 
 # The WHERE of steps_by_status (migration 10), word for word: SQLite reads a partial index only for
 # a query that has the index's WHERE among its own terms (a status bound as `?` proves nothing).
-UNINDEXED_STATUSES = ("COMPLETED",)
-INDEXED_STATUSES = "status != 'COMPLETED'"
+UNINDEXED_STATUS = COMPLETED
+INDEXED_STATUSES = f"status != '{UNINDEXED_STATUS}'"
 
 
 def step_filters(where):
@@ -513,7 +513,7 @@ def step_filters(where):
     # The status index only for a status alone: with a type or an error type too, their own
     # index finds a page sooner (a type's FAILED steps among every FAILED step, say).
     alone = all(where.get(key) is None for key in ("process_id", "type", "error_type"))
-    indexed = alone and status is not None and status not in UNINDEXED_STATUSES
+    indexed = alone and status is not None and status != UNINDEXED_STATUS
     return [
         ("process_id = ?", where.get("process_id")),
         (f"status = ? AND {INDEXED_STATUSES}" if indexed else f"{other}status = ?", status),
@@ -1566,7 +1566,7 @@ class Store:
     def status_counts(self):
         """({step status: how many}, {process status: how many}), the statuses some step or process
         has, from the tallies (exact, as a count would say; a count of the steps by status would
-        read every row: the index of statuses leaves out the commonest two)."""
+        read every row: the index of statuses leaves out COMPLETED, the commonest)."""
         with self.db.snapshot() as conn:
             tallies = _read_tallies(conn, self.db.dialect)
         steps = {status: count for status, count in tallies["steps"] if count}
